@@ -1,0 +1,198 @@
+"""Shared pieces of the kernels: array namespaces, input checks, missingness patterns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+
+class NotPositiveDefiniteError(ValueError):
+    """A matrix T_ij = R_i V_j R_i^T + S_i (or an input covariance) is not positive definite.
+
+    Attributes
+    ----------
+    row : int
+        Index of the offending row in the caller's array (global, not per chunk).
+    component : int or None
+        Index of the component, or None when the input covariance itself is bad.
+    """
+
+    def __init__(self, row: int, component: int | None, detail: str = "") -> None:
+        self.row = int(row)
+        self.component = None if component is None else int(component)
+        where = f"row {self.row}" + ("" if component is None else f", component {component}")
+        msg = f"T = R V R^T + S is not positive definite at {where}"
+        if detail:
+            msg += f" ({detail})"
+        msg += (
+            "; check that the noise covariance of this row is symmetric positive definite and "
+            "that the features are scaled to comparable units (or raise reg_covar)"
+        )
+        super().__init__(msg)
+
+
+def array_namespace(*arrays: Any) -> ModuleType:
+    """Return ``numpy`` or ``cupy`` according to the arrays' type (CuPy imported only if used)."""
+    for a in arrays:
+        if a is None:
+            continue
+        mod = type(a).__module__
+        if mod.startswith("cupy"):
+            import cupy  # noqa: PLC0415 - lazy on purpose
+
+            return cupy
+    return np
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """Bring an array to host memory (no copy for NumPy input)."""
+    if type(a).__module__.startswith("cupy"):
+        return a.get()
+    return np.asarray(a)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Rows that share one missingness pattern.
+
+    rows : (n_p,) int64 indices into the caller's rows (host array)
+    observed : (d,) int64 indices of the observed features (host array)
+    """
+
+    rows: np.ndarray
+    observed: np.ndarray
+
+
+def missingness_patterns(X: Any) -> list[Pattern]:
+    """Group rows by which features are observed (not NaN).
+
+    Parameters
+    ----------
+    X : (n, D) array, NaN marks a missing field.
+
+    Raises
+    ------
+    ValueError
+        If a row has no observed field.
+    """
+    xp = array_namespace(X)
+    observed = to_numpy(~xp.isnan(X))  # (n, D) bool, host
+    n, D = observed.shape
+    if n == 0:
+        return []
+    if observed.all():
+        return [Pattern(np.arange(n, dtype=np.int64), np.arange(D, dtype=np.int64))]
+    empty = ~observed.any(axis=1)
+    if empty.any():
+        row = int(np.flatnonzero(empty)[0])
+        raise ValueError(
+            f"row {row} has no observed field (all {D} features are NaN); drop such rows before "
+            "fitting"
+        )
+    # Encode each row's pattern as an integer key (D <= 62 is plenty for catalogues).
+    if D > 62:
+        raise ValueError(f"at most 62 features are supported, got {D}")
+    keys = observed.astype(np.int64) @ (np.int64(1) << np.arange(D, dtype=np.int64))
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    ends = np.r_[starts[1:], n]
+    out = []
+    for s, e in zip(starts, ends, strict=True):
+        rows = order[s:e]
+        out.append(Pattern(rows, np.flatnonzero(observed[rows[0]]).astype(np.int64)))
+    return out
+
+
+def check_inputs(
+    X: Any,
+    X_cov: Any,
+    weights: Any,
+    means: Any,
+    covariances: Any,
+    row_weights: Any = None,
+    R: Any = None,
+) -> None:
+    """Validate shapes and values of a kernel call; raise ValueError naming the row and column.
+
+    Checks: shapes agree; X_cov finite, symmetric, non-negative variances, positive definite on the
+    observed block of every row (one batched Cholesky, so cheap compared with a statistics pass);
+    X has no +-inf (NaN means missing); row weights finite and non-negative.
+    """
+    xp = array_namespace(X, X_cov)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-d (n_rows, n_features), got shape {tuple(X.shape)}")
+    n = X.shape[0]
+    K, D = means.shape
+    d = X.shape[1]
+    if R is None and d != D:
+        raise ValueError(f"X has {d} features but the model has {D}")
+    if tuple(X_cov.shape) != (n, d, d):
+        raise ValueError(
+            f"X_cov must have shape (n_rows, n_features, n_features) = {(n, d, d)}, "
+            f"got {tuple(X_cov.shape)}"
+        )
+    if tuple(weights.shape) != (K,) or tuple(covariances.shape) != (K, D, D):
+        raise ValueError(
+            f"parameter shapes disagree: weights {tuple(weights.shape)}, means {(K, D)}, "
+            f"covariances {tuple(covariances.shape)}"
+        )
+    if R is not None and tuple(R.shape) != (n, d, D):
+        raise ValueError(f"R must have shape (n_rows, d, D) = {(n, d, D)}, got {tuple(R.shape)}")
+    if row_weights is not None:
+        if tuple(row_weights.shape) != (n,):
+            raise ValueError(f"row weights must have shape ({n},), got {tuple(row_weights.shape)}")
+        bad = to_numpy(~xp.isfinite(row_weights) | (row_weights < 0))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"row {row}: row weight must be finite and >= 0")
+    inf = to_numpy(xp.isinf(X))
+    if inf.any():
+        row, col = np.argwhere(inf)[0]
+        raise ValueError(f"row {row}, column {col}: X is infinite (use NaN for a missing field)")
+    _check_covariances(X, X_cov)
+
+
+def _check_covariances(X: Any, X_cov: Any) -> None:
+    xp = array_namespace(X_cov)
+    n, d, _ = X_cov.shape
+    if n == 0:
+        return
+    finite = to_numpy(xp.isfinite(X_cov))  # (n, d, d)
+    observed = to_numpy(~xp.isnan(X))  # (n, d)
+    both = observed[:, :, None] & observed[:, None, :]
+    bad = both & ~finite
+    if bad.any():
+        row, i, j = np.argwhere(bad)[0]
+        raise ValueError(f"row {row}, column {i}: X_cov[{i}, {j}] is not finite")
+    diag = to_numpy(xp.diagonal(X_cov, axis1=1, axis2=2))  # (n, d)
+    neg = observed & (diag < 0)
+    if neg.any():
+        row, col = np.argwhere(neg)[0]
+        raise ValueError(f"row {row}, column {col}: negative variance {diag[row, col]:g} in X_cov")
+    Sh = to_numpy(X_cov)
+    asym = np.abs(Sh - np.swapaxes(Sh, 1, 2))
+    scale = np.sqrt(np.abs(diag[:, :, None] * diag[:, None, :])) + np.finfo(np.float64).tiny
+    tol = 1e-6 if Sh.dtype == np.float64 else 1e-4
+    nonsym = both & (asym > tol * scale) & np.isfinite(asym)
+    if nonsym.any():
+        row, i, j = np.argwhere(nonsym)[0]
+        raise ValueError(f"row {row}, column {i}: X_cov is not symmetric (entry [{i}, {j}])")
+    # Positive semi-definiteness of each observed block: S may be singular (zero noise is allowed,
+    # T = V + S is then still positive definite), but it must not have a negative eigenvalue.
+    for pat in missingness_patterns(X):
+        o = pat.observed
+        block = Sh[np.ix_(pat.rows, o, o)].astype(np.float64)
+        # Eigenvalues relative to the block's scale; tolerate round-off.
+        scl = np.maximum(np.abs(np.diagonal(block, axis1=1, axis2=2)).max(axis=1), 1e-300)
+        ev_min = np.linalg.eigvalsh(block / scl[:, None, None])[:, 0]
+        neg = ev_min < -1e-6 if Sh.dtype == np.float32 else ev_min < -1e-10
+        if neg.any():
+            k = int(np.flatnonzero(neg)[0])
+            raise ValueError(
+                f"row {int(pat.rows[k])}: X_cov is not positive semi-definite on its observed "
+                f"fields (smallest scaled eigenvalue {ev_min[k]:.3g})"
+            )

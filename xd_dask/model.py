@@ -1,0 +1,217 @@
+"""The fitted XD model: mixture parameters, feature names, metadata, save/load."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xd_dask.utils import atomic_path
+
+FORMAT_NAME = "xd-dask-model"
+FORMAT_VERSION = 1
+
+
+class ModelFileError(ValueError):
+    """A model file is missing, truncated, corrupt or not an xd-dask model."""
+
+
+def validate_parameters(weights: Any, means: Any, covariances: Any) -> tuple[np.ndarray, ...]:
+    """Check and return float64 copies of mixture parameters.
+
+    Raises ValueError naming the component when weights are not positive or do not sum to 1, or
+    a covariance is not symmetric positive definite, or when the shapes disagree.
+    """
+    w = np.array(weights, dtype=np.float64)
+    m = np.array(means, dtype=np.float64)
+    V = np.array(covariances, dtype=np.float64)
+    if w.ndim != 1 or m.ndim != 2 or V.ndim != 3:
+        raise ValueError(
+            "weights must be (K,), means (K, D), covariances (K, D, D); got shapes "
+            f"{w.shape}, {m.shape}, {V.shape}"
+        )
+    K, D = m.shape
+    if w.shape != (K,) or V.shape != (K, D, D) or K == 0 or D == 0:
+        raise ValueError(
+            f"shapes disagree: weights {w.shape}, means {m.shape}, covariances {V.shape}"
+        )
+    for name, arr in (("weights", w), ("means", m), ("covariances", V)):
+        if not np.all(np.isfinite(arr)):
+            j = int(np.argwhere(~np.isfinite(arr))[0][0])
+            raise ValueError(f"{name} of component {j} are not finite")
+    if np.any(w <= 0):
+        j = int(np.flatnonzero(w <= 0)[0])
+        raise ValueError(f"weight of component {j} is {w[j]:g}; weights must be positive")
+    if abs(w.sum() - 1.0) > 1e-8:
+        raise ValueError(f"weights must sum to 1, they sum to {w.sum():.12g}")
+    asym = np.abs(V - np.swapaxes(V, 1, 2)).max(axis=(1, 2))
+    scale = np.abs(V).max(axis=(1, 2))
+    bad = asym > 1e-10 * np.maximum(scale, 1e-300)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"covariance of component {j} is not symmetric")
+    for j in range(K):
+        try:
+            np.linalg.cholesky(V[j])
+        except np.linalg.LinAlgError:
+            raise ValueError(f"covariance of component {j} is not positive definite") from None
+    return w, m, V
+
+
+class XDModel:
+    """A Gaussian mixture over the true (deconvolved) values v, as fitted by XD.
+
+    Parameters
+    ----------
+    weights : (K,) positive, summing to 1.
+    means : (K, D).
+    covariances : (K, D, D) symmetric positive definite.
+    feature_names : sequence of D names, optional (default f0, f1, ...).
+    metadata : JSON-serialisable dict (fit history, units, versions, counts), optional.
+    """
+
+    def __init__(
+        self,
+        weights: Any,
+        means: Any,
+        covariances: Any,
+        feature_names: Sequence[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.weights, self.means, self.covariances = validate_parameters(
+            weights, means, covariances
+        )
+        D = self.means.shape[1]
+        names = (
+            [f"f{i}" for i in range(D)]
+            if feature_names is None
+            else [str(f) for f in feature_names]
+        )
+        if len(names) != D:
+            raise ValueError(f"{len(names)} feature names for {D} features")
+        self.feature_names = names
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        try:
+            json.dumps(self.metadata)
+        except TypeError as exc:
+            raise ValueError(f"metadata must be JSON-serialisable: {exc}") from None
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def n_components(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        return self.means.shape[1]
+
+    def __repr__(self) -> str:
+        return f"XDModel(n_components={self.n_components}, features={self.feature_names})"
+
+    # ------------------------------------------------------------------ I/O
+    def save(self, path: str | Path) -> Path:
+        """Write the model to one self-describing ``.npz`` file, atomically."""
+        path = Path(path)
+        header = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "n_components": self.n_components,
+            "n_features": self.n_features,
+            "feature_names": self.feature_names,
+        }
+        with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
+            np.savez(
+                fh,
+                header=np.array(json.dumps(header)),
+                metadata=np.array(json.dumps(self.metadata)),
+                weights=self.weights,
+                means=self.means,
+                covariances=self.covariances,
+            )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> XDModel:
+        """Read a model written by :meth:`save`; raise ModelFileError on anything else."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"{path}: no such model file")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "header" not in z.files:
+                    raise ModelFileError(f"{path}: not an xd-dask model file (no header)")
+                header = json.loads(str(z["header"]))
+                if header.get("format") != FORMAT_NAME:
+                    raise ModelFileError(f"{path}: not an xd-dask model file")
+                if header.get("format_version", 0) > FORMAT_VERSION:
+                    raise ModelFileError(
+                        f"{path}: model format version {header['format_version']} is newer than "
+                        f"this xd-dask understands ({FORMAT_VERSION}); upgrade xd-dask"
+                    )
+                arrays = {k: z[k] for k in ("weights", "means", "covariances")}
+                metadata = json.loads(str(z["metadata"])) if "metadata" in z.files else {}
+        except ModelFileError:
+            raise
+        except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError) as exc:
+            raise ModelFileError(f"{path}: corrupt or truncated model file ({exc})") from None
+        try:
+            return cls(
+                arrays["weights"],
+                arrays["means"],
+                arrays["covariances"],
+                header.get("feature_names"),
+                metadata,
+            )
+        except ValueError as exc:
+            raise ModelFileError(f"{path}: invalid model parameters: {exc}") from None
+
+    # ------------------------------------------------------------------ maths
+    def _params(self):
+        return self.weights, self.means, self.covariances
+
+    def log_density(self, X: Any, X_cov: Any, **kw: Any) -> Any:
+        """(n,) log-likelihood of noisy rows: log sum_j alpha_j N(x_i | m_j, V_j + S_i)."""
+        from xd_dask.kernels import row_log_likelihood  # noqa: PLC0415 - layering: model <- kernels
+
+        return row_log_likelihood(X, X_cov, *self._params(), **kw)
+
+    def responsibilities(self, X: Any, X_cov: Any, **kw: Any) -> Any:
+        """(n, K) posterior probability of each component for each noisy row."""
+        from xd_dask.kernels import responsibilities  # noqa: PLC0415
+
+        return responsibilities(X, X_cov, *self._params(), **kw)
+
+    def posterior(self, X: Any, X_cov: Any, **kw: Any):
+        """Deconvolved per-row mean (n, D) and covariance (n, D, D) of the true values."""
+        from xd_dask.kernels import posterior  # noqa: PLC0415
+
+        return posterior(X, X_cov, *self._params(), **kw)
+
+    def sample(
+        self, n: int, random_state: Any = None, X_cov: Any = None, return_labels: bool = False
+    ):
+        """Draw ``n`` true values v from the mixture; with ``X_cov`` (n, D, D) add noise N(0, S_i).
+
+        Returns (n, D), and the component labels (n,) when ``return_labels``.
+        """
+        rng = np.random.default_rng(random_state)
+        n = int(n)
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        labels = rng.choice(self.n_components, size=n, p=self.weights)
+        L = np.linalg.cholesky(self.covariances)  # (K, D, D)
+        z = rng.standard_normal((n, self.n_features))
+        v = self.means[labels] + np.einsum("nij,nj->ni", L[labels], z)
+        if X_cov is not None:
+            S = np.asarray(X_cov, dtype=np.float64)
+            if S.shape != (n, self.n_features, self.n_features):
+                raise ValueError(f"X_cov must have shape {(n, self.n_features, self.n_features)}")
+            # Symmetric square root (S may be singular: zero noise on some fields is allowed).
+            evals, evecs = np.linalg.eigh(S)
+            root = evecs * np.sqrt(np.clip(evals, 0.0, None))[:, None, :]
+            v = v + np.einsum("nij,nj->ni", root, rng.standard_normal((n, self.n_features)))
+        return (v, labels) if return_labels else v

@@ -1,0 +1,51 @@
+"""Small shared utilities: atomic file output and logging."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    The temporary file lives in the same directory, so the final ``os.replace`` is atomic on POSIX
+    file systems: readers see either the old file or the complete new one, never a partial file.
+    On an exception the temporary file is removed and ``path`` is left untouched.
+
+    Parameters
+    ----------
+    path : path-like
+        The final destination.
+    suffix : str, optional
+        Suffix for the temporary name (some writers, e.g. ``numpy.savez``, add an extension when
+        it is missing; pass the target's suffix so they do not).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{target.name}.",
+        suffix=(suffix if suffix is not None else target.suffix) + ".tmp",
+        dir=target.parent,
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def get_logger(name: str) -> logging.Logger:
+    """The package logger for ``name`` (a child of ``xd_dask``)."""
+    if not name.startswith("xd_dask"):
+        name = f"xd_dask.{name}"
+    return logging.getLogger(name)
