@@ -17,6 +17,7 @@ statistics back into the full D-space.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,9 +113,17 @@ def _numba_backend():
 
 
 def _resolve_backend(backend: str, X: Any, R: Any) -> str:
+    """Pick the kernel. ``"auto"`` honours the environment variable ``XD_DASK_BACKEND``
+    ("numba" | "reference"), which lets an operator force the portable kernel everywhere."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     is_numpy = array_namespace(X) is np
+    if backend == "auto":
+        env = os.environ.get("XD_DASK_BACKEND", "auto").strip().lower() or "auto"
+        if env not in BACKENDS:
+            raise ValueError(f"XD_DASK_BACKEND must be one of {BACKENDS}, got {env!r}")
+        if env == "reference" or (env == "numba" and is_numpy and R is None):
+            return env
     if backend == "auto":
         return "numba" if (is_numpy and R is None) else "reference"
     if backend == "numba" and (not is_numpy or R is not None):

@@ -178,7 +178,8 @@ def pattern_posterior_ref(x, S, log_weights, means, covs, obs, R=None, chunk_byt
     """Per-row deconvolved posterior of v_i, mixed over components with the responsibilities.
 
     For each component, b_ij = m_j + V_j R_i^T u_ij and B_ij = V_j - V_j R_i^T T_ij^-1 R_i V_j;
-    the mixture mean is sum_j r_ij b_ij and the covariance sum_j r_ij (B_ij + (b_ij - b)(b_ij - b)^T).
+    the mixture mean is b = sum_j r_ij b_ij and the covariance
+    sum_j r_ij (B_ij + (b_ij - b)(b_ij - b)^T).
 
     Parameters
     ----------

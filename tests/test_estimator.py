@@ -1,0 +1,148 @@
+"""XDGMM: equals scikit-learn without noise, monotone EM, recovery of a known mixture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.mixtures import draw_noisy, known_mixture_3d, random_params
+from xd_dask.estimator import XDGMM, ConvergenceWarning
+from xd_dask.model import XDModel
+
+
+def _fit_quietly(est, *args, **kw):
+    with pytest.warns(ConvergenceWarning):
+        return est.fit(*args, **kw)
+
+
+def test_zero_noise_equals_sklearn_gaussian_mixture():
+    from sklearn.mixture import GaussianMixture
+
+    rng = np.random.default_rng(0)
+    w, m, V = random_params(rng, 3, 3, spread=2.0)
+    X, _, _, _ = draw_noisy(rng, w, m, V, 600)
+    S = np.zeros((X.shape[0], 3, 3))
+    w0, m0, V0 = random_params(np.random.default_rng(1), 3, 3, spread=2.0)
+    xd = _fit_quietly(XDGMM(3, max_iter=20, tol=0.0, reg_covar=0.0, init=XDModel(w0, m0, V0)), X, S)
+    with pytest.warns(Warning):  # sklearn's own ConvergenceWarning (tol=0 never converges)
+        gm = GaussianMixture(
+            3,
+            covariance_type="full",
+            reg_covar=0.0,
+            max_iter=20,
+            tol=0.0,
+            weights_init=w0,
+            means_init=m0,
+            precisions_init=np.linalg.inv(V0),
+        ).fit(X)
+    np.testing.assert_allclose(xd.weights_, gm.weights_, rtol=1e-7)
+    np.testing.assert_allclose(xd.means_, gm.means_, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(xd.covariances_, gm.covariances_, rtol=1e-7, atol=1e-9)
+    assert xd.lower_bound_ == pytest.approx(gm.lower_bound_, rel=1e-9)
+    assert xd.score(X, S) == pytest.approx(gm.score(X), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_mean_loglike_never_decreases(seed):
+    rng = np.random.default_rng(seed)
+    w, m, V = random_params(rng, 4, 3)
+    X, S, _, _ = draw_noisy(rng, w, m, V, 400)
+    xd = _fit_quietly(XDGMM(4, max_iter=30, tol=0.0, reg_covar=0.0, random_state=seed), X, S)
+    ll = np.array([h["mean_loglike"] for h in xd.history_])
+    assert len(ll) == 30
+    assert np.all(np.diff(ll) >= -1e-12 * np.abs(ll[:-1])), np.diff(ll).min()
+    assert ll[-1] > ll[0]
+
+
+def _match(m_true, m_fit):
+    from itertools import permutations
+
+    K = len(m_true)
+    return min(permutations(range(K)), key=lambda p: np.abs(m_fit[list(p)] - m_true).sum())
+
+
+@pytest.fixture(scope="module")
+def noisy_known():
+    rng = np.random.default_rng(42)
+    w, m, V = known_mixture_3d()
+    X, S, v, labels = draw_noisy(rng, w, m, V, 20000, noise_scale=1.5)
+    return w, m, V, X, S
+
+
+def test_recovers_known_mixture_better_than_plain_gmm(noisy_known):
+    from sklearn.mixture import GaussianMixture
+
+    w, m, V, X, S = noisy_known
+    N = X.shape[0]
+    xd = XDGMM(3, max_iter=300, tol=1e-8, random_state=0).fit(X, S)
+    p = list(_match(m, xd.means_))
+    # Sampling errors scale as 1/sqrt(N) times the (deconvolved + noise) scale of each parameter:
+    # weights ~0.5/sqrt(N), means ~sqrt(3/N_j), covariances ~sqrt(2) 3/sqrt(N_j) (N_j >= 0.2 N).
+    unit = 1.0 / np.sqrt(N)
+    np.testing.assert_allclose(xd.weights_[p], w, atol=3 * unit)
+    np.testing.assert_allclose(xd.means_[p], m, atol=12 * unit)
+    cov_err_xd = np.abs(xd.covariances_[p] - V).max()
+    assert cov_err_xd < 20 * unit, cov_err_xd
+    gm = GaussianMixture(3, covariance_type="full", random_state=0).fit(X)
+    q = list(_match(m, gm.means_))
+    cov_err_gm = np.abs(gm.covariances_[q] - V).max()
+    # the plain GMM absorbs the noise (variance ~ 1.5 per axis) into the components
+    assert cov_err_gm > 5 * cov_err_xd
+    assert np.all(
+        np.diagonal(gm.covariances_[q], axis1=1, axis2=2) > np.diagonal(V, axis1=1, axis2=2)
+    )
+
+
+def test_recovers_with_20_percent_missing(noisy_known):
+    w, m, V, X, S = noisy_known
+    rng = np.random.default_rng(7)
+    X = X.copy()
+    miss = rng.random(X.shape) < 0.2
+    miss[miss.all(axis=1), 0] = False
+    X[miss] = np.nan
+    assert 0.18 < miss.mean() < 0.22
+    xd = XDGMM(3, max_iter=300, tol=1e-8, random_state=0).fit(X, S)
+    p = list(_match(m, xd.means_))
+    unit = 1.0 / np.sqrt(X.shape[0])
+    np.testing.assert_allclose(xd.weights_[p], w, atol=3 * unit)
+    np.testing.assert_allclose(xd.means_[p], m, atol=15 * unit)
+    assert np.abs(xd.covariances_[p] - V).max() < 25 * unit
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_float32_matches_float64(offset):
+    rng = np.random.default_rng(8)
+    w, m, V = random_params(rng, 4, 3)
+    X, S, _, _ = draw_noisy(rng, w, m, V, 3000)
+    X = X + offset  # data whose mean is 1e4 times its spread
+    init = XDModel(w, m + offset, V)
+    f64 = _fit_quietly(XDGMM(4, max_iter=5, tol=0.0, init=init), X, S)
+    X32, S32 = X.astype(np.float32), S.astype(np.float32)
+    f32 = _fit_quietly(XDGMM(4, max_iter=5, tol=0.0, init=init), X32, S32)
+    for h64, h32 in zip(f64.history_, f32.history_, strict=True):
+        assert h32["mean_loglike"] == pytest.approx(h64["mean_loglike"], rel=1e-4)
+    assert f32.score(X32, S32) == pytest.approx(f64.score(X, S), rel=1e-4)
+
+
+def test_estimator_api_and_errors():
+    rng = np.random.default_rng(9)
+    w, m, V = random_params(rng, 2, 2)
+    X, S, _, _ = draw_noisy(rng, w, m, V, 200)
+    with pytest.raises(ValueError, match=r"n_components=300 is larger than the number of rows"):
+        XDGMM(300).fit(X, S)
+    with pytest.raises(ValueError, match="n_components"):
+        XDGMM(0).fit(X, S)
+    with pytest.raises(AttributeError, match="not fitted"):
+        XDGMM(2).score(X, S)
+    xd = XDGMM(2, max_iter=500, tol=1e-6, random_state=1).fit(X, S)
+    assert xd.converged_ and xd.n_iter_ == len(xd.history_) <= 500
+    proba = xd.predict_proba(X, S)
+    np.testing.assert_allclose(proba.sum(1), 1.0)
+    np.testing.assert_array_equal(xd.predict(X, S), proba.argmax(1))
+    assert xd.score(X, S) == pytest.approx(xd.score_samples(X, S).mean())
+    v, labels = xd.sample(50, random_state=0)
+    assert v.shape == (50, 2) and labels.shape == (50,)
+    mean, cov = xd.posterior(X[:5], S[:5])
+    assert mean.shape == (5, 2) and cov.shape == (5, 2, 2)
+    # the posterior shrinks: its covariance is smaller than the noise
+    assert np.all(np.linalg.eigvalsh(S[:5] - cov) > -1e-12)

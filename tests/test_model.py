@@ -1,0 +1,91 @@
+"""XDModel: validation, atomic save/load, corrupt files, sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.mixtures import known_mixture_3d
+from xd_dask.model import ModelFileError, XDModel
+
+
+def _model():
+    w, m, V = known_mixture_3d()
+    return XDModel(w, m, V, ["a", "b", "c"], {"units": ["mag", "deg", "mas"], "history": [1.5]})
+
+
+def test_round_trip(tmp_path):
+    mod = _model()
+    path = mod.save(tmp_path / "m.npz")
+    back = XDModel.load(path)
+    np.testing.assert_array_equal(back.covariances, mod.covariances)
+    assert back.feature_names == ["a", "b", "c"] and back.metadata == mod.metadata
+    assert [p.name for p in tmp_path.iterdir()] == ["m.npz"]  # no temp file left
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"weights": [0.5, 0.6, -0.1]}, "weight of component 2"),
+        ({"weights": [0.5, 0.3, 0.3]}, "sum to 1"),
+        ({"covariances": -np.stack([np.eye(3)] * 3)}, "component 0 is not positive definite"),
+        ({"means": np.zeros((2, 3))}, "shapes disagree"),
+    ],
+)
+def test_validation(kw, match):
+    w, m, V = known_mixture_3d()
+    args = {"weights": w, "means": m, "covariances": V} | kw
+    with pytest.raises(ValueError, match=match):
+        XDModel(**args)
+
+
+def test_nonsymmetric_covariance_named():
+    w, m, V = known_mixture_3d()
+    V = V.copy()
+    V[1, 0, 2] += 0.1
+    with pytest.raises(ValueError, match="component 1 is not symmetric"):
+        XDModel(w, m, V)
+
+
+def test_corrupt_truncated_and_foreign_files(tmp_path):
+    good = _model().save(tmp_path / "good.npz")
+    data = good.read_bytes()
+    (tmp_path / "trunc.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="trunc.npz: corrupt or truncated"):
+        XDModel.load(tmp_path / "trunc.npz")
+    np.savez(tmp_path / "foreign.npz", x=np.arange(3))
+    with pytest.raises(ModelFileError, match="not an xd-dask model"):
+        XDModel.load(tmp_path / "foreign.npz")
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(ModelFileError, match="text.npz"):
+        XDModel.load(tmp_path / "text.npz")
+    with pytest.raises(ModelFileError, match="no such model file"):
+        XDModel.load(tmp_path / "missing.npz")
+
+
+def test_failed_save_leaves_old_file(tmp_path, monkeypatch):
+    path = _model().save(tmp_path / "m.npz")
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", boom)
+    with pytest.raises(OSError, match="disk full"):
+        _model().save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.npz"]
+
+
+def test_sample_moments():
+    mod = _model()
+    v, labels = mod.sample(200_000, random_state=0, return_labels=True)
+    for j in range(3):
+        vj = v[labels == j]
+        assert len(vj) / len(v) == pytest.approx(mod.weights[j], abs=0.005)
+        np.testing.assert_allclose(vj.mean(0), mod.means[j], atol=0.02)
+        np.testing.assert_allclose(np.cov(vj.T), mod.covariances[j], atol=0.05)
+    S = np.broadcast_to(np.diag([4.0, 0.0, 1.0]), (200_000, 3, 3))
+    noisy = mod.sample(200_000, random_state=0, X_cov=S)
+    total = np.cov(v.T)
+    np.testing.assert_allclose(np.cov(noisy.T) - total, np.diag([4.0, 0.0, 1.0]), atol=0.1)
