@@ -1,0 +1,236 @@
+"""The compiled (Numba) statistics kernel against independent references.
+
+References: a direct double loop over (row, component) with numpy.linalg written here, and the
+array-namespace reference kernel ``pattern_stats_ref``. Each (d, dtype) compiles once per process
+(~1-6 s), so the parameter grid is kept small.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import pytest
+
+from xd_dask.kernels._common import NotPositiveDefiniteError
+from xd_dask.kernels._numba import (
+    FLUSH_ROWS,
+    pattern_logdens_numba,
+    pattern_stats_numba,
+)
+from xd_dask.kernels.reference import pattern_stats_ref
+
+
+# --------------------------------------------------------------------------- helpers
+def _spd(rng, n, d, scale):
+    """(n, d, d) SPD matrices with eigenvalues in [0.1, 1] * scale (scale per matrix)."""
+    Q, _ = np.linalg.qr(rng.normal(size=(n, d, d)))
+    ev = rng.uniform(0.1, 1.0, size=(n, d)) * np.asarray(scale).reshape(-1, 1)
+    return np.einsum("nij,nj,nkj->nik", Q, ev, Q)
+
+
+def make_problem(n, d, K, seed=0, spread=2.0):
+    """Rows drawn from a K-component mixture with heteroscedastic correlated noise."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(scale=spread, size=(K, d))
+    covs = _spd(rng, K, d, rng.uniform(0.5, 2.0, size=K))
+    log_weights = np.log(rng.dirichlet(np.full(K, 3.0)))
+    S = _spd(rng, n, d, rng.uniform(0.1, 1.0, size=n))
+    comp = rng.integers(K, size=n)
+    T = covs[comp] + S
+    x = means[comp] + np.einsum("nij,nj->ni", np.linalg.cholesky(T), rng.normal(size=(n, d)))
+    rw = rng.uniform(0.2, 2.0, size=n)
+    return x, S, rw, log_weights, means, covs
+
+
+def direct_loop(x, S, rw, log_weights, means, covs):
+    """Independent reference: per (row, component) numpy.linalg in float64.
+
+    Returns (n_j, a, C, ll, W, logp) with logp (n, K) = log alpha_j + log N_ij.
+    """
+    x = np.asarray(x, np.float64)
+    S = np.asarray(S, np.float64)
+    n, d = x.shape
+    K = means.shape[0]
+    logp = np.empty((n, K))
+    U = np.empty((n, K, d))
+    Tinv = np.empty((n, K, d, d))
+    for i in range(n):
+        for j in range(K):
+            T = covs[j] + S[i]
+            Ti = np.linalg.inv(T)
+            w = x[i] - means[j]
+            sign, logdet = np.linalg.slogdet(T)
+            assert sign > 0
+            logp[i, j] = log_weights[j] - 0.5 * (d * math.log(2 * math.pi) + logdet + w @ Ti @ w)
+            U[i, j] = Ti @ w
+            Tinv[i, j] = Ti
+    mx = logp.max(axis=1, keepdims=True)
+    lse = (mx + np.log(np.exp(logp - mx).sum(axis=1, keepdims=True)))[:, 0]
+    r = np.exp(logp - lse[:, None]) * rw[:, None]
+    n_j = r.sum(axis=0)
+    a = np.einsum("ik,ika->ka", r, U)
+    C = np.einsum("ik,ikab->kab", r, U[..., :, None] * U[..., None, :] - Tinv)
+    return n_j, a, C, float(rw @ lse), float(rw.sum()), logp
+
+
+def assert_stats_close(got, want, rtol):
+    """Normwise per array: |got - want| <= rtol * max|want| (entries of C may cancel to ~0)."""
+    names = ("n_j", "a", "C", "ll", "W")
+    for name, g, w in zip(names, got, want, strict=False):
+        g, w = np.asarray(g), np.asarray(w)
+        assert g.shape == w.shape, name
+        assert np.all(np.isfinite(g)), name
+        scale = max(np.max(np.abs(w)), 1e-300)
+        err = np.max(np.abs(g - w)) / scale
+        assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol:g}"
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = numba.get_num_threads()
+    yield
+    numba.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- float64 accuracy
+@pytest.mark.parametrize(
+    ("d", "K", "n"),
+    [(1, 1, 60), (2, 5, 150), (3, 64, 40), (7, 100, 30), (10, 5, 40)],
+)
+def test_stats_float64_match_direct_loop(d, K, n):
+    x, S, rw, lw, m, V = make_problem(n, d, K, seed=d * 100 + K)
+    got = pattern_stats_numba(x, S, rw, lw, m, V)
+    want = direct_loop(x, S, rw, lw, m, V)[:5]
+    assert_stats_close(got, want, 1e-10)
+    C = got[2]
+    np.testing.assert_array_equal(C, np.swapaxes(C, 1, 2))
+    assert got[4] == pytest.approx(rw.sum(), rel=1e-15)
+
+
+def test_stats_match_reference_kernel():
+    x, S, rw, lw, m, V = make_problem(500, 7, 64, seed=7)
+    numba.set_num_threads(2)  # two row blocks
+    got = pattern_stats_numba(x, S, rw, lw, m, V)
+    assert_stats_close(got, pattern_stats_ref(x, S, rw, lw, m, V), 1e-10)
+
+
+def test_threads_agree_with_one_thread():
+    x, S, rw, lw, m, V = make_problem(1000, 3, 64, seed=3)
+    numba.set_num_threads(1)
+    one = pattern_stats_numba(x, S, rw, lw, m, V)
+    numba.set_num_threads(2)
+    two = pattern_stats_numba(x, S, rw, lw, m, V)
+    assert_stats_close(two, one, 1e-13)
+
+
+def test_logdens_match_direct_loop():
+    x, S, rw, lw, m, V = make_problem(50, 3, 20, seed=11)
+    want = direct_loop(x, S, rw, lw, m, V)[5]
+    got = pattern_logdens_numba(x, S, lw, m, V)
+    assert got.dtype == np.float64 and got.shape == (50, 20)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-10)
+    got32 = pattern_logdens_numba(x.astype(np.float32), S.astype(np.float32), lw, m, V)
+    np.testing.assert_allclose(got32, want, rtol=1e-4, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- float32
+@pytest.mark.parametrize(("d", "K"), [(2, 5), (7, 64)])
+def test_stats_float32_close_to_float64(d, K):
+    n = 3000 if d == 2 else 300  # d = 2 crosses the float32 -> float64 flush (FLUSH_ROWS)
+    assert d != 2 or n > FLUSH_ROWS
+    x, S, rw, lw, m, V = make_problem(n, d, K, seed=5 + d)
+    want = pattern_stats_numba(x, S, rw, lw, m, V)
+    got = pattern_stats_numba(x.astype(np.float32), S.astype(np.float32), rw, lw, m, V)
+    assert all(np.asarray(g).dtype == np.float64 for g in got[:3])
+    assert got[3] == pytest.approx(want[3], rel=1e-4)
+    assert got[4] == want[4]
+    assert_stats_close(got[:2], want[:2], 1e-4)
+    assert_stats_close(got[2:3], want[2:3], 1e-3)
+
+
+# --------------------------------------------------------------------------- tiny responsibilities
+def test_well_separated_components():
+    """Components 1000 apart: responsibilities of the far components underflow to exactly 0."""
+    rng = np.random.default_rng(1)
+    K, d, n = 3, 2, 90
+    m = np.array([[0.0, 0.0], [1000.0, 0.0], [0.0, 1000.0]])
+    V = np.broadcast_to(np.eye(d), (K, d, d)).copy()
+    lw = np.log(np.full(K, 1.0 / K))
+    comp = np.repeat(np.arange(K), n // K)
+    x = m[comp] + rng.normal(size=(n, d))
+    S = _spd(rng, n, d, np.full(n, 0.5))
+    rw = np.ones(n)
+    want = direct_loop(x, S, rw, lw, m, V)[:5]
+    for dt in (np.float64, np.float32):
+        got = pattern_stats_numba(x.astype(dt), S.astype(dt), rw, lw, m, V)
+        np.testing.assert_array_equal(got[0], [30.0, 30.0, 30.0])
+        rtol = 1e-10 if dt == np.float64 else 1e-4
+        assert_stats_close(got, want, rtol)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "flushed", "kept"), [(np.float64, -550.0, -450.0), (np.float32, -70.0, -50.0)]
+)
+def test_responsibility_flush_threshold(dtype, flushed, kept):
+    """log r below the threshold (e^-500 fp64, e^-60 fp32) gives exactly 0; above it is kept."""
+    rng = np.random.default_rng(2)
+    n, d = 20, 2
+    x = rng.normal(size=(n, d))
+    S = np.broadcast_to(0.5 * np.eye(d), (n, d, d)).copy()
+    rw = np.ones(n)
+    m = np.zeros((3, d))
+    V = np.broadcast_to(np.eye(d), (3, d, d)).copy()
+    lw = np.array([0.0, flushed, kept])  # same density, log weights set log r directly
+    got = pattern_stats_numba(x.astype(dtype), S.astype(dtype), rw, lw, m, V)
+    assert got[0][1] == 0.0
+    assert np.all(got[1][1] == 0.0) and np.all(got[2][1] == 0.0)
+    assert got[0][2] == pytest.approx(n * math.exp(kept), rel=1e-5)
+    assert got[0][0] == pytest.approx(n, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- errors
+def _non_pd_problem():
+    """Component 1 has T non-PD from row 200 on, component 3 from row 250 on (300 rows)."""
+    n, d, K = 300, 3, 5
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(n, d))
+    V = np.broadcast_to(np.eye(d), (K, d, d)).copy()
+    V[1, 2, 2] = -0.7
+    V[3, 2, 2] = -0.5
+    S = np.broadcast_to(np.eye(d), (n, d, d)).copy()
+    S[200:] *= 0.6  # T[1]_22 = -0.1, T[3]_22 = 0.1
+    S[250:] *= 0.1 / 0.6  # both negative
+    return x, S, np.ones(n), np.log(np.full(K, 1.0 / K)), np.zeros((K, d)), V
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_not_positive_definite_names_first_row_and_component(threads):
+    numba.set_num_threads(threads)
+    x, S, rw, lw, m, V = _non_pd_problem()
+    for dt in (np.float64, np.float32):
+        with pytest.raises(NotPositiveDefiniteError) as info:
+            pattern_stats_numba(x.astype(dt), S.astype(dt), rw, lw, m, V)
+        assert (info.value.row, info.value.component) == (200, 1)
+    with pytest.raises(NotPositiveDefiniteError) as info:
+        pattern_logdens_numba(x, S, lw, m, V)
+    assert (info.value.row, info.value.component) == (200, 1)
+    V[1, 2, 2] = 1.0  # now only component 3 is bad, from row 250
+    with pytest.raises(NotPositiveDefiniteError) as info:
+        pattern_stats_numba(x, S, rw, lw, m, V)
+    assert (info.value.row, info.value.component) == (250, 3)
+    S[120] *= 0.1  # an earlier bad row, in the first row block
+    with pytest.raises(NotPositiveDefiniteError) as info:
+        pattern_stats_numba(x, S, rw, lw, m, V)
+    assert (info.value.row, info.value.component) == (120, 3)
+
+
+def test_empty_and_bad_dtype():
+    x, S, rw, lw, m, V = make_problem(0, 2, 5)
+    n_j, a, C, ll, W = pattern_stats_numba(x, S, rw, lw, m, V)
+    assert n_j.shape == (5,) and a.shape == (5, 2) and C.shape == (5, 2, 2)
+    assert (ll, W) == (0.0, 0.0) and not n_j.any()
+    assert pattern_logdens_numba(x, S, lw, m, V).shape == (0, 5)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        pattern_stats_numba(x.astype(np.int64), S, rw, lw, m, V)

@@ -1,0 +1,491 @@
+"""Compiled CPU kernel (Numba) for the XD statistics of one missingness pattern.
+
+The per-pair algebra is generated for each dimension ``d`` (see ``_codegen``) and vectorised
+across components; this module supplies the vectorisable ``exp``/``log`` it calls, compiles and
+caches one kernel per (d, dtype, variant) and wraps it with the contract used by
+``xd_dask.kernels`` (DESIGN.md sections 2-3):
+
+``pattern_stats_numba(x, S, rw, log_weights, means, covs) -> (n_j, a, C, ll, W)``
+``pattern_logdens_numba(x, S, log_weights, means, covs) -> (n, K)``
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from xd_dask.kernels import _codegen
+from xd_dask.kernels._common import NotPositiveDefiniteError
+
+__all__ = ["pattern_stats_numba", "pattern_logdens_numba"]
+
+logger = logging.getLogger(__name__)
+
+#: Components are padded to a multiple of this (one or two SIMD vectors of lanes).
+LANE_BLOCK = 16
+#: float32 sums are flushed into float64 after at most this many rows per thread.
+FLUSH_ROWS = 2048
+#: Fewest rows worth giving a thread of its own.
+MIN_ROWS_PER_THREAD = 64
+#: Log weight of padding components: their responsibilities flush to exactly zero.
+_PAD_LOGW = -1.0e30
+
+# All fast-math flags except reassociation: the polynomial exp/log rely on their evaluation
+# order, and the per-pair loop needs no reductions across lanes to vectorise.
+_FM_STRICT = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
+
+
+# --------------------------------------------------------------------------- bit casts
+@intrinsic
+def _bits64(typingctx, x):
+    """float64 -> its bits as int64."""
+    if x != types.float64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(types.float64), codegen
+
+
+@intrinsic
+def _float64(typingctx, b):
+    """int64 bits -> float64."""
+    if not isinstance(b, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if v.type.width != 64:
+            v = builder.sext(v, ir.IntType(64))
+        return builder.bitcast(v, ir.DoubleType())
+
+    return types.float64(b), codegen
+
+
+@intrinsic
+def _bits32(typingctx, x):
+    """float32 -> its bits as int32."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _float32(typingctx, b):
+    """int bits (low 32 used) -> float32."""
+    if not isinstance(b, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if v.type.width > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        elif v.type.width < 32:
+            v = builder.sext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(b), codegen
+
+
+# --------------------------------------------------------------------------- exp / log
+# exp: x = n ln2 + r, |r| <= ln2/2, Taylor polynomial in r, 2^n from the exponent bits.
+# Arguments below the flush threshold give exactly 0 (the result would be (nearly) subnormal).
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+_EXP64_FLUSH = -500.0
+_EXP32_FLUSH = -60.0
+
+
+@njit(fastmath=_FM_STRICT, error_model="numpy", inline="always")
+def _exp_f64(x):
+    xc = max(x, -708.0)
+    k = np.rint(xc * _LOG2E)
+    r = (xc - k * _LN2_HI) - k * _LN2_LO
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    s = _float64((np.int64(k) + 1023) << 52)
+    return p * s if x >= _EXP64_FLUSH else 0.0
+
+
+_F32 = np.float32
+
+
+@njit(fastmath=_FM_STRICT, error_model="numpy", inline="always")
+def _exp_f32(x):
+    xc = max(x, _F32(-87.0))
+    k = np.rint(xc * _F32(_LOG2E))
+    r = (xc - k * _F32(0.693359375)) - k * _F32(-2.12194440e-4)
+    p = _F32(1.0 / 5040.0)
+    p = p * r + _F32(1.0 / 720.0)
+    p = p * r + _F32(1.0 / 120.0)
+    p = p * r + _F32(1.0 / 24.0)
+    p = p * r + _F32(1.0 / 6.0)
+    p = p * r + _F32(0.5)
+    p = p * r + _F32(1.0)
+    p = p * r + _F32(1.0)
+    s = _float32((np.int32(k) + np.int32(127)) << np.int32(23))
+    return p * s if x >= _F32(_EXP32_FLUSH) else _F32(0.0)
+
+
+# log for y > 0 (fdlibm): y = 2^e m, m in [sqrt(2)/2, sqrt(2)), log(m) = log(1 + f) by a
+# minimax polynomial in s = f / (2 + f).
+_LG = (
+    6.666666666666735130e-01,
+    3.999999999940941908e-01,
+    2.857142874366239149e-01,
+    2.222219843214978396e-01,
+    1.818357216161805012e-01,
+    1.531383769920937332e-01,
+    1.479819860511658591e-01,
+)
+
+
+@njit(fastmath=_FM_STRICT, error_model="numpy", inline="always")
+def _log_f64(y):
+    b = _bits64(y)
+    e = (b >> 52) - 1023
+    m = _float64((b & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000)
+    big = m > 1.4142135623730951
+    m = m * 0.5 if big else m
+    e = e + 1 if big else e
+    f = m - 1.0
+    s = f / (2.0 + f)
+    z = s * s
+    w = z * z
+    t1 = w * (_LG[1] + w * (_LG[3] + w * _LG[5]))
+    t2 = z * (_LG[0] + w * (_LG[2] + w * (_LG[4] + w * _LG[6])))
+    rr = t2 + t1
+    hfsq = 0.5 * f * f
+    fe = float(e)
+    return fe * _LN2_HI - ((hfsq - (s * (hfsq + rr) + fe * _LN2_LO)) - f)
+
+
+@njit(fastmath=_FM_STRICT, error_model="numpy", inline="always")
+def _log_f32(y):
+    b = _bits32(y)
+    e = (b >> np.int32(23)) - np.int32(127)
+    m = _float32((b & np.int32(0x007FFFFF)) | np.int32(0x3F800000))
+    big = m > _F32(1.4142135)
+    m = m * _F32(0.5) if big else m
+    e = e + 1 if big else e
+    f = m - _F32(1.0)
+    s = f / (_F32(2.0) + f)
+    z = s * s
+    w = z * z
+    t1 = w * (_F32(0.40000972152) + w * _F32(0.24279078841))
+    t2 = z * (_F32(0.66666662693) + w * _F32(0.28498786688))
+    rr = t2 + t1
+    hfsq = _F32(0.5) * f * f
+    fe = _F32(e)
+    return fe * _F32(0.693359375) - ((hfsq - (s * (hfsq + rr) + fe * _F32(-2.12194440e-4))) - f)
+
+
+# --------------------------------------------------------------------------- row helpers
+@njit(fastmath=True, error_model="numpy")
+def _rowmax(v, Kp):
+    mx = v[0]
+    for k in range(1, Kp):
+        mx = max(mx, v[k])
+    return mx
+
+
+@njit(fastmath=True, error_model="numpy")
+def _rowexp_f64(v, mx, Kp):
+    tot = 0.0
+    for k in range(Kp):
+        e = _exp_f64(v[k] - mx)
+        v[k] = e
+        tot += e
+    return tot
+
+
+@njit(fastmath=True, error_model="numpy")
+def _rowexp_f32(v, mx, Kp):
+    tot = _F32(0.0)
+    for k in range(Kp):
+        e = _exp_f32(v[k] - mx)
+        v[k] = e
+        tot += e
+    return float(tot)
+
+
+@njit(fastmath=True, error_model="numpy")
+def _flush(acc, acc64):
+    for k in range(acc.shape[0]):
+        acc64[k] += acc[k]
+        acc[k] = 0.0
+
+
+# --------------------------------------------------------------------------- compilation
+def _namespace(fp32: bool) -> dict:
+    dt = np.float32 if fp32 else np.float64
+    return {
+        "np": np,
+        "math": math,
+        "DT": dt,
+        "ONE": dt(1.0),
+        "ZERO": dt(0.0),
+        "HALF": dt(0.5),
+        "LN2": dt(math.log(2.0)),
+        "MSHIFT": np.int32(23) if fp32 else 52,
+        "MMASK": np.int32(0x007FFFFF) if fp32 else 0x000FFFFFFFFFFFFF,
+        "MONE": np.int32(0x3F800000) if fp32 else 0x3FF0000000000000,
+        "EBIAS": 127 if fp32 else 1023,
+        "_bits": _bits32 if fp32 else _bits64,
+        "_float": _float32 if fp32 else _float64,
+        "_log": _log_f32 if fp32 else _log_f64,
+        "_rowmax": _rowmax,
+        "_rowexp": _rowexp_f32 if fp32 else _rowexp_f64,
+        "_flush": _flush,
+    }
+
+
+def _signature(kind: str, fp32: bool):
+    dt = types.float32 if fp32 else types.float64
+    i64 = types.int64
+    x, S, P = types.Array(dt, 2, "C"), types.Array(dt, 3, "C"), types.Array(dt, 1, "C")
+    f64v, i64v = types.Array(types.float64, 1, "C"), types.Array(i64, 1, "C")
+    if kind == "stats":
+        # x, S, rw, P, K, nl, r0, r1, flush_rows, acc64, status -> ll
+        return types.float64(x, S, f64v, P, i64, i64, i64, i64, i64, f64v, i64v)
+    # x, S, P, K, nl, r0, r1, out, status
+    return types.float64(x, S, P, i64, i64, i64, i64, types.Array(dt, 2, "C"), i64v)
+
+
+_cache: dict[tuple[str, int, bool], object] = {}
+_cache_lock = threading.Lock()
+
+
+def _kernel(kind: str, d: int, fp32: bool):
+    """Compiled kernel for (kind, d, dtype): generated and compiled on first use, then cached."""
+    key = (kind, d, fp32)
+    fn = _cache.get(key)
+    if fn is not None:
+        return fn
+    with _cache_lock:
+        fn = _cache.get(key)
+        if fn is None:
+            gen = _codegen.stats_source if kind == "stats" else _codegen.logdens_source
+            src = gen(d, LANE_BLOCK, fp32)
+            ns = _namespace(fp32)
+            exec(compile(src, f"<xd_dask generated {kind} d={d} fp32={fp32}>", "exec"), ns)
+            t0 = time.perf_counter()
+            fn = njit(_signature(kind, fp32), fastmath=_FM_STRICT, error_model="numpy", nogil=True)(
+                ns["kernel"]
+            )
+            logger.debug(
+                "compiled XD %s kernel d=%d %s in %.1f s",
+                kind,
+                d,
+                "float32" if fp32 else "float64",
+                time.perf_counter() - t0,
+            )
+            _cache[key] = fn
+    return fn
+
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked child makes its own
+_pool_lock = threading.Lock()
+
+
+def _run_blocks(body, n: int, nt: int) -> list:
+    """Run ``body(t, r0, r1)`` on ``nt`` static row blocks, blocks 1.. in helper threads (the
+    kernels release the GIL). Returns the results in block order."""
+    global _pool
+    bounds = [(t, (t * n) // nt, ((t + 1) * n) // nt) for t in range(nt)]
+    if nt == 1:
+        return [body(*bounds[0])]
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            workers = max(1, numba.config.NUMBA_NUM_THREADS - 1)
+            _pool = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="xd-kernel"))
+        pool = _pool[1]
+    futures = [pool.submit(body, *b) for b in bounds[1:]]
+    first = body(*bounds[0])
+    return [first] + [f.result() for f in futures]
+
+
+# --------------------------------------------------------------------------- wrappers
+def _check(x: np.ndarray, S: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"x must be float32 or float64, got {x.dtype}")
+    fp32 = x.dtype == np.float32
+    x = np.ascontiguousarray(x)
+    S = np.ascontiguousarray(S, dtype=x.dtype)
+    n, d = x.shape
+    if S.shape != (n, d, d):
+        raise ValueError(f"S has shape {S.shape}, expected {(n, d, d)}")
+    if means.ndim != 2 or means.shape[1] != d:
+        raise ValueError(f"means has shape {means.shape}, expected (K, {d})")
+    return x, S, fp32
+
+
+def _pack(log_weights, means, covs, dtype) -> np.ndarray:
+    """Component parameters as flat structure-of-arrays blocks (see ``_codegen``), padded."""
+    K, d = means.shape
+    lay = _codegen.layout(d)
+    B = LANE_BLOCK
+    nblk = -(-K // B)
+    Kp = nblk * B
+    P = np.zeros((lay["n_par"], Kp), dtype=np.float64)
+    P[:d, :K] = means.T
+    rows, cols = np.tril_indices(d)
+    P[d : d + lay["npk"], :K] = np.asarray(covs, dtype=np.float64)[:, rows, cols].T
+    P[d : d + lay["npk"], K:] = (rows == cols)[:, None]  # padding: V = I
+    P[lay["row_logw"], :K] = log_weights
+    P[lay["row_logw"], K:] = _PAD_LOGW
+    # (n_par, nblk, B) -> (nblk, n_par, B), flattened
+    blocks = P.reshape(lay["n_par"], nblk, B).transpose(1, 0, 2)
+    return np.ascontiguousarray(blocks, dtype=dtype).reshape(-1)
+
+
+def _unpack_acc(acc64: np.ndarray, d: int, K: int):
+    """Thread accumulator blocks (nt, nblk * n_acc * B) -> n_j (K,), a (K, d), C (K, d, d)."""
+    lay = _codegen.layout(d)
+    B = LANE_BLOCK
+    tot = acc64.sum(axis=0).reshape(-1, lay["n_acc"], B)  # (nblk, n_acc, B)
+    acc = tot.transpose(1, 0, 2).reshape(lay["n_acc"], -1)[:, :K]  # (n_acc, K)
+    n_j = acc[0].copy()
+    a = np.ascontiguousarray(acc[1 : 1 + d].T)
+    rows, cols = np.tril_indices(d)
+    C = np.empty((K, d, d))
+    C[:, rows, cols] = acc[1 + d :].T
+    C[:, cols, rows] = acc[1 + d :].T
+    return n_j, a, C
+
+
+def _n_threads(n: int) -> int:
+    return max(1, min(numba.get_num_threads(), n // MIN_ROWS_PER_THREAD))
+
+
+def _raise_if_bad(status: np.ndarray) -> None:
+    """Raise for the first bad (row, component): blocks are in row order, each stops at its
+    first bad row."""
+    for row, comp in status:
+        if row >= 0:
+            raise NotPositiveDefiniteError(row=int(row), component=int(comp))
+
+
+def pattern_stats_numba(
+    x: np.ndarray,
+    S: np.ndarray,
+    rw: np.ndarray,
+    log_weights: np.ndarray,
+    means: np.ndarray,
+    covs: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+    """XD sufficient statistics of rows sharing one missingness pattern (compiled kernel).
+
+    Parameters
+    ----------
+    x : (n, d) float32 or float64
+        Observed, centred values; no NaN. The computation runs in this dtype.
+    S : (n, d, d) same dtype
+        Symmetric noise covariances (only the lower triangle is read).
+    rw : (n,) float64
+        Row weights.
+    log_weights : (K,) float64
+        Log mixture weights ``log alpha_j``.
+    means : (K, d) float64
+    covs : (K, d, d) float64
+        Component means and covariances (observed sub-blocks).
+
+    Returns
+    -------
+    n_j : (K,) float64
+        ``sum_i rw_i r_ij``.
+    a : (K, d) float64
+        ``sum_i rw_i r_ij u_ij`` with ``u_ij = T_ij^-1 (x_i - m_j)``, ``T_ij = V_j + S_i``.
+    C : (K, d, d) float64
+        ``sum_i rw_i r_ij (u_ij u_ij^T - T_ij^-1)``, symmetric.
+    ll : float
+        ``sum_i rw_i log sum_j alpha_j N(x_i | m_j, T_ij)``.
+    W : float
+        ``sum_i rw_i``.
+
+    Raises
+    ------
+    NotPositiveDefiniteError
+        For the first (row, component) whose ``T_ij`` has a non-positive pivot.
+    """
+    x, S, fp32 = _check(x, S, means)
+    n, d = x.shape
+    K = means.shape[0]
+    rw = np.ascontiguousarray(rw, dtype=np.float64)
+    if rw.shape != (n,):
+        raise ValueError(f"rw has shape {rw.shape}, expected ({n},)")
+    lay = _codegen.layout(d)
+    if n == 0:
+        return np.zeros(K), np.zeros((K, d)), np.zeros((K, d, d)), 0.0, 0.0
+    P = _pack(log_weights, means, covs, x.dtype)
+    nt = _n_threads(n)
+    acc64 = np.zeros((nt, P.size // lay["n_par"] * lay["n_acc"]))
+    status = np.full((nt, 2), -1, dtype=np.int64)
+    fn = _kernel("stats", d, fp32)
+
+    def body(t, r0, r1):
+        return fn(x, S, rw, P, K, LANE_BLOCK, r0, r1, FLUSH_ROWS, acc64[t], status[t])
+
+    ll = _run_blocks(body, n, nt)
+    _raise_if_bad(status)
+    n_j, a, C = _unpack_acc(acc64, d, K)
+    return n_j, a, C, float(np.sum(ll)), float(rw.sum())
+
+
+def pattern_logdens_numba(
+    x: np.ndarray,
+    S: np.ndarray,
+    log_weights: np.ndarray,
+    means: np.ndarray,
+    covs: np.ndarray,
+) -> np.ndarray:
+    """``log alpha_j + log N(x_i | m_j, V_j + S_i)`` for every row and component.
+
+    Shapes and dtypes as in :func:`pattern_stats_numba`; returns an (n, K) float64 array.
+    Raises :class:`NotPositiveDefiniteError` like :func:`pattern_stats_numba`.
+    """
+    x, S, fp32 = _check(x, S, means)
+    n, d = x.shape
+    K = means.shape[0]
+    out = np.empty((n, K), dtype=x.dtype)
+    if n == 0:
+        return out.astype(np.float64)
+    P = _pack(log_weights, means, covs, x.dtype)
+    nt = _n_threads(n)
+    status = np.full((nt, 2), -1, dtype=np.int64)
+    fn = _kernel("logdens", d, fp32)
+
+    def body(t, r0, r1):
+        return fn(x, S, P, K, LANE_BLOCK, r0, r1, out, status[t])
+
+    _run_blocks(body, n, nt)
+    _raise_if_bad(status)
+    return out.astype(np.float64, copy=False)
