@@ -1,0 +1,123 @@
+"""Connecting to a Dask cluster: given scheduler, scheduler file, environment, or a local one.
+
+Precedence: ``scheduler_address`` > ``scheduler_file`` > ``DASK_SCHEDULER_ADDRESS`` > a new
+``LocalCluster`` with worker processes (``dask_cuda.LocalCUDACluster`` when ``gpu=True``).
+CuPy and dask-cuda are imported only when ``gpu=True``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from distributed import Client
+
+from xd_dask.utils import get_logger
+
+log = get_logger(__name__)
+
+__all__ = ["GPUUnavailableError", "connect", "worker_threads"]
+
+
+class GPUUnavailableError(RuntimeError):
+    """``gpu=True`` was asked for but CuPy, dask-cuda or a CUDA device is missing."""
+
+
+def require_gpu() -> Any:
+    """Import CuPy and check that a CUDA device is usable; return the cupy module."""
+    try:
+        import cupy  # noqa: PLC0415 - lazy on purpose
+    except ImportError as exc:
+        raise GPUUnavailableError(
+            f"gpu=True needs CuPy (pip install 'xd-dask[gpu]'): {exc}"
+        ) from None
+    if not cupy.is_available():
+        raise GPUUnavailableError("gpu=True but CuPy finds no usable CUDA device")
+    return cupy
+
+
+def _worker_has_gpu() -> bool:
+    try:
+        require_gpu()
+    except GPUUnavailableError:
+        return False
+    return True
+
+
+def worker_threads(client: Client) -> int:
+    """Total worker threads of the cluster (at least 1)."""
+    return max(1, sum(client.nthreads().values()))
+
+
+def connect(
+    scheduler_address: str | None = None,
+    scheduler_file: str | None = None,
+    n_workers: int | None = None,
+    threads_per_worker: int = 1,
+    gpu: bool = False,
+    **cluster_kwargs: Any,
+) -> tuple[Client, Any]:
+    """Connect to a cluster, or start a local one.
+
+    Parameters
+    ----------
+    scheduler_address : "tcp://host:port" of a running scheduler.
+    scheduler_file : JSON file written by ``dask scheduler --scheduler-file``.
+    n_workers : workers of a new local cluster (default: one per core / threads_per_worker, or
+        one per GPU).
+    threads_per_worker : threads of each local worker (default 1: the numerical kernels are
+        single-threaded inside tasks, parallelism comes from worker processes).
+    gpu : start ``dask_cuda.LocalCUDACluster`` (local), or check that the given workers have a GPU.
+    **cluster_kwargs : passed to the local cluster (e.g. ``dashboard_address``, ``memory_limit``).
+
+    Returns
+    -------
+    client : distributed.Client
+    cluster : the local cluster this call started (close it after the client), or None.
+    """
+    address = scheduler_address
+    if address is None and scheduler_file is None:
+        address = os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+    if address is not None or scheduler_file is not None:
+        client = (
+            Client(address, scheduler_file=scheduler_file)
+            if address
+            else Client(scheduler_file=scheduler_file)
+        )
+        if gpu:
+            has = client.run(_worker_has_gpu)
+            missing = sorted(w for w, ok in has.items() if not ok)
+            if missing:
+                client.close()
+                raise GPUUnavailableError(f"gpu=True but these workers have no GPU: {missing}")
+        log.info("connected to %s; dashboard: %s", client.scheduler.address, client.dashboard_link)
+        return client, None
+    if gpu:
+        require_gpu()
+        try:
+            from dask_cuda import LocalCUDACluster  # noqa: PLC0415
+        except ImportError as exc:
+            raise GPUUnavailableError(f"gpu=True needs dask-cuda: {exc}") from None
+        cluster = LocalCUDACluster(
+            n_workers=n_workers, threads_per_worker=threads_per_worker, **cluster_kwargs
+        )
+    else:
+        from distributed import LocalCluster  # noqa: PLC0415
+
+        if n_workers is None:
+            n_workers = max(1, (os.cpu_count() or 1) // max(1, threads_per_worker))
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            processes=True,
+            **cluster_kwargs,
+        )
+    client = Client(cluster)
+    log.info(
+        "started %s with %d workers x %d threads; dashboard: %s",
+        type(cluster).__name__,
+        len(cluster.workers),
+        threads_per_worker,
+        client.dashboard_link,
+    )
+    return client, cluster

@@ -1,0 +1,198 @@
+"""One distributed pass: map a task over partitions, tree-reduce on the cluster, gather the root.
+
+Task keys are tuples ``("xd-<name>-<token>", ...)``, so the dashboard groups them as ``xd-estep``,
+``xd-reduce``, ``xd-kmeans``, ... (the hex token keeps keys of different fits and retries apart).
+Only the root of the reduction tree comes back to the client; its size (recorded in
+``max_gathered_bytes``) depends on K and D, never on the number of rows.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import pickle
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from distributed import Client, Future, span
+from distributed.scheduler import KilledWorker
+
+from xd_dask.distributed.manifest import Manifest
+from xd_dask.distributed.tasks import Partial, TaskOptions, combine, read_block
+from xd_dask.utils import get_logger
+
+log = get_logger(__name__)
+
+__all__ = ["PassRunner", "tree_reduce"]
+
+#: Errors that mean "the cluster lost work", not "the data are bad": the pass is run again.
+RETRYABLE = (KilledWorker, concurrent.futures.CancelledError)
+
+
+def tree_reduce(
+    client: Client,
+    futures: Sequence[Future],
+    fan_in: int,
+    key_name: str,
+    label: tuple = (),
+    combine_fn: Callable[..., Any] = combine,
+) -> Future:
+    """Reduce ``futures`` with ``combine_fn`` in a tree of fan-in ``fan_in`` on the cluster.
+
+    Neighbours are combined left to right at every level, so the result does not depend on
+    where or when tasks run. Depth is ceil(log_fan_in(len(futures))).
+    """
+    if fan_in < 2:
+        raise ValueError("fan_in must be >= 2")
+    if not futures:
+        raise ValueError("nothing to reduce")
+    level = list(futures)
+    depth = 0
+    while len(level) > 1:
+        nxt = []
+        for g, i in enumerate(range(0, len(level), fan_in)):
+            group = level[i : i + fan_in]
+            if len(group) == 1:
+                nxt.append(group[0])
+            else:
+                nxt.append(client.submit(combine_fn, *group, key=(key_name, *label, depth, g)))
+        level = nxt
+        depth += 1
+    return level[0]
+
+
+def _nbytes(obj: Any) -> int:
+    return len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+class PassRunner:
+    """Runs map + tree-reduce passes of one fit on a client, with retries on lost workers.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    manifest : the partitions.
+    opts : how workers read and process partitions.
+    fan_in : reduction fan-in (>= 2).
+    persist : keep each partition's validated arrays in worker memory after the first read
+        (``xd-read`` tasks, recomputed from the file if a worker dies).
+    max_retries : passes re-run after a worker loss that Dask could not absorb itself.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        manifest: Manifest,
+        opts: TaskOptions,
+        *,
+        fan_in: int = 8,
+        persist: bool = False,
+        max_retries: int = 3,
+    ) -> None:
+        if fan_in < 2:
+            raise ValueError("fan_in must be >= 2")
+        self.client = client
+        self.manifest = manifest
+        self.opts = opts
+        self.fan_in = int(fan_in)
+        self.persist = bool(persist)
+        self.max_retries = int(max_retries)
+        self.token = uuid.uuid4().hex[:12]
+        self.max_gathered_bytes = 0
+        self.n_retries = 0
+        self._blocks: list[Future] | None = None
+        self._generation = 0
+
+    # ------------------------------------------------------------------ sources
+    def sources(self, pids: Sequence[int] | None = None) -> list[Any]:
+        """Task sources for the partitions ``pids`` (all by default): Partition or block future."""
+        pids = range(len(self.manifest)) if pids is None else pids
+        if not self.persist:
+            return [self.manifest[p] for p in pids]
+        if self._blocks is None:
+            name = f"xd-read-{self.token}"
+            self._generation += 1
+            self._blocks = [
+                self.client.submit(
+                    read_block, part, self.opts, key=(name, self._generation, part.pid)
+                )
+                for part in self.manifest
+            ]
+        return [self._blocks[p] for p in pids]
+
+    def release(self) -> None:
+        """Drop persisted partitions from worker memory."""
+        self._blocks = None
+
+    # ------------------------------------------------------------------ passes
+    def _gather(self, future: Future) -> Any:
+        result = future.result()
+        size = _nbytes(result)
+        self.max_gathered_bytes = max(self.max_gathered_bytes, size)
+        return result
+
+    def run(
+        self,
+        name: str,
+        label: tuple,
+        func: Callable[..., Partial],
+        *,
+        pids: Sequence[int] | None = None,
+        shared: Sequence[Any] = (),
+        extra: Sequence[Any] = (),
+        per_partition: Callable[[int], Sequence[Any]] | None = None,
+    ) -> Partial:
+        """Map ``func(source, *shared, *extra, *per_partition(pid))`` over partitions; reduce.
+
+        ``shared`` objects (the parameters) are scattered to every worker once per pass;
+        ``extra`` are small and travel inside each task. ``label`` (e.g. ``(iteration,)``)
+        becomes part of the keys. Returns the reduced :class:`Partial`.
+        """
+        pids = list(range(len(self.manifest)) if pids is None else pids)
+        span_name = f"xd-{name}-" + "-".join(str(x) for x in label)
+        for attempt in range(self.max_retries + 1):
+            futures: list[Future] = []
+            try:
+                with span(span_name):
+                    shared_f = [
+                        self.client.scatter(obj, broadcast=True, hash=False) for obj in shared
+                    ]
+                    srcs = self.sources(pids)
+                    key_name = f"xd-{name}-{self.token}"
+                    for pid, src in zip(pids, srcs, strict=True):
+                        more = tuple(per_partition(pid)) if per_partition else ()
+                        futures.append(
+                            self.client.submit(
+                                func,
+                                src,
+                                *shared_f,
+                                *extra,
+                                *more,
+                                key=(key_name, *label, attempt, pid),
+                            )
+                        )
+                    root = tree_reduce(
+                        self.client,
+                        futures,
+                        self.fan_in,
+                        f"xd-reduce-{self.token}",
+                        (name, *label, attempt),
+                    )
+                    return self._gather(root)
+            except RETRYABLE as exc:
+                if attempt >= self.max_retries:
+                    raise
+                self.n_retries += 1
+                log.warning(
+                    "pass %s lost work on the cluster (%s: %s); running it again (%d/%d)",
+                    span_name,
+                    type(exc).__name__,
+                    exc,
+                    attempt + 1,
+                    self.max_retries,
+                )
+                if self.persist:
+                    self._blocks = None  # re-read partitions whose blocks may be lost
+                time.sleep(0.5)
+        raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,435 @@
+"""Worker-side task functions: read a partition, run a kernel on it, return small sums.
+
+Every function here runs inside a Dask worker on ONE partition (or combines the small results of
+several) and returns a :class:`Partial` whose size depends on K and D only, never on the number
+of rows. They are plain functions, testable without a cluster.
+
+A task's ``source`` is either a :class:`~xd_dask.distributed.manifest.Partition` (the task reads
+the file itself) or a :class:`Block` already held in worker memory (``persist=True``).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xd_dask.distributed.manifest import Partition
+from xd_dask.kernels import (
+    NotPositiveDefiniteError,
+    SuffStats,
+    compute_stats,
+    posterior,
+    row_log_likelihood,
+)
+from xd_dask.kernels._common import array_namespace, to_numpy
+from xd_dask.utils import atomic_path
+
+__all__ = [
+    "Block",
+    "KMeansSums",
+    "LogLikeSum",
+    "Params",
+    "Partial",
+    "PartitionError",
+    "SampleMoments",
+    "TaskOptions",
+    "combine",
+    "estep",
+    "kmeans_lloyd",
+    "kmeans_sample",
+    "loglike",
+    "posterior_write",
+    "read_block",
+]
+
+
+class PartitionError(ValueError):
+    """A partition's rows could not be processed; the message names the file and the source_id."""
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """How workers read and process partitions (the same for every task of a fit)."""
+
+    schema: Any  # xd_dask.io.CatalogSchema
+    on_bad: str = "error"
+    dtype: str = "float64"
+    backend: str = "auto"
+    gpu: bool = False
+    numba_threads: int = 1
+
+
+@dataclass(frozen=True)
+class Params:
+    """Mixture parameters broadcast to the workers once per iteration / wave."""
+
+    weights: np.ndarray  # (K,)
+    means: np.ndarray  # (K, D)
+    covariances: np.ndarray  # (K, D, D)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.weights.nbytes + self.means.nbytes + self.covariances.nbytes)
+
+
+@dataclass
+class Block:
+    """A partition's validated arrays in worker memory (NumPy, or CuPy on GPU workers)."""
+
+    pid: int
+    path: str
+    X: Any  # (n, D), NaN = missing
+    X_cov: Any  # (n, D, D)
+    ids: np.ndarray  # (n,) int64 source ids (host)
+    n_read: int
+    dropped: dict[str, int]
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.X.shape[0])
+
+
+@dataclass
+class Partial:
+    """What a task returns: a payload that adds up, plus bookkeeping (all O(K D^2) or smaller)."""
+
+    payload: Any
+    n_partitions: int = 1
+    n_read: int = 0
+    n_used: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def __add__(self, other: Partial) -> Partial:
+        dropped = dict(self.dropped)
+        for k, v in other.dropped.items():
+            dropped[k] = dropped.get(k, 0) + int(v)
+        return Partial(
+            self.payload + other.payload,
+            self.n_partitions + other.n_partitions,
+            self.n_read + other.n_read,
+            self.n_used + other.n_used,
+            dropped,
+            self.seconds + other.seconds,
+        )
+
+
+def combine(*parts: Partial) -> Partial:
+    """Sum partial results left to right (a fixed order, so reductions are reproducible)."""
+    return functools.reduce(lambda a, b: a + b, parts)
+
+
+# ----------------------------------------------------------------------------- worker set-up
+@functools.lru_cache(maxsize=8)
+def _resolved_backend(backend: str, gpu: bool) -> str:
+    if gpu:
+        if backend == "numba":
+            raise ValueError("backend='numba' cannot run on GPU workers; use 'auto' or 'reference'")
+        return "reference"
+    if backend != "auto":
+        return backend
+    try:
+        from xd_dask.kernels._numba import pattern_stats_numba  # noqa: F401, PLC0415
+    except ImportError:
+        return "reference"
+    return "auto"
+
+
+def _backend(opts: TaskOptions) -> str:
+    """Kernel backend for this worker; caps Numba's threads for the calling task thread."""
+    backend = _resolved_backend(opts.backend, opts.gpu)
+    if backend in ("auto", "numba"):
+        import numba  # noqa: PLC0415
+
+        # Thread-local setting: each task thread uses this many Numba threads, so that
+        # (worker threads x numba threads) does not oversubscribe the cores.
+        numba.set_num_threads(max(1, min(int(opts.numba_threads), numba.config.NUMBA_NUM_THREADS)))
+    return backend
+
+
+def read_block(part: Partition, opts: TaskOptions) -> Block:
+    """Read, validate and convert one partition (``xd-read`` tasks and fused passes)."""
+    from xd_dask.io import read_partition  # noqa: PLC0415 - layering: distributed -> io
+
+    dtype = np.float32 if opts.dtype == "float32" else np.float64
+    blk = read_partition(
+        part.path, opts.schema, on_bad=opts.on_bad, dtype=dtype, row_groups=part.row_groups
+    )
+    X, X_cov = blk.X, blk.X_cov
+    if opts.gpu:
+        from xd_dask.distributed.cluster import require_gpu  # noqa: PLC0415
+
+        cp = require_gpu()
+        X, X_cov = cp.asarray(X), cp.asarray(X_cov)
+    return Block(
+        part.pid,
+        part.path,
+        X,
+        X_cov,
+        np.asarray(blk.ids),
+        int(blk.n_read),
+        {str(k): int(v) for k, v in blk.dropped.items()},
+    )
+
+
+def _block(source: Partition | Block, opts: TaskOptions) -> Block:
+    return source if isinstance(source, Block) else read_block(source, opts)
+
+
+def _kernel_error(blk: Block, rows: np.ndarray | None, err: NotPositiveDefiniteError) -> Exception:
+    row = int(err.row) if rows is None else int(rows[err.row])
+    sid = int(blk.ids[row]) if 0 <= row < blk.ids.shape[0] else row
+    return PartitionError(f"{blk.path}: source_id {sid} (row {row} of the partition): {err}")
+
+
+def _subsample_rows(blk: Block, fraction: float | None, seed: int, epoch: int) -> np.ndarray | None:
+    """Seeded row subset of a partition (depends on seed, epoch and partition id only)."""
+    if fraction is None or fraction >= 1.0:
+        return None
+    rng = np.random.default_rng([int(seed), 11, int(epoch), int(blk.pid)])
+    return np.flatnonzero(rng.random(blk.n_rows) < fraction)
+
+
+def _partial(blk: Block, payload: Any, n_used: int, t0: float) -> Partial:
+    return Partial(payload, 1, blk.n_read, int(n_used), dict(blk.dropped), time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- E-step
+def estep(
+    source: Partition | Block,
+    params: Params,
+    opts: TaskOptions,
+    subsample: tuple[float, int, int] | None = None,
+) -> Partial:
+    """Sufficient statistics of one partition at ``params`` (``xd-estep``).
+
+    subsample : (fraction, seed, epoch) keeps a seeded random subset of the rows.
+    """
+    t0 = time.perf_counter()
+    blk = _block(source, opts)
+    backend = _backend(opts)
+    K, D = params.means.shape
+    rows = None if subsample is None else _subsample_rows(blk, *subsample)
+    X, S = blk.X, blk.X_cov
+    if rows is not None:
+        xp = array_namespace(X)
+        idx = xp.asarray(rows)
+        X, S = X[idx], S[idx]
+    if X.shape[0] == 0:
+        stats = SuffStats.zeros(K, D)
+    else:
+        try:
+            stats = compute_stats(
+                X,
+                S,
+                params.weights,
+                params.means,
+                params.covariances,
+                backend=backend,
+                check=False,  # the reader has validated the rows
+            ).to_numpy()
+        except NotPositiveDefiniteError as err:
+            raise _kernel_error(blk, rows, err) from None
+    return _partial(blk, stats, stats.n_rows, t0)
+
+
+# ----------------------------------------------------------------------------- k-means
+@dataclass
+class SampleMoments:
+    """Per-column moments of the observed values (Chan's parallel merge) and a row sample."""
+
+    count: np.ndarray  # (D,) observed values per column
+    mean: np.ndarray  # (D,)
+    m2: np.ndarray  # (D,) sum of squared deviations from the mean
+    sample: np.ndarray  # (m, D) sampled rows, NaN = missing
+
+    def __add__(self, other: SampleMoments) -> SampleMoments:
+        n = self.count + other.count
+        n_safe = np.where(n > 0, n, 1.0)
+        delta = other.mean - self.mean
+        mean = self.mean + delta * other.count / n_safe
+        m2 = self.m2 + other.m2 + delta**2 * self.count * other.count / n_safe
+        return SampleMoments(n, mean, m2, np.concatenate([self.sample, other.sample]))
+
+
+def kmeans_sample(
+    source: Partition | Block, opts: TaskOptions, seed: int, fraction: float
+) -> Partial:
+    """Column moments of a partition and a seeded Bernoulli(fraction) sample of its rows."""
+    t0 = time.perf_counter()
+    blk = _block(source, opts)
+    X = to_numpy(blk.X).astype(np.float64, copy=False)
+    obs = ~np.isnan(X)
+    count = obs.sum(axis=0).astype(np.float64)
+    mean = np.where(count > 0, np.nansum(X, axis=0) / np.maximum(count, 1), 0.0)
+    m2 = np.nansum((X - mean) ** 2, axis=0) if X.shape[0] else np.zeros(X.shape[1])
+    rng = np.random.default_rng([int(seed), 13, int(blk.pid)])
+    sample = X[rng.random(X.shape[0]) < fraction]
+    return _partial(blk, SampleMoments(count, mean, m2, sample), X.shape[0], t0)
+
+
+@dataclass
+class KMeansSums:
+    """Lloyd partial sums in standardised units, centred on each row's assigned centre."""
+
+    count: np.ndarray  # (K,)
+    delta: np.ndarray  # (K, D)  sum of (z_i - c_k)
+    scatter: np.ndarray  # (K, D, D)  sum of (z_i - c_k)(z_i - c_k)^T
+    inertia: float
+
+    def __add__(self, other: KMeansSums) -> KMeansSums:
+        return KMeansSums(
+            self.count + other.count,
+            self.delta + other.delta,
+            self.scatter + other.scatter,
+            self.inertia + other.inertia,
+        )
+
+
+def standardise(X: Any, col_mean: np.ndarray, col_scale: np.ndarray) -> Any:
+    """(X - mean) / scale with missing fields imputed by the column mean (i.e. 0); k-means only."""
+    xp = array_namespace(X)
+    Z = (xp.asarray(X, dtype=xp.float64) - xp.asarray(col_mean)) / xp.asarray(col_scale)
+    return xp.where(xp.isnan(Z), 0.0, Z)
+
+
+def assign(Z: Any, centres: Any, chunk_elems: int = 1 << 22) -> Any:
+    """(n,) index of the nearest centre for each row of Z (n, D); bounded working memory."""
+    xp = array_namespace(Z)
+    c = xp.asarray(centres)
+    K = c.shape[0]
+    c2 = xp.sum(c * c, axis=1)
+    step = max(1, chunk_elems // max(K, 1))
+    out = xp.empty(Z.shape[0], dtype=xp.int64)
+    for s in range(0, Z.shape[0], step):
+        z = Z[s : s + step]
+        d2 = c2[None, :] - 2.0 * (z @ c.T)  # (m, K), |z|^2 dropped (same for every centre)
+        out[s : s + step] = xp.argmin(d2, axis=1)
+    return out
+
+
+def kmeans_lloyd(
+    source: Partition | Block,
+    centres: np.ndarray,
+    col_mean: np.ndarray,
+    col_scale: np.ndarray,
+    opts: TaskOptions,
+) -> Partial:
+    """One Lloyd pass over a partition: assignments and centred per-cluster sums (``xd-kmeans``)."""
+    t0 = time.perf_counter()
+    blk = _block(source, opts)
+    Z = standardise(blk.X, col_mean, col_scale)
+    xp = array_namespace(Z)
+    K, D = centres.shape
+    labels = assign(Z, centres)
+    diff = Z - xp.asarray(centres)[labels]  # (n, D)
+    count = xp.bincount(labels, minlength=K).astype(xp.float64)
+    delta = xp.stack([xp.bincount(labels, weights=diff[:, i], minlength=K) for i in range(D)], 1)
+    scatter = xp.zeros((K, D, D))
+    for i in range(D):
+        for j in range(i + 1):
+            s = xp.bincount(labels, weights=diff[:, i] * diff[:, j], minlength=K)
+            scatter[:, i, j] = s
+            scatter[:, j, i] = s
+    sums = KMeansSums(
+        to_numpy(count), to_numpy(delta), to_numpy(scatter), float(xp.sum(diff * diff))
+    )
+    return _partial(blk, sums, blk.n_rows, t0)
+
+
+# ----------------------------------------------------------------------------- scoring
+@dataclass
+class LogLikeSum:
+    """Sum of per-row log-likelihoods and the number of rows."""
+
+    ll: float
+    n: int
+
+    def __add__(self, other: LogLikeSum) -> LogLikeSum:
+        return LogLikeSum(self.ll + other.ll, self.n + other.n)
+
+
+def _write_parquet(table: Any, out_path: str) -> None:
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    with atomic_path(out_path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def loglike(
+    source: Partition | Block, params: Params, opts: TaskOptions, out_path: str | None = None
+) -> Partial:
+    """Total log-likelihood of a partition; with ``out_path`` also write per-row values."""
+    import pyarrow as pa  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    blk = _block(source, opts)
+    backend = _backend(opts)
+    try:
+        ll = to_numpy(
+            row_log_likelihood(
+                blk.X,
+                blk.X_cov,
+                params.weights,
+                params.means,
+                params.covariances,
+                backend=backend,
+                check=False,
+            )
+        )
+    except NotPositiveDefiniteError as err:
+        raise _kernel_error(blk, None, err) from None
+    if out_path is not None:
+        _write_parquet(
+            pa.table({"source_id": pa.array(blk.ids, pa.int64()), "log_likelihood": ll}), out_path
+        )
+    return _partial(blk, LogLikeSum(float(np.sum(ll)), int(ll.shape[0])), ll.shape[0], t0)
+
+
+def posterior_write(
+    source: Partition | Block,
+    params: Params,
+    opts: TaskOptions,
+    out_path: str,
+    feature_names: list[str],
+) -> Partial:
+    """Write a partition's deconvolved posteriors to Parquet, atomically (``xd-posterior``).
+
+    Columns: ``source_id``; ``mean_<f>`` per feature; ``cov_<f>_<g>`` for the lower triangle
+    (f at or after g in feature order); ``component`` (most probable, int32) and
+    ``component_prob`` (its responsibility).
+    """
+    import pyarrow as pa  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    blk = _block(source, opts)
+    try:
+        mean, cov, resp = posterior(
+            blk.X,
+            blk.X_cov,
+            params.weights,
+            params.means,
+            params.covariances,
+            check=False,
+            return_resp=True,
+        )
+    except NotPositiveDefiniteError as err:
+        raise _kernel_error(blk, None, err) from None
+    mean, cov, resp = to_numpy(mean), to_numpy(cov), to_numpy(resp)
+    cols: dict[str, Any] = {"source_id": pa.array(blk.ids, pa.int64())}
+    for i, f in enumerate(feature_names):
+        cols[f"mean_{f}"] = mean[:, i]
+    for i, f in enumerate(feature_names):
+        for j in range(i + 1):
+            cols[f"cov_{f}_{feature_names[j]}"] = cov[:, i, j]
+    best = np.argmax(resp, axis=1) if resp.shape[0] else np.zeros(0, dtype=np.int64)
+    cols["component"] = best.astype(np.int32)
+    cols["component_prob"] = resp[np.arange(resp.shape[0]), best]
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    _write_parquet(pa.table(cols), out_path)
+    return _partial(blk, LogLikeSum(0.0, int(mean.shape[0])), mean.shape[0], t0)
