@@ -145,7 +145,9 @@ SPEC: dict[str, Any] = {
         "seed": _int(0),
         "init": _str(),
         "persist": _bool,
-        "subsample": _int(0),
+        "subsample": _float(0.0, 1.0),
+        "kmeans_sample": _int(0),
+        "fan_in": _int(2),
         "backend": _str(("auto", "numba", "reference")),
         "dtype": _str(("float64", "float32")),
         "step": {
@@ -367,6 +369,11 @@ class JobConfig:
             raise ConfigError(
                 f"fit.init must be 'kmeans' or a model file (.npz), got {fit['init']!r} "
                 f"(set in {self.sources.get('fit.init', 'packaged defaults')})"
+            )
+        if fit["subsample"] > 0 and fit["method"] != "online":
+            raise ConfigError(
+                "fit.subsample applies to fit.method = 'online' only "
+                f"(set in {self.sources.get('fit.subsample', 'packaged defaults')})"
             )
         if self.data["catalog"]["holdout"] and self.data["catalog"]["holdout_fraction"] > 0:
             raise ConfigError(

@@ -1,0 +1,181 @@
+"""The nightly job: warm-start from ``latest``, fit, gate on held-out log-likelihood, promote.
+
+One run (``xd-dask nightly jobs/nightly.toml``):
+
+1. make ``<store>/<UTC date>/`` (:class:`~xd_dask.jobs.store.ModelStore`);
+2. warm-start from the model ``latest`` points to when its K and features match the job (else
+   k-means, and the report says why);
+3. fit and write the usual outputs into the run directory (:func:`~xd_dask.jobs.runner.run_fit`);
+4. score the new model and the previous ``latest`` on the same held-out catalogue;
+5. move ``latest`` to the new run only if the fit succeeded and
+   ``new >= previous - nightly.margin`` (mean log-likelihood per held-out row);
+6. write ``report.json`` (with a ``nightly`` section: status, reason, numbers) and
+   ``training_curve.png``; delete all but the last ``nightly.keep`` runs (never ``latest``).
+
+A failed or rejected run never touches ``latest``; its report says why.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import traceback
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from xd_dask.jobs.config import ConfigError, JobConfig
+from xd_dask.jobs.runner import (
+    cluster_client,
+    load_schema_checked,
+    run_fit,
+    score_sources,
+    split_catalog,
+    write_json,
+)
+from xd_dask.jobs.store import ModelStore
+from xd_dask.model import XDModel
+from xd_dask.utils import get_logger
+
+log = get_logger(__name__)
+
+__all__ = ["NightlyResult", "run_nightly"]
+
+PROMOTED, REJECTED, FAILED = "promoted", "rejected", "failed"
+
+
+class NightlyResult(dict):
+    """The ``nightly`` section of the run report (a dict) with convenience accessors."""
+
+    @property
+    def status(self) -> str:
+        return self["status"]
+
+    @property
+    def promoted(self) -> bool:
+        return self["status"] == PROMOTED
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self["run_dir"])
+
+
+def _warm_start(cfg: JobConfig, prev: XDModel | None, prev_path: Path | None) -> tuple[str, str]:
+    """(init for the fit, a sentence explaining it)."""
+    if not cfg.get("nightly.warm_start"):
+        return cfg.get("fit.init") or "kmeans", "warm start disabled (nightly.warm_start = false)"
+    if prev is None:
+        return cfg.get("fit.init") or "kmeans", "no previous model: cold start"
+    features = list(load_schema_checked(cfg.get("catalog.schema")).features)
+    K = cfg.get("fit.n_components")
+    if prev.n_components != K or prev.feature_names != features:
+        return "kmeans", (
+            f"previous model has K={prev.n_components}, features {prev.feature_names}; the job "
+            f"asks for K={K}, features {features}: cold start"
+        )
+    return str(prev_path), f"warm start from {prev_path.parent.name}"
+
+
+def run_nightly(
+    cfg: JobConfig,
+    *,
+    client: Any = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    now: _dt.datetime | None = None,
+) -> NightlyResult:
+    """Run one nightly fit (see the module docstring); never raises for a failed fit.
+
+    Parameters
+    ----------
+    cfg : the job configuration (``[nightly]`` and a held-out catalogue are required).
+    client : a connected client; default: connect as ``[cluster]`` says.
+    progress : per-iteration / per-wave callback (as :func:`run_fit`).
+    now : the run's time (default: now, UTC); names the run directory.
+
+    Returns
+    -------
+    NightlyResult with status "promoted", "rejected" or "failed", the reason and the numbers.
+
+    Raises
+    ------
+    ConfigError
+        The configuration cannot work (no held-out catalogue, missing catalogue); nothing is run.
+    """
+    if not cfg.get("catalog.holdout") and cfg.get("catalog.holdout_fraction") <= 0:
+        raise ConfigError(
+            "the nightly gate needs held-out rows: set catalog.holdout (a separate catalogue) "
+            "or catalog.holdout_fraction > 0"
+        )
+    cfg.check_inputs()
+    store = ModelStore(cfg.get("nightly.store"))
+    prev_path = store.latest_model_path()
+    prev = XDModel.load(prev_path) if prev_path is not None else None
+    run = store.new_run(now)
+    init, init_note = _warm_start(cfg, prev, prev_path)
+    started = _dt.datetime.now(_dt.timezone.utc)
+    result = NightlyResult(
+        run=run.name,
+        run_dir=str(run),
+        status=FAILED,
+        reason="",
+        started_utc=started.isoformat(timespec="seconds"),
+        previous=None if prev_path is None else prev_path.parent.name,
+        warm_start_from=prev_path.parent.name if init == str(prev_path) else None,
+        init=init_note,
+        heldout_mean_loglike=None,
+        previous_heldout_mean_loglike=None,
+        margin=cfg.get("nightly.margin"),
+    )
+    log.info("nightly run %s: %s", run.name, init_note)
+    report: dict[str, Any] = {"status": "failed"}
+    run_cfg = cfg.replace({"fit.init": init, "output.dir": str(run)}, source="nightly")
+    ctx: AbstractContextManager[Any] = (
+        nullcontext(client) if client is not None else cluster_client(run_cfg)
+    )
+    try:
+        with ctx as cl:
+            outcome = run_fit(run_cfg, cl, progress=progress, out_dir=run)
+            report = outcome.report
+            new_ll = outcome.heldout_mean_loglike
+            result["heldout_mean_loglike"] = new_ll
+            if prev is not None:
+                _, holdout = split_catalog(run_cfg)
+                result["previous_heldout_mean_loglike"] = score_sources(
+                    prev, holdout, run_cfg, cl
+                ).mean_loglike
+    except Exception as exc:  # a failed night is recorded, never raised past the report
+        result["reason"] = f"fit failed: {type(exc).__name__}: {exc}"
+        result["traceback"] = traceback.format_exc(limit=20)
+        log.error("nightly run %s failed: %s", run.name, exc)
+    else:
+        new_ll = result["heldout_mean_loglike"]
+        old_ll = result["previous_heldout_mean_loglike"]
+        margin = cfg.get("nightly.margin")
+        if old_ll is None:
+            result["status"], result["reason"] = PROMOTED, "first model in the store"
+        elif new_ll >= old_ll - margin:
+            result["status"] = PROMOTED
+            result["reason"] = (
+                f"held-out mean log-likelihood {new_ll:.6f} vs previous {old_ll:.6f} "
+                f"(change {new_ll - old_ll:+.6f}, allowed drop {margin:g})"
+            )
+        else:
+            result["status"] = REJECTED
+            result["reason"] = (
+                f"held-out mean log-likelihood {new_ll:.6f} is worse than the previous model's "
+                f"{old_ll:.6f} by {old_ll - new_ll:.6f} > margin {margin:g}; latest unchanged"
+            )
+    if result["status"] == PROMOTED:
+        store.promote(run)
+    result["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    report = dict(report, nightly=dict(result))
+    write_json(run / "report.json", report)
+    history_path = run / "history.json"
+    if history_path.is_file() and not (run / "training_curve.png").is_file():
+        from xd_dask.jobs.plots import training_curve  # noqa: PLC0415
+
+        training_curve(json.loads(history_path.read_text()), run / "training_curve.png")
+    result["pruned"] = [p.name for p in store.prune(cfg.get("nightly.keep"))]
+    log.info("nightly run %s: %s (%s)", run.name, result["status"], result["reason"])
+    return result
