@@ -1,0 +1,141 @@
+"""render-job: the Slurm script and Kubernetes manifests generated from a job config."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+import tomllib
+import yaml
+from click.testing import CliRunner
+
+from xd_dask.cli import main
+from xd_dask.jobs.config import ConfigError, load_config
+from xd_dask.jobs.render import render_job
+
+BASE = {
+    "catalog.path": "/data/gaia",
+    "deploy.name": "xdtest",
+    "deploy.n_workers": 6,
+    "deploy.worker_cores": 3,
+    "deploy.worker_memory": "12GiB",
+    "deploy.walltime": "02:30:00",
+}
+
+
+def _embedded_toml(script: str) -> dict:
+    body = re.search(r"<<'XD_DASK_JOB_TOML'\n(.*?)\nXD_DASK_JOB_TOML\n", script, re.S)
+    assert body, "no embedded job file"
+    return tomllib.loads(body.group(1))
+
+
+def test_slurm_cpu_script_has_resources_and_runs_the_same_config():
+    cfg = load_config(overrides=dict(BASE, **{"deploy.slurm.partition": "cpu"}), environ={})
+    text = render_job(cfg, "slurm")
+    assert text.startswith("#!/bin/bash\n")
+    for line in [
+        "#SBATCH --job-name=xdtest",
+        "#SBATCH --time=02:30:00",
+        "#SBATCH --ntasks=6",
+        "#SBATCH --cpus-per-task=3",
+        "#SBATCH --mem-per-cpu=4096M",  # 12 GiB / 3 cores
+        "#SBATCH --partition=cpu",
+    ]:
+        assert line in text.splitlines()
+    assert "hetjob" not in text and "cuda" not in text
+    assert "dask scheduler --scheduler-file" in text
+    assert re.search(r"srun --ntasks=6 --cpus-per-task=3 dask worker .*--nthreads 3", text)
+    assert 'xd-dask fit "$JOB_TOML" --scheduler-file "$SCHED_FILE"' in text
+    assert "dask-worker" not in text and "dask-scheduler" not in text
+    embedded = _embedded_toml(text)
+    assert embedded["catalog"]["path"] == "/data/gaia"
+    assert embedded["fit"] == cfg["fit"]
+    assert embedded["cluster"]["scheduler_file"] == ""  # given on the command line instead
+    if shutil.which("bash"):
+        subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+
+
+def test_slurm_gpu_workers_make_a_heterogeneous_job():
+    over = dict(BASE, **{"deploy.gpu_workers": 2, "deploy.slurm.gpu_partition": "gpu"})
+    text = render_job(load_config(overrides=over, environ={}), "slurm")
+    lines = text.splitlines()
+    het = lines.index("#SBATCH hetjob")
+    assert "#SBATCH --ntasks=6" in lines[:het]
+    assert "#SBATCH --ntasks=2" in lines[het:]
+    assert "#SBATCH --gpus-per-task=1" in lines[het:]
+    assert "#SBATCH --partition=gpu" in lines[het:]
+    assert re.search(r"srun --het-group=0 --ntasks=6 .*dask worker", text)
+    assert re.search(r"srun --het-group=1 --ntasks=2 .*dask cuda worker .*--resources GPU=1", text)
+    assert "wait_for_workers(8" in text
+
+
+def test_kubernetes_manifest_parses_and_carries_resources():
+    over = dict(
+        BASE,
+        **{
+            "deploy.gpu_workers": 2,
+            "deploy.kubernetes.namespace": "astro",
+            "deploy.kubernetes.volume_claim": "gaia-pvc",
+            "fit.n_components": 64,
+        },
+    )
+    cfg = load_config(overrides=over, environ={})
+    docs = list(yaml.safe_load_all(render_job(cfg, "kubernetes")))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "DaskJob", "DaskWorkerGroup"]
+    cm, job, gpu = docs
+    assert all(d["metadata"]["namespace"] == "astro" for d in docs)
+    # the job runs the same config, from the ConfigMap
+    toml = tomllib.loads(cm["data"]["job.toml"])
+    assert toml["fit"]["n_components"] == 64 and toml["catalog"]["path"] == "/data/gaia"
+    runner = job["spec"]["job"]["spec"]["containers"][0]
+    assert runner["args"][:3] == ["xd-dask", "fit", "/etc/xd-dask/job.toml"]
+    cluster = job["spec"]["cluster"]["spec"]
+    worker = cluster["worker"]
+    assert worker["replicas"] == 6
+    wc = worker["spec"]["containers"][0]
+    assert wc["args"][:2] == ["dask", "worker"]
+    assert wc["resources"]["limits"] == {"cpu": "3", "memory": "12288Mi"}
+    assert {"name": "data", "mountPath": "/data"} in wc["volumeMounts"]
+    sc = cluster["scheduler"]["spec"]["containers"][0]
+    assert sc["args"] == ["dask", "scheduler"]
+    assert cluster["scheduler"]["service"]["selector"]["dask.org/cluster-name"] == "xdtest"
+    # GPU workers join the job's cluster (named after the job)
+    assert gpu["spec"]["cluster"] == "xdtest"
+    assert gpu["spec"]["worker"]["replicas"] == 2
+    gc = gpu["spec"]["worker"]["spec"]["containers"][0]
+    assert gc["args"][:3] == ["dask", "cuda", "worker"] and "GPU=1" in gc["args"]
+    assert gc["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_gpu_fit_with_cpu_workers_is_refused():
+    over = dict(BASE, **{"cluster.gpu": True})
+    with pytest.raises(ConfigError, match="every worker needs a GPU"):
+        render_job(load_config(overrides=over, environ={}), "kubernetes")
+    over = dict(BASE, **{"deploy.n_workers": 0, "deploy.gpu_workers": 3})
+    docs = list(
+        yaml.safe_load_all(render_job(load_config(overrides=over, environ={}), "kubernetes"))
+    )
+    assert tomllib.loads(docs[0]["data"]["job.toml"])["cluster"]["gpu"] is True
+    assert docs[1]["spec"]["cluster"]["spec"]["worker"]["replicas"] == 0
+
+
+def test_render_job_cli(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text('[catalog]\npath = "/data/gaia"\n[deploy]\nn_workers = 3\nworker_cores = 2\n')
+    runner = CliRunner()
+    res = runner.invoke(main, ["render-job", "--target", "kubernetes", str(job), "-k", "32"])
+    assert res.exit_code == 0, res.output
+    docs = list(yaml.safe_load_all(res.output))
+    assert docs[1]["spec"]["cluster"]["spec"]["worker"]["replicas"] == 3
+    assert tomllib.loads(docs[0]["data"]["job.toml"])["fit"]["n_components"] == 32
+    res = runner.invoke(
+        main, ["render-job", "--target", "slurm", str(job), "--set", "deploy.walltime=1h"]
+    )
+    assert res.exit_code == 2
+    assert "deploy.walltime must be HH:MM:SS" in res.output
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    res = runner.invoke(main, ["render-job", "--target", "slurm", str(empty)])
+    assert res.exit_code == 2 and "catalog.path is not set" in res.output
