@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import tomllib
@@ -139,3 +140,24 @@ def test_render_job_cli(tmp_path):
     empty.write_text("")
     res = runner.invoke(main, ["render-job", "--target", "slurm", str(empty)])
     assert res.exit_code == 2 and "catalog.path is not set" in res.output
+
+
+GPU = {"deploy.n_workers": 0, "deploy.gpu_workers": 8, "deploy.slurm.gpu_partition": "gpu"}
+
+
+@pytest.mark.parametrize(
+    ("target", "overrides", "example"),
+    [
+        ("slurm", {}, "deploy/slurm/gaia-dr3-k256.sbatch"),
+        ("slurm", GPU, "deploy/slurm/gaia-dr3-k256-gpu.sbatch"),
+        ("kubernetes", {}, "deploy/kubernetes/gaia-dr3-k256.yaml"),
+        ("kubernetes", GPU, "deploy/kubernetes/gaia-dr3-k256-gpu.yaml"),
+    ],
+)
+def test_shipped_deploy_examples_are_what_render_job_generates(
+    monkeypatch, target, overrides, example
+):
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    cfg = load_config("jobs/gaia-dr3-k256.toml", overrides, environ={})
+    assert (repo / example).read_text() == render_job(cfg, target)

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Start or stop a Dask cluster on this host: one `dask scheduler` and N `dask worker` processes.
+#
+#   deploy/local/cluster.sh start [N_WORKERS] [THREADS_PER_WORKER]   (default 2 workers x 1 thread)
+#   deploy/local/cluster.sh stop
+#   deploy/local/cluster.sh status
+#
+# The scheduler writes $CLUSTER_DIR/scheduler.json; jobs connect with
+#   xd-dask fit JOB.toml --scheduler-file $CLUSTER_DIR/scheduler.json
+# Settings (environment): CLUSTER_DIR (default ./dask-local), SCHEDULER_HOST (127.0.0.1),
+# SCHEDULER_PORT (8786; 0 = any free port), DASHBOARD_ADDRESS (:8787; "none" = no dashboard),
+# WORKER_MEMORY (memory limit per worker, default "auto").
+set -euo pipefail
+
+CLUSTER_DIR="${CLUSTER_DIR:-./dask-local}"
+SCHEDULER_HOST="${SCHEDULER_HOST:-127.0.0.1}"
+SCHEDULER_PORT="${SCHEDULER_PORT:-8786}"
+DASHBOARD_ADDRESS="${DASHBOARD_ADDRESS:-:8787}"
+WORKER_MEMORY="${WORKER_MEMORY:-auto}"
+DASK="${DASK:-dask}"
+PYTHON="${PYTHON:-$(dirname "$(command -v "$DASK")")/python}"
+SCHED_FILE="$CLUSTER_DIR/scheduler.json"
+
+start() {
+    local n="${1:-2}" threads="${2:-1}"
+    mkdir -p "$CLUSTER_DIR"
+    if [ -f "$CLUSTER_DIR/scheduler.pid" ] && kill -0 "$(cat "$CLUSTER_DIR/scheduler.pid")" 2>/dev/null; then
+        echo "a cluster is already running from $CLUSTER_DIR (stop it first)" >&2
+        exit 1
+    fi
+    rm -f "$SCHED_FILE" "$CLUSTER_DIR"/*.pid
+    local dash=(--dashboard-address "$DASHBOARD_ADDRESS")
+    [ "$DASHBOARD_ADDRESS" = "none" ] && dash=(--no-dashboard)
+    nohup "$DASK" scheduler --host "$SCHEDULER_HOST" --port "$SCHEDULER_PORT" \
+        --scheduler-file "$SCHED_FILE" "${dash[@]}" >"$CLUSTER_DIR/scheduler.log" 2>&1 &
+    echo $! >"$CLUSTER_DIR/scheduler.pid"
+    for _ in $(seq 120); do [ -s "$SCHED_FILE" ] && break; sleep 0.5; done
+    if [ ! -s "$SCHED_FILE" ]; then
+        echo "dask scheduler did not start; see $CLUSTER_DIR/scheduler.log" >&2
+        stop
+        exit 1
+    fi
+    for i in $(seq "$n"); do
+        nohup "$DASK" worker --scheduler-file "$SCHED_FILE" --host "$SCHEDULER_HOST" \
+            --nworkers 1 --nthreads "$threads" --memory-limit "$WORKER_MEMORY" \
+            --name "local-$i" --local-directory "$CLUSTER_DIR/worker-$i" \
+            --no-dashboard >"$CLUSTER_DIR/worker-$i.log" 2>&1 &
+        echo $! >>"$CLUSTER_DIR/workers.pid"
+    done
+    if ! "$PYTHON" -c "
+from distributed import Client
+with Client(scheduler_file='$SCHED_FILE', timeout='30s') as c:
+    c.wait_for_workers($n, timeout=120)
+"; then
+        echo "the $n workers did not join; see $CLUSTER_DIR/worker-*.log" >&2
+        stop
+        exit 1
+    fi
+    echo "scheduler file: $SCHED_FILE ($n workers x $threads threads)"
+}
+
+stop() {
+    local pids=()
+    [ -f "$CLUSTER_DIR/workers.pid" ] && mapfile -t pids <"$CLUSTER_DIR/workers.pid"
+    [ -f "$CLUSTER_DIR/scheduler.pid" ] && pids+=("$(cat "$CLUSTER_DIR/scheduler.pid")")
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for _ in $(seq 40); do
+        local alive=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ "$alive" = 0 ] && break
+        sleep 0.25
+    done
+    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    rm -f "$CLUSTER_DIR/workers.pid" "$CLUSTER_DIR/scheduler.pid" "$SCHED_FILE"
+}
+
+status() {
+    [ -s "$SCHED_FILE" ] || { echo "no cluster in $CLUSTER_DIR"; exit 1; }
+    "$PYTHON" -c "
+from distributed import Client
+with Client(scheduler_file='$SCHED_FILE', timeout='10s') as c:
+    print(c)
+"
+}
+
+case "${1:-}" in
+    start) shift; start "$@" ;;
+    stop) stop ;;
+    status) status ;;
+    *) echo "usage: $0 start [N_WORKERS] [THREADS] | stop | status" >&2; exit 2 ;;
+esac
