@@ -186,6 +186,8 @@ def resolve_schema(spec: Any) -> Any:
     """A ``CatalogSchema`` from a spec (None, name, TOML path, dict) or the schema itself."""
     if spec is not None and not isinstance(spec, (str, dict, Path)):
         return spec
+    if spec == "":
+        spec = None
     from xd_dask.io import load_schema  # noqa: PLC0415 - layering: distributed -> io
 
     return load_schema(str(spec) if isinstance(spec, Path) else spec)
