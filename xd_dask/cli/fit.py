@@ -77,6 +77,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        pkg = logging.getLogger("xd_dask")
+        saved = (list(pkg.handlers), pkg.level, pkg.propagate)
         try:
             return fn(*args, **kwargs)
         except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
@@ -86,11 +88,15 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             _fail(str(exc), EXIT_USAGE)
         except Exception as exc:
             log.debug("failure", exc_info=True)
-            if logging.getLogger("xd_dask").isEnabledFor(logging.INFO):
+            if pkg.isEnabledFor(logging.INFO):
                 import traceback  # noqa: PLC0415
 
                 traceback.print_exc(file=sys.stderr)
             _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILURE)
+        finally:  # leave the process's logging as it was (the CLI may run inside a test)
+            pkg.handlers[:] = saved[0]
+            pkg.setLevel(saved[1])
+            pkg.propagate = saved[2]
 
     return wrapper
 
