@@ -234,3 +234,44 @@ def test_empty_and_bad_dtype():
     assert pattern_logdens_numba(x, S, lw, m, V).shape == (0, 5)
     with pytest.raises(TypeError, match="float32 or float64"):
         pattern_stats_numba(x.astype(np.int64), S, rw, lw, m, V)
+
+
+# --------------------------------------------------------------------------- on-disk kernel cache
+_CHILD = """
+import numpy as np
+from xd_dask.kernels import _numba
+x = np.linspace(-1.0, 1.0, 10)[:, None]
+S = np.full((10, 1, 1), 0.5)
+out = _numba.pattern_logdens_numba(x, S, np.log([0.5, 0.5]), np.array([[0.0], [1.0]]),
+                                   np.array([[[1.0]], [[2.0]]]))
+want = np.log(0.5) - 0.5 * (np.log(2 * np.pi * np.array([1.5, 2.5]))
+                            + (x - np.array([0.0, 1.0])) ** 2 / np.array([1.5, 2.5]))
+assert np.allclose(out, want, rtol=1e-12), (out, want)
+print(_numba._kernel("logdens", 1, False).stats.cache_hits.most_common(1))
+"""
+
+
+def _run_child(env_update):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, **env_update)
+    res = subprocess.run(
+        [sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def test_kernel_disk_cache(tmp_path):
+    """Generated kernels are compiled once and then loaded from the cache by new processes."""
+    cache = tmp_path / "kernels"
+    first = _run_child({"XD_DASK_KERNEL_CACHE": str(cache)})
+    assert first == "[]"  # compiled, nothing loaded
+    assert len(list(cache.glob("xdk_logdens_d1_f64_*.py"))) == 1
+    assert list((cache / "__pycache__").glob("*.nbi"))
+    second = _run_child({"XD_DASK_KERNEL_CACHE": str(cache)})
+    assert second.endswith(", 1)]")  # one cache hit
+    _run_child({"XD_DASK_KERNEL_CACHE": "off", "XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert not (tmp_path / "xdg").exists()
