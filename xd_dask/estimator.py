@@ -146,19 +146,23 @@ class XDGMM:
             return self.init.weights.copy(), self.init.means.copy(), self.init.covariances.copy()
         return kmeans_init(X, self.n_components, self.random_state, self.reg_covar)
 
-    def fit(self, X: Any, X_cov: Any, weights: Any = None) -> XDGMM:
+    def fit(self, X: Any, X_cov: Any, weights: Any = None, R: Any = None) -> XDGMM:
         """Fit by batch EM.
 
         Parameters
         ----------
-        X : (n, D), NaN marks a missing field.  X_cov : (n, D, D).  weights : (n,) row weights.
+        X : (n, d), NaN marks a missing field.  X_cov : (n, d, d).  weights : (n,) row weights.
+        R : (n, d, D) projection matrices, optional (d = D without). With projections the
+            initialisation must be an XDModel (k-means cannot run on projected rows).
         """
         X = np.asarray(X)
         X_cov = np.asarray(X_cov)
         if X.ndim != 2:
             raise ValueError(f"X must be 2-d (n_rows, n_features), got shape {X.shape}")
         self._check_params(X)
-        w, m, V = self._initial(X)
+        if R is not None and not isinstance(self.init, XDModel):
+            raise ValueError("with projections R, pass init=XDModel(...) (k-means needs full rows)")
+        w, m, V = self._initial(X if R is None else np.empty((0, self.init.n_features)))
         history: list[dict[str, float]] = []
         reseeded: list[tuple[int, int]] = []
         self.converged_ = False
@@ -166,7 +170,15 @@ class XDGMM:
         for it in range(self.max_iter):
             t0 = time.perf_counter()
             stats = compute_stats(
-                X, X_cov, w, m, V, row_weights=weights, backend=self.backend, check=(it == 0)
+                X,
+                X_cov,
+                w,
+                m,
+                V,
+                row_weights=weights,
+                R=R,
+                backend=self.backend,
+                check=(it == 0),
             )
             ll = stats.mean_loglike
             if not np.isfinite(ll):
