@@ -15,6 +15,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,17 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _show_warnings(caught: list[warnings.WarningMessage]) -> None:
+    seen = set()
+    for w in caught:
+        if issubclass(w.category, ResourceWarning | DeprecationWarning):
+            continue
+        text = f"Warning: {w.category.__name__}: {' '.join(str(w.message).split())}"
+        if text not in seen:
+            seen.add(text)
+            click.echo(text, err=True)
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Map exceptions to exit codes: config/usage errors -> 2, everything else -> 1, one line."""
 
@@ -80,7 +92,13 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         pkg = logging.getLogger("xd_dask")
         saved = (list(pkg.handlers), pkg.level, pkg.propagate)
         try:
-            return fn(*args, **kwargs)
+            # Warnings (e.g. non-convergence) are shown as one line each, after the command.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    _show_warnings(caught)
         except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
             raise
         except _usage_errors() as exc:
@@ -664,8 +682,14 @@ def nightly(config: str, store: str | None, log_format: str, verbose: int, **par
         over["nightly.store"] = store
     cfg = load_config(config, over)
     progress = Progress(log_format)
+
+    def connected(client: Any) -> None:
+        progress.message(
+            f"Dask dashboard: {client.dashboard_link}", dashboard=client.dashboard_link
+        )
+
     try:
-        result = run_nightly(cfg, progress=progress)
+        result = run_nightly(cfg, progress=progress, on_client=connected)
     finally:
         progress.close()
     result.pop("traceback", None)

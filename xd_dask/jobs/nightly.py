@@ -82,6 +82,7 @@ def run_nightly(
     *,
     client: Any = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    on_client: Callable[[Any], None] | None = None,
     now: _dt.datetime | None = None,
 ) -> NightlyResult:
     """Run one nightly fit (see the module docstring); never raises for a failed fit.
@@ -91,6 +92,7 @@ def run_nightly(
     cfg : the job configuration (``[nightly]`` and a held-out catalogue are required).
     client : a connected client; default: connect as ``[cluster]`` says.
     progress : per-iteration / per-wave callback (as :func:`run_fit`).
+    on_client : called with the client once connected (e.g. to show the dashboard link).
     now : the run's time (default: now, UTC); names the run directory.
 
     Returns
@@ -135,6 +137,8 @@ def run_nightly(
     )
     try:
         with ctx as cl:
+            if on_client is not None:
+                on_client(cl)
             outcome = run_fit(run_cfg, cl, progress=progress, out_dir=run)
             report = outcome.report
             new_ll = outcome.heldout_mean_loglike

@@ -198,6 +198,7 @@ def sample_rows(
     """Up to ``max_rows`` catalogue rows (n, D) from a few seeded partitions, read by workers.
 
     Only the sampled feature values travel to the client (for plots), never whole partitions.
+    With ``client=None`` the partitions are read in this process.
     """
     from xd_dask.distributed import build_manifest  # noqa: PLC0415
 
@@ -208,6 +209,12 @@ def sample_rows(
     k = min(max_partitions, len(manifest))
     chosen = sorted(rng.choice(len(manifest), size=k, replace=False).tolist())
     per = -(-max_rows // k)
+    if client is None:  # no cluster (e.g. `xd-dask plot`): read the few partitions here
+        parts = [
+            _read_rows(manifest[i].path, manifest[i].row_groups, schema, per, seed + i, on_bad)
+            for i in chosen
+        ]
+        return np.concatenate(parts, axis=0)[:max_rows]
     futures = [
         client.submit(
             _read_rows,
