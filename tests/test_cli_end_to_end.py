@@ -173,7 +173,8 @@ def test_fit_em_outputs(em_out, catalog, scheduler_file):
     history = json.loads((out / "history.json").read_text())
     ll = [h["mean_loglike"] for h in history]
     assert len(ll) == 4 and all(np.isfinite(ll))
-    assert all(b >= a - 1e-9 for a, b in zip(ll[:-1], ll[1:], strict=True)), ll  # EM never decreases it
+    # EM never decreases the log-likelihood
+    assert all(b >= a - 1e-9 for a, b in zip(ll[:-1], ll[1:], strict=True)), ll
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "ok" and report["n_iter"] == 4
     # 1 of 8 files held out: the training rows are the other 7
@@ -277,7 +278,8 @@ def test_fit_online_json_events(job, scheduler_file, tmp_path):
     assert len(prog) == 6 and all(e["total"] == 6 for e in prog)
     assert [e["epoch"] for e in prog] == [1, 1, 1, 2, 2, 2]
     steps = [e["step"] for e in prog]
-    assert all(a > b for a, b in zip(steps[:-1], steps[1:], strict=True))  # power schedule decreases
+    # the power schedule decreases
+    assert all(a > b for a, b in zip(steps[:-1], steps[1:], strict=True))
     summary = events[-1]
     assert summary["event"] == "summary" and summary["method"] == "online"
     assert XDModel.load(tmp_path / "on" / "model.npz").metadata["method"] == "online"
