@@ -170,6 +170,19 @@ def test_well_separated_components():
         assert_stats_close(got, want, rtol)
 
 
+def test_zero_weight_component():
+    """alpha_j = 0 (log weight -inf) gives exactly zero statistics for j, the rest unchanged."""
+    x, S, rw, lw, m, V = make_problem(100, 2, 5, seed=9)
+    lw = lw.copy()
+    lw[3] = -np.inf
+    want = direct_loop(x, S, rw, lw, m, V)[:5]
+    got = pattern_stats_numba(x, S, rw, lw, m, V)
+    assert_stats_close(got, want, 1e-10)
+    assert got[0][3] == 0.0 and not got[1][3].any() and not got[2][3].any()
+    logp = pattern_logdens_numba(x, S, lw, m, V)
+    assert np.all(logp[:, 3] == -np.inf) and np.all(np.isfinite(np.delete(logp, 3, axis=1)))
+
+
 @pytest.mark.parametrize(
     ("dtype", "flushed", "kept"), [(np.float64, -550.0, -450.0), (np.float32, -70.0, -50.0)]
 )

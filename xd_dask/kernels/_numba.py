@@ -465,7 +465,8 @@ def _pack(log_weights, means, covs, dtype) -> np.ndarray:
     rows, cols = np.tril_indices(d)
     P[d : d + lay["npk"], :K] = np.asarray(covs, dtype=np.float64)[:, rows, cols].T
     P[d : d + lay["npk"], K:] = (rows == cols)[:, None]  # padding: V = I
-    P[lay["row_logw"], :K] = log_weights
+    # A zero weight (log = -inf) becomes a huge finite negative: the fast-math code assumes no inf.
+    P[lay["row_logw"], :K] = np.maximum(log_weights, _PAD_LOGW)
     P[lay["row_logw"], K:] = _PAD_LOGW
     # (n_par, nblk, B) -> (nblk, n_par, B), flattened
     blocks = P.reshape(lay["n_par"], nblk, B).transpose(1, 0, 2)
@@ -593,4 +594,6 @@ def pattern_logdens_numba(
 
     _run_blocks(body, n, nt)
     _raise_if_bad(status)
-    return out.astype(np.float64, copy=False)
+    out = out.astype(np.float64, copy=False)
+    out[:, np.isneginf(log_weights)] = -np.inf  # computed with a finite stand-in, see _pack
+    return out
