@@ -45,7 +45,7 @@ def scheduler_file(tmp_path_factory):
     """Scheduler + 2 single-threaded workers on 127.0.0.1 (any free port), torn down after."""
     cdir = tmp_path_factory.mktemp("dask-local")
     env = _env(
-        CLUSTER_DIR=str(cdir), SCHEDULER_PORT="0", DASHBOARD_ADDRESS="none", WORKER_MEMORY="1GiB"
+        CLUSTER_DIR=str(cdir), SCHEDULER_PORT="0", DASHBOARD_ADDRESS=":0", WORKER_MEMORY="1GiB"
     )
     script = REPO / "deploy" / "local" / "cluster.sh"
     subprocess.run(

@@ -334,6 +334,23 @@ def _summary(progress: Progress, report: dict[str, Any], title: str) -> None:
     progress.message(f"{title}\n{_table(rows)}")
 
 
+def _dashboard(client: Any) -> str | None:
+    """The dashboard link, or None when the scheduler runs without a dashboard."""
+    try:
+        services = client.scheduler_info().get("services", {})
+    except Exception:  # an old or unusual scheduler: trust the client's guess
+        return client.dashboard_link
+    return client.dashboard_link if "dashboard" in services else None
+
+
+def _show_dashboard(client: Any, progress: Progress) -> None:
+    link = _dashboard(client)
+    progress.message(
+        f"Dask dashboard: {link or 'none (the scheduler runs without a dashboard)'}",
+        dashboard=link,
+    )
+
+
 def _with_client(cfg: JobConfig, progress: Progress):
     from xd_dask.jobs.runner import cluster_client  # noqa: PLC0415
 
@@ -341,9 +358,7 @@ def _with_client(cfg: JobConfig, progress: Progress):
         def __enter__(self) -> Any:
             self.cm = cluster_client(cfg)
             client = self.cm.__enter__()
-            progress.message(
-                f"Dask dashboard: {client.dashboard_link}", dashboard=client.dashboard_link
-            )
+            _show_dashboard(client, progress)
             return client
 
         def __exit__(self, *exc: Any) -> Any:
@@ -683,13 +698,10 @@ def nightly(config: str, store: str | None, log_format: str, verbose: int, **par
     cfg = load_config(config, over)
     progress = Progress(log_format)
 
-    def connected(client: Any) -> None:
-        progress.message(
-            f"Dask dashboard: {client.dashboard_link}", dashboard=client.dashboard_link
-        )
-
     try:
-        result = run_nightly(cfg, progress=progress, on_client=connected)
+        result = run_nightly(
+            cfg, progress=progress, on_client=lambda c: _show_dashboard(c, progress)
+        )
     finally:
         progress.close()
     result.pop("traceback", None)
