@@ -16,7 +16,7 @@ from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["GPUUnavailableError", "connect", "worker_threads"]
+__all__ = ["GPUUnavailableError", "check_gpu_workers", "connect", "worker_threads"]
 
 
 class GPUUnavailableError(RuntimeError):
@@ -42,6 +42,16 @@ def _worker_has_gpu() -> bool:
     except GPUUnavailableError:
         return False
     return True
+
+
+def check_gpu_workers(client: Client) -> None:
+    """Raise GPUUnavailableError naming the workers of ``client`` that cannot use a GPU."""
+    has = client.run(_worker_has_gpu)
+    missing = sorted(w for w, ok in has.items() if not ok)
+    if missing or not has:
+        raise GPUUnavailableError(
+            f"gpu=True but these workers have no usable GPU (CuPy + CUDA device): {missing}"
+        )
 
 
 def worker_threads(client: Client) -> int:
@@ -85,11 +95,11 @@ def connect(
             else Client(scheduler_file=scheduler_file)
         )
         if gpu:
-            has = client.run(_worker_has_gpu)
-            missing = sorted(w for w, ok in has.items() if not ok)
-            if missing:
+            try:
+                check_gpu_workers(client)
+            except GPUUnavailableError:
                 client.close()
-                raise GPUUnavailableError(f"gpu=True but these workers have no GPU: {missing}")
+                raise
         log.info("connected to %s; dashboard: %s", client.scheduler.address, client.dashboard_link)
         return client, None
     if gpu:

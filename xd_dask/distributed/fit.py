@@ -35,7 +35,7 @@ from xd_dask.distributed.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from xd_dask.distributed.cluster import worker_threads
+from xd_dask.distributed.cluster import check_gpu_workers, worker_threads
 from xd_dask.distributed.kmeans import kmeans_init
 from xd_dask.distributed.manifest import Manifest, ManifestError, build_manifest
 from xd_dask.distributed.passes import PassRunner
@@ -266,7 +266,8 @@ class _Fit:
             max_retries=config.max_retries,
         )
         self.state: FitState | None = None
-        self.t_start = time.perf_counter()
+        if config.gpu:
+            check_gpu_workers(client)
 
     # ------------------------------------------------------------------ set-up
     def initialise(self) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from distributed import Client
 
+from xd_dask.distributed.cluster import check_gpu_workers
 from xd_dask.distributed.fit import resolve_schema
 from xd_dask.distributed.manifest import Manifest, build_manifest
 from xd_dask.distributed.passes import PassRunner
@@ -57,6 +58,8 @@ def _check_features(model: XDModel, schema: Any) -> None:
 
 
 def _runner(client, manifest, schema, on_bad, backend, gpu, dtype, fan_in, numba_threads):
+    if gpu:
+        check_gpu_workers(client)
     opts = TaskOptions(schema, on_bad, dtype, backend, gpu, numba_threads)
     return PassRunner(client, manifest, opts, fan_in=fan_in), opts
 

@@ -141,19 +141,21 @@ def _resolved_backend(backend: str, gpu: bool) -> str:
 
 
 def _backend(opts: TaskOptions) -> str:
-    """Kernel backend for this worker; caps Numba's threads for the calling task thread."""
-    backend = _resolved_backend(opts.backend, opts.gpu)
-    if backend in ("auto", "numba"):
-        import numba  # noqa: PLC0415
+    """Prepare the calling task thread; return the kernel backend for this worker.
 
-        # Thread-local setting: each task thread uses this many Numba threads, so that
-        # (worker threads x numba threads) does not oversubscribe the cores.
-        numba.set_num_threads(max(1, min(int(opts.numba_threads), numba.config.NUMBA_NUM_THREADS)))
-    return backend
+    Caps Numba's threads for this thread (a thread-local setting, so it holds for the reader's
+    and the kernel's compiled code in this task): with ``numba_threads=1`` the parallelism comes
+    from the worker threads and (worker threads x Numba threads) never oversubscribes the cores.
+    """
+    import numba  # noqa: PLC0415
+
+    numba.set_num_threads(max(1, min(int(opts.numba_threads), numba.config.NUMBA_NUM_THREADS)))
+    return _resolved_backend(opts.backend, opts.gpu)
 
 
 def read_block(part: Partition, opts: TaskOptions) -> Block:
     """Read, validate and convert one partition (``xd-read`` tasks and fused passes)."""
+    _backend(opts)
     from xd_dask.io import read_partition  # noqa: PLC0415 - layering: distributed -> io
 
     dtype = np.float32 if opts.dtype == "float32" else np.float64
@@ -211,8 +213,8 @@ def estep(
     subsample : (fraction, seed, epoch) keeps a seeded random subset of the rows.
     """
     t0 = time.perf_counter()
-    blk = _block(source, opts)
     backend = _backend(opts)
+    blk = _block(source, opts)
     K, D = params.means.shape
     rows = None if subsample is None else _subsample_rows(blk, *subsample)
     X, S = blk.X, blk.X_cov
@@ -262,6 +264,7 @@ def kmeans_sample(
 ) -> Partial:
     """Column moments of a partition and a seeded Bernoulli(fraction) sample of its rows."""
     t0 = time.perf_counter()
+    _backend(opts)
     blk = _block(source, opts)
     X = to_numpy(blk.X).astype(np.float64, copy=False)
     obs = ~np.isnan(X)
@@ -322,6 +325,7 @@ def kmeans_lloyd(
 ) -> Partial:
     """One Lloyd pass over a partition: assignments and centred per-cluster sums (``xd-kmeans``)."""
     t0 = time.perf_counter()
+    _backend(opts)
     blk = _block(source, opts)
     Z = standardise(blk.X, col_mean, col_scale)
     xp = array_namespace(Z)
@@ -368,8 +372,8 @@ def loglike(
     import pyarrow as pa  # noqa: PLC0415
 
     t0 = time.perf_counter()
-    blk = _block(source, opts)
     backend = _backend(opts)
+    blk = _block(source, opts)
     try:
         ll = to_numpy(
             row_log_likelihood(
@@ -407,6 +411,7 @@ def posterior_write(
     import pyarrow as pa  # noqa: PLC0415
 
     t0 = time.perf_counter()
+    _backend(opts)
     blk = _block(source, opts)
     try:
         mean, cov, resp = posterior(
