@@ -1,0 +1,44 @@
+"""Catalogue I/O: schemas, the Gaia covariance builder, partition readers, ingest, synthetic data.
+
+Public entry points::
+
+    load_schema(spec=None) -> CatalogSchema          # None / "gaia_dr3": packaged Gaia DR3 schema
+    plain_schema(features, errors, correlations=None, id_column=None) -> CatalogSchema
+    read_partition(path, schema, *, on_bad="error", dtype=np.float64, filesystem=None,
+                   row_groups=None) -> CatalogBlock  # X (n, D), X_cov (n, D, D), ids, counts
+    build_covariance(table, schema, *, dtype) -> BuildResult
+    ingest(inputs, out_dir, schema=None) -> list of written paths   # Gaia ECSV -> Parquet
+    make_catalog(out_dir, n_rows, n_partitions, seed, ...) -> manifest dict
+"""
+
+from xd_dask.io.covariance import BAD_REASONS, BuildResult, build_covariance
+from xd_dask.io.reader import CatalogBlock, CatalogError, empty_counts, read_partition
+from xd_dask.io.schema import CatalogSchema, SchemaError, load_schema, plain_schema
+
+__all__ = [
+    "BAD_REASONS",
+    "BuildResult",
+    "CatalogBlock",
+    "CatalogError",
+    "CatalogSchema",
+    "SchemaError",
+    "build_covariance",
+    "empty_counts",
+    "ingest",
+    "load_schema",
+    "make_catalog",
+    "plain_schema",
+    "read_partition",
+]
+
+
+def __getattr__(name: str):  # ingest and the generator load lazily (they pull in more code)
+    if name == "ingest":
+        from xd_dask.io.ingest import ingest  # noqa: PLC0415
+
+        return ingest
+    if name == "make_catalog":
+        from xd_dask.io.synthetic import make_catalog  # noqa: PLC0415
+
+        return make_catalog
+    raise AttributeError(f"module 'xd_dask.io' has no attribute {name!r}")

@@ -1,0 +1,309 @@
+"""Read one catalogue partition (a Parquet file, or some of its row groups) into (X, S, ids).
+
+Only the schema's columns are read (matched case-insensitively: archive output says SOURCE_ID).
+Each row is validated while X and S are built (:mod:`xd_dask.io.covariance`); the policy decides
+what a bad row does: ``"error"`` raises :class:`CatalogError` naming the file, the row (and its
+id) and the column; ``"drop"`` removes it and counts it under its reason in
+:attr:`CatalogBlock.dropped`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from xd_dask.io.covariance import (
+    BAD_REASONS,
+    REASON_TEXT,
+    BuildResult,
+    build_covariance,
+    resolve_columns,
+)
+from xd_dask.io.schema import CatalogSchema, load_schema
+from xd_dask.utils import get_logger
+
+__all__ = ["CatalogBlock", "CatalogError", "read_partition", "open_parquet", "empty_counts"]
+
+log = get_logger(__name__)
+_MISSING_ID = BAD_REASONS.index("missing_id")
+
+
+class CatalogError(ValueError):
+    """Bad catalogue input: unreadable/truncated file, missing column, or a bad row.
+
+    Attributes ``path``, ``row`` (index within the file, or None), ``row_id`` (the id column's
+    value, or None) and ``column`` (or None) say where.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        row: int | None = None,
+        row_id: int | None = None,
+        column: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.path, self.row, self.row_id, self.column, self.reason = (
+            path,
+            row,
+            row_id,
+            column,
+            reason,
+        )
+
+
+@dataclass
+class CatalogBlock:
+    """One partition's arrays, ready for the statistics kernel.
+
+    X : (n, D) float, NaN = missing field.
+    X_cov : (n, D, D) float noise covariances (rows/columns of missing fields are 0).
+    ids : (n,) int64 row ids (the id column, or row numbers within the file).
+    n_read : rows read from the file (before dropping).
+    dropped : rows dropped per reason (every reason of :data:`BAD_REASONS` except "ok" is a key).
+    path : the file read.
+    """
+
+    X: np.ndarray
+    X_cov: np.ndarray
+    ids: np.ndarray
+    n_read: int
+    dropped: dict[str, int] = field(default_factory=dict)
+    path: str = ""
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.X.shape[0])
+
+
+def empty_counts() -> dict[str, int]:
+    """A drop-count dict with every reason at zero."""
+    return {r: 0 for r in BAD_REASONS[1:]}
+
+
+def _open_source(path: str, filesystem: Any):
+    """An input file object for ``path`` (local, pyarrow FileSystem, or fsspec filesystem)."""
+    if filesystem is None:
+        return path
+    import pyarrow.fs as pafs  # noqa: PLC0415
+
+    if not isinstance(filesystem, pafs.FileSystem):
+        filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(filesystem))
+    return filesystem.open_input_file(path)
+
+
+def open_parquet(path: str | os.PathLike, filesystem: Any = None) -> pq.ParquetFile:
+    """Open a Parquet file; any failure becomes a CatalogError that names the file."""
+    path = os.fspath(path)
+    try:
+        return pq.ParquetFile(_open_source(path, filesystem))
+    except FileNotFoundError:
+        raise CatalogError(f"{path}: no such file", path=path) from None
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise CatalogError(
+            f"{path}: not a readable Parquet file (truncated or corrupt?): {exc}", path=path
+        ) from None
+
+
+def _bad_row_error(
+    path: str,
+    result: BuildResult,
+    ids: np.ndarray,
+    table: pa.Table,
+    found: dict[str, str],
+    schema: CatalogSchema,
+    row: int,
+    row_offset: int,
+) -> CatalogError:
+    code = int(result.reason[row])
+    reason = BAD_REASONS[code]
+    id_name = schema.id_column or "row"
+    rid = int(ids[row])
+    col_idx = int(result.bad_column[row])
+    where = f"{path}: row {row + row_offset} ({id_name}={rid})"
+    if code == _MISSING_ID:
+        column = found.get(schema.id_column or "", schema.id_column)
+        return CatalogError(
+            f"{where}: column {column!r}: {REASON_TEXT[reason]}",
+            path=path,
+            row=row + row_offset,
+            row_id=rid,
+            column=column,
+            reason=reason,
+        )
+    if col_idx >= 0:
+        column = found[result.columns[col_idx]]
+        value = table.column(column)[row].as_py()
+        detail = f"column {column!r}: {REASON_TEXT[reason]} (value {value!r})"
+    else:
+        column = None
+        if reason == "not_positive_definite":
+            cols = [found[c.column] for c in schema.correlations]
+            errs = [found[c] for s in schema.noise for c in s.columns]
+            detail = (
+                f"columns {errs + cols}: {REASON_TEXT[reason]} (check the errors and "
+                "the correlation coefficients of this row)"
+            )
+        else:
+            detail = REASON_TEXT[reason]
+    hint = " Use on_bad='drop' to drop and count such rows."
+    if reason == "nonfinite_value" and not schema.nan_is_null:
+        hint += " If NaN marks missing values in this file, set nan_is_null = true in the schema."
+    return CatalogError(
+        f"{where}: {detail}.{hint}",
+        path=path,
+        row=row + row_offset,
+        row_id=rid,
+        column=column,
+        reason=reason,
+    )
+
+
+def _row_offset(pf: pq.ParquetFile, row_groups: Sequence[int] | None) -> list[int]:
+    """File row number of the first row of each selected row group."""
+    sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    groups = range(pf.num_row_groups) if row_groups is None else row_groups
+    return [int(starts[g]) for g in groups]
+
+
+def read_partition(
+    path: str | os.PathLike,
+    schema: CatalogSchema | str | None = None,
+    *,
+    on_bad: str = "error",
+    dtype: Any = np.float64,
+    filesystem: Any = None,
+    row_groups: Sequence[int] | None = None,
+    use_threads: bool = False,
+) -> CatalogBlock:
+    """Read, validate and build (X, S, ids) for one Parquet partition.
+
+    Parameters
+    ----------
+    path : Parquet file.
+    schema : :class:`CatalogSchema`, a packaged schema name or a TOML path (default Gaia DR3).
+    on_bad : "error" (raise CatalogError at the first bad row) or "drop" (drop and count).
+    dtype : float64 (default) or float32 for X and X_cov.
+    filesystem : pyarrow.fs.FileSystem or fsspec filesystem holding ``path`` (default local).
+    row_groups : read only these row groups (a fragment of the file); ids without an id column
+        are then the rows' numbers within the whole file.
+    use_threads : let pyarrow decode columns in parallel (off by default: one task, one core).
+
+    Returns
+    -------
+    CatalogBlock
+
+    Raises
+    ------
+    CatalogError for an unreadable/truncated file, a missing column, or (on_bad="error") a bad row.
+    """
+    if on_bad not in ("error", "drop"):
+        raise ValueError(f"on_bad must be 'error' or 'drop', got {on_bad!r}")
+    schema = load_schema(schema)
+    path_s = os.fspath(path)
+    pf = open_parquet(path_s, filesystem)
+    names = pf.schema_arrow.names
+    try:
+        found, missing = resolve_columns(names, schema.required_columns())
+    except KeyError as exc:
+        raise CatalogError(f"{path_s}: {exc.args[0]}", path=path_s) from None
+    if missing:
+        raise CatalogError(
+            f"{path_s}: missing required column(s) {missing} for schema {schema.name!r} "
+            f"(the file has {len(names)} columns; names are matched case-insensitively)",
+            path=path_s,
+            column=missing[0],
+        )
+    columns = [found[c] for c in schema.required_columns()]
+    try:
+        if row_groups is None:
+            table = pf.read(columns=columns, use_threads=use_threads)
+        else:
+            row_groups = [int(g) for g in row_groups]
+            bad = [g for g in row_groups if not 0 <= g < pf.num_row_groups]
+            if bad:
+                raise CatalogError(
+                    f"{path_s}: row group(s) {bad} out of range (file has {pf.num_row_groups})",
+                    path=path_s,
+                )
+            table = pf.read_row_groups(row_groups, columns=columns, use_threads=use_threads)
+    except CatalogError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise CatalogError(
+            f"{path_s}: cannot read columns (truncated or corrupt file?): {exc}", path=path_s
+        ) from None
+    n = table.num_rows
+    if schema.id_column:
+        id_col = table.column(found[schema.id_column])
+        if not (pa.types.is_integer(id_col.type)):
+            raise CatalogError(
+                f"{path_s}: id column {found[schema.id_column]!r} has type {id_col.type}, "
+                "expected an integer",
+                path=path_s,
+                column=found[schema.id_column],
+            )
+        null_id = id_col.null_count > 0
+        ids = pc.fill_null(id_col, 0).to_numpy().astype(np.int64, copy=False)
+    else:
+        null_id = False
+        offsets = _row_offset(pf, row_groups)
+        sizes = [
+            pf.metadata.row_group(g).num_rows
+            for g in (range(pf.num_row_groups) if row_groups is None else row_groups)
+        ]
+        ids = (
+            np.concatenate(
+                [np.arange(o, o + s, dtype=np.int64) for o, s in zip(offsets, sizes, strict=True)]
+            )
+            if sizes
+            else np.zeros(0, np.int64)
+        )
+    try:
+        result = build_covariance(table, schema, dtype=dtype)
+    except TypeError as exc:
+        raise CatalogError(f"{path_s}: {exc}", path=path_s) from None
+    if null_id:
+        isnull = pc.is_null(id_col).to_numpy(zero_copy_only=False)
+        result.reason[isnull & (result.reason == 0)] = _MISSING_ID
+    # Row numbers in messages are positions in the file.
+    first_offset = _row_offset(pf, row_groups)[0] if n and row_groups is not None else 0
+    dropped = empty_counts()
+    bad_rows = np.flatnonzero(result.reason)
+    if bad_rows.size:
+        if on_bad == "error":
+            row = int(bad_rows[0])
+            offset = first_offset
+            if row_groups is not None and len(row_groups) > 1:
+                # map the position in the concatenated groups to the file row number
+                sizes = [pf.metadata.row_group(g).num_rows for g in row_groups]
+                ends = np.cumsum(sizes)
+                g = int(np.searchsorted(ends, row, side="right"))
+                offset = _row_offset(pf, row_groups)[g] - (int(ends[g - 1]) if g else 0)
+            raise _bad_row_error(path_s, result, ids, table, found, schema, row, offset)
+        counts = np.bincount(result.reason, minlength=len(BAD_REASONS))
+        for code, name in enumerate(BAD_REASONS[1:], start=1):
+            dropped[name] = int(counts[code])
+        keep = result.reason == 0
+        X, X_cov, ids = result.X[keep], result.X_cov[keep], ids[keep]
+        log.info(
+            "%s: dropped %d of %d rows: %s",
+            path_s,
+            int(bad_rows.size),
+            n,
+            {k: v for k, v in dropped.items() if v},
+        )
+    else:
+        X, X_cov = result.X, result.X_cov
+    return CatalogBlock(X=X, X_cov=X_cov, ids=ids, n_read=n, dropped=dropped, path=path_s)
