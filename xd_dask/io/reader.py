@@ -128,9 +128,9 @@ def _bad_row_error(
     code = int(result.reason[row])
     reason = BAD_REASONS[code]
     id_name = schema.id_column or "row"
-    rid = int(ids[row])
+    rid: int | None = None if code == _MISSING_ID else int(ids[row])
     col_idx = int(result.bad_column[row])
-    where = f"{path}: row {row + row_offset} ({id_name}={rid})"
+    where = f"{path}: row {row + row_offset} ({id_name}={'null' if rid is None else rid})"
     if code == _MISSING_ID:
         column = found.get(schema.id_column or "", schema.id_column)
         return CatalogError(
