@@ -18,9 +18,6 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from tests.distributed_data import make_rows, schema, write_catalog
 from xd_dask.distributed import FitConfig, fit_catalog, load_checkpoint, resume_fit
 
-# TEMPORARY until the catalogue reader (issue 3) is exported by xd_dask.io; then this goes.
-if not hasattr(pytest.importorskip("xd_dask.io"), "read_partition"):
-    pytest.skip("catalogue reader (issue 3) not merged yet", allow_module_level=True)
 pytestmark = pytest.mark.cluster
 K = 3
 

@@ -30,9 +30,6 @@ from xd_dask.estimator import XDGMM, ConvergenceWarning
 from xd_dask.kernels import responsibilities
 from xd_dask.model import XDModel
 
-# TEMPORARY until the catalogue reader (issue 3) is exported by xd_dask.io; then this goes.
-if not hasattr(pytest.importorskip("xd_dask.io"), "read_partition"):
-    pytest.skip("catalogue reader (issue 3) not merged yet", allow_module_level=True)
 pytestmark = pytest.mark.cluster
 K = 3
 
