@@ -193,7 +193,7 @@ def sample_rows(
     *,
     seed: int = 0,
     on_bad: str = "drop",
-    max_partitions: int = 4,
+    max_partitions: int = 32,
 ) -> np.ndarray:
     """Up to ``max_rows`` catalogue rows (n, D) from a few seeded partitions, read by workers.
 
