@@ -58,12 +58,15 @@ def write_catalog(
 
 
 def rows_as_written(X: np.ndarray, S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The (X, S) a reader rebuilds from the written columns (errors and correlations)."""
+    """The (X, S) a reader rebuilds from the written columns (errors and correlations);
+    rows and columns of S for missing fields are 0."""
     err = np.sqrt(np.diagonal(S, axis1=1, axis2=2))
     corr = S / (err[:, :, None] * err[:, None, :])
     S2 = corr * err[:, :, None] * err[:, None, :]
     idx = np.arange(S.shape[1])
     S2[:, idx, idx] = err**2
+    obs = ~np.isnan(X)
+    S2 *= obs[:, :, None] & obs[:, None, :]
     return X.copy(), S2
 
 

@@ -201,3 +201,33 @@ def test_worker_killed_mid_iteration_costs_only_a_retry(client, catalog, tmp_pat
     _same(model, reference, 1e-12)
     client.wait_for_workers(2, timeout=60)
     assert int(marker.read_text()) not in set(client.run(os.getpid).values())
+
+
+def test_resume_refuses_a_changed_catalogue_and_fit_refuses_a_used_checkpoint(
+    client, catalog, tmp_path
+):
+    import shutil
+
+    from xd_dask.distributed import CheckpointError, ManifestError
+
+    cat = tmp_path / "cat"
+    shutil.copytree(catalog, cat)
+    cfg = FitConfig(
+        catalog=str(cat),
+        n_components=K,
+        schema=schema(),
+        max_iter=5,
+        tol=0.0,
+        checkpoint_dir=str(tmp_path / "ck"),
+    )
+
+    def stop(event):
+        raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        fit_catalog(cfg, client, stop)
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        fit_catalog(cfg, client)
+    sorted(cat.glob("*.parquet"))[-1].unlink()
+    with pytest.raises(ManifestError, match="changed since the checkpoint"):
+        resume_fit(tmp_path / "ck", client)

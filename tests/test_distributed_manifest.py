@@ -219,3 +219,26 @@ def test_fit_config_rejects_bad_settings():
         FitConfig(catalog="c", n_components=2, fan_in=1)
     with pytest.raises(ValueError, match="unknown fields"):
         FitConfig.from_dict({"catalog": "c", "n_components": 2, "bogus": 1})
+
+
+def test_fsspec_urls_are_listed_and_read(tmp_path, rows):
+    import fsspec
+
+    from tests.distributed_data import rows_as_written, schema
+    from xd_dask.distributed.tasks import read_block
+
+    X, S = rows
+    paths = write_catalog(tmp_path / "cat", X, S, 2)
+    fs = fsspec.filesystem("memory")
+    for p in paths:
+        fs.pipe(f"/xd-test-cat/{p.name}", p.read_bytes())
+    try:
+        m = build_manifest("memory://xd-test-cat")
+        assert [p.path for p in m] == [f"memory:///xd-test-cat/{p.name}" for p in paths]
+        blk = read_block(m[1], TaskOptions(schema()))
+        Xw, Sw = rows_as_written(X[300:], S[300:])
+        np.testing.assert_array_equal(blk.X, Xw)
+        np.testing.assert_allclose(blk.X_cov, Sw, rtol=1e-12, atol=1e-15)
+        assert build_manifest(f"file://{tmp_path / 'cat'}").n_rows == 600
+    finally:
+        fs.rm("/xd-test-cat", recursive=True)

@@ -134,7 +134,11 @@ class Manifest:
 
 
 def _is_url(s: str) -> bool:
-    return "://" in s and not s.startswith("file://")
+    return "://" in s
+
+
+def _local(s: str) -> str:
+    return s[len("file://") :] if s.startswith("file://") else s
 
 
 def _list_files(source: str | os.PathLike | Sequence[str]) -> tuple[list[str], str]:
@@ -146,6 +150,7 @@ def _list_files(source: str | os.PathLike | Sequence[str]) -> tuple[list[str], s
         label = ",".join(items) if len(items) <= 3 else f"{items[0]},... ({len(items)} inputs)"
     files: list[str] = []
     for item in items:
+        item = _local(item)
         if _is_url(item):
             files.extend(_list_remote(item))
         elif any(c in item for c in _GLOB_CHARS):

@@ -159,8 +159,18 @@ def read_block(part: Partition, opts: TaskOptions) -> Block:
     from xd_dask.io import read_partition  # noqa: PLC0415 - layering: distributed -> io
 
     dtype = np.float32 if opts.dtype == "float32" else np.float64
+    path, fs = part.path, None
+    if "://" in path:  # fsspec URL (s3://, gs://, https://, memory://, ...)
+        import fsspec  # noqa: PLC0415
+
+        fs, path = fsspec.core.url_to_fs(part.path)
     blk = read_partition(
-        part.path, opts.schema, on_bad=opts.on_bad, dtype=dtype, row_groups=part.row_groups
+        path,
+        opts.schema,
+        on_bad=opts.on_bad,
+        dtype=dtype,
+        filesystem=fs,
+        row_groups=part.row_groups,
     )
     X, X_cov = blk.X, blk.X_cov
     if opts.gpu:
