@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -128,3 +129,11 @@ def test_sample_writes_draws_from_the_model(runner, model_file, tmp_path):
     assert abs(b1.mean() + 2.0) < 5 / np.sqrt(b1.size)
     res = runner.invoke(main, ["sample", str(model_file), "0", str(out)])
     assert res.exit_code == 2
+
+
+def test_gpu_without_cupy_is_a_usage_error(runner, tmp_path, catalog_dir):
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed: the GPU path is tested in test_gpu.py")
+    job = _job(tmp_path, f'[catalog]\npath = "{catalog_dir}"\n')
+    res = runner.invoke(main, ["fit", job, "--gpu", "--out", str(tmp_path / "o")])
+    _assert_usage_error(res, "gpu=True needs CuPy")
