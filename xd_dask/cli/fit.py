@@ -383,7 +383,14 @@ def _with_client(cfg: JobConfig, progress: Progress):
 @log_options
 @handle_errors
 def fit(config: str, overwrite: bool, log_format: str, verbose: int, **params: Any) -> None:
-    """Fit an XD mixture to a catalogue as CONFIG.toml says (flags override the file)."""
+    """Fit an XD mixture to a catalogue as CONFIG.toml says (flags override the file).
+
+    \b
+    Precedence: flags > environment XD_DASK_<SECTION>__<KEY> > CONFIG.toml > packaged
+    defaults (xd_dask/defaults/job.toml lists and explains every key).
+    Writes model.npz, history.json, report.json, job.toml, plots and checkpoints/ into
+    the output directory. Exit codes: 0 success, 1 fit failed, 2 usage/config error.
+    """
     from xd_dask.jobs.runner import CHECKPOINT_DIR, run_fit  # noqa: PLC0415
 
     _setup_logging(log_format, verbose)
