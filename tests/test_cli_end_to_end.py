@@ -369,3 +369,43 @@ def test_nightly_promotes_warm_starts_and_guards_latest(job, catalog, scheduler_
     rep4 = json.loads((runs[-1] / "report.json").read_text())["nightly"]
     assert rep4["status"] == "failed" and victim.name in rep4["reason"]
     assert not (runs[-1] / "model.npz").exists()
+
+
+def test_deploy_local_run_job_script(job, tmp_path):
+    """deploy/local/run-job.sh: starts its own scheduler + workers, fits, stops them."""
+    cdir = tmp_path / "cluster"
+    env = _env(
+        CLUSTER_DIR=str(cdir), SCHEDULER_PORT="0", DASHBOARD_ADDRESS="none", WORKER_MEMORY="1GiB"
+    )
+    proc = subprocess.run(
+        [
+            "bash",
+            str(REPO / "deploy" / "local" / "run-job.sh"),
+            str(job),
+            "2",
+            "--",
+            "--out",
+            str(tmp_path / "out"),
+            "--max-iter",
+            "2",
+            "--set",
+            "output.plots=false",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 workers x 1 threads" in proc.stdout and "Fit finished" in proc.stdout
+    assert XDModel.load(tmp_path / "out" / "model.npz").metadata["n_iter"] == 2
+    assert not (cdir / "scheduler.pid").exists()  # the cluster was stopped
+    # a configuration error comes through as the script's exit code
+    proc = subprocess.run(
+        ["bash", str(REPO / "deploy" / "local" / "run-job.sh"), str(job), "1", "--", "-k", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "fit.n_components must be >= 1" in proc.stderr
