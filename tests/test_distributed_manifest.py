@@ -9,9 +9,8 @@ import pytest
 
 from tests.distributed_data import make_rows, write_catalog
 from tests.mixtures import known_mixture_3d
-from xd_dask.distributed import Manifest, ManifestError, build_manifest
+from xd_dask.distributed import FitConfig, Manifest, ManifestError, build_manifest
 from xd_dask.distributed.checkpoint import FitState, load_checkpoint, save_checkpoint
-from xd_dask.distributed.fit import FitConfig
 from xd_dask.distributed.kmeans import kmeans_plusplus
 from xd_dask.distributed.passes import tree_reduce
 from xd_dask.distributed.tasks import (

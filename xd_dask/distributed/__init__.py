@@ -18,7 +18,8 @@ build_manifest(source, max_rows_per_partition=None) -> Manifest
 
 from xd_dask.distributed.checkpoint import CheckpointError, load_checkpoint
 from xd_dask.distributed.cluster import GPUUnavailableError, connect, worker_threads
-from xd_dask.distributed.fit import ConvergenceWarning, FitConfig, fit_catalog, resume_fit
+from xd_dask.distributed.config import FitConfig
+from xd_dask.distributed.fit import ConvergenceWarning, fit_catalog, resume_fit
 from xd_dask.distributed.manifest import Manifest, ManifestError, Partition, build_manifest
 from xd_dask.distributed.score import ScoreResult, posterior_catalog, score_catalog
 from xd_dask.distributed.tasks import PartitionError

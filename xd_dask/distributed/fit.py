@@ -15,13 +15,11 @@ Public entry points: :class:`FitConfig`, :func:`fit_catalog`, :func:`resume_fit`
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import platform
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +34,12 @@ from xd_dask.distributed.checkpoint import (
     save_checkpoint,
 )
 from xd_dask.distributed.cluster import check_gpu_workers, worker_threads
+from xd_dask.distributed.config import FitConfig, resolve_schema
 from xd_dask.distributed.kmeans import kmeans_init
 from xd_dask.distributed.manifest import Manifest, ManifestError, build_manifest
 from xd_dask.distributed.passes import PassRunner
 from xd_dask.distributed.tasks import Params, Partial, TaskOptions, estep
-from xd_dask.em import OnlineState, StepSchedule, batch_update, online_update
+from xd_dask.em import OnlineState, batch_update, online_update
 from xd_dask.estimator import ConvergenceWarning
 from xd_dask.model import XDModel
 from xd_dask.utils import atomic_path, get_logger
@@ -49,148 +48,7 @@ log = get_logger(__name__)
 
 __all__ = ["FitConfig", "ProgressCallback", "fit_catalog", "resolve_schema", "resume_fit"]
 
-METHODS = ("em", "online")
 ProgressCallback = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class FitConfig:
-    """Everything that defines a distributed fit (JSON-serialisable via :meth:`to_dict`).
-
-    Parameters
-    ----------
-    catalog : directory, glob, file, fsspec URL, or list of them (Parquet).
-    n_components : K.
-    schema : schema spec for :func:`xd_dask.io.load_schema` (None: packaged Gaia DR3; a name; a
-        TOML path; a dict) or a ``CatalogSchema``.
-    method : "em" (batch EM) or "online" (online EM in waves).
-    max_iter, tol : batch EM stops after ``max_iter`` iterations or when the mean log-likelihood
-        per row changes by less than ``tol`` between iterations (``tol=0``: always ``max_iter``).
-    epochs : online EM passes over the catalogue.
-    wave_size : partitions per online-EM wave (default: 2 x the cluster's worker threads).
-    step : online-EM step-size schedule.
-    reg_covar : added to the covariance diagonals (``em`` module, ``reg_form="add"``).
-    seed : all randomness (k-means, wave order, subsampling) derives from it.
-    init : "kmeans" or the path of a saved model file (warm start).
-    kmeans_iter, kmeans_tol, kmeans_sample : k-means passes, centre-shift tolerance (standardised
-        units) and sample size for the seeding (default max(50 K, 2000)).
-    persist : keep every partition's validated arrays in worker memory between passes.
-    on_bad : "error" (stop naming file and row) or "drop" (skip bad rows, counted per reason).
-    backend : kernel backend "auto" | "numba" | "reference" (GPU workers use "reference").
-    dtype : "float64" or "float32" for the rows (statistics are always summed in float64).
-    checkpoint_dir : write a checkpoint after every iteration / wave here (None: no checkpoints).
-    fan_in : reduction-tree fan-in (>= 2).
-    subsample : online EM only, keep this fraction of each partition's rows (seeded per epoch).
-    gpu : partitions go to CuPy on the workers (needs GPU workers; see :func:`connect`).
-    performance_report : write a Dask performance report (HTML) of the whole fit here.
-    numba_threads : Numba threads per task (1: parallelism comes from the worker threads).
-    max_rows_per_partition : split large files into runs of row groups (manifest).
-    max_retries : re-runs of a pass after the cluster lost its tasks.
-    """
-
-    catalog: str | list[str]
-    n_components: int
-    schema: Any = None
-    method: str = "em"
-    max_iter: int = 100
-    tol: float = 1e-6
-    epochs: int = 3
-    wave_size: int | None = None
-    step: StepSchedule = field(default_factory=StepSchedule)
-    reg_covar: float = 1e-6
-    seed: int = 0
-    init: str = "kmeans"
-    kmeans_iter: int = 10
-    kmeans_tol: float = 1e-4
-    kmeans_sample: int | None = None
-    persist: bool = False
-    on_bad: str = "error"
-    backend: str = "auto"
-    dtype: str = "float64"
-    checkpoint_dir: str | None = None
-    fan_in: int = 8
-    subsample: float | None = None
-    gpu: bool = False
-    performance_report: str | None = None
-    numba_threads: int = 1
-    max_rows_per_partition: int | None = None
-    max_retries: int = 3
-
-    def __post_init__(self) -> None:
-        if isinstance(self.step, dict):
-            self.step = StepSchedule(**self.step)
-        if not isinstance(self.catalog, (str, Path)):
-            self.catalog = [str(c) for c in self.catalog]
-        elif isinstance(self.catalog, Path):
-            self.catalog = str(self.catalog)
-        checks = [
-            (int(self.n_components) >= 1, "n_components must be >= 1"),
-            (self.method in METHODS, f"method must be one of {METHODS}"),
-            (int(self.max_iter) >= 1, "max_iter must be >= 1"),
-            (self.tol >= 0 and math.isfinite(self.tol), "tol must be finite and >= 0"),
-            (int(self.epochs) >= 1, "epochs must be >= 1"),
-            (self.wave_size is None or int(self.wave_size) >= 1, "wave_size must be >= 1"),
-            (self.reg_covar >= 0, "reg_covar must be >= 0"),
-            (self.on_bad in ("error", "drop"), "on_bad must be 'error' or 'drop'"),
-            (
-                self.backend in ("auto", "numba", "reference"),
-                "backend must be auto|numba|reference",
-            ),
-            (self.dtype in ("float64", "float32"), "dtype must be 'float64' or 'float32'"),
-            (int(self.fan_in) >= 2, "fan_in must be >= 2"),
-            (int(self.kmeans_iter) >= 1, "kmeans_iter must be >= 1"),
-            (int(self.numba_threads) >= 1, "numba_threads must be >= 1"),
-            (int(self.max_retries) >= 0, "max_retries must be >= 0"),
-            (
-                self.subsample is None or 0.0 < float(self.subsample) <= 1.0,
-                "subsample must be in (0, 1]",
-            ),
-            (
-                self.subsample is None or self.method == "online",
-                "subsample applies to method='online' only",
-            ),
-            (isinstance(self.init, str) and bool(self.init), "init must be 'kmeans' or a path"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"FitConfig: {msg}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["step"] = dataclasses.asdict(self.step)
-        d["schema"] = _schema_spec(self.schema)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FitConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"FitConfig: unknown fields {sorted(unknown)}")
-        return cls(**d)
-
-
-def _schema_spec(schema: Any) -> Any:
-    """A JSON-serialisable spec of ``schema`` that :func:`xd_dask.io.load_schema` accepts."""
-    if schema is None or isinstance(schema, (str, dict)):
-        return schema
-    if isinstance(schema, Path):
-        return str(schema)
-    if dataclasses.is_dataclass(schema):
-        to_dict = getattr(schema, "to_dict", None)
-        return to_dict() if callable(to_dict) else dataclasses.asdict(schema)
-    raise TypeError(f"cannot serialise schema of type {type(schema).__name__}")
-
-
-def resolve_schema(spec: Any) -> Any:
-    """A ``CatalogSchema`` from a spec (None, name, TOML path, dict) or the schema itself."""
-    if spec is not None and not isinstance(spec, (str, dict, Path)):
-        return spec
-    if spec == "":
-        spec = None
-    from xd_dask.io import load_schema  # noqa: PLC0415 - layering: distributed -> io
-
-    return load_schema(str(spec) if isinstance(spec, Path) else spec)
 
 
 def _versions() -> dict[str, str]:

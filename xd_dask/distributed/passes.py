@@ -28,6 +28,10 @@ __all__ = ["PassRunner", "tree_reduce"]
 
 #: Errors that mean "the cluster lost work", not "the data are bad": the pass is run again.
 RETRYABLE = (KilledWorker, concurrent.futures.CancelledError)
+#: Up to this many workers the parameters are sent to every worker by the client (no fetch on
+#: the first task, a copy survives any single worker). Above it they go to one worker and the
+#: others fetch them from their peers, so the client uploads one copy whatever the cluster size.
+BROADCAST_MAX_WORKERS = 16
 
 
 def tree_reduce(
@@ -103,6 +107,7 @@ class PassRunner:
         self.n_retries = 0
         self._blocks: list[Future] | None = None
         self._generation = 0
+        self._n_workers = len(client.nthreads())
 
     # ------------------------------------------------------------------ sources
     def sources(self, pids: Sequence[int] | None = None) -> list[Any]:
@@ -145,7 +150,8 @@ class PassRunner:
     ) -> Partial:
         """Map ``func(source, *shared, *extra, *per_partition(pid))`` over partitions; reduce.
 
-        ``shared`` objects (the parameters) are scattered to every worker once per pass;
+        ``shared`` objects (the parameters) are scattered once per pass (to every worker on
+        clusters of up to ``BROADCAST_MAX_WORKERS``, else to one worker, the others fetch them);
         ``extra`` are small and travel inside each task. ``label`` (e.g. ``(iteration,)``)
         becomes part of the keys. Returns the reduced :class:`Partial`.
         """
@@ -155,8 +161,9 @@ class PassRunner:
             futures: list[Future] = []
             try:
                 with span(span_name):
+                    broadcast = self._n_workers <= BROADCAST_MAX_WORKERS
                     shared_f = [
-                        self.client.scatter(obj, broadcast=True, hash=False) for obj in shared
+                        self.client.scatter(obj, broadcast=broadcast, hash=False) for obj in shared
                     ]
                     srcs = self.sources(pids)
                     key_name = f"xd-{name}-{self.token}"
@@ -195,4 +202,5 @@ class PassRunner:
                 if self.persist:
                     self._blocks = None  # re-read partitions whose blocks may be lost
                 time.sleep(0.5)
+                self._n_workers = len(self.client.nthreads())
         raise AssertionError("unreachable")  # pragma: no cover

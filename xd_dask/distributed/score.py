@@ -16,7 +16,7 @@ from typing import Any
 from distributed import Client
 
 from xd_dask.distributed.cluster import check_gpu_workers
-from xd_dask.distributed.fit import resolve_schema
+from xd_dask.distributed.config import resolve_schema
 from xd_dask.distributed.manifest import Manifest, build_manifest
 from xd_dask.distributed.passes import PassRunner
 from xd_dask.distributed.tasks import Params, TaskOptions, loglike, posterior_write
