@@ -241,3 +241,17 @@ def test_healpix_uniform_area():
     assert counts.size == 192
     # equal-area pixels: Poisson scatter about n / 192 = 2500
     assert np.all(np.abs(counts - 2500) < 5 * 50)
+
+
+def test_compiled_healpix_equals_vectorised():
+    from xd_dask.io.healpix import ang2pix_nest_one
+
+    rng = np.random.default_rng(8)
+    ra = np.concatenate([rng.uniform(0, 360, 3000), [0.0, 359.9999999, 90.0, 180.0, 45.0]])
+    dec = np.concatenate(
+        [np.degrees(np.arcsin(rng.uniform(-1, 1, 3000))), [90.0, -90.0, 41.8103149, -41.81, 0.0]]
+    )
+    for level in (0, 5, 8, 12):
+        ref = ang2pix_nest(level, ra, dec)
+        got = np.array([ang2pix_nest_one(level, a, d) for a, d in zip(ra, dec, strict=True)])
+        np.testing.assert_array_equal(got, ref)

@@ -8,6 +8,9 @@ angle -> nested-pixel map (vectorised NumPy, no healpy dependency) and the sourc
 
 from __future__ import annotations
 
+import math
+
+import numba
 import numpy as np
 
 __all__ = ["ang2pix_nest", "healpix_from_source_id", "n_pixels", "GAIA_LEVEL"]
@@ -96,3 +99,52 @@ def ang2pix_nest(level: int, ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndar
     ix = np.where(eq, ix_eq, ix_p)
     iy = np.where(eq, iy_eq, iy_p)
     return (face << (2 * level)) + _spread_bits(ix) + (_spread_bits(iy) << 1)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _spread_one(v):
+    out = 0
+    for k in range(30):
+        out |= ((v >> k) & 1) << (2 * k)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def ang2pix_nest_one(level, ra_deg, dec_deg):
+    """Scalar (compiled) twin of :func:`ang2pix_nest` for use inside Numba loops."""
+    nside = 1 << level
+    z = math.sin(dec_deg * (math.pi / 180.0))
+    za = abs(z)
+    tt = ((ra_deg * (math.pi / 180.0)) % (2.0 * math.pi)) * (2.0 / math.pi)
+    if tt >= 4.0:
+        tt = 0.0
+    if za <= 2.0 / 3.0:
+        temp1 = nside * (0.5 + tt)
+        temp2 = nside * z * 0.75
+        jp = np.int64(temp1 - temp2)
+        jm = np.int64(temp1 + temp2)
+        ifp = jp >> level
+        ifm = jm >> level
+        if ifp == ifm:
+            face = ifp | 4
+        elif ifp < ifm:
+            face = ifp
+        else:
+            face = ifm + 8
+        ix = jm & (nside - 1)
+        iy = nside - (jp & (nside - 1)) - 1
+    else:
+        ntt = min(np.int64(tt), 3)
+        tp = tt - ntt
+        tmp = nside * math.sqrt(3.0 * (1.0 - za))
+        jp = min(np.int64(tp * tmp), nside - 1)
+        jm = min(np.int64((1.0 - tp) * tmp), nside - 1)
+        if z >= 0:
+            face = ntt
+            ix = nside - jm - 1
+            iy = nside - jp - 1
+        else:
+            face = ntt + 8
+            ix = jp
+            iy = jm
+    return (face << (2 * level)) + _spread_one(ix) + (_spread_one(iy) << 1)

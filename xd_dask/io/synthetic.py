@@ -62,7 +62,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xd_dask.io.healpix import ang2pix_nest, n_pixels
+from xd_dask.io.healpix import ang2pix_nest, ang2pix_nest_one, n_pixels
 from xd_dask.io.schema import MAG_PER_LN_FLUX, load_schema
 from xd_dask.model import XDModel
 from xd_dask.utils import atomic_path, get_logger
@@ -117,7 +117,18 @@ GAIA_COLUMNS: list[tuple[str, str, str, bool]] = [
     ("phot_rp_mean_flux_over_error", "f4", "", True),
     ("bp_rp", "f4", "mag", True),
 ]
-_RECORD = np.dtype([(name, dt) for name, dt, _, _ in GAIA_COLUMNS])
+# Spill record: fields sorted by size (8-, 4-, then 2-byte) and padded to a multiple of 8 bytes,
+# so every field is aligned and a record buffer can be read as uint64 / uint32 / uint16 words.
+_BY_SIZE = sorted(GAIA_COLUMNS, key=lambda c: -np.dtype(c[1]).itemsize)
+_OFFSETS = np.cumsum([0] + [np.dtype(c[1]).itemsize for c in _BY_SIZE])
+_RECORD = np.dtype(
+    {
+        "names": [c[0] for c in _BY_SIZE],
+        "formats": [c[1] for c in _BY_SIZE],
+        "offsets": [int(o) for o in _OFFSETS[:-1]],
+        "itemsize": int(-(-_OFFSETS[-1] // 8) * 8),
+    }
+)
 
 
 # --------------------------------------------------------------------------- the true mixture
@@ -247,10 +258,16 @@ class ErrorModel:
     two_param_width: float = 0.35
     bp_rp_width: float = 0.3
 
-    def _m_quantiles(self) -> np.ndarray:
-        # fixed quadrature of the m distribution (deterministic; used only for calibration)
-        rng = np.random.default_rng(12345)
-        return self.m_top - rng.gamma(self.gamma_shape, self.gamma_scale, 200_000)
+    @cached_property
+    def m_table(self) -> np.ndarray:
+        """(4097,) quantiles of m = max(m_top - Gamma(shape, scale), 3) at u = k / 4096; the
+        generator draws m by linear interpolation in this table (cheaper than a gamma draw)."""
+        from scipy.stats import gamma  # noqa: PLC0415
+
+        u = np.linspace(0.0, 1.0, 4097)
+        u[-1] = 1.0 - 1e-9
+        g = gamma.ppf(u, self.gamma_shape, scale=self.gamma_scale)
+        return np.maximum(self.m_top - g, 3.0)[::-1].copy()  # increasing in u
 
     @cached_property
     def two_param_centre(self) -> float:
@@ -265,8 +282,9 @@ class ErrorModel:
         if not 0.0 <= frac < 1.0:
             raise ValueError(f"fractions must be in [0, 1), got {frac}")
         if frac == 0.0:
-            return math.inf
-        m = self._m_quantiles()
+            return 1e3  # sigmoid((m - 1e3) / width) underflows to 0
+        t = self.m_table
+        m = 0.5 * (t[1:] + t[:-1])  # midpoints of equal-probability cells
         lo, hi = 0.0, 40.0
         for _ in range(60):
             c = 0.5 * (lo + hi)
@@ -277,15 +295,31 @@ class ErrorModel:
         return 0.5 * (lo + hi)
 
 
+_LN10 = math.log(10.0)
+_BP_OFFSET = 10.0 ** (0.2 * 0.35)  # flux-S/N scale of BP relative to G (BP ~ G + 0.35)
+_RP_OFFSET = 10.0 ** (0.2 * -0.65)  # RP ~ G - 0.65
+
+
+@numba.njit(cache=True, inline="always")
+def _lognormal(rng, s):
+    """exp(s N) to second order (cheap; positive for every N; used for small scatters s)."""
+    x = s * rng.standard_normal()
+    return 1.0 + x + 0.5 * x * x
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _gen_rows(rng, n, cum, means, chol, m_top, g_shape, g_scale, c2, w2, cb, wb, rec, aux,
-              want_aux):  # fmt: skip
-    """Draw n rows into the record array ``rec`` (positions without source_id).
+def _gen_rows(
+    rng, n, row0, cum, means, chol, m_table, c2, w2, cb, wb, bounds, rec, part, aux, want_aux
+):
+    """Draw n rows (global indices row0...) into the record array ``rec``; ``part`` receives the
+    output partition of each row (``bounds``: level-8 pixel boundaries).
 
     aux (with want_aux) receives per row: v (7), sigma (5, native units), the 10 correlations,
     var(G), var(BP-RP), two-parameter flag, missing-BP/RP flag.
     """
     K = cum.shape[0]
+    T = m_table.shape[0] - 1
+    P = bounds.shape[0] - 1
     v = np.empty(7)
     z = np.empty(7)
     sig = np.empty(5)
@@ -311,21 +345,23 @@ def _gen_rows(rng, n, cum, means, chol, m_top, g_shape, g_scale, c2, w2, cb, wb,
                 v[a] = acc
             if v[0] >= DELTA and v[0] <= 360.0 - DELTA and abs(v[1]) <= 90.0 - DELTA:
                 break
-        # ---- error magnitude and missingness (independent of v)
-        m = max(m_top - rng.gamma(g_shape, g_scale), 3.0)
-        two = rng.random() < 0.5 * (1.0 + math.tanh(0.5 * (m - c2) / w2))
-        nobp = rng.random() < 0.5 * (1.0 + math.tanh(0.5 * (m - cb) / wb))
+        # ---- error magnitude (quantile table) and missingness, independent of v
+        u = rng.random() * T
+        j = min(int(u), T - 1)
+        m = m_table[j] + (u - j) * (m_table[j + 1] - m_table[j])
+        two = rng.random() * (1.0 + math.exp(-(m - c2) / w2)) < 1.0  # u < sigmoid
+        nobp = rng.random() * (1.0 + math.exp(-(m - cb) / wb)) < 1.0
         which = rng.random()
         bp_missing = nobp and (which < 0.5 or which >= 0.7)
         rp_missing = nobp and which >= 0.5
         # ---- astrometric errors (mas, mas/yr) and correlation matrix of A A^T
-        zz = 10.0 ** (0.4 * (max(m, 13.0) - 15.0))
+        zz = math.exp(0.4 * _LN10 * (max(m, 13.0) - 15.0))
         s_plx = math.sqrt(40.0 + 800.0 * zz + 30.0 * zz * zz) * 1e-3
         s_plx *= math.exp(0.25 * rng.standard_normal())
         for a in range(5):
             sig[a] = s_plx * ratios[a]
             if a != 2:
-                sig[a] *= math.exp(0.1 * rng.standard_normal())
+                sig[a] *= _lognormal(rng, 0.1)
         for a in range(5):
             A[a, a] = 1.0
             for b in range(a + 1, 5):
@@ -348,25 +384,24 @@ def _gen_rows(rng, n, cum, means, chol, m_top, g_shape, g_scale, c2, w2, cb, wb,
             e[a] = sig[a] * dn[a] * acc
         r01 = M[0, 1] * dn[0] * dn[1]
         # 2-parameter solutions: larger, strongly correlated position errors
-        s2 = 3.8 * 10.0 ** (0.3 * (m - 20.8)) * math.exp(0.9 * rng.standard_normal())
-        rho2 = min(max(math.tanh(0.55 + rng.standard_normal()), -0.995), 0.995)
+        n_s2 = rng.standard_normal()
+        n_rho = rng.standard_normal()
         z2 = rng.standard_normal()
         if two:
+            s2 = 3.8 * math.exp(0.3 * _LN10 * (m - 20.8) + 0.9 * n_s2)
+            rho2 = min(max(math.tanh(0.55 + n_rho), -0.995), 0.995)
             sig[0] = 1.05 * s2
             sig[1] = s2
             r01 = rho2
             e[0] = sig[0] * y[0]
             e[1] = sig[1] * (rho2 * y[0] + math.sqrt(1.0 - rho2 * rho2) * z2)
         # ---- photometric errors
-        foe_g = math.exp(0.15 * rng.standard_normal()) / math.hypot(
-            10.0 ** (0.2 * (m - 20.0)) / 270.0, 1.0 / 4000.0
-        )
-        foe_bp = math.exp(0.2 * rng.standard_normal()) / math.hypot(
-            10.0 ** (0.2 * (m + 0.35 - 20.0)) / 22.0, 1.0 / 1500.0
-        )
-        foe_rp = math.exp(0.2 * rng.standard_normal()) / math.hypot(
-            10.0 ** (0.2 * (m - 0.65 - 20.0)) / 25.0, 1.0 / 2000.0
-        )
+        t = math.exp(0.2 * _LN10 * (m - 20.0))
+        foe_g = _lognormal(rng, 0.15) / math.sqrt((t / 270.0) ** 2 + (1.0 / 4000.0) ** 2)
+        tb = t * _BP_OFFSET
+        foe_bp = _lognormal(rng, 0.2) / math.sqrt((tb / 22.0) ** 2 + (1.0 / 1500.0) ** 2)
+        tr = t * _RP_OFFSET
+        foe_rp = _lognormal(rng, 0.2) / math.sqrt((tr / 25.0) ** 2 + (1.0 / 2000.0) ** 2)
         qg = MAG_PER_LN_FLUX / foe_g
         qb = MAG_PER_LN_FLUX / foe_bp
         qr = MAG_PER_LN_FLUX / foe_rp
@@ -376,8 +411,23 @@ def _gen_rows(rng, n, cum, means, chol, m_top, g_shape, g_scale, c2, w2, cb, wb,
         c_noise = math.sqrt(var_c) * rng.standard_normal()
         # ---- observed row
         r = rec[i]
-        r["ra"] = (v[0] + e[0] / (MAS_PER_DEG * math.cos(v[1] * (math.pi / 180.0)))) % 360.0
-        r["dec"] = v[1] + e[1] / MAS_PER_DEG
+        ra_o = (v[0] + e[0] / (MAS_PER_DEG * math.cos(v[1] * (math.pi / 180.0)))) % 360.0
+        dec_o = v[1] + e[1] / MAS_PER_DEG
+        sid = (ang2pix_nest_one(12, ra_o, dec_o) << 35) | (row0 + i)
+        r["source_id"] = sid
+        # output partition: binary search of the level-8 pixel in bounds
+        pix8 = sid >> (59 - 2 * PARTITION_LEVEL)
+        lo = 0
+        hi = P
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if bounds[mid] <= pix8:
+                lo = mid
+            else:
+                hi = mid
+        part[i] = lo
+        r["ra"] = ra_o
+        r["dec"] = dec_o
         r["ra_error"] = sig[0]
         r["dec_error"] = sig[1]
         r["ra_dec_corr"] = r01
@@ -437,6 +487,57 @@ def _gen_rows(rng, n, cum, means, chol, m_top, g_shape, g_scale, c2, w2, cb, wb,
     return 0
 
 
+@numba.njit(cache=True, nogil=True)
+def _group_by_partition(rec, part, n_partitions, out, counts):
+    """Stable counting sort of rec[:n] by part into out; counts[p] = rows of partition p."""
+    n = part.shape[0]
+    for p in range(n_partitions):
+        counts[p] = 0
+    for i in range(n):
+        counts[part[i]] += 1
+    start = np.zeros(n_partitions, np.int64)
+    for p in range(1, n_partitions):
+        start[p] = start[p - 1] + counts[p - 1]
+    for i in range(n):
+        p = part[i]
+        out[start[p]] = rec[i]
+        start[p] += 1
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _records_to_columns(w64, w32, w16, i64, i32, i16, o64, o32, o16):
+    """Transpose records read as words (w64 (n, r/8), w32 (n, r/4), w16 (n, r/2)) into column
+    rows: o64[k] = w64[:, i64[k]], and likewise for 4- and 2-byte fields. One pass over the
+    records, writing sequential column streams."""
+    n = w64.shape[0]
+    for i in range(n):
+        for k in range(i64.shape[0]):
+            o64[k, i] = w64[i, i64[k]]
+        for k in range(i32.shape[0]):
+            o32[k, i] = w32[i, i32[k]]
+        for k in range(i16.shape[0]):
+            o16[k, i] = w16[i, i16[k]]
+    return 0
+
+
+def _chunk_args(model: XDModel, errors: ErrorModel) -> tuple:
+    return (
+        np.cumsum(model.weights),
+        model.means,
+        np.linalg.cholesky(model.covariances),
+        errors.m_table,
+        errors.two_param_centre,
+        errors.two_param_width,
+        errors.bp_rp_centre,
+        errors.bp_rp_width,
+    )
+
+
+def _chunk_rng(seed: int, chunk: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(chunk,)))
+
+
 def generate_chunk(
     seed: int,
     chunk: int,
@@ -460,30 +561,15 @@ def generate_chunk(
     errors = ErrorModel() if errors is None else errors
     start = chunk * CHUNK_ROWS
     n = max(0, min(CHUNK_ROWS, n_rows_total - start))
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(chunk,)))
     rec = np.zeros(n, dtype=_RECORD)
+    part = np.zeros(n, np.int64)
     aux = np.empty((n if return_truth else 1, 26))
-    _gen_rows(
-        rng,
-        n,
-        np.cumsum(model.weights),
-        model.means,
-        np.linalg.cholesky(model.covariances),
-        errors.m_top,
-        errors.gamma_shape,
-        errors.gamma_scale,
-        errors.two_param_centre,
-        errors.two_param_width,
-        errors.bp_rp_centre,
-        errors.bp_rp_width,
-        rec,
-        aux,
-        return_truth,
-    )
-    rows = np.arange(start, start + n, dtype=np.int64)
-    rec["source_id"] = (ang2pix_nest(12, rec["ra"], rec["dec"]) << 35) | rows
+    bounds = np.array([0, n_pixels(PARTITION_LEVEL)], np.int64)
+    _gen_rows(_chunk_rng(seed, chunk), n, start, *_chunk_args(model, errors), bounds, rec, part,
+              aux, return_truth)  # fmt: skip
     if not return_truth:
         return rec, None
+    rows = np.arange(start, start + n, dtype=np.int64)
     v, sig, corr = aux[:, :7], aux[:, 7:12], aux[:, 12:22]
     two, nobp = aux[:, 24] > 0.5, aux[:, 25] > 0.5
     # Noise covariance in feature units: deg for ra (sigma(alpha*) / cos(dec)) and dec.
@@ -539,15 +625,51 @@ def _arrow_schema(generator_meta: dict[str, Any]) -> pa.Schema:
     return pa.schema(fields, metadata={b"xd_dask": json.dumps(generator_meta).encode()})
 
 
-def _to_table(rec: np.ndarray, schema: pa.Schema) -> pa.Table:
-    arrays = []
-    for name, _, _, nullable in GAIA_COLUMNS:
-        col = np.ascontiguousarray(rec[name])
-        if nullable:
-            arrays.append(pa.array(col, mask=np.isnan(col)))
-        else:
-            arrays.append(pa.array(col))
+def _word_index(size: int) -> np.ndarray:
+    return np.array(
+        [_RECORD.fields[c[0]][1] // size for c in GAIA_COLUMNS if np.dtype(c[1]).itemsize == size],
+        np.int64,
+    )
+
+
+_WORDS = {size: _word_index(size) for size in (8, 4, 2)}
+_WORD_TYPES = {8: np.uint64, 4: np.uint32, 2: np.uint16}
+
+
+def _to_table(rec: np.ndarray, schema: pa.Schema, scratch: dict | None = None) -> pa.Table:
+    """Arrow table of records (NaN -> null in nullable columns), via one compiled transpose."""
+    n = len(rec)
+    raw = np.ascontiguousarray(rec).view(np.uint8).reshape(n, _RECORD.itemsize)
+    words, outs = [], []
+    for size in (8, 4, 2):
+        words.append(raw.view(_WORD_TYPES[size]))
+        out = None if scratch is None else scratch.get(size)
+        if out is None or out.shape[1] < n:
+            out = np.empty((len(_WORDS[size]), n), _WORD_TYPES[size])
+            if scratch is not None:
+                scratch[size] = out
+        outs.append(out[:, :n])
+    _records_to_columns(*words, _WORDS[8], _WORDS[4], _WORDS[2], *outs)
+    arrays, slot = [], {8: 0, 4: 0, 2: 0}
+    for _, dt, _, nullable in GAIA_COLUMNS:
+        size = np.dtype(dt).itemsize
+        col = outs[(8, 4, 2).index(size)][slot[size]].view(dt)
+        slot[size] += 1
+        arrays.append(pa.array(col, mask=np.isnan(col)) if nullable else pa.array(col))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _read_spill(path: Path, n_rows: int, block_rows: int):
+    """The records of a spill file, ``block_rows`` at a time (bounded memory)."""
+    if n_rows == 0:
+        return
+    with open(path, "rb") as fh:
+        for start in range(0, n_rows, block_rows):
+            count = min(block_rows, n_rows - start)
+            block = np.fromfile(fh, dtype=_RECORD, count=count)
+            if len(block) != count:
+                raise OSError(f"{path}: spill file shorter than expected")
+            yield block
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
@@ -625,58 +747,78 @@ def make_catalog(
     }
     arrow_schema = _arrow_schema(gen_meta)
     counts = np.zeros(n_partitions, np.int64)
+    chunk_counts = np.zeros(n_partitions, np.int64)
     n_two = n_nobp = 0
     n_chunks = (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
-    spill = Path(tempfile.mkdtemp(prefix=".make-catalog-", dir=out))
-    try:
+    args = _chunk_args(model, errors)
+    size = min(CHUNK_ROWS, max(n_rows, 1))
+    rec = np.zeros(size, dtype=_RECORD)  # buffers reused by every chunk
+    grouped = np.zeros(size, dtype=_RECORD)
+    part = np.zeros(size, np.int64)
+    aux = np.empty((1, 26))
+    scratch: dict = {}  # transpose buffers reused by every row group
+
+    def chunks():
+        """Generate the chunks in order into the reused buffers; yields rows, partitions."""
+        nonlocal n_two, n_nobp
         for c in range(n_chunks):
-            rec, _ = generate_chunk(seed, c, n_rows, model, errors)
-            n_two += int((rec["astrometric_params_solved"] == 3).sum())
-            n_nobp += int(np.isnan(rec["bp_rp"]).sum())
-            pix8 = rec["source_id"] >> (59 - 2 * PARTITION_LEVEL)
-            part = np.searchsorted(bounds[1:-1], pix8, side="right")
-            order = np.argsort(part, kind="stable")
-            rec = rec[order]
-            edges = np.searchsorted(part[order], np.arange(n_partitions + 1))
-            for p in np.flatnonzero(np.diff(edges)):
-                with open(spill / f"{p}.bin", "ab") as fh:
-                    rec[edges[p] : edges[p + 1]].tofile(fh)
-                counts[p] += edges[p + 1] - edges[p]
+            n = min(CHUNK_ROWS, n_rows - c * CHUNK_ROWS)
+            _gen_rows(_chunk_rng(seed, c), n, c * CHUNK_ROWS, *args, bounds, rec, part, aux,
+                      False)  # fmt: skip
+            n_two += int(np.count_nonzero(rec["astrometric_params_solved"][:n] == 3))
+            n_nobp += int(np.count_nonzero(np.isnan(rec["bp_rp"][:n])))
+            yield rec[:n], part[:n]
             if progress is not None:
-                progress(min((c + 1) * CHUNK_ROWS, n_rows), n_rows)
+                progress(c * CHUNK_ROWS + n, n_rows)
+
+    def write_partition(p: int, blocks) -> None:
+        """Write one output file atomically from an iterable of record blocks."""
+        with atomic_path(out / names[p], suffix=".parquet") as tmp:
+            with pq.ParquetWriter(
+                tmp,
+                arrow_schema,
+                compression=compression,
+                use_dictionary=False,
+                write_statistics=["source_id"],
+            ) as w:
+                empty = True
+                for block in blocks:
+                    w.write_table(
+                        _to_table(block, arrow_schema, scratch), row_group_size=row_group_size
+                    )
+                    empty = False
+                if empty:
+                    w.write_table(_to_table(np.zeros(0, _RECORD), arrow_schema))
+            os.chmod(tmp, 0o644)
+
+    if n_partitions == 1:  # one file: stream the chunks straight into it
+        counts[0] = n_rows
+        write_partition(0, (r for r, _ in chunks()))
         t_gen = time.perf_counter() - t0
-        files = []
-        for p in range(n_partitions):
-            target = out / names[p]
-            src = spill / f"{p}.bin"
-            rows = np.memmap(src, dtype=_RECORD, mode="r") if counts[p] else np.zeros(0, _RECORD)
-            with atomic_path(target, suffix=".parquet") as tmp:
-                with pq.ParquetWriter(
-                    tmp,
-                    arrow_schema,
-                    compression=compression,
-                    use_dictionary=False,
-                    write_statistics=["source_id"],
-                ) as writer:
-                    if len(rows) == 0:
-                        writer.write_table(_to_table(rows, arrow_schema))
-                    for s in range(0, len(rows), row_group_size):
-                        writer.write_table(
-                            _to_table(rows[s : s + row_group_size], arrow_schema),
-                            row_group_size=row_group_size,
-                        )
-            del rows
-            if src.exists():
-                src.unlink()
-            files.append(
-                {
-                    "name": names[p],
-                    "n_rows": int(counts[p]),
-                    "healpix8": [int(bounds[p]), int(bounds[p + 1]) - 1],
-                }
-            )
-    finally:
-        shutil.rmtree(spill, ignore_errors=True)
+    else:  # group each chunk by partition, spill, then convert each partition's spill file
+        spill = Path(tempfile.mkdtemp(prefix=".make-catalog-", dir=out))
+        try:
+            for block, block_part in chunks():
+                _group_by_partition(block, block_part, n_partitions, grouped, chunk_counts)
+                start = 0
+                for p in np.flatnonzero(chunk_counts):
+                    stop = start + int(chunk_counts[p])
+                    with open(spill / f"{p}.bin", "ab") as fh:
+                        grouped[start:stop].tofile(fh)
+                    start = stop
+                counts += chunk_counts
+            t_gen = time.perf_counter() - t0
+            for p in range(n_partitions):
+                src = spill / f"{p}.bin"
+                write_partition(p, _read_spill(src, int(counts[p]), row_group_size))
+                src.unlink(missing_ok=True)
+        finally:
+            shutil.rmtree(spill, ignore_errors=True)
+    files = [
+        {"name": names[p], "n_rows": int(counts[p]),
+         "healpix8": [int(bounds[p]), int(bounds[p + 1]) - 1]}
+        for p in range(n_partitions)
+    ]  # fmt: skip
     model.metadata.update({"seed": seed, "n_rows": n_rows})
     model.save(out / TRUE_MODEL)
     elapsed = time.perf_counter() - t0
@@ -699,6 +841,7 @@ def make_catalog(
     }
     with atomic_path(out / MANIFEST, suffix=".json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.chmod(tmp, 0o644)
     log.info(
         "make-catalog: %d rows in %d files under %s (%.1f s, %.0f rows/s)",
         n_rows,
