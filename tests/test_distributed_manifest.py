@@ -99,6 +99,10 @@ def test_estep_task_sums_equal_one_kernel_call(rows):
     np.testing.assert_allclose(total.payload.C, ref.C, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(total.payload.a, ref.a, rtol=1e-10, atol=1e-10)
     assert total.payload.ll == pytest.approx(ref.ll, rel=1e-12)
+    # persisted blocks report their real size to the workers' memory manager
+    from dask.sizeof import sizeof
+
+    assert sizeof(_block(X, S)) >= X.nbytes + S.nbytes
 
 
 def test_estep_subsample_is_seeded_per_epoch_and_partition(rows):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from dask.sizeof import sizeof
 
 from xd_dask.distributed.manifest import Partition
 from xd_dask.kernels import (
@@ -92,6 +93,12 @@ class Block:
     @property
     def n_rows(self) -> int:
         return int(self.X.shape[0])
+
+
+@sizeof.register(Block)
+def _sizeof_block(blk: Block) -> int:
+    """Bytes a persisted block holds, so the worker's memory manager can account for it."""
+    return int(blk.X.nbytes + blk.X_cov.nbytes + blk.ids.nbytes) + 256
 
 
 @dataclass
