@@ -160,9 +160,7 @@ def make_catalog_cmd(
 
 
 @main.command("ingest")
-@click.argument(
-    "inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path)
-)
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--out",
     "-o",

@@ -123,20 +123,21 @@ def _bad_row_error(
     found: dict[str, str],
     schema: CatalogSchema,
     row: int,
-    row_offset: int,
+    file_row: int,
 ) -> CatalogError:
+    """The CatalogError for bad row ``row`` of the rows read (``file_row`` in the file)."""
     code = int(result.reason[row])
     reason = BAD_REASONS[code]
     id_name = schema.id_column or "row"
     rid: int | None = None if code == _MISSING_ID else int(ids[row])
     col_idx = int(result.bad_column[row])
-    where = f"{path}: row {row + row_offset} ({id_name}={'null' if rid is None else rid})"
+    where = f"{path}: row {file_row} ({id_name}={'null' if rid is None else rid})"
     if code == _MISSING_ID:
         column = found.get(schema.id_column or "", schema.id_column)
         return CatalogError(
             f"{where}: column {column!r}: {REASON_TEXT[reason]}",
             path=path,
-            row=row + row_offset,
+            row=file_row,
             row_id=rid,
             column=column,
             reason=reason,
@@ -162,19 +163,20 @@ def _bad_row_error(
     return CatalogError(
         f"{where}: {detail}.{hint}",
         path=path,
-        row=row + row_offset,
+        row=file_row,
         row_id=rid,
         column=column,
         reason=reason,
     )
 
 
-def _row_offset(pf: pq.ParquetFile, row_groups: Sequence[int] | None) -> list[int]:
-    """File row number of the first row of each selected row group."""
-    sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+def _file_rows(pf: pq.ParquetFile, row_groups: Sequence[int] | None) -> np.ndarray:
+    """(n,) file row number of each row read (all row groups, or the selected ones in order)."""
+    sizes = np.array([pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     groups = range(pf.num_row_groups) if row_groups is None else row_groups
-    return [int(starts[g]) for g in groups]
+    parts = [np.arange(starts[g], starts[g] + sizes[g], dtype=np.int64) for g in groups]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def read_partition(
@@ -258,18 +260,7 @@ def read_partition(
         ids = pc.fill_null(id_col, 0).to_numpy().astype(np.int64, copy=False)
     else:
         null_id = False
-        offsets = _row_offset(pf, row_groups)
-        sizes = [
-            pf.metadata.row_group(g).num_rows
-            for g in (range(pf.num_row_groups) if row_groups is None else row_groups)
-        ]
-        ids = (
-            np.concatenate(
-                [np.arange(o, o + s, dtype=np.int64) for o, s in zip(offsets, sizes, strict=True)]
-            )
-            if sizes
-            else np.zeros(0, np.int64)
-        )
+        ids = _file_rows(pf, row_groups)
     try:
         result = build_covariance(table, schema, dtype=dtype)
     except TypeError as exc:
@@ -277,21 +268,13 @@ def read_partition(
     if null_id:
         isnull = pc.is_null(id_col).to_numpy(zero_copy_only=False)
         result.reason[isnull & (result.reason == 0)] = _MISSING_ID
-    # Row numbers in messages are positions in the file.
-    first_offset = _row_offset(pf, row_groups)[0] if n and row_groups is not None else 0
     dropped = empty_counts()
     bad_rows = np.flatnonzero(result.reason)
     if bad_rows.size:
         if on_bad == "error":
             row = int(bad_rows[0])
-            offset = first_offset
-            if row_groups is not None and len(row_groups) > 1:
-                # map the position in the concatenated groups to the file row number
-                sizes = [pf.metadata.row_group(g).num_rows for g in row_groups]
-                ends = np.cumsum(sizes)
-                g = int(np.searchsorted(ends, row, side="right"))
-                offset = _row_offset(pf, row_groups)[g] - (int(ends[g - 1]) if g else 0)
-            raise _bad_row_error(path_s, result, ids, table, found, schema, row, offset)
+            file_row = int(_file_rows(pf, row_groups)[row])  # messages give positions in the file
+            raise _bad_row_error(path_s, result, ids, table, found, schema, row, file_row)
         counts = np.bincount(result.reason, minlength=len(BAD_REASONS))
         for code, name in enumerate(BAD_REASONS[1:], start=1):
             dropped[name] = int(counts[code])
