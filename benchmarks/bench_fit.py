@@ -247,7 +247,7 @@ def main() -> None:
     ):
         _warm_workers(client, K)
         # compile the reader's and kernel's JIT code in every worker before timing anything
-        fit_catalog(FitConfig(**base, max_iter=1), client)
+        fit_catalog(FitConfig(**base, max_iter=2), client)
         stream = fit_catalog(FitConfig(**base, max_iter=args.iterations), client)
         persist = fit_catalog(FitConfig(**base, max_iter=args.iterations + 1, persist=True), client)
         online = fit_catalog(FitConfig(**base, method="online", epochs=1), client)

@@ -10,7 +10,9 @@ the file itself) or a :class:`Block` already held in worker memory (``persist=Tr
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,15 +149,41 @@ def _resolved_backend(backend: str, gpu: bool) -> str:
     return "auto"
 
 
+#: glibc ``M_MMAP_THRESHOLD`` set once in each worker process (bytes; None leaves it alone).
+#: Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also pins the mmap
+#: threshold at 128 KiB: every partition-sized temporary array is then a fresh ``mmap`` whose
+#: pages fault in again on every task. On a 2-core VM two workers doing that at once ran the
+#: statistics pass 2x slower than one (page-fault contention); with 64 MiB they run at full
+#: speed, reusing heap memory for arrays below that size. Larger arrays are still mmapped.
+MMAP_THRESHOLD: int | None = 64 << 20
+_allocator_tuned = False
+
+
+def _tune_allocator() -> None:
+    global _allocator_tuned
+    if _allocator_tuned or MMAP_THRESHOLD is None:
+        return
+    _allocator_tuned = True
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, int(MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _backend(opts: TaskOptions) -> str:
     """Prepare the calling task thread; return the kernel backend for this worker.
 
     Caps Numba's threads for this thread (a thread-local setting, so it holds for the reader's
     and the kernel's compiled code in this task): with ``numba_threads=1`` the parallelism comes
     from the worker threads and (worker threads x Numba threads) never oversubscribes the cores.
+    Tunes the process's allocator once (:data:`MMAP_THRESHOLD`).
     """
     import numba  # noqa: PLC0415
 
+    _tune_allocator()
     numba.set_num_threads(max(1, min(int(opts.numba_threads), numba.config.NUMBA_NUM_THREADS)))
     return _resolved_backend(opts.backend, opts.gpu)
 
