@@ -118,13 +118,38 @@ class PassRunner:
         if self._blocks is None:
             name = f"xd-read-{self.token}"
             self._generation += 1
+            home = self._placement()
             self._blocks = [
                 self.client.submit(
-                    read_block, part, self.opts, key=(name, self._generation, part.pid)
+                    read_block,
+                    part,
+                    self.opts,
+                    key=(name, self._generation, part.pid),
+                    workers=home.get(part.pid),
+                    allow_other_workers=True,
                 )
                 for part in self.manifest
             ]
         return [self._blocks[p] for p in pids]
+
+    def _placement(self) -> dict[int, list[str]]:
+        """Home worker of each persisted partition: rows balanced per worker thread.
+
+        Later passes run where the blocks live (data locality), so an unbalanced first read
+        would make every iteration wait for the busiest worker. Largest partitions first, each
+        to the worker with the fewest rows per thread so far (LPT). A worker that dies loses
+        its blocks to lineage: ``allow_other_workers`` lets them be re-read anywhere.
+        """
+        nthreads = self.client.nthreads()
+        if not nthreads:
+            return {}
+        load = {w: 0.0 for w in sorted(nthreads)}
+        home: dict[int, list[str]] = {}
+        for part in sorted(self.manifest, key=lambda p: (-p.n_rows, p.pid)):
+            w = min(load, key=lambda a: ((load[a] + part.n_rows) / nthreads[a], a))
+            load[w] += part.n_rows
+            home[part.pid] = [w]
+        return home
 
     def release(self) -> None:
         """Drop persisted partitions from worker memory."""
