@@ -89,3 +89,14 @@ def test_sample_moments():
     noisy = mod.sample(200_000, random_state=0, X_cov=S)
     total = np.cov(v.T)
     np.testing.assert_allclose(np.cov(noisy.T) - total, np.diag([4.0, 0.0, 1.0]), atol=0.1)
+
+
+def test_saved_file_has_ordinary_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        path = _model().save(tmp_path / "m.npz")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
