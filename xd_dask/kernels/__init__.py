@@ -159,11 +159,26 @@ def _prepare(X, X_cov, weights, means, covariances, R, row_weights, check):
 
 
 def _pattern_blocks(xp, Xc, X_cov, R, pat):
-    rows = xp.asarray(pat.rows)
-    o = xp.asarray(pat.observed)
-    x = Xc[rows][:, o]
-    S = X_cov[rows][:, o][:, :, o]
-    Rp = None if R is None else xp.asarray(R, dtype=Xc.dtype)[rows][:, o, :]
+    """The observed sub-vectors / sub-blocks of one pattern's rows, with as few copies as possible:
+    none when the pattern is every row with every field, one gather otherwise (fresh large arrays
+    are expensive to fault in, so chained fancy indexing costs more than the kernel itself)."""
+    n, D = Xc.shape
+    all_rows = len(pat.rows) == n  # patterns partition the rows, so this means rows == arange(n)
+    all_fields = len(pat.observed) == D
+    if all_rows and all_fields:
+        x, S, Rp = Xc, X_cov, R
+    else:
+        rows = xp.asarray(pat.rows)
+        if all_fields:
+            x, S = Xc[rows], X_cov[rows]
+            Rp = None if R is None else R[rows]
+        else:
+            o = xp.asarray(pat.observed)
+            x = Xc[rows[:, None], o[None, :]]
+            S = X_cov[rows[:, None, None], o[None, :, None], o[None, None, :]]
+            Rp = None if R is None else R[rows][:, o, :]
+    if Rp is not None:
+        Rp = xp.asarray(Rp, dtype=Xc.dtype)
     if xp is np:
         x = np.ascontiguousarray(x)
         S = np.ascontiguousarray(S)
