@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from tests.distributed_data import make_rows, schema, write_catalog
@@ -20,24 +19,6 @@ from xd_dask.distributed import FitConfig, fit_catalog, load_checkpoint, resume_
 
 pytestmark = pytest.mark.cluster
 K = 3
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=":0",
-    ) as cl:
-        yield cl
-
-
-@pytest.fixture(scope="module")
-def client(cluster):
-    with Client(cluster) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from tests.distributed_data import FEATURES, make_rows, rows_as_written, schema, write_catalog
 from tests.mixtures import known_mixture_3d
@@ -32,24 +32,6 @@ from xd_dask.model import XDModel
 
 pytestmark = pytest.mark.cluster
 K = 3
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=":0",
-    ) as cl:
-        yield cl
-
-
-@pytest.fixture(scope="module")
-def client(cluster):
-    with Client(cluster) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -53,3 +53,27 @@ def get_logger(name: str) -> logging.Logger:
     if not name.startswith("xd_dask"):
         name = f"xd_dask.{name}"
     return logging.getLogger(name)
+
+
+def kernel_cache_dir(subdir: str | None = None) -> Path | None:
+    """Directory for compiled kernels on disk, or None when caching is off or impossible.
+
+    ``XD_DASK_KERNEL_CACHE`` (a path, or ``0``/``off`` to disable) overrides the default
+    ``$XDG_CACHE_HOME/xd-dask/kernels`` (``~/.cache/xd-dask/kernels``). Files there are
+    regenerated when they are missing and are safe to delete.
+    """
+    env = os.environ.get("XD_DASK_KERNEL_CACHE")
+    if env is not None and env.strip().lower() in ("", "0", "off", "none", "false"):
+        return None
+    if env:
+        base = Path(env)
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xd-dask"
+        base = base / "kernels"
+    if subdir:
+        base = base / subdir
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return base if os.access(base, os.W_OK) else None

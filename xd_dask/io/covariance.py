@@ -38,7 +38,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from xd_dask.io.schema import MAG_PER_LN_FLUX, CatalogSchema
-from xd_dask.utils import get_logger
+from xd_dask.utils import get_logger, kernel_cache_dir
 
 log = get_logger(__name__)
 
@@ -426,26 +426,8 @@ _kernels_lock = threading.Lock()
 
 
 def _cache_dir() -> Path | None:
-    """Directory for the generated modules and Numba's on-disk cache of them, or None.
-
-    Same convention as the statistics kernel: ``XD_DASK_KERNEL_CACHE`` (a path, or ``0``/``off``
-    to disable) overrides ``$XDG_CACHE_HOME/xd-dask/kernels`` (``~/.cache/xd-dask/kernels``);
-    the row passes go in its ``io`` subdirectory. Files there are safe to delete.
-    """
-    env = os.environ.get("XD_DASK_KERNEL_CACHE")
-    if env is not None and env.strip().lower() in ("", "0", "off", "none", "false"):
-        return None
-    if env:
-        base = Path(env)
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xd-dask"
-        base = base / "kernels"
-    base = base / "io"
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    return base if os.access(base, os.W_OK) else None
+    """See :func:`xd_dask.utils.kernel_cache_dir`."""
+    return kernel_cache_dir("io")
 
 
 def _write_once(path: Path, text: str) -> None:

@@ -31,6 +31,7 @@ from numba.extending import intrinsic
 
 from xd_dask.kernels import _codegen
 from xd_dask.kernels._common import NotPositiveDefiniteError
+from xd_dask.utils import kernel_cache_dir
 
 __all__ = ["pattern_stats_numba", "pattern_logdens_numba"]
 
@@ -313,25 +314,8 @@ def _tune_llvm() -> None:
 
 
 def _cache_dir() -> Path | None:
-    """Directory for generated kernel modules and Numba's on-disk cache of them, or None.
-
-    ``XD_DASK_KERNEL_CACHE`` (a path, or ``0``/``off`` to disable) overrides the default
-    ``$XDG_CACHE_HOME/xd-dask/kernels`` (``~/.cache/xd-dask/kernels``). Files there are
-    regenerated when they are missing and are safe to delete.
-    """
-    env = os.environ.get("XD_DASK_KERNEL_CACHE")
-    if env is not None and env.strip().lower() in ("", "0", "off", "none", "false"):
-        return None
-    if env:
-        base = Path(env)
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xd-dask"
-        base = base / "kernels"
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    return base if os.access(base, os.W_OK) else None
+    """See :func:`xd_dask.utils.kernel_cache_dir`."""
+    return kernel_cache_dir(None)
 
 
 def _source_tag() -> str:
