@@ -48,6 +48,10 @@ class FitConfig:
     numba_threads : Numba threads per task (1: parallelism comes from the worker threads).
     max_rows_per_partition : split large files into runs of row groups (manifest).
     max_retries : re-runs of a pass after the cluster lost its tasks.
+    holdout_rows : fit on the "train" side of the row-level split by source-id hash
+        (:mod:`xd_dask.distributed.split`): rows with ``splitmix64(source_id) / 2**64 <
+        holdout_rows`` are held out and never read into the fit (score them with
+        ``score_catalog(..., split=(holdout_rows, "holdout"))``); 0: fit every row.
     """
 
     catalog: str | list[str]
@@ -77,6 +81,7 @@ class FitConfig:
     numba_threads: int = 1
     max_rows_per_partition: int | None = None
     max_retries: int = 3
+    holdout_rows: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.step, dict):
@@ -111,11 +116,20 @@ class FitConfig:
                 self.subsample is None or self.method == "online",
                 "subsample applies to method='online' only",
             ),
+            (
+                0.0 <= float(self.holdout_rows) < 1.0,
+                "holdout_rows must be in [0, 1)",
+            ),
             (isinstance(self.init, str) and bool(self.init), "init must be 'kmeans' or a path"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"FitConfig: {msg}")
+
+    @property
+    def split(self) -> tuple[float, str] | None:
+        """The row split the fit reads (``(holdout_rows, "train")``), or None."""
+        return (float(self.holdout_rows), "train") if self.holdout_rows > 0 else None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

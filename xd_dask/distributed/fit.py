@@ -114,6 +114,7 @@ class _Fit:
             config.backend,
             config.gpu,
             int(config.numba_threads),
+            config.split,
         )
         self.runner = PassRunner(
             client,
@@ -352,6 +353,7 @@ class _Fit:
             "dropped": st.counts.get("dropped", {}),
             "rows_read": st.counts.get("read", 0),
             "rows_used": st.counts.get("used", 0),
+            "holdout_rows": float(cfg.holdout_rows),
             "reseeded": st.reseeded,
             "init": st.init_info,
             "manifest": {
@@ -400,7 +402,9 @@ def fit_catalog(
     -------
     XDModel with ``metadata``: method, config, history (one entry per iteration / wave), n_iter,
     converged, final_mean_loglike, dropped (rows dropped per reason in the last full pass),
-    rows_read, rows_used, reseeded, init, manifest, max_gathered_bytes, retries, versions.
+    rows_read (all rows read, both sides of a ``holdout_rows`` split), rows_used (valid rows of
+    the training side), holdout_rows, reseeded, init, manifest, max_gathered_bytes, retries,
+    versions.
     """
     if (
         config.checkpoint_dir is not None

@@ -19,6 +19,7 @@ from xd_dask.distributed.cluster import check_gpu_workers
 from xd_dask.distributed.config import resolve_schema
 from xd_dask.distributed.manifest import Manifest, build_manifest
 from xd_dask.distributed.passes import PassRunner
+from xd_dask.distributed.split import SIDES
 from xd_dask.distributed.tasks import Params, TaskOptions, loglike, posterior_write
 from xd_dask.model import XDModel
 from xd_dask.utils import atomic_path, get_logger
@@ -32,9 +33,10 @@ __all__ = ["ScoreResult", "posterior_catalog", "score_catalog"]
 class ScoreResult:
     """Log-likelihood of a catalogue under a model.
 
-    mean_loglike : mean log-likelihood per valid row; total_loglike : its sum; n_rows : valid rows;
-    n_read : rows read; dropped : rows dropped per reason (``on_bad="drop"``);
-    files : per-partition Parquet files written (``out_dir``), in manifest order.
+    mean_loglike : mean log-likelihood per valid row; total_loglike : its sum; n_rows : valid rows
+    (of the split's side, if any); n_read : rows read (both sides); dropped : rows dropped per
+    reason (``on_bad="drop"``); files : per-partition Parquet files written (``out_dir``), in
+    manifest order.
     """
 
     mean_loglike: float
@@ -57,10 +59,17 @@ def _check_features(model: XDModel, schema: Any) -> None:
         )
 
 
-def _runner(client, manifest, schema, on_bad, backend, gpu, dtype, fan_in, numba_threads):
+def _runner(
+    client, manifest, schema, on_bad, backend, gpu, dtype, fan_in, numba_threads, split=None
+):
     if gpu:
         check_gpu_workers(client)
-    opts = TaskOptions(schema, on_bad, dtype, backend, gpu, numba_threads)
+    if split is not None:
+        fraction, side = split
+        if side not in SIDES or not 0.0 < float(fraction) < 1.0:
+            raise ValueError(f"split must be (fraction in (0, 1), side in {SIDES}), got {split!r}")
+        split = (float(fraction), str(side))
+    opts = TaskOptions(schema, on_bad, dtype, backend, gpu, numba_threads, split)
     return PassRunner(client, manifest, opts, fan_in=fan_in), opts
 
 
@@ -81,17 +90,22 @@ def score_catalog(
     dtype: str = "float64",
     fan_in: int = 8,
     numba_threads: int = 1,
+    split: tuple[float, str] | None = None,
 ) -> ScoreResult:
     """Mean log-likelihood per row of a catalogue under ``model`` (``xd-score`` tasks).
 
     With ``out_dir``, workers also write ``score-<pid>.parquet`` (columns ``source_id``,
     ``log_likelihood``) per partition, atomically.
+
+    split : None (every row) or (fraction, side): score only the "holdout" (or "train") side of
+        the row-level split by source-id hash; ``(cfg.holdout_rows, "holdout")`` scores exactly
+        the rows a fit with ``FitConfig.holdout_rows`` left out.
     """
     manifest = _as_manifest(manifest)
     schema = resolve_schema(schema)
     _check_features(model, schema)
     runner, opts = _runner(
-        client, manifest, schema, on_bad, backend, gpu, dtype, fan_in, numba_threads
+        client, manifest, schema, on_bad, backend, gpu, dtype, fan_in, numba_threads, split
     )
     params = Params(model.weights, model.means, model.covariances)
     files: list[str] = []

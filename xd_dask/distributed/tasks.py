@@ -22,6 +22,7 @@ import numpy as np
 from dask.sizeof import sizeof
 
 from xd_dask.distributed.manifest import Partition
+from xd_dask.distributed.split import side_mask
 from xd_dask.kernels import (
     NotPositiveDefiniteError,
     SuffStats,
@@ -57,7 +58,12 @@ class PartitionError(ValueError):
 
 @dataclass(frozen=True)
 class TaskOptions:
-    """How workers read and process partitions (the same for every task of a fit)."""
+    """How workers read and process partitions (the same for every task of a fit).
+
+    split : None (every row) or (fraction, side): keep only the "train" or the "holdout" side of
+        the row-level split by source-id hash (:mod:`xd_dask.distributed.split`), applied right
+        after reading, so persisted blocks and every pass see that side only.
+    """
 
     schema: Any  # xd_dask.io.CatalogSchema
     on_bad: str = "error"
@@ -65,6 +71,7 @@ class TaskOptions:
     backend: str = "auto"
     gpu: bool = False
     numba_threads: int = 1
+    split: tuple[float, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,12 @@ class Params:
 
 @dataclass
 class Block:
-    """A partition's validated arrays in worker memory (NumPy, or CuPy on GPU workers)."""
+    """A partition's validated arrays in worker memory (NumPy, or CuPy on GPU workers).
+
+    ``n_read`` counts the rows read from the file (both sides of a split); ``dropped`` counts the
+    bad rows dropped by the reader (``on_bad="drop"``, both sides); the arrays hold the valid rows
+    on the split's side. Rows of the other side are neither used nor dropped.
+    """
 
     pid: int
     path: str
@@ -207,7 +219,10 @@ def read_block(part: Partition, opts: TaskOptions) -> Block:
         filesystem=fs,
         row_groups=part.row_groups,
     )
-    X, X_cov = blk.X, blk.X_cov
+    X, X_cov, ids = blk.X, blk.X_cov, np.asarray(blk.ids)
+    if opts.split is not None:
+        keep = side_mask(ids, *opts.split)
+        X, X_cov, ids = X[keep], X_cov[keep], ids[keep]
     if opts.gpu:
         from xd_dask.distributed.cluster import require_gpu  # noqa: PLC0415
 
@@ -218,7 +233,7 @@ def read_block(part: Partition, opts: TaskOptions) -> Block:
         part.path,
         X,
         X_cov,
-        np.asarray(blk.ids),
+        ids,
         int(blk.n_read),
         {str(k): int(v) for k, v in blk.dropped.items()},
     )
