@@ -170,3 +170,74 @@ def test_fit_uses_train_rows_and_score_the_complement(client, cats, rows, tmp_pa
     )
     with pytest.raises(ValueError, match="split"):
         score_catalog(model, paths["five"], schema(), client, split=(FRACTION, "test"))
+
+
+# --------------------------------------------------------------------------- jobs layer
+def test_job_config_holdout_rows_validation():
+    from xd_dask.jobs.config import ConfigError, load_config
+
+    assert load_config(environ={}).get("catalog.holdout_rows") == 0.0
+    with pytest.raises(ConfigError, match="catalog.holdout_rows must be <= 0.5"):
+        load_config(overrides={"catalog.holdout_rows": 0.6}, environ={})
+    for other, value in (("catalog.holdout", "h"), ("catalog.holdout_fraction", 0.1)):
+        with pytest.raises(ConfigError, match="give one of them"):
+            load_config(overrides={"catalog.holdout_rows": 0.1, other: value}, environ={})
+
+
+@pytest.fixture(scope="module")
+def gaia_cat(tmp_path_factory):
+    """A small synthetic Gaia-like catalogue (4 files) and its held-out mask by the hash."""
+    from xd_dask.io import load_schema, make_catalog, read_partition
+
+    out = tmp_path_factory.mktemp("gaia") / "cat"
+    make_catalog(out, 2400, 4, seed=4)
+    schema = load_schema("gaia_dr3")
+    blocks = [read_partition(p, schema) for p in sorted(out.glob("*.parquet"))]
+    X = np.concatenate([b.X for b in blocks])
+    S = np.concatenate([b.X_cov for b in blocks])
+    held = _held_ref(np.concatenate([b.ids for b in blocks]))
+    return out, X, S, held
+
+
+@pytest.mark.cluster
+def test_job_and_nightly_score_the_held_out_rows(client, gaia_cat, tmp_path):
+    from xd_dask.jobs.config import load_config
+    from xd_dask.jobs.nightly import run_nightly
+    from xd_dask.jobs.runner import run_fit
+
+    cat, X, S, held = gaia_cat
+    cfg = load_config(
+        overrides={
+            "catalog.path": str(cat),
+            "catalog.holdout_rows": FRACTION,
+            "fit.n_components": 2,
+            "fit.max_iter": 2,
+            "fit.tol": 0.0,
+            "output.plots": False,
+            "nightly.store": str(tmp_path / "store"),
+        },
+        environ={},
+    )
+    out = run_fit(cfg, client, out_dir=tmp_path / "fit")
+    rep, model = out.report, out.model
+    assert rep["rows_used"] == int((~held).sum()) and rep["rows_read"] == X.shape[0]
+    assert rep["heldout_rows"] == int(held.sum()) > 0
+    ll = model.log_density(X[held], S[held])
+    assert rep["heldout_mean_loglike"] == pytest.approx(ll.mean(), rel=1e-10)
+    assert tuple(model.metadata["job"]["heldout_split"]) == (FRACTION, "holdout")
+
+    # nightly: the second night scores the previous model on the same held-out rows
+    import datetime as dt
+
+    t = dt.datetime(2024, 1, 1, 2, tzinfo=dt.timezone.utc)
+    first = run_nightly(cfg, client=client, now=t)
+    assert first.promoted, first["reason"]
+    second = run_nightly(cfg, client=client, now=t + dt.timedelta(days=1))
+    prev = XDModel.load(first.run_dir / "model.npz")
+    assert second["previous_heldout_mean_loglike"] == pytest.approx(
+        prev.log_density(X[held], S[held]).mean(), rel=1e-10
+    )
+    new = XDModel.load(second.run_dir / "model.npz")
+    assert second["heldout_mean_loglike"] == pytest.approx(
+        new.log_density(X[held], S[held]).mean(), rel=1e-10
+    )

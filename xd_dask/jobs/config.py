@@ -133,6 +133,7 @@ SPEC: dict[str, Any] = {
         "max_rows_per_partition": _int(0),
         "holdout": _str(),
         "holdout_fraction": _float(0.0, 0.9),
+        "holdout_rows": _float(0.0, 0.5),
     },
     "fit": {
         "n_components": _int(1),
@@ -375,10 +376,18 @@ class JobConfig:
                 "fit.subsample applies to fit.method = 'online' only "
                 f"(set in {self.sources.get('fit.subsample', 'packaged defaults')})"
             )
-        if self.data["catalog"]["holdout"] and self.data["catalog"]["holdout_fraction"] > 0:
-            raise ConfigError(
-                "catalog.holdout and catalog.holdout_fraction are both set; give one of them"
+        cat = self.data["catalog"]
+        given = [
+            k
+            for k, on in (
+                ("catalog.holdout", bool(cat["holdout"])),
+                ("catalog.holdout_fraction", cat["holdout_fraction"] > 0),
+                ("catalog.holdout_rows", cat["holdout_rows"] > 0),
             )
+            if on
+        ]
+        if len(given) > 1:
+            raise ConfigError(f"{' and '.join(given)} are set together; give one of them")
 
     def check_inputs(self, require_catalog: bool = True) -> None:
         """Check that the catalogue (and held-out catalogue, init model) exist, for local paths.

@@ -6,7 +6,8 @@ One run (``xd-dask nightly jobs/nightly.toml``):
 2. warm-start from the model ``latest`` points to when its K and features match the job (else
    k-means, and the report says why);
 3. fit and write the usual outputs into the run directory (:func:`~xd_dask.jobs.runner.run_fit`);
-4. score the new model and the previous ``latest`` on the same held-out catalogue;
+4. score the new model and the previous ``latest`` on the same held-out rows (a separate
+   catalogue, the ``catalog.holdout_rows`` side of the catalogue, or held-out files);
 5. move ``latest`` to the new run only if the fit succeeded and
    ``new >= previous - nightly.margin`` (mean log-likelihood per held-out row);
 6. write ``report.json`` (with a ``nightly`` section: status, reason, numbers) and
@@ -28,6 +29,7 @@ from typing import Any
 from xd_dask.jobs.config import ConfigError, JobConfig
 from xd_dask.jobs.runner import (
     cluster_client,
+    heldout_split,
     load_schema_checked,
     run_fit,
     score_sources,
@@ -104,10 +106,15 @@ def run_nightly(
     ConfigError
         The configuration cannot work (no held-out catalogue, missing catalogue); nothing is run.
     """
-    if not cfg.get("catalog.holdout") and cfg.get("catalog.holdout_fraction") <= 0:
+    if (
+        not cfg.get("catalog.holdout")
+        and cfg.get("catalog.holdout_rows") <= 0
+        and cfg.get("catalog.holdout_fraction") <= 0
+    ):
         raise ConfigError(
-            "the nightly gate needs held-out rows: set catalog.holdout (a separate catalogue) "
-            "or catalog.holdout_fraction > 0"
+            "the nightly gate needs held-out rows: set catalog.holdout (a separate catalogue), "
+            "catalog.holdout_rows > 0 (a fraction of the rows) or catalog.holdout_fraction > 0 "
+            "(whole files)"
         )
     cfg.check_inputs()
     store = ModelStore(cfg.get("nightly.store"))
@@ -146,7 +153,7 @@ def run_nightly(
             if prev is not None:
                 _, holdout = split_catalog(run_cfg)
                 result["previous_heldout_mean_loglike"] = score_sources(
-                    prev, holdout, run_cfg, cl
+                    prev, holdout, run_cfg, cl, split=heldout_split(run_cfg)
                 ).mean_loglike
     except Exception as exc:  # a failed night is recorded, never raised past the report
         result["reason"] = f"fit failed: {type(exc).__name__}: {exc}"

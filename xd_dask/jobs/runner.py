@@ -37,6 +37,7 @@ __all__ = [
     "FitOutcome",
     "cluster_client",
     "fit_config",
+    "heldout_split",
     "run_fit",
     "sample_rows",
     "split_catalog",
@@ -71,12 +72,17 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 def split_catalog(cfg: JobConfig) -> tuple[str | list[str], str | list[str] | None]:
     """(training sources, held-out sources or None) from ``[catalog]``.
 
-    With ``holdout_fraction`` a seeded choice of whole files is held out (at least one, and at
-    least one left for training); the choice depends only on the file list and ``fit.seed``.
+    With ``holdout`` the held-out sources are that catalogue. With ``holdout_rows`` both are
+    ``catalog.path``: the fit reads its "train" side and the held-out score its "holdout" side
+    (:func:`heldout_split`). With ``holdout_fraction`` a seeded choice of whole files is held out
+    (at least one, and at least one left for training); the choice depends only on the file list
+    and ``fit.seed``.
     """
     cat = cfg["catalog"]
     if cat["holdout"]:
         return cat["path"], cat["holdout"]
+    if cat["holdout_rows"] > 0:
+        return cat["path"], cat["path"]
     if cat["holdout_fraction"] <= 0:
         return cat["path"], None
     from xd_dask.distributed import build_manifest  # noqa: PLC0415
@@ -94,6 +100,16 @@ def split_catalog(cfg: JobConfig) -> tuple[str | list[str], str | list[str] | No
     hold = [f for i, f in enumerate(files) if i in held]
     log.info("holding out %d of %d files for scoring", len(hold), len(files))
     return train, hold
+
+
+def heldout_split(cfg: JobConfig) -> tuple[float, str] | None:
+    """The row split the held-out score reads (``(catalog.holdout_rows, "holdout")``), or None.
+
+    Pass it to :func:`score_sources` whenever the held-out sources of :func:`split_catalog` are
+    scored, so that only the rows the fit left out are scored.
+    """
+    frac = float(cfg.get("catalog.holdout_rows"))
+    return (frac, "holdout") if frac > 0 else None
 
 
 def fit_config(
@@ -136,6 +152,7 @@ def fit_config(
         gpu=cfg.get("cluster.gpu"),
         performance_report=None if performance_report is None else str(performance_report),
         max_rows_per_partition=cat["max_rows_per_partition"] or None,
+        holdout_rows=float(cat["holdout_rows"]),
     )
 
 
@@ -293,8 +310,18 @@ class FitOutcome:
         return self.report.get("heldout_mean_loglike")
 
 
-def score_sources(model: XDModel, sources: str | Sequence[str], cfg: JobConfig, client: Any) -> Any:
-    """:func:`xd_dask.distributed.score_catalog` with the job's schema and worker settings."""
+def score_sources(
+    model: XDModel,
+    sources: str | Sequence[str],
+    cfg: JobConfig,
+    client: Any,
+    *,
+    split: tuple[float, str] | None = None,
+) -> Any:
+    """:func:`xd_dask.distributed.score_catalog` with the job's schema and worker settings.
+
+    split : score only one side of the row-level split (see :func:`heldout_split`).
+    """
     from xd_dask.distributed import score_catalog  # noqa: PLC0415
 
     return score_catalog(
@@ -307,6 +334,7 @@ def score_sources(model: XDModel, sources: str | Sequence[str], cfg: JobConfig, 
         gpu=cfg.get("cluster.gpu"),
         dtype=cfg.get("fit.dtype"),
         fan_in=cfg.get("fit.fan_in"),
+        split=split,
     )
 
 
@@ -353,13 +381,14 @@ def run_fit(
         "job_file": str(cfg.job_file) if cfg.job_file else None,
         "overrides": {k: v for k, v in cfg.sources.items() if "job file" not in v},
         "heldout": holdout,
+        "heldout_split": heldout_split(cfg),
     }
     files = {"model": str(model.save(out / "model.npz"))}
     history = list(meta.get("history", []))
     files["history"] = str(write_json(out / "history.json", history))
     heldout = None
     if holdout is not None:
-        res = score_sources(model, holdout, cfg, client)
+        res = score_sources(model, holdout, cfg, client, split=heldout_split(cfg))
         heldout = {"mean_loglike": res.mean_loglike, "n_rows": res.n_rows}
     if plots if plots is not None else cfg.get("output.plots"):
         data = sample_rows(
