@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,3 +78,18 @@ def kernel_cache_dir(subdir: str | None = None) -> Path | None:
     except OSError:
         return None
     return base if os.access(base, os.W_OK) else None
+
+
+def write_once(path: Path, text: str) -> None:
+    """Create ``path`` atomically unless another process already has (its mtime must not change
+    once Numba has indexed a generated module for its on-disk cache)."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    except OSError:  # no hard links on this file system
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
