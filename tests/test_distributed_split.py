@@ -172,6 +172,45 @@ def test_fit_uses_train_rows_and_score_the_complement(client, cats, rows, tmp_pa
         score_catalog(model, paths["five"], schema(), client, split=(FRACTION, "test"))
 
 
+def test_score_cli_scores_one_side_of_the_split(cluster, cats, rows, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from xd_dask.cli import main
+
+    paths, train = cats
+    w, m, V = known_mixture_3d()
+    model = XDModel(w, m, V, FEATURES)
+    model.save(tmp_path / "m.npz")
+    Xw, Sw = rows_as_written(*rows)
+    schema_file = tmp_path / "schema.toml"
+    import tomli_w
+
+    schema_file.write_text(tomli_w.dumps(schema().to_dict()))
+    args = [
+        "score",
+        str(tmp_path / "m.npz"),
+        paths["five"],
+        "--schema",
+        str(schema_file),
+        "--scheduler-address",
+        cluster.scheduler_address,
+        "--log-format",
+        "json",
+    ]
+    for side, sel in (("holdout", ~train), ("train", train)):
+        res = CliRunner().invoke(main, args + ["--holdout-rows", str(FRACTION), "--side", side])
+        assert res.exit_code == 0, res.output
+        event = [json.loads(line) for line in res.output.splitlines() if '"score"' in line][-1]
+        assert event["n_rows"] == int(sel.sum())
+        assert event["mean_loglike"] == pytest.approx(
+            model.log_density(Xw[sel], Sw[sel]).mean(), rel=1e-10
+        )
+    bad = CliRunner().invoke(main, args + ["--holdout-rows", "0.7"])
+    assert bad.exit_code == 2 and "holdout-rows" in bad.output
+
+
 # --------------------------------------------------------------------------- jobs layer
 def test_job_config_holdout_rows_validation():
     from xd_dask.jobs.config import ConfigError, load_config

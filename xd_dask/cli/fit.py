@@ -487,6 +487,21 @@ _schema_option = click.option(
     metavar="DIR",
     help="Also write per-row log-likelihoods (Parquet, one file per partition).",
 )
+@click.option(
+    "--holdout-rows",
+    type=click.FloatRange(0.0, 0.5, min_open=True),
+    default=None,
+    metavar="FRACTION",
+    help="Score one side of the row-level split by source_id hash (catalog.holdout_rows of the "
+    "fit); default: every row.",
+)
+@click.option(
+    "--side",
+    type=click.Choice(["holdout", "train"]),
+    default="holdout",
+    show_default=True,
+    help="With --holdout-rows: which side of the split to score.",
+)
 @_job_option
 @cluster_options
 @log_options
@@ -495,6 +510,8 @@ def score(
     model: str,
     catalogue: str,
     per_row: str | None,
+    holdout_rows: float | None,
+    side: str,
     job: str | None,
     log_format: str,
     verbose: int,
@@ -517,6 +534,7 @@ def score(
             backend=cfg.get("fit.backend"),
             gpu=cfg.get("cluster.gpu"),
             dtype=cfg.get("fit.dtype"),
+            split=None if holdout_rows is None else (holdout_rows, side),
         )
     out = {
         "mean_loglike": res.mean_loglike,
@@ -525,6 +543,8 @@ def score(
         "rows_read": res.n_read,
         "dropped": res.dropped,
     }
+    if holdout_rows is not None:
+        out["split"] = f"{side} side of holdout_rows = {holdout_rows:g}"
     if per_row:
         out["per_row_dir"] = per_row
     if progress.json:
