@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -93,3 +95,24 @@ def write_once(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def load_generated_module(path: Path, name: str, namespace: dict) -> object:
+    """Import a generated source file as module ``name`` with ``namespace`` pre-set.
+
+    The module is registered in ``sys.modules`` because Numba re-imports it to rebuild code from
+    its on-disk cache; a module that fails to execute is unregistered again.
+    """
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    module.__dict__.update(namespace)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module

@@ -26,8 +26,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import yaml
 
-from xd_dask.io.covariance import resolve_columns
-from xd_dask.io.reader import CatalogError
+from xd_dask.io.reader import CatalogError, require_columns
 from xd_dask.io.schema import CatalogSchema, load_schema
 from xd_dask.utils import atomic_path, get_logger
 
@@ -131,16 +130,7 @@ def ingest_file(
     try:
         with _open(src) as fh:
             header, names = read_ecsv_header(fh, path_s)
-            try:
-                found, missing = resolve_columns(names, schema.required_columns())
-            except KeyError as exc:
-                raise CatalogError(f"{path_s}: {exc.args[0]}", path=path_s) from None
-            if missing:
-                raise CatalogError(
-                    f"{path_s}: missing required column(s) {missing} for schema {schema.name!r}",
-                    path=path_s,
-                    column=missing[0],
-                )
+            found = require_columns(path_s, names, schema)
             info = {c["name"]: c for c in header["datatype"]}
             wanted = [found[c] for c in schema.required_columns()]
             types, fields = {}, []

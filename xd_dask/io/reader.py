@@ -179,6 +179,25 @@ def _file_rows(pf: pq.ParquetFile, row_groups: Sequence[int] | None) -> np.ndarr
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
+def require_columns(path_s: str, names: list[str], schema: CatalogSchema) -> dict[str, str]:
+    """Match the schema's columns to a file's (case-insensitively): {wanted: actual}.
+
+    Raises CatalogError naming the file and the first missing (or ambiguous) column.
+    """
+    try:
+        found, missing = resolve_columns(names, schema.required_columns())
+    except KeyError as exc:
+        raise CatalogError(f"{path_s}: {exc.args[0]}", path=path_s) from None
+    if missing:
+        raise CatalogError(
+            f"{path_s}: missing required column(s) {missing} for schema {schema.name!r} "
+            f"(the file has {len(names)} columns; names are matched case-insensitively)",
+            path=path_s,
+            column=missing[0],
+        )
+    return found
+
+
 def read_partition(
     path: str | os.PathLike,
     schema: CatalogSchema | str | None = None,
@@ -215,18 +234,7 @@ def read_partition(
     schema = load_schema(schema)
     path_s = os.fspath(path)
     pf = open_parquet(path_s, filesystem)
-    names = pf.schema_arrow.names
-    try:
-        found, missing = resolve_columns(names, schema.required_columns())
-    except KeyError as exc:
-        raise CatalogError(f"{path_s}: {exc.args[0]}", path=path_s) from None
-    if missing:
-        raise CatalogError(
-            f"{path_s}: missing required column(s) {missing} for schema {schema.name!r} "
-            f"(the file has {len(names)} columns; names are matched case-insensitively)",
-            path=path_s,
-            column=missing[0],
-        )
+    found = require_columns(path_s, pf.schema_arrow.names, schema)
     columns = [found[c] for c in schema.required_columns()]
     try:
         if row_groups is None:
