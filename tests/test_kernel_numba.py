@@ -241,7 +241,8 @@ def test_not_positive_definite_names_first_row_and_component(threads):
 
 def test_empty_and_bad_dtype():
     x, S, rw, lw, m, V = make_problem(0, 2, 5)
-    n_j, a, C, ll, W = pattern_stats_numba(x, S, rw, lw, m, V)
+    n_j, a, C, ll, W, n_bg = pattern_stats_numba(x, S, rw, lw, m, V)
+    assert n_bg == 0.0
     assert n_j.shape == (5,) and a.shape == (5, 2) and C.shape == (5, 2, 2)
     assert (ll, W) == (0.0, 0.0) and not n_j.any()
     assert pattern_logdens_numba(x, S, lw, m, V).shape == (0, 5)
@@ -288,3 +289,36 @@ def test_kernel_disk_cache(tmp_path):
     assert second.endswith(", 1)]")  # one cache hit
     _run_child({"XD_DASK_KERNEL_CACHE": "off", "XDG_CACHE_HOME": str(tmp_path / "xdg")})
     assert not (tmp_path / "xdg").exists()
+
+
+# --------------------------------------------------------------------------- background component
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_background_component_matches_direct_loop(dtype):
+    """A uniform background term joins each row's normalisation (DESIGN.md 4d): the statistics
+    equal the per-pair loop with the background's density appended as a (K+1)-th column."""
+    x, S, rw, lw, m, V = make_problem(300, 3, 5, seed=4)
+    x[:7] += 40.0  # a few far-away rows that the background should take
+    lbg = math.log(0.05) - 3 * math.log(60.0)
+    got = pattern_stats_numba(x.astype(dtype), S.astype(dtype), rw, lw + math.log(0.95), m, V, lbg)
+    n_j, a, C, ll, W, logp = direct_loop(x, S, rw, lw + math.log(0.95), m, V)
+    full = np.concatenate([logp, np.full((len(x), 1), lbg)], axis=1)
+    mx = full.max(axis=1, keepdims=True)
+    lse = (mx + np.log(np.exp(full - mx).sum(axis=1, keepdims=True)))[:, 0]
+    r = np.exp(full - lse[:, None]) * rw[:, None]
+    want_nj = r[:, :5].sum(axis=0)
+    rtol = 1e-9 if dtype == np.float64 else 2e-4
+    assert np.max(np.abs(got[0] - want_nj)) <= rtol * want_nj.max()
+    assert abs(got[3] - float(rw @ lse)) <= rtol * abs(float(rw @ lse))
+    assert abs(got[5] - r[:, 5].sum()) <= rtol * r[:, 5].sum() + 1e-12
+    assert (r[:7, 5] / rw[:7]).min() > 0.99  # the far rows went to the background
+    ref = pattern_stats_ref(x, S, rw, lw + math.log(0.95), m, V, None, None, lbg)
+    assert_stats_close(got, ref, rtol)
+    assert abs(got[5] - ref[5]) <= rtol * ref[5]
+
+
+def test_background_off_is_bit_identical():
+    x, S, rw, lw, m, V = make_problem(200, 4, 6, seed=5)
+    plain = pattern_stats_numba(x, S, rw, lw, m, V)
+    off = pattern_stats_numba(x, S, rw, lw, m, V, None)
+    for g, w in zip(plain, off, strict=True):
+        assert np.array_equal(np.asarray(g), np.asarray(w))

@@ -214,3 +214,37 @@ def test_non_positive_definite_T_names_row_and_component(backend):
     with pytest.raises(NotPositiveDefiniteError, match=r"row 0, component 1") as info:
         compute_stats(X, S, w, m, V, backend=backend)
     assert (info.value.row, info.value.component) == (0, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_background_with_missing_fields(backend):
+    """A uniform background's density on each row is weight / (volume of the box over the row's
+    observed fields); the dispatcher's statistics and per-row functions agree with a direct
+    computation of the (K + 1)-column mixture."""
+    from xd_dask.kernels import Background
+
+    rng, X, S, w, m, V = _problem(3, n=80, D=4, K=3, missing=0.25)
+    bg = Background(0.1, np.log([30.0, 20.0, 10.0, 50.0]))
+    w = 0.9 * np.asarray(w)
+    st = compute_stats(X, S, w, m, V, backend=backend, background=bg)
+    logp = log_component_densities(X, S, w, m, V, backend="reference")
+    obs = ~np.isnan(X)
+    lbg = np.log(0.1) - obs @ np.log([30.0, 20.0, 10.0, 50.0])
+    full = np.concatenate([logp, lbg[:, None]], axis=1)
+    mx = full.max(axis=1, keepdims=True)
+    lse = (mx + np.log(np.exp(full - mx).sum(axis=1, keepdims=True)))[:, 0]
+    r = np.exp(full - lse[:, None])
+    np.testing.assert_allclose(st.n, r[:, :3].sum(axis=0), rtol=1e-10)
+    assert st.n_bg == pytest.approx(r[:, 3].sum(), rel=1e-10)
+    assert st.ll == pytest.approx(lse.sum(), rel=1e-12)
+    np.testing.assert_allclose(
+        row_log_likelihood(X, S, w, m, V, background=bg, backend=backend), lse, rtol=1e-12
+    )
+    resp = responsibilities(X, S, w, m, V, background=bg, backend=backend)
+    np.testing.assert_allclose(resp.sum(axis=1), 1.0 - r[:, 3], rtol=1e-10)
+    # A zero-weight background changes nothing.
+    off = compute_stats(
+        X, S, w / 0.9, m, V, backend=backend, background=Background(0.0, bg.log_widths)
+    )
+    plain = compute_stats(X, S, w / 0.9, m, V, backend=backend)
+    assert off.ll == plain.ll and off.n_bg == 0.0

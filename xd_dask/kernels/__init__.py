@@ -33,6 +33,7 @@ from xd_dask.kernels._common import (
 )
 
 __all__ = [
+    "Background",
     "NotPositiveDefiniteError",
     "SuffStats",
     "compute_stats",
@@ -51,7 +52,8 @@ class SuffStats:
 
     n : (K,) sum_i w_i r_ij;  a : (K, D) sum_i w_i r_ij R_i^T u_ij;
     C : (K, D, D) sum_i w_i r_ij R_i^T (u_ij u_ij^T - T_ij^-1) R_i;
-    ll : sum_i w_i log p(x_i);  W : sum_i w_i;  n_rows : number of rows seen.
+    ll : sum_i w_i log p(x_i);  W : sum_i w_i;  n_rows : number of rows seen;
+    n_bg : sum_i w_i r_i,bg, the background component's share (0 without a background).
     Statistics of disjoint row sets combine by ``+``.
     """
 
@@ -61,6 +63,7 @@ class SuffStats:
     ll: float
     W: float
     n_rows: int
+    n_bg: float = 0.0
 
     @classmethod
     def zeros(cls, n_components: int, n_features: int) -> SuffStats:
@@ -79,6 +82,7 @@ class SuffStats:
             self.ll + other.ll,
             self.W + other.W,
             self.n_rows + other.n_rows,
+            self.n_bg + other.n_bg,
         )
 
     def __radd__(self, other: Any) -> SuffStats:  # lets sum() start from 0
@@ -93,7 +97,7 @@ class SuffStats:
 
     @property
     def nbytes(self) -> int:
-        return int(self.n.nbytes + self.a.nbytes + self.C.nbytes + 24)
+        return int(self.n.nbytes + self.a.nbytes + self.C.nbytes + 32)
 
     def to_numpy(self) -> SuffStats:
         return SuffStats(
@@ -103,7 +107,49 @@ class SuffStats:
             float(self.ll),
             float(self.W),
             int(self.n_rows),
+            float(self.n_bg),
         )
+
+
+@dataclass(frozen=True)
+class Background:
+    """A uniform background (outlier) component (DESIGN.md 4d; pygmmis' approach).
+
+    The density of a row is ``sum_j alpha_j N(x_i | R_i m_j, T_ij) + weight / volume_i`` where
+    ``volume_i`` is the volume of the box spanned by the row's OBSERVED fields (the marginal of a
+    uniform box is uniform on the remaining fields), so the Gaussian weights alpha_j sum to
+    ``1 - weight``. The box is fixed; the weight is fitted.
+
+    weight : float in [0, 1).
+    log_widths : (d,) log of the box's width along each column of X (feature units).
+    """
+
+    weight: float
+    log_widths: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        w = float(self.weight)
+        if not (0.0 <= w < 1.0):
+            raise ValueError(f"background weight must be in [0, 1), got {self.weight!r}")
+        lw = tuple(float(v) for v in np.asarray(self.log_widths, dtype=np.float64).ravel())
+        if not all(np.isfinite(lw)):
+            raise ValueError("background box widths must be finite and positive")
+        object.__setattr__(self, "weight", w)
+        object.__setattr__(self, "log_widths", lw)
+
+    def log_density(self, observed: Any) -> float | None:
+        """Log density (weight included) on the fields ``observed``; None when the weight is 0."""
+        if self.weight <= 0.0:
+            return None
+        return float(np.log(self.weight) - np.asarray(self.log_widths)[observed].sum())
+
+    def row_log_density(self, X: Any) -> Any:
+        """(n,) log density (weight included) of each row on its observed fields (-inf if off)."""
+        xp = array_namespace(X)
+        obs = xp.asarray(~xp.isnan(X), dtype=xp.float64)  # (n, d)
+        if self.weight <= 0.0:
+            return xp.full(X.shape[0], -np.inf)
+        return float(np.log(self.weight)) - obs @ xp.asarray(self.log_widths, dtype=xp.float64)
 
 
 def _numba_backend():
@@ -197,6 +243,7 @@ def compute_stats(
     backend: str = "auto",
     chunk_bytes: int | None = None,
     check: bool = True,
+    background: Background | None = None,
 ) -> SuffStats:
     """Sufficient statistics (DESIGN.md section 3) of a block of rows.
 
@@ -211,6 +258,8 @@ def compute_stats(
     chunk_bytes : working-set bound of the reference kernel (default 128 MiB).
     check : validate the inputs first (shapes, finite/PSD noise covariances). Readers that have
         already validated the rows may pass False.
+    background : optional uniform background component (:class:`Background`); it takes part
+        in every row's normalisation, ``ll`` includes it and ``n_bg`` sums its responsibilities.
 
     Returns
     -------
@@ -233,18 +282,20 @@ def compute_stats(
         x, S, Rp = _pattern_blocks(xp, Xc, X_cov, R, pat)
         o = pat.observed
         rwp = rw[xp.asarray(pat.rows)]
+        lbg = None if background is None else background.log_density(o)
         try:
             if backend == "numba":
-                nj, a, C, ll, W = _numba_backend().pattern_stats_numba(
+                nj, a, C, ll, W, nbg = _numba_backend().pattern_stats_numba(
                     x,
                     S,
                     np.ascontiguousarray(rwp),
                     log_weights,
                     np.ascontiguousarray(m[:, o]),
                     np.ascontiguousarray(V[np.ix_(np.arange(K), o, o)]),
+                    lbg,
                 )
             elif R is None:
-                nj, a, C, ll, W = _ref.pattern_stats_ref(
+                nj, a, C, ll, W, nbg = _ref.pattern_stats_ref(
                     x,
                     S,
                     rwp,
@@ -253,9 +304,10 @@ def compute_stats(
                     xp.asarray(V[np.ix_(np.arange(K), o, o)]),
                     None,
                     chunk_bytes,
+                    lbg,
                 )
             else:
-                nj, a, C, ll, W = _ref.pattern_stats_ref(
+                nj, a, C, ll, W, nbg = _ref.pattern_stats_ref(
                     x,
                     S,
                     rwp,
@@ -264,6 +316,7 @@ def compute_stats(
                     xp.asarray(V),
                     Rp,
                     chunk_bytes,
+                    lbg,
                 )
         except NotPositiveDefiniteError as err:
             raise NotPositiveDefiniteError(int(pat.rows[err.row]), err.component) from None
@@ -277,6 +330,7 @@ def compute_stats(
             total.C += C
         total.ll += float(ll)
         total.W += float(W)
+        total.n_bg += float(nbg)
     return total
 
 
@@ -323,18 +377,31 @@ def log_component_densities(
     return out
 
 
-def row_log_likelihood(X, X_cov, weights, means, covariances, **kw) -> Any:
-    """(n,) log p(x_i) = log sum_j alpha_j N(x_i | R_i m_j, T_ij)."""
-    return _ref._logsumexp_rows(
-        log_component_densities(X, X_cov, weights, means, covariances, **kw)
-    )
+def _row_totals(X: Any, logp: Any, background: Background | None) -> Any:
+    """(n,) log p(x_i) from the (n, K) log component densities (+ the background's term)."""
+    lse = _ref._logsumexp_rows(logp)
+    if background is None or background.weight <= 0.0:
+        return lse
+    xp = array_namespace(logp)
+    return xp.logaddexp(lse, background.row_log_density(X))
 
 
-def responsibilities(X, X_cov, weights, means, covariances, **kw) -> Any:
-    """(n, K) posterior component probabilities r_ij (rows sum to 1)."""
+def row_log_likelihood(
+    X, X_cov, weights, means, covariances, *, background: Background | None = None, **kw
+) -> Any:
+    """(n,) log p(x_i) = log [sum_j alpha_j N(x_i | R_i m_j, T_ij) (+ background)]."""
+    logp = log_component_densities(X, X_cov, weights, means, covariances, **kw)
+    return _row_totals(X, logp, background)
+
+
+def responsibilities(
+    X, X_cov, weights, means, covariances, *, background: Background | None = None, **kw
+) -> Any:
+    """(n, K) posterior component probabilities r_ij (rows sum to 1, or to 1 - r_i,bg with a
+    background component)."""
     logp = log_component_densities(X, X_cov, weights, means, covariances, **kw)
     xp = array_namespace(logp)
-    return xp.exp(logp - _ref._logsumexp_rows(logp)[:, None])
+    return xp.exp(logp - _row_totals(X, logp, background)[:, None])
 
 
 def posterior(

@@ -183,22 +183,35 @@ def _header(name_args: str, d: int, B: int) -> list[str]:
 
 
 def stats_source(d: int, B: int, fp32: bool) -> str:
-    """Source of ``kernel(x, S, rw, P, K, nl, r0, r1, flush_rows, acc64, status) -> ll``.
+    """Source of ``kernel(x, S, rw, P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum)
+    -> ll``.
 
     Handles rows ``r0 <= i < r1``: adds their sums to the float64 accumulator blocks ``acc64``
     and returns their weighted log-likelihood. At a non-positive pivot it writes the first
     offending (row, component) to ``status`` and stops. In float32 the sums are kept in float32
     for at most ``flush_rows`` rows at a time, then added into ``acc64``.
+
+    ``lbg`` (float64) is the log density of a uniform background component including its
+    weight (DESIGN.md 4d), the same for every row of the pattern; it joins each row's
+    normalisation and ``bgsum[0]`` accumulates the rows' weighted background responsibilities.
+    ``lbg <= BG_OFF`` switches the background off (the code path is then skipped, so results
+    are bit-identical to a kernel without it).
     """
     lay = layout(d)
     nS, nA = lay["n_scr"], lay["n_acc"]
-    src = _header("x, S, rw, P, K, nl, r0, r1, flush_rows, acc64, status", d, B)
+    src = _header("x, S, rw, P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum", d, B)
     src += [f"    acc = np.zeros(nblk * {nA * B}, DT)" if fp32 else "    acc = acc64"]
     src += ["    llsum = 0.0", "    cnt = 0", "    for i in range(r0, r1):"]
     src += _pair_pass(d, B, True)
     src += [
         "        mx = _rowmax(ld, Kp)",
+        "        if lbg > BG_OFF:",
+        "            mx = max(mx, DT(lbg))",
         "        tot = _rowexp(ld, mx, Kp)",
+        "        if lbg > BG_OFF:",
+        "            ebg = math.exp(lbg - float(mx))",
+        "            tot += ebg",
+        "            bgsum[0] += rw[i] * ebg / tot",
         "        llsum += rw[i] * (float(mx) + math.log(tot))",
         "        c = DT(rw[i] / tot)",
         "        for blk in range(nblk):",

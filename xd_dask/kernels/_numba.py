@@ -43,6 +43,8 @@ FLUSH_ROWS = 2048
 MIN_ROWS_PER_THREAD = 64
 #: Log weight of padding components: their responsibilities flush to exactly zero.
 _PAD_LOGW = -1.0e30
+#: A background log density at or below this means "no background component".
+BG_OFF = -1.0e29
 
 # All fast-math flags except reassociation: the polynomial exp/log rely on their evaluation
 # order, and the per-pair loop needs no reductions across lanes to vectorise.
@@ -269,6 +271,7 @@ def _namespace(fp32: bool) -> dict:
         "_rowmax": _rowmax,
         "_rowexp": _rowexp_f32 if fp32 else _rowexp_f64,
         "_flush": _flush,
+        "BG_OFF": BG_OFF,
     }
 
 
@@ -278,8 +281,10 @@ def _signature(kind: str, fp32: bool):
     x, S, P = types.Array(dt, 2, "C"), types.Array(dt, 3, "C"), types.Array(dt, 1, "C")
     f64v, i64v = types.Array(types.float64, 1, "C"), types.Array(i64, 1, "C")
     if kind == "stats":
-        # x, S, rw, P, K, nl, r0, r1, flush_rows, acc64, status -> ll
-        return types.float64(x, S, f64v, P, i64, i64, i64, i64, i64, f64v, i64v)
+        # x, S, rw, P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum -> ll
+        return types.float64(
+            x, S, f64v, P, i64, i64, i64, i64, i64, f64v, i64v, types.float64, f64v
+        )
     # x, S, P, K, nl, r0, r1, out, status
     return types.float64(x, S, P, i64, i64, i64, i64, types.Array(dt, 2, "C"), i64v)
 
@@ -466,7 +471,8 @@ def pattern_stats_numba(
     log_weights: np.ndarray,
     means: np.ndarray,
     covs: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+    log_background: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float, float]:
     """XD sufficient statistics of rows sharing one missingness pattern (compiled kernel).
 
     Parameters
@@ -482,6 +488,9 @@ def pattern_stats_numba(
     means : (K, d) float64
     covs : (K, d, d) float64
         Component means and covariances (observed sub-blocks).
+    log_background : float, optional
+        Log density (weight included) of a uniform background component on these fields; it
+        joins every row's normalisation. None: no background.
 
     Returns
     -------
@@ -495,6 +504,8 @@ def pattern_stats_numba(
         ``sum_i rw_i log sum_j alpha_j N(x_i | m_j, T_ij)``.
     W : float
         ``sum_i rw_i``.
+    n_bg : float
+        ``sum_i rw_i r_i,bg``, the rows' weighted background responsibilities (0 without).
 
     Raises
     ------
@@ -509,20 +520,34 @@ def pattern_stats_numba(
         raise ValueError(f"rw has shape {rw.shape}, expected ({n},)")
     lay = _codegen.layout(d)
     if n == 0:
-        return np.zeros(K), np.zeros((K, d)), np.zeros((K, d, d)), 0.0, 0.0
+        return np.zeros(K), np.zeros((K, d)), np.zeros((K, d, d)), 0.0, 0.0, 0.0
     P = _pack(log_weights, means, covs, x.dtype)
     nt = _n_threads(n)
     acc64 = np.zeros((nt, P.size // lay["n_par"] * lay["n_acc"]))
     status = np.full((nt, 2), -1, dtype=np.int64)
+    bgsum = np.zeros((nt, 1))
+    lbg = _background_arg(log_background)
     fn = _kernel("stats", d, fp32)
 
     def body(t, r0, r1):
-        return fn(x, S, rw, P, K, LANE_BLOCK, r0, r1, FLUSH_ROWS, acc64[t], status[t])
+        return fn(
+            x, S, rw, P, K, LANE_BLOCK, r0, r1, FLUSH_ROWS, acc64[t], status[t], lbg, bgsum[t]
+        )
 
     ll = _run_blocks(body, n, nt)
     _raise_if_bad(status)
     n_j, a, C = _unpack_acc(acc64, d, K)
-    return n_j, a, C, float(np.sum(ll)), float(rw.sum())
+    return n_j, a, C, float(np.sum(ll)), float(rw.sum()), float(bgsum.sum())
+
+
+def _background_arg(log_background: float | None) -> float:
+    """The kernel's ``lbg`` argument: a finite log density, or the "off" marker."""
+    if log_background is None or log_background == -math.inf:
+        return 2.0 * BG_OFF
+    lbg = float(log_background)
+    if not math.isfinite(lbg) or lbg <= BG_OFF:
+        raise ValueError(f"log_background must be finite (or None), got {log_background!r}")
+    return lbg
 
 
 def pattern_logdens_numba(

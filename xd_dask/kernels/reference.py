@@ -129,18 +129,22 @@ def pattern_logdens_ref(x, S, log_weights, means, covs, R=None, chunk_bytes=None
     return out
 
 
-def pattern_stats_ref(x, S, rw, log_weights, means, covs, R=None, chunk_bytes=None):
+def pattern_stats_ref(
+    x, S, rw, log_weights, means, covs, R=None, chunk_bytes=None, log_background=None
+):
     """Sufficient statistics (DESIGN.md section 3) of one missingness pattern.
 
     Parameters
     ----------
     x : (n, d) float32/float64, S : (n, d, d), rw : (n,) float64 row weights,
     log_weights : (K,), means : (K, d) (or (K, D) with R), covs : (K, d, d) (or (K, D, D)),
-    R : (n, d, D) or None.
+    R : (n, d, D) or None, log_background : log density (weight included) of a uniform
+    background component on these fields, or None (DESIGN.md 4d).
 
     Returns
     -------
-    n_j : (K,), a : (K, d) or (K, D), C : (K, d, d) or (K, D, D), ll : float, W : float
+    n_j : (K,), a : (K, d) or (K, D), C : (K, d, d) or (K, D, D), ll : float, W : float,
+    n_bg : float (weighted background responsibilities; 0 without a background),
         accumulated in float64.
     """
     xp = array_namespace(x, S)
@@ -152,6 +156,7 @@ def pattern_stats_ref(x, S, rw, log_weights, means, covs, R=None, chunk_bytes=No
     a = xp.zeros((K, Dp), dtype=f64)
     C = xp.zeros((K, Dp, Dp), dtype=f64)
     ll = 0.0
+    n_bg = 0.0
     rw = xp.asarray(rw, dtype=f64)
     step = chunk_rows(K, max(d, Dp), x.dtype.itemsize, chunk_bytes)
     for s in range(0, n, step):
@@ -159,6 +164,11 @@ def pattern_stats_ref(x, S, rw, log_weights, means, covs, R=None, chunk_bytes=No
         logN, u, Tinv = _pair_terms(x[s:e], S[s:e], m, V, None if R is None else R[s:e], s)
         logp = xp.asarray(logN, dtype=f64) + xp.asarray(lw, dtype=f64)[None, :]
         lse = _logsumexp_rows(logp)  # (n,)
+        if log_background is not None:
+            lbg = float(log_background)
+            top = xp.maximum(lse, lbg)
+            lse = top + xp.log(xp.exp(lse - top) + xp.exp(lbg - top))
+            n_bg += float(xp.sum(rw[s:e] * xp.exp(lbg - lse)))
         wr = xp.exp(logp - lse[:, None]) * rw[s:e, None]  # (n, K) weighted responsibilities
         u64 = xp.asarray(u, dtype=f64)
         G = u64[..., :, None] * u64[..., None, :] - xp.asarray(Tinv, dtype=f64)  # (n, K, d, d)
@@ -171,7 +181,7 @@ def pattern_stats_ref(x, S, rw, log_weights, means, covs, R=None, chunk_bytes=No
             a += xp.einsum("nk,nid,nki->kd", wr, R64, u64)
             C += xp.einsum("nk,nid,nkij,nje->kde", wr, R64, G, R64, optimize=True)
         ll += float(xp.sum(rw[s:e] * lse))
-    return nj, a, C, ll, float(xp.sum(rw))
+    return nj, a, C, ll, float(xp.sum(rw)), n_bg
 
 
 def pattern_posterior_ref(x, S, log_weights, means, covs, obs, R=None, chunk_bytes=None):
