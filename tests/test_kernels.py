@@ -224,7 +224,7 @@ def test_background_with_missing_fields(backend):
     from xd_dask.kernels import Background
 
     rng, X, S, w, m, V = _problem(3, n=80, D=4, K=3, missing=0.25)
-    bg = Background(0.1, np.log([30.0, 20.0, 10.0, 50.0]))
+    bg = Background(0.1, [-15.0, -10.0, -5.0, -25.0], [15.0, 10.0, 5.0, 25.0])
     w = 0.9 * np.asarray(w)
     st = compute_stats(X, S, w, m, V, backend=backend, background=bg)
     logp = log_component_densities(X, S, w, m, V, backend="reference")
@@ -244,7 +244,7 @@ def test_background_with_missing_fields(backend):
     np.testing.assert_allclose(resp.sum(axis=1), 1.0 - r[:, 3], rtol=1e-10)
     # A zero-weight background changes nothing.
     off = compute_stats(
-        X, S, w / 0.9, m, V, backend=backend, background=Background(0.0, bg.log_widths)
+        X, S, w / 0.9, m, V, backend=backend, background=Background(0.0, bg.lo, bg.hi)
     )
     plain = compute_stats(X, S, w / 0.9, m, V, backend=backend)
     assert off.ll == plain.ll and off.n_bg == 0.0

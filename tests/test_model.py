@@ -100,3 +100,27 @@ def test_saved_file_has_ordinary_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_background_component_round_trip_and_density(tmp_path):
+    """A model with a uniform background saves, loads and scores with it: the density is the
+    Gaussians' plus weight / box volume (over each row's observed fields)."""
+    from xd_dask.kernels import Background, row_log_likelihood
+
+    bg = Background(0.2, [-10.0, -20.0], [10.0, 20.0])
+    w = np.array([0.5, 0.3])
+    m = np.array([[0.0, 0.0], [3.0, 1.0]])
+    V = np.array([np.eye(2), 2 * np.eye(2)])
+    model = XDModel(w, m, V, background=bg)
+    with pytest.raises(ValueError, match="sum to 0.8"):
+        XDModel(w / w.sum(), m, V, background=bg)
+    back = XDModel.load(model.save(tmp_path / "bg.npz"))
+    assert back.background == bg
+    X = np.array([[0.5, -0.2], [9.0, 19.0], [np.nan, 3.0]])
+    S = np.array([0.1 * np.eye(2)] * 3)
+    plain = row_log_likelihood(X, S, w, m, V)
+    want = np.logaddexp(plain, np.log(0.2) - np.log([800.0, 800.0, 40.0]))
+    np.testing.assert_allclose(back.log_density(X, S), want, rtol=1e-12)
+    v, lab = back.sample(20000, random_state=1, return_labels=True)
+    assert abs((lab == 2).mean() - 0.2) < 0.02
+    assert np.all(v[lab == 2] >= bg.lo) and np.all(v[lab == 2] <= bg.hi)

@@ -20,11 +20,14 @@ class ModelFileError(ValueError):
     """A model file is missing, truncated, corrupt or not an xd-dask model."""
 
 
-def validate_parameters(weights: Any, means: Any, covariances: Any) -> tuple[np.ndarray, ...]:
+def validate_parameters(
+    weights: Any, means: Any, covariances: Any, total: float = 1.0
+) -> tuple[np.ndarray, ...]:
     """Check and return float64 copies of mixture parameters.
 
-    Raises ValueError naming the component when weights are not positive or do not sum to 1, or
-    a covariance is not symmetric positive definite, or when the shapes disagree.
+    Raises ValueError naming the component when weights are not positive or do not sum to
+    ``total`` (1, or 1 minus a background component's weight), or a covariance is not symmetric
+    positive definite, or when the shapes disagree.
     """
     w = np.array(weights, dtype=np.float64)
     m = np.array(means, dtype=np.float64)
@@ -46,8 +49,8 @@ def validate_parameters(weights: Any, means: Any, covariances: Any) -> tuple[np.
     if np.any(w <= 0):
         j = int(np.flatnonzero(w <= 0)[0])
         raise ValueError(f"weight of component {j} is {w[j]:g}; weights must be positive")
-    if abs(w.sum() - 1.0) > 1e-8:
-        raise ValueError(f"weights must sum to 1, they sum to {w.sum():.12g}")
+    if abs(w.sum() - total) > 1e-8:
+        raise ValueError(f"weights must sum to {total:.12g}, they sum to {w.sum():.12g}")
     asym = np.abs(V - np.swapaxes(V, 1, 2)).max(axis=(1, 2))
     scale = np.abs(V).max(axis=(1, 2))
     bad = asym > 1e-10 * np.maximum(scale, 1e-300)
@@ -72,6 +75,9 @@ class XDModel:
     covariances : (K, D, D) symmetric positive definite.
     feature_names : sequence of D names, optional (default f0, f1, ...).
     metadata : JSON-serialisable dict (fit history, units, versions, counts), optional.
+    background : optional uniform background (outlier) component over a box in feature space
+        (:class:`xd_dask.kernels.Background`, DESIGN.md 4d); the Gaussian weights then sum to
+        ``1 - background.weight``.
     """
 
     def __init__(
@@ -81,11 +87,18 @@ class XDModel:
         covariances: Any,
         feature_names: Sequence[str] | None = None,
         metadata: dict[str, Any] | None = None,
+        background: Any = None,
     ) -> None:
+        if background is not None and float(background.weight) <= 0.0:
+            background = None
+        total = 1.0 if background is None else 1.0 - float(background.weight)
         self.weights, self.means, self.covariances = validate_parameters(
-            weights, means, covariances
+            weights, means, covariances, total
         )
         D = self.means.shape[1]
+        if background is not None and len(background.lo) != D:
+            raise ValueError(f"background box has {len(background.lo)} columns for {D} features")
+        self.background = background
         names = (
             [f"f{i}" for i in range(D)]
             if feature_names is None
@@ -123,6 +136,13 @@ class XDModel:
             "n_features": self.n_features,
             "feature_names": self.feature_names,
         }
+        extra = {}
+        if self.background is not None:
+            extra = {
+                "background_weight": np.array(self.background.weight),
+                "background_lo": np.asarray(self.background.lo),
+                "background_hi": np.asarray(self.background.hi),
+            }
         with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
             np.savez(
                 fh,
@@ -131,6 +151,7 @@ class XDModel:
                 weights=self.weights,
                 means=self.means,
                 covariances=self.covariances,
+                **extra,
             )
         return path
 
@@ -153,18 +174,34 @@ class XDModel:
                         f"this xd-dask understands ({FORMAT_VERSION}); upgrade xd-dask"
                     )
                 arrays = {k: z[k] for k in ("weights", "means", "covariances")}
+                bg_keys = ("background_weight", "background_lo", "background_hi")
+                present = [k in z.files for k in bg_keys]
+                if any(present) and not all(present):
+                    raise ModelFileError(f"{path}: incomplete background component")
+                if all(present):
+                    arrays |= {k: z[k] for k in bg_keys}
                 metadata = json.loads(str(z["metadata"])) if "metadata" in z.files else {}
         except ModelFileError:
             raise
         except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError) as exc:
             raise ModelFileError(f"{path}: corrupt or truncated model file ({exc})") from None
         try:
+            background = None
+            if "background_weight" in arrays:
+                from xd_dask.kernels import Background  # noqa: PLC0415 - layering: model <- kernels
+
+                background = Background(
+                    float(arrays["background_weight"]),
+                    arrays["background_lo"],
+                    arrays["background_hi"],
+                )
             return cls(
                 arrays["weights"],
                 arrays["means"],
                 arrays["covariances"],
                 header.get("feature_names"),
                 metadata,
+                background,
             )
         except ValueError as exc:
             raise ModelFileError(f"{path}: invalid model parameters: {exc}") from None
@@ -173,17 +210,23 @@ class XDModel:
     def _params(self):
         return self.weights, self.means, self.covariances
 
+    def _bg(self, kw: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments with this model's background component (if it has one)."""
+        if self.background is not None and "background" not in kw:
+            return dict(kw, background=self.background)
+        return kw
+
     def log_density(self, X: Any, X_cov: Any, **kw: Any) -> Any:
         """(n,) log-likelihood of noisy rows: log sum_j alpha_j N(x_i | m_j, V_j + S_i)."""
         from xd_dask.kernels import row_log_likelihood  # noqa: PLC0415 - layering: model <- kernels
 
-        return row_log_likelihood(X, X_cov, *self._params(), **kw)
+        return row_log_likelihood(X, X_cov, *self._params(), **self._bg(kw))
 
     def responsibilities(self, X: Any, X_cov: Any, **kw: Any) -> Any:
         """(n, K) posterior probability of each component for each noisy row."""
         from xd_dask.kernels import responsibilities  # noqa: PLC0415
 
-        return responsibilities(X, X_cov, *self._params(), **kw)
+        return responsibilities(X, X_cov, *self._params(), **self._bg(kw))
 
     def posterior(self, X: Any, X_cov: Any, **kw: Any):
         """Deconvolved per-row mean (n, D) and covariance (n, D, D) of the true values."""
@@ -196,16 +239,27 @@ class XDModel:
     ):
         """Draw ``n`` true values v from the mixture; with ``X_cov`` (n, D, D) add noise N(0, S_i).
 
-        Returns (n, D), and the component labels (n,) when ``return_labels``.
+        Returns (n, D), and the component labels (n,) when ``return_labels``; with a background
+        component, its rows are uniform over the box and labelled ``n_components``.
         """
         rng = np.random.default_rng(random_state)
         n = int(n)
         if n < 0:
             raise ValueError("n must be >= 0")
-        labels = rng.choice(self.n_components, size=n, p=self.weights)
+        K = self.n_components
+        if self.background is None:
+            labels = rng.choice(K, size=n, p=self.weights)
+        else:
+            p = np.append(self.weights, self.background.weight)
+            labels = rng.choice(K + 1, size=n, p=p / p.sum())
         L = np.linalg.cholesky(self.covariances)  # (K, D, D)
         z = rng.standard_normal((n, self.n_features))
-        v = self.means[labels] + np.einsum("nij,nj->ni", L[labels], z)
+        gauss = labels < K
+        lab = np.where(gauss, labels, 0)
+        v = self.means[lab] + np.einsum("nij,nj->ni", L[lab], z)
+        if self.background is not None and not gauss.all():
+            lo, hi = np.asarray(self.background.lo), np.asarray(self.background.hi)
+            v[~gauss] = lo + (hi - lo) * rng.random(((~gauss).sum(), self.n_features))
         if X_cov is not None:
             S = np.asarray(X_cov, dtype=np.float64)
             if S.shape != (n, self.n_features, self.n_features):

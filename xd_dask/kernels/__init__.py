@@ -116,32 +116,46 @@ class Background:
     """A uniform background (outlier) component (DESIGN.md 4d; pygmmis' approach).
 
     The density of a row is ``sum_j alpha_j N(x_i | R_i m_j, T_ij) + weight / volume_i`` where
-    ``volume_i`` is the volume of the box spanned by the row's OBSERVED fields (the marginal of a
-    uniform box is uniform on the remaining fields), so the Gaussian weights alpha_j sum to
-    ``1 - weight``. The box is fixed; the weight is fitted.
+    ``volume_i`` is the volume of the box ``[lo, hi]`` over the row's OBSERVED fields (the
+    marginal of a uniform box is uniform on the remaining fields), so the Gaussian weights
+    alpha_j sum to ``1 - weight``. The box is fixed (in the units of X's columns); the weight
+    is fitted. The noise is not convolved into the box: it is meant for rows far outside the
+    Gaussians, whose errors are small against the box.
 
     weight : float in [0, 1).
-    log_widths : (d,) log of the box's width along each column of X (feature units).
+    lo, hi : (d,) corners of the box, hi > lo, finite.
     """
 
     weight: float
-    log_widths: tuple[float, ...]
+    lo: tuple[float, ...]
+    hi: tuple[float, ...]
 
     def __post_init__(self) -> None:
         w = float(self.weight)
         if not (0.0 <= w < 1.0):
             raise ValueError(f"background weight must be in [0, 1), got {self.weight!r}")
-        lw = tuple(float(v) for v in np.asarray(self.log_widths, dtype=np.float64).ravel())
-        if not all(np.isfinite(lw)):
-            raise ValueError("background box widths must be finite and positive")
+        lo = np.asarray(self.lo, dtype=np.float64).ravel()
+        hi = np.asarray(self.hi, dtype=np.float64).ravel()
+        if lo.shape != hi.shape or lo.size == 0:
+            raise ValueError(f"background box corners disagree: lo {lo.shape}, hi {hi.shape}")
+        if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) and np.all(hi > lo)):
+            raise ValueError("background box must be finite with hi > lo in every column")
+        if not np.all(np.isfinite(np.log(hi - lo))):
+            raise ValueError("background box is too large or too small to have a finite volume")
         object.__setattr__(self, "weight", w)
-        object.__setattr__(self, "log_widths", lw)
+        object.__setattr__(self, "lo", tuple(float(v) for v in lo))
+        object.__setattr__(self, "hi", tuple(float(v) for v in hi))
+
+    @property
+    def log_widths(self) -> np.ndarray:
+        """(d,) log of the box's width along each column."""
+        return np.log(np.asarray(self.hi) - np.asarray(self.lo))
 
     def log_density(self, observed: Any) -> float | None:
         """Log density (weight included) on the fields ``observed``; None when the weight is 0."""
         if self.weight <= 0.0:
             return None
-        return float(np.log(self.weight) - np.asarray(self.log_widths)[observed].sum())
+        return float(np.log(self.weight) - self.log_widths[observed].sum())
 
     def row_log_density(self, X: Any) -> Any:
         """(n,) log density (weight included) of each row on its observed fields (-inf if off)."""
