@@ -42,6 +42,7 @@ __all__ = [
     "PartitionError",
     "SampleMoments",
     "TaskOptions",
+    "WorstRows",
     "combine",
     "estep",
     "kmeans_lloyd",
@@ -262,15 +263,69 @@ def _partial(blk: Block, payload: Any, n_used: int, t0: float) -> Partial:
 
 
 # ----------------------------------------------------------------------------- E-step
+@dataclass
+class WorstRows:
+    """The (at most) ``m`` rows whose log-likelihood fell most between two parameter sets, as
+    dicts (file, row, source_id, ll_before, ll_after, component); adds up by keeping the top m
+    (largest drop first; ties by file and row, so the result does not depend on the tree)."""
+
+    rows: list[dict]
+    m: int
+
+    def __add__(self, other: WorstRows) -> WorstRows:
+        rows = sorted(
+            self.rows + other.rows,
+            key=lambda r: (-(r["ll_before"] - r["ll_after"]), r["file"], r["row"]),
+        )
+        return WorstRows(rows[: max(self.m, other.m)], max(self.m, other.m))
+
+
+def _row_drops(blk: Block, X: Any, S: Any, before: tuple, after: tuple, m: int) -> WorstRows:
+    """Top-m rows of a partition by the fall of their log-likelihood from ``before`` to
+    ``after`` (each ``(Params, background or None)``); component = most probable before."""
+    from xd_dask.kernels import log_component_densities  # noqa: PLC0415
+    from xd_dask.optim.arrays import rank_row_drops  # noqa: PLC0415
+
+    def row_ll(p: Params, bg: Any) -> np.ndarray:
+        return to_numpy(
+            row_log_likelihood(X, S, p.weights, p.means, p.covariances, check=False, background=bg)
+        )
+
+    lb, la = row_ll(*before), row_ll(*after)
+    p = before[0]
+    comp = np.argmax(
+        to_numpy(log_component_densities(X, S, p.weights, p.means, p.covariances, check=False)),
+        axis=1,
+    )
+    rows = [
+        {
+            "file": blk.path,
+            "row": i,
+            "source_id": int(blk.ids[i]),
+            "ll_before": float(lb[i]),
+            "ll_after": float(la[i]),
+            "component": int(comp[i]),
+        }
+        for i in rank_row_drops(lb, la, m)
+    ]
+    return WorstRows(rows, m)
+
+
 def estep(
     source: Partition | Block,
     params: Params,
     opts: TaskOptions,
     subsample: tuple[float, int, int] | None = None,
+    background: Any = None,
+    compare: tuple[Params, Any, int] | None = None,
 ) -> Partial:
     """Sufficient statistics of one partition at ``params`` (``xd-estep``).
 
     subsample : (fraction, seed, epoch) keeps a seeded random subset of the rows.
+    background : optional :class:`xd_dask.kernels.Background` (uniform outlier component).
+    compare : (after, after_background, m): instead of statistics, return the payload
+        :class:`WorstRows`, the m rows whose log-likelihood fell most from ``params`` to
+        ``after`` (the diagnosis of a diverged fit; full partitions only).
     """
     t0 = time.perf_counter()
     backend = _backend(opts)
@@ -282,6 +337,10 @@ def estep(
         xp = array_namespace(X)
         idx = xp.asarray(rows)
         X, S = X[idx], S[idx]
+    if compare is not None:
+        after, after_bg, m = compare
+        worst = _row_drops(blk, X, S, (params, background), (after, after_bg), int(m))
+        return _partial(blk, worst, X.shape[0], t0)
     if X.shape[0] == 0:
         stats = SuffStats.zeros(K, D)
     else:
@@ -294,6 +353,7 @@ def estep(
                 params.covariances,
                 backend=backend,
                 check=False,  # the reader has validated the rows
+                background=background,
             ).to_numpy()
         except NotPositiveDefiniteError as err:
             raise _kernel_error(blk, rows, err) from None
