@@ -24,6 +24,7 @@ from xd_dask.optim import (
     Mixture,
     initial_background,
 )
+from xd_dask.optim.background import confine
 from xd_dask.optim.init import impute_column_means, kmeans_init, params_from_labels
 
 __all__ = [
@@ -132,6 +133,8 @@ class XDGMM:
             bg = initial_background(X, self.background_weight)
         if not isinstance(bg, Background):
             raise ValueError(f"background must be True, False or a Background, got {bg!r}")
+        if not isinstance(self.init, XDModel):
+            m, V, _ = confine(m, V, bg)
         return Mixture(w * (1.0 - bg.weight), m, V, bg)
 
     def fit(self, X: Any, X_cov: Any, weights: Any = None, R: Any = None) -> XDGMM:

@@ -56,7 +56,7 @@ class FitConfig:
     background : add a uniform background (outlier) component over the padded bounding box of
         the k-means sample (:mod:`xd_dask.optim.background`); its weight is fitted. It absorbs a
         few absurd rows instead of letting them take or drag a component.
-    background_weight : its starting weight, in (0, 0.5).
+    background_weight : its starting weight, in (0, 0.5].
     max_ll_drop : batch EM: largest accepted decrease of the mean log-likelihood per iteration
         (nats per row); a larger one rolls back and stops naming the rows
         (:mod:`xd_dask.optim.robust`).
@@ -134,8 +134,8 @@ class FitConfig:
             (isinstance(self.init, str) and bool(self.init), "init must be 'kmeans' or a path"),
             (isinstance(self.background, bool), "background must be true or false"),
             (
-                0.0 < float(self.background_weight) < 0.5,
-                "background_weight must be in (0, 0.5)",
+                0.0 < float(self.background_weight) <= 0.5,
+                "background_weight must be in (0, 0.5]",
             ),
             (
                 float(self.max_ll_drop) > 0 and math.isfinite(self.max_ll_drop),

@@ -53,6 +53,7 @@ from xd_dask.optim import (
     OnlineEM,
     bounding_box,
 )
+from xd_dask.optim.background import confine
 from xd_dask.utils import atomic_path, get_logger
 
 log = get_logger(__name__)
@@ -128,10 +129,14 @@ class PassStatistics:
         )
         return BatchStats(part.payload, _counts(part), {"task_seconds": part.seconds})
 
-    def worst_rows(self, before: Mixture, after: Mixture, m: int) -> list[dict]:
-        """One ``xd-diagnose`` pass: the m rows (file, row, source_id) that lost most."""
+    def worst_rows(self, before: Mixture, after: Mixture | None, m: int) -> list[dict]:
+        """One ``xd-diagnose`` pass: the m rows (file, row, source_id) that lost most (``after``
+        None: the m least likely rows at ``before``)."""
         self._diagnoses += 1
-        compare = (_params(after), after.background, int(m))
+        if after is None:
+            compare = (None, None, int(m))
+        else:
+            compare = (_params(after), after.background, int(m))
         part = self.runner.run(
             "diagnose",
             (self._diagnoses,),
@@ -282,6 +287,8 @@ class _Fit:
         if cfg.background and background is None:
             background = self._background(sample_pass)
             w = w * (1.0 - background.weight)
+            m, V, confined = confine(m, V, background)
+            info["confined_to_background_box"] = confined
         wave_size = 0
         if cfg.method == "online":
             wave_size = int(cfg.wave_size or 2 * worker_threads(self.client))

@@ -273,16 +273,19 @@ class WorstRows:
     m: int
 
     def __add__(self, other: WorstRows) -> WorstRows:
-        rows = sorted(
-            self.rows + other.rows,
-            key=lambda r: (-(r["ll_before"] - r["ll_after"]), r["file"], r["row"]),
-        )
+        def key(r: dict) -> tuple:
+            after = r["ll_after"]
+            drop = -r["ll_before"] if after is None else r["ll_before"] - after
+            return (-drop, r["file"], r["row"])
+
+        rows = sorted(self.rows + other.rows, key=key)
         return WorstRows(rows[: max(self.m, other.m)], max(self.m, other.m))
 
 
-def _row_drops(blk: Block, X: Any, S: Any, before: tuple, after: tuple, m: int) -> WorstRows:
+def _row_drops(blk: Block, X: Any, S: Any, before: tuple, after: tuple | None, m: int) -> WorstRows:
     """Top-m rows of a partition by the fall of their log-likelihood from ``before`` to
-    ``after`` (each ``(Params, background or None)``); component = most probable before."""
+    ``after`` (each ``(Params, background or None)``; ``after`` None: the least likely rows at
+    ``before``); component = most probable before."""
     from xd_dask.kernels import log_component_densities  # noqa: PLC0415
     from xd_dask.optim.arrays import rank_row_drops  # noqa: PLC0415
 
@@ -291,7 +294,8 @@ def _row_drops(blk: Block, X: Any, S: Any, before: tuple, after: tuple, m: int) 
             row_log_likelihood(X, S, p.weights, p.means, p.covariances, check=False, background=bg)
         )
 
-    lb, la = row_ll(*before), row_ll(*after)
+    lb = row_ll(*before)
+    la = None if after is None else row_ll(*after)
     p = before[0]
     comp = np.argmax(
         to_numpy(log_component_densities(X, S, p.weights, p.means, p.covariances, check=False)),
@@ -303,7 +307,7 @@ def _row_drops(blk: Block, X: Any, S: Any, before: tuple, after: tuple, m: int) 
             "row": i,
             "source_id": int(blk.ids[i]),
             "ll_before": float(lb[i]),
-            "ll_after": float(la[i]),
+            "ll_after": None if la is None else float(la[i]),
             "component": int(comp[i]),
         }
         for i in rank_row_drops(lb, la, m)
@@ -325,7 +329,8 @@ def estep(
     background : optional :class:`xd_dask.kernels.Background` (uniform outlier component).
     compare : (after, after_background, m): instead of statistics, return the payload
         :class:`WorstRows`, the m rows whose log-likelihood fell most from ``params`` to
-        ``after`` (the diagnosis of a diverged fit; full partitions only).
+        ``after`` (``after`` None: the m least likely rows at ``params``); the diagnosis of a
+        diverged fit, full partitions only.
     """
     t0 = time.perf_counter()
     backend = _backend(opts)
@@ -339,7 +344,8 @@ def estep(
         X, S = X[idx], S[idx]
     if compare is not None:
         after, after_bg, m = compare
-        worst = _row_drops(blk, X, S, (params, background), (after, after_bg), int(m))
+        other = None if after is None else (after, after_bg)
+        worst = _row_drops(blk, X, S, (params, background), other, int(m))
         return _partial(blk, worst, X.shape[0], t0)
     if X.shape[0] == 0:
         stats = SuffStats.zeros(K, D)

@@ -12,9 +12,12 @@ from xd_dask.optim.loop import Batch, BatchStats, Mixture
 __all__ = ["ArrayStatistics", "rank_row_drops"]
 
 
-def rank_row_drops(ll_before: np.ndarray, ll_after: np.ndarray, m: int) -> list[int]:
+def rank_row_drops(ll_before: np.ndarray, ll_after: np.ndarray | None, m: int) -> list[int]:
     """Indices of the (at most) ``m`` rows whose log-likelihood fell most, largest drop first
-    (ties: lower index first); rows whose log-likelihood did not fall are never listed."""
+    (ties: lower index first); rows whose log-likelihood did not fall are never listed. With
+    ``ll_after`` None: the ``m`` rows with the lowest ``ll_before``."""
+    if ll_after is None:
+        return [int(i) for i in np.lexsort((np.arange(ll_before.shape[0]), ll_before))[:m]]
     drop = ll_before - ll_after
     drop = np.where(np.isnan(drop), np.inf, drop)
     order = np.lexsort((np.arange(drop.shape[0]), -drop))[:m]
@@ -68,9 +71,11 @@ class ArrayStatistics:
             )
         )
 
-    def worst_rows(self, before: Mixture, after: Mixture, m: int) -> list[dict]:
-        """The ``m`` rows whose log-likelihood fell most from ``before`` to ``after``."""
-        lb, la = self._row_ll(before), self._row_ll(after)
+    def worst_rows(self, before: Mixture, after: Mixture | None, m: int) -> list[dict]:
+        """The ``m`` rows whose log-likelihood fell most from ``before`` to ``after`` (``after``
+        None: the ``m`` least likely rows at ``before``)."""
+        lb = self._row_ll(before)
+        la = None if after is None else self._row_ll(after)
         logp = log_component_densities(
             self.X,
             self.X_cov,
@@ -85,7 +90,7 @@ class ArrayStatistics:
             {
                 "row": i,
                 "ll_before": float(lb[i]),
-                "ll_after": float(la[i]),
+                "ll_after": None if la is None else float(la[i]),
                 "component": int(comp[i]),
             }
             for i in rank_row_drops(lb, la, m)

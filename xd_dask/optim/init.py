@@ -45,16 +45,24 @@ def params_from_labels(
     the global scatter), for initialising XD from k-means."""
     n, D = X.shape
     glob = _global_scatter(X) + reg_covar * np.eye(D)
-    # A floor so that a cluster of identical points still has a positive definite covariance.
-    floor = 1e-6 * np.diag(glob).mean() * np.eye(D) + reg_covar * np.eye(D)
     counts = np.bincount(labels, minlength=n_components).astype(np.float64)
+    scatter = {
+        j: np.cov(X[labels == j], rowvar=False).reshape(D, D)
+        for j in range(n_components)
+        if counts[j] > D
+    }
+    # A floor so that a cluster of identical points still has a positive definite covariance,
+    # scaled by the typical cluster (not the global scatter, which one absurd row can inflate).
+    scale = np.median([np.diag(c).mean() for c in scatter.values()]) if scatter else 0.0
+    scale = scale if scale > 0 else np.diag(glob).mean()
+    floor = 1e-6 * scale * np.eye(D) + reg_covar * np.eye(D)
     means = np.zeros((n_components, D))
     covs = np.zeros((n_components, D, D))
     for j in range(n_components):
         Xj = X[labels == j]
-        if len(Xj) > D:
+        if j in scatter:
             means[j] = Xj.mean(axis=0)
-            covs[j] = np.cov(Xj, rowvar=False) + floor
+            covs[j] = scatter[j] + floor
         elif len(Xj) > 0:
             means[j] = Xj.mean(axis=0)
             covs[j] = glob / n_components ** (2.0 / D) + floor

@@ -7,7 +7,9 @@ Statistics source (:class:`StatisticsSource`): ``source(params, batch) -> BatchS
 the sufficient statistics (:class:`xd_dask.kernels.SuffStats`) of the rows of ``batch`` at
 ``params``; ``source.n_units`` is the number of units the data come in (partitions; 1 for arrays
 in memory) and ``source.worst_rows(before, after, m)`` names the ``m`` rows whose log-likelihood
-fell most between two parameter sets (used only when a fit diverges).
+fell most between two parameter sets, or with ``after=None`` the ``m`` least likely rows at
+``before`` (dicts: row, ll_before, ll_after, component, and file / source_id where known; used
+only when a fit diverges).
 :class:`xd_dask.optim.arrays.ArrayStatistics` serves arrays in memory; the distributed fit serves
 a catalogue through its pass runner.
 
@@ -152,7 +154,7 @@ class StatisticsSource(Protocol):
 
     def __call__(self, params: Mixture, batch: Batch) -> BatchStats: ...
 
-    def worst_rows(self, before: Mixture, after: Mixture, m: int) -> list[dict]: ...
+    def worst_rows(self, before: Mixture, after: Mixture | None, m: int) -> list[dict]: ...
 
 
 @dataclass
@@ -385,8 +387,7 @@ class FitLoop:
         entry |= res.info
         entry["reseeded"] = []
         if not state.converged and stats.W > 0:
-            rule_state, upd = self.rule.step(state.rule_state, stats, state.params, t)
-            robust.check_params(upd.params, f"the update of iteration {batch.iteration}")
+            rule_state, upd = self._update(state, stats, t, batch)
             state.previous, state.previous_rule_state = state.params, state.rule_state
             state.params, state.rule_state = upd.params, rule_state
             entry["step"] = upd.step
@@ -409,6 +410,18 @@ class FitLoop:
         self._log(entry, prev)
         if self.progress is not None:
             self.progress(dict(entry, total=self.total))
+
+    def _update(
+        self, state: LoopState, stats: SuffStats, t: int, batch: Batch
+    ) -> tuple[dict[str, np.ndarray], Update]:
+        """The rule's update, checked; a failure names the least likely rows."""
+        try:
+            rule_state, upd = self.rule.step(state.rule_state, stats, state.params, t)
+            robust.check_params(upd.params, "the new parameters")
+        except FloatingPointError as exc:  # FitDivergedError included
+            rows = self.source.worst_rows(state.params, None, self.settings.worst_rows)
+            raise robust.update_failed_error(self.rule.name, batch.iteration, exc, rows) from None
+        return rule_state, upd
 
     def _log(self, entry: dict, prev: float | None) -> None:
         where = (
