@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,13 @@ import pytest
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from tests.distributed_data import make_rows, schema, write_catalog
-from xd_dask.distributed import FitConfig, fit_catalog, load_checkpoint, resume_fit
+from xd_dask.distributed import (
+    CheckpointError,
+    FitConfig,
+    fit_catalog,
+    load_checkpoint,
+    resume_fit,
+)
 
 pytestmark = pytest.mark.cluster
 K = 3
@@ -106,7 +113,28 @@ class _Interrupt(Exception):
     pass
 
 
-def test_interrupted_batch_fit_resumes_exactly(client, catalog, tmp_path):
+def _as_format_1(ck) -> None:
+    """Rewrite a (batch-EM) checkpoint in the layout of checkpoint format 1 (xd-dask before the
+    one fitting loop): arrays weights / means / covariances, bookkeeping at the top level."""
+    path = ck / "checkpoint.npz"
+    with np.load(path) as z:
+        header = json.loads(str(z["header"]))
+        arrays = {k: z[f"params.{k}"] for k in ("weights", "means", "covariances")}
+    info = header.pop("info")
+    header["format_version"] = 1
+    header["position"]["wave_size"] = info["wave_size"]
+    header |= {
+        "init_info": info["init"],
+        "retries": info["retries"],
+        "max_gathered_bytes": info["max_gathered_bytes"],
+    }
+    del header["rule"]
+    with open(path, "wb") as fh:
+        np.savez(fh, header=np.array(json.dumps(header)), **arrays)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_interrupted_batch_fit_resumes_exactly(client, catalog, tmp_path, background):
     def config(ck):
         return FitConfig(
             catalog=catalog,
@@ -116,6 +144,7 @@ def test_interrupted_batch_fit_resumes_exactly(client, catalog, tmp_path):
             tol=0.0,
             seed=2,
             checkpoint_dir=str(ck),
+            background=background,
         )
 
     reference = fit_catalog(config(tmp_path / "ref"), client)
@@ -127,10 +156,25 @@ def test_interrupted_batch_fit_resumes_exactly(client, catalog, tmp_path):
     with pytest.raises(_Interrupt):
         fit_catalog(config(tmp_path / "ck"), client, stop_at_4)
     assert load_checkpoint(tmp_path / "ck")[0].iteration == 4
+    shutil.copytree(tmp_path / "ck", tmp_path / "ck1")
     resumed = resume_fit(tmp_path / "ck", client)
     _same(resumed, reference, 1e-10)
     ref_ll = [h["mean_loglike"] for h in reference.metadata["history"]]
     assert [h["mean_loglike"] for h in resumed.metadata["history"]] == ref_ll
+    if background:
+        assert resumed.background == reference.background is not None
+        return
+    # a checkpoint written by the previous format resumes to the same model
+    _as_format_1(tmp_path / "ck1")
+    assert load_checkpoint(tmp_path / "ck1")[0].previous is None
+    _same(resume_fit(tmp_path / "ck1", client), reference, 1e-10)
+    with np.load(tmp_path / "ck1" / "checkpoint.npz") as z:
+        header = json.loads(str(z["header"])) | {"format_version": 99}
+        arrays = {k: z[k] for k in z.files if k != "header"}
+    with open(tmp_path / "ck1" / "checkpoint.npz", "wb") as fh:
+        np.savez(fh, header=np.array(json.dumps(header)), **arrays)
+    with pytest.raises(CheckpointError, match="format 99 is newer than this xd-dask"):
+        resume_fit(tmp_path / "ck1", client)
 
 
 class _KillWorkerOnce(WorkerPlugin):
