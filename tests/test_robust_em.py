@@ -344,3 +344,15 @@ def test_1e30_parallax_row_is_named_or_absorbed(client, tmp_path, caplog):
     assert abs(ll_robust - ll_clean) <= 0.005 * abs(ll_clean), (ll_clean, ll_robust)
     assert 0.5 < robust.background.weight * 50_000 < 5  # about the one row
     assert np.abs(robust.means[:, 2]).max() < 100  # no parallax mean dragged towards 1e30
+
+
+def test_nonfinite_loglike_names_the_row():
+    """float32 rows: a value of 1e30 squares past float32's range; the error names the row
+    (issue 8 point 4: 'mean log-likelihood is nan at iteration 1', no row named)."""
+    rng = np.random.default_rng(6)
+    w, m, V = known_mixture_3d()
+    X, S, _, _ = draw_noisy(rng, w, m, V, 500)
+    X[77, 1] = 1e30
+    with pytest.raises(FitDivergedError, match="mean log-likelihood is -inf at iteration 1") as e:
+        XDGMM(3, init=XDModel(w, m, V)).fit(X.astype(np.float32), S.astype(np.float32))
+    assert e.value.rows[0]["row"] == 77 and "row 77: log-likelihood -inf" in str(e.value)

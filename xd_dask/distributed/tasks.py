@@ -276,7 +276,7 @@ class WorstRows:
         def key(r: dict) -> tuple:
             after = r["ll_after"]
             drop = -r["ll_before"] if after is None else r["ll_before"] - after
-            return (-drop, r["file"], r["row"])
+            return (-np.inf if np.isnan(drop) else -drop, r["file"], r["row"])
 
         rows = sorted(self.rows + other.rows, key=key)
         return WorstRows(rows[: max(self.m, other.m)], max(self.m, other.m))
@@ -294,13 +294,12 @@ def _row_drops(blk: Block, X: Any, S: Any, before: tuple, after: tuple | None, m
             row_log_likelihood(X, S, p.weights, p.means, p.covariances, check=False, background=bg)
         )
 
-    lb = row_ll(*before)
-    la = None if after is None else row_ll(*after)
     p = before[0]
-    comp = np.argmax(
-        to_numpy(log_component_densities(X, S, p.weights, p.means, p.covariances, check=False)),
-        axis=1,
-    )
+    with np.errstate(all="ignore"):  # diagnosing rows that overflow is the point here
+        lb = row_ll(*before)
+        la = None if after is None else row_ll(*after)
+        logp = log_component_densities(X, S, p.weights, p.means, p.covariances, check=False)
+    comp = np.argmax(to_numpy(logp), axis=1)
     rows = [
         {
             "file": blk.path,

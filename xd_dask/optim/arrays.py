@@ -16,8 +16,9 @@ def rank_row_drops(ll_before: np.ndarray, ll_after: np.ndarray | None, m: int) -
     """Indices of the (at most) ``m`` rows whose log-likelihood fell most, largest drop first
     (ties: lower index first); rows whose log-likelihood did not fall are never listed. With
     ``ll_after`` None: the ``m`` rows with the lowest ``ll_before``."""
-    if ll_after is None:
-        return [int(i) for i in np.lexsort((np.arange(ll_before.shape[0]), ll_before))[:m]]
+    if ll_after is None:  # NaN counts as the lowest
+        low = np.where(np.isnan(ll_before), -np.inf, ll_before)
+        return [int(i) for i in np.lexsort((np.arange(low.shape[0]), low))[:m]]
     drop = ll_before - ll_after
     drop = np.where(np.isnan(drop), np.inf, drop)
     order = np.lexsort((np.arange(drop.shape[0]), -drop))[:m]
@@ -74,17 +75,18 @@ class ArrayStatistics:
     def worst_rows(self, before: Mixture, after: Mixture | None, m: int) -> list[dict]:
         """The ``m`` rows whose log-likelihood fell most from ``before`` to ``after`` (``after``
         None: the ``m`` least likely rows at ``before``)."""
-        lb = self._row_ll(before)
-        la = None if after is None else self._row_ll(after)
-        logp = log_component_densities(
-            self.X,
-            self.X_cov,
-            before.weights,
-            before.means,
-            before.covariances,
-            R=self.R,
-            backend=self.backend,
-        )
+        with np.errstate(all="ignore"):  # diagnosing rows that overflow is the point here
+            lb = self._row_ll(before)
+            la = None if after is None else self._row_ll(after)
+            logp = log_component_densities(
+                self.X,
+                self.X_cov,
+                before.weights,
+                before.means,
+                before.covariances,
+                R=self.R,
+                backend=self.backend,
+            )
         comp = np.argmax(np.asarray(logp), axis=1)
         return [
             {

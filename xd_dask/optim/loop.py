@@ -362,10 +362,8 @@ class FitLoop:
             raise ValueError("no valid rows (total weight 0: every row was dropped)")
         ll = stats.ll / stats.W if stats.W > 0 else float("nan")
         if stats.W > 0 and not math.isfinite(ll):
-            raise FloatingPointError(
-                f"mean log-likelihood is {ll} at iteration {batch.iteration} "
-                "(the parameters passed every check: a row overflows the working precision)"
-            )
+            rows = self.source.worst_rows(state.params, None, s.worst_rows)
+            raise robust.nonfinite_error(self.rule.name, batch.iteration, ll, rows)
         prev = state.history[-1]["mean_loglike"] if state.history else None
         if s.full_batch and self.rule.monotone and prev is not None:
             if robust.is_catastrophic(prev, ll, s.max_ll_drop):

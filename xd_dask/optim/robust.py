@@ -126,6 +126,20 @@ REMEDY = (
 )
 
 
+def nonfinite_error(rule: str, iteration: int, ll: float, rows: list[dict]):
+    """The error for a non-finite mean log-likelihood at accepted parameters: some row
+    overflows the working precision (float32 rows far outside the data)."""
+    lines = [
+        f"{rule}: mean log-likelihood is {ll} at iteration {iteration}; the parameters passed "
+        "every check, so a row overflows the working precision (dtype)"
+    ]
+    if rows:
+        lines.append("rows with the lowest (or non-finite) log-likelihood:")
+        lines += ["  " + describe_row(r) for r in rows]
+    lines.append(REMEDY)
+    return FitDivergedError("\n".join(lines), rows, {int(r["component"]) for r in rows})
+
+
 def update_failed_error(rule: str, iteration: int, exc: Exception, rows: list[dict]):
     """The error for an update that failed or could not be accepted; ``rows`` are the rows with
     the lowest log-likelihood at the parameters the update started from."""
