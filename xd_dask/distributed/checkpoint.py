@@ -99,6 +99,23 @@ def save_checkpoint(
     return path
 
 
+def _position_and_records(header: dict) -> dict[str, Any]:
+    """The LoopState fields every checkpoint format keeps in its header the same way."""
+    pos = header["position"]
+    return {
+        "iteration": int(pos["iteration"]),
+        "epoch": int(pos["epoch"]),
+        "wave": int(pos["wave"]),
+        "order": [int(i) for i in pos["order"]],
+        "history": header["history"],
+        "counts": header["counts"],
+        "epoch_counts": header["epoch_counts"],
+        "reseeded": header["reseeded"],
+        "converged": bool(header["converged"]),
+        "finished": bool(header["finished"]),
+    }
+
+
 def _from_v1(header: dict, arrays: dict[str, np.ndarray]) -> LoopState:
     """A version-1 checkpoint (one set of parameters, online EM's arrays) as a loop state."""
     rule_state = {}
@@ -111,16 +128,7 @@ def _from_v1(header: dict, arrays: dict[str, np.ndarray]) -> LoopState:
         params=Mixture(arrays["weights"], arrays["means"], arrays["covariances"]),
         rule=_RULE_OF_METHOD.get(method, method),
         rule_state=rule_state,
-        iteration=int(pos["iteration"]),
-        epoch=int(pos["epoch"]),
-        wave=int(pos["wave"]),
-        order=[int(i) for i in pos["order"]],
-        history=header["history"],
-        counts=header["counts"],
-        epoch_counts=header["epoch_counts"],
-        reseeded=header["reseeded"],
-        converged=bool(header["converged"]),
-        finished=bool(header["finished"]),
+        **_position_and_records(header),
         info={
             "init": header.get("init_info", {}),
             "wave_size": int(pos.get("wave_size", 0)),
@@ -153,23 +161,13 @@ def load_checkpoint(directory: str | Path) -> tuple[LoopState, dict[str, Any], d
         if version < 2:
             return _from_v1(header, arrays), header["config"], header["manifest"]
         previous = _group(arrays, "previous")
-        pos = header["position"]
         state = LoopState(
             params=Mixture.from_arrays(_group(arrays, "params")),
             rule=header["rule"],
             rule_state=_group(arrays, "rule"),
             previous=Mixture.from_arrays(previous) if previous else None,
             previous_rule_state=_group(arrays, "previous_rule") if previous else None,
-            iteration=int(pos["iteration"]),
-            epoch=int(pos["epoch"]),
-            wave=int(pos["wave"]),
-            order=[int(i) for i in pos["order"]],
-            history=header["history"],
-            counts=header["counts"],
-            epoch_counts=header["epoch_counts"],
-            reseeded=header["reseeded"],
-            converged=bool(header["converged"]),
-            finished=bool(header["finished"]),
+            **_position_and_records(header),
             info=header["info"],
         )
     except (KeyError, ValueError, TypeError) as exc:

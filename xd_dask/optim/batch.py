@@ -48,10 +48,5 @@ class BatchEM:
             min_count=self.min_count,
             background=params.background is not None,
         )
-        new = Mixture(
-            upd.weights,
-            upd.means,
-            upd.covariances,
-            params.with_background_weight(upd.background_weight),
-        )
+        new = params.updated(upd)
         return state, Update(new, list(upd.reseeded), 1.0)

@@ -91,6 +91,12 @@ class Mixture:
             return None
         return Background(weight, self.background.lo, self.background.hi)
 
+    def updated(self, upd: Any) -> Mixture:
+        """The mixture an EM update (:class:`xd_dask.em.EMUpdate`) gives; the background keeps
+        its box and takes the update's weight."""
+        bg = self.with_background_weight(upd.background_weight)
+        return Mixture(upd.weights, upd.means, upd.covariances, bg)
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         out = {"weights": self.weights, "means": self.means, "covariances": self.covariances}
         if self.background is not None:

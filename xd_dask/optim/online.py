@@ -50,10 +50,5 @@ class OnlineEM:
             reg_covar=self.reg_covar,
             background=params.background is not None,
         )
-        new = Mixture(
-            upd.weights,
-            upd.means,
-            upd.covariances,
-            params.with_background_weight(upd.background_weight),
-        )
+        new = params.updated(upd)
         return running.to_arrays(), Update(new, list(upd.reseeded), step)
