@@ -50,10 +50,11 @@ class XDGMM:
     init : "kmeans" or an :class:`XDModel` to start from.
     random_state : seed for the initialisation.
     backend : kernel backend, "auto" (compiled Numba on the CPU) or "reference".
-    background : False (default), True (a uniform background component over the data's padded
-        bounding box, :mod:`xd_dask.optim.background`, starting at ``background_weight``), or a
-        :class:`xd_dask.kernels.Background` (its box and starting weight). The background absorbs
-        a few absurd rows instead of giving them a component of their own; its weight is fitted.
+    background : False (default), True (a uniform background component over the box of the
+        bulk of the rows, :mod:`xd_dask.optim.background`, starting at ``background_weight``), or
+        a :class:`xd_dask.kernels.Background` (its box and starting weight). The background absorbs
+        a few absurd rows instead of giving them a component of their own; its weight is fitted,
+        its box is fixed, and a k-means start is confined to the box.
     background_weight : starting weight of the background (``background=True``).
     max_ll_drop : largest accepted decrease of the mean log-likelihood per iteration (nats per
         row); a larger one rolls back and raises :class:`xd_dask.optim.FitDivergedError` naming
