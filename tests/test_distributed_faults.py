@@ -256,3 +256,42 @@ def test_resume_refuses_a_changed_catalogue_and_fit_refuses_a_used_checkpoint(
     sorted(cat.glob("*.parquet"))[-1].unlink()
     with pytest.raises(ManifestError, match="changed since the checkpoint"):
         resume_fit(tmp_path / "ck", client)
+
+
+def test_format_1_online_checkpoint_is_read_as_online_em_state(tmp_path):
+    """The online-EM arrays of a format-1 checkpoint become the OnlineEM rule's state."""
+    from tests.mixtures import known_mixture_3d
+
+    w, m, V = known_mixture_3d()
+    header = {
+        "format": "xd-dask-checkpoint",
+        "format_version": 1,
+        "config": {"method": "online", "seed": 5},
+        "manifest": {},
+        "position": {"iteration": 7, "epoch": 1, "wave": 3, "wave_size": 2, "order": [2, 0, 1]},
+        "history": [{"iteration": 7, "mean_loglike": -3.5}],
+        "counts": {},
+        "epoch_counts": {"read": 4},
+        "reseeded": [],
+        "init_info": {"method": "kmeans"},
+        "converged": False,
+        "finished": False,
+        "retries": 1,
+        "max_gathered_bytes": 99,
+    }
+    arrays = {"weights": w, "means": m, "covariances": V}
+    arrays |= {"online_s": w * 0.5, "online_mu": m + 1.0, "online_sigma": 2.0 * V}
+    with open(tmp_path / "checkpoint.npz", "wb") as fh:
+        np.savez(fh, header=np.array(json.dumps(header)), **arrays)
+    state = load_checkpoint(tmp_path)[0]
+    assert state.rule == "online-em" and state.previous is None
+    np.testing.assert_array_equal(state.rule_state["mu"], m + 1.0)
+    np.testing.assert_array_equal(state.rule_state["sigma"], 2.0 * V)
+    assert float(state.rule_state["s_bg"]) == 0.0
+    assert (state.iteration, state.epoch, state.wave, state.order) == (7, 1, 3, [2, 0, 1])
+    assert state.info == {
+        "init": {"method": "kmeans"},
+        "wave_size": 2,
+        "retries": 1,
+        "max_gathered_bytes": 99,
+    }
