@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,13 @@ import pytest
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from tests.distributed_data import make_rows, schema, write_catalog
-from xd_dask.distributed import FitConfig, fit_catalog, load_checkpoint, resume_fit
+from xd_dask.distributed import (
+    CheckpointError,
+    FitConfig,
+    fit_catalog,
+    load_checkpoint,
+    resume_fit,
+)
 
 pytestmark = pytest.mark.cluster
 K = 3
@@ -106,7 +113,28 @@ class _Interrupt(Exception):
     pass
 
 
-def test_interrupted_batch_fit_resumes_exactly(client, catalog, tmp_path):
+def _as_format_1(ck) -> None:
+    """Rewrite a (batch-EM) checkpoint in the layout of checkpoint format 1 (xd-dask before the
+    one fitting loop): arrays weights / means / covariances, bookkeeping at the top level."""
+    path = ck / "checkpoint.npz"
+    with np.load(path) as z:
+        header = json.loads(str(z["header"]))
+        arrays = {k: z[f"params.{k}"] for k in ("weights", "means", "covariances")}
+    info = header.pop("info")
+    header["format_version"] = 1
+    header["position"]["wave_size"] = info["wave_size"]
+    header |= {
+        "init_info": info["init"],
+        "retries": info["retries"],
+        "max_gathered_bytes": info["max_gathered_bytes"],
+    }
+    del header["rule"]
+    with open(path, "wb") as fh:
+        np.savez(fh, header=np.array(json.dumps(header)), **arrays)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_interrupted_batch_fit_resumes_exactly(client, catalog, tmp_path, background):
     def config(ck):
         return FitConfig(
             catalog=catalog,
@@ -116,6 +144,7 @@ def test_interrupted_batch_fit_resumes_exactly(client, catalog, tmp_path):
             tol=0.0,
             seed=2,
             checkpoint_dir=str(ck),
+            background=background,
         )
 
     reference = fit_catalog(config(tmp_path / "ref"), client)
@@ -127,10 +156,25 @@ def test_interrupted_batch_fit_resumes_exactly(client, catalog, tmp_path):
     with pytest.raises(_Interrupt):
         fit_catalog(config(tmp_path / "ck"), client, stop_at_4)
     assert load_checkpoint(tmp_path / "ck")[0].iteration == 4
+    shutil.copytree(tmp_path / "ck", tmp_path / "ck1")
     resumed = resume_fit(tmp_path / "ck", client)
     _same(resumed, reference, 1e-10)
     ref_ll = [h["mean_loglike"] for h in reference.metadata["history"]]
     assert [h["mean_loglike"] for h in resumed.metadata["history"]] == ref_ll
+    if background:
+        assert resumed.background == reference.background is not None
+        return
+    # a checkpoint written by the previous format resumes to the same model
+    _as_format_1(tmp_path / "ck1")
+    assert load_checkpoint(tmp_path / "ck1")[0].previous is None
+    _same(resume_fit(tmp_path / "ck1", client), reference, 1e-10)
+    with np.load(tmp_path / "ck1" / "checkpoint.npz") as z:
+        header = json.loads(str(z["header"])) | {"format_version": 99}
+        arrays = {k: z[k] for k in z.files if k != "header"}
+    with open(tmp_path / "ck1" / "checkpoint.npz", "wb") as fh:
+        np.savez(fh, header=np.array(json.dumps(header)), **arrays)
+    with pytest.raises(CheckpointError, match="format 99 is newer than this xd-dask"):
+        resume_fit(tmp_path / "ck1", client)
 
 
 class _KillWorkerOnce(WorkerPlugin):
@@ -212,3 +256,42 @@ def test_resume_refuses_a_changed_catalogue_and_fit_refuses_a_used_checkpoint(
     sorted(cat.glob("*.parquet"))[-1].unlink()
     with pytest.raises(ManifestError, match="changed since the checkpoint"):
         resume_fit(tmp_path / "ck", client)
+
+
+def test_format_1_online_checkpoint_is_read_as_online_em_state(tmp_path):
+    """The online-EM arrays of a format-1 checkpoint become the OnlineEM rule's state."""
+    from tests.mixtures import known_mixture_3d
+
+    w, m, V = known_mixture_3d()
+    header = {
+        "format": "xd-dask-checkpoint",
+        "format_version": 1,
+        "config": {"method": "online", "seed": 5},
+        "manifest": {},
+        "position": {"iteration": 7, "epoch": 1, "wave": 3, "wave_size": 2, "order": [2, 0, 1]},
+        "history": [{"iteration": 7, "mean_loglike": -3.5}],
+        "counts": {},
+        "epoch_counts": {"read": 4},
+        "reseeded": [],
+        "init_info": {"method": "kmeans"},
+        "converged": False,
+        "finished": False,
+        "retries": 1,
+        "max_gathered_bytes": 99,
+    }
+    arrays = {"weights": w, "means": m, "covariances": V}
+    arrays |= {"online_s": w * 0.5, "online_mu": m + 1.0, "online_sigma": 2.0 * V}
+    with open(tmp_path / "checkpoint.npz", "wb") as fh:
+        np.savez(fh, header=np.array(json.dumps(header)), **arrays)
+    state = load_checkpoint(tmp_path)[0]
+    assert state.rule == "online-em" and state.previous is None
+    np.testing.assert_array_equal(state.rule_state["mu"], m + 1.0)
+    np.testing.assert_array_equal(state.rule_state["sigma"], 2.0 * V)
+    assert float(state.rule_state["s_bg"]) == 0.0
+    assert (state.iteration, state.epoch, state.wave, state.order) == (7, 1, 3, [2, 0, 1])
+    assert state.info == {
+        "init": {"method": "kmeans"},
+        "wave_size": 2,
+        "retries": 1,
+        "max_gathered_bytes": 99,
+    }

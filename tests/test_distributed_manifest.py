@@ -10,7 +10,7 @@ import pytest
 from tests.distributed_data import make_rows, write_catalog
 from tests.mixtures import known_mixture_3d
 from xd_dask.distributed import FitConfig, Manifest, ManifestError, build_manifest
-from xd_dask.distributed.checkpoint import FitState, load_checkpoint, save_checkpoint
+from xd_dask.distributed.checkpoint import load_checkpoint, save_checkpoint
 from xd_dask.distributed.kmeans import kmeans_plusplus
 from xd_dask.distributed.passes import tree_reduce
 from xd_dask.distributed.tasks import (
@@ -27,6 +27,7 @@ from xd_dask.distributed.tasks import (
 )
 from xd_dask.em import OnlineState, StepSchedule
 from xd_dask.kernels import compute_stats
+from xd_dask.optim import LoopState, Mixture
 
 
 @pytest.fixture(scope="module")
@@ -192,13 +193,13 @@ def test_tree_reduce_has_logarithmic_depth_and_bounded_fan_in():
 def test_checkpoint_round_trip_is_exact(tmp_path):
     rng = np.random.default_rng(1)
     w, m, V = known_mixture_3d()
-    state = FitState(
-        params=Params(w, m + rng.normal(size=m.shape) * 1e-3, V),
-        online=OnlineState.from_params(w, m, V),
+    state = LoopState(
+        params=Mixture(w, m + rng.normal(size=m.shape) * 1e-3, V),
+        rule="online-em",
+        rule_state=OnlineState.from_params(w, m, V).to_arrays(),
         iteration=5,
         epoch=1,
         wave=2,
-        wave_size=3,
         order=[2, 0, 1],
         history=[{"iteration": 1, "mean_loglike": -1.2345678901234567}],
         counts={"read": 10, "used": 9, "dropped": {"x": 1}},
@@ -208,7 +209,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     got, cfg2, _ = load_checkpoint(tmp_path)
     assert FitConfig.from_dict(cfg2) == FitConfig.from_dict(cfg)
     np.testing.assert_array_equal(got.params.means, state.params.means)
-    np.testing.assert_array_equal(got.online.sigma, state.online.sigma)
+    np.testing.assert_array_equal(got.rule_state["sigma"], state.rule_state["sigma"])
     assert (got.iteration, got.epoch, got.wave, got.order) == (5, 1, 2, [2, 0, 1])
     assert got.history == state.history and got.counts == state.counts
 

@@ -11,8 +11,10 @@ from xd_dask.model import XDModel
 
 
 def _fit_quietly(est, *args, **kw):
-    with pytest.warns(ConvergenceWarning):
-        return est.fit(*args, **kw)
+    """tol=0 asks for exactly max_iter iterations: no ConvergenceWarning (as in the distributed
+    fit; both run the same loop)."""
+    assert est.tol == 0
+    return est.fit(*args, **kw)
 
 
 def test_zero_noise_equals_sklearn_gaussian_mixture():
@@ -146,3 +148,13 @@ def test_estimator_api_and_errors():
     assert mean.shape == (5, 2) and cov.shape == (5, 2, 2)
     # the posterior shrinks: its covariance is smaller than the noise
     assert np.all(np.linalg.eigvalsh(S[:5] - cov) > -1e-12)
+
+
+def test_convergence_warning_only_when_tol_is_positive():
+    rng = np.random.default_rng(10)
+    w, m, V = random_params(rng, 3, 2)
+    X, S, _, _ = draw_noisy(rng, w, m, V, 300)
+    with pytest.warns(ConvergenceWarning, match="did not converge in 2 iterations"):
+        XDGMM(3, max_iter=2, tol=1e-12, random_state=0).fit(X, S)
+    xd = XDGMM(3, max_iter=2, tol=0.0, random_state=0).fit(X, S)  # filterwarnings = error
+    assert not xd.converged_ and xd.n_iter_ == 2

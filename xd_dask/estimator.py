@@ -1,82 +1,39 @@
 """XDGMM: a scikit-learn-style Extreme Deconvolution estimator for in-memory arrays.
 
-The estimator only wires the pieces: statistics from :func:`xd_dask.kernels.compute_stats`, the
-M-step from :func:`xd_dask.em.batch_update`, initialisation by k-means (k-means++ seeding).
+The estimator only wires the pieces: the fitting loop of :mod:`xd_dask.optim` (the same loop the
+distributed fit runs) with batch EM (:class:`xd_dask.optim.BatchEM`) on in-memory statistics
+(:class:`xd_dask.optim.ArrayStatistics`), initialised by k-means (:mod:`xd_dask.optim.init`).
 """
 
 from __future__ import annotations
 
-import time
-import warnings
+import logging
 from typing import Any
 
 import numpy as np
 
-from xd_dask.em import batch_update
-from xd_dask.kernels import compute_stats, log_component_densities
-from xd_dask.kernels import posterior as _posterior
-from xd_dask.kernels.reference import _logsumexp_rows
+from xd_dask.kernels import Background
 from xd_dask.model import XDModel
-from xd_dask.utils import get_logger
+from xd_dask.optim import (
+    MAX_LL_DROP,
+    ArrayStatistics,
+    BatchEM,
+    ConvergenceWarning,
+    FitLoop,
+    LoopSettings,
+    Mixture,
+    initial_background,
+)
+from xd_dask.optim.background import confine
+from xd_dask.optim.init import impute_column_means, kmeans_init, params_from_labels
 
-log = get_logger(__name__)
-
-
-class ConvergenceWarning(UserWarning):
-    """EM stopped at max_iter before the mean log-likelihood settled within tol."""
-
-
-def impute_column_means(X: np.ndarray) -> np.ndarray:
-    """Replace NaN (missing) fields by their column means; used only to initialise k-means."""
-    X = np.array(X, dtype=np.float64)
-    if np.isnan(X).any():
-        col = np.nanmean(X, axis=0)
-        if np.isnan(col).any():
-            j = int(np.flatnonzero(np.isnan(col))[0])
-            raise ValueError(f"column {j} is missing in every row")
-        idx = np.nonzero(np.isnan(X))
-        X[idx] = col[idx[1]]
-    return X
-
-
-def params_from_labels(
-    X: np.ndarray, labels: np.ndarray, n_components: int, reg_covar: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Weights, means and scatter covariances of hard clusters (empty/tiny clusters fall back to
-    the global scatter), for initialising XD from k-means."""
-    n, D = X.shape
-    glob = np.cov(X, rowvar=False).reshape(D, D) + reg_covar * np.eye(D)
-    # A floor so that a cluster of identical points still has a positive definite covariance.
-    floor = 1e-6 * np.diag(glob).mean() * np.eye(D) + reg_covar * np.eye(D)
-    counts = np.bincount(labels, minlength=n_components).astype(np.float64)
-    means = np.zeros((n_components, D))
-    covs = np.zeros((n_components, D, D))
-    for j in range(n_components):
-        Xj = X[labels == j]
-        if len(Xj) > D:
-            means[j] = Xj.mean(axis=0)
-            covs[j] = np.cov(Xj, rowvar=False) + floor
-        elif len(Xj) > 0:
-            means[j] = Xj.mean(axis=0)
-            covs[j] = glob / n_components ** (2.0 / D) + floor
-        else:
-            means[j] = X.mean(axis=0)
-            covs[j] = glob
-    weights = np.maximum(counts, 1.0)
-    return weights / weights.sum(), means, covs
-
-
-def kmeans_init(
-    X: np.ndarray, n_components: int, random_state: Any = None, reg_covar: float = 1e-6
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """k-means (k-means++ seeding) on the noisy rows -> initial weights, means, covariances."""
-    from sklearn.cluster import KMeans  # noqa: PLC0415 - only needed for this initialisation
-
-    Xi = impute_column_means(X)
-    seed = np.random.default_rng(random_state).integers(2**31 - 1)
-    km = KMeans(n_clusters=n_components, init="k-means++", n_init=1, random_state=int(seed))
-    labels = km.fit_predict(Xi)
-    return params_from_labels(Xi, labels, n_components, reg_covar)
+__all__ = [
+    "XDGMM",
+    "ConvergenceWarning",
+    "impute_column_means",
+    "kmeans_init",
+    "params_from_labels",
+]
 
 
 class XDGMM:
@@ -86,19 +43,30 @@ class XDGMM:
     ----------
     n_components : int
     max_iter : int, maximum number of EM iterations.
-    tol : float, convergence threshold on the change of the MEAN log-likelihood per row.
+    tol : float, convergence threshold on the change of the MEAN log-likelihood per row
+        (0: run exactly ``max_iter`` iterations, without a ConvergenceWarning).
     reg_covar : float, regularisation added to every covariance (see :mod:`xd_dask.em`).
     reg_form : "add" (default) or "bovy_w".
     init : "kmeans" or an :class:`XDModel` to start from.
     random_state : seed for the initialisation.
     backend : kernel backend, "auto" (compiled Numba on the CPU) or "reference".
+    background : False (default), True (a uniform background component over the box of the
+        bulk of the rows, :mod:`xd_dask.optim.background`, starting at ``background_weight``), or
+        a :class:`xd_dask.kernels.Background` (its box and starting weight). The background absorbs
+        a few absurd rows instead of giving them a component of their own; its weight is fitted,
+        its box is fixed, and a k-means start is confined to the box.
+    background_weight : starting weight of the background (``background=True``).
+    max_ll_drop : largest accepted decrease of the mean log-likelihood per iteration (nats per
+        row); a larger one rolls back and raises :class:`xd_dask.optim.FitDivergedError` naming
+        the rows (:mod:`xd_dask.optim.robust`).
 
     Attributes
     ----------
-    weights_ (K,), means_ (K, D), covariances_ (K, D, D), converged_, n_iter_,
-    history_ : list of {"iteration", "mean_loglike", "seconds"} (mean log-likelihood at the
-    parameters before each M-step), lower_bound_ (the last of those), reseeded_ (list of
-    (iteration, component)), model_ (XDModel).
+    weights_ (K,), means_ (K, D), covariances_ (K, D, D), background_ (Background or None),
+    converged_, n_iter_, history_ : one entry per iteration ({"iteration" (1-based),
+    "mean_loglike" (at the parameters before that iteration's M-step), "rows", "seconds",
+    "reseeded", ...}), lower_bound_ (the last mean_loglike), reseeded_ (list of (iteration,
+    component)), model_ (XDModel).
     """
 
     def __init__(
@@ -112,6 +80,9 @@ class XDGMM:
         init: str | XDModel = "kmeans",
         random_state: Any = None,
         backend: str = "auto",
+        background: bool | Background = False,
+        background_weight: float = 1e-3,
+        max_ll_drop: float = MAX_LL_DROP,
     ) -> None:
         self.n_components = n_components
         self.max_iter = max_iter
@@ -121,6 +92,9 @@ class XDGMM:
         self.init = init
         self.random_state = random_state
         self.backend = backend
+        self.background = background
+        self.background_weight = background_weight
+        self.max_ll_drop = max_ll_drop
 
     # ----------------------------------------------------------------- fitting
     def _check_params(self, X: np.ndarray) -> None:
@@ -133,18 +107,36 @@ class XDGMM:
             raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}")
         if not self.tol >= 0:
             raise ValueError(f"tol must be >= 0, got {self.tol!r}")
+        if not self.max_ll_drop > 0:
+            raise ValueError(f"max_ll_drop must be > 0, got {self.max_ll_drop!r}")
         if isinstance(self.init, str) and self.init != "kmeans":
             raise ValueError(f"init must be 'kmeans' or an XDModel, got {self.init!r}")
 
-    def _initial(self, X: np.ndarray):
+    def _initial(self, X: np.ndarray) -> Mixture:
+        bg = self.background
         if isinstance(self.init, XDModel):
-            if self.init.n_components != self.n_components or self.init.n_features != X.shape[1]:
+            model = self.init
+            if model.n_components != self.n_components or model.n_features != X.shape[1]:
                 raise ValueError(
-                    f"init model has K={self.init.n_components}, D={self.init.n_features}; "
+                    f"init model has K={model.n_components}, D={model.n_features}; "
                     f"expected K={self.n_components}, D={X.shape[1]}"
                 )
-            return self.init.weights.copy(), self.init.means.copy(), self.init.covariances.copy()
-        return kmeans_init(X, self.n_components, self.random_state, self.reg_covar)
+            if model.background is not None and bg is False:
+                raise ValueError("the init model has a background component: pass background=True")
+            w, m, V = model.weights.copy(), model.means.copy(), model.covariances.copy()
+            if model.background is not None and bg is True:
+                return Mixture(w, m, V, model.background)
+        else:
+            w, m, V = kmeans_init(X, self.n_components, self.random_state, self.reg_covar)
+        if bg is False:
+            return Mixture(w, m, V)
+        if bg is True:
+            bg = initial_background(X, self.background_weight)
+        if not isinstance(bg, Background):
+            raise ValueError(f"background must be True, False or a Background, got {bg!r}")
+        if not isinstance(self.init, XDModel):
+            m, V, _ = confine(m, V, bg)
+        return Mixture(w * (1.0 - bg.weight), m, V, bg)
 
     def fit(self, X: Any, X_cov: Any, weights: Any = None, R: Any = None) -> XDGMM:
         """Fit by batch EM.
@@ -153,7 +145,8 @@ class XDGMM:
         ----------
         X : (n, d), NaN marks a missing field.  X_cov : (n, d, d).  weights : (n,) row weights.
         R : (n, d, D) projection matrices, optional (d = D without). With projections the
-            initialisation must be an XDModel (k-means cannot run on projected rows).
+            initialisation must be an XDModel (k-means cannot run on projected rows), and a
+            background needs an explicit :class:`Background` in the D-space.
         """
         X = np.asarray(X)
         X_cov = np.asarray(X_cov)
@@ -162,97 +155,66 @@ class XDGMM:
         self._check_params(X)
         if R is not None and not isinstance(self.init, XDModel):
             raise ValueError("with projections R, pass init=XDModel(...) (k-means needs full rows)")
-        w, m, V = self._initial(X if R is None else np.empty((0, self.init.n_features)))
-        history: list[dict[str, float]] = []
-        reseeded: list[tuple[int, int]] = []
-        self.converged_ = False
-        prev = -np.inf
-        for it in range(self.max_iter):
-            t0 = time.perf_counter()
-            stats = compute_stats(
-                X,
-                X_cov,
-                w,
-                m,
-                V,
-                row_weights=weights,
-                R=R,
-                backend=self.backend,
-                check=(it == 0),
-            )
-            ll = stats.mean_loglike
-            if not np.isfinite(ll):
-                raise FloatingPointError(f"mean log-likelihood is {ll} at iteration {it}")
-            if abs(ll - prev) < self.tol:
-                history.append(
-                    {"iteration": it, "mean_loglike": ll, "seconds": time.perf_counter() - t0}
-                )
-                self.converged_ = True
-                break
-            prev = ll
-            upd = batch_update(stats, w, m, V, reg_covar=self.reg_covar, reg_form=self.reg_form)
-            w, m, V = upd.weights, upd.means, upd.covariances
-            reseeded += [(it, j) for j in upd.reseeded]
-            history.append(
-                {"iteration": it, "mean_loglike": ll, "seconds": time.perf_counter() - t0}
-            )
-            log.debug("iteration %d: mean log-likelihood %.10g", it, ll)
-        if not self.converged_:
-            warnings.warn(
-                f"XD EM did not converge in {self.max_iter} iterations (tol={self.tol}); "
-                "raise max_iter or tol",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
-        self.weights_, self.means_, self.covariances_ = w, m, V
-        self.n_iter_ = len(history)
-        self.history_ = history
-        self.lower_bound_ = history[-1]["mean_loglike"]
-        self.reseeded_ = reseeded
+        if R is not None and self.background is True:
+            raise ValueError("with projections R, pass background=Background(...) in the D-space")
+        start = self._initial(X if R is None else np.empty((0, self.init.n_features)))
+        loop = FitLoop(
+            BatchEM(self.reg_covar, self.reg_form),
+            ArrayStatistics(X, X_cov, weights, R, self.backend),
+            LoopSettings(max_steps=int(self.max_iter), tol=self.tol, max_ll_drop=self.max_ll_drop),
+            log_level=logging.DEBUG,
+        )
+        state = loop.run(loop.start(start))
+        p = state.params
+        self.weights_, self.means_, self.covariances_ = p.weights, p.means, p.covariances
+        self.background_ = p.background
+        self.converged_ = bool(state.converged)
+        self.history_ = state.history
+        self.n_iter_ = len(state.history)
+        self.lower_bound_ = state.history[-1]["mean_loglike"]
+        self.reseeded_ = [(r["iteration"], j) for r in state.reseeded for j in r["components"]]
         self.model_ = XDModel(
-            w,
-            m,
-            V,
+            p.weights,
+            p.means,
+            p.covariances,
             metadata={
-                "history": history,
+                "history": state.history,
                 "converged": self.converged_,
                 "n_iter": self.n_iter_,
-                "reseeded": reseeded,
+                "reseeded": state.reseeded,
                 "reg_covar": self.reg_covar,
                 "reg_form": self.reg_form,
             },
+            background=p.background,
         )
         return self
 
     # ----------------------------------------------------------------- using
-    def _fitted(self):
-        if not hasattr(self, "weights_"):
+    def _model(self) -> XDModel:
+        if not hasattr(self, "model_"):
             raise AttributeError("this XDGMM is not fitted yet; call fit(X, X_cov) first")
-        return self.weights_, self.means_, self.covariances_
+        return self.model_
 
     def score_samples(self, X: Any, X_cov: Any) -> np.ndarray:
-        """(n,) log-likelihood of each noisy row under the fitted mixture."""
-        logp = log_component_densities(X, X_cov, *self._fitted(), backend=self.backend)
-        return _logsumexp_rows(logp)
+        """(n,) log-likelihood of each noisy row under the fitted mixture (background included)."""
+        return np.asarray(self._model().log_density(X, X_cov, backend=self.backend))
 
     def score(self, X: Any, X_cov: Any, weights: Any = None) -> float:
         """Mean log-likelihood per row (weighted by ``weights`` when given)."""
         return float(np.average(self.score_samples(X, X_cov), weights=weights))
 
     def predict_proba(self, X: Any, X_cov: Any) -> np.ndarray:
-        """(n, K) responsibilities."""
-        logp = log_component_densities(X, X_cov, *self._fitted(), backend=self.backend)
-        return np.exp(logp - _logsumexp_rows(logp)[:, None])
+        """(n, K) responsibilities (rows sum to 1 - the background's responsibility)."""
+        return np.asarray(self._model().responsibilities(X, X_cov, backend=self.backend))
 
     def predict(self, X: Any, X_cov: Any) -> np.ndarray:
-        """(n,) most probable component."""
+        """(n,) most probable Gaussian component."""
         return np.argmax(self.predict_proba(X, X_cov), axis=1)
 
     def posterior(self, X: Any, X_cov: Any):
         """Deconvolved posterior mean (n, D) and covariance (n, D, D) of each row's true value."""
-        return _posterior(X, X_cov, *self._fitted())
+        return self._model().posterior(X, X_cov)
 
     def sample(self, n_samples: int = 1, X_cov: Any = None, random_state: Any = None):
         """Draw (v (n, D), labels (n,)) from the fitted mixture, with noise N(0, S_i) if X_cov."""
-        self._fitted()
-        return self.model_.sample(n_samples, random_state, X_cov=X_cov, return_labels=True)
+        return self._model().sample(n_samples, random_state, X_cov=X_cov, return_labels=True)

@@ -1,9 +1,24 @@
 """Fit checkpoints: everything needed to continue a fit exactly, in one atomically written file.
 
-``<checkpoint_dir>/checkpoint.npz`` holds the arrays (parameters; the online-EM running estimate)
-and a JSON header (format, config, manifest, position, history, counters, random state). It is
-replaced after every iteration / wave with ``atomic_path``, so a crash leaves the previous
-complete checkpoint.
+``<checkpoint_dir>/checkpoint.npz`` holds a JSON ``header`` and the arrays of the fitting loop's
+state (:class:`xd_dask.optim.LoopState`). It is replaced after every iteration / wave with
+``atomic_path``, so a crash leaves the previous complete checkpoint.
+
+Layout (format version 2)
+-------------------------
+header : format, format_version, config (FitConfig dict), manifest, rule (the update rule's name),
+    position {iteration, epoch, wave, order}, random_state {seed, epoch, wave, epoch_order},
+    history, counts, epoch_counts, reseeded, converged, finished, info (init, wave_size, retries,
+    max_gathered_bytes).
+arrays : ``params.<name>`` the current parameters (weights, means, covariances and, with a
+    background, background_weight / _lo / _hi); ``previous.<name>`` the parameters before the last
+    update (the robust check's roll-back target; absent when unknown); ``rule.<name>`` the update
+    rule's state arrays (whatever the rule declares: online EM's s, mu, sigma, s_bg; nothing for
+    batch EM); ``previous_rule.<name>`` likewise.
+
+Every array written has passed the robust checks (finite, positive definite) before it was
+accepted. Version-1 checkpoints (arrays ``weights``/``means``/``covariances``/``online_*``) are
+read and converted; a newer version than this code knows is refused.
 
 Randomness: every random choice of a fit is drawn from a generator seeded by
 ``(seed, purpose, epoch, partition id)``; the header stores the seed, the epoch and wave position
@@ -14,106 +29,116 @@ from __future__ import annotations
 
 import json
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from xd_dask.distributed.tasks import Params
-from xd_dask.em import OnlineState
+from xd_dask.optim import LoopState, Mixture
 from xd_dask.utils import atomic_path
 
-__all__ = ["CHECKPOINT_NAME", "CheckpointError", "FitState", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_NAME = "checkpoint.npz"
 FORMAT_NAME = "xd-dask-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_RULE_OF_METHOD = {"em": "batch-em", "online": "online-em"}
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not belong to this catalogue."""
 
 
-@dataclass
-class FitState:
-    """The position of a fit after an iteration (batch EM) or a wave (online EM).
+def _prefixed(prefix: str, arrays: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    return {f"{prefix}.{k}": np.asarray(v) for k, v in (arrays or {}).items()}
 
-    iteration : batch-EM iterations done, or online-EM waves done (the step counter t).
-    epoch, wave : online EM, the next wave to run is ``wave`` of epoch ``epoch`` (0-based).
-    counts : rows read / used and dropped per reason in the last complete pass over the
-        catalogue, ``{"read": int, "used": int, "dropped": {reason: int}}``;
-        ``epoch_counts`` the same for the current, incomplete epoch (online EM).
-    """
 
-    params: Params
-    online: OnlineState | None = None
-    iteration: int = 0
-    epoch: int = 0
-    wave: int = 0
-    wave_size: int = 0
-    order: list[int] = field(default_factory=list)
-    history: list[dict] = field(default_factory=list)
-    counts: dict = field(default_factory=dict)
-    epoch_counts: dict = field(default_factory=dict)
-    reseeded: list[dict] = field(default_factory=list)
-    init_info: dict = field(default_factory=dict)
-    converged: bool = False
-    finished: bool = False
-    retries: int = 0
-    max_gathered_bytes: int = 0
+def _group(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    p = prefix + "."
+    return {k[len(p) :]: v for k, v in arrays.items() if k.startswith(p)}
 
 
 def save_checkpoint(
-    directory: str | Path, state: FitState, config: dict[str, Any], manifest: dict[str, Any]
+    directory: str | Path, state: LoopState, config: dict[str, Any], manifest: dict[str, Any]
 ) -> Path:
     """Write ``state`` (plus the fit's config and manifest) to ``directory``, atomically."""
     path = Path(directory) / CHECKPOINT_NAME
+    order = [int(i) for i in state.order]
     header = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "config": config,
         "manifest": manifest,
+        "rule": state.rule,
         "position": {
             "iteration": state.iteration,
             "epoch": state.epoch,
             "wave": state.wave,
-            "wave_size": state.wave_size,
-            "order": [int(i) for i in state.order],
+            "order": order,
         },
         "random_state": {
             "seed": config.get("seed"),
             "epoch": state.epoch,
             "wave": state.wave,
-            "epoch_order": [int(i) for i in state.order],
+            "epoch_order": order,
         },
         "history": state.history,
         "counts": state.counts,
         "epoch_counts": state.epoch_counts,
         "reseeded": state.reseeded,
-        "init_info": state.init_info,
         "converged": state.converged,
         "finished": state.finished,
-        "retries": state.retries,
-        "max_gathered_bytes": state.max_gathered_bytes,
+        "info": state.info,
     }
-    arrays = {
-        "weights": state.params.weights,
-        "means": state.params.means,
-        "covariances": state.params.covariances,
-    }
-    if state.online is not None:
-        arrays |= {
-            "online_s": state.online.s,
-            "online_mu": state.online.mu,
-            "online_sigma": state.online.sigma,
-        }
+    arrays = _prefixed("params", state.params.to_arrays()) | _prefixed("rule", state.rule_state)
+    if state.previous is not None:
+        arrays |= _prefixed("previous", state.previous.to_arrays())
+        arrays |= _prefixed("previous_rule", state.previous_rule_state)
     with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, header=np.array(json.dumps(header)), **arrays)
     return path
 
 
-def load_checkpoint(directory: str | Path) -> tuple[FitState, dict[str, Any], dict[str, Any]]:
+def _position_and_records(header: dict) -> dict[str, Any]:
+    """The LoopState fields every checkpoint format keeps in its header the same way."""
+    pos = header["position"]
+    return {
+        "iteration": int(pos["iteration"]),
+        "epoch": int(pos["epoch"]),
+        "wave": int(pos["wave"]),
+        "order": [int(i) for i in pos["order"]],
+        "history": header["history"],
+        "counts": header["counts"],
+        "epoch_counts": header["epoch_counts"],
+        "reseeded": header["reseeded"],
+        "converged": bool(header["converged"]),
+        "finished": bool(header["finished"]),
+    }
+
+
+def _from_v1(header: dict, arrays: dict[str, np.ndarray]) -> LoopState:
+    """A version-1 checkpoint (one set of parameters, online EM's arrays) as a loop state."""
+    rule_state = {}
+    if "online_s" in arrays:
+        rule_state = {k: arrays[f"online_{k}"] for k in ("s", "mu", "sigma")}
+        rule_state["s_bg"] = np.array(0.0)
+    pos = header["position"]
+    method = header["config"].get("method", "em")
+    return LoopState(
+        params=Mixture(arrays["weights"], arrays["means"], arrays["covariances"]),
+        rule=_RULE_OF_METHOD.get(method, method),
+        rule_state=rule_state,
+        **_position_and_records(header),
+        info={
+            "init": header.get("init_info", {}),
+            "wave_size": int(pos.get("wave_size", 0)),
+            "retries": int(header.get("retries", 0)),
+            "max_gathered_bytes": int(header.get("max_gathered_bytes", 0)),
+        },
+    )
+
+
+def load_checkpoint(directory: str | Path) -> tuple[LoopState, dict[str, Any], dict[str, Any]]:
     """Read a checkpoint; returns (state, config dict, manifest dict)."""
     path = Path(directory) / CHECKPOINT_NAME
     if not path.is_file():
@@ -126,28 +151,27 @@ def load_checkpoint(directory: str | Path) -> tuple[FitState, dict[str, Any], di
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({exc})") from None
     if header.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: not an xd-dask checkpoint")
-    if header.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format is newer than this xd-dask")
-    online = None
-    if "online_s" in arrays:
-        online = OnlineState(arrays["online_s"], arrays["online_mu"], arrays["online_sigma"])
-    pos = header["position"]
-    state = FitState(
-        params=Params(arrays["weights"], arrays["means"], arrays["covariances"]),
-        online=online,
-        iteration=int(pos["iteration"]),
-        epoch=int(pos["epoch"]),
-        wave=int(pos["wave"]),
-        wave_size=int(pos["wave_size"]),
-        order=[int(i) for i in pos["order"]],
-        history=header["history"],
-        counts=header["counts"],
-        epoch_counts=header["epoch_counts"],
-        reseeded=header["reseeded"],
-        init_info=header["init_info"],
-        converged=bool(header["converged"]),
-        finished=bool(header["finished"]),
-        retries=int(header["retries"]),
-        max_gathered_bytes=int(header["max_gathered_bytes"]),
-    )
+    version = header.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {version} is newer than this xd-dask understands "
+            f"({FORMAT_VERSION}); upgrade xd-dask to resume it"
+        )
+    try:
+        if version < 2:
+            return _from_v1(header, arrays), header["config"], header["manifest"]
+        previous = _group(arrays, "previous")
+        state = LoopState(
+            params=Mixture.from_arrays(_group(arrays, "params")),
+            rule=header["rule"],
+            rule_state=_group(arrays, "rule"),
+            previous=Mixture.from_arrays(previous) if previous else None,
+            previous_rule_state=_group(arrays, "previous_rule") if previous else None,
+            **_position_and_records(header),
+            info=header["info"],
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"{path}: incomplete checkpoint (format {version}): {exc!r}; start a new fit"
+        ) from None
     return state, header["config"], header["manifest"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from xd_dask.em import StepSchedule
+from xd_dask.optim.robust import MAX_LL_DROP
 
 __all__ = ["METHODS", "FitConfig", "resolve_schema"]
 
@@ -52,6 +53,13 @@ class FitConfig:
         (:mod:`xd_dask.distributed.split`): rows with ``splitmix64(source_id) / 2**64 <
         holdout_rows`` are held out and never read into the fit (score them with
         ``score_catalog(..., split=(holdout_rows, "holdout"))``); 0: fit every row.
+    background : add a uniform background (outlier) component over the padded bounding box of
+        the k-means sample (:mod:`xd_dask.optim.background`); its weight is fitted. It absorbs a
+        few absurd rows instead of letting them take or drag a component.
+    background_weight : its starting weight, in (0, 0.5].
+    max_ll_drop : batch EM: largest accepted decrease of the mean log-likelihood per iteration
+        (nats per row); a larger one rolls back and stops naming the rows
+        (:mod:`xd_dask.optim.robust`).
     """
 
     catalog: str | list[str]
@@ -82,6 +90,9 @@ class FitConfig:
     max_rows_per_partition: int | None = None
     max_retries: int = 3
     holdout_rows: float = 0.0
+    background: bool = False
+    background_weight: float = 1e-3
+    max_ll_drop: float = MAX_LL_DROP
 
     def __post_init__(self) -> None:
         if isinstance(self.step, dict):
@@ -121,6 +132,15 @@ class FitConfig:
                 "holdout_rows must be in [0, 1)",
             ),
             (isinstance(self.init, str) and bool(self.init), "init must be 'kmeans' or a path"),
+            (isinstance(self.background, bool), "background must be true or false"),
+            (
+                0.0 < float(self.background_weight) <= 0.5,
+                "background_weight must be in (0, 0.5]",
+            ),
+            (
+                float(self.max_ll_drop) > 0 and math.isfinite(self.max_ll_drop),
+                "max_ll_drop must be finite and > 0",
+            ),
         ]
         for ok, msg in checks:
             if not ok:

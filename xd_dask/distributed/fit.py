@@ -1,12 +1,15 @@
 """Fitting XD to a partitioned catalogue on a Dask cluster: batch EM and online EM.
 
-The client holds only parameters and statistics. Each iteration (batch EM) or wave (online EM):
+The fit runs the one fitting loop of :mod:`xd_dask.optim` (the same loop as the in-memory
+:class:`xd_dask.estimator.XDGMM`) with a statistics source backed by the pass runner. The client
+holds only parameters and statistics. Each iteration (batch EM) or wave (online EM):
 
 1. scatter the current parameters to the workers once;
 2. one ``xd-estep`` task per partition: read + validate + build X, S + kernel (or reuse the
    partition's arrays held in worker memory when ``persist``);
 3. tree-reduce the statistics on the cluster (``xd-reduce``, fan-in ``fan_in``);
-4. gather the single reduced result (O(K D^2)) and apply the update (:mod:`xd_dask.em`);
+4. gather the single reduced result (O(K D^2)); the loop checks it, applies the update rule and
+   checks the new parameters (:mod:`xd_dask.optim.robust`);
 5. write a checkpoint, log a line, call ``progress_callback``.
 
 Public entry points: :class:`FitConfig`, :func:`fit_catalog`, :func:`resume_fit`.
@@ -15,10 +18,8 @@ Public entry points: :class:`FitConfig`, :func:`fit_catalog`, :func:`resume_fit`
 from __future__ import annotations
 
 import contextlib
-import math
 import platform
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,6 @@ from distributed import Client, performance_report
 from xd_dask.distributed.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
-    FitState,
     load_checkpoint,
     save_checkpoint,
 )
@@ -38,15 +38,34 @@ from xd_dask.distributed.config import FitConfig, resolve_schema
 from xd_dask.distributed.kmeans import kmeans_init
 from xd_dask.distributed.manifest import Manifest, ManifestError, build_manifest
 from xd_dask.distributed.passes import PassRunner
-from xd_dask.distributed.tasks import Params, Partial, TaskOptions, estep
-from xd_dask.em import OnlineState, batch_update, online_update
-from xd_dask.estimator import ConvergenceWarning
+from xd_dask.distributed.tasks import Params, Partial, TaskOptions, estep, kmeans_sample
+from xd_dask.kernels import Background
 from xd_dask.model import XDModel
+from xd_dask.optim import (
+    Batch,
+    BatchEM,
+    BatchStats,
+    ConvergenceWarning,
+    FitLoop,
+    LoopSettings,
+    LoopState,
+    Mixture,
+    OnlineEM,
+    bounding_box,
+)
+from xd_dask.optim.background import confine
 from xd_dask.utils import atomic_path, get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["FitConfig", "ProgressCallback", "fit_catalog", "resolve_schema", "resume_fit"]
+__all__ = [
+    "ConvergenceWarning",
+    "FitConfig",
+    "ProgressCallback",
+    "fit_catalog",
+    "resolve_schema",
+    "resume_fit",
+]
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
@@ -75,20 +94,73 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _add_counts(acc: dict, part: Partial) -> dict:
-    dropped = dict(acc.get("dropped", {}))
-    for k, v in part.dropped.items():
-        dropped[k] = dropped.get(k, 0) + int(v)
-    return {
-        "read": int(acc.get("read", 0)) + part.n_read,
-        "used": int(acc.get("used", 0)) + part.n_used,
-        "dropped": dropped,
-    }
+def _counts(part: Partial) -> dict:
+    return {"read": part.n_read, "used": part.n_used, "dropped": dict(part.dropped)}
 
 
-def _epoch_order(seed: int, epoch: int, n: int) -> list[int]:
-    """Seeded partition order of an online-EM epoch (depends on seed and epoch only)."""
-    return [int(i) for i in np.random.default_rng([int(seed), 3, int(epoch)]).permutation(n)]
+def _params(p: Mixture) -> Params:
+    return Params(p.weights, p.means, p.covariances)
+
+
+class PassStatistics:
+    """The loop's statistics source for a catalogue: one ``xd-estep`` pass (map over the batch's
+    partitions + tree-reduce) per batch, through the fit's :class:`PassRunner`.
+
+    subsample : online EM, (fraction, seed): keep a seeded fraction of each partition's rows.
+    """
+
+    def __init__(self, runner: PassRunner, subsample: tuple[float, int] | None = None) -> None:
+        self.runner = runner
+        self.subsample = subsample
+        self.n_units = len(runner.manifest)
+        self._diagnoses = 0
+
+    def __call__(self, params: Mixture, batch: Batch) -> BatchStats:
+        sub = None
+        if self.subsample is not None:
+            sub = (self.subsample[0], self.subsample[1], batch.epoch - 1)
+        part = self.runner.run(
+            "estep",
+            batch.label,
+            estep,
+            pids=batch.units,
+            shared=(_params(params),),
+            extra=(self.runner.opts, sub, params.background),
+        )
+        return BatchStats(part.payload, _counts(part), {"task_seconds": part.seconds})
+
+    def worst_rows(self, before: Mixture, after: Mixture | None, m: int) -> list[dict]:
+        """One ``xd-diagnose`` pass: the m rows (file, row, source_id) that lost most (``after``
+        None: the m least likely rows at ``before``)."""
+        self._diagnoses += 1
+        if after is None:
+            compare = (None, None, int(m))
+        else:
+            compare = (_params(after), after.background, int(m))
+        part = self.runner.run(
+            "diagnose",
+            (self._diagnoses,),
+            estep,
+            shared=(_params(before),),
+            extra=(self.runner.opts, None, before.background, compare),
+        )
+        return list(part.payload.rows)
+
+
+class _RecordingRunner:
+    """A pass runner that keeps each pass's result by name (to reuse k-means' sample pass)."""
+
+    def __init__(self, runner: PassRunner) -> None:
+        self._runner = runner
+        self.results: dict[str, Partial] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner, name)
+
+    def run(self, name: str, *args: Any, **kwargs: Any) -> Partial:
+        out = self._runner.run(name, *args, **kwargs)
+        self.results[name] = out
+        return out
 
 
 class _Fit:
@@ -124,19 +196,64 @@ class _Fit:
             persist=config.persist,
             max_retries=config.max_retries,
         )
-        self.state: FitState | None = None
+        self.state: LoopState | None = None
+        self._retries0 = 0
         if config.gpu:
             check_gpu_workers(client)
 
     # ------------------------------------------------------------------ set-up
+    def _loop(self, wave_size: int) -> FitLoop:
+        cfg = self.cfg
+        if cfg.method == "em":
+            rule: Any = BatchEM(cfg.reg_covar)
+            settings = LoopSettings(
+                max_steps=int(cfg.max_iter),
+                tol=float(cfg.tol),
+                seed=int(cfg.seed),
+                max_ll_drop=float(cfg.max_ll_drop),
+            )
+            sub = None
+        else:
+            rule = OnlineEM(cfg.step, cfg.reg_covar)
+            settings = LoopSettings(
+                epochs=int(cfg.epochs),
+                wave_size=int(wave_size),
+                seed=int(cfg.seed),
+                max_ll_drop=float(cfg.max_ll_drop),
+            )
+            sub = None if cfg.subsample is None else (float(cfg.subsample), int(cfg.seed))
+        return FitLoop(
+            rule,
+            PassStatistics(self.runner, sub),
+            settings,
+            checkpoint=self._checkpoint,
+            progress=self._progress,
+        )
+
+    def _background(self, sample_pass: Partial | None) -> Background:
+        """The background's box: the padded bounding box of the k-means sample (its pass is run
+        here only when k-means did not run it)."""
+        cfg = self.cfg
+        if sample_pass is None:
+            size = cfg.kmeans_sample or max(50 * int(cfg.n_components), 2000)
+            fraction = min(1.0, size / max(self.manifest.n_rows, 1))
+            sample_pass = self.runner.run(
+                "kmeans-sample", (0,), kmeans_sample, extra=(self.opts, cfg.seed, fraction)
+            )
+        lo, hi = bounding_box(sample_pass.payload.sample)
+        return Background(float(cfg.background_weight), lo, hi)
+
     def initialise(self) -> None:
         cfg = self.cfg
         K = int(cfg.n_components)
         D = len(self.schema.features)
+        sample_pass = None
+        background = None
         if cfg.init == "kmeans":
             t0 = time.perf_counter()
+            recorder = _RecordingRunner(self.runner)
             init = kmeans_init(
-                self.runner,
+                recorder,
                 K,
                 cfg.seed,
                 max_iter=cfg.kmeans_iter,
@@ -144,7 +261,9 @@ class _Fit:
                 sample_size=cfg.kmeans_sample,
                 reg_covar=cfg.reg_covar,
             )
-            params, info = init.params, init.info
+            sample_pass = recorder.results.get("kmeans-sample")
+            w, m, V = init.params.weights, init.params.means, init.params.covariances
+            info = init.info
             info["seconds"] = time.perf_counter() - t0
         else:
             model = XDModel.load(cfg.init)
@@ -158,184 +277,50 @@ class _Fit:
                     f"{cfg.init}: the model's features {model.feature_names} differ from the "
                     f"schema's {list(self.schema.features)}"
                 )
-            params = Params(model.weights, model.means, model.covariances)
+            if model.background is not None and not cfg.background:
+                raise ValueError(
+                    f"{cfg.init}: the model has a background component; set background = true"
+                )
+            w, m, V = model.weights, model.means, model.covariances
+            background = model.background
             info = {"method": "model", "path": str(cfg.init)}
+        if cfg.background and background is None:
+            background = self._background(sample_pass)
+            w = w * (1.0 - background.weight)
+            m, V, confined = confine(m, V, background)
+            info["confined_to_background_box"] = confined
         wave_size = 0
         if cfg.method == "online":
             wave_size = int(cfg.wave_size or 2 * worker_threads(self.client))
             wave_size = min(wave_size, len(self.manifest))
-        self.state = FitState(
-            params=params,
-            online=(
-                OnlineState.from_params(params.weights, params.means, params.covariances)
-                if cfg.method == "online"
-                else None
-            ),
-            wave_size=wave_size,
-            order=_epoch_order(cfg.seed, 0, len(self.manifest)) if cfg.method == "online" else [],
-            init_info=info,
-        )
-        self._checkpoint()
+        info = {"init": info, "wave_size": wave_size, "retries": 0, "max_gathered_bytes": 0}
+        self.state = self._loop(max(wave_size, 1)).start(Mixture(w, m, V, background), info)
 
-    def restore(self, state: FitState) -> None:
+    def restore(self, state: LoopState) -> None:
         self.state = state
+        self._retries0 = int(state.info.get("retries", 0))
 
     # ------------------------------------------------------------------ bookkeeping
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, state: LoopState) -> None:
+        self.state = state
+        info = state.info
+        info["retries"] = self._retries0 + self.runner.n_retries
+        info["max_gathered_bytes"] = max(
+            int(info.get("max_gathered_bytes", 0)), self.runner.max_gathered_bytes
+        )
         if self.cfg.checkpoint_dir is None:
             return
-        st = self.state
-        st.retries = self.runner.n_retries
-        st.max_gathered_bytes = max(st.max_gathered_bytes, self.runner.max_gathered_bytes)
-        save_checkpoint(self.cfg.checkpoint_dir, st, self.cfg.to_dict(), self.manifest.to_dict())
+        save_checkpoint(self.cfg.checkpoint_dir, state, self.cfg.to_dict(), self.manifest.to_dict())
 
-    def _record(self, entry: dict[str, Any], total: int) -> None:
-        st = self.state
-        st.history.append(entry)
-        self._checkpoint()
-        prev = st.history[-2]["mean_loglike"] if len(st.history) > 1 else float("nan")
-        where = (
-            f"iteration {entry['iteration']}"
-            if self.cfg.method == "em"
-            else f"epoch {entry['epoch']} wave {entry['wave']} (t={entry['iteration']})"
-        )
-        log.info(
-            "%s: mean log-likelihood %.10g (change %.3g), step %.4g, rows %d, %.3f s",
-            where,
-            entry["mean_loglike"],
-            entry["mean_loglike"] - prev,
-            entry["step"],
-            entry["rows"],
-            entry["seconds"],
-        )
+    def _progress(self, event: dict[str, Any]) -> None:
         if self.callback is not None:
-            self.callback(dict(entry, method=self.cfg.method, total=total))
-
-    def _update_params(self, upd) -> None:
-        self.state.params = Params(upd.weights, upd.means, upd.covariances)
-        if upd.reseeded:
-            self.state.reseeded.append(
-                {"iteration": self.state.iteration, "components": list(upd.reseeded)}
-            )
-
-    # ------------------------------------------------------------------ loops
-    def _batch(self) -> None:
-        """Batch EM. As in :class:`xd_dask.estimator.XDGMM`: each iteration computes the
-        statistics at the current parameters; if the mean log-likelihood changed by less than
-        ``tol`` since the previous iteration the fit has converged and stops with these
-        parameters, else the M-step gives the next parameters."""
-        cfg, st = self.cfg, self.state
-        while st.iteration < cfg.max_iter and not st.converged:
-            t0 = time.perf_counter()
-            p = st.params
-            part = self.runner.run(
-                "estep", (st.iteration + 1,), estep, shared=(p,), extra=(self.opts,)
-            )
-            stats = part.payload
-            if stats.W <= 0:
-                raise ValueError("no valid rows in the catalogue (every row was dropped)")
-            ll = stats.ll / stats.W
-            if not math.isfinite(ll):
-                raise FloatingPointError(
-                    f"mean log-likelihood is {ll} at iteration {st.iteration + 1}"
-                )
-            prev = st.history[-1]["mean_loglike"] if st.history else None
-            st.converged = prev is not None and abs(ll - prev) < cfg.tol
-            st.iteration += 1
-            reseeded: list[int] = []
-            if not st.converged:
-                upd = batch_update(
-                    stats, p.weights, p.means, p.covariances, reg_covar=cfg.reg_covar
-                )
-                self._update_params(upd)
-                reseeded = list(upd.reseeded)
-            st.counts = _add_counts({}, part)
-            self._record(
-                {
-                    "iteration": st.iteration,
-                    "epoch": st.iteration,
-                    "wave": 1,
-                    "mean_loglike": ll,
-                    "step": 1.0,
-                    "rows": part.n_used,
-                    "seconds": time.perf_counter() - t0,
-                    "task_seconds": part.seconds,
-                    "reseeded": reseeded,
-                },
-                cfg.max_iter,
-            )
-        if not st.converged and cfg.tol > 0:
-            warnings.warn(
-                f"batch EM did not converge in {cfg.max_iter} iterations (tol={cfg.tol}); "
-                "raise max_iter or tol",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
-
-    def _online(self) -> None:
-        cfg, st = self.cfg, self.state
-        n_parts = len(self.manifest)
-        P = st.wave_size
-        n_waves = -(-n_parts // P)
-        total = cfg.epochs * n_waves
-        while st.epoch < cfg.epochs:
-            t0 = time.perf_counter()
-            if not st.order:
-                st.order = _epoch_order(cfg.seed, st.epoch, n_parts)
-            pids = st.order[st.wave * P : (st.wave + 1) * P]
-            step = cfg.step(st.iteration)
-            p = st.params
-            sub = None if cfg.subsample is None else (float(cfg.subsample), cfg.seed, st.epoch)
-            part = self.runner.run(
-                "estep",
-                (st.epoch + 1, st.wave + 1),
-                estep,
-                pids=pids,
-                shared=(p,),
-                extra=(self.opts, sub),
-            )
-            stats = part.payload
-            entry = {
-                "iteration": st.iteration + 1,
-                "epoch": st.epoch + 1,
-                "wave": st.wave + 1,
-                "mean_loglike": stats.ll / stats.W if stats.W > 0 else float("nan"),
-                "step": step,
-                "rows": part.n_used,
-                "partitions": [int(i) for i in pids],
-                "task_seconds": part.seconds,
-                "reseeded": [],
-            }
-            st.iteration += 1
-            if stats.W > 0:  # a wave whose rows were all dropped changes nothing
-                st.online, upd = online_update(
-                    st.online,
-                    stats,
-                    p.weights,
-                    p.means,
-                    p.covariances,
-                    step,
-                    reg_covar=cfg.reg_covar,
-                )
-                entry["reseeded"] = list(upd.reseeded)
-                self._update_params(upd)
-            st.epoch_counts = _add_counts(st.epoch_counts, part)
-            st.wave += 1
-            if st.wave == n_waves:  # epoch complete: next epoch, new seeded order
-                st.counts, st.epoch_counts = st.epoch_counts, {}
-                st.epoch, st.wave, st.order = st.epoch + 1, 0, []
-            entry["seconds"] = time.perf_counter() - t0
-            self._record(entry, total)
+            self.callback(dict(event, method=self.cfg.method))
 
     def run(self) -> XDModel:
         st = self.state
         if not st.finished:
-            if self.cfg.method == "em":
-                self._batch()
-            else:
-                self._online()
-            st.finished = True
-            self._checkpoint()
+            loop = self._loop(max(int(st.info.get("wave_size", 0)), 1))
+            self.state = loop.run(st)
         return self.model()
 
     # ------------------------------------------------------------------ result
@@ -355,20 +340,29 @@ class _Fit:
             "rows_used": st.counts.get("used", 0),
             "holdout_rows": float(cfg.holdout_rows),
             "reseeded": st.reseeded,
-            "init": st.init_info,
+            "init": st.info.get("init", {}),
             "manifest": {
                 "source": self.manifest.source,
                 "n_partitions": len(self.manifest),
                 "n_rows": self.manifest.n_rows,
                 "fingerprint": self.manifest.fingerprint,
             },
-            "wave_size": st.wave_size,
-            "max_gathered_bytes": max(st.max_gathered_bytes, self.runner.max_gathered_bytes),
-            "retries": st.retries + self.runner.n_retries,
+            "wave_size": int(st.info.get("wave_size", 0)),
+            "max_gathered_bytes": max(
+                int(st.info.get("max_gathered_bytes", 0)), self.runner.max_gathered_bytes
+            ),
+            "retries": self._retries0 + self.runner.n_retries,
             "schema": getattr(self.schema, "name", None),
             "versions": _versions(),
         }
-        return XDModel(p.weights, p.means, p.covariances, list(self.schema.features), metadata)
+        return XDModel(
+            p.weights,
+            p.means,
+            p.covariances,
+            list(self.schema.features),
+            metadata,
+            background=p.background,
+        )
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ __all__ = [
     "PartitionError",
     "SampleMoments",
     "TaskOptions",
+    "WorstRows",
     "combine",
     "estep",
     "kmeans_lloyd",
@@ -262,15 +263,73 @@ def _partial(blk: Block, payload: Any, n_used: int, t0: float) -> Partial:
 
 
 # ----------------------------------------------------------------------------- E-step
+@dataclass
+class WorstRows:
+    """The (at most) ``m`` rows whose log-likelihood fell most between two parameter sets, as
+    dicts (file, row, source_id, ll_before, ll_after, component); adds up by keeping the top m
+    (largest drop first; ties by file and row, so the result does not depend on the tree)."""
+
+    rows: list[dict]
+    m: int
+
+    def __add__(self, other: WorstRows) -> WorstRows:
+        def key(r: dict) -> tuple:
+            after = r["ll_after"]
+            drop = -r["ll_before"] if after is None else r["ll_before"] - after
+            return (-np.inf if np.isnan(drop) else -drop, r["file"], r["row"])
+
+        rows = sorted(self.rows + other.rows, key=key)
+        return WorstRows(rows[: max(self.m, other.m)], max(self.m, other.m))
+
+
+def _row_drops(blk: Block, X: Any, S: Any, before: tuple, after: tuple | None, m: int) -> WorstRows:
+    """Top-m rows of a partition by the fall of their log-likelihood from ``before`` to
+    ``after`` (each ``(Params, background or None)``; ``after`` None: the least likely rows at
+    ``before``); component = most probable before."""
+    from xd_dask.kernels import log_component_densities  # noqa: PLC0415
+    from xd_dask.optim.arrays import rank_row_drops  # noqa: PLC0415
+
+    def row_ll(p: Params, bg: Any) -> np.ndarray:
+        return to_numpy(
+            row_log_likelihood(X, S, p.weights, p.means, p.covariances, check=False, background=bg)
+        )
+
+    p = before[0]
+    with np.errstate(all="ignore"):  # diagnosing rows that overflow is the point here
+        lb = row_ll(*before)
+        la = None if after is None else row_ll(*after)
+        logp = log_component_densities(X, S, p.weights, p.means, p.covariances, check=False)
+    comp = np.argmax(to_numpy(logp), axis=1)
+    rows = [
+        {
+            "file": blk.path,
+            "row": i,
+            "source_id": int(blk.ids[i]),
+            "ll_before": float(lb[i]),
+            "ll_after": None if la is None else float(la[i]),
+            "component": int(comp[i]),
+        }
+        for i in rank_row_drops(lb, la, m)
+    ]
+    return WorstRows(rows, m)
+
+
 def estep(
     source: Partition | Block,
     params: Params,
     opts: TaskOptions,
     subsample: tuple[float, int, int] | None = None,
+    background: Any = None,
+    compare: tuple[Params, Any, int] | None = None,
 ) -> Partial:
     """Sufficient statistics of one partition at ``params`` (``xd-estep``).
 
     subsample : (fraction, seed, epoch) keeps a seeded random subset of the rows.
+    background : optional :class:`xd_dask.kernels.Background` (uniform outlier component).
+    compare : (after, after_background, m): instead of statistics, return the payload
+        :class:`WorstRows`, the m rows whose log-likelihood fell most from ``params`` to
+        ``after`` (``after`` None: the m least likely rows at ``params``); the diagnosis of a
+        diverged fit, full partitions only.
     """
     t0 = time.perf_counter()
     backend = _backend(opts)
@@ -282,6 +341,11 @@ def estep(
         xp = array_namespace(X)
         idx = xp.asarray(rows)
         X, S = X[idx], S[idx]
+    if compare is not None:
+        after, after_bg, m = compare
+        other = None if after is None else (after, after_bg)
+        worst = _row_drops(blk, X, S, (params, background), other, int(m))
+        return _partial(blk, worst, X.shape[0], t0)
     if X.shape[0] == 0:
         stats = SuffStats.zeros(K, D)
     else:
@@ -294,6 +358,7 @@ def estep(
                 params.covariances,
                 backend=backend,
                 check=False,  # the reader has validated the rows
+                background=background,
             ).to_numpy()
         except NotPositiveDefiniteError as err:
             raise _kernel_error(blk, rows, err) from None

@@ -151,6 +151,9 @@ SPEC: dict[str, Any] = {
         "fan_in": _int(2),
         "backend": _str(("auto", "numba", "reference")),
         "dtype": _str(("float64", "float32")),
+        "background": _bool,
+        "background_weight": _float(0.0, 0.5, lo_open=True),
+        "max_ll_drop": _float(0.0, lo_open=True),
         "step": {
             "kind": _str(("power", "halving")),
             "kappa": _float(0.5, 1.0, lo_open=True),

@@ -153,6 +153,9 @@ def fit_config(
         performance_report=None if performance_report is None else str(performance_report),
         max_rows_per_partition=cat["max_rows_per_partition"] or None,
         holdout_rows=float(cat["holdout_rows"]),
+        background=fit["background"],
+        background_weight=float(fit["background_weight"]),
+        max_ll_drop=float(fit["max_ll_drop"]),
     )
 
 

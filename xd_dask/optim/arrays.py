@@ -1,0 +1,99 @@
+"""The statistics source for arrays held in memory (what :class:`xd_dask.estimator.XDGMM` fits)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from xd_dask.kernels import compute_stats, log_component_densities, row_log_likelihood
+from xd_dask.optim.loop import Batch, BatchStats, Mixture
+
+__all__ = ["ArrayStatistics", "rank_row_drops"]
+
+
+def rank_row_drops(ll_before: np.ndarray, ll_after: np.ndarray | None, m: int) -> list[int]:
+    """Indices of the (at most) ``m`` rows whose log-likelihood fell most, largest drop first
+    (ties: lower index first); rows whose log-likelihood did not fall are never listed. With
+    ``ll_after`` None: the ``m`` rows with the lowest ``ll_before``."""
+    if ll_after is None:  # NaN counts as the lowest
+        low = np.where(np.isnan(ll_before), -np.inf, ll_before)
+        return [int(i) for i in np.lexsort((np.arange(low.shape[0]), low))[:m]]
+    drop = ll_before - ll_after
+    drop = np.where(np.isnan(drop), np.inf, drop)
+    order = np.lexsort((np.arange(drop.shape[0]), -drop))[:m]
+    return [int(i) for i in order if drop[i] > 0]
+
+
+class ArrayStatistics:
+    """Statistics of in-memory rows: one unit (every step sees every row).
+
+    X : (n, d), NaN = missing.  X_cov : (n, d, d).  row_weights : (n,) or None.
+    R : (n, d, D) projections or None.  backend : kernel backend.
+    """
+
+    n_units = 1
+
+    def __init__(
+        self, X: Any, X_cov: Any, row_weights: Any = None, R: Any = None, backend: str = "auto"
+    ) -> None:
+        self.X, self.X_cov, self.row_weights, self.R = X, X_cov, row_weights, R
+        self.backend = backend
+        self._checked = False
+
+    def __call__(self, params: Mixture, batch: Batch) -> BatchStats:
+        stats = compute_stats(
+            self.X,
+            self.X_cov,
+            params.weights,
+            params.means,
+            params.covariances,
+            row_weights=self.row_weights,
+            R=self.R,
+            backend=self.backend,
+            check=not self._checked,
+            background=params.background,
+        )
+        self._checked = True
+        n = int(self.X.shape[0])
+        return BatchStats(stats, {"read": n, "used": n, "dropped": {}})
+
+    def _row_ll(self, p: Mixture) -> np.ndarray:
+        return np.asarray(
+            row_log_likelihood(
+                self.X,
+                self.X_cov,
+                p.weights,
+                p.means,
+                p.covariances,
+                R=self.R,
+                backend=self.backend,
+                background=p.background,
+            )
+        )
+
+    def worst_rows(self, before: Mixture, after: Mixture | None, m: int) -> list[dict]:
+        """The ``m`` rows whose log-likelihood fell most from ``before`` to ``after`` (``after``
+        None: the ``m`` least likely rows at ``before``)."""
+        with np.errstate(all="ignore"):  # diagnosing rows that overflow is the point here
+            lb = self._row_ll(before)
+            la = None if after is None else self._row_ll(after)
+            logp = log_component_densities(
+                self.X,
+                self.X_cov,
+                before.weights,
+                before.means,
+                before.covariances,
+                R=self.R,
+                backend=self.backend,
+            )
+        comp = np.argmax(np.asarray(logp), axis=1)
+        return [
+            {
+                "row": i,
+                "ll_before": float(lb[i]),
+                "ll_after": None if la is None else float(la[i]),
+                "component": int(comp[i]),
+            }
+            for i in rank_row_drops(lb, la, m)
+        ]
