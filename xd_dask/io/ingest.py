@@ -17,7 +17,7 @@ import bz2
 import gzip
 import os
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -30,7 +30,14 @@ from xd_dask.io.reader import CatalogError, require_columns
 from xd_dask.io.schema import CatalogSchema, load_schema
 from xd_dask.utils import atomic_path, get_logger
 
-__all__ = ["ingest", "ingest_file", "read_ecsv_header", "output_name", "NULL_VALUES"]
+__all__ = [
+    "ingest",
+    "ingest_file",
+    "ecsv_batches",
+    "read_ecsv_header",
+    "output_name",
+    "NULL_VALUES",
+]
 
 log = get_logger(__name__)
 
@@ -108,6 +115,49 @@ def read_ecsv_header(fh: BinaryIO, path: str) -> tuple[dict[str, Any], list[str]
     return header, names
 
 
+def ecsv_batches(
+    fh: BinaryIO, path_s: str, columns: list[str] | None = None, block_size: int = 8 << 20
+) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """Stream an ECSV file open at its start: (output schema, record batches).
+
+    ``columns`` are the columns to keep (as spelled in the file), or None for every column
+    (datatypes outside the simple ECSV types, e.g. multidimensional columns, are kept as strings).
+    The schema's fields carry the header's ``unit`` and ``description`` as metadata; each batch
+    must be cast to it (``pa.Table.from_batches([b]).cast(schema)``).
+    """
+    header, names = read_ecsv_header(fh, path_s)
+    info = {c["name"]: c for c in header["datatype"]}
+    wanted = names if columns is None else columns
+    types, fields = {}, []
+    for name in wanted:
+        dt = str(info[name].get("datatype", "string"))
+        if "subtype" in info[name] or dt not in _ECSV_TYPES:
+            if columns is not None:
+                raise CatalogError(
+                    f"{path_s}: column {name!r} has unsupported ECSV datatype {dt!r}",
+                    path=path_s,
+                    column=name,
+                )
+            dt = "string"
+        types[name] = _ECSV_TYPES[dt]
+        meta = {k: str(info[name][k]) for k in ("unit", "description") if k in info[name]}
+        fields.append(pa.field(name, types[name], metadata=meta or None))
+    out_schema = pa.schema(fields)
+    reader = pacsv.open_csv(
+        fh,
+        read_options=pacsv.ReadOptions(column_names=names, block_size=block_size),
+        parse_options=pacsv.ParseOptions(delimiter=header.get("delimiter", " ")),
+        convert_options=pacsv.ConvertOptions(
+            include_columns=wanted,
+            column_types=types,
+            null_values=NULL_VALUES,
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=True,
+        ),
+    )
+    return out_schema, iter(reader)
+
+
 def ingest_file(
     path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -129,35 +179,13 @@ def ingest_file(
         raise CatalogError(f"{path_s}: no such file", path=path_s)
     try:
         with _open(src) as fh:
-            header, names = read_ecsv_header(fh, path_s)
+            header_pos = fh.tell()
+            _, names = read_ecsv_header(fh, path_s)
             found = require_columns(path_s, names, schema)
-            info = {c["name"]: c for c in header["datatype"]}
             wanted = [found[c] for c in schema.required_columns()]
-            types, fields = {}, []
-            for name in wanted:
-                dt = str(info[name].get("datatype", "string"))
-                if dt not in _ECSV_TYPES:
-                    raise CatalogError(
-                        f"{path_s}: column {name!r} has unsupported ECSV datatype {dt!r}",
-                        path=path_s,
-                        column=name,
-                    )
-                types[name] = _ECSV_TYPES[dt]
-                meta = {k: str(info[name][k]) for k in ("unit", "description") if k in info[name]}
-                fields.append(pa.field(name, types[name], metadata=meta or None))
-            out_schema = pa.schema(fields, metadata={b"source": src.name.encode()})
-            reader = pacsv.open_csv(
-                fh,
-                read_options=pacsv.ReadOptions(column_names=names, block_size=block_size),
-                parse_options=pacsv.ParseOptions(delimiter=header.get("delimiter", " ")),
-                convert_options=pacsv.ConvertOptions(
-                    include_columns=wanted,
-                    column_types=types,
-                    null_values=NULL_VALUES,
-                    strings_can_be_null=True,
-                    quoted_strings_can_be_null=True,
-                ),
-            )
+            fh.seek(header_pos)
+            out_schema, batches = ecsv_batches(fh, path_s, wanted, block_size)
+            out_schema = out_schema.with_metadata({b"source": src.name.encode()})
             n_rows = 0
             with atomic_path(target, suffix=".parquet") as tmp:
                 with pq.ParquetWriter(
@@ -165,7 +193,7 @@ def ingest_file(
                 ) as writer:
                     pending: list[pa.RecordBatch] = []
                     n_pending = 0
-                    for batch in reader:
+                    for batch in batches:
                         pending.append(batch)
                         n_pending += batch.num_rows
                         if n_pending >= row_group_size:
@@ -174,7 +202,7 @@ def ingest_file(
                             n_rows += table.num_rows
                             pending, n_pending = [], 0
                     if pending or n_rows == 0:
-                        table = pa.Table.from_batches(pending, schema=reader.schema)
+                        table = pa.Table.from_batches(pending, schema=_plain(out_schema))
                         writer.write_table(table.cast(out_schema), row_group_size=row_group_size)
                         n_rows += table.num_rows
                 os.chmod(tmp, 0o644)
@@ -188,6 +216,11 @@ def ingest_file(
         raise CatalogError(f"{path_s}: cannot parse ECSV data: {exc}", path=path_s) from None
     log.info("ingest: %s -> %s (%d rows, %d columns)", src.name, target, n_rows, len(wanted))
     return target
+
+
+def _plain(schema: pa.Schema) -> pa.Schema:
+    """``schema`` without field metadata (the type of the batches the CSV reader yields)."""
+    return pa.schema([pa.field(f.name, f.type) for f in schema])
 
 
 def _expand(inputs: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Path]:
