@@ -63,8 +63,10 @@ def _check(parts: list[Path], *, units: bool, n_parts: int, id_col: str = "sourc
     meta = {f.name: f.metadata or {} for f in t.schema}
     if units:
         assert meta["ra"][b"unit"] == b"deg" and meta["parallax_error"][b"unit"] == b"mas"
-    for p in parts:
-        assert pq.ParquetFile(p).metadata.num_row_groups >= 2  # row groups of 150 rows
+    for p in parts:  # full row groups of 150 rows, the last of each file smaller
+        md = pq.ParquetFile(p).metadata
+        sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+        assert len(sizes) >= 2 and set(sizes[:-1]) == {150} and 0 < sizes[-1] <= 150, sizes
     return t
 
 

@@ -394,9 +394,10 @@ def guess_id_column(schema: pa.Schema) -> str | None:
 
 # --------------------------------------------------------------------------- writing
 class _Parts:
-    """Parquet parts ``<stem>-NNNNN.parquet`` of at most ``rows_per_file`` rows, each written to a
-    temporary file (:func:`xd_dask.utils.atomic_path`) that is renamed into place only when every
-    part has been written (:meth:`commit`); :meth:`abort` removes them."""
+    """Parquet parts ``<stem>-NNNNN.parquet`` of at most ``rows_per_file`` rows in row groups of
+    ``row_group_size`` rows (the last of a part smaller), each written to a temporary file
+    (:func:`xd_dask.utils.atomic_path`) renamed into place only when every part has been written
+    (:meth:`commit`); :meth:`abort` removes them."""
 
     def __init__(
         self, out_dir: Path, stem: str, rows_per_file: int, row_group_size: int, compression: str
@@ -408,11 +409,23 @@ class _Parts:
         self.paths: list[Path] = []
         self.writer: pq.ParquetWriter | None = None
         self.schema: pa.Schema | None = None
+        self.pending: list[pa.Table] = []  # rows of the current part not yet in a row group
         self.in_part = 0
         self.n_rows = 0
 
+    def _flush(self, whole: bool) -> None:
+        """Write the pending rows as full row groups (and, if ``whole``, the remainder)."""
+        n = sum(t.num_rows for t in self.pending)
+        k = n if whole else n - n % self.row_group_size
+        if k == 0 or self.writer is None:
+            return
+        rows = pa.concat_tables(self.pending)
+        self.writer.write_table(rows.slice(0, k), row_group_size=self.row_group_size)
+        self.pending = [rows.slice(k)] if k < n else []
+
     def _new_part(self, schema: pa.Schema) -> None:
         if self.writer is not None:
+            self._flush(whole=True)
             self.writer.close()
         target = self.out_dir / f"{self.stem}-{len(self.paths):05d}.parquet"
         tmp = self.stack.enter_context(atomic_path(target, suffix=".parquet"))
@@ -431,13 +444,15 @@ class _Parts:
             if self.writer is None or self.in_part >= self.rows_per_file:
                 self._new_part(self.schema or table.schema)
             take = min(table.num_rows, self.rows_per_file - self.in_part)
-            self.writer.write_table(table.slice(0, take), row_group_size=self.row_group_size)
+            self.pending.append(table.slice(0, take))
+            self._flush(whole=False)
             table = table.slice(take)
             self.in_part += take
             self.n_rows += take
 
     def commit(self) -> list[Path]:
         if self.writer is not None:
+            self._flush(whole=True)
             self.writer.close()
         self.stack.close()  # renames every temporary part onto its name
         return self.paths
