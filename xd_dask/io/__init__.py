@@ -42,7 +42,7 @@ def __getattr__(name: str):  # ingest and the generator load lazily (they pull i
 
         return ingest
     if name == "ingest_table":
-        from xd_dask.io.tables import ingest_table  # noqa: PLC0415
+        from xd_dask.io.ingest import ingest_table  # noqa: PLC0415
 
         return ingest_table
     if name == "schema_init":
