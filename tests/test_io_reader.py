@@ -42,6 +42,10 @@ CORRUPTIONS = [
     ("pmra_pmdec_corr", 7, None, "bad_correlation", "pmra_pmdec_corr"),
     ("dec_error", 9, 0.0, "not_positive_definite", "dec_error"),
     ("source_id", 11, None, "missing_id", "source_id"),
+    # physical ranges of the packaged schema (issue 8): absurd but finite values
+    ("dec", 12, 500.0, "value_out_of_range", "dec"),
+    ("parallax_error", 13, 1e25, "error_out_of_range", "parallax_error"),
+    ("parallax", 14, 1e30, "value_out_of_range", "parallax"),
 ]
 
 
@@ -103,6 +107,10 @@ def test_drop_counts_every_reason(tmp_path, base):
         "not_positive_definite": 2,
         "no_observed_fields": 1,
         "missing_id": 1,
+        "value_out_of_range": 2,
+        "error_out_of_range": 1,
+        "not_representable": 0,
+        "duplicate_id": 0,
     }
     assert set(blk.dropped) == set(BAD_REASONS[1:])
     bad = {r for _, r, _, _, _ in CORRUPTIONS} | {8, 10}

@@ -69,9 +69,9 @@ column = "lon_mu_corr"
 BASE = {
     "name": "t",
     "feature": [
-        {"name": "ra", "unit": "deg", "error": "ra_error", "error_unit": "mas"},
+        {"name": "ra", "unit": "deg", "error": "ra_error", "error_unit": "mas", "max": 360.0},
         {"name": "dec", "unit": "deg", "error": "dec_error", "error_unit": "mas"},
-        {"name": "g", "unit": "mag", "flux_over_error": ["g_foe"], "mag_floor": [0.003]},
+        {"name": "g", "unit": "mag", "flux_over_error": ["g_foe"], "error_floor": 0.01},
     ],
     "correlation": [{"features": ["ra", "dec"], "column": "ra_dec_corr"}],
 }
@@ -106,6 +106,13 @@ def _with(path, value):
         (("correlation", 0, "features"), ["ra", "x"], "two different features"),
         (("nan_is_null",), "yes", "true or false"),
         (("feature",), [], "at least one"),
+        (("feature", 0, "min"), "0", "'min' must be a number"),
+        (("feature", 0, "min"), 400.0, r"min \(400.0\) is above max"),
+        (("feature", 0, "max"), float("nan"), "'max' must be a number"),
+        (("feature", 2, "error_max"), 1.0, "need 'error' noise"),
+        (("feature", 0, "error_min"), -1.0, "'error_min' must be >= 0"),
+        (("feature", 0, "error_floor"), -0.1, "'error_floor' must be a non-negative"),
+        (("feature", 0, "error_floor"), float("inf"), "'error_floor' must be a non-negative"),
     ],
 )
 def test_malformed_schemas_are_rejected(path, value, match):

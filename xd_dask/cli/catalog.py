@@ -1,4 +1,4 @@
-"""Catalogue commands: make-catalog, ingest (registered on xd_dask.cli.main).
+"""Catalogue commands: make-catalog, ingest, schema init (registered on xd_dask.cli.main).
 
 Exit codes: 0 success; 2 usage or configuration error (bad option value, malformed schema,
 output already present without --overwrite); 1 the conversion or generation failed (unreadable
@@ -159,6 +159,28 @@ def make_catalog_cmd(
     )
 
 
+_FORMATS = ["auto", "csv", "ecsv", "fits", "votable", "cds"]
+_format = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(_FORMATS),
+    default="auto",
+    show_default=True,
+    help="Table format (auto: from the content and the file name).",
+)
+_readme = click.option(
+    "--readme",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="CDS ReadMe describing the table (default: a ReadMe beside it, if it describes it).",
+)
+_hdu = click.option("--hdu", default=None, help="FITS HDU index or name (default: first table).")
+
+
+def _hdu_value(hdu: str | None) -> int | str | None:
+    return int(hdu) if hdu is not None and hdu.isdigit() else hdu
+
+
 @main.command("ingest")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option(
@@ -167,13 +189,29 @@ def make_catalog_cmd(
     "out_dir",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Output directory for the Parquet files (one per input).",
+    help="Output directory for the Parquet files.",
 )
 @click.option(
     "--schema",
-    default="gaia_dr3",
+    default=None,
+    help="Keep only this schema's columns (a packaged name or a TOML file). Default: ECSV files "
+    "with the gaia_dr3 columns keep those, other tables keep every column.",
+)
+@_format
+@_readme
+@_hdu
+@click.option(
+    "--id-column",
+    default=None,
+    help="Row-id column to keep (default: the schema's, else a guess such as source_id or HIP; "
+    "without one a row_index column is added).",
+)
+@click.option(
+    "--rows-per-file",
+    type=click.IntRange(min=1),
+    default=1 << 20,
     show_default=True,
-    help="Schema whose columns are kept: a packaged name or a TOML file.",
+    help="Rows per Parquet file (tables other than Gaia ECSV files).",
 )
 @click.option(
     "--skip-existing", is_flag=True, help="Leave outputs that already exist and carry on."
@@ -185,43 +223,127 @@ def make_catalog_cmd(
 def ingest_cmd(
     inputs: tuple[Path, ...],
     out_dir: Path,
-    schema: str,
+    schema: str | None,
+    fmt: str,
+    readme: Path | None,
+    hdu: str | None,
+    id_column: str | None,
+    rows_per_file: int,
     skip_existing: bool,
     row_group_size: int,
     compression: str,
     overwrite: bool,
     verbose: int,
 ) -> None:
-    """Convert Gaia bulk files (gzip ECSV, GaiaSource_XXXXXX-YYYYYY.csv.gz) to Parquet.
+    """Convert tables (FITS, VOTable, CSV, ECSV, CDS fixed width) to Parquet.
 
-    INPUTS are files or directories of *.csv.gz / *.ecsv(.gz) files. Each input becomes
-    OUT/GaiaSource_XXXXXX-YYYYYY.parquet with only the schema's columns; files are streamed
-    (bounded memory) and written atomically. Nulls (empty, 'null', 'nan') stay nulls.
+    INPUTS are files or directories of them. Gaia bulk files (gzip ECSV,
+    GaiaSource_XXXXXX-YYYYYY.csv.gz) become OUT/GaiaSource_XXXXXX-YYYYYY.parquet with only the
+    schema's columns. Other tables become OUT/<name>-00000.parquet, -00001, ... (--rows-per-file
+    rows each) with every column (or the --schema's), units as field metadata and an id column.
+    Streamed (bounded memory): CSV, ECSV, FITS, CDS with a separate ReadMe; read whole: VOTable
+    and single-file CDS/MRT tables. Outputs are written atomically; nulls stay nulls.
     """
-    from xd_dask.io.ingest import ingest  # noqa: PLC0415
+    from xd_dask.io.ingest import ingest_inputs  # noqa: PLC0415
     from xd_dask.io.reader import CatalogError  # noqa: PLC0415
     from xd_dask.io.schema import SchemaError, load_schema  # noqa: PLC0415
 
     _logging(verbose)
     t0 = time.perf_counter()
     try:
-        sch = load_schema(schema)
-        written = ingest(
+        sch = None if schema is None else load_schema(schema)
+        opts = {"readme": readme, "hdu": _hdu_value(hdu), "rows_per_file": rows_per_file}
+        if id_column is not None:
+            opts["id_column"] = id_column
+        written = ingest_inputs(
             inputs,
             out_dir,
-            sch,
+            schema=sch,
+            format=fmt,
             overwrite=overwrite,
             skip_existing=skip_existing,
             row_group_size=row_group_size,
             compression=compression,
+            **opts,
         )
-    except (SchemaError, FileExistsError) as exc:
+    except CatalogError as exc:
+        _fail(exc, EXIT_FAILURE, verbose)
+    except (SchemaError, FileExistsError, ValueError) as exc:
         _fail(exc, EXIT_USAGE, verbose)
-    except (CatalogError, OSError, MemoryError) as exc:
+    except (OSError, MemoryError) as exc:
         _fail(exc, EXIT_FAILURE, verbose)
     finally:
         _restore_logging()
+    dt = time.perf_counter() - t0
+    rows = sum(_num_rows(p) for p in written)
     click.echo(
-        f"Wrote {len(written)} Parquet file(s) to {out_dir} "
-        f"({time.perf_counter() - t0:.1f} s, schema {sch.name})"
+        f"Wrote {len(written)} Parquet file(s), {rows:,} rows, to {out_dir} ({dt:.1f} s, "
+        f"{rows / max(dt, 1e-9):,.0f} rows/s)"
     )
+
+
+def _num_rows(path: Path) -> int:
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+@main.group("schema")
+def schema_group() -> None:
+    """Catalogue schemas: which columns are features and how their noise is obtained."""
+
+
+@schema_group.command("init")
+@click.argument("table", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the schema TOML here (default: print it).",
+)
+@click.option("--name", default=None, help="Schema name (default: from the table's file name).")
+@_format
+@_readme
+@_hdu
+@_overwrite
+@_verbose
+def schema_init_cmd(
+    table: Path,
+    output: Path | None,
+    name: str | None,
+    fmt: str,
+    readme: Path | None,
+    hdu: str | None,
+    overwrite: bool,
+    verbose: int,
+) -> None:
+    """Write a starter schema TOML for TABLE (any ingest format, or Parquet).
+
+    Features are the columns with an error column (X with e_X, X_error, X_err, sigma_X, ...),
+    correlations the *_corr (or CDS-style ABcor) columns of two features, units from the table's
+    metadata, and an id column guess. The file is commented for you to edit (ranges, floors).
+    """
+    from xd_dask.io.reader import CatalogError  # noqa: PLC0415
+    from xd_dask.io.schema import SchemaError  # noqa: PLC0415
+    from xd_dask.io.schema_init import schema_init  # noqa: PLC0415
+    from xd_dask.utils import atomic_path  # noqa: PLC0415
+
+    _logging(verbose)
+    try:
+        if output is not None and output.exists() and not overwrite:
+            raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+        text = schema_init(table, fmt, readme=readme, hdu=_hdu_value(hdu), name=name)
+        if output is None:
+            click.echo(text, nl=False)
+        else:
+            with atomic_path(output) as tmp:
+                tmp.write_text(text, encoding="utf-8")
+    except FileExistsError as exc:
+        _fail(exc, EXIT_USAGE, verbose)
+    except (CatalogError, SchemaError, OSError) as exc:
+        _fail(exc, EXIT_FAILURE, verbose)
+    finally:
+        _restore_logging()
+    if output is not None:
+        click.echo(f"Wrote starter schema {output}; edit it, then use it as catalog.schema")

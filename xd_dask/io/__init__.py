@@ -1,4 +1,4 @@
-"""Catalogue I/O: schemas, the Gaia covariance builder, partition readers, ingest, synthetic data.
+"""Catalogue I/O: schemas, the covariance builder, partition readers, ingest, synthetic data.
 
 Public entry points::
 
@@ -8,6 +8,8 @@ Public entry points::
                    row_groups=None) -> CatalogBlock  # X (n, D), X_cov (n, D, D), ids, counts
     build_covariance(table, schema, *, dtype) -> BuildResult
     ingest(inputs, out_dir, schema=None) -> list of written paths   # Gaia ECSV -> Parquet
+    ingest_table(path, out_dir, format="auto", ...) -> list of parts # FITS/VOTable/CSV/ECSV/CDS
+    schema_init(table, ...) -> str                    # a starter schema TOML for a table
     make_catalog(out_dir, n_rows, n_partitions, seed, ...) -> manifest dict
 """
 
@@ -25,10 +27,12 @@ __all__ = [
     "build_covariance",
     "empty_counts",
     "ingest",
+    "ingest_table",
     "load_schema",
     "make_catalog",
     "plain_schema",
     "read_partition",
+    "schema_init",
 ]
 
 
@@ -37,6 +41,14 @@ def __getattr__(name: str):  # ingest and the generator load lazily (they pull i
         from xd_dask.io.ingest import ingest  # noqa: PLC0415
 
         return ingest
+    if name == "ingest_table":
+        from xd_dask.io.ingest import ingest_table  # noqa: PLC0415
+
+        return ingest_table
+    if name == "schema_init":
+        from xd_dask.io.schema_init import schema_init  # noqa: PLC0415
+
+        return schema_init
     if name == "make_catalog":
         from xd_dask.io.synthetic import make_catalog  # noqa: PLC0415
 

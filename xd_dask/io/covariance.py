@@ -8,6 +8,10 @@ Conventions
 -----------
 - A null value is a missing field: NaN in X and zero rows/columns in S (the statistics kernel only
   looks at the observed block). Its error, flux-over-error and correlation columns are not needed.
+- An observed value must lie in the schema's ``[min, max]`` (if given) and an error column's value
+  in ``[error_min, error_max]``; a value or 1-sigma error whose square overflows the working dtype
+  (or a variance that underflows it) is bad whatever the schema says, because float32 S would hold
+  inf or 0 there. ``error_floor`` is added to the diagonal of S (an independent noise term).
 - Every observed feature needs a finite, non-negative error (or positive flux-over-error); every
   correlation between two observed features must be finite and in [-1, 1]; S restricted to the
   observed features must be positive definite. This is checked on the correlation matrix (scale
@@ -58,6 +62,11 @@ BAD_REASONS: tuple[str, ...] = (
     "not_positive_definite",  # S on the observed features is not positive definite
     "no_observed_fields",  # every feature of the row is missing
     "missing_id",  # the id column is null
+    "value_out_of_range",  # an observed value is outside the schema's [min, max]
+    "error_out_of_range",  # an observed feature's error is outside [error_min, error_max]
+    "not_representable",  # a value or 1-sigma error whose square overflows the working dtype,
+    # or a variance that underflows it (|x| > ~1.8e19 in float32)
+    "duplicate_id",  # the id of an earlier row of the same partition (the first is kept)
 )
 REASON_TEXT = {
     "nonfinite_value": "non-finite value (not a null)",
@@ -67,6 +76,11 @@ REASON_TEXT = {
     "not_positive_definite": "noise covariance is not positive definite",
     "no_observed_fields": "every feature is missing",
     "missing_id": "row id is null",
+    "value_out_of_range": "value outside the schema's range",
+    "error_out_of_range": "error outside the schema's range",
+    "not_representable": "not representable in the working dtype (its square overflows or its "
+    "variance underflows)",
+    "duplicate_id": "duplicate id",
 }
 #: Smallest accepted Cholesky pivot of the per-row correlation matrix.
 PIVOT_TOL = 1e-12
@@ -112,6 +126,11 @@ class _Plan:
     pair_index: np.ndarray  # (D, D) correlation index of a feature pair, or -1
     cos_feats: tuple[int, ...]  # features whose cosine divides an error
     cos_slot: np.ndarray  # (D,) index into cos_feats of the feature's cos divisor, or -1
+    val_lo: np.ndarray  # (D,) inclusive value range (+-inf: unbounded)
+    val_hi: np.ndarray  # (D,)
+    err_lo: np.ndarray  # (D,) inclusive range of the error column (kind 0)
+    err_hi: np.ndarray  # (D,)
+    floor: np.ndarray  # (D,) noise floor in the error's unit (scaled like the error for kind 0)
 
 
 @lru_cache(maxsize=64)
@@ -154,6 +173,7 @@ def _plan(schema: CatalogSchema) -> _Plan:
         pair_index[a, b] = pair_index[b, a] = p
     cos_feats = tuple(sorted({int(f) for f in cos_feat if f >= 0}))
     cos_slot = np.array([cos_feats.index(f) if f >= 0 else -1 for f in cos_feat], np.int64)
+    ranges = [schema.value_range(j) for j in range(D)]
     return _Plan(
         columns=tuple(cols),
         val_col=np.array([index[c.lower()] for c in schema.columns], np.int64),
@@ -173,6 +193,11 @@ def _plan(schema: CatalogSchema) -> _Plan:
         pair_index=pair_index,
         cos_feats=cos_feats,
         cos_slot=cos_slot,
+        val_lo=np.array([r[0] for r in ranges]),
+        val_hi=np.array([r[1] for r in ranges]),
+        err_lo=np.array([spec.error_range[0] for spec in schema.noise]),
+        err_hi=np.array([spec.error_range[1] for spec in schema.noise]),
+        floor=np.array([spec.floor for spec in schema.noise]),
     )
 
 
@@ -295,8 +320,15 @@ def _kernel_source(plan: _Plan, nan_is_null: bool) -> str:
     def fin(x: str) -> str:  # finite test without a call: inf - inf and nan - nan are nan
         return f"(({x}) - ({x}) == 0.0)"
 
+    def outside(x: str, lo: float, hi: float) -> str | None:  # None when unbounded
+        tests = [f"({x} {op} {v!r})" for op, v in (("<", lo), (">", hi)) if math.isfinite(v)]
+        return "(" + " | ".join(tests) + ")" if tests else None
+
+    # vlim: largest |value| or sigma whose square is finite in the working dtype; wlim, wtiny:
+    # the largest finite and the smallest normal variance (runtime arguments: one kernel serves
+    # float32 and float64).
     emit('@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")')
-    emit("def compute(m, IN, OUT):")
+    emit("def compute(m, IN, OUT, vlim, wlim, wtiny):")
     emit("    for i in range(m):")
     emit(f"{ind}r = 0.0")
     emit(f"{ind}bc = -1.0")
@@ -311,24 +343,36 @@ def _kernel_source(plan: _Plan, nan_is_null: bool) -> str:
         emit(f"{ind}nl{j} = {nl}")
         emit(f"{ind}ob{j} = (not nl{j}) & {fin(f'c{c}')}")
         flag(f"(not nl{j}) & (not {fin(f'c{c}')})", 1, c)
+        bad = outside(f"c{c}", float(plan.val_lo[j]), float(plan.val_hi[j]))
+        if bad:
+            flag(f"ob{j} & {bad}", 8, c)
+        flag(f"ob{j} & (abs(c{c}) > vlim)", 10, c)
         emit(f"{ind}OUT[{j * B} + i] = c{c} if ob{j} else np.nan")
     flag("not (" + " | ".join(f"ob{j}" for j in range(D)) + ")", 6, -1)
     # variances (nulls were staged as NaN, so one finiteness test covers null and NaN/inf)
     for j in range(D):
         kind = int(plan.kind[j])
+        floor = float(plan.floor[j])
         if kind == 0:
             e = int(plan.err_col[j])
-            scale = repr(float(plan.err_scale[j]))
+            scale = float(plan.err_scale[j])
             slot = int(plan.cos_slot[j])
             if slot >= 0:
                 cf = int(plan.cos_feat[j])
-                emit(f"{ind}s{j} = c{e} * {scale} / {IN(ncol + D + slot)}")
+                emit(f"{ind}s{j} = c{e} * {scale!r} / {IN(ncol + D + slot)}")
+                if floor > 0:
+                    emit(f"{ind}f{j} = {floor * scale!r} / {IN(ncol + D + slot)}")
                 flag(f"ob{j} & (not ob{cf})", 2, int(plan.val_col[cf]))
             else:
-                emit(f"{ind}s{j} = c{e} * {scale}")
+                emit(f"{ind}s{j} = c{e} * {scale!r}")
+                if floor > 0:
+                    emit(f"{ind}f{j} = {floor * scale!r}")
             emit(f"{ind}w{j} = s{j} * s{j}")
             flag(f"ob{j} & (not {fin(f'c{e}')})", 2, e)
             flag(f"ob{j} & (c{e} < 0.0)", 3, e)
+            bad = outside(f"c{e}", float(plan.err_lo[j]), float(plan.err_hi[j]))
+            if bad:
+                flag(f"ob{j} & {bad}", 9, e)
             col = e
         elif kind == 1:
             terms = []
@@ -344,9 +388,16 @@ def _kernel_source(plan: _Plan, nan_is_null: bool) -> str:
         else:
             emit(f"{ind}w{j} = {float(plan.const_var[j])!r}")
             col = -1
+        if kind != 0 and floor > 0:
+            emit(f"{ind}f{j} = {floor!r}")
+        # wd: the diagonal of S, the catalogue variance plus the floor (an independent term)
+        emit(f"{ind}wd{j} = w{j} + f{j} * f{j}" if floor > 0 else f"{ind}wd{j} = w{j}")
+        flag(f"ob{j} & (wd{j} > wlim)", 10, col)
         flag(f"ob{j} & (not {fin(f'w{j}')})", 2, col)
-        flag(f"ob{j} & (w{j} <= 0.0)", 5, col)
+        flag(f"ob{j} & (wd{j} > 0.0) & (wd{j} < wtiny)", 10, col)
+        flag(f"ob{j} & (wd{j} <= 0.0)", 5, col)
         emit(f"{ind}w{j} = w{j} if ob{j} else 0.0")
+        emit(f"{ind}wd{j} = wd{j} if ob{j} else 0.0")
         emit(f"{ind}g{j} = math.sqrt(w{j})")
     # correlations
     for p in range(len(plan.corr_a)):
@@ -378,7 +429,7 @@ def _kernel_source(plan: _Plan, nan_is_null: bool) -> str:
         for b in range(a + 1):
             row = D + a * (a + 1) // 2 + b
             if a == b:
-                val = f"w{a}"
+                val = f"wd{a}"
             else:
                 pi = int(plan.pair_index[a, b])
                 val = f"rho{pi} * g{a} * g{b}" if pi >= 0 else "0.0"
@@ -406,14 +457,14 @@ def _kernel_source(plan: _Plan, nan_is_null: bool) -> str:
     n_in = ncol + D + max(len(plan.cos_feats), 1)
     n_out = D + npk + 2
     emit('@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")')
-    emit("def build(start, n, addr, is_f32, vaddr, voff, val_col, cosv, X, X_cov, reason,")
+    emit("def build(start, n, addr, is_f32, vaddr, voff, val_col, cosv, lim, X, X_cov, reason,")
     emit("          bad_column):")
     emit(f"    IN = np.zeros({n_in * B})")
     emit(f"    OUT = np.zeros({n_out * B})")
     emit(f"    for b0 in range(0, n, {_B}):")
     emit(f"        m = min({_B}, n - b0)")
     emit("        _stage(b0, m, addr, is_f32, vaddr, voff, val_col, cosv, IN)")
-    emit("        compute(m, IN, OUT)")
+    emit("        compute(m, IN, OUT, lim[0], lim[1], lim[2])")
     emit("        scatter(start + b0, m, OUT, X, X_cov, reason, bad_column)")
     emit("    return 0")
     return "\n".join(out) + "\n"
@@ -470,6 +521,13 @@ def _kernel(schema: CatalogSchema):
 
 
 # --------------------------------------------------------------------------- helpers
+def dtype_limits(dtype: Any) -> np.ndarray:
+    """(3,) [vlim, wlim, wtiny] of a float dtype: the largest |value| or 1-sigma error whose square
+    is finite, the largest finite variance and the smallest normal (full-precision) variance."""
+    fi = np.finfo(np.dtype(dtype))
+    return np.array([math.sqrt(float(fi.max)), float(fi.max), float(fi.tiny)])
+
+
 def available_memory() -> int | None:
     """Bytes of memory available to new allocations (Linux MemAvailable), or None if unknown."""
     try:
@@ -599,6 +657,7 @@ def build_covariance(
     bad_column = np.full(n, -1, np.int16)
     sub = table.select([found[c] for c in plan.columns])
     kernel = _kernel(schema)
+    lim = dtype_limits(dtype)
     start = 0
     for batch in sub.to_batches():
         m = batch.num_rows
@@ -620,7 +679,19 @@ def build_covariance(
             deg = batch.column(int(plan.val_col[f])).to_numpy(zero_copy_only=False)
             np.abs(np.cos(np.radians(deg, dtype=np.float64)), out=cosv[slot])
         kernel(
-            start, m, addr, is_f32, vaddr, voff, plan.val_col, cosv, X, X_cov, reason, bad_column
+            start,
+            m,
+            addr,
+            is_f32,
+            vaddr,
+            voff,
+            plan.val_col,
+            cosv,
+            lim,
+            X,
+            X_cov,
+            reason,
+            bad_column,
         )
         del keep
         start += m

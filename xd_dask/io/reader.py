@@ -5,6 +5,11 @@ Each row is validated while X and S are built (:mod:`xd_dask.io.covariance`); th
 what a bad row does: ``"error"`` raises :class:`CatalogError` naming the file, the row (and its
 id) and the column; ``"drop"`` removes it and counts it under its reason in
 :attr:`CatalogBlock.dropped`.
+
+Duplicate ids: a row whose id equals that of an earlier valid row among the rows read in one call
+(a file, or the row groups asked for) is bad with reason ``duplicate_id``; under ``"drop"`` the
+first occurrence is kept and the later ones are dropped and counted. (Duplicates across files are
+the manifest's business.) Files sorted by id (Gaia bulk files) are checked in one linear pass.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,6 +39,7 @@ __all__ = ["CatalogBlock", "CatalogError", "read_partition", "open_parquet", "em
 
 log = get_logger(__name__)
 _MISSING_ID = BAD_REASONS.index("missing_id")
+_DUPLICATE_ID = BAD_REASONS.index("duplicate_id")
 
 
 class CatalogError(ValueError):
@@ -123,19 +130,26 @@ def _bad_row_error(
     found: dict[str, str],
     schema: CatalogSchema,
     row: int,
-    file_row: int,
+    file_rows: np.ndarray,
+    dtype: np.dtype,
 ) -> CatalogError:
-    """The CatalogError for bad row ``row`` of the rows read (``file_row`` in the file)."""
+    """The CatalogError for bad row ``row`` of the rows read (``file_rows[row]`` in the file)."""
+    file_row = int(file_rows[row])
     code = int(result.reason[row])
     reason = BAD_REASONS[code]
     id_name = schema.id_column or "row"
     rid: int | None = None if code == _MISSING_ID else int(ids[row])
     col_idx = int(result.bad_column[row])
     where = f"{path}: row {file_row} ({id_name}={'null' if rid is None else rid})"
-    if code == _MISSING_ID:
+    if code in (_MISSING_ID, _DUPLICATE_ID):
         column = found.get(schema.id_column or "", schema.id_column)
+        detail = REASON_TEXT[reason]
+        if code == _DUPLICATE_ID:
+            first = int(np.flatnonzero(ids == rid)[0])
+            detail += f": row {int(file_rows[first])} has the same {id_name}"
+            detail += ". Use on_bad='drop' to keep the first and drop and count the others."
         return CatalogError(
-            f"{where}: column {column!r}: {REASON_TEXT[reason]}",
+            f"{where}: column {column!r}: {detail}",
             path=path,
             row=file_row,
             row_id=rid,
@@ -145,15 +159,16 @@ def _bad_row_error(
     if col_idx >= 0:
         column = found[result.columns[col_idx]]
         value = table.column(column)[row].as_py()
-        detail = f"column {column!r}: {REASON_TEXT[reason]} (value {value!r})"
+        text = _reason_text(reason, result.columns[col_idx], schema, dtype)
+        detail = f"column {column!r}: {text} (value {value!r})"
     else:
         column = None
-        if reason == "not_positive_definite":
+        if reason in ("not_positive_definite", "not_representable"):
             cols = [found[c.column] for c in schema.correlations]
             errs = [found[c] for s in schema.noise for c in s.columns]
             detail = (
-                f"columns {errs + cols}: {REASON_TEXT[reason]} (check the errors and "
-                "the correlation coefficients of this row)"
+                f"columns {errs + cols}: {_reason_text(reason, '', schema, dtype)} (check the "
+                "errors and the correlation coefficients of this row)"
             )
         else:
             detail = REASON_TEXT[reason]
@@ -168,6 +183,73 @@ def _bad_row_error(
         column=column,
         reason=reason,
     )
+
+
+def _bounds_text(keys: tuple[str, str], lo: float, hi: float, unit: str = "") -> str:
+    parts = [f"{k} = {v:g}" for k, v in zip(keys, (lo, hi), strict=True) if np.isfinite(v)]
+    return ", ".join(parts) + (f" {unit}" if unit else "")
+
+
+def _reason_text(reason: str, column: str, schema: CatalogSchema, dtype: np.dtype) -> str:
+    """REASON_TEXT[reason], with the schema's bounds of ``column`` or the dtype where they help."""
+    text = REASON_TEXT[reason]
+    col = column.lower()
+    if reason == "value_out_of_range":
+        for j, c in enumerate(schema.columns):
+            if c.lower() == col:
+                bounds = _bounds_text(("min", "max"), *schema.value_range(j))
+                return f"{text} (feature {schema.features[j]!r}: {bounds})"
+    if reason == "error_out_of_range":
+        for name, spec in zip(schema.features, schema.noise, strict=True):
+            if spec.kind == "error" and spec.columns[0].lower() == col:
+                keys = ("error_min", "error_max")
+                bounds = _bounds_text(keys, *spec.error_range, spec.error_unit)
+                return f"{text} (feature {name!r}: {bounds})"
+    if reason == "not_representable":
+        fi = np.finfo(dtype)
+        return (
+            f"{text} ({dtype.name}: |value| and 1-sigma error at most "
+            f"{float(np.sqrt(fi.max)):.3g} in the feature's unit, variance at least {fi.tiny:.3g})"
+        )
+    return text
+
+
+@numba.njit(cache=True, nogil=True)
+def _mark_later_duplicates(ids, valid, out):  # pragma: no cover - compiled
+    """out[i] = True where valid row i repeats the id of an earlier valid row (hash set with
+    Fibonacci hashing and linear probing, load factor <= 1/2)."""
+    n = ids.shape[0]
+    bits = 1
+    while (1 << bits) < 2 * n:
+        bits += 1
+    mask = (1 << bits) - 1
+    keys = np.empty(1 << bits, np.int64)
+    used = np.zeros(1 << bits, np.bool_)
+    shift = np.uint64(64 - bits)
+    mult = np.uint64(11400714819323198485)
+    for i in range(n):
+        if not valid[i]:
+            continue
+        k = ids[i]
+        h = np.int64((np.uint64(k) * mult) >> shift)
+        while used[h] and keys[h] != k:
+            h = (h + 1) & mask
+        if used[h]:
+            out[i] = True
+        else:
+            used[h] = True
+            keys[h] = k
+    return 0
+
+
+def _later_duplicates(ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Indices of the valid rows whose id is the id of an earlier valid row (the first is kept)."""
+    v = ids[valid] if not valid.all() else ids
+    if v.size < 2 or bool(np.all(v[1:] > v[:-1])):  # strictly increasing: no duplicates
+        return np.zeros(0, np.int64)
+    out = np.zeros(ids.shape[0], np.bool_)
+    _mark_later_duplicates(np.ascontiguousarray(ids, np.int64), valid, out)
+    return np.flatnonzero(out)
 
 
 def _file_rows(pf: pq.ParquetFile, row_groups: Sequence[int] | None) -> np.ndarray:
@@ -276,13 +358,17 @@ def read_partition(
     if null_id:
         isnull = pc.is_null(id_col).to_numpy(zero_copy_only=False)
         result.reason[isnull & (result.reason == 0)] = _MISSING_ID
+    if schema.id_column:
+        result.reason[_later_duplicates(ids, result.reason == 0)] = _DUPLICATE_ID
     dropped = empty_counts()
     bad_rows = np.flatnonzero(result.reason)
     if bad_rows.size:
         if on_bad == "error":
             row = int(bad_rows[0])
-            file_row = int(_file_rows(pf, row_groups)[row])  # messages give positions in the file
-            raise _bad_row_error(path_s, result, ids, table, found, schema, row, file_row)
+            file_rows = _file_rows(pf, row_groups)  # messages give positions in the file
+            raise _bad_row_error(
+                path_s, result, ids, table, found, schema, row, file_rows, np.dtype(dtype)
+            )
         counts = np.bincount(result.reason, minlength=len(BAD_REASONS))
         for code, name in enumerate(BAD_REASONS[1:], start=1):
             dropped[name] = int(counts[code])

@@ -16,6 +16,10 @@ TOML layout::
     error = "ra_error"               # noise kind 1: a 1-sigma error column ...
     error_unit = "mas"               #   ... in this unit; the scale to feature units is derived
     error_divide_by_cos = "dec"      #   ... and divided by cos(<feature in deg>) (Gaia alpha*)
+    min = 0.0                        # optional physical range of the value (feature unit)
+    max = 360.0
+    error_max = 1000.0               # optional range of the error column (error_unit)
+    error_floor = 0.02               # optional noise floor added in quadrature (error_unit)
 
     [[feature]]
     name = "phot_g_mean_mag"
@@ -37,6 +41,22 @@ Noise kinds, per feature (exactly one):
 - ``flux_over_error``: variance = sum_k (2.5 / ln 10 / f_k)^2 + floor_k^2 over the listed
   flux-over-error columns f_k (one column for a magnitude, two for a colour such as BP - RP).
 - ``variance``: a constant, positive variance.
+
+Validation and floors, per feature (all optional; bounds are inclusive):
+
+- ``min`` / ``max``: physical range of the value, in the feature's ``unit``. A row whose observed
+  value lies outside is bad (reason ``value_out_of_range``).
+- ``error_min`` / ``error_max`` (``error`` noise only): range of the error column's value, in
+  ``error_unit`` (the number as the catalogue writes it). Outside: bad (``error_out_of_range``).
+- ``error_floor``: a non-negative 1-sigma noise floor in the error's unit (``error_unit`` for
+  ``error`` noise, the feature unit otherwise), added in quadrature as an independent noise term:
+  S_jj = sigma_j^2 + floor_j^2 (scaled like the error, so divided by cos(dec) too when
+  ``error_divide_by_cos`` is set); correlations apply to the catalogue errors only. A row with a
+  zero error then has a positive definite S.
+
+Whatever the schema says, a value or a 1-sigma error whose square overflows the working dtype
+(|x| above ~1.8e19 for float32, ~1.3e154 for float64), or a variance that underflows it, makes the
+row bad (``not_representable``).
 
 Unknown keys are an error (a typo must not be a setting that is silently ignored).
 """
@@ -106,6 +126,11 @@ class NoiseSpec:
     divide_by_cos : feature name (in degrees) whose cosine divides the error (Gaia alpha*).
     mag_floors : zero-point term per flux-over-error column, in mag.
     variance : the constant variance (kind "variance").
+    error_unit : unit of the error column (kind "error").
+    error_range : inclusive (min, max) of the error column's value, in ``error_unit`` (kind
+        "error"; unbounded by default).
+    floor : 1-sigma noise floor added in quadrature, in the error's unit (``error_unit`` for kind
+        "error", the feature unit otherwise).
     """
 
     kind: str
@@ -115,6 +140,8 @@ class NoiseSpec:
     mag_floors: tuple[float, ...] = ()
     variance: float = 0.0
     error_unit: str = ""
+    error_range: tuple[float, float] = (-math.inf, math.inf)
+    floor: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +165,7 @@ class CatalogSchema:
     columns : (D,) value column of each feature.
     noise : (D,) :class:`NoiseSpec` per feature.
     correlations : :class:`Correlation` entries (off-diagonal terms of S).
+    value_ranges : (D,) inclusive (min, max) of each feature's value, or () for none.
     nan_is_null : treat NaN values as missing fields (else NaN is a bad value).
     description : free text documenting the feature space.
     """
@@ -151,6 +179,11 @@ class CatalogSchema:
     correlations: tuple[Correlation, ...] = ()
     nan_is_null: bool = False
     description: str = field(default="", compare=False)
+    value_ranges: tuple[tuple[float, float], ...] = ()
+
+    def value_range(self, j: int) -> tuple[float, float]:
+        """Inclusive (min, max) of feature ``j``'s value ((-inf, inf) when unbounded)."""
+        return self.value_ranges[j] if self.value_ranges else (-math.inf, math.inf)
 
     @property
     def n_features(self) -> int:
@@ -181,8 +214,13 @@ class CatalogSchema:
         """The schema as a TOML-shaped dict; ``load_schema(s.to_dict()) == s``."""
         feats = []
         rows = zip(self.features, self.columns, self.units, self.noise, strict=True)
-        for name, col, unit, spec in rows:
+        for j, (name, col, unit, spec) in enumerate(rows):
             f: dict[str, Any] = {"name": name, "column": col, "unit": unit}
+            lo, hi = self.value_range(j)
+            if math.isfinite(lo):
+                f["min"] = lo
+            if math.isfinite(hi):
+                f["max"] = hi
             if spec.kind == "error":
                 f["error"] = spec.columns[0]
                 f["error_unit"] = spec.error_unit
@@ -194,6 +232,12 @@ class CatalogSchema:
                 f["mag_floor"] = list(spec.mag_floors)
             else:
                 f["variance"] = spec.variance
+            if math.isfinite(spec.error_range[0]):
+                f["error_min"] = spec.error_range[0]
+            if math.isfinite(spec.error_range[1]):
+                f["error_max"] = spec.error_range[1]
+            if spec.floor > 0:
+                f["error_floor"] = spec.floor
             feats.append(f)
         d: dict[str, Any] = {"name": self.name, "nan_is_null": self.nan_is_null}
         if self.description:
@@ -244,11 +288,36 @@ _FEATURE_KEYS = {
     "flux_over_error",
     "mag_floor",
     "variance",
+    "min",
+    "max",
+    "error_min",
+    "error_max",
+    "error_floor",
 }
 _TOP_KEYS = {"name", "description", "id_column", "nan_is_null", "feature", "correlation"}
 
 
-def _parse_feature(f: Any, i: int, src: str) -> tuple[str, str, str, NoiseSpec]:
+def _number(f: Mapping[str, Any], key: str, where: str, default: float) -> float:
+    """``f[key]`` as a float (``default`` when absent); NaN, booleans and strings are errors."""
+    if key not in f:
+        return default
+    v = f[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+        raise SchemaError(f"{where}: {key!r} must be a number")
+    return float(v)
+
+
+def _parse_bounds(f: Mapping[str, Any], keys: tuple[str, str], where: str) -> tuple[float, float]:
+    lo = _number(f, keys[0], where, -math.inf)
+    hi = _number(f, keys[1], where, math.inf)
+    if not lo <= hi:
+        raise SchemaError(f"{where}: {keys[0]} ({lo!r}) is above {keys[1]} ({hi!r})")
+    return lo, hi
+
+
+def _parse_feature(
+    f: Any, i: int, src: str
+) -> tuple[str, str, str, NoiseSpec, tuple[float, float]]:
     where = f"{src}: feature[{i}]"
     if not isinstance(f, Mapping):
         raise SchemaError(f"{where}: expected a table")
@@ -277,6 +346,17 @@ def _parse_feature(f: Any, i: int, src: str) -> tuple[str, str, str, NoiseSpec]:
     for other, keys in extras.items():
         if other != kind and keys & set(f):
             raise SchemaError(f"{where}: {sorted(keys & set(f))} only apply to '{other}' noise")
+    value_range = _parse_bounds(f, ("min", "max"), where)
+    if kind != "error" and ({"error_min", "error_max"} & set(f)):
+        raise SchemaError(
+            f"{where}: 'error_min'/'error_max' bound an error column, so they need 'error' noise"
+        )
+    error_range = _parse_bounds(f, ("error_min", "error_max"), where)
+    if "error_min" in f and error_range[0] < 0:
+        raise SchemaError(f"{where}: 'error_min' must be >= 0")
+    floor = _number(f, "error_floor", where, 0.0)
+    if not (floor >= 0 and math.isfinite(floor)):
+        raise SchemaError(f"{where}: 'error_floor' must be a non-negative finite number")
     if kind == "error":
         col = f["error"]
         if not isinstance(col, str) or not col:
@@ -303,7 +383,13 @@ def _parse_feature(f: Any, i: int, src: str) -> tuple[str, str, str, NoiseSpec]:
         if cos_of is not None and (not isinstance(cos_of, str) or not cos_of):
             raise SchemaError(f"{where}: 'error_divide_by_cos' must be a feature name")
         spec = NoiseSpec(
-            "error", (col,), scale=float(scale), divide_by_cos=cos_of, error_unit=err_unit
+            "error",
+            (col,),
+            scale=float(scale),
+            divide_by_cos=cos_of,
+            error_unit=err_unit,
+            error_range=error_range,
+            floor=floor,
         )
     elif kind == "flux_over_error":
         cols = _as_str_list(f["flux_over_error"], f"{where}: flux_over_error")
@@ -318,7 +404,12 @@ def _parse_feature(f: Any, i: int, src: str) -> tuple[str, str, str, NoiseSpec]:
             )
         if unit and _norm_unit(unit) != "mag":
             raise SchemaError(f"{where}: flux_over_error noise gives magnitudes; unit is {unit!r}")
-        spec = NoiseSpec("flux_over_error", tuple(cols), mag_floors=tuple(float(x) for x in floors))
+        spec = NoiseSpec(
+            "flux_over_error",
+            tuple(cols),
+            mag_floors=tuple(float(x) for x in floors),
+            floor=floor,
+        )
     else:
         var = f["variance"]
         if not isinstance(var, (int, float)) or not (var > 0 and math.isfinite(var)):
@@ -326,8 +417,8 @@ def _parse_feature(f: Any, i: int, src: str) -> tuple[str, str, str, NoiseSpec]:
                 f"{where}: 'variance' must be a positive finite number (a floor variance keeps "
                 "the noise covariance positive definite)"
             )
-        spec = NoiseSpec("variance", (), variance=float(var))
-    return name, column, unit, spec
+        spec = NoiseSpec("variance", (), variance=float(var), floor=floor)
+    return name, column, unit, spec, value_range
 
 
 def schema_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> CatalogSchema:
@@ -352,7 +443,7 @@ def schema_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> CatalogSch
     if len({n.lower() for n in names}) != len(names):
         raise SchemaError(f"{source}: duplicate feature names in {names}")
     units = tuple(p[2] for p in parsed)
-    for n, (_, _, _, spec) in zip(names, parsed, strict=True):
+    for n, (_, _, _, spec, _) in zip(names, parsed, strict=True):
         if spec.divide_by_cos is not None:
             if spec.divide_by_cos not in names:
                 raise SchemaError(
@@ -389,6 +480,7 @@ def schema_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> CatalogSch
         seen_pairs.add(pair)
         corrs.append(Correlation((str(fs[0]), str(fs[1])), col))
     description = d.get("description", "")
+    ranges = tuple(p[4] for p in parsed)
     return CatalogSchema(
         name=str(name),
         features=names,
@@ -399,6 +491,7 @@ def schema_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> CatalogSch
         correlations=tuple(corrs),
         nan_is_null=nan_is_null,
         description=str(description),
+        value_ranges=ranges if any(r != (-math.inf, math.inf) for r in ranges) else (),
     )
 
 
