@@ -7,15 +7,21 @@
 #
 # The scheduler writes $CLUSTER_DIR/scheduler.json; jobs connect with
 #   xd-dask fit JOB.toml --scheduler-file $CLUSTER_DIR/scheduler.json
-# Settings (environment): CLUSTER_DIR (default ./dask-local), SCHEDULER_HOST (127.0.0.1),
-# SCHEDULER_PORT (8786; 0 = any free port), DASHBOARD_ADDRESS (:8787; "none" = no dashboard),
+# Settings (environment): CLUSTER_DIR (default ./dask-local), SCHEDULER_HOST (127.0.0.1: the
+# scheduler, the workers and the dashboard listen on loopback only; 0.0.0.0 or the host's
+# address opens them to the network), SCHEDULER_PORT (8786; 0 = any free port),
+# DASHBOARD_ADDRESS (:8787 = port 8787 on SCHEDULER_HOST; host:port; "none" = no dashboard),
 # WORKER_MEMORY (memory limit per worker, default "auto").
+# Values are passed to the commands as arguments, never inside code: any CLUSTER_DIR works.
 set -euo pipefail
 
 CLUSTER_DIR="${CLUSTER_DIR:-./dask-local}"
 SCHEDULER_HOST="${SCHEDULER_HOST:-127.0.0.1}"
 SCHEDULER_PORT="${SCHEDULER_PORT:-8786}"
 DASHBOARD_ADDRESS="${DASHBOARD_ADDRESS:-:8787}"
+case "$DASHBOARD_ADDRESS" in
+    :*) DASHBOARD_ADDRESS="$SCHEDULER_HOST$DASHBOARD_ADDRESS" ;;  # a port alone: on the host
+esac
 WORKER_MEMORY="${WORKER_MEMORY:-auto}"
 DASK="${DASK:-dask}"
 PYTHON="${PYTHON:-$(dirname "$(command -v "$DASK")")/python}"
@@ -47,11 +53,12 @@ start() {
             --no-dashboard >"$CLUSTER_DIR/worker-$i.log" 2>&1 &
         echo $! >>"$CLUSTER_DIR/workers.pid"
     done
-    if ! "$PYTHON" -c "
+    if ! "$PYTHON" -c '
+import sys
 from distributed import Client
-with Client(scheduler_file='$SCHED_FILE', timeout='30s') as c:
-    c.wait_for_workers($n, timeout=120)
-"; then
+with Client(scheduler_file=sys.argv[1], timeout="30s") as c:
+    c.wait_for_workers(int(sys.argv[2]), timeout=120)
+' "$SCHED_FILE" "$n"; then
         echo "the $n workers did not join; see $CLUSTER_DIR/worker-*.log" >&2
         stop
         exit 1
@@ -76,11 +83,12 @@ stop() {
 
 status() {
     [ -s "$SCHED_FILE" ] || { echo "no cluster in $CLUSTER_DIR"; exit 1; }
-    "$PYTHON" -c "
+    "$PYTHON" -c '
+import sys
 from distributed import Client
-with Client(scheduler_file='$SCHED_FILE', timeout='10s') as c:
+with Client(scheduler_file=sys.argv[1], timeout="10s") as c:
     print(c)
-"
+' "$SCHED_FILE"
 }
 
 case "${1:-}" in
