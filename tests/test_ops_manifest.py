@@ -74,7 +74,9 @@ def test_rows_removed_and_new_files_are_named(cat):
 
 def test_manifests_of_older_versions_load_and_compare_structure_only(cat, caplog):
     saved = build_manifest(cat)
-    legacy = {"partitions": [{k: v for k, v in p.to_dict().items() if k != "footer"} for p in saved]}
+    legacy = {
+        "partitions": [{k: v for k, v in p.to_dict().items() if k != "footer"} for p in saved]
+    }
     old = Manifest.from_dict(legacy)  # an old checkpoint's manifest: no footer checksums
     assert all(p.footer is None for p in old)
     with caplog.at_level(logging.WARNING, logger="xd_dask"):
