@@ -76,19 +76,20 @@ def _named(exc: OSError, target: Path) -> OSError:
         return OSError(exc.errno, f"{text}; cannot write", str(target))
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Delete the temporaries (``.<name>.<random>.tmp`` files or directories) that writers
-    interrupted by a kill left in ``directory``; returns what was removed.
+    interrupted by a kill left in ``directory`` (only those of output ``name`` if given);
+    returns what was removed.
 
-    Call it only while holding the directory's lock (:func:`xd_dask.locks.output_lock`): a
-    temporary of a running writer looks the same.
+    Call it only while holding the lock of the directory (or of output ``name``): a temporary
+    of a running writer looks the same.
     """
     directory = Path(directory)
     removed: list[Path] = []
     if not directory.is_dir():
         return removed
     for entry in directory.iterdir():
-        if not _TMP_RE.match(entry.name):
+        if not _TMP_RE.match(entry.name) or (name and not entry.name.startswith(f".{name}.")):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -97,6 +98,74 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
         removed.append(entry)
         get_logger(__name__).info("removed stale temporary %s", entry)
     return removed
+
+
+class OutputError(ValueError):
+    """An output path cannot be used as asked (it holds files this command did not write)."""
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, owned: str) -> Iterator[Path]:
+    """Write a directory of files afresh: yield an empty temporary directory beside ``path``;
+    on success it takes the place of ``path``, whose old files are deleted.
+
+    Held for the duration: the lock ``.<name>.lock`` beside ``path`` (a second writer gets
+    :class:`xd_dask.locks.LockError` naming the first). Temporaries of killed writers of the same
+    output are removed first. A reader never sees old and new files mixed: the swap is two
+    renames (old directory aside, new one in), so for an instant ``path`` is missing.
+
+    Parameters
+    ----------
+    path : the output directory.
+    owned : regular expression of the file names this output consists of; an existing ``path``
+        holding anything else is refused with OutputError (nothing is deleted).
+    """
+    from xd_dask.locks import FileLock  # noqa: PLC0415
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.parent / f".{target.name}.lock", f"output directory {target}"):
+        remove_stale_temporaries(target.parent, target.name)
+        if target.exists() or target.is_symlink():
+            if not target.is_dir() or target.is_symlink():
+                raise OutputError(f"{target} exists and is not a directory; choose another output")
+            foreign = [
+                e.name
+                for e in target.iterdir()
+                if not (re.fullmatch(owned, e.name) and e.is_file()) and not _TMP_RE.match(e.name)
+            ]
+            if foreign:
+                raise OutputError(
+                    f"{target} holds files this command did not write (e.g. "
+                    f"{sorted(foreign)[0]!r}); refusing to replace it: choose a new or empty "
+                    "output directory"
+                )
+        tmp = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent)
+        try:
+            yield Path(tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
+            _swap_in(Path(tmp), target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Rename directory ``new`` onto ``target``, deleting the old ``target`` (restored if the
+    second rename fails)."""
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = target.with_name(f".{target.name}.{os.getpid()}.old{TMP_SUFFIX}")
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def get_logger(name: str) -> logging.Logger:
