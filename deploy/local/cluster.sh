@@ -50,7 +50,8 @@ start() {
         nohup "$DASK" worker --scheduler-file "$SCHED_FILE" --host "$SCHEDULER_HOST" \
             --nworkers 1 --nthreads "$threads" --memory-limit "$WORKER_MEMORY" \
             --name "local-$i" --local-directory "$CLUSTER_DIR/worker-$i" \
-            --no-dashboard >"$CLUSTER_DIR/worker-$i.log" 2>&1 &
+            --no-dashboard --dashboard-address "$SCHEDULER_HOST:0" \
+            >"$CLUSTER_DIR/worker-$i.log" 2>&1 &
         echo $! >>"$CLUSTER_DIR/workers.pid"
     done
     if ! "$PYTHON" -c '

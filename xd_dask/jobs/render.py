@@ -182,7 +182,7 @@ def render_slurm(cfg: JobConfig) -> str:
         "trap cleanup EXIT",
         "",
         "# The scheduler runs here, in component 0, beside the fit; its dashboard address is",
-        "# deploy.slurm.dashboard_address.",
+        "# deploy.slurm.dashboard_address. The workers' own HTTP servers listen on loopback.",
         f'dask scheduler --scheduler-file "$SCHED_FILE" {dashboard} &',
         'for _ in $(seq 120); do [ -f "$SCHED_FILE" ] && break; sleep 1; done',
         '[ -f "$SCHED_FILE" ] || { echo "dask scheduler did not start" >&2; exit 1; }',
@@ -191,7 +191,8 @@ def render_slurm(cfg: JobConfig) -> str:
     limit = shlex.quote(_dask_limit(dep["worker_memory"]))
     for group, comp in enumerate(comps, start=1):
         common = (
-            f'--scheduler-file "$SCHED_FILE" --memory-limit {limit} --local-directory "$LOCAL_DIR"'
+            f'--scheduler-file "$SCHED_FILE" --memory-limit {limit} '
+            '--local-directory "$LOCAL_DIR" --dashboard-address 127.0.0.1:0'
         )
         if comp["kind"] == "cpu":
             cmd = f"dask worker {common} --nworkers 1 --nthreads {cores}"
