@@ -194,3 +194,20 @@ def test_cli_exits_2_on_a_crafted_model(tmp_path):
     assert res.exit_code == 2, res.output
     lines = [ln for ln in res.output.splitlines() if ln.startswith("Error: ")]
     assert len(lines) == 1 and "crafted.npz" in lines[0] and "7000" in lines[0]
+
+
+def test_save_refuses_what_load_would_refuse_and_stores_floats(tmp_path):
+    from xd_dask.kernels import Background
+
+    deep: dict = {}
+    node = deep
+    for _ in range(40):
+        node["a"] = {}
+        node = node["a"]
+    w, m, V = [1.0], np.zeros((1, 2)), np.eye(2)[None]
+    with pytest.raises(ValueError, match="too deeply nested"):
+        XDModel(w, m, V, metadata=deep).save(tmp_path / "deep.npz")
+    assert not (tmp_path / "deep.npz").exists()
+    bg = Background(0.25, [-10, -20], [10, 20])  # integer box edges
+    back = XDModel([0.75], m, V, background=bg).save(tmp_path / "bg.npz")
+    np.testing.assert_array_equal(XDModel.load(back).background.lo, [-10.0, -20.0])

@@ -64,7 +64,7 @@ def job(tmp_path_factory):
             path = "{root / "catalog"}"
             holdout_rows = 0.25
             [fit]
-            max_iter = 3
+            max_iter = 2
             tol = 0.0
             [output]
             plots = false

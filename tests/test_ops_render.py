@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,10 @@ def test_cluster_sh_passes_a_hostile_cluster_dir_as_data(tmp_path):
             timeout=60,
         )
         assert proc.returncode == 0, (args, proc.stdout + proc.stderr)
+        for _ in range(200):  # the workers start in the background: let both stubs record
+            if args[0] != "start" or len(_calls(calls, "dask")) == 3:
+                break
+            time.sleep(0.05)
     _no_markers(tmp_path)
     sched = f"{cdir}/scheduler.json"
     dask = _calls(calls, "dask")

@@ -281,15 +281,23 @@ class XDModel:
         extra = {}
         if self.background is not None:
             extra = {
-                "background_weight": np.array(self.background.weight),
-                "background_lo": np.asarray(self.background.lo),
-                "background_hi": np.asarray(self.background.hi),
+                "background_weight": np.array(self.background.weight, dtype=np.float64),
+                "background_lo": np.asarray(self.background.lo, dtype=np.float64),
+                "background_hi": np.asarray(self.background.hi, dtype=np.float64),
             }
+        metadata = np.array(json.dumps(self.metadata))
+        if metadata.dtype.itemsize > MAX_METADATA_BYTES or (
+            _json_depth(self.metadata) > MAX_JSON_DEPTH
+        ):
+            raise ValueError(
+                f"metadata too large or too deeply nested to save ({metadata.dtype.itemsize} "
+                f"bytes, at most {MAX_METADATA_BYTES}; at most {MAX_JSON_DEPTH} levels)"
+            )
         with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
             np.savez(
                 fh,
                 header=np.array(json.dumps(header)),
-                metadata=np.array(json.dumps(self.metadata)),
+                metadata=metadata,
                 weights=self.weights,
                 means=self.means,
                 covariances=self.covariances,
