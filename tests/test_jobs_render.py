@@ -181,3 +181,18 @@ def test_shipped_deploy_examples_are_what_render_job_generates(
     monkeypatch.chdir(repo)
     cfg = load_config("jobs/gaia-dr3-k256.toml", overrides, environ={})
     assert (repo / example).read_text() == render_job(cfg, target)
+
+
+def test_kubernetes_sizes_follow_the_plots_and_state_the_claim_mode():
+    """The runner pod's memory grows with plots.n_samples (1 GiB + 7 features x (160 B x n +
+    32 B x 50000 rows), in 256 MiB steps); the header says the claim must be ReadWriteMany."""
+    over = dict(BASE, **{"deploy.kubernetes.volume_claim": "gaia-pvc"})
+    for n, want in [(50_000, "1280Mi"), (1_000_000, "2304Mi"), (4_000_000, "5376Mi")]:
+        text = render_job(
+            load_config(overrides=over | {"plots.n_samples": n}, environ={}), "kubernetes"
+        )
+        runner = list(yaml.safe_load_all(text))[1]["spec"]["job"]["spec"]["containers"][0]
+        assert runner["resources"]["requests"]["memory"] == want, n
+    assert "'gaia-pvc'" in text and "must be ReadWriteMany" in text.split("apiVersion")[0]
+    text = render_job(load_config(overrides=BASE, environ={}), "kubernetes")
+    assert "No volume claim" in text.split("apiVersion")[0]

@@ -202,7 +202,10 @@ def test_resume_refuses_a_catalogue_whose_values_changed(gaia, cluster, tmp_path
     runner = CliRunner()
     res = runner.invoke(main, ["fit", str(job), "--out", str(out), *addr])
     assert res.exit_code == 0, res.output
+    stale = out / "checkpoints" / ".checkpoint.npz.k1ll3d.npz.tmp"  # a killed checkpoint write
+    stale.write_bytes(b"partial")
     assert runner.invoke(main, ["resume", str(out), *addr]).exit_code == 0  # unchanged: fine
+    assert not stale.exists()  # removed under the output lock
     victim = sorted(cat.glob("*.parquet"))[1]
     table = pq.read_table(victim)
     i = table.schema.get_field_index("parallax")
