@@ -27,10 +27,16 @@ DASK="${DASK:-dask}"
 PYTHON="${PYTHON:-$(dirname "$(command -v "$DASK")")/python}"
 SCHED_FILE="$CLUSTER_DIR/scheduler.json"
 
+alive() {  # a process that exited but was not reaped yet (a zombie) counts as gone
+    kill -0 "$1" 2>/dev/null || return 1
+    [ -r "/proc/$1/stat" ] || return 0
+    [ "$(sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f1)" != Z ]
+}
+
 start() {
     local n="${1:-2}" threads="${2:-1}"
     mkdir -p "$CLUSTER_DIR"
-    if [ -f "$CLUSTER_DIR/scheduler.pid" ] && kill -0 "$(cat "$CLUSTER_DIR/scheduler.pid")" 2>/dev/null; then
+    if [ -f "$CLUSTER_DIR/scheduler.pid" ] && alive "$(cat "$CLUSTER_DIR/scheduler.pid")"; then
         echo "a cluster is already running from $CLUSTER_DIR (stop it first)" >&2
         exit 1
     fi
@@ -74,7 +80,7 @@ stop() {
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for _ in $(seq 40); do
         local alive=0
-        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        for pid in "${pids[@]}"; do alive "$pid" && alive=1; done
         [ "$alive" = 0 ] && break
         sleep 0.25
     done
