@@ -36,18 +36,32 @@ def test_slurm_cpu_script_has_resources_and_runs_the_same_config():
     cfg = load_config(overrides=dict(BASE, **{"deploy.slurm.partition": "cpu"}), environ={})
     text = render_job(cfg, "slurm")
     assert text.startswith("#!/bin/bash\n")
-    for line in [
-        "#SBATCH --job-name=xdtest",
-        "#SBATCH --time=02:30:00",
+    lines = text.splitlines()
+    het = lines.index("#SBATCH hetjob")
+    for line in ["#SBATCH --job-name=xdtest", "#SBATCH --time=02:30:00"]:
+        assert line in lines[:het]
+    # component 0: the scheduler and the fit, sized by deploy.scheduler_* (+ the fit's plots:
+    # 4 GiB + 1 GiB + 7 features x (160 B x 50000 samples + 32 B x 50000 rows) -> 5376 MiB)
+    assert lines[lines.index("#SBATCH --output=xdtest-%j.log") + 1 : het] == [
+        "#SBATCH --ntasks=1",
+        "#SBATCH --cpus-per-task=1",
+        "#SBATCH --partition=cpu",
+        "#SBATCH --mem=5376M",
+    ]
+    # component 1: the workers
+    assert lines[het + 1 : het + 5] == [
         "#SBATCH --ntasks=6",
         "#SBATCH --cpus-per-task=3",
-        "#SBATCH --mem-per-cpu=4096M",  # 12 GiB / 3 cores
         "#SBATCH --partition=cpu",
-    ]:
-        assert line in text.splitlines()
-    assert "hetjob" not in text and "cuda" not in text
+        "#SBATCH --mem-per-cpu=4096M",  # 12 GiB / 3 cores
+    ]
+    assert text.count("hetjob") == 1 and "cuda" not in text
     assert "dask scheduler --scheduler-file" in text
-    assert re.search(r"srun --ntasks=6 --cpus-per-task=3 dask worker .*--nthreads 3", text)
+    assert re.search(
+        r"srun --het-group=1 --ntasks=6 --cpus-per-task=3 dask worker .*--nthreads 3", text
+    )
+    # 90 % of the 12 GiB Slurm grants each worker: Dask acts before the OOM killer does
+    assert "--memory-limit 11059MiB" in text
     assert 'xd-dask fit "$JOB_TOML" --scheduler-file "$SCHED_FILE"' in text
     assert "dask-worker" not in text and "dask-scheduler" not in text
     embedded = _embedded_toml(text)
@@ -62,14 +76,16 @@ def test_slurm_gpu_workers_make_a_heterogeneous_job():
     over = dict(BASE, **{"deploy.gpu_workers": 2, "deploy.slurm.gpu_partition": "gpu"})
     text = render_job(load_config(overrides=over, environ={}), "slurm")
     lines = text.splitlines()
-    het = lines.index("#SBATCH hetjob")
-    assert "#SBATCH --ntasks=6" in lines[:het]
-    assert "#SBATCH --ntasks=2" in lines[het:]
-    assert "#SBATCH --gpus-per-task=1" in lines[het:]
-    assert "#SBATCH --partition=gpu" in lines[het:]
-    assert re.search(r"srun --het-group=0 --ntasks=6 .*dask worker", text)
-    assert re.search(r"srun --het-group=1 --ntasks=2 .*dask cuda worker .*--resources GPU=1", text)
-    assert "wait_for_workers(8" in text
+    het = [i for i, line in enumerate(lines) if line == "#SBATCH hetjob"]
+    assert len(het) == 2
+    assert "#SBATCH --ntasks=1" in lines[: het[0]]
+    assert "#SBATCH --ntasks=6" in lines[het[0] : het[1]]
+    assert "#SBATCH --ntasks=2" in lines[het[1] :]
+    assert "#SBATCH --gpus-per-task=1" in lines[het[1] :]
+    assert "#SBATCH --partition=gpu" in lines[het[1] :]
+    assert re.search(r"srun --het-group=1 --ntasks=6 .*dask worker", text)
+    assert re.search(r"srun --het-group=2 --ntasks=2 .*dask cuda worker .*--resources GPU=1", text)
+    assert re.search(r"wait_for_workers\(int\(sys.argv\[2\]\).*\"\$SCHED_FILE\" 8$", text, re.M)
 
 
 def test_kubernetes_manifest_parses_and_carries_resources():
@@ -98,6 +114,10 @@ def test_kubernetes_manifest_parses_and_carries_resources():
     wc = worker["spec"]["containers"][0]
     assert wc["args"][:2] == ["dask", "worker"]
     assert wc["resources"]["limits"] == {"cpu": "3", "memory": "12288Mi"}
+    limit = wc["args"][wc["args"].index("--memory-limit") + 1]
+    assert limit == "11059MiB"  # 90 % of the pod's limit
+    # the runner pod draws the plots' samples: 1 GiB + 7 x (160 B x 50000 + 32 B x 50000)
+    assert runner["resources"]["requests"]["memory"] == "1280Mi"
     assert {"name": "data", "mountPath": "/data"} in wc["volumeMounts"]
     sc = cluster["scheduler"]["spec"]["containers"][0]
     assert sc["args"] == ["dask", "scheduler"]
@@ -161,3 +181,18 @@ def test_shipped_deploy_examples_are_what_render_job_generates(
     monkeypatch.chdir(repo)
     cfg = load_config("jobs/gaia-dr3-k256.toml", overrides, environ={})
     assert (repo / example).read_text() == render_job(cfg, target)
+
+
+def test_kubernetes_sizes_follow_the_plots_and_state_the_claim_mode():
+    """The runner pod's memory grows with plots.n_samples (1 GiB + 7 features x (160 B x n +
+    32 B x 50000 rows), in 256 MiB steps); the header says the claim must be ReadWriteMany."""
+    over = dict(BASE, **{"deploy.kubernetes.volume_claim": "gaia-pvc"})
+    for n, want in [(50_000, "1280Mi"), (1_000_000, "2304Mi"), (4_000_000, "5376Mi")]:
+        text = render_job(
+            load_config(overrides=over | {"plots.n_samples": n}, environ={}), "kubernetes"
+        )
+        runner = list(yaml.safe_load_all(text))[1]["spec"]["job"]["spec"]["containers"][0]
+        assert runner["resources"]["requests"]["memory"] == want, n
+    assert "'gaia-pvc'" in text and "must be ReadWriteMany" in text.split("apiVersion")[0]
+    text = render_job(load_config(overrides=BASE, environ={}), "kubernetes")
+    assert "No volume claim" in text.split("apiVersion")[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 
 import numpy as np
@@ -49,20 +50,39 @@ def test_promote_moves_latest_atomically_and_refuses_runs_without_model(tmp_path
     assert store.latest() == r2.resolve()
     np.testing.assert_array_equal(store.latest_model().means, _model(2).means)
     # no temporary links are left behind
-    assert sorted(p.name for p in store.root.iterdir()) == ["2024-05-01", "2024-05-02", "latest"]
+    names = sorted(p.name for p in store.root.iterdir())
+    assert names == [".store.lock", "2024-05-01", "2024-05-02", "latest"]
     with pytest.raises(StoreError, match="not a run directory"):
         store.promote(tmp_path)
 
 
-def test_prune_keeps_last_n_and_latest(tmp_path):
+def test_prune_keeps_last_n_finished_latest_running_and_newer_runs(tmp_path):
     store = ModelStore(tmp_path / "models")
-    runs = [store.new_run(_day(d)) for d in range(1, 7)]
-    _model(0).save(runs[1] / "model.npz")
-    store.promote(runs[1])  # an old run stays latest (later runs were rejected)
-    removed = store.prune(keep=2)
-    assert [p.name for p in removed] == ["2024-05-01", "2024-05-03", "2024-05-04"]
-    assert [p.name for p in store.runs()] == ["2024-05-02", "2024-05-05", "2024-05-06"]
-    assert store.latest() == runs[1].resolve()
+    runs = [store.new_run(_day(d)) for d in range(1, 9)]
+    assert all(store.run_state(r) == "running" for r in runs)  # this object holds their locks
+    _model(0).save(runs[2] / "model.npz")
+    store.promote(runs[2])
+    for r, status in zip(
+        runs[:5], ["failed", "rejected", "promoted", "rejected", "rejected"], strict=True
+    ):
+        store.finish_run(r, status)
+    store.release_run(runs[5])  # "killed": no final status, lock free
+    # runs[6], runs[7] are still running (newer than latest as well)
+    removed = store.prune(keep=1)
+    # keep = 1 finished run (runs[4]); latest (runs[2]); runs[3], runs[5] are newer than latest;
+    # runs[0], runs[1] are older than latest and not kept
+    assert [p.name for p in removed] == ["2024-05-01", "2024-05-02"]
+    assert [p.name for p in store.runs()] == [f"2024-05-0{d}" for d in range(3, 9)]
+    assert store.latest() == runs[2].resolve()
+    assert store.run_state(runs[5]) == "interrupted"
+    assert json.loads((runs[5] / "run.json").read_text())["status"] == "interrupted"
+    # once a newer run is promoted, the interrupted and rejected runs older than it go
+    _model(1).save(runs[6] / "model.npz")
+    store.promote(runs[6])
+    store.finish_run(runs[6], "promoted")
+    removed = store.prune(keep=1)
+    assert [p.name for p in removed] == [f"2024-05-0{d}" for d in range(3, 7)]
+    assert [p.name for p in store.runs()] == ["2024-05-07", "2024-05-08"]  # latest, running
 
 
 def test_broken_latest_is_an_error(tmp_path):

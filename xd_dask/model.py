@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib import format as npformat
 
 from xd_dask.utils import atomic_path
 
@@ -63,6 +64,147 @@ def validate_parameters(
         except np.linalg.LinAlgError:
             raise ValueError(f"covariance of component {j} is not positive definite") from None
     return w, m, V
+
+
+#: Largest JSON texts a model file may declare (numpy stores 4 bytes per character).
+MAX_HEADER_BYTES = 1 << 20
+MAX_METADATA_BYTES = 16 << 20
+#: Deepest nesting of lists/objects accepted in the header and the metadata.
+MAX_JSON_DEPTH = 32
+_BACKGROUND = ("background_weight", "background_lo", "background_hi")
+
+
+def _json_depth(obj: Any) -> int:
+    """Nesting depth of a parsed JSON value (iterative: no recursion limit)."""
+    depth, stack = 0, [(obj, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, dict | list):
+            depth = max(depth, d)
+            if d > MAX_JSON_DEPTH:
+                return d
+            stack.extend((v, d + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return depth
+
+
+def _is_int(v: Any, lo: int = 1) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+class _Members:
+    """The ``.npy`` members of an ``.npz`` zip, each checked from its header before reading."""
+
+    def __init__(self, path: Path, zf: zipfile.ZipFile) -> None:
+        self.path, self.zf = path, zf
+        self.infos = {i.filename: i for i in zf.infolist()}
+
+    def __contains__(self, key: str) -> bool:
+        return f"{key}.npy" in self.infos
+
+    def read(self, key: str, kind: str, shape: tuple[int, ...] | None, max_bytes: int = 0):
+        """The array ``key`` of dtype kind ``kind`` ("f" float, "U" text) and ``shape``
+        (None: any 0-d text up to ``max_bytes``); ModelFileError before reading otherwise."""
+        info = self.infos.get(f"{key}.npy")
+        if info is None:
+            raise ModelFileError(f"{self.path}: not an xd-dask model file (no {key})")
+        where = f"{self.path}: array {key!r}"
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ModelFileError(f"{where} is compressed; xd-dask writes uncompressed .npz files")
+        with self.zf.open(info) as fh:
+            version = npformat.read_magic(fh)
+            if version == (1, 0):
+                got_shape, fortran, dtype = npformat.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                got_shape, fortran, dtype = npformat.read_array_header_2_0(fh)
+            else:
+                raise ModelFileError(f"{where} has .npy format version {version}")
+            offset = fh.tell()
+        if dtype.hasobject or dtype.kind != kind or (kind == "f" and dtype.itemsize not in (4, 8)):
+            raise ModelFileError(f"{where} has dtype {dtype}; expected {_KINDS[kind]}")
+        want = () if shape is None else shape
+        if tuple(got_shape) != want:
+            raise ModelFileError(f"{where} has shape {tuple(got_shape)}; expected {want}")
+        if max_bytes and dtype.itemsize > max_bytes:
+            raise ModelFileError(f"{where} declares {dtype.itemsize} bytes (at most {max_bytes})")
+        nbytes = int(np.prod(want, dtype=np.int64)) * dtype.itemsize
+        if info.file_size != offset + nbytes:
+            raise ModelFileError(
+                f"{where} declares shape {want} and dtype {dtype} ({nbytes} bytes) but holds "
+                f"{info.file_size - offset} bytes"
+            )
+        with self.zf.open(info) as fh:
+            return npformat.read_array(fh, allow_pickle=False)
+
+    def json(self, key: str, max_bytes: int) -> dict[str, Any]:
+        """A JSON object stored as a 0-d text array; bounded size and nesting."""
+        text = str(self.read(key, "U", None, max_bytes)[()])
+        try:
+            obj = json.loads(text)
+        except RecursionError:
+            raise ModelFileError(f"{self.path}: {key} JSON is nested too deeply") from None
+        except ValueError as exc:
+            raise ModelFileError(f"{self.path}: {key} is not valid JSON ({exc})") from None
+        if not isinstance(obj, dict):
+            raise ModelFileError(
+                f"{self.path}: {key} must be a JSON object, not {type(obj).__name__}"
+            )
+        if _json_depth(obj) > MAX_JSON_DEPTH:
+            raise ModelFileError(
+                f"{self.path}: {key} JSON is nested deeper than {MAX_JSON_DEPTH} levels"
+            )
+        return obj
+
+
+_KINDS = {"f": "floating point (float32 or float64)", "U": "text"}
+
+
+def _check_header(path: Path, header: dict[str, Any]) -> tuple[int, int]:
+    """(K, D) from a parsed model header; ModelFileError naming the bad field."""
+    if header.get("format") != FORMAT_NAME:
+        raise ModelFileError(f"{path}: not an xd-dask model file")
+    version = header.get("format_version", 0)
+    if not _is_int(version, 0):
+        raise ModelFileError(f"{path}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: model format version {version} is newer than this xd-dask understands "
+            f"({FORMAT_VERSION}); upgrade xd-dask"
+        )
+    K, D = header.get("n_components"), header.get("n_features")
+    if not (_is_int(K) and _is_int(D)):
+        raise ModelFileError(
+            f"{path}: n_components and n_features must be positive integers, got {K!r}, {D!r}"
+        )
+    names = header.get("feature_names")
+    if names is not None and (
+        not isinstance(names, list) or len(names) != D or not all(isinstance(n, str) for n in names)
+    ):
+        raise ModelFileError(f"{path}: feature_names must be a list of {D} strings")
+    return K, D
+
+
+def _read_model_file(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
+    """(header, metadata, arrays) of a model file, every member checked before it is read."""
+    with zipfile.ZipFile(path) as zf:
+        z = _Members(path, zf)
+        if "header" not in z:
+            raise ModelFileError(f"{path}: not an xd-dask model file (no header)")
+        header = z.json("header", MAX_HEADER_BYTES)
+        K, D = _check_header(path, header)
+        arrays = {
+            "weights": z.read("weights", "f", (K,)),
+            "means": z.read("means", "f", (K, D)),
+            "covariances": z.read("covariances", "f", (K, D, D)),
+        }
+        present = [k in z for k in _BACKGROUND]
+        if any(present) and not all(present):
+            raise ModelFileError(f"{path}: incomplete background component")
+        if all(present):
+            arrays["background_weight"] = z.read("background_weight", "f", ())
+            arrays["background_lo"] = z.read("background_lo", "f", (D,))
+            arrays["background_hi"] = z.read("background_hi", "f", (D,))
+        metadata = z.json("metadata", MAX_METADATA_BYTES) if "metadata" in z else {}
+    return header, metadata, arrays
 
 
 class XDModel:
@@ -139,15 +281,23 @@ class XDModel:
         extra = {}
         if self.background is not None:
             extra = {
-                "background_weight": np.array(self.background.weight),
-                "background_lo": np.asarray(self.background.lo),
-                "background_hi": np.asarray(self.background.hi),
+                "background_weight": np.array(self.background.weight, dtype=np.float64),
+                "background_lo": np.asarray(self.background.lo, dtype=np.float64),
+                "background_hi": np.asarray(self.background.hi, dtype=np.float64),
             }
+        metadata = np.array(json.dumps(self.metadata))
+        if metadata.dtype.itemsize > MAX_METADATA_BYTES or (
+            _json_depth(self.metadata) > MAX_JSON_DEPTH
+        ):
+            raise ValueError(
+                f"metadata too large or too deeply nested to save ({metadata.dtype.itemsize} "
+                f"bytes, at most {MAX_METADATA_BYTES}; at most {MAX_JSON_DEPTH} levels)"
+            )
         with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
             np.savez(
                 fh,
                 header=np.array(json.dumps(header)),
-                metadata=np.array(json.dumps(self.metadata)),
+                metadata=metadata,
                 weights=self.weights,
                 means=self.means,
                 covariances=self.covariances,
@@ -157,30 +307,18 @@ class XDModel:
 
     @classmethod
     def load(cls, path: str | Path) -> XDModel:
-        """Read a model written by :meth:`save`; raise ModelFileError on anything else."""
+        """Read a model written by :meth:`save`; raise ModelFileError on anything else.
+
+        Everything is checked before an array is read (:func:`_read_model_file`): the header's
+        JSON (types, version, nesting), and each array's dtype and shape from its ``.npy`` header
+        in the zip directory against the header's K and D and the member's real size. A crafted
+        file is refused after reading a few kilobytes, whatever sizes it declares.
+        """
         path = Path(path)
         if not path.is_file():
             raise ModelFileError(f"{path}: no such model file")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                if "header" not in z.files:
-                    raise ModelFileError(f"{path}: not an xd-dask model file (no header)")
-                header = json.loads(str(z["header"]))
-                if header.get("format") != FORMAT_NAME:
-                    raise ModelFileError(f"{path}: not an xd-dask model file")
-                if header.get("format_version", 0) > FORMAT_VERSION:
-                    raise ModelFileError(
-                        f"{path}: model format version {header['format_version']} is newer than "
-                        f"this xd-dask understands ({FORMAT_VERSION}); upgrade xd-dask"
-                    )
-                arrays = {k: z[k] for k in ("weights", "means", "covariances")}
-                bg_keys = ("background_weight", "background_lo", "background_hi")
-                present = [k in z.files for k in bg_keys]
-                if any(present) and not all(present):
-                    raise ModelFileError(f"{path}: incomplete background component")
-                if all(present):
-                    arrays |= {k: z[k] for k in bg_keys}
-                metadata = json.loads(str(z["metadata"])) if "metadata" in z.files else {}
+            header, metadata, arrays = _read_model_file(path)
         except ModelFileError:
             raise
         except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError) as exc:

@@ -6,11 +6,18 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
+import shutil
+import stat
 import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+#: Ending of every temporary this package writes beside an output (see :func:`atomic_path`).
+TMP_SUFFIX = ".tmp"
+_TMP_RE = re.compile(r"^\..+\.tmp$")
 
 
 @contextlib.contextmanager
@@ -19,7 +26,10 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 
     The temporary file lives in the same directory, so the final ``os.replace`` is atomic on POSIX
     file systems: readers see either the old file or the complete new one, never a partial file.
-    On an exception the temporary file is removed and ``path`` is left untouched.
+    On an exception the temporary file is removed and ``path`` is left untouched; an ``OSError``
+    (disk full, permission denied, ...) is re-raised with ``path`` as its file name, so that the
+    message says which output could not be written. A temporary left by a killed process
+    (``.<name>.*.tmp``) is removed by :func:`remove_stale_temporaries`.
 
     Parameters
     ----------
@@ -30,25 +40,132 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         it is missing; pass the target's suffix so they do not).
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.",
-        suffix=(suffix if suffix is not None else target.suffix) + ".tmp",
-        dir=target.parent,
-    )
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{target.name}.",
+            suffix=(suffix if suffix is not None else target.suffix) + TMP_SUFFIX,
+            dir=target.parent,
+        )
+        os.close(fd)
+        tmp = Path(tmp_name)
         yield tmp
         # mkstemp creates 0600; give the output the mode a plain open() would (0666 & ~umask).
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename != str(target):
+            raise _named(exc, target) from exc
         raise
+
+
+def _named(exc: OSError, target: Path) -> OSError:
+    """``exc`` as the same OSError subclass naming ``target`` ("[Errno 28] ...: 'path'")."""
+    text = exc.strerror or str(exc)
+    if exc.filename is not None and str(exc.filename) != str(target):
+        text = f"{text} (while writing {exc.filename})"
+    try:
+        return type(exc)(exc.errno, f"{text}; cannot write", str(target))
+    except TypeError:  # an OSError subclass with another constructor
+        return OSError(exc.errno, f"{text}; cannot write", str(target))
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete the temporaries (``.<name>.<random>.tmp`` files or directories) that writers
+    interrupted by a kill left in ``directory`` (only those of output ``name`` if given);
+    returns what was removed.
+
+    Call it only while holding the lock of the directory (or of output ``name``): a temporary
+    of a running writer looks the same.
+    """
+    directory = Path(directory)
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        if not _TMP_RE.match(entry.name) or (name and not entry.name.startswith(f".{name}.")):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+        get_logger(__name__).info("removed stale temporary %s", entry)
+    return removed
+
+
+class OutputError(ValueError):
+    """An output path cannot be used as asked (it holds files this command did not write)."""
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, owned: str) -> Iterator[Path]:
+    """Write a directory of files afresh: yield an empty temporary directory beside ``path``;
+    on success it takes the place of ``path``, whose old files are deleted.
+
+    Held for the duration: the lock ``.<name>.lock`` beside ``path`` (a second writer gets
+    :class:`xd_dask.locks.LockError` naming the first). Temporaries of killed writers of the same
+    output are removed first. A reader never sees old and new files mixed: the swap is two
+    renames (old directory aside, new one in), so for an instant ``path`` is missing.
+
+    Parameters
+    ----------
+    path : the output directory.
+    owned : regular expression of the file names this output consists of; an existing ``path``
+        holding anything else is refused with OutputError (nothing is deleted).
+    """
+    from xd_dask.locks import FileLock  # noqa: PLC0415
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.parent / f".{target.name}.lock", f"output directory {target}"):
+        remove_stale_temporaries(target.parent, target.name)
+        if target.exists() or target.is_symlink():
+            if not target.is_dir() or target.is_symlink():
+                raise OutputError(f"{target} exists and is not a directory; choose another output")
+            foreign = [
+                e.name
+                for e in target.iterdir()
+                if not (re.fullmatch(owned, e.name) and e.is_file()) and not _TMP_RE.match(e.name)
+            ]
+            if foreign:
+                raise OutputError(
+                    f"{target} holds files this command did not write (e.g. "
+                    f"{sorted(foreign)[0]!r}); refusing to replace it: choose a new or empty "
+                    "output directory"
+                )
+        tmp = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent)
+        try:
+            yield Path(tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
+            _swap_in(Path(tmp), target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Rename directory ``new`` onto ``target``, deleting the old ``target`` (restored if the
+    second rename fails)."""
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = target.with_name(f".{target.name}.{os.getpid()}.old{TMP_SUFFIX}")
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def get_logger(name: str) -> logging.Logger:
@@ -59,11 +176,16 @@ def get_logger(name: str) -> logging.Logger:
 
 
 def kernel_cache_dir(subdir: str | None = None) -> Path | None:
-    """Directory for compiled kernels on disk, or None when caching is off or impossible.
+    """Directory for compiled kernels on disk, or None when caching is off or unsafe.
 
     ``XD_DASK_KERNEL_CACHE`` (a path, or ``0``/``off`` to disable) overrides the default
     ``$XDG_CACHE_HOME/xd-dask/kernels`` (``~/.cache/xd-dask/kernels``). Files there are
     regenerated when they are missing and are safe to delete.
+
+    The modules in it are executed and Numba unpickles the compiled code beside them
+    (``__pycache__``), so the directory (and its ``__pycache__``) must be owned by the current
+    user and writable by nobody else; otherwise a warning says why and the kernels are compiled
+    in memory. New directories are created with mode 0700.
     """
     env = os.environ.get("XD_DASK_KERNEL_CACHE")
     if env is not None and env.strip().lower() in ("", "0", "off", "none", "false"):
@@ -76,16 +198,49 @@ def kernel_cache_dir(subdir: str | None = None) -> Path | None:
     if subdir:
         base = base / subdir
     try:
-        base.mkdir(parents=True, exist_ok=True)
+        for path in [*reversed(base.parents), base]:
+            if not path.is_dir():
+                path.mkdir(mode=0o700, exist_ok=True)  # every directory made here is private
     except OSError:
         return None
+    problem = _unsafe_dir(base) or _unsafe_dir(base / "__pycache__")
+    if problem:
+        _warn_once(
+            f"kernel cache {base} not used: {problem}; compiling kernels in memory (fix: "
+            f"`chmod go-w` it if it is yours, or set XD_DASK_KERNEL_CACHE to a private directory)"
+        )
+        return None
     return base if os.access(base, os.W_OK) else None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(text: str) -> None:
+    if text not in _warned:
+        _warned.add(text)
+        get_logger(__name__).warning(text)
+
+
+def _unsafe_dir(path: Path) -> str | None:
+    """Why ``path`` may hold files another user wrote (None if it is safe or absent)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory"
+    if st.st_uid != os.getuid():
+        return f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
 
 
 def write_once(path: Path, text: str) -> None:
     """Create ``path`` atomically unless another process already has (its mtime must not change
     once Numba has indexed a generated module for its on-disk cache)."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
     tmp.write_text(text)
     try:
         os.link(tmp, path)
@@ -97,8 +252,14 @@ def write_once(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_generated_module(path: Path, name: str, namespace: dict) -> object:
-    """Import a generated source file as module ``name`` with ``namespace`` pre-set.
+def load_generated_module(path: Path, name: str, namespace: dict, *, source: str) -> object:
+    """Import generated code as module ``name`` with ``namespace`` pre-set, cached in ``path``.
+
+    ``source`` is the exact text the caller generates for ``path``. The file is written when
+    missing; a file whose text differs (planted by someone else, or written by a process that
+    ran other code under the same name) is never executed: it is replaced atomically with
+    ``source``. What is executed is ``source`` itself, compiled with ``path`` as its file name,
+    which Numba's on-disk cache keys on.
 
     The module is registered in ``sys.modules`` because Numba re-imports it to rebuild code from
     its on-disk cache; a module that fails to execute is unregistered again.
@@ -106,12 +267,27 @@ def load_generated_module(path: Path, name: str, namespace: dict) -> object:
     module = sys.modules.get(name)
     if module is not None:
         return module
+    try:
+        found = path.read_text()
+    except FileNotFoundError:
+        found = None
+    except (OSError, UnicodeDecodeError):
+        found = ""
+    if found is None:
+        write_once(path, source)
+    elif found != source:
+        get_logger(__name__).warning(
+            "%s does not hold the code this xd-dask generates for it; replacing it", path
+        )
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
+        tmp.write_text(source)
+        os.replace(tmp, path)  # a new mtime: Numba's index for the old file is stale now
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     module.__dict__.update(namespace)
     sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
+        exec(compile(source, str(path), "exec"), module.__dict__)
     except BaseException:
         sys.modules.pop(name, None)
         raise

@@ -7,24 +7,36 @@
 #
 # The scheduler writes $CLUSTER_DIR/scheduler.json; jobs connect with
 #   xd-dask fit JOB.toml --scheduler-file $CLUSTER_DIR/scheduler.json
-# Settings (environment): CLUSTER_DIR (default ./dask-local), SCHEDULER_HOST (127.0.0.1),
-# SCHEDULER_PORT (8786; 0 = any free port), DASHBOARD_ADDRESS (:8787; "none" = no dashboard),
+# Settings (environment): CLUSTER_DIR (default ./dask-local), SCHEDULER_HOST (127.0.0.1: the
+# scheduler, the workers and the dashboard listen on loopback only; 0.0.0.0 or the host's
+# address opens them to the network), SCHEDULER_PORT (8786; 0 = any free port),
+# DASHBOARD_ADDRESS (:8787 = port 8787 on SCHEDULER_HOST; host:port; "none" = no dashboard),
 # WORKER_MEMORY (memory limit per worker, default "auto").
+# Values are passed to the commands as arguments, never inside code: any CLUSTER_DIR works.
 set -euo pipefail
 
 CLUSTER_DIR="${CLUSTER_DIR:-./dask-local}"
 SCHEDULER_HOST="${SCHEDULER_HOST:-127.0.0.1}"
 SCHEDULER_PORT="${SCHEDULER_PORT:-8786}"
 DASHBOARD_ADDRESS="${DASHBOARD_ADDRESS:-:8787}"
+case "$DASHBOARD_ADDRESS" in
+    :*) DASHBOARD_ADDRESS="$SCHEDULER_HOST$DASHBOARD_ADDRESS" ;;  # a port alone: on the host
+esac
 WORKER_MEMORY="${WORKER_MEMORY:-auto}"
 DASK="${DASK:-dask}"
 PYTHON="${PYTHON:-$(dirname "$(command -v "$DASK")")/python}"
 SCHED_FILE="$CLUSTER_DIR/scheduler.json"
 
+alive() {  # a process that exited but was not reaped yet (a zombie) counts as gone
+    kill -0 "$1" 2>/dev/null || return 1
+    [ -r "/proc/$1/stat" ] || return 0
+    [ "$(sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f1)" != Z ]
+}
+
 start() {
     local n="${1:-2}" threads="${2:-1}"
     mkdir -p "$CLUSTER_DIR"
-    if [ -f "$CLUSTER_DIR/scheduler.pid" ] && kill -0 "$(cat "$CLUSTER_DIR/scheduler.pid")" 2>/dev/null; then
+    if [ -f "$CLUSTER_DIR/scheduler.pid" ] && alive "$(cat "$CLUSTER_DIR/scheduler.pid")"; then
         echo "a cluster is already running from $CLUSTER_DIR (stop it first)" >&2
         exit 1
     fi
@@ -44,14 +56,16 @@ start() {
         nohup "$DASK" worker --scheduler-file "$SCHED_FILE" --host "$SCHEDULER_HOST" \
             --nworkers 1 --nthreads "$threads" --memory-limit "$WORKER_MEMORY" \
             --name "local-$i" --local-directory "$CLUSTER_DIR/worker-$i" \
-            --no-dashboard >"$CLUSTER_DIR/worker-$i.log" 2>&1 &
+            --no-dashboard --dashboard-address "$SCHEDULER_HOST:0" \
+            >"$CLUSTER_DIR/worker-$i.log" 2>&1 &
         echo $! >>"$CLUSTER_DIR/workers.pid"
     done
-    if ! "$PYTHON" -c "
+    if ! "$PYTHON" -c '
+import sys
 from distributed import Client
-with Client(scheduler_file='$SCHED_FILE', timeout='30s') as c:
-    c.wait_for_workers($n, timeout=120)
-"; then
+with Client(scheduler_file=sys.argv[1], timeout="30s") as c:
+    c.wait_for_workers(int(sys.argv[2]), timeout=120)
+' "$SCHED_FILE" "$n"; then
         echo "the $n workers did not join; see $CLUSTER_DIR/worker-*.log" >&2
         stop
         exit 1
@@ -66,7 +80,7 @@ stop() {
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for _ in $(seq 40); do
         local alive=0
-        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        for pid in "${pids[@]}"; do alive "$pid" && alive=1; done
         [ "$alive" = 0 ] && break
         sleep 0.25
     done
@@ -76,11 +90,12 @@ stop() {
 
 status() {
     [ -s "$SCHED_FILE" ] || { echo "no cluster in $CLUSTER_DIR"; exit 1; }
-    "$PYTHON" -c "
+    "$PYTHON" -c '
+import sys
 from distributed import Client
-with Client(scheduler_file='$SCHED_FILE', timeout='10s') as c:
+with Client(scheduler_file=sys.argv[1], timeout="10s") as c:
     print(c)
-"
+' "$SCHED_FILE"
 }
 
 case "${1:-}" in

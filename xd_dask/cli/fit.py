@@ -63,10 +63,21 @@ def _setup_logging(log_format: str, verbose: int) -> None:
 def _usage_errors() -> tuple[type[BaseException], ...]:
     """Errors in what was asked for (exit 2), as opposed to failures while running (exit 1)."""
     from xd_dask.distributed import GPUUnavailableError  # noqa: PLC0415
+    from xd_dask.distributed.manifest import CatalogueChangedError  # noqa: PLC0415
     from xd_dask.io.schema import SchemaError  # noqa: PLC0415
+    from xd_dask.locks import LockError  # noqa: PLC0415
     from xd_dask.model import ModelFileError  # noqa: PLC0415
+    from xd_dask.utils import OutputError  # noqa: PLC0415
 
-    return (ConfigError, SchemaError, ModelFileError, GPUUnavailableError)
+    return (
+        ConfigError,
+        SchemaError,
+        ModelFileError,
+        GPUUnavailableError,
+        LockError,
+        CatalogueChangedError,
+        OutputError,
+    )
 
 
 def _fail(message: str, code: int) -> None:

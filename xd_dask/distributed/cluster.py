@@ -3,6 +3,11 @@
 Precedence: ``scheduler_address`` > ``scheduler_file`` > ``DASK_SCHEDULER_ADDRESS`` > a new
 ``LocalCluster`` with worker processes (``dask_cuda.LocalCUDACluster`` when ``gpu=True``).
 CuPy and dask-cuda are imported only when ``gpu=True``.
+
+A local cluster listens on the loopback interface only: its scheduler, workers and nannies on
+``host`` (default 127.0.0.1), its dashboard on ``dashboard_address`` whose host defaults to the
+same (``":8787"`` means ``"127.0.0.1:8787"``). ``dashboard_address="0.0.0.0:8787"`` opens the
+dashboard to the network; ``host="0.0.0.0"`` opens the scheduler as well.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from xd_dask.utils import get_logger
 log = get_logger(__name__)
 
 __all__ = ["GPUUnavailableError", "check_gpu_workers", "connect", "worker_threads"]
+
+LOOPBACK = "127.0.0.1"
+DASHBOARD_PORT = 8787
 
 
 class GPUUnavailableError(RuntimeError):
@@ -59,6 +67,18 @@ def worker_threads(client: Client) -> int:
     return max(1, sum(client.nthreads().values()))
 
 
+def _loopback(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Local-cluster keywords with every listener on ``host`` (127.0.0.1 unless given)."""
+    out = dict(kwargs)
+    host = out.setdefault("host", LOOPBACK)
+    dash = out.get("dashboard_address", f":{DASHBOARD_PORT}")
+    if not dash:
+        out["dashboard_address"] = None  # no dashboard
+    elif str(dash).startswith(":"):
+        out["dashboard_address"] = f"{host}{dash}"
+    return out
+
+
 def connect(
     scheduler_address: str | None = None,
     scheduler_file: str | None = None,
@@ -78,7 +98,10 @@ def connect(
     threads_per_worker : threads of each local worker (default 1: the numerical kernels are
         single-threaded inside tasks, parallelism comes from worker processes).
     gpu : start ``dask_cuda.LocalCUDACluster`` (local), or check that the given workers have a GPU.
-    **cluster_kwargs : passed to the local cluster (e.g. ``dashboard_address``, ``memory_limit``).
+    **cluster_kwargs : passed to the local cluster (e.g. ``memory_limit``); ``host`` (default
+        "127.0.0.1") is where its scheduler and workers listen, ``dashboard_address`` (default
+        "127.0.0.1:8787"; a port without a host means that port on ``host``; "" or None: no
+        dashboard) where its dashboard does.
 
     Returns
     -------
@@ -102,6 +125,7 @@ def connect(
                 raise
         log.info("connected to %s; dashboard: %s", client.scheduler.address, client.dashboard_link)
         return client, None
+    cluster_kwargs = _loopback(cluster_kwargs)
     if gpu:
         require_gpu()
         try:

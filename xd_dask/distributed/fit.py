@@ -36,7 +36,7 @@ from xd_dask.distributed.checkpoint import (
 from xd_dask.distributed.cluster import check_gpu_workers, worker_threads
 from xd_dask.distributed.config import FitConfig, resolve_schema
 from xd_dask.distributed.kmeans import kmeans_init
-from xd_dask.distributed.manifest import Manifest, ManifestError, build_manifest
+from xd_dask.distributed.manifest import Manifest, build_manifest, check_unchanged
 from xd_dask.distributed.passes import PassRunner
 from xd_dask.distributed.tasks import Params, Partial, TaskOptions, estep, kmeans_sample
 from xd_dask.kernels import Background
@@ -430,7 +430,8 @@ def resume_fit(
 ) -> XDModel:
     """Continue a fit from its last checkpoint; ends with the model an uninterrupted run gives.
 
-    The catalogue is listed again and must be unchanged (same files, row groups and row counts).
+    The catalogue is listed again and must be unchanged (same files, row groups, row counts and
+    Parquet footers): CatalogueChangedError names the files that changed.
     A finished fit's checkpoint returns its final model without running anything.
     """
     state, cfg_dict, manifest_dict = load_checkpoint(checkpoint_dir)
@@ -438,12 +439,7 @@ def resume_fit(
     config = FitConfig.from_dict(cfg_dict)
     manifest = Manifest.from_dict(manifest_dict)
     current = build_manifest(config.catalog, max_rows_per_partition=config.max_rows_per_partition)
-    if current.fingerprint != manifest.fingerprint:
-        raise ManifestError(
-            f"the catalogue {config.catalog} changed since the checkpoint in {checkpoint_dir} "
-            f"was written ({len(current)} partitions / {current.n_rows} rows now, "
-            f"{len(manifest)} / {manifest.n_rows} then); start a new fit"
-        )
+    check_unchanged(manifest, current, f"the checkpoint in {checkpoint_dir}")
     schema = resolve_schema(config.schema)
     fit = _Fit(config, client, manifest, schema, progress_callback)
     fit.restore(state)

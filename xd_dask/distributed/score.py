@@ -6,6 +6,7 @@ partition, written atomically); the client receives only sums.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from xd_dask.distributed.passes import PassRunner
 from xd_dask.distributed.split import SIDES
 from xd_dask.distributed.tasks import Params, TaskOptions, loglike, posterior_write
 from xd_dask.model import XDModel
-from xd_dask.utils import atomic_path, get_logger
+from xd_dask.utils import atomic_dir, atomic_path, get_logger
 
 log = get_logger(__name__)
 
@@ -47,8 +48,10 @@ class ScoreResult:
     files: list[str]
 
 
-def _as_manifest(manifest: Manifest | str | os.PathLike | Sequence[str]) -> Manifest:
-    return manifest if isinstance(manifest, Manifest) else build_manifest(manifest)
+def _as_manifest(manifest: Manifest | str | os.PathLike | Sequence[str], schema: Any) -> Manifest:
+    if isinstance(manifest, Manifest):
+        return manifest
+    return build_manifest(manifest, id_column=schema.id_column)
 
 
 def _check_features(model: XDModel, schema: Any) -> None:
@@ -77,6 +80,10 @@ def _out_name(out_dir: Path, prefix: str, pid: int) -> str:
     return str(out_dir / f"{prefix}-{pid:06d}.parquet")
 
 
+#: The files a per-row output directory consists of (see :func:`xd_dask.utils.atomic_dir`).
+_OWNED = r"{prefix}-\d+\.parquet|_SUCCESS\.json"
+
+
 def score_catalog(
     model: XDModel,
     manifest: Manifest | str | os.PathLike | Sequence[str],
@@ -95,30 +102,34 @@ def score_catalog(
     """Mean log-likelihood per row of a catalogue under ``model`` (``xd-score`` tasks).
 
     With ``out_dir``, workers also write ``score-<pid>.parquet`` (columns ``source_id``,
-    ``log_likelihood``) per partition, atomically.
+    ``log_likelihood``) per partition, into a fresh directory that replaces ``out_dir`` when all
+    are written (:func:`xd_dask.utils.atomic_dir`: no stale files of an earlier run remain; a
+    directory holding other files is refused; a second writer gets LockError).
 
     split : None (every row) or (fraction, side): score only the "holdout" (or "train") side of
         the row-level split by source-id hash; ``(cfg.holdout_rows, "holdout")`` scores exactly
         the rows a fit with ``FitConfig.holdout_rows`` left out.
     """
-    manifest = _as_manifest(manifest)
     schema = resolve_schema(schema)
+    manifest = _as_manifest(manifest, schema)
     _check_features(model, schema)
     runner, opts = _runner(
         client, manifest, schema, on_bad, backend, gpu, dtype, fan_in, numba_threads, split
     )
     params = Params(model.weights, model.means, model.covariances)
-    files: list[str] = []
-    per = None
+    with contextlib.ExitStack() as stack:
+        files: list[str] = []
+        per = None
+        if out_dir is not None:
+            tmp = stack.enter_context(atomic_dir(out_dir, _OWNED.format(prefix="score")))
+            files = [_out_name(tmp, "score", p.pid) for p in manifest]
+            per = lambda pid: (files[pid],)  # noqa: E731
+        res = runner.run("score", (0,), loglike, shared=(params,), extra=(opts,), per_partition=per)
+        ll = res.payload
+        if ll.n == 0:
+            raise ValueError("no valid rows to score (every row was dropped)")
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        files = [_out_name(out, "score", p.pid) for p in manifest]
-        per = lambda pid: (files[pid],)  # noqa: E731
-    res = runner.run("score", (0,), loglike, shared=(params,), extra=(opts,), per_partition=per)
-    ll = res.payload
-    if ll.n == 0:
-        raise ValueError("no valid rows to score (every row was dropped)")
+        files = [_out_name(Path(out_dir), "score", p.pid) for p in manifest]
     result = ScoreResult(ll.ll / ll.n, ll.ll, ll.n, res.n_read, res.dropped, files)
     log.info("score: mean log-likelihood %.10g over %d rows", result.mean_loglike, ll.n)
     return result
@@ -139,38 +150,42 @@ def posterior_catalog(
     """Deconvolved per-row posteriors, written by the workers (``xd-posterior`` tasks).
 
     Each partition becomes ``<out_dir>/posterior-<pid>.parquet`` with columns ``source_id``,
-    ``mean_<f>``, ``cov_<f>_<g>`` (lower triangle), ``component`` and ``component_prob``, written
-    atomically; ``_SUCCESS.json`` (files, rows, dropped counts) is written last.
+    ``mean_<f>``, ``cov_<f>_<g>`` (lower triangle), ``component`` and ``component_prob``;
+    ``_SUCCESS.json`` (files, rows, dropped counts) is written last. The files are written into
+    a fresh directory beside ``out_dir`` which then replaces it (:func:`xd_dask.utils.atomic_dir`):
+    a reader of ``out_dir`` never sees stale part files of an earlier run; a directory holding
+    other files is refused (OutputError); a second writer gets LockError naming the first.
 
     Returns
     -------
     The Parquet files, in manifest order.
     """
-    manifest = _as_manifest(manifest)
     schema = resolve_schema(schema)
+    manifest = _as_manifest(manifest, schema)
     _check_features(model, schema)
     runner, opts = _runner(client, manifest, schema, on_bad, "reference", gpu, dtype, fan_in, 1)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = [_out_name(out, "posterior", p.pid) for p in manifest]
     params = Params(model.weights, model.means, model.covariances)
-    res = runner.run(
-        "posterior",
-        (0,),
-        posterior_write,
-        shared=(params,),
-        extra=(opts,),
-        per_partition=lambda pid: (files[pid], list(model.feature_names)),
-    )
-    summary = {
-        "files": [Path(f).name for f in files],
-        "rows": res.n_used,
-        "rows_read": res.n_read,
-        "dropped": res.dropped,
-        "features": list(model.feature_names),
-        "model_metadata_method": model.metadata.get("method"),
-    }
-    with atomic_path(out / "_SUCCESS.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=1))
+    with atomic_dir(out, _OWNED.format(prefix="posterior")) as tmp:
+        parts = [_out_name(tmp, "posterior", p.pid) for p in manifest]
+        res = runner.run(
+            "posterior",
+            (0,),
+            posterior_write,
+            shared=(params,),
+            extra=(opts,),
+            per_partition=lambda pid: (parts[pid], list(model.feature_names)),
+        )
+        summary = {
+            "files": [Path(f).name for f in parts],
+            "rows": res.n_used,
+            "rows_read": res.n_read,
+            "dropped": res.dropped,
+            "features": list(model.feature_names),
+            "model_metadata_method": model.metadata.get("method"),
+        }
+        with atomic_path(tmp / "_SUCCESS.json") as path:
+            path.write_text(json.dumps(summary, indent=1))
+    files = [_out_name(out, "posterior", p.pid) for p in manifest]
     log.info("posterior: %d rows written to %d files in %s", res.n_used, len(files), out)
     return files

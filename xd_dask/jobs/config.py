@@ -17,6 +17,7 @@ import difflib
 import glob as _glob
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -124,6 +125,60 @@ def _memory(v: Any) -> str | None:
     return None
 
 
+def _chars(pattern: str, allowed: str, what: str, *, empty: bool = True) -> Check:
+    """A string of ``pattern`` (a regex; ``allowed`` describes it) for values that reach
+    generated scripts and manifests unquoted (#SBATCH lines, Kubernetes names)."""
+    rx = re.compile(pattern)
+
+    def check(v: Any) -> str | None:
+        err = _str()(v)
+        if err:
+            return err
+        if (v == "" and empty) or rx.fullmatch(v):
+            return None
+        return f"must be {allowed} ({what}), got {v!r}"
+
+    return check
+
+
+def _text(multiline: bool = False) -> Check:
+    """A string without control characters (a newline is allowed when ``multiline``)."""
+    ok = {"\n", "\t"} if multiline else set()
+
+    def check(v: Any) -> str | None:
+        err = _str()(v)
+        if err:
+            return err
+        bad = [c for c in v if (ord(c) < 32 or ord(c) == 127) and c not in ok]
+        if bad:
+            return f"must not contain control characters (found {bad[0]!r}), got {v!r}"
+        return None
+
+    return check
+
+
+_NAME = _chars(
+    r"[A-Za-z][A-Za-z0-9._-]{0,62}",
+    "a letter, then up to 62 of A-Z a-z 0-9 . _ -",
+    "it names Slurm jobs, files and Kubernetes resources",
+    empty=False,
+)
+_SLURM_WORD = _chars(
+    r"[A-Za-z0-9._,-]+", "made of A-Z a-z 0-9 . _ , -", "it goes into an #SBATCH line"
+)
+_K8S_NAME = _chars(
+    r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?",
+    "a Kubernetes name: a-z 0-9 . - (lower case; starting and ending alphanumeric)",
+    "it goes into the manifests",
+)
+_IMAGE = _chars(
+    r"[A-Za-z0-9][A-Za-z0-9._/:@+-]*", "an image reference", "A-Z a-z 0-9 . _ / : @ + -"
+)
+_ADDRESS = _chars(
+    r"none|[A-Za-z0-9.\[\]:-]*:[0-9]{1,5}", "host:port, :port or 'none'", "a listening address"
+)
+
+
 #: Type and range of every key. The keys must equal those of the packaged defaults (tested).
 SPEC: dict[str, Any] = {
     "catalog": {
@@ -170,7 +225,9 @@ SPEC: dict[str, Any] = {
         "n_workers": _int(0),
         "threads_per_worker": _int(1),
         "memory_limit": _memory,
-        "dashboard_address": _str(),
+        "dashboard_address": _chars(
+            r"[A-Za-z0-9.\[\]:-]*:[0-9]{1,5}", "host:port or :port, or empty", "the dashboard"
+        ),
         "gpu": _bool,
     },
     "output": {
@@ -193,9 +250,9 @@ SPEC: dict[str, Any] = {
         "warm_start": _bool,
     },
     "deploy": {
-        "name": _str(),
-        "image": _str(),
-        "gpu_image": _str(),
+        "name": _NAME,
+        "image": _IMAGE,
+        "gpu_image": _IMAGE,
         "n_workers": _int(0),
         "gpu_workers": _int(0),
         "worker_cores": _int(1),
@@ -203,17 +260,18 @@ SPEC: dict[str, Any] = {
         "scheduler_cores": _int(1),
         "scheduler_memory": _memory,
         "walltime": _walltime,
-        "config_path": _str(),
+        "config_path": _text(),
         "slurm": {
-            "partition": _str(),
-            "gpu_partition": _str(),
-            "account": _str(),
-            "setup": _str(),
+            "partition": _SLURM_WORD,
+            "gpu_partition": _SLURM_WORD,
+            "account": _SLURM_WORD,
+            "setup": _text(multiline=True),
+            "dashboard_address": _ADDRESS,
         },
         "kubernetes": {
-            "namespace": _str(),
-            "volume_claim": _str(),
-            "mount_path": _str(),
+            "namespace": _K8S_NAME,
+            "volume_claim": _K8S_NAME,
+            "mount_path": _text(),
         },
     },
 }

@@ -2,16 +2,19 @@
 
 One run (``xd-dask nightly jobs/nightly.toml``):
 
-1. make ``<store>/<UTC date>/`` (:class:`~xd_dask.jobs.store.ModelStore`);
+1. make ``<store>/<UTC date>/`` and hold its run lock (:class:`~xd_dask.jobs.store.ModelStore`);
 2. warm-start from the model ``latest`` points to when its K and features match the job (else
    k-means, and the report says why);
 3. fit and write the usual outputs into the run directory (:func:`~xd_dask.jobs.runner.run_fit`);
-4. score the new model and the previous ``latest`` on the same held-out rows (a separate
-   catalogue, the ``catalog.holdout_rows`` side of the catalogue, or held-out files);
-5. move ``latest`` to the new run only if the fit succeeded and
-   ``new >= previous - nightly.margin`` (mean log-likelihood per held-out row);
-6. write ``report.json`` (with a ``nightly`` section: status, reason, numbers) and
-   ``training_curve.png``; delete all but the last ``nightly.keep`` runs (never ``latest``).
+4. under the store lock: score the new model and the model ``latest`` points to NOW (another
+   nightly may have moved it since step 2) on the same held-out rows (a separate catalogue, the
+   ``catalog.holdout_rows`` side of the catalogue, or held-out files); move ``latest`` to the new
+   run only if the fit succeeded and ``new >= current - nightly.margin`` (mean log-likelihood
+   per held-out row);
+5. write ``report.json`` (with a ``nightly`` section: status, reason, numbers) and
+   ``training_curve.png``, record the run's final status in ``run.json`` and release it;
+6. prune: keep the last ``nightly.keep`` finished runs, ``latest``, every running run and every
+   run newer than ``latest``.
 
 A failed or rejected run never touches ``latest``; its report says why.
 """
@@ -79,6 +82,50 @@ def _warm_start(cfg: JobConfig, prev: XDModel | None, prev_path: Path | None) ->
     return str(prev_path), f"warm start from {prev_path.parent.name}"
 
 
+def _gate(
+    store: ModelStore,
+    run: Path,
+    new_ll: float,
+    margin: float,
+    score: Callable[[Path], float],
+) -> dict[str, Any]:
+    """Compare the new run with the CURRENT ``latest``, scored now with ``score(model path)``
+    on the new run's held-out rows (call under the store lock)."""
+    current = store.latest_model_path()
+    if current is None:
+        return {"status": PROMOTED, "reason": "first model in the store", "previous": None}
+    name = current.parent.name
+    old_ll = score(current)
+    out: dict[str, Any] = {"previous": name, "previous_heldout_mean_loglike": old_ll}
+    if new_ll >= old_ll - margin:
+        out["status"] = PROMOTED
+        out["reason"] = (
+            f"held-out mean log-likelihood {new_ll:.6f} vs {old_ll:.6f} of latest ({name}) "
+            f"(change {new_ll - old_ll:+.6f}, allowed drop {margin:g})"
+        )
+    else:
+        out["status"] = REJECTED
+        out["reason"] = (
+            f"held-out mean log-likelihood {new_ll:.6f} is worse than the previous model's "
+            f"{old_ll:.6f} (latest = {name}) by {old_ll - new_ll:.6f} > margin {margin:g}; "
+            "latest unchanged"
+        )
+    return out
+
+
+def _write_report(run: Path, report: dict[str, Any], result: NightlyResult) -> None:
+    result["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    write_json(run / "report.json", dict(report, nightly=dict(result)))
+
+
+def _training_curve(run: Path) -> None:
+    history_path = run / "history.json"
+    if history_path.is_file() and not (run / "training_curve.png").is_file():
+        from xd_dask.jobs.plots import training_curve  # noqa: PLC0415
+
+        training_curve(json.loads(history_path.read_text()), run / "training_curve.png")
+
+
 def run_nightly(
     cfg: JobConfig,
     *,
@@ -88,6 +135,10 @@ def run_nightly(
     now: _dt.datetime | None = None,
 ) -> NightlyResult:
     """Run one nightly fit (see the module docstring); never raises for a failed fit.
+
+    Other nightlies may run on the same store at the same time: the gate compares the new model
+    with the model ``latest`` points to when the gate runs (under the store lock, which is held
+    until ``latest`` has moved), and pruning spares running runs (:class:`ModelStore`).
 
     Parameters
     ----------
@@ -121,20 +172,42 @@ def run_nightly(
     prev_path = store.latest_model_path()
     prev = XDModel.load(prev_path) if prev_path is not None else None
     run = store.new_run(now)
+    try:
+        result = _run(cfg, store, run, prev, prev_path, client, progress, on_client)
+        store.finish_run(run, result.status)
+    finally:
+        store.release_run(run)  # a no-op after finish_run; else the run counts as interrupted
+    result["pruned"] = [p.name for p in store.prune(cfg.get("nightly.keep"))]
+    log.info("nightly run %s: %s (%s)", run.name, result["status"], result["reason"])
+    return result
+
+
+def _run(
+    cfg: JobConfig,
+    store: ModelStore,
+    run: Path,
+    prev: XDModel | None,
+    prev_path: Path | None,
+    client: Any,
+    progress: Callable[[dict[str, Any]], None] | None,
+    on_client: Callable[[Any], None] | None,
+) -> NightlyResult:
+    """Fit into ``run``, gate and promote; the result (report.json is written)."""
     init, init_note = _warm_start(cfg, prev, prev_path)
     started = _dt.datetime.now(_dt.timezone.utc)
+    margin = cfg.get("nightly.margin")
     result = NightlyResult(
         run=run.name,
         run_dir=str(run),
         status=FAILED,
         reason="",
         started_utc=started.isoformat(timespec="seconds"),
-        previous=None if prev_path is None else prev_path.parent.name,
+        previous=None,
         warm_start_from=prev_path.parent.name if init == str(prev_path) else None,
         init=init_note,
         heldout_mean_loglike=None,
         previous_heldout_mean_loglike=None,
-        margin=cfg.get("nightly.margin"),
+        margin=margin,
     )
     log.info("nightly run %s: %s", run.name, init_note)
     report: dict[str, Any] = {"status": "failed"}
@@ -148,45 +221,24 @@ def run_nightly(
                 on_client(cl)
             outcome = run_fit(run_cfg, cl, progress=progress, out_dir=run)
             report = outcome.report
-            new_ll = outcome.heldout_mean_loglike
-            result["heldout_mean_loglike"] = new_ll
-            if prev is not None:
-                _, holdout = split_catalog(run_cfg)
-                result["previous_heldout_mean_loglike"] = score_sources(
-                    prev, holdout, run_cfg, cl, split=heldout_split(run_cfg)
+            result["heldout_mean_loglike"] = new_ll = outcome.heldout_mean_loglike
+            _training_curve(run)
+            _, holdout = split_catalog(run_cfg)
+
+            def score(model_path: Path) -> float:
+                return score_sources(
+                    XDModel.load(model_path), holdout, run_cfg, cl, split=heldout_split(run_cfg)
                 ).mean_loglike
+
+            with store.lock():  # held until latest has moved: no other run gates in between
+                result.update(_gate(store, run, new_ll, margin, score))
+                _write_report(run, report, result)
+                if result.status == PROMOTED:
+                    store.promote(run)
     except Exception as exc:  # a failed night is recorded, never raised past the report
-        result["reason"] = f"fit failed: {type(exc).__name__}: {exc}"
+        result.update(status=FAILED, reason=f"fit failed: {type(exc).__name__}: {exc}")
         result["traceback"] = traceback.format_exc(limit=20)
         log.error("nightly run %s failed: %s", run.name, exc)
-    else:
-        new_ll = result["heldout_mean_loglike"]
-        old_ll = result["previous_heldout_mean_loglike"]
-        margin = cfg.get("nightly.margin")
-        if old_ll is None:
-            result["status"], result["reason"] = PROMOTED, "first model in the store"
-        elif new_ll >= old_ll - margin:
-            result["status"] = PROMOTED
-            result["reason"] = (
-                f"held-out mean log-likelihood {new_ll:.6f} vs previous {old_ll:.6f} "
-                f"(change {new_ll - old_ll:+.6f}, allowed drop {margin:g})"
-            )
-        else:
-            result["status"] = REJECTED
-            result["reason"] = (
-                f"held-out mean log-likelihood {new_ll:.6f} is worse than the previous model's "
-                f"{old_ll:.6f} by {old_ll - new_ll:.6f} > margin {margin:g}; latest unchanged"
-            )
-    if result["status"] == PROMOTED:
-        store.promote(run)
-    result["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    report = dict(report, nightly=dict(result))
-    write_json(run / "report.json", report)
-    history_path = run / "history.json"
-    if history_path.is_file() and not (run / "training_curve.png").is_file():
-        from xd_dask.jobs.plots import training_curve  # noqa: PLC0415
-
-        training_curve(json.loads(history_path.read_text()), run / "training_curve.png")
-    result["pruned"] = [p.name for p in store.prune(cfg.get("nightly.keep"))]
-    log.info("nightly run %s: %s (%s)", run.name, result["status"], result["reason"])
+        _write_report(run, report, result)
+        _training_curve(run)
     return result

@@ -5,28 +5,46 @@ configuration (defaults < job file < environment < flags) is embedded verbatim i
 script (a here-document) or the Kubernetes ConfigMap, and the ``[deploy]`` section sizes the
 scheduler and the workers.
 
-- Slurm: one ``sbatch`` script. The batch step starts ``dask scheduler`` with a scheduler file,
-  ``srun`` starts the CPU workers (``dask worker``) and GPU workers (``dask cuda worker
-  --resources GPU=1``; a heterogeneous job when there are both), and the script then runs
-  ``xd-dask fit`` against the scheduler file.
+- Slurm: one ``sbatch`` script for a heterogeneous job. Component 0 (``deploy.scheduler_cores``,
+  ``deploy.scheduler_memory``) runs the batch step: ``dask scheduler`` with a scheduler file and
+  the client (``xd-dask fit``); the workers have their own components, started with ``srun
+  --het-group=N``: CPU workers (``dask worker``) and GPU workers (``dask cuda worker --resources
+  GPU=1``).
 - Kubernetes (dask-kubernetes operator): a ConfigMap holding the job file, a ``DaskJob`` whose
   runner pod runs ``xd-dask fit`` (the operator injects ``DASK_SCHEDULER_ADDRESS``) and whose
   cluster has the CPU worker group, and a ``DaskWorkerGroup`` of GPU workers joined to it.
+
+Safety: values that reach the script unquoted (names, account, partitions, image, walltime) are
+checked against a character set by the configuration (:mod:`xd_dask.jobs.config`); every other
+value is quoted with ``shlex.quote``; no value may hold a control character (a newline cannot
+start a new shell line or end the #SBATCH block). Paths known only at run time (the submit
+directory) reach Python as arguments, never inside Python source. ``deploy.slurm.setup`` is shell
+code by design and is pasted as it is.
+
+Memory: each worker's ``--memory-limit`` is :data:`MEMORY_LIMIT_FRACTION` (90 %) of the memory
+Slurm or Kubernetes grants it, so that Dask spills, pauses and restarts a worker before the
+kernel's OOM killer ends it.
 """
 
 from __future__ import annotations
 
 import math
 import posixpath
+import re
 import shlex
 from typing import Any
 
 from xd_dask.jobs.config import ConfigError, JobConfig
 
-__all__ = ["TARGETS", "render_job", "render_kubernetes", "render_slurm"]
+__all__ = ["MEMORY_LIMIT_FRACTION", "TARGETS", "render_job", "render_kubernetes", "render_slurm"]
 
 TARGETS = ("slurm", "kubernetes")
 _HEREDOC = "XD_DASK_JOB_TOML"
+#: Dask's ``--memory-limit`` as a fraction of the memory the scheduler of the cluster grants.
+MEMORY_LIMIT_FRACTION = 0.9
+#: The runner pod's memory request: a base plus bytes per plotted sample and per shown row,
+#: per feature (measured: ~80 B per sample per feature for the plots at D = 7; 2x margin).
+RUNNER_BASE_MIB, SAMPLE_BYTES, ROW_BYTES = 1024, 160, 32
 
 
 def _bytes(text: str) -> int:
@@ -35,17 +53,41 @@ def _bytes(text: str) -> int:
     return int(parse_bytes(text))
 
 
+def _mib(text: str) -> int:
+    return math.ceil(_bytes(text) / 2**20)
+
+
+def _dask_limit(text: str) -> str:
+    """``--memory-limit`` for a worker granted ``text``: 90 % of it, in MiB."""
+    return f"{math.floor(_mib(text) * MEMORY_LIMIT_FRACTION)}MiB"
+
+
+def _runner_mib(cfg: JobConfig) -> int:
+    """Memory of the fit process (MiB, a multiple of 256): it draws ``plots.n_samples`` model
+    samples and shows ``plots.max_rows`` catalogue rows (see :data:`SAMPLE_BYTES`)."""
+    from xd_dask.jobs.runner import load_schema_checked  # noqa: PLC0415
+
+    d = len(load_schema_checked(cfg.get("catalog.schema")).features)
+    plots = cfg["plots"]
+    extra = d * (SAMPLE_BYTES * plots["n_samples"] + ROW_BYTES * plots["max_rows"]) / 2**20
+    if not cfg.get("output.plots"):
+        extra = 0
+    return 256 * math.ceil((RUNNER_BASE_MIB + extra) / 256)
+
+
 def _provenance(cfg: JobConfig) -> str:
-    """'from FILE' plus the overrides that did not come from the job file."""
+    """'from FILE' plus the overrides that did not come from the job file (one line)."""
     over = [
         f"{k}={cfg.get(k)!r}" for k, src in sorted(cfg.sources.items()) if "job file" not in src
     ]
     text = f"from {cfg.job_file or 'the packaged defaults'}"
-    return text + (f" with {' '.join(over)}" if over else "")
+    text += f" with {' '.join(over)}" if over else ""
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _runtime_config(cfg: JobConfig) -> JobConfig:
     """The config the cluster-side runner reads: the scheduler comes from the deployment."""
+    cfg.validate()  # the character sets of names and the absence of control characters
     dep = cfg["deploy"]
     if dep["n_workers"] + dep["gpu_workers"] < 1:
         raise ConfigError("deploy.n_workers + deploy.gpu_workers must be >= 1 to render a job")
@@ -64,89 +106,107 @@ def _runtime_config(cfg: JobConfig) -> JobConfig:
 
 
 # --------------------------------------------------------------------------- Slurm
+_WAIT_FOR_WORKERS = (
+    "import sys; from distributed import Client; "
+    'c = Client(scheduler_file=sys.argv[1], timeout="120s"); '
+    "c.wait_for_workers(int(sys.argv[2]), timeout=600)"
+)
+
+
+def _sbatch_component(lines: list[str], n: int, cores: int, partition: str) -> None:
+    lines.append(f"#SBATCH --ntasks={n}")
+    lines.append(f"#SBATCH --cpus-per-task={cores}")
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+
+
 def render_slurm(cfg: JobConfig) -> str:
     """An sbatch script that starts a Dask cluster inside the allocation and runs the fit."""
     run_cfg = _runtime_config(cfg)
     dep = cfg["deploy"]
     slurm = dep["slurm"]
     cores = dep["worker_cores"]
-    mem_mb = math.ceil(_bytes(dep["worker_memory"]) / 2**20)
-    mem_per_cpu = math.ceil(mem_mb / cores)
+    mem_per_cpu = math.ceil(_mib(dep["worker_memory"]) / cores)
     comps: list[dict[str, Any]] = []
     if dep["n_workers"] > 0:
         comps.append({"kind": "cpu", "n": dep["n_workers"], "partition": slurm["partition"]})
     if dep["gpu_workers"] > 0:
-        comps.append(
-            {
-                "kind": "gpu",
-                "n": dep["gpu_workers"],
-                "partition": slurm["gpu_partition"] or slurm["partition"],
-            }
-        )
-    het = len(comps) > 1
+        partition = slurm["gpu_partition"] or slurm["partition"]
+        comps.append({"kind": "gpu", "n": dep["gpu_workers"], "partition": partition})
     name = dep["name"]
     lines = [
         "#!/bin/bash",
         f"# Generated by `xd-dask render-job --target slurm` {_provenance(cfg)}.",
         "# Submit with: sbatch <this file>",
+        "# A heterogeneous job: component 0 runs the scheduler and the fit (this script), the",
+        "# others the workers (srun --het-group=N).",
         f"#SBATCH --job-name={name}",
         f"#SBATCH --time={dep['walltime']}",
         f"#SBATCH --output={name}-%j.log",
     ]
     if slurm["account"]:
         lines.append(f"#SBATCH --account={slurm['account']}")
-    for i, comp in enumerate(comps):
-        if i > 0:
-            lines.append("#SBATCH hetjob")
-        lines.append(f"#SBATCH --ntasks={comp['n']}")
-        lines.append(f"#SBATCH --cpus-per-task={cores}")
+    _sbatch_component(lines, 1, dep["scheduler_cores"], slurm["partition"])
+    # component 0 holds the scheduler and the fit process (which draws the plots' samples)
+    lines.append(f"#SBATCH --mem={_mib(dep['scheduler_memory']) + _runner_mib(run_cfg)}M")
+    for comp in comps:
+        lines.append("#SBATCH hetjob")
+        _sbatch_component(lines, comp["n"], cores, comp["partition"])
         lines.append(f"#SBATCH --mem-per-cpu={mem_per_cpu}M")
-        if comp["partition"]:
-            lines.append(f"#SBATCH --partition={comp['partition']}")
         if comp["kind"] == "gpu":
             lines.append("#SBATCH --gpus-per-task=1")
     lines += ["", "set -euo pipefail"]
     if slurm["setup"]:
         lines += ["", "# site set-up (deploy.slurm.setup)", slurm["setup"].rstrip()]
+    toml = run_cfg.to_toml().rstrip()
+    if _HEREDOC in toml.splitlines():  # cannot happen with TOML text; never end the document
+        raise ConfigError(f"the job configuration holds a line {_HEREDOC!r}")
+    if shlex.quote(name) != name:  # the configuration's character set guarantees it
+        raise ConfigError(f"deploy.name {name!r} is not safe in a shell script")
+    dash = slurm["dashboard_address"]
+    dashboard = "--no-dashboard" if dash == "none" else f"--dashboard-address {shlex.quote(dash)}"
     lines += [
         "",
         'RUN_DIR="${SLURM_SUBMIT_DIR:-$PWD}"',
-        'JOB_TOML="$RUN_DIR/' + name + '-${SLURM_JOB_ID}.toml"',
-        'SCHED_FILE="$RUN_DIR/' + name + '-${SLURM_JOB_ID}-scheduler.json"',
+        f'JOB_TOML="$RUN_DIR/{name}-${{SLURM_JOB_ID}}.toml"',
+        f'SCHED_FILE="$RUN_DIR/{name}-${{SLURM_JOB_ID}}-scheduler.json"',
         'LOCAL_DIR="${TMPDIR:-/tmp}/xd-dask-${SLURM_JOB_ID}"',
         "",
         "# The effective job configuration (xd-dask render-job resolved it; edit the job file,",
         "# not this copy).",
         f"cat > \"$JOB_TOML\" <<'{_HEREDOC}'",
-        run_cfg.to_toml().rstrip(),
+        toml,
         _HEREDOC,
         "",
         "cleanup() { kill $(jobs -p) 2>/dev/null || true; }",
         "trap cleanup EXIT",
         "",
-        'dask scheduler --scheduler-file "$SCHED_FILE" --dashboard-address :8787 &',
+        "# The scheduler runs here, in component 0, beside the fit; its dashboard address is",
+        "# deploy.slurm.dashboard_address. The workers' own HTTP servers listen on loopback.",
+        f'dask scheduler --scheduler-file "$SCHED_FILE" {dashboard} &',
         'for _ in $(seq 120); do [ -f "$SCHED_FILE" ] && break; sleep 1; done',
         '[ -f "$SCHED_FILE" ] || { echo "dask scheduler did not start" >&2; exit 1; }',
         "",
     ]
-    for i, comp in enumerate(comps):
-        group = f" --het-group={i}" if het else ""
+    limit = shlex.quote(_dask_limit(dep["worker_memory"]))
+    for group, comp in enumerate(comps, start=1):
         common = (
-            f'--scheduler-file "$SCHED_FILE" --memory-limit {shlex.quote(dep["worker_memory"])} '
-            '--local-directory "$LOCAL_DIR"'
+            f'--scheduler-file "$SCHED_FILE" --memory-limit {limit} '
+            '--local-directory "$LOCAL_DIR" --dashboard-address 127.0.0.1:0'
         )
         if comp["kind"] == "cpu":
             cmd = f"dask worker {common} --nworkers 1 --nthreads {cores}"
         else:
             cmd = f"dask cuda worker {common} --nthreads {cores} --resources GPU=1"
-        lines.append(f"# {comp['n']} {comp['kind'].upper()} worker(s)")
-        lines.append(f"srun{group} --ntasks={comp['n']} --cpus-per-task={cores} {cmd} &")
+        lines.append(f"# {comp['n']} {comp['kind'].upper()} worker(s), memory limit {limit} (90 %)")
+        lines.append(
+            f"srun --het-group={group} --ntasks={comp['n']} --cpus-per-task={cores} {cmd} &"
+        )
     n_total = dep["n_workers"] + dep["gpu_workers"]
     lines += [
         "",
         f"# Run the fit once the {n_total} worker(s) have joined; its exit code is the job's.",
-        f"python -c \"from distributed import Client; c = Client(scheduler_file='$SCHED_FILE'); "
-        f'c.wait_for_workers({n_total}, timeout=600)"',
+        f'python -c {shlex.quote(_WAIT_FOR_WORKERS)} "$SCHED_FILE" {n_total}',
         'xd-dask fit "$JOB_TOML" --scheduler-file "$SCHED_FILE"',
         "",
     ]
@@ -155,7 +215,23 @@ def render_slurm(cfg: JobConfig) -> str:
 
 # --------------------------------------------------------------------------- Kubernetes
 def _k8s_mem(text: str) -> str:
-    return f"{math.ceil(_bytes(text) / 2**20)}Mi"
+    return f"{_mib(text)}Mi"
+
+
+_K8S_JOB_NAME = re.compile(r"[a-z]([a-z0-9-]{0,38}[a-z0-9])?")
+
+
+def _check_kubernetes(cfg: JobConfig) -> None:
+    dep = cfg["deploy"]
+    if not _K8S_JOB_NAME.fullmatch(dep["name"]):
+        raise ConfigError(
+            f"deploy.name must be a Kubernetes name for --target kubernetes: a-z 0-9 -, starting "
+            f"with a letter, at most 40 characters (the operator derives longer names from it), "
+            f"got {dep['name']!r}"
+        )
+    for key in ("deploy.config_path", "deploy.kubernetes.mount_path"):
+        if not posixpath.isabs(cfg.get(key)):
+            raise ConfigError(f"{key} must be an absolute path, got {cfg.get(key)!r}")
 
 
 def _volumes(cfg: JobConfig) -> tuple[list[dict], list[dict]]:
@@ -176,7 +252,7 @@ def _worker_container(cfg: JobConfig, gpu: bool) -> dict[str, Any]:
     args += [
         "--name", "$(DASK_WORKER_NAME)",
         "--nthreads", str(cores),
-        "--memory-limit", dep["worker_memory"],
+        "--memory-limit", _dask_limit(dep["worker_memory"]),
         "--dashboard-address", "8788",
     ]  # fmt: skip
     limits: dict[str, Any] = {"cpu": str(cores), "memory": mem}
@@ -216,12 +292,15 @@ def _yaml_dump_all(docs: list[dict[str, Any]]) -> str:
 def render_kubernetes(cfg: JobConfig) -> str:
     """ConfigMap + DaskJob (+ GPU DaskWorkerGroup) as a multi-document YAML string."""
     run_cfg = _runtime_config(cfg)
+    _check_kubernetes(cfg)
     dep = cfg["deploy"]
     name = dep["name"]
     ns = dep["kubernetes"]["namespace"]
     cfg_dir, cfg_file = posixpath.split(dep["config_path"])
     if not cfg_dir or not cfg_file:
-        raise ConfigError(f"deploy.config_path must be an absolute file path, got {cfg_dir!r}")
+        raise ConfigError(
+            f"deploy.config_path must be an absolute file path, got {dep['config_path']!r}"
+        )
     volumes, mounts = _volumes(cfg)
     config_map = {
         "apiVersion": "v1",
@@ -236,7 +315,8 @@ def render_kubernetes(cfg: JobConfig) -> str:
         # DASK_SCHEDULER_ADDRESS is injected by the operator; xd-dask connects to it.
         "args": ["xd-dask", "fit", dep["config_path"], "--log-format", "json"],
         "volumeMounts": [{"name": "job-config", "mountPath": cfg_dir, "readOnly": True}, *mounts],
-        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}},
+        # plots.n_samples model samples are drawn here (see _runner_mib)
+        "resources": {"requests": {"cpu": "1", "memory": f"{_runner_mib(run_cfg)}Mi"}},
     }
     scheduler_container = {
         "name": "scheduler",
@@ -334,9 +414,20 @@ def render_kubernetes(cfg: JobConfig) -> str:
                 },
             }
         )
+    claim = dep["kubernetes"]["volume_claim"]
+    storage = (
+        f"# The PersistentVolumeClaim {claim!r} is mounted by the runner and every worker pod at\n"
+        "# once, on any node: it must be ReadWriteMany (e.g. NFS, CephFS, a cloud file store).\n"
+        if claim
+        else "# No volume claim (deploy.kubernetes.volume_claim): catalog.path and output.dir\n"
+        "# must be object-store URLs every pod can reach, or the outputs are lost with the pods.\n"
+    )
     header = (
         f"# Generated by `xd-dask render-job --target kubernetes` {_provenance(cfg)}.\n"
         "# Apply with: kubectl apply -f <this file> (needs the dask-kubernetes operator)\n"
+        + storage
+        + f"# Workers: --memory-limit {_dask_limit(dep['worker_memory'])} = 90 % of their "
+        f"{_k8s_mem(dep['worker_memory'])} limit.\n"
     )
     return header + _yaml_dump_all(docs)
 

@@ -352,6 +352,10 @@ def run_fit(
 ) -> FitOutcome:
     """Run the job's fit on ``client`` and write its outputs (see the module docstring).
 
+    The output directory is locked for the whole run (:func:`xd_dask.locks.output_lock`: a
+    second fit or resume into it raises LockError naming this one); temporaries left there by
+    an interrupted run are removed first.
+
     Parameters
     ----------
     cfg : validated job configuration.
@@ -361,10 +365,26 @@ def run_fit(
     resume : continue from ``<out_dir>/checkpoints`` instead of starting a new fit.
     plots : write plots (default ``output.plots``).
     """
-    from xd_dask.distributed import fit_catalog, resume_fit  # noqa: PLC0415
+    from xd_dask.locks import output_lock  # noqa: PLC0415
+    from xd_dask.utils import remove_stale_temporaries  # noqa: PLC0415
 
     out = Path(out_dir if out_dir is not None else cfg.get("output.dir"))
-    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        for directory in (out, out / CHECKPOINT_DIR):
+            remove_stale_temporaries(directory)
+        return _run_fit(cfg, client, out, progress, resume, plots)
+
+
+def _run_fit(
+    cfg: JobConfig,
+    client: Any,
+    out: Path,
+    progress: ProgressCallback | None,
+    resume: bool,
+    plots: bool | None,
+) -> FitOutcome:
+    from xd_dask.distributed import fit_catalog, resume_fit  # noqa: PLC0415
+
     schema = load_schema_checked(cfg.get("catalog.schema"))
     train, holdout = split_catalog(cfg)
     ckpt = out / CHECKPOINT_DIR if (cfg.get("output.checkpoint") or resume) else None

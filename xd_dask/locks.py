@@ -1,0 +1,155 @@
+"""Advisory file locks: one writer per output directory, per model store and per nightly run.
+
+A lock is ``fcntl.flock`` on a small lock file. The kernel releases it when the holding process
+ends, however it ends (a crash or ``kill -9`` never leaves a stale lock), and the file itself stays
+behind harmlessly. After taking a lock the holder writes one JSON line into the file (pid, host,
+command, start time) so that a refused second process can say who holds it.
+
+The directories must be on a file system where ``flock`` works between all the processes that can
+write there: local file systems; NFS (Linux emulates ``flock`` with NFS byte-range locks, which
+work across clients); Lustre only when mounted with ``-o flock``; many FUSE file systems ignore
+locks. On a file system without working locks, two writers are not detected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["OUTPUT_LOCK", "FileLock", "LockError", "is_locked", "output_lock"]
+
+#: Name of the lock file inside an output directory (``fit``, ``resume``).
+OUTPUT_LOCK = ".xd-dask.lock"
+
+
+class LockError(RuntimeError):
+    """The lock is held by another process (the message names the holder)."""
+
+
+def _holder_text(path: Path) -> str:
+    """'pid 123 on host h (xd-dask fit ..., since ...)' from a lock file, or a placeholder."""
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not isinstance(info, dict) or "pid" not in info:
+        return "another process"
+    text = f"pid {info.get('pid')} on host {info.get('host')}"
+    extra = [str(info[k]) for k in ("command", "since") if info.get(k)]
+    return text + (f" ({', since '.join(extra)})" if extra else "")
+
+
+class FileLock:
+    """An exclusive ``flock`` on ``path`` (created when missing).
+
+    Parameters
+    ----------
+    path : the lock file.
+    what : what the lock protects, for messages ("output directory out/k16").
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str | None = None) -> None:
+        self.path = Path(path)
+        self.what = what or str(self.path)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, timeout: float | None = 0.0) -> FileLock:
+        """Take the lock: ``timeout=0`` fails at once, None waits as long as it takes.
+
+        Raises
+        ------
+        LockError
+            Another process holds it (after ``timeout`` seconds), naming that process.
+        """
+        if self._fd is not None:
+            raise RuntimeError(f"{self.path} is already locked by this object")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if timeout is None else fcntl.LOCK_NB))
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        msg = f"cannot lock (does this file system support flock?): {exc.strerror}"
+                        raise OSError(exc.errno, msg, str(self.path)) from None
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise LockError(
+                            f"{self.what} is in use by {_holder_text(self.path)} "
+                            f"(lock file {self.path}); wait for it to finish or choose another"
+                        ) from None
+                    time.sleep(0.05)
+            info = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv)),
+                "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            }
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Give the lock up (the lock file stays; it is reused by the next holder)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # closing the descriptor releases the flock
+
+    def __enter__(self) -> FileLock:
+        if self._fd is None:
+            self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def is_locked(path: str | os.PathLike) -> bool:
+    """True when some process (this one included, through another descriptor) holds ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    finally:
+        os.close(fd)
+    return False
+
+
+@contextlib.contextmanager
+def output_lock(directory: str | os.PathLike) -> Iterator[FileLock]:
+    """Hold ``<directory>/.xd-dask.lock`` for the duration (creates the directory).
+
+    Raises LockError naming the holder when another process writes into ``directory``.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with FileLock(directory / OUTPUT_LOCK, f"output directory {directory}") as lock:
+        yield lock
