@@ -409,7 +409,11 @@ def fit_catalog(
             "or choose another checkpoint_dir"
         )
     schema = resolve_schema(config.schema)
-    manifest = build_manifest(config.catalog, max_rows_per_partition=config.max_rows_per_partition)
+    manifest = build_manifest(
+        config.catalog,
+        max_rows_per_partition=config.max_rows_per_partition,
+        id_column=schema.id_column,
+    )
     fit = _Fit(config, client, manifest, schema, progress_callback)
     with _observed(client, config.performance_report):
         log.info(
@@ -438,9 +442,13 @@ def resume_fit(
     cfg_dict = dict(cfg_dict, checkpoint_dir=str(checkpoint_dir))
     config = FitConfig.from_dict(cfg_dict)
     manifest = Manifest.from_dict(manifest_dict)
-    current = build_manifest(config.catalog, max_rows_per_partition=config.max_rows_per_partition)
-    check_unchanged(manifest, current, f"the checkpoint in {checkpoint_dir}")
     schema = resolve_schema(config.schema)
+    current = build_manifest(
+        config.catalog,
+        max_rows_per_partition=config.max_rows_per_partition,
+        id_column=schema.id_column,
+    )
+    check_unchanged(manifest, current, f"the checkpoint in {checkpoint_dir}")
     fit = _Fit(config, client, manifest, schema, progress_callback)
     fit.restore(state)
     with _observed(client, config.performance_report):
