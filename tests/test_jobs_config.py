@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from xd_dask.config import defaults_toml, job_keys
+from xd_dask.config import defaults_toml, job_keys, markdown_table
 from xd_dask.jobs.config import (
     ConfigError,
     _flatten,
@@ -38,6 +38,13 @@ def test_packaged_job_toml_is_generated_from_the_key_table():
     assert parsed == {k.name: k.default for k in job_keys()} == _flatten(load_defaults())
     cfg = load_config(environ={})
     assert cfg.get("fit.n_components") == 16 and cfg.sources == {}
+
+
+def test_readme_fit_keys_table_is_the_key_table():
+    readme = (REPO / "README.md").read_text()
+    assert markdown_table("fit") in readme, "python -m xd_dask.config --markdown fit"
+    for name in ("background", "background_weight", "max_ll_drop"):  # the robust-EM keys
+        assert f"| `{name}` |" in readme
 
 
 def test_precedence_cli_over_env_over_file_over_defaults(tmp_path):

@@ -10,7 +10,9 @@ Everything else is derived from the table:
 - the checks of job files, environment variables and flags (:mod:`xd_dask.jobs.config`);
 - the fields, defaults and checks of :class:`xd_dask.distributed.FitConfig` (every ``fit.*`` key
   is a field of the same name; keys of other sections name their field with ``fit=``);
-- the command-line options (:mod:`xd_dask.cli.app`: keys with a ``flag``).
+- the command-line options (:mod:`xd_dask.cli.app`: keys with a ``flag``);
+- the README's table of [fit] keys (:func:`markdown_table`; ``python -m xd_dask.config
+  --markdown fit``).
 
 Adding a key is one :class:`Key` entry in its section below (then regenerate job.toml). A value
 equal to a key's ``unset`` (``0``, ``0.0`` or ``""``: TOML has no null) means "not set /
@@ -41,6 +43,7 @@ __all__ = [
     "defaults_toml",
     "fit_keys",
     "key",
+    "markdown_table",
     "nest",
 ]
 
@@ -318,15 +321,17 @@ KEYS: tuple[Key, ...] = (
     K("fit.backend", "auto", "kernel backend", choices=("auto", "numba", "reference")),
     K("fit.dtype", "float64", "row precision on the workers (statistics are summed in float64)",
       choices=("float64", "float32")),
-    K("fit.background", False, "add a uniform background (outlier) component",
-      doc="over the padded bounding box of the k-means sample; its weight is fitted, so a few\n"
-      "absurd rows are absorbed instead of taking a component of their own"),
+    K("fit.background", False,
+      "add a uniform background (outlier) component over the padded bounding box of the "
+      "k-means sample",
+      doc="its weight is fitted, so a few absurd rows are absorbed instead of taking a "
+      "component of their own"),
     K("fit.background_weight", 0.001, "the background's starting weight",
       lo=0.0, hi=0.5, lo_open=True),
     K("fit.max_ll_drop", 0.1,
-      "batch EM: a larger fall of the mean log-likelihood per row in one iteration",
-      lo=0.0, lo_open=True,
-      doc="rolls back and stops, naming the rows (robust EM)"),
+      "batch EM: a larger fall of the mean log-likelihood per row (nats) in one iteration "
+      "rolls back and stops, naming the rows (robust EM)",
+      lo=0.0, lo_open=True),
     K("fit.kmeans_iter", 10, "k-means passes", lo=1, job=False),
     K("fit.kmeans_tol", 1e-4, "k-means centre-shift tolerance (standardised units)", lo=0.0,
       job=False),
@@ -590,5 +595,22 @@ def defaults_toml() -> str:
     return "\n".join(out) + "\n"
 
 
-if __name__ == "__main__":  # python -m xd_dask.config > xd_dask/defaults/job.toml
-    sys.stdout.write(defaults_toml())
+def markdown_table(section: str) -> str:
+    """The keys of ``section`` as a Markdown table (key, default, allowed values, flag, meaning),
+    as the README shows them."""
+    rows = ["| key | default | allowed | flag | meaning |", "|---|---|---|---|---|"]
+    for k in job_keys():
+        if k.section != section:
+            continue
+        allowed = k.allowed() if k.type in (int, float) or k.choices else ""
+        flag = f"`{k.flag}`" if k.flag else ""
+        text = k.help + (f"; {' '.join(k.doc.split())}" if k.doc else "")
+        rows.append(f"| `{k.leaf}` | `{_toml_value(k.default)}` | {allowed} | {flag} | {text} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m xd_dask.config [--markdown SECTION]
+    if sys.argv[1:2] == ["--markdown"]:
+        sys.stdout.write(markdown_table(sys.argv[2]))
+    else:  # > xd_dask/defaults/job.toml
+        sys.stdout.write(defaults_toml())
