@@ -42,7 +42,7 @@ def test_packaged_job_toml_is_generated_from_the_key_table():
 
 def test_readme_fit_keys_table_is_the_key_table():
     readme = (REPO / "README.md").read_text()
-    assert markdown_table("fit") in readme, "python -m xd_dask.config --markdown fit"
+    assert markdown_table("fit") in readme, "python -m xd_dask.config --write README.md"
     for name in ("background", "background_weight", "max_ll_drop"):  # the robust-EM keys
         assert f"| `{name}` |" in readme
 

@@ -14,7 +14,9 @@ Everything else is derived from the table:
 - the README's table of [fit] keys (:func:`markdown_table`; ``python -m xd_dask.config
   --markdown fit``).
 
-Adding a key is one :class:`Key` entry in its section below (then regenerate job.toml). A value
+Adding a key is one :class:`Key` entry in its section below; then ``python -m xd_dask.config
+--write README.md`` regenerates job.toml and the README's [fit] table (tests check both, and
+the shipped deploy examples, which embed the defaults: ``xd-dask render-job``). A value
 equal to a key's ``unset`` (``0``, ``0.0`` or ``""``: TOML has no null) means "not set /
 automatic"; FitConfig sees None for it. Keys with ``job=False`` are FitConfig fields that a job
 file cannot set (engine settings with a fixed default).
@@ -609,8 +611,34 @@ def markdown_table(section: str) -> str:
     return "\n".join(rows) + "\n"
 
 
-if __name__ == "__main__":  # python -m xd_dask.config [--markdown SECTION]
+def write_generated(readme: str | None = None) -> list[str]:
+    """Rewrite the files generated from the table: ``xd_dask/defaults/job.toml`` and, when
+    ``readme`` (README.md of a source checkout) is given, its table of [fit] keys."""
+    from pathlib import Path  # noqa: PLC0415
+
+    job = Path(__file__).parent / "defaults" / "job.toml"
+    job.write_text(defaults_toml(), encoding="utf-8")
+    written = [str(job)]
+    if readme:
+        lines = Path(readme).read_text(encoding="utf-8").splitlines(keepends=True)
+        head = markdown_table("fit").splitlines(keepends=True)[0]
+        start = lines.index(head)
+        end = start
+        while end < len(lines) and lines[end].startswith("|"):
+            end += 1
+        lines[start:end] = markdown_table("fit").splitlines(keepends=True)
+        Path(readme).write_text("".join(lines), encoding="utf-8")
+        written.append(str(readme))
+    return written
+
+
+if __name__ == "__main__":
+    # python -m xd_dask.config                    job.toml's text on stdout
+    # python -m xd_dask.config --markdown fit     a section's keys as a Markdown table
+    # python -m xd_dask.config --write README.md  rewrite job.toml and README's [fit] table
     if sys.argv[1:2] == ["--markdown"]:
         sys.stdout.write(markdown_table(sys.argv[2]))
-    else:  # > xd_dask/defaults/job.toml
+    elif sys.argv[1:2] == ["--write"]:
+        print("\n".join(write_generated(sys.argv[2] if len(sys.argv) > 2 else None)))
+    else:
         sys.stdout.write(defaults_toml())
