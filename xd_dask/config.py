@@ -304,8 +304,8 @@ KEYS: tuple[Key, ...] = (
     K("fit.tol", 1e-4,
       "batch EM: converged when the mean log-likelihood per row changes by less (nats)",
       lo=0.0, flag="--tol",
-      doc="0 = always max_iter iterations; a fit that stops at max_iter first says how far "
-      "from\nconverged it is (its last change against tol)"),
+      doc="0 = always max_iter iterations; a fit stopped by max_iter says how far from "
+      "converged it is (its last change against tol)"),
     K("fit.epochs", 1, "online EM: passes over the catalogue", lo=1, flag="--epochs"),
     K("fit.wave_size", 0, "online EM: partitions per wave; 0 = two per worker thread",
       lo=0, unset=0, flag="--wave-size"),
