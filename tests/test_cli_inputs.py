@@ -214,3 +214,13 @@ def test_holdout_unlike_the_catalogue_is_named(cluster, tmp_path, synthetic_hold
         cluster.scheduler_address,
     )
     assert res.exit_code == 2 and "catalog.holdout" in res.output and "missing" in res.output
+
+
+def test_catalog_override_with_the_job_files_own_catalogue_keeps_its_holdout(
+    cluster, tmp_path, synthetic_holdout
+):
+    job = tmp_path / "job.toml"
+    job.write_text(f'[catalog]\npath = "{GAIA_CONE}"\nholdout = "{synthetic_holdout}"\n')
+    output, report, _ = _fit(tmp_path, cluster, job, "--catalog", GAIA_CONE)
+    assert "Warning: --catalog replaces" not in output
+    assert report["heldout_rows"] == 600

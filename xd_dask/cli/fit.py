@@ -28,7 +28,7 @@ def catalogue_override(cfg: Any) -> Any:
     if not (from_cli and cfg.catalog.holdout):
         return cfg
     held_from = cfg.source("catalog.holdout")
-    if held_from.startswith("command line"):
+    if held_from.startswith("command line") or _same_as_job_files(cfg):
         return cfg
     warn(
         f"--catalog replaces the catalogue, so the held-out catalogue {cfg.catalog.holdout!r} "
@@ -36,6 +36,16 @@ def catalogue_override(cfg: Any) -> Any:
         "sample of the new catalogue) or --holdout-rows FRACTION for a held-out score"
     )
     return cfg.replace({"catalog.holdout": ""}, source="command line --catalog")
+
+
+def _same_as_job_files(cfg: Any) -> bool:
+    """True when --catalog names the catalogue the job file names anyway."""
+    from xd_dask.jobs.config import read_job_file  # noqa: PLC0415
+
+    if cfg.job_file is None:
+        return False
+    own = read_job_file(cfg.job_file).get("catalog.path")
+    return bool(own) and Path(own).resolve() == Path(cfg.catalog.path).resolve()
 
 
 def _schema_features(cfg: Any) -> int:

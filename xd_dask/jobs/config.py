@@ -39,6 +39,7 @@ __all__ = [
     "load_config",
     "load_defaults",
     "parse_assignment",
+    "read_job_file",
 ]
 
 ENV_PREFIX = "XD_DASK_"
@@ -250,7 +251,8 @@ class JobConfig:
         return {k: v for k, v in _flatten(self.data).items() if base.get(k) != v}
 
 
-def _read_job_file(path: Path) -> dict[str, Any]:
+def read_job_file(path: Path) -> dict[str, Any]:
+    """A job file's keys and values, flat ({dotted key: value}), unchecked."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -290,7 +292,7 @@ def load_config(
     layers: list[tuple[dict[str, Any], Any]] = []
     if job_file is not None:
         path = Path(job_file)
-        flat = _read_job_file(path)
+        flat = read_job_file(path)
         _check_names(flat, str(path))
         layers.append((flat, f"job file {path}"))
     layers.append((env_overrides(environ), env_source))
