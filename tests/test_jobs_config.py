@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 
 import pytest
 import tomllib
 
+from xd_dask.config import defaults_toml, job_keys, markdown_table
 from xd_dask.jobs.config import (
-    SPEC,
     ConfigError,
     _flatten,
     env_overrides,
@@ -27,11 +28,23 @@ def _write(tmp_path: Path, text: str, name: str = "job.toml") -> Path:
     return p
 
 
-def test_defaults_document_exactly_the_spec_keys():
-    # every key has a documented default and a check, and nothing else
-    assert set(_flatten(load_defaults())) == set(_flatten(SPEC))
+def test_packaged_job_toml_is_generated_from_the_key_table():
+    # job.toml documents exactly the table's job keys with their defaults, and is current
+    text = (resources.files("xd_dask") / "defaults" / "job.toml").read_text()
+    assert text == defaults_toml(), (
+        "regenerate: python -m xd_dask.config > xd_dask/defaults/job.toml"
+    )
+    parsed = _flatten(tomllib.loads(text))
+    assert parsed == {k.name: k.default for k in job_keys()} == _flatten(load_defaults())
     cfg = load_config(environ={})
     assert cfg.get("fit.n_components") == 16 and cfg.sources == {}
+
+
+def test_readme_fit_keys_table_is_the_key_table():
+    readme = (REPO / "README.md").read_text()
+    assert markdown_table("fit") in readme, "python -m xd_dask.config --write README.md"
+    for name in ("background", "background_weight", "max_ll_drop"):  # the robust-EM keys
+        assert f"| `{name}` |" in readme
 
 
 def test_precedence_cli_over_env_over_file_over_defaults(tmp_path):
@@ -85,17 +98,18 @@ def test_unknown_keys_are_errors_naming_key_and_source(tmp_path):
         ("fit.n_components", -3, "fit.n_components must be >= 1, got -3"),
         ("fit.n_components", 2.5, "fit.n_components must be an integer"),
         ("fit.method", "sgd", "fit.method must be one of 'em', 'online'"),
-        ("fit.step.kappa", 0.4, "fit.step.kappa must be > 0.5"),
+        ("fit.step.kappa", 0.4, "fit.step.kappa must be > 0.5 (number in (0.5, 1]), got 0.4"),
         ("fit.tol", float("nan"), "fit.tol must be a finite number"),
         ("cluster.gpu", "yes", "cluster.gpu must be true or false"),
         ("deploy.walltime", "4h", "deploy.walltime must be HH:MM:SS"),
         ("deploy.worker_memory", "lots", "deploy.worker_memory must be a memory size"),
         ("plots.features", "bp_rp", "plots.features must be a list of names"),
         ("catalog.holdout_fraction", 1.5, "catalog.holdout_fraction must be <= 0.9"),
+        ("catalog.holdout_rows", 0.6, "catalog.holdout_rows must be <= 0.5 (number in [0, 0.5])"),
     ],
 )
 def test_bad_values_name_the_key(key, value, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as info:
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
         load_config(overrides={key: value}, environ={})
     assert "command line" in str(info.value)
 

@@ -1,8 +1,16 @@
-"""XDGMM: a scikit-learn-style Extreme Deconvolution estimator for in-memory arrays.
+"""XDGMM: a scikit-learn Extreme Deconvolution estimator for in-memory arrays.
 
 The estimator only wires the pieces: the fitting loop of :mod:`xd_dask.optim` (the same loop the
 distributed fit runs) with batch EM (:class:`xd_dask.optim.BatchEM`) on in-memory statistics
 (:class:`xd_dask.optim.ArrayStatistics`), initialised by k-means (:mod:`xd_dask.optim.init`).
+
+It is a scikit-learn estimator (``clone``, ``get_params`` / ``set_params``, model selection).
+Every row has its own noise covariance, so X and X_cov must be split together: :func:`pack`
+stacks them into one (n, D + 1, D) array that scikit-learn's splitters index by row, and every
+method that takes ``(X, X_cov)`` also takes the packed array alone::
+
+    Z = pack(X, X_cov)
+    GridSearchCV(XDGMM(), {"n_components": [2, 4, 8]}, cv=3).fit(Z)  # scored by XDGMM.score
 """
 
 from __future__ import annotations
@@ -11,7 +19,10 @@ import logging
 from typing import Any
 
 import numpy as np
+from sklearn.base import BaseEstimator, DensityMixin
+from sklearn.utils.validation import check_is_fitted
 
+from xd_dask.config import key
 from xd_dask.kernels import Background
 from xd_dask.model import XDModel
 from xd_dask.optim import (
@@ -32,19 +43,62 @@ __all__ = [
     "ConvergenceWarning",
     "impute_column_means",
     "kmeans_init",
+    "pack",
     "params_from_labels",
+    "unpack",
 ]
 
 
-class XDGMM:
+def pack(X: Any, X_cov: Any) -> np.ndarray:
+    """Rows and their noise covariances as one array that row indexing keeps together.
+
+    Parameters
+    ----------
+    X : (n, D) values, NaN = missing.  X_cov : (n, D, D) noise covariances.
+
+    Returns
+    -------
+    (n, D + 1, D) array: ``[:, 0, :]`` is X, ``[:, 1:, :]`` is X_cov (:func:`unpack`).
+    """
+    X = np.asarray(X, dtype=np.float64)
+    X_cov = np.asarray(X_cov, dtype=np.float64)
+    if X.ndim != 2 or X_cov.shape != (X.shape[0], X.shape[1], X.shape[1]):
+        raise ValueError(f"pack needs X (n, D) and X_cov (n, D, D), got {X.shape}, {X_cov.shape}")
+    return np.concatenate([X[:, None, :], X_cov], axis=1)
+
+
+def unpack(Z: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(X (n, D), X_cov (n, D, D)) from an array made by :func:`pack`."""
+    Z = np.asarray(Z)
+    if Z.ndim != 3 or Z.shape[1] != Z.shape[2] + 1:
+        raise ValueError(f"a packed array has shape (n, D + 1, D), got {Z.shape}")
+    return Z[:, 0, :], Z[:, 1:, :]
+
+
+def _rows(X: Any, X_cov: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(X, X_cov) from the two arrays, or from a packed array (X_cov None)."""
+    if X_cov is None:
+        Z = np.asarray(X)
+        if Z.ndim == 3:
+            return unpack(Z)
+        raise ValueError(
+            "X_cov is required: pass fit(X, X_cov), or one packed array pack(X, X_cov) (shape "
+            "(n, D + 1, D); what scikit-learn model selection needs)"
+        )
+    return np.asarray(X), np.asarray(X_cov)
+
+
+class XDGMM(DensityMixin, BaseEstimator):
     """Extreme Deconvolution Gaussian mixture (Bovy, Hogg & Roweis 2011) for in-memory data.
 
     Parameters
     ----------
     n_components : int
-    max_iter : int, maximum number of EM iterations.
-    tol : float, convergence threshold on the change of the MEAN log-likelihood per row
-        (0: run exactly ``max_iter`` iterations, without a ConvergenceWarning).
+    max_iter : int, maximum number of EM iterations (default: the job default ``fit.max_iter``).
+    tol : float, convergence threshold on the change of the MEAN log-likelihood per row, nats
+        (default ``fit.tol``; 0: run exactly ``max_iter`` iterations, without a
+        ConvergenceWarning). The defaults converge on the real Gaia and Hipparcos samples
+        (benchmarks/convergence.py).
     reg_covar : float, regularisation added to every covariance (see :mod:`xd_dask.em`).
     reg_form : "add" (default) or "bovy_w".
     init : "kmeans" or an :class:`XDModel` to start from.
@@ -60,6 +114,10 @@ class XDGMM:
         row); a larger one rolls back and raises :class:`xd_dask.optim.FitDivergedError` naming
         the rows (:mod:`xd_dask.optim.robust`).
 
+    Every method taking ``(X, X_cov)`` also takes one array made by :func:`pack` (X_cov omitted),
+    which is what scikit-learn's model selection passes (``GridSearchCV(...).fit(pack(X, S))``
+    scores each candidate by :meth:`score`, the mean log-likelihood per held-out row).
+
     Attributes
     ----------
     weights_ (K,), means_ (K, D), covariances_ (K, D, D), background_ (Background or None),
@@ -73,8 +131,8 @@ class XDGMM:
         self,
         n_components: int = 1,
         *,
-        max_iter: int = 100,
-        tol: float = 1e-6,
+        max_iter: int = key("fit.max_iter").default,
+        tol: float = key("fit.tol").default,
         reg_covar: float = 1e-6,
         reg_form: str = "add",
         init: str | XDModel = "kmeans",
@@ -138,18 +196,18 @@ class XDGMM:
             m, V, _ = confine(m, V, bg)
         return Mixture(w * (1.0 - bg.weight), m, V, bg)
 
-    def fit(self, X: Any, X_cov: Any, weights: Any = None, R: Any = None) -> XDGMM:
+    def fit(self, X: Any, X_cov: Any = None, weights: Any = None, R: Any = None) -> XDGMM:
         """Fit by batch EM.
 
         Parameters
         ----------
-        X : (n, d), NaN marks a missing field.  X_cov : (n, d, d).  weights : (n,) row weights.
+        X : (n, d), NaN marks a missing field; or (n, d + 1, d) from :func:`pack` (X_cov None).
+        X_cov : (n, d, d).  weights : (n,) row weights.
         R : (n, d, D) projection matrices, optional (d = D without). With projections the
             initialisation must be an XDModel (k-means cannot run on projected rows), and a
             background needs an explicit :class:`Background` in the D-space.
         """
-        X = np.asarray(X)
-        X_cov = np.asarray(X_cov)
+        X, X_cov = _rows(X, X_cov)
         if X.ndim != 2:
             raise ValueError(f"X must be 2-d (n_rows, n_features), got shape {X.shape}")
         self._check_params(X)
@@ -191,29 +249,35 @@ class XDGMM:
 
     # ----------------------------------------------------------------- using
     def _model(self) -> XDModel:
-        if not hasattr(self, "model_"):
-            raise AttributeError("this XDGMM is not fitted yet; call fit(X, X_cov) first")
+        """The fitted model (sklearn's NotFittedError, an AttributeError, before fit)."""
+        check_is_fitted(self, "model_", msg="this XDGMM is not fitted yet; call fit(X, X_cov)")
         return self.model_
 
-    def score_samples(self, X: Any, X_cov: Any) -> np.ndarray:
+    def score_samples(self, X: Any, X_cov: Any = None) -> np.ndarray:
         """(n,) log-likelihood of each noisy row under the fitted mixture (background included)."""
-        return np.asarray(self._model().log_density(X, X_cov, backend=self.backend))
+        model = self._model()
+        X, X_cov = _rows(X, X_cov)
+        return np.asarray(model.log_density(X, X_cov, backend=self.backend))
 
-    def score(self, X: Any, X_cov: Any, weights: Any = None) -> float:
-        """Mean log-likelihood per row (weighted by ``weights`` when given)."""
+    def score(self, X: Any, X_cov: Any = None, weights: Any = None) -> float:
+        """Mean log-likelihood per row (weighted by ``weights`` when given); higher is better,
+        so it is what model selection maximises."""
         return float(np.average(self.score_samples(X, X_cov), weights=weights))
 
-    def predict_proba(self, X: Any, X_cov: Any) -> np.ndarray:
+    def predict_proba(self, X: Any, X_cov: Any = None) -> np.ndarray:
         """(n, K) responsibilities (rows sum to 1 - the background's responsibility)."""
-        return np.asarray(self._model().responsibilities(X, X_cov, backend=self.backend))
+        model = self._model()
+        X, X_cov = _rows(X, X_cov)
+        return np.asarray(model.responsibilities(X, X_cov, backend=self.backend))
 
-    def predict(self, X: Any, X_cov: Any) -> np.ndarray:
+    def predict(self, X: Any, X_cov: Any = None) -> np.ndarray:
         """(n,) most probable Gaussian component."""
         return np.argmax(self.predict_proba(X, X_cov), axis=1)
 
-    def posterior(self, X: Any, X_cov: Any):
+    def posterior(self, X: Any, X_cov: Any = None):
         """Deconvolved posterior mean (n, D) and covariance (n, D, D) of each row's true value."""
-        return self._model().posterior(X, X_cov)
+        model = self._model()
+        return model.posterior(*_rows(X, X_cov))
 
     def sample(self, n_samples: int = 1, X_cov: Any = None, random_state: Any = None):
         """Draw (v (n, D), labels (n,)) from the fitted mixture, with noise N(0, S_i) if X_cov."""

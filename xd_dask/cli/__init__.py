@@ -1,21 +1,19 @@
-"""The ``xd-dask`` command-line tool.
+"""The ``xd-dask`` command-line tool, one module per command group:
 
-Command modules register their sub-commands on :data:`main` when imported below.
+- :mod:`.app`: the ``main`` group, the one error handler and exit codes, options made from the
+  configuration's key table;
+- :mod:`.fit`: fit, resume, demo;  :mod:`.model`: score, posterior, sample, info, plot;
+- :mod:`.ops`: nightly, render-job;  :mod:`.catalog`: make-catalog, ingest, schema init;
+- :mod:`.progress`: progress bars, summary tables, JSON events.
 """
 
 from __future__ import annotations
 
-import click
-
-from xd_dask import __version__
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="xd-dask")
-def main() -> None:
-    """Extreme Deconvolution Gaussian mixtures for partitioned catalogues on Dask."""
-
-
-# Sub-command modules (imported for their side effect of registering commands on ``main``).
-from xd_dask.cli import catalog as _catalog  # noqa: E402,F401
+# Command modules register their commands on ``main`` when imported.
+from xd_dask.cli import catalog as _catalog  # noqa: E402,F401,I001
 from xd_dask.cli import fit as _fit  # noqa: E402,F401
+from xd_dask.cli import model as _model  # noqa: E402,F401
+from xd_dask.cli import ops as _ops  # noqa: E402,F401
+from xd_dask.cli.app import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "main"]

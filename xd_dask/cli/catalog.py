@@ -1,56 +1,20 @@
-"""Catalogue commands: make-catalog, ingest, schema init (registered on xd_dask.cli.main).
+"""Catalogue commands: make-catalog, ingest, schema init.
 
-Exit codes: 0 success; 2 usage or configuration error (bad option value, malformed schema,
-output already present without --overwrite); 1 the conversion or generation failed (unreadable
-or truncated input, missing column, I/O error). Failures print one line ``Error: ...`` on stderr
-(``-v`` also shows progress, ``-vv`` the traceback).
+Exit codes (:mod:`xd_dask.cli.app`): 0 success; 2 usage or configuration error (bad option
+value, malformed schema, output already present without --overwrite); 1 the conversion or
+generation failed (unreadable or truncated input, missing column, I/O error). Failures print one
+line ``Error: ...`` on stderr (``-v`` shows progress and the traceback).
 """
 
 from __future__ import annotations
 
-import logging
-import sys
 import time
-import traceback
 from pathlib import Path
 
 import click
 
-from xd_dask.cli import main
+from xd_dask.cli.app import command, main
 
-EXIT_FAILURE, EXIT_USAGE = 1, 2
-
-
-def _logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO
-    pkg = logging.getLogger("xd_dask")
-    if not any(getattr(h, "_xd_dask_catalog", False) for h in pkg.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-        handler._xd_dask_catalog = True  # type: ignore[attr-defined]
-        pkg.addHandler(handler)
-    pkg.setLevel(level)
-
-
-def _restore_logging() -> None:
-    pkg = logging.getLogger("xd_dask")
-    for h in list(pkg.handlers):
-        if getattr(h, "_xd_dask_catalog", False):
-            pkg.removeHandler(h)
-    pkg.setLevel(logging.NOTSET)
-
-
-def _fail(exc: BaseException, code: int, verbose: int) -> None:
-    if verbose >= 2:
-        traceback.print_exc()
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    click.echo(f"Error: {message}", err=True)
-    sys.exit(code)
-
-
-_verbose = click.option(
-    "-v", "--verbose", count=True, help="-v: progress messages; -vv: also tracebacks on errors."
-)
 _overwrite = click.option(
     "--overwrite", is_flag=True, help="Replace outputs that already exist (default: refuse)."
 )
@@ -70,7 +34,7 @@ _compression = click.option(
 )
 
 
-@main.command("make-catalog")
+@command("make-catalog", usage=(ValueError,))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--rows", "-n", type=click.IntRange(min=1), required=True, help="Number of rows.")
 @click.option(
@@ -107,7 +71,6 @@ _compression = click.option(
 @_row_group
 @_compression
 @_overwrite
-@_verbose
 def make_catalog_cmd(
     out: Path,
     rows: int,
@@ -118,7 +81,6 @@ def make_catalog_cmd(
     row_group_size: int,
     compression: str,
     overwrite: bool,
-    verbose: int,
 ) -> None:
     """Write a synthetic Gaia-DR3-like catalogue to OUT, with its true mixture.
 
@@ -129,26 +91,18 @@ def make_catalog_cmd(
     """
     from xd_dask.io.synthetic import make_catalog  # noqa: PLC0415
 
-    _logging(verbose)
     t0 = time.perf_counter()
-    try:
-        manifest = make_catalog(
-            out,
-            rows,
-            partitions,
-            seed,
-            frac_two_param=frac_two_param,
-            frac_missing_bp_rp=frac_missing_bp_rp,
-            row_group_size=row_group_size,
-            compression=compression,
-            overwrite=overwrite,
-        )
-    except (FileExistsError, ValueError) as exc:
-        _fail(exc, EXIT_USAGE, verbose)
-    except (OSError, MemoryError) as exc:
-        _fail(exc, EXIT_FAILURE, verbose)
-    finally:
-        _restore_logging()
+    manifest = make_catalog(
+        out,
+        rows,
+        partitions,
+        seed,
+        frac_two_param=frac_two_param,
+        frac_missing_bp_rp=frac_missing_bp_rp,
+        row_group_size=row_group_size,
+        compression=compression,
+        overwrite=overwrite,
+    )
     dt = time.perf_counter() - t0
     click.echo(
         f"Wrote {manifest['n_rows']} rows in {len(manifest['files'])} files to {out} "
@@ -181,7 +135,7 @@ def _hdu_value(hdu: str | None) -> int | str | None:
     return int(hdu) if hdu is not None and hdu.isdigit() else hdu
 
 
-@main.command("ingest")
+@command("ingest", usage=(ValueError,))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--out",
@@ -219,7 +173,6 @@ def _hdu_value(hdu: str | None) -> int | str | None:
 @_row_group
 @_compression
 @_overwrite
-@_verbose
 def ingest_cmd(
     inputs: tuple[Path, ...],
     out_dir: Path,
@@ -233,7 +186,6 @@ def ingest_cmd(
     row_group_size: int,
     compression: str,
     overwrite: bool,
-    verbose: int,
 ) -> None:
     """Convert tables (FITS, VOTable, CSV, ECSV, CDS fixed width) to Parquet.
 
@@ -245,35 +197,24 @@ def ingest_cmd(
     and single-file CDS/MRT tables. Outputs are written atomically; nulls stay nulls.
     """
     from xd_dask.io.ingest import ingest_inputs  # noqa: PLC0415
-    from xd_dask.io.reader import CatalogError  # noqa: PLC0415
-    from xd_dask.io.schema import SchemaError, load_schema  # noqa: PLC0415
+    from xd_dask.io.schema import load_schema  # noqa: PLC0415
 
-    _logging(verbose)
     t0 = time.perf_counter()
-    try:
-        sch = None if schema is None else load_schema(schema)
-        opts = {"readme": readme, "hdu": _hdu_value(hdu), "rows_per_file": rows_per_file}
-        if id_column is not None:
-            opts["id_column"] = id_column
-        written = ingest_inputs(
-            inputs,
-            out_dir,
-            schema=sch,
-            format=fmt,
-            overwrite=overwrite,
-            skip_existing=skip_existing,
-            row_group_size=row_group_size,
-            compression=compression,
-            **opts,
-        )
-    except CatalogError as exc:
-        _fail(exc, EXIT_FAILURE, verbose)
-    except (SchemaError, FileExistsError, ValueError) as exc:
-        _fail(exc, EXIT_USAGE, verbose)
-    except (OSError, MemoryError) as exc:
-        _fail(exc, EXIT_FAILURE, verbose)
-    finally:
-        _restore_logging()
+    sch = None if schema is None else load_schema(schema)
+    opts = {"readme": readme, "hdu": _hdu_value(hdu), "rows_per_file": rows_per_file}
+    if id_column is not None:
+        opts["id_column"] = id_column
+    written = ingest_inputs(
+        inputs,
+        out_dir,
+        schema=sch,
+        format=fmt,
+        overwrite=overwrite,
+        skip_existing=skip_existing,
+        row_group_size=row_group_size,
+        compression=compression,
+        **opts,
+    )
     dt = time.perf_counter() - t0
     rows = sum(_num_rows(p) for p in written)
     click.echo(
@@ -293,7 +234,7 @@ def schema_group() -> None:
     """Catalogue schemas: which columns are features and how their noise is obtained."""
 
 
-@schema_group.command("init")
+@command("init", group=schema_group)
 @click.argument("table", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--output",
@@ -307,7 +248,6 @@ def schema_group() -> None:
 @_readme
 @_hdu
 @_overwrite
-@_verbose
 def schema_init_cmd(
     table: Path,
     output: Path | None,
@@ -316,7 +256,6 @@ def schema_init_cmd(
     readme: Path | None,
     hdu: str | None,
     overwrite: bool,
-    verbose: int,
 ) -> None:
     """Write a starter schema TOML for TABLE (any ingest format, or Parquet).
 
@@ -324,26 +263,15 @@ def schema_init_cmd(
     correlations the *_corr (or CDS-style ABcor) columns of two features, units from the table's
     metadata, and an id column guess. The file is commented for you to edit (ranges, floors).
     """
-    from xd_dask.io.reader import CatalogError  # noqa: PLC0415
-    from xd_dask.io.schema import SchemaError  # noqa: PLC0415
     from xd_dask.io.schema_init import schema_init  # noqa: PLC0415
     from xd_dask.utils import atomic_path  # noqa: PLC0415
 
-    _logging(verbose)
-    try:
-        if output is not None and output.exists() and not overwrite:
-            raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
-        text = schema_init(table, fmt, readme=readme, hdu=_hdu_value(hdu), name=name)
-        if output is None:
-            click.echo(text, nl=False)
-        else:
-            with atomic_path(output) as tmp:
-                tmp.write_text(text, encoding="utf-8")
-    except FileExistsError as exc:
-        _fail(exc, EXIT_USAGE, verbose)
-    except (CatalogError, SchemaError, OSError) as exc:
-        _fail(exc, EXIT_FAILURE, verbose)
-    finally:
-        _restore_logging()
-    if output is not None:
-        click.echo(f"Wrote starter schema {output}; edit it, then use it as catalog.schema")
+    if output is not None and output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    text = schema_init(table, fmt, readme=readme, hdu=_hdu_value(hdu), name=name)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    with atomic_path(output) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    click.echo(f"Wrote starter schema {output}; edit it, then use it as catalog.schema")

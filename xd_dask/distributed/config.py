@@ -1,174 +1,147 @@
-"""Configuration of a distributed fit: :class:`FitConfig` and schema specs."""
+"""Configuration of a distributed fit: :class:`FitConfig` and schema specs.
+
+FitConfig's fields, defaults and checks come from the key table :data:`xd_dask.config.KEYS`:
+every ``fit.*`` key is a field of the same name (``fit.step.*`` make up ``step``, a
+:class:`~xd_dask.em.StepSchedule`), and ``catalog.path`` -> ``catalog``, ``catalog.schema`` ->
+``schema``, ``catalog.on_bad`` -> ``on_bad``, ``catalog.holdout_rows``,
+``catalog.max_rows_per_partition`` and ``cluster.gpu`` -> ``gpu``. A key's "not set" value (0 or
+"") is None here. Adding a ``fit.*`` key to the table adds the field.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from xd_dask.config import cross_key_errors, fit_keys, key
 from xd_dask.em import StepSchedule
-from xd_dask.optim.robust import MAX_LL_DROP
 
 __all__ = ["METHODS", "FitConfig", "resolve_schema"]
 
-METHODS = ("em", "online")
+METHODS = key("fit.method").choices
+_KEYS = {k.field: k for k in fit_keys()}  # {field: Key}
+_STEP_KEYS = [f"fit.step.{f.name}" for f in dataclasses.fields(StepSchedule)]
+_RUN_FIELDS = ("checkpoint_dir", "performance_report")  # paths of one run, not settings
 
 
-@dataclass
-class FitConfig:
-    """Everything that defines a distributed fit (JSON-serialisable via :meth:`to_dict`).
+def _default(k: Any) -> Any:
+    return None if k.has_unset and k.default == k.unset else k.default
 
-    Parameters
-    ----------
-    catalog : directory, glob, file, fsspec URL, or list of them (Parquet).
-    n_components : K.
-    schema : schema spec for :func:`xd_dask.io.load_schema` (None: packaged Gaia DR3; a name; a
-        TOML path; a dict) or a ``CatalogSchema``.
-    method : "em" (batch EM) or "online" (online EM in waves).
-    max_iter, tol : batch EM stops after ``max_iter`` iterations or when the mean log-likelihood
-        per row changes by less than ``tol`` between iterations (``tol=0``: always ``max_iter``).
-    epochs : online EM passes over the catalogue.
-    wave_size : partitions per online-EM wave (default: 2 x the cluster's worker threads).
-    step : online-EM step-size schedule.
-    reg_covar : added to the covariance diagonals (``em`` module, ``reg_form="add"``).
-    seed : all randomness (k-means, wave order, subsampling) derives from it.
-    init : "kmeans" or the path of a saved model file (warm start).
-    kmeans_iter, kmeans_tol, kmeans_sample : k-means passes, centre-shift tolerance (standardised
-        units) and sample size for the seeding (default max(50 K, 2000)).
-    persist : keep every partition's validated arrays in worker memory between passes.
-    on_bad : "error" (stop naming file and row) or "drop" (skip bad rows, counted per reason).
-    backend : kernel backend "auto" | "numba" | "reference" (GPU workers use "reference").
-    dtype : "float64" or "float32" for the rows (statistics are always summed in float64).
-    checkpoint_dir : write a checkpoint after every iteration / wave here (None: no checkpoints).
-    fan_in : reduction-tree fan-in (>= 2).
-    subsample : online EM only, keep this fraction of each partition's rows (seeded per epoch).
-    gpu : partitions go to CuPy on the workers (needs GPU workers; see :func:`connect`).
-    performance_report : write a Dask performance report (HTML) of the whole fit here.
-    numba_threads : Numba threads per task (1: parallelism comes from the worker threads).
-    max_rows_per_partition : split large files into runs of row groups (manifest).
-    max_retries : re-runs of a pass after the cluster lost its tasks.
-    holdout_rows : fit on the "train" side of the row-level split by source-id hash
-        (:mod:`xd_dask.distributed.split`): rows with ``splitmix64(source_id) / 2**64 <
-        holdout_rows`` are held out and never read into the fit (score them with
-        ``score_catalog(..., split=(holdout_rows, "holdout"))``); 0: fit every row.
-    background : add a uniform background (outlier) component over the padded bounding box of
-        the k-means sample (:mod:`xd_dask.optim.background`); its weight is fitted. It absorbs a
-        few absurd rows instead of letting them take or drag a component.
-    background_weight : its starting weight, in (0, 0.5].
-    max_ll_drop : batch EM: largest accepted decrease of the mean log-likelihood per iteration
-        (nats per row); a larger one rolls back and stops naming the rows
-        (:mod:`xd_dask.optim.robust`).
-    """
 
-    catalog: str | list[str]
-    n_components: int
-    schema: Any = None
-    method: str = "em"
-    max_iter: int = 100
-    tol: float = 1e-6
-    epochs: int = 3
-    wave_size: int | None = None
-    step: StepSchedule = field(default_factory=StepSchedule)
-    reg_covar: float = 1e-6
-    seed: int = 0
-    init: str = "kmeans"
-    kmeans_iter: int = 10
-    kmeans_tol: float = 1e-4
-    kmeans_sample: int | None = None
-    persist: bool = False
-    on_bad: str = "error"
-    backend: str = "auto"
-    dtype: str = "float64"
-    checkpoint_dir: str | None = None
-    fan_in: int = 8
-    subsample: float | None = None
-    gpu: bool = False
-    performance_report: str | None = None
-    numba_threads: int = 1
-    max_rows_per_partition: int | None = None
-    max_retries: int = 3
-    holdout_rows: float = 0.0
-    background: bool = False
-    background_weight: float = 1e-3
-    max_ll_drop: float = MAX_LL_DROP
+def _step_default() -> StepSchedule:
+    return StepSchedule(**{n.rsplit(".", 1)[1]: key(n).default for n in _STEP_KEYS})
 
-    def __post_init__(self) -> None:
-        if isinstance(self.step, dict):
-            self.step = StepSchedule(**self.step)
-        if not isinstance(self.catalog, (str, Path)):
-            self.catalog = [str(c) for c in self.catalog]
-        elif isinstance(self.catalog, Path):
-            self.catalog = str(self.catalog)
-        checks = [
-            (int(self.n_components) >= 1, "n_components must be >= 1"),
-            (self.method in METHODS, f"method must be one of {METHODS}"),
-            (int(self.max_iter) >= 1, "max_iter must be >= 1"),
-            (self.tol >= 0 and math.isfinite(self.tol), "tol must be finite and >= 0"),
-            (int(self.epochs) >= 1, "epochs must be >= 1"),
-            (self.wave_size is None or int(self.wave_size) >= 1, "wave_size must be >= 1"),
-            (self.reg_covar >= 0, "reg_covar must be >= 0"),
-            (self.on_bad in ("error", "drop"), "on_bad must be 'error' or 'drop'"),
-            (
-                self.backend in ("auto", "numba", "reference"),
-                "backend must be auto|numba|reference",
-            ),
-            (self.dtype in ("float64", "float32"), "dtype must be 'float64' or 'float32'"),
-            (int(self.fan_in) >= 2, "fan_in must be >= 2"),
-            (int(self.kmeans_iter) >= 1, "kmeans_iter must be >= 1"),
-            (int(self.numba_threads) >= 1, "numba_threads must be >= 1"),
-            (int(self.max_retries) >= 0, "max_retries must be >= 0"),
-            (
-                self.subsample is None or 0.0 < float(self.subsample) <= 1.0,
-                "subsample must be in (0, 1]",
-            ),
-            (
-                self.subsample is None or self.method == "online",
-                "subsample applies to method='online' only",
-            ),
-            (
-                0.0 <= float(self.holdout_rows) < 1.0,
-                "holdout_rows must be in [0, 1)",
-            ),
-            (isinstance(self.init, str) and bool(self.init), "init must be 'kmeans' or a path"),
-            (isinstance(self.background, bool), "background must be true or false"),
-            (
-                0.0 < float(self.background_weight) <= 0.5,
-                "background_weight must be in (0, 0.5]",
-            ),
-            (
-                float(self.max_ll_drop) > 0 and math.isfinite(self.max_ll_drop),
-                "max_ll_drop must be finite and > 0",
-            ),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"FitConfig: {msg}")
 
-    @property
-    def split(self) -> tuple[float, str] | None:
-        """The row split the fit reads (``(holdout_rows, "train")``), or None."""
-        return (float(self.holdout_rows), "train") if self.holdout_rows > 0 else None
+def _fields() -> list[tuple[str, Any, Any]]:
+    required = [("catalog", "str | list[str]")]
+    keyed = [
+        (name, Any, field(default=_default(k))) for name, k in _KEYS.items() if name != "catalog"
+    ]
+    extra = [
+        ("step", StepSchedule, field(default_factory=_step_default)),
+        ("checkpoint_dir", "str | None", field(default=None)),
+        ("performance_report", "str | None", field(default=None)),
+    ]
+    return required + keyed + extra
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["step"] = dataclasses.asdict(self.step)
-        d["schema"] = _schema_spec(self.schema)
-        return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FitConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"FitConfig: unknown fields {sorted(unknown)}")
-        return cls(**d)
+def _post_init(self: Any) -> None:
+    """Normalise (step dict, paths, "not set" values -> None) and check every field against its
+    key and the cross-key rules (the same checks as a job file)."""
+    if isinstance(self.step, Mapping):
+        self.step = StepSchedule(**self.step)
+    if not isinstance(self.catalog, str | Path):
+        self.catalog = [str(c) for c in self.catalog]
+    elif isinstance(self.catalog, Path):
+        self.catalog = str(self.catalog)
+    for name, k in _KEYS.items():
+        value = getattr(self, name)
+        if name == "schema" and not isinstance(value, str):
+            continue  # a CatalogSchema, a dict or None (the packaged Gaia DR3 schema)
+        if name == "catalog" and isinstance(value, list):
+            continue
+        if value is None and k.has_unset:
+            continue
+        err = k.validate(value)
+        if err:
+            raise ValueError(f"FitConfig: {k.name} {err} (field {name})")
+        value = k.typed(value)
+        object.__setattr__(self, name, None if k.has_unset and value == k.unset else value)
+    for name in _STEP_KEYS:
+        err = key(name).validate(getattr(self.step, name.rsplit(".", 1)[1]))
+        if err:
+            raise ValueError(f"FitConfig: {name} {err} (field step)")
+    by_key = {k.name: getattr(self, name) for name, k in _KEYS.items()}
+    for _, err in cross_key_errors(by_key.get, by_key):
+        raise ValueError(f"FitConfig: {err}")
+
+
+def _split(self: Any) -> tuple[float, str] | None:
+    """The row split the fit reads (``(holdout_rows, "train")``), or None."""
+    return (float(self.holdout_rows), "train") if self.holdout_rows else None
+
+
+def _to_dict(self: Any) -> dict[str, Any]:
+    """A JSON-serialisable dict (the checkpoint's copy of the config)."""
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    d["step"] = dataclasses.asdict(self.step)
+    d["schema"] = _schema_spec(self.schema)
+    return d
+
+
+@classmethod
+def _from_dict(cls: Any, d: Mapping[str, Any]) -> Any:
+    """The inverse of :meth:`to_dict`; keys missing from an older checkpoint take defaults."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"FitConfig: unknown fields {sorted(unknown)}")
+    return cls(**d)
+
+
+@classmethod
+def _from_values(cls: Any, values: Mapping[str, Any], **run: Any) -> Any:
+    """The FitConfig of a job: ``values`` maps dotted keys to values (``JobConfig.flat()``);
+    ``run`` sets fields of one run (catalog, checkpoint_dir, performance_report)."""
+    kw: dict[str, Any] = {name: values[k.name] for name, k in _KEYS.items() if k.name in values}
+    kw["step"] = StepSchedule(**{n.rsplit(".", 1)[1]: values[n] for n in _STEP_KEYS if n in values})
+    return cls(**(kw | run))
+
+
+_DOC = """Everything that defines a distributed fit (JSON-serialisable via :meth:`to_dict`).
+
+Fields (type, range and default from :data:`xd_dask.config.KEYS`; None = the key's "not set")
+------------------------------------------------------------------------------------------------
+catalog : directory, glob, file, fsspec URL, or list of them (Parquet); required.
+schema : schema spec for :func:`xd_dask.io.load_schema` (name, TOML path, dict) or a
+    ``CatalogSchema``.
+step : online-EM step-size schedule (:class:`xd_dask.em.StepSchedule`).
+checkpoint_dir : write a checkpoint after every iteration / wave here (None: no checkpoints).
+performance_report : write a Dask performance report (HTML) of the whole fit here.
+"""
+_DOC += "".join(f"{name} : {k.help} ({k.allowed()}).\n" for name, k in _KEYS.items())
+
+FitConfig = dataclasses.make_dataclass(
+    "FitConfig",
+    _fields(),
+    namespace={
+        "__post_init__": _post_init,
+        "split": property(_split),
+        "to_dict": _to_dict,
+        "from_dict": _from_dict,
+        "from_values": _from_values,
+        "__doc__": _DOC,
+        "__module__": __name__,
+    },
+)
 
 
 def _schema_spec(schema: Any) -> Any:
     """A JSON-serialisable spec of ``schema`` that :func:`xd_dask.io.load_schema` accepts."""
-    if schema is None or isinstance(schema, (str, dict)):
+    if schema is None or isinstance(schema, str | dict):
         return schema
     if isinstance(schema, Path):
         return str(schema)
@@ -180,7 +153,7 @@ def _schema_spec(schema: Any) -> Any:
 
 def resolve_schema(spec: Any) -> Any:
     """A ``CatalogSchema`` from a spec (None, name, TOML path, dict) or the schema itself."""
-    if spec is not None and not isinstance(spec, (str, dict, Path)):
+    if spec is not None and not isinstance(spec, str | dict | Path):
         return spec
     if spec == "":
         spec = None

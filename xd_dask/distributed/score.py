@@ -55,8 +55,11 @@ def _as_manifest(manifest: Manifest | str | os.PathLike | Sequence[str], schema:
 
 
 def _check_features(model: XDModel, schema: Any) -> None:
+    """The catalogue must be read with the model's features (a SchemaError: bad input)."""
+    from xd_dask.io import SchemaError  # noqa: PLC0415
+
     if list(model.feature_names) != list(schema.features):
-        raise ValueError(
+        raise SchemaError(
             f"the model's features {model.feature_names} differ from the schema's "
             f"{list(schema.features)}"
         )
@@ -101,10 +104,11 @@ def score_catalog(
 ) -> ScoreResult:
     """Mean log-likelihood per row of a catalogue under ``model`` (``xd-score`` tasks).
 
-    With ``out_dir``, workers also write ``score-<pid>.parquet`` (columns ``source_id``,
-    ``log_likelihood``) per partition, into a fresh directory that replaces ``out_dir`` when all
-    are written (:func:`xd_dask.utils.atomic_dir`: no stale files of an earlier run remain; a
-    directory holding other files is refused; a second writer gets LockError).
+    With ``out_dir``, workers also write ``score-<pid>.parquet`` (columns: the schema's id
+    column under its own name, or ``row``; ``log_likelihood``; valid rows only) per partition,
+    into a fresh directory that replaces ``out_dir`` when all are written
+    (:func:`xd_dask.utils.atomic_dir`: no stale files of an earlier run remain; a directory
+    holding other files is refused; a second writer gets LockError).
 
     split : None (every row) or (fraction, side): score only the "holdout" (or "train") side of
         the row-level split by source-id hash; ``(cfg.holdout_rows, "holdout")`` scores exactly
@@ -149,12 +153,15 @@ def posterior_catalog(
 ) -> list[str]:
     """Deconvolved per-row posteriors, written by the workers (``xd-posterior`` tasks).
 
-    Each partition becomes ``<out_dir>/posterior-<pid>.parquet`` with columns ``source_id``,
-    ``mean_<f>``, ``cov_<f>_<g>`` (lower triangle), ``component`` and ``component_prob``;
-    ``_SUCCESS.json`` (files, rows, dropped counts) is written last. The files are written into
-    a fresh directory beside ``out_dir`` which then replaces it (:func:`xd_dask.utils.atomic_dir`):
-    a reader of ``out_dir`` never sees stale part files of an earlier run; a directory holding
-    other files is refused (OutputError); a second writer gets LockError naming the first.
+    Each partition becomes ``<out_dir>/posterior-<pid>.parquet`` with one row per input row:
+    the schema's id column under its own name (``row`` without one), ``mean_<f>``,
+    ``cov_<f>_<g>`` (lower triangle), ``component``, ``component_prob`` and ``status`` ("ok", or
+    the reason ``on_bad="drop"`` dropped the row; its values are then null).
+    ``_SUCCESS.json`` (files, rows written, valid rows, dropped counts) is written last. The
+    files are written into a fresh directory beside ``out_dir`` which then replaces it
+    (:func:`xd_dask.utils.atomic_dir`): a reader of ``out_dir`` never sees stale part files of
+    an earlier run; a directory holding other files is refused (OutputError); a second writer
+    gets LockError naming the first.
 
     Returns
     -------
@@ -178,7 +185,8 @@ def posterior_catalog(
         )
         summary = {
             "files": [Path(f).name for f in parts],
-            "rows": res.n_used,
+            "rows": res.n_read,
+            "rows_ok": res.n_used,
             "rows_read": res.n_read,
             "dropped": res.dropped,
             "features": list(model.feature_names),
@@ -187,5 +195,5 @@ def posterior_catalog(
         with atomic_path(tmp / "_SUCCESS.json") as path:
             path.write_text(json.dumps(summary, indent=1))
     files = [_out_name(out, "posterior", p.pid) for p in manifest]
-    log.info("posterior: %d rows written to %d files in %s", res.n_used, len(files), out)
+    log.info("posterior: %d rows written to %d files in %s", res.n_read, len(files), out)
     return files

@@ -22,6 +22,7 @@ import numpy as np
 from dask.sizeof import sizeof
 
 from xd_dask.distributed.manifest import Partition
+from xd_dask.distributed.rowstatus import with_status
 from xd_dask.distributed.split import side_mask
 from xd_dask.kernels import (
     NotPositiveDefiniteError,
@@ -514,8 +515,9 @@ def loglike(
     except NotPositiveDefiniteError as err:
         raise _kernel_error(blk, None, err) from None
     if out_path is not None:
+        id_name = opts.schema.id_column or "row"  # the id column under its own name
         _write_parquet(
-            pa.table({"source_id": pa.array(blk.ids, pa.int64()), "log_likelihood": ll}), out_path
+            pa.table({id_name: pa.array(blk.ids, pa.int64()), "log_likelihood": ll}), out_path
         )
     return _partial(blk, LogLikeSum(float(np.sum(ll)), int(ll.shape[0])), ll.shape[0], t0)
 
@@ -529,9 +531,11 @@ def posterior_write(
 ) -> Partial:
     """Write a partition's deconvolved posteriors to Parquet, atomically (``xd-posterior``).
 
-    Columns: ``source_id``; ``mean_<f>`` per feature; ``cov_<f>_<g>`` for the lower triangle
-    (f at or after g in feature order); ``component`` (most probable, int32) and
-    ``component_prob`` (its responsibility).
+    Columns: the schema's id column under its own name (``row``, the row number in the file,
+    without one); ``mean_<f>`` per feature; ``cov_<f>_<g>`` for the lower triangle (f at or
+    after g in feature order); ``component`` (most probable, int32) and ``component_prob`` (its
+    responsibility); ``status``: "ok", or the reason a row was dropped (``on_bad="drop"``: every
+    input row is written, a dropped one with null values; :mod:`.rowstatus`).
     """
     import pyarrow as pa  # noqa: PLC0415
 
@@ -551,7 +555,8 @@ def posterior_write(
     except NotPositiveDefiniteError as err:
         raise _kernel_error(blk, None, err) from None
     mean, cov, resp = to_numpy(mean), to_numpy(cov), to_numpy(resp)
-    cols: dict[str, Any] = {"source_id": pa.array(blk.ids, pa.int64())}
+    id_name = opts.schema.id_column or "row"
+    cols: dict[str, Any] = {id_name: pa.array(blk.ids, pa.int64())}
     for i, f in enumerate(feature_names):
         cols[f"mean_{f}"] = mean[:, i]
     for i, f in enumerate(feature_names):
@@ -560,6 +565,7 @@ def posterior_write(
     best = np.argmax(resp, axis=1) if resp.shape[0] else np.zeros(0, dtype=np.int64)
     cols["component"] = best.astype(np.int32)
     cols["component_prob"] = resp[np.arange(resp.shape[0]), best]
+    table = with_status(cols, source, opts, sum(blk.dropped.values()), id_name)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    _write_parquet(pa.table(cols), out_path)
+    _write_parquet(table, out_path)
     return _partial(blk, LogLikeSum(0.0, int(mean.shape[0])), mean.shape[0], t0)

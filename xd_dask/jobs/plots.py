@@ -2,8 +2,9 @@
 
 - :func:`corner_plot`: the model's density (from samples of the deconvolved mixture) over chosen
   features, one panel per pair, with the catalogue rows drawn on top as contours;
-- :func:`sky_plot`: the sky density of model samples in (ra, dec), Mollweide projection
-  (Ritchie & Murray 2019, Figure 2);
+- :func:`sky_plot`: the sky density of model samples in (ra, dec) over the data's footprint: a
+  zoomed map for a small footprint, the all-sky Mollweide projection (Ritchie & Murray 2019,
+  Figure 2) otherwise; empty cells white;
 - :func:`training_curve`: mean log-likelihood per iteration or wave against the step and against
   wall-clock time.
 
@@ -24,7 +25,7 @@ from xd_dask.utils import atomic_path, get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["corner_plot", "default_features", "sky_plot", "training_curve"]
+__all__ = ["corner_plot", "default_features", "sky_extent", "sky_plot", "training_curve"]
 
 
 def _pyplot():
@@ -65,6 +66,25 @@ def _feature_indices(model: XDModel, features: Sequence[str]) -> list[int]:
     return idx
 
 
+def _axis_labels(model: XDModel, features: Sequence[str], units: Sequence[str] | None) -> list[str]:
+    """``feature [unit]`` for each shown feature (the bare name when the unit is unknown)."""
+    if units is None or len(units) != model.n_features:
+        return list(features)
+    unit = dict(zip(model.feature_names, units, strict=True))
+    return [f"{f} [{unit[f]}]" if unit.get(f) else f for f in features]
+
+
+def _cmap(name: str, start: float = 0.2) -> Any:
+    """``name`` from ``start`` up (its lowest colour clearly tinted), with masked (empty) cells
+    white: no density is never drawn as low density."""
+    import matplotlib  # noqa: PLC0415
+    from matplotlib.colors import ListedColormap  # noqa: PLC0415
+
+    base = matplotlib.colormaps[name]
+    cmap = ListedColormap(base(np.linspace(start, 1.0, 256)), name=f"{name}_from_{start:g}")
+    return cmap.with_extremes(bad="white")
+
+
 def _limits(samples: np.ndarray, data: np.ndarray | None) -> np.ndarray:
     """(D, 2) plotting ranges: 0.5 - 99.5 percentiles of the samples (and data), padded."""
     cols = [samples] if data is None or len(data) == 0 else [samples, data]
@@ -85,6 +105,7 @@ def corner_plot(
     random_state: Any = 0,
     dpi: int = 110,
     title: str | None = None,
+    units: Sequence[str] | None = None,
 ) -> Path:
     """Corner-style plot of the model's deconvolved density against the data.
 
@@ -96,9 +117,11 @@ def corner_plot(
     data : (n, D) catalogue rows in the model's feature order (NaN = missing), optional; drawn
         as contours over the model density (pairs with a missing field are left out per panel).
     n_samples : samples drawn from the model.
+    units : (D,) unit of each model feature (the schema's), shown on the axes.
     """
     plt = _pyplot()
     features = list(features) if features else default_features(model)
+    labels = _axis_labels(model, features, units)
     idx = _feature_indices(model, features)
     samples = model.sample(n_samples, random_state=random_state)[:, idx]  # (n_samples, d)
     shown = None if data is None else np.asarray(data, dtype=np.float64)[:, idx]
@@ -130,7 +153,9 @@ def corner_plot(
                 xe = np.linspace(*lims[c], bins + 1)
                 ye = np.linspace(*lims[r], bins + 1)
                 h, _, _ = np.histogram2d(samples[:, c], samples[:, r], bins=(xe, ye))
-                ax.pcolormesh(xe, ye, np.log1p(h.T), cmap="Blues", rasterized=True)
+                # empty cells are left blank (masked), not drawn in the lowest density's colour
+                dens = np.ma.masked_equal(np.log1p(h.T), 0.0)
+                ax.pcolormesh(xe, ye, dens, cmap=_cmap("Blues"), rasterized=True)
                 if shown is not None:
                     ok = np.isfinite(shown[:, c]) & np.isfinite(shown[:, r])
                     if ok.sum() > 10:
@@ -144,17 +169,47 @@ def corner_plot(
                 ax.set_ylim(lims[r])
             ax.set_xlim(lims[c])
             if r == d - 1:
-                ax.set_xlabel(features[c])
+                ax.set_xlabel(labels[c])
             else:
                 ax.set_xticklabels([])
             if c == 0 and r > 0:
-                ax.set_ylabel(features[r])
+                ax.set_ylabel(labels[r])
             elif c > 0:
                 ax.set_yticklabels([])
     axes[0, 0].legend(loc="upper right", fontsize="small", frameon=False)
     fig.suptitle(title or f"XD model (K={model.n_components}) density vs data")
     fig.tight_layout()
     return _save(fig, path, dpi)
+
+
+#: Footprints wider than this (deg of arc in ra x cos(dec), or deg in dec) get the all-sky map.
+ALL_SKY_RA, ALL_SKY_DEC = 120.0, 60.0
+
+
+def sky_extent(
+    ra: np.ndarray, dec: np.ndarray, pad: float = 0.08
+) -> tuple[float, float, float, float] | None:
+    """The (ra_lo, ra_hi, dec_lo, dec_hi) [deg] box around the bulk (0.5 - 99.5 %) of the
+    points, padded, with ra_lo < ra_hi possibly outside [0, 360) where the box crosses ra = 0;
+    None when the footprint is too wide for a zoomed map (all-sky)."""
+    ra = np.mod(np.asarray(ra, np.float64), 360.0)
+    dec = np.asarray(dec, np.float64)
+    ok = np.isfinite(ra) & np.isfinite(dec) & (np.abs(dec) <= 90.0)
+    ra, dec = ra[ok], dec[ok]
+    if ra.size < 2:
+        return None
+    # the centre in ra on the circle, then offsets from it in (-180, 180]
+    centre = np.degrees(np.arctan2(np.sin(np.radians(ra)).mean(), np.cos(np.radians(ra)).mean()))
+    off = np.mod(ra - centre + 180.0, 360.0) - 180.0
+    lo, hi = np.percentile(off, [0.5, 99.5])
+    dlo, dhi = np.percentile(dec, [0.5, 99.5])
+    cosd = np.cos(np.radians(np.clip(0.5 * (dlo + dhi), -89.0, 89.0)))
+    if (hi - lo) * cosd > ALL_SKY_RA or dhi - dlo > ALL_SKY_DEC:
+        return None
+    size = max((hi - lo) * cosd, dhi - dlo, 1e-3)
+    pr, pd = pad * size / cosd, pad * size
+    dec_lo, dec_hi = max(-90.0, dlo - pd), min(90.0, dhi + pd)
+    return float(centre + lo - pr), float(centre + hi + pr), float(dec_lo), float(dec_hi)
 
 
 def sky_plot(
@@ -166,22 +221,51 @@ def sky_plot(
     random_state: Any = 0,
     dpi: int = 110,
     title: str | None = None,
+    data: np.ndarray | None = None,
 ) -> Path:
-    """Sky density of samples from the model in (ra, dec) [deg], Mollweide projection.
+    """Sky density of samples from the model in (ra, dec) [deg].
 
+    The map covers the data's footprint (``data``: catalogue rows in the model's feature order;
+    else the bulk of the samples): a zoomed map in (ra, dec) with ra increasing to the left when
+    the footprint is small (:func:`sky_extent`), the all-sky Mollweide projection otherwise.
+    Cells without samples are white; the colour gives log10 of the density of samples.
     Samples are drawn from the deconvolved mixture; ra is wrapped into [0, 360) and samples
     with |dec| > 90 (a Gaussian's tail beyond the pole) are left out and counted in the title.
     """
-    plt = _pyplot()
     names = model.feature_names
     if "ra" not in names or "dec" not in names:
         raise ValueError(f"a sky plot needs features 'ra' and 'dec'; the model has {names}")
+    i_ra, i_dec = names.index("ra"), names.index("dec")
     v = model.sample(n_samples, random_state=random_state)
-    ra = np.mod(v[:, names.index("ra")], 360.0)
-    dec = v[:, names.index("dec")]
+    ra = np.mod(v[:, i_ra], 360.0)
+    dec = v[:, i_dec]
     keep = np.abs(dec) <= 90.0
     n_out = int((~keep).sum())
     ra, dec = ra[keep], dec[keep]
+    where = data if data is not None and len(data) else None
+    extent = (
+        sky_extent(where[:, i_ra], where[:, i_dec]) if where is not None else sky_extent(ra, dec)
+    )
+    extra = f"; {n_out} samples beyond the poles left out" if n_out else ""
+    heading = title or f"Sky density of {len(ra)} model samples (K={model.n_components}){extra}"
+    if extent is None:
+        return _mollweide(ra, dec, bins, path, dpi, heading)
+    return _zoomed(ra, dec, extent, path, dpi, heading)
+
+
+def _colourbar(fig: Any, ax: Any, mesh: Any, per: str) -> None:
+    fig.colorbar(
+        mesh,
+        ax=ax,
+        orientation="horizontal",
+        pad=0.1,
+        fraction=0.05,
+        label=f"log10 density of samples [per {per}, normalised]; white: no samples",
+    )
+
+
+def _mollweide(ra, dec, bins, path, dpi, heading) -> Path:
+    plt = _pyplot()
     # Mollweide axes take longitude in [-pi, pi]; astronomers draw ra increasing to the left.
     lon = -np.radians(np.where(ra > 180.0, ra - 360.0, ra))
     lat = np.radians(dec)
@@ -190,31 +274,50 @@ def sky_plot(
     h, _, _ = np.histogram2d(lon, lat, bins=(xe, ye))
     # density per steradian: divide by the solid angle of each cell
     area = (xe[1] - xe[0]) * (np.sin(ye[1:]) - np.sin(ye[:-1]))  # (ny,)
-    dens = h / area[None, :] / max(1, len(ra))
-    fig = plt.figure(figsize=(9, 5))
+    dens = np.ma.masked_equal(h / area[None, :] / max(1, len(ra)), 0.0)
+    fig = plt.figure(figsize=(9, 5.4))
     ax = fig.add_subplot(111, projection="mollweide")
-    mesh = ax.pcolormesh(
-        xe,
-        ye,
-        np.log10(dens.T + 1e-3 * dens[dens > 0].min(initial=1.0)),
-        cmap="viridis",
-        rasterized=True,
-    )
-    fig.colorbar(
-        mesh,
-        ax=ax,
-        orientation="horizontal",
-        pad=0.06,
-        fraction=0.05,
-        label="log10 density of samples [per sr, normalised]",
-    )
+    mesh = ax.pcolormesh(xe, ye, np.ma.log10(dens.T), cmap=_cmap("viridis", 0.0), rasterized=True)
+    _colourbar(fig, ax, mesh, "sr")
     ticks = np.array([150, 120, 90, 60, 30, 0, 330, 300, 270, 240, 210])
     ax.set_xticks(-np.radians(np.where(ticks > 180, ticks - 360, ticks)))
     ax.set_xticklabels([f"{t}°" for t in ticks], fontsize="small")
     ax.grid(True, alpha=0.3)
-    extra = f"; {n_out} samples beyond the poles left out" if n_out else ""
+    ax.set_title(heading, pad=22)
+    return _save(fig, path, dpi)
+
+
+def _zoomed(ra, dec, extent, path, dpi, heading) -> Path:
+    """The footprint in (ra, dec), ra increasing to the left, equal angles on both axes."""
+    plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
+
+    ra_lo, ra_hi, dec_lo, dec_hi = extent
+    centre = 0.5 * (ra_lo + ra_hi)
+    x = centre + np.mod(ra - centre + 180.0, 360.0) - 180.0  # unwrapped next to the box
+    cosd = np.cos(np.radians(np.clip(0.5 * (dec_lo + dec_hi), -89.0, 89.0)))
+    ny = 80
+    nx = int(np.clip(round(ny * (ra_hi - ra_lo) * cosd / max(dec_hi - dec_lo, 1e-9)), 20, 240))
+    xe = np.linspace(ra_lo, ra_hi, nx + 1)
+    ye = np.linspace(dec_lo, dec_hi, ny + 1)
+    h, _, _ = np.histogram2d(x, dec, bins=(xe, ye))
+    # density per square degree: cell area (dx cos dec) x dy
+    area = (xe[1] - xe[0]) * np.degrees(np.sin(np.radians(ye[1:])) - np.sin(np.radians(ye[:-1])))
+    dens = np.ma.masked_equal(h / area[None, :] / max(1, len(ra)), 0.0)
+    fig, ax = plt.subplots(figsize=(8, 7))
+    mesh = ax.pcolormesh(xe, ye, np.ma.log10(dens.T), cmap=_cmap("viridis", 0.0), rasterized=True)
+    ax.set_xlim(ra_hi, ra_lo)  # ra increases to the left
+    ax.set_ylim(dec_lo, dec_hi)
+    ax.set_aspect(1.0 / cosd)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{np.mod(v, 360.0):.6g}°"))
+    ax.set_xlabel("ra [deg]")
+    ax.set_ylabel("dec [deg]")
+    ax.grid(True, alpha=0.3)
+    _colourbar(fig, ax, mesh, "deg²")
     ax.set_title(
-        title or f"Sky density of {len(ra)} model samples (K={model.n_components}){extra}", pad=22
+        heading + f"\nfootprint ra {np.mod(ra_lo, 360):.4g}..{np.mod(ra_hi, 360):.4g}°, "
+        f"dec {dec_lo:.4g}..{dec_hi:.4g}°",
+        fontsize="medium",
     )
     return _save(fig, path, dpi)
 
@@ -225,33 +328,40 @@ def training_curve(
     *,
     dpi: int = 110,
     title: str | None = None,
+    method: str | None = None,
 ) -> Path:
     """Mean log-likelihood per iteration (batch EM) or wave (online EM), against the step number
     and against elapsed wall-clock time.
 
     Parameters
     ----------
-    history : events with ``mean_loglike`` and ``seconds`` (time of that step), and ``wave`` or
+    history : events with ``mean_loglike`` and ``seconds`` (time of that step), and
         ``iteration`` (the step index; the position in the list otherwise).
+    method : "em" (steps are iterations) or "online" (steps are waves, numbered through the
+        epochs); default: "online" when the entries name their partitions (waves do), else "em".
     """
     plt = _pyplot()
     rows = [h for h in history if h.get("mean_loglike") is not None]
     if not rows:
         raise ValueError("no training history to plot")
+    if method is None:
+        method = "online" if any("partitions" in h for h in rows) else "em"
     ll = np.array([float(h["mean_loglike"]) for h in rows])
-    key = "wave" if all("wave" in h for h in rows) else "iteration"
-    step = np.array([h.get(key, i) for i, h in enumerate(rows)], dtype=float)
-    if key == "wave" and all("epoch" in h for h in rows) and len(set(step)) < len(step):
-        step = np.arange(len(rows), dtype=float)  # waves restart each epoch: number them globally
+    key = "wave" if method == "online" else "iteration"
+    if method == "online":  # waves restart each epoch: number them through the fit
+        step = np.arange(1, len(rows) + 1, dtype=float)
+    else:
+        step = np.array([h.get("iteration", i + 1) for i, h in enumerate(rows)], dtype=float)
     t = np.cumsum([float(h.get("seconds", 0.0) or 0.0) for h in rows])
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     a1.plot(step, ll, "o-", ms=3)
-    a1.set_xlabel(key)
+    a1.set_xlabel(key + (" (through the epochs)" if method == "online" else ""))
     a1.set_ylabel("mean log-likelihood per row")
     a2.plot(t, ll, "o-", ms=3, color="C1")
     a2.set_xlabel("elapsed time [s]")
     for a in (a1, a2):
         a.grid(True, alpha=0.3)
-    fig.suptitle(title or f"Training curve ({len(rows)} {key}s, final {ll[-1]:.4f})")
+    what = "online EM" if method == "online" else "batch EM"
+    fig.suptitle(title or f"Training curve, {what} ({len(rows)} {key}s, final {ll[-1]:.4f})")
     fig.tight_layout()
     return _save(fig, path, dpi)

@@ -15,11 +15,15 @@ directory, atomically:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
+import logging
 import math
 import os
+import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +39,11 @@ log = get_logger(__name__)
 
 __all__ = [
     "FitOutcome",
+    "HoldoutMismatchWarning",
+    "SampledRows",
+    "check_holdout",
     "cluster_client",
+    "convergence",
     "fit_config",
     "heldout_split",
     "run_fit",
@@ -69,6 +77,36 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 # --------------------------------------------------------------------------- config -> engine
+def _manifest(sources: str | Sequence[str], cfg: JobConfig, schema: Any = None) -> Any:
+    """The manifest of ``sources`` as the fit lists it (the schema's id column is checked)."""
+    from xd_dask.distributed import build_manifest  # noqa: PLC0415
+
+    schema = schema if schema is not None else load_schema_checked(cfg.catalog.schema)
+    return build_manifest(
+        sources,
+        max_rows_per_partition=cfg.catalog.max_rows_per_partition or None,
+        id_column=schema.id_column,
+    )
+
+
+def _held_out_files(cfg: JobConfig, manifest: Any) -> tuple[list[str], list[str]]:
+    """(training files, held-out files): the seeded choice of ``catalog.holdout_fraction``."""
+    cat = cfg.catalog
+    files = sorted({p.path for p in manifest})
+    if len(files) < 2:
+        raise ConfigError(
+            f"catalog.holdout_fraction = {cat.holdout_fraction} needs at least 2 files in "
+            f"{cat.path!r} (found {len(files)}); set catalog.holdout instead"
+        )
+    n_hold = min(len(files) - 1, max(1, round(cat.holdout_fraction * len(files))))
+    rng = np.random.default_rng([int(cfg.fit.seed), 7])
+    held = set(rng.choice(len(files), size=n_hold, replace=False).tolist())
+    train = [f for i, f in enumerate(files) if i not in held]
+    hold = [f for i, f in enumerate(files) if i in held]
+    log.info("holding out %d of %d files for scoring", len(hold), len(files))
+    return train, hold
+
+
 def split_catalog(cfg: JobConfig) -> tuple[str | list[str], str | list[str] | None]:
     """(training sources, held-out sources or None) from ``[catalog]``.
 
@@ -78,28 +116,14 @@ def split_catalog(cfg: JobConfig) -> tuple[str | list[str], str | list[str] | No
     (at least one, and at least one left for training); the choice depends only on the file list
     and ``fit.seed``.
     """
-    cat = cfg["catalog"]
-    if cat["holdout"]:
-        return cat["path"], cat["holdout"]
-    if cat["holdout_rows"] > 0:
-        return cat["path"], cat["path"]
-    if cat["holdout_fraction"] <= 0:
-        return cat["path"], None
-    from xd_dask.distributed import build_manifest  # noqa: PLC0415
-
-    files = sorted({p.path for p in build_manifest(cat["path"])})
-    if len(files) < 2:
-        raise ConfigError(
-            f"catalog.holdout_fraction = {cat['holdout_fraction']} needs at least 2 files in "
-            f"{cat['path']!r} (found {len(files)}); set catalog.holdout instead"
-        )
-    n_hold = min(len(files) - 1, max(1, round(cat["holdout_fraction"] * len(files))))
-    rng = np.random.default_rng([int(cfg.get("fit.seed")), 7])
-    held = set(rng.choice(len(files), size=n_hold, replace=False).tolist())
-    train = [f for i, f in enumerate(files) if i not in held]
-    hold = [f for i, f in enumerate(files) if i in held]
-    log.info("holding out %d of %d files for scoring", len(hold), len(files))
-    return train, hold
+    cat = cfg.catalog
+    if cat.holdout:
+        return cat.path, cat.holdout
+    if cat.holdout_rows > 0:
+        return cat.path, cat.path
+    if cat.holdout_fraction <= 0:
+        return cat.path, None
+    return _held_out_files(cfg, _manifest(cat.path, cfg))
 
 
 def heldout_split(cfg: JobConfig) -> tuple[float, str] | None:
@@ -108,7 +132,7 @@ def heldout_split(cfg: JobConfig) -> tuple[float, str] | None:
     Pass it to :func:`score_sources` whenever the held-out sources of :func:`split_catalog` are
     scored, so that only the rows the fit left out are scored.
     """
-    frac = float(cfg.get("catalog.holdout_rows"))
+    frac = cfg.catalog.holdout_rows
     return (frac, "holdout") if frac > 0 else None
 
 
@@ -119,44 +143,20 @@ def fit_config(
     checkpoint_dir: str | os.PathLike | None = None,
     performance_report: str | os.PathLike | None = None,
 ):
-    """The :class:`xd_dask.distributed.FitConfig` for a job config."""
+    """The :class:`xd_dask.distributed.FitConfig` of a job (the same key table: no re-checks
+    with other ranges; run fields as given)."""
     from xd_dask.distributed import FitConfig  # noqa: PLC0415
-    from xd_dask.em import StepSchedule  # noqa: PLC0415
 
-    fit, cat = cfg["fit"], cfg["catalog"]
+    run: dict[str, Any] = {
+        "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),
+        "performance_report": None if performance_report is None else str(performance_report),
+    }
+    if catalog is not None:
+        run["catalog"] = catalog
     try:
-        step = StepSchedule(**fit["step"])
-    except ValueError as exc:
-        raise ConfigError(f"fit.step: {exc}") from None
-    return FitConfig(
-        catalog=catalog if catalog is not None else cat["path"],
-        n_components=fit["n_components"],
-        schema=cat["schema"],
-        method=fit["method"],
-        max_iter=fit["max_iter"],
-        tol=float(fit["tol"]),
-        epochs=fit["epochs"],
-        wave_size=fit["wave_size"] or None,
-        step=step,
-        reg_covar=float(fit["reg_covar"]),
-        seed=fit["seed"],
-        init=fit["init"] or "kmeans",
-        kmeans_sample=fit["kmeans_sample"] or None,
-        persist=fit["persist"],
-        on_bad=cat["on_bad"],
-        backend=fit["backend"],
-        dtype=fit["dtype"],
-        checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
-        fan_in=fit["fan_in"],
-        subsample=float(fit["subsample"]) or None,
-        gpu=cfg.get("cluster.gpu"),
-        performance_report=None if performance_report is None else str(performance_report),
-        max_rows_per_partition=cat["max_rows_per_partition"] or None,
-        holdout_rows=float(cat["holdout_rows"]),
-        background=fit["background"],
-        background_weight=float(fit["background_weight"]),
-        max_ll_drop=float(fit["max_ll_drop"]),
-    )
+        return FitConfig.from_values(cfg.flat(), **run)
+    except ValueError as exc:  # a StepSchedule rule the table cannot state (floor <= lambda0)
+        raise ConfigError(str(exc)) from None
 
 
 def load_schema_checked(spec: str):
@@ -169,21 +169,70 @@ def load_schema_checked(spec: str):
         raise ConfigError(f"catalog.schema: {exc}") from None
 
 
+def check_holdout(cfg: JobConfig, schema: Any, train: Any, holdout_manifest: Any) -> None:
+    """A separate held-out catalogue must be readable with the schema (else ConfigError) and
+    should look like the catalogue: files whose columns differ from the catalogue's give a
+    warning naming the difference (e.g. a demo job's synthetic held-out set scored against a
+    model of a real catalogue)."""
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    from xd_dask.io.reader import CatalogError, require_columns  # noqa: PLC0415
+
+    def columns(path: str) -> list[str]:
+        if "://" in path:  # remote: leave it to the read
+            return []
+        return list(pq.ParquetFile(path).schema_arrow.names)
+
+    held = holdout_manifest[0].path
+    held_cols = columns(held)
+    if held_cols:
+        try:
+            require_columns(held, held_cols, schema)
+        except CatalogError as exc:
+            raise ConfigError(f"catalog.holdout ({cfg.source('catalog.holdout')}): {exc}") from None
+    train_cols = columns(train[0].path)
+    if (
+        held_cols
+        and train_cols
+        and {c.lower() for c in held_cols} != {c.lower() for c in train_cols}
+    ):
+        only_h = sorted(set(held_cols) - set(train_cols))[:5]
+        only_t = sorted(set(train_cols) - set(held_cols))[:5]
+        warnings.warn(
+            f"the held-out catalogue {cfg.catalog.holdout!r} ({cfg.source('catalog.holdout')}) "
+            f"does not look like the catalogue {cfg.catalog.path!r}: its files have "
+            f"{len(held_cols)} columns against {len(train_cols)} (only in the held-out set: "
+            f"{only_h}; only in the catalogue: {only_t}); is it a sample of the same catalogue?",
+            HoldoutMismatchWarning,
+            stacklevel=2,
+        )
+
+
+class HoldoutMismatchWarning(UserWarning):
+    """A held-out catalogue does not look like a sample of the fitted catalogue."""
+
+
 @contextlib.contextmanager
-def cluster_client(cfg: JobConfig) -> Iterator[Any]:
+def cluster_client(cfg: JobConfig, *, quiet: bool = False) -> Iterator[Any]:
     """Connect as ``[cluster]`` says (address > scheduler file > DASK_SCHEDULER_ADDRESS > a new
-    local cluster); close the client and any local cluster afterwards."""
+    local cluster); close the client and any local cluster afterwards.
+
+    quiet : a new local cluster's workers log only critical messages (a failed task's "Compute
+    Failed" block and traceback are not printed; the error reaches the client anyway).
+    """
     from xd_dask.distributed import connect  # noqa: PLC0415
 
-    cl = cfg["cluster"]
+    cl = cfg.cluster
+    extra = {"silence_logs": logging.CRITICAL} if quiet else {}
     client, cluster = connect(
-        scheduler_address=cl["scheduler_address"] or None,
-        scheduler_file=cl["scheduler_file"] or None,
-        n_workers=cl["n_workers"] or None,
-        threads_per_worker=cl["threads_per_worker"],
-        gpu=cl["gpu"],
-        dashboard_address=cl["dashboard_address"],
-        memory_limit=cl["memory_limit"],
+        scheduler_address=cl.scheduler_address or None,
+        scheduler_file=cl.scheduler_file or None,
+        n_workers=cl.n_workers or None,
+        threads_per_worker=cl.threads_per_worker,
+        gpu=cl.gpu,
+        dashboard_address=cl.dashboard_address,
+        memory_limit=cl.memory_limit,
+        **extra,
     )
     try:
         yield client
@@ -194,66 +243,82 @@ def cluster_client(cfg: JobConfig) -> Iterator[Any]:
 
 
 # --------------------------------------------------------------------------- data for plots
+@dataclass
+class SampledRows:
+    """Catalogue rows drawn for plots: X (n, D); rows read and dropped (per reason) in the
+    partitions they came from."""
+
+    X: np.ndarray
+    n_read: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_dropped(self) -> int:
+        return int(sum(self.dropped.values()))
+
+
 def _read_rows(path: str, row_groups: Any, schema: Any, n: int, seed: int, on_bad: str):
-    """(m, D) rows of one partition, m <= n, seeded choice (runs on a worker)."""
+    """(X (m, D) with m <= n by a seeded choice, rows read, dropped) of one partition (runs on
+    a worker)."""
     from xd_dask.io import read_partition  # noqa: PLC0415
 
     blk = read_partition(path, schema, on_bad=on_bad, row_groups=row_groups)
     X = np.asarray(blk.X, dtype=np.float64)
     if X.shape[0] > n:
         X = X[np.sort(np.random.default_rng(seed).choice(X.shape[0], n, replace=False))]
-    return X
+    return X, blk.n_read, {k: v for k, v in blk.dropped.items() if v}
 
 
 def sample_rows(
     client: Any,
-    sources: str | Sequence[str],
+    sources: Any,
     schema: Any,
     max_rows: int,
     *,
     seed: int = 0,
     on_bad: str = "drop",
     max_partitions: int = 32,
-) -> np.ndarray:
-    """Up to ``max_rows`` catalogue rows (n, D) from a few seeded partitions, read by workers.
+) -> SampledRows:
+    """Up to ``max_rows`` catalogue rows from a few seeded partitions, read by workers.
 
+    sources : catalogue sources, or their manifest (not listed again).
     Only the sampled feature values travel to the client (for plots), never whole partitions.
     With ``client=None`` the partitions are read in this process.
     """
-    from xd_dask.distributed import build_manifest  # noqa: PLC0415
+    from xd_dask.distributed import Manifest, build_manifest  # noqa: PLC0415
 
-    manifest = build_manifest(sources)
+    manifest = (
+        sources
+        if isinstance(sources, Manifest)
+        else build_manifest(sources, id_column=schema.id_column)
+    )
     if max_rows <= 0:
-        return np.zeros((0, len(schema.features)))
+        return SampledRows(np.zeros((0, len(schema.features))))
     rng = np.random.default_rng([seed, 5])
     k = min(max_partitions, len(manifest))
     chosen = sorted(rng.choice(len(manifest), size=k, replace=False).tolist())
     per = -(-max_rows // k)
-    if client is None:  # no cluster (e.g. `xd-dask plot`): read the few partitions here
-        parts = [
-            _read_rows(manifest[i].path, manifest[i].row_groups, schema, per, seed + i, on_bad)
-            for i in chosen
-        ]
-        return np.concatenate(parts, axis=0)[:max_rows]
-    futures = [
-        client.submit(
-            _read_rows,
-            manifest[i].path,
-            manifest[i].row_groups,
-            schema,
-            per,
-            seed + i,
-            on_bad,
-            key=f"xd-plot-rows-{i}-{seed}-{per}",
-            pure=False,
-        )
-        for i in chosen
+    args = [
+        (manifest[i].path, manifest[i].row_groups, schema, per, seed + i, on_bad) for i in chosen
     ]
-    try:
-        return np.concatenate(client.gather(futures), axis=0)[:max_rows]
-    finally:
-        for f in futures:
-            f.release()
+    if client is None:  # no cluster (e.g. `xd-dask plot`): read the few partitions here
+        parts = [_read_rows(*a) for a in args]
+    else:
+        futures = [
+            client.submit(_read_rows, *a, key=f"xd-plot-rows-{i}-{seed}-{per}", pure=False)
+            for i, a in zip(chosen, args, strict=True)
+        ]
+        try:
+            parts = client.gather(futures)
+        finally:
+            for f in futures:
+                f.release()
+    dropped: dict[str, int] = {}
+    for _, _, d in parts:
+        for reason, n in d.items():
+            dropped[reason] = dropped.get(reason, 0) + n
+    X = np.concatenate([p[0] for p in parts], axis=0)[:max_rows]
+    return SampledRows(X, sum(p[1] for p in parts), dropped)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -263,17 +328,27 @@ def write_plots(
     out_dir: Path,
     cfg: JobConfig,
     data: np.ndarray | None,
+    *,
+    units: Sequence[str] | None = None,
 ) -> dict[str, str]:
-    """The training curve, corner plot and (for ra/dec models) sky plot; returns {name: path}."""
+    """The training curve, corner plot and (for ra/dec models) sky plot; returns {name: path}.
+
+    units : the unit of each model feature (the schema's), shown on the corner plot's axes.
+    """
     from xd_dask.jobs import plots  # noqa: PLC0415
 
-    pc = cfg["plots"]
+    pc = cfg.plots
     files: dict[str, str] = {}
     if history:
         files["training_curve"] = str(
-            plots.training_curve(history, out_dir / "training_curve.png", dpi=pc["dpi"])
+            plots.training_curve(
+                history,
+                out_dir / "training_curve.png",
+                dpi=pc.dpi,
+                method=model.metadata.get("method"),
+            )
         )
-    features = pc["features"] or plots.default_features(model)
+    features = list(pc.features) or plots.default_features(model)
     if len(features) >= 2:
         files["corner"] = str(
             plots.corner_plot(
@@ -281,19 +356,21 @@ def write_plots(
                 out_dir / "corner.png",
                 features=features,
                 data=data,
-                n_samples=pc["n_samples"],
-                random_state=cfg.get("fit.seed"),
-                dpi=pc["dpi"],
+                n_samples=pc.n_samples,
+                random_state=cfg.fit.seed,
+                dpi=pc.dpi,
+                units=units,
             )
         )
-    if pc["sky"] and {"ra", "dec"} <= set(model.feature_names):
+    if pc.sky and {"ra", "dec"} <= set(model.feature_names):
         files["sky"] = str(
             plots.sky_plot(
                 model,
                 out_dir / "sky.png",
-                n_samples=pc["n_samples"],
-                random_state=cfg.get("fit.seed"),
-                dpi=pc["dpi"],
+                n_samples=pc.n_samples,
+                random_state=cfg.fit.seed,
+                dpi=pc.dpi,
+                data=data,
             )
         )
     return files
@@ -315,7 +392,7 @@ class FitOutcome:
 
 def score_sources(
     model: XDModel,
-    sources: str | Sequence[str],
+    sources: Any,
     cfg: JobConfig,
     client: Any,
     *,
@@ -323,6 +400,7 @@ def score_sources(
 ) -> Any:
     """:func:`xd_dask.distributed.score_catalog` with the job's schema and worker settings.
 
+    sources : catalogue sources or their manifest.
     split : score only one side of the row-level split (see :func:`heldout_split`).
     """
     from xd_dask.distributed import score_catalog  # noqa: PLC0415
@@ -330,15 +408,23 @@ def score_sources(
     return score_catalog(
         model,
         sources,
-        cfg.get("catalog.schema"),
+        cfg.catalog.schema,
         client,
-        on_bad=cfg.get("catalog.on_bad"),
-        backend=cfg.get("fit.backend"),
-        gpu=cfg.get("cluster.gpu"),
-        dtype=cfg.get("fit.dtype"),
-        fan_in=cfg.get("fit.fan_in"),
+        on_bad=cfg.catalog.on_bad,
+        backend=cfg.fit.backend,
+        gpu=cfg.cluster.gpu,
+        dtype=cfg.fit.dtype,
+        fan_in=cfg.fit.fan_in,
         split=split,
     )
+
+
+def convergence(history: Sequence[dict[str, Any]], tol: float, converged: bool) -> dict:
+    """How far from converged a batch-EM fit stopped: the last change of the mean
+    log-likelihood per row (nats) against ``tol``."""
+    ll = [h["mean_loglike"] for h in history if h.get("mean_loglike") is not None]
+    last = ll[-1] - ll[-2] if len(ll) >= 2 else None
+    return {"converged": bool(converged), "last_change": last, "tol": tol}
 
 
 def run_fit(
@@ -349,12 +435,14 @@ def run_fit(
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
     plots: bool | None = None,
+    overwrite: bool = False,
 ) -> FitOutcome:
     """Run the job's fit on ``client`` and write its outputs (see the module docstring).
 
     The output directory is locked for the whole run (:func:`xd_dask.locks.output_lock`: a
     second fit or resume into it raises LockError naming this one); temporaries left there by
-    an interrupted run are removed first.
+    an interrupted run are removed first. A new fit into a directory that holds checkpoints is
+    refused (ConfigError), or with ``overwrite`` the checkpoints are deleted, under the lock.
 
     Parameters
     ----------
@@ -364,15 +452,51 @@ def run_fit(
     out_dir : output directory (default ``output.dir``).
     resume : continue from ``<out_dir>/checkpoints`` instead of starting a new fit.
     plots : write plots (default ``output.plots``).
+    overwrite : start afresh even if ``<out_dir>/checkpoints`` exists.
     """
     from xd_dask.locks import output_lock  # noqa: PLC0415
     from xd_dask.utils import remove_stale_temporaries  # noqa: PLC0415
 
-    out = Path(out_dir if out_dir is not None else cfg.get("output.dir"))
+    out = Path(out_dir if out_dir is not None else cfg.output.dir)
     with output_lock(out):
-        for directory in (out, out / CHECKPOINT_DIR):
+        ckpt = out / CHECKPOINT_DIR
+        if not resume and ckpt.exists():
+            if not overwrite:
+                raise ConfigError(
+                    f"{out} already holds the checkpoints of a fit: continue it with "
+                    f"`xd-dask resume {out}`, or pass --overwrite, or choose another --out"
+                )
+            shutil.rmtree(ckpt)
+        for directory in (out, ckpt):
             remove_stale_temporaries(directory)
         return _run_fit(cfg, client, out, progress, resume, plots)
+
+
+def _sources(cfg: JobConfig, schema: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """(training sources for the fit, their manifest, held-out manifest or None, held-out split,
+    a description of the held-out rows): each catalogue is listed once here."""
+    from xd_dask.distributed import Manifest  # noqa: PLC0415
+
+    cat = cfg.catalog
+    if cat.holdout_fraction > 0:
+        full = _manifest(cat.path, cfg, schema)
+        train, hold = _held_out_files(cfg, full)
+
+        def subset(files: list[str]) -> Manifest:  # partitions renumbered 0, 1, ...
+            parts = [p for p in full if p.path in set(files)]
+            return Manifest(
+                tuple(dataclasses.replace(p, pid=i) for i, p in enumerate(parts)), full.source
+            )
+
+        return train, subset(train), subset(hold), None, hold
+    manifest = _manifest(cat.path, cfg, schema)
+    if cat.holdout:
+        held = _manifest(cat.holdout, cfg, schema)
+        check_holdout(cfg, schema, manifest, held)
+        return cat.path, manifest, held, None, cat.holdout
+    if cat.holdout_rows > 0:
+        return cat.path, manifest, manifest, heldout_split(cfg), cat.path
+    return cat.path, manifest, None, None, None
 
 
 def _run_fit(
@@ -385,10 +509,10 @@ def _run_fit(
 ) -> FitOutcome:
     from xd_dask.distributed import fit_catalog, resume_fit  # noqa: PLC0415
 
-    schema = load_schema_checked(cfg.get("catalog.schema"))
-    train, holdout = split_catalog(cfg)
-    ckpt = out / CHECKPOINT_DIR if (cfg.get("output.checkpoint") or resume) else None
-    report_html = out / "dask-report.html" if cfg.get("output.performance_report") else None
+    schema = load_schema_checked(cfg.catalog.schema)
+    train, manifest, holdout, split, held_desc = _sources(cfg, schema)
+    ckpt = out / CHECKPOINT_DIR if (cfg.output.checkpoint or resume) else None
+    report_html = out / "dask-report.html" if cfg.output.performance_report else None
     fc = fit_config(cfg, catalog=train, checkpoint_dir=ckpt, performance_report=report_html)
     with atomic_path(out / "job.toml") as tmp:
         tmp.write_text(cfg.to_toml())
@@ -403,30 +527,26 @@ def _run_fit(
     model.metadata["job"] = {
         "job_file": str(cfg.job_file) if cfg.job_file else None,
         "overrides": {k: v for k, v in cfg.sources.items() if "job file" not in v},
-        "heldout": holdout,
-        "heldout_split": heldout_split(cfg),
+        "heldout": held_desc,
+        "heldout_split": split,
     }
     files = {"model": str(model.save(out / "model.npz"))}
     history = list(meta.get("history", []))
     files["history"] = str(write_json(out / "history.json", history))
     heldout = None
     if holdout is not None:
-        res = score_sources(model, holdout, cfg, client, split=heldout_split(cfg))
-        heldout = {"mean_loglike": res.mean_loglike, "n_rows": res.n_rows}
-    if plots if plots is not None else cfg.get("output.plots"):
+        res = score_sources(model, holdout, cfg, client, split=split)
+        heldout = {"mean_loglike": res.mean_loglike, "n_rows": res.n_rows, "dropped": res.dropped}
+    if plots if plots is not None else cfg.output.plots:
         data = sample_rows(
-            client,
-            train,
-            schema,
-            cfg.get("plots.max_rows"),
-            seed=cfg.get("fit.seed"),
-            on_bad="drop",
+            client, manifest, schema, cfg.plots.max_rows, seed=cfg.fit.seed, on_bad="drop"
         )
-        files.update(write_plots(model, history, out, cfg, data))
+        files.update(write_plots(model, history, out, cfg, data.X, units=schema.units))
     if report_html is not None:
         files["performance_report"] = str(report_html)
     if ckpt is not None:
         files["checkpoints"] = str(ckpt)
+    conv = convergence(history, fc.tol, meta.get("converged")) if fc.method == "em" else {}
     report = {
         "status": "ok",
         "started_utc": started.isoformat(timespec="seconds"),
@@ -436,9 +556,12 @@ def _run_fit(
         "features": model.feature_names,
         "n_iter": meta.get("n_iter"),
         "converged": meta.get("converged"),
+        "last_change": conv.get("last_change"),
+        "tol": conv.get("tol"),
         "final_mean_loglike": meta.get("final_mean_loglike"),
         "heldout_mean_loglike": None if heldout is None else heldout["mean_loglike"],
         "heldout_rows": None if heldout is None else heldout["n_rows"],
+        "heldout_dropped": None if heldout is None else heldout["dropped"],
         "rows_used": meta.get("rows_used"),
         "rows_read": meta.get("rows_read"),
         "dropped": meta.get("dropped"),

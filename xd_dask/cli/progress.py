@@ -1,0 +1,197 @@
+"""What the commands print: progress of a fit, summary tables, JSON events, the dashboard link,
+and a note when the numerical kernels are about to be compiled."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["Progress", "connected", "jsonable", "kernels_cold", "summary", "table"]
+
+
+class Progress:
+    """Renders fit events: a progress bar on a terminal, plain lines otherwise, or JSON lines."""
+
+    def __init__(self, log_format: str) -> None:
+        self.json = log_format == "json"
+        self.tty = sys.stdout.isatty() and not self.json
+        self.bar: Any = None
+        self.t0 = time.perf_counter()
+
+    def emit(self, event: str, **fields: Any) -> None:
+        """One JSON object (json mode) for ``event``; text mode prints nothing here."""
+        if self.json:
+            click.echo(json.dumps({"event": event, **jsonable(fields)}))
+
+    def message(self, text: str, **fields: Any) -> None:
+        if self.json:
+            self.emit("message", text=text, **fields)
+        else:
+            self._close_bar()
+            click.echo(text)
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        if self.json:
+            self.emit("progress", **ev)
+            return
+        online = ev.get("method") == "online"
+        where = (
+            f"epoch {ev['epoch']} wave {ev['wave']} (t={ev['iteration']})"
+            if online
+            else f"iteration {ev['iteration']}"
+        )
+        label = f"{where}  mean log-likelihood {ev['mean_loglike']:.6f}"
+        if self.tty:
+            if self.bar is None:
+                self.bar = click.progressbar(
+                    length=int(ev.get("total") or 1), label=label, show_pos=True, width=30
+                )
+                self.bar.__enter__()
+            self.bar.label = label
+            self.bar.update(1)
+        else:
+            total = ev.get("total")
+            n = f"[{ev['iteration']}/{total}] " if total else ""
+            step = f"  step {ev['step']:.4g}" if online else ""
+            click.echo(f"{n}{label}{step}  rows {ev['rows']}  {ev['seconds']:.2f} s")
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    def close(self) -> None:
+        self._close_bar()
+
+
+def jsonable(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    return obj
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6f}" if abs(v) < 1e6 else f"{v:.6g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={x}" for k, x in v.items() if x) or "none"
+    if isinstance(v, list | tuple):
+        return ", ".join(str(x) for x in v)
+    return "-" if v is None else str(v)
+
+
+def table(rows: list[tuple[str, Any]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 2 + min(60, max(len(_fmt(v)) for _, v in rows)))
+    return "\n".join([line, *(f"{k.ljust(width)}  {_fmt(v)}" for k, v in rows), line])
+
+
+def _converged(report: dict[str, Any]) -> str:
+    """'yes', or how far from converged a batch-EM fit stopped."""
+    if report.get("converged"):
+        return "yes"
+    last, tol = report.get("last_change"), report.get("tol")
+    if report.get("method") != "em" or last is None:
+        return "-" if report.get("method") != "em" else "no"
+    if not tol:
+        return f"no (tol = 0: ran max_iter; last change {last:.2g} nats/row)"
+    return (
+        f"no: stopped at max_iter; last change {last:.2g} nats/row vs tol {tol:g} "
+        f"({abs(last) / tol:.3g} x tol)"
+    )
+
+
+def summary(progress: Progress, report: dict[str, Any], title: str) -> None:
+    if progress.json:
+        progress.emit("summary", **report)
+        return
+    rows = [
+        ("method", report.get("method")),
+        ("components (K)", report.get("n_components")),
+        ("features", report.get("features")),
+        ("iterations / waves", report.get("n_iter")),
+        ("converged", _converged(report)),
+        ("mean log-likelihood", report.get("final_mean_loglike")),
+        ("held-out mean log-lik.", report.get("heldout_mean_loglike")),
+        ("rows used", report.get("rows_used")),
+        ("rows dropped", report.get("dropped")),
+        ("partitions", report.get("partitions")),
+        ("fit time [s]", report.get("fit_seconds")),
+    ]
+    if any((report.get("heldout_dropped") or {}).values()):
+        rows.insert(7, ("held-out rows dropped", report.get("heldout_dropped")))
+    rows += [(name, path) for name, path in (report.get("files") or {}).items()]
+    progress.message(f"{title}\n{table(rows)}")
+
+
+def _dashboard(client: Any) -> str | None:
+    """The dashboard link, or None when the scheduler runs without a dashboard."""
+    try:
+        services = client.scheduler_info().get("services", {})
+    except Exception:  # an old or unusual scheduler: trust the client's guess
+        return client.dashboard_link
+    return client.dashboard_link if "dashboard" in services else None
+
+
+def show_dashboard(client: Any, progress: Progress) -> None:
+    link = _dashboard(client)
+    progress.message(
+        f"Dask dashboard: {link or 'none (the scheduler runs without a dashboard)'}",
+        dashboard=link,
+    )
+
+
+def kernels_cold(n_features: int, dtype: str = "float64") -> bool:
+    """True when this machine's kernel cache holds no compiled statistics kernel for
+    (``n_features``, ``dtype``) of this xd-dask (the first fit then compiles for ~1 minute)."""
+    try:
+        from xd_dask.kernels import _numba  # noqa: PLC0415
+
+        cache = _numba._cache_dir()
+        if cache is None:
+            return True  # no usable cache: compiled in memory every run
+        stem = f"xdk_stats_d{n_features}_{'f32' if dtype == 'float32' else 'f64'}_"
+        stem += _numba._source_tag()
+        return not any((cache / "__pycache__").glob(f"{stem}.*.nbi"))
+    except Exception:  # the kernels' cache layout changed: say nothing
+        return False
+
+
+@contextlib.contextmanager
+def connected(cfg: Any, progress: Progress, verbose: int = 0) -> Iterator[Any]:
+    """A client as ``[cluster]`` says; prints the dashboard link. Without ``-v`` a new local
+    cluster's workers do not print failed tasks' tracebacks (the error reaches the CLI)."""
+    from xd_dask.jobs.runner import cluster_client  # noqa: PLC0415
+
+    with cluster_client(cfg, quiet=verbose == 0) as client:
+        show_dashboard(client, progress)
+        yield client
+
+
+def compile_note(cfg: Any, progress: Progress, n_features: int) -> None:
+    """Say that kernels will compile when a local cluster starts with a cold kernel cache."""
+    cl = cfg.cluster
+    if cl.scheduler_address or cl.scheduler_file or cl.gpu or cfg.fit.backend == "reference":
+        return
+    if kernels_cold(n_features, cfg.fit.dtype):
+        progress.message(
+            f"Compiling the numerical kernels for D = {n_features} ({cfg.fit.dtype}): the first "
+            "run with an empty kernel cache takes about a minute longer; later runs reuse the "
+            "cache (XD_DASK_KERNEL_CACHE, default ~/.cache/xd-dask/kernels)"
+        )

@@ -1,0 +1,644 @@
+"""One typed configuration: every setting of a job in one table (:data:`KEYS`).
+
+Each :class:`Key` has a dotted name (``fit.n_components``), a default (whose Python type is the
+key's type), a one-line help, a range or a set of choices, and optionally a command-line flag.
+Everything else is derived from the table:
+
+- the packaged defaults and their documentation, ``xd_dask/defaults/job.toml``
+  (:func:`defaults_toml`; regenerate it with ``python -m xd_dask.config >
+  xd_dask/defaults/job.toml``, a test checks that it is current);
+- the checks of job files, environment variables and flags (:mod:`xd_dask.jobs.config`);
+- the fields, defaults and checks of :class:`xd_dask.distributed.FitConfig` (every ``fit.*`` key
+  is a field of the same name; keys of other sections name their field with ``fit=``);
+- the command-line options (:mod:`xd_dask.cli.app`: keys with a ``flag``);
+- the README's table of [fit] keys (:func:`markdown_table`; ``python -m xd_dask.config
+  --markdown fit``).
+
+Adding a key is one :class:`Key` entry in its section below; then ``python -m xd_dask.config
+--write README.md`` regenerates job.toml and the README's [fit] table (tests check both, and
+the shipped deploy examples, which embed the defaults: ``xd-dask render-job``). A value
+equal to a key's ``unset`` (``0``, ``0.0`` or ``""``: TOML has no null) means "not set /
+automatic"; FitConfig sees None for it. Keys with ``job=False`` are FitConfig fields that a job
+file cannot set (engine settings with a fixed default).
+
+This module imports nothing from the package (every layer may use it).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import textwrap
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "KEYS",
+    "RULES",
+    "SECTIONS",
+    "Key",
+    "Section",
+    "cross_key_errors",
+    "defaults",
+    "defaults_toml",
+    "fit_keys",
+    "key",
+    "markdown_table",
+    "nest",
+]
+
+Check = Callable[[Any], str | None]  # an extra check: returns an error text, or None
+
+
+# --------------------------------------------------------------------------- extra checks
+def _chars(pattern: str, allowed: str, what: str, *, empty: bool = True) -> Check:
+    """A string of ``pattern`` for values that reach generated scripts and manifests unquoted
+    (#SBATCH lines, Kubernetes names)."""
+    rx = re.compile(pattern)
+
+    def check(v: str) -> str | None:
+        if (v == "" and empty) or rx.fullmatch(v):
+            return None
+        return f"must be {allowed} ({what}), got {v!r}"
+
+    return check
+
+
+def _text(multiline: bool = False) -> Check:
+    """A string without control characters (a newline is allowed when ``multiline``)."""
+    ok = {"\n", "\t"} if multiline else set()
+
+    def check(v: str) -> str | None:
+        bad = [c for c in v if (ord(c) < 32 or ord(c) == 127) and c not in ok]
+        if bad:
+            return f"must not contain control characters (found {bad[0]!r}), got {v!r}"
+        return None
+
+    return check
+
+
+def _walltime(v: str) -> str | None:
+    parts = v.split(":")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts) or int(parts[1]) > 59:
+        return f"must be HH:MM:SS, got {v!r}"
+    return None
+
+
+def _memory(v: str) -> str | None:
+    if v == "auto":
+        return None
+    from dask.utils import parse_bytes  # noqa: PLC0415
+
+    try:
+        if parse_bytes(v) <= 0:
+            raise ValueError
+    except (ValueError, TypeError):
+        return f"must be a memory size like '4GiB' (or 'auto'), got {v!r}"
+    return None
+
+
+def _init(v: str) -> str | None:
+    if v == "kmeans" or v.endswith(".npz"):
+        return None
+    return f"must be 'kmeans' or a model file (.npz), got {v!r}"
+
+
+_NAME = _chars(
+    r"[A-Za-z][A-Za-z0-9._-]{0,62}",
+    "a letter, then up to 62 of A-Z a-z 0-9 . _ -",
+    "it names Slurm jobs, files and Kubernetes resources",
+    empty=False,
+)
+_SLURM_WORD = _chars(
+    r"[A-Za-z0-9._,-]+", "made of A-Z a-z 0-9 . _ , -", "it goes into an #SBATCH line"
+)
+_K8S_NAME = _chars(
+    r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?",
+    "a Kubernetes name: a-z 0-9 . - (lower case; starting and ending alphanumeric)",
+    "it goes into the manifests",
+)
+_IMAGE = _chars(
+    r"[A-Za-z0-9][A-Za-z0-9._/:@+-]*", "an image reference", "A-Z a-z 0-9 . _ / : @ + -"
+)
+_LISTEN = _chars(r"[A-Za-z0-9.\[\]:-]*:[0-9]{1,5}", "host:port or :port, or empty", "the dashboard")
+_ADDRESS = _chars(
+    r"none|[A-Za-z0-9.\[\]:-]*:[0-9]{1,5}", "host:port, :port or 'none'", "a listening address"
+)
+
+
+# --------------------------------------------------------------------------- the key type
+_UNSET_DEFAULT = object()
+
+
+@dataclass(frozen=True)
+class Key:
+    """One setting.
+
+    Parameters
+    ----------
+    name : dotted name, ``section.key`` (``fit.step.kappa``: section ``fit.step``).
+    default : the default; its type (bool, int, float, str, list of str) is the key's type.
+    help : one line (command-line help; the comment beside the key in job.toml).
+    lo, hi, lo_open, hi_open : numeric range (closed unless open).
+    choices : the allowed strings.
+    check : a further check of a string value (returns an error text or None).
+    unset : the value that means "not set / automatic" where FitConfig takes None for it.
+    fit : the FitConfig field: "" = the last part of the name for ``fit.*`` keys (none for
+        others), a name, or None (not a FitConfig field).
+    flag : command-line flag(s), e.g. ``"-k/--n-components"`` (None: only ``--set``).
+    doc : further lines of documentation for job.toml.
+    job : False for FitConfig-only keys (engine settings a job file does not set).
+    """
+
+    name: str
+    default: Any
+    help: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple[str, ...] | None = None
+    check: Check | None = None
+    unset: Any = _UNSET_DEFAULT
+    fit: str | None = ""
+    flag: str | None = None
+    doc: str = ""
+    job: bool = True
+
+    @property
+    def section(self) -> str:
+        return self.name.rsplit(".", 1)[0]
+
+    @property
+    def leaf(self) -> str:
+        return self.name.rsplit(".", 1)[1]
+
+    @property
+    def type(self) -> type:
+        return type(self.default)
+
+    @property
+    def has_unset(self) -> bool:
+        return self.unset is not _UNSET_DEFAULT
+
+    @property
+    def field(self) -> str | None:
+        """The FitConfig field this key fills (None: not a FitConfig field)."""
+        if self.fit is None:
+            return None
+        if self.fit:
+            return self.fit
+        if self.section == "fit":
+            return self.leaf
+        return None
+
+    def allowed(self) -> str:
+        """The allowed values in words, e.g. ``integer >= 1``, ``number in (0, 0.5]``."""
+        t = self.type
+        if t is bool:
+            return "true or false"
+        if t is list:
+            return "list of names"
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if t is str:
+            return "string"
+        what = "integer" if t is int else "number"
+        lo, hi = self.lo, self.hi
+        if lo is not None and hi is not None:
+            left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+            return f"{what} in {left}{lo:g}, {hi:g}{right}"
+        if lo is not None:
+            return f"{what} {'>' if self.lo_open else '>='} {lo:g}"
+        if hi is not None:
+            return f"{what} {'<' if self.hi_open else '<='} {hi:g}"
+        return what
+
+    def validate(self, v: Any) -> str | None:
+        """An error text (``must be ...``) for a bad value, None for a good one."""
+        t = self.type
+        if t is bool:
+            return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
+        if t is list:
+            if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
+                return f"must be a list of names, got {v!r}"
+            return None
+        if t is str:
+            if not isinstance(v, str):
+                return f"must be a string, got {v!r}"
+            if self.choices is not None and v not in self.choices:
+                return f"must be one of {', '.join(repr(c) for c in self.choices)}, got {v!r}"
+            return self.check(v) if self.check is not None else None
+        if t is int and (isinstance(v, bool) or not isinstance(v, int)):
+            return f"must be an integer, got {v!r}"
+        if t is float and (
+            isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+        ):
+            return f"must be a finite number, got {v!r}"
+        if self.has_unset and v == self.unset:
+            return None
+        lo, hi = self.lo, self.hi
+        both = f" ({self.allowed()})" if lo is not None and hi is not None else ""
+        if lo is not None and (v <= lo if self.lo_open else v < lo):
+            return f"must be {'>' if self.lo_open else '>='} {lo:g}{both}, got {v:g}"
+        if hi is not None and (v >= hi if self.hi_open else v > hi):
+            return f"must be {'<' if self.hi_open else '<='} {hi:g}{both}, got {v:g}"
+        return None
+
+    def typed(self, v: Any) -> Any:
+        """The value in the key's type (an integer given for a float key becomes a float)."""
+        return float(v) if self.type is float and not isinstance(v, bool) else v
+
+
+def K(name: str, default: Any, help: str, **kw: Any) -> Key:  # noqa: N802 - reads as a table
+    return Key(name, default, help, **kw)
+
+
+# --------------------------------------------------------------------------- the table
+#: Section headers of job.toml: {section: comment}.
+SECTIONS: dict[str, str] = {
+    "catalog": "the catalogue and its held-out rows",
+    "fit": "what to fit and how",
+    "fit.step": "online EM step size lambda_t (xd_dask.em.StepSchedule)",
+    "cluster": "where the fit runs",
+    "output": "what is written",
+    "plots": "the plots written after a fit and by `xd-dask plot`",
+    "nightly": "`xd-dask nightly`",
+    "deploy": "read by `xd-dask render-job`",
+    "deploy.slurm": "",
+    "deploy.kubernetes": "",
+}
+
+KEYS: tuple[Key, ...] = (
+    # [catalog] -----------------------------------------------------------------------------
+    K("catalog.path", "", "Parquet catalogue: directory, glob, file or fsspec URL (required)",
+      fit="catalog", flag="--catalog"),
+    K("catalog.schema", "gaia_dr3", "packaged schema name or path to a schema TOML",
+      fit="schema", flag="--schema"),
+    K("catalog.on_bad", "error",
+      "bad rows: 'error' (stop, naming file/row/column) or 'drop' (counted per reason)",
+      choices=("error", "drop"), fit="on_bad", flag="--on-bad"),
+    K("catalog.max_rows_per_partition", 0,
+      "split big files into runs of row groups; 0 = one partition per file",
+      lo=0, unset=0, fit="max_rows_per_partition"),
+    K("catalog.holdout", "", "separate held-out catalogue (scored after the fit; nightly gate)",
+      unset="", flag="--holdout",
+      doc="it must have the catalogue's columns; a --catalog given without --holdout drops a "
+      "held-out\ncatalogue set in a job file (with a warning)"),
+    K("catalog.holdout_rows", 0.0, "or hold out this fraction of the ROWS (0 = none)",
+      lo=0.0, hi=0.5, fit="holdout_rows", flag="--holdout-rows",
+      doc="a row is held out when splitmix64(id) / 2^64 < fraction, so every file contributes "
+      "both\nsides, independent of partitioning; the fit reads the rest, the held-out score "
+      "these rows"),
+    K("catalog.holdout_fraction", 0.0, "or hold out this fraction of WHOLE FILES (0 = none)",
+      lo=0.0, hi=0.9,
+      doc="files are often sky regions (HEALPix order), so this holds out regions: fine for\n"
+      "comparing models, biased as an absolute score"),
+    # [fit] ---------------------------------------------------------------------------------
+    K("fit.n_components", 16, "number of Gaussian components K", lo=1, flag="-k/--n-components"),
+    K("fit.method", "em", "'em' (batch EM, a full pass per iteration) or 'online' (waves)",
+      choices=("em", "online"), flag="--method"),
+    K("fit.max_iter", 200, "batch EM: at most this many iterations", lo=1, flag="--max-iter"),
+    K("fit.tol", 1e-4,
+      "batch EM: converged when the mean log-likelihood per row changes by less (nats)",
+      lo=0.0, flag="--tol",
+      doc="0 = always max_iter iterations; a fit stopped by max_iter says how far from "
+      "converged it is (its last change against tol)"),
+    K("fit.epochs", 1, "online EM: passes over the catalogue", lo=1, flag="--epochs"),
+    K("fit.wave_size", 0, "online EM: partitions per wave; 0 = two per worker thread",
+      lo=0, unset=0, flag="--wave-size"),
+    K("fit.reg_covar", 1e-6, "added to the diagonal of every component covariance", lo=0.0),
+    K("fit.seed", 0, "seeds the initialisation, wave order and subsampling", lo=0,
+      flag="--seed"),
+    K("fit.init", "kmeans", "'kmeans' or the path of a model (.npz) to start from",
+      check=_init, flag="--init"),
+    K("fit.persist", False, "keep the catalogue's arrays in cluster memory between passes"),
+    K("fit.subsample", 0.0, "online EM: use this fraction of each partition's rows; 0 = all",
+      lo=0.0, hi=1.0, unset=0.0),
+    K("fit.kmeans_sample", 0, "rows sampled to seed k-means; 0 = max(50 K, 2000)",
+      lo=0, unset=0),
+    K("fit.fan_in", 8, "fan-in of the reduction tree of partition statistics", lo=2),
+    K("fit.backend", "auto", "kernel backend", choices=("auto", "numba", "reference")),
+    K("fit.dtype", "float64", "row precision on the workers (statistics are summed in float64)",
+      choices=("float64", "float32")),
+    K("fit.background", False,
+      "add a uniform background (outlier) component over the padded bounding box of the "
+      "k-means sample",
+      doc="its weight is fitted, so a few absurd rows are absorbed instead of taking a "
+      "component of their own"),
+    K("fit.background_weight", 0.001, "the background's starting weight",
+      lo=0.0, hi=0.5, lo_open=True),
+    K("fit.max_ll_drop", 0.1,
+      "batch EM: a larger fall of the mean log-likelihood per row (nats) in one iteration "
+      "rolls back and stops, naming the rows (robust EM)",
+      lo=0.0, lo_open=True),
+    K("fit.kmeans_iter", 10, "k-means passes", lo=1, job=False),
+    K("fit.kmeans_tol", 1e-4, "k-means centre-shift tolerance (standardised units)", lo=0.0,
+      job=False),
+    K("fit.numba_threads", 1, "Numba threads per task", lo=1, job=False),
+    K("fit.max_retries", 3, "re-runs of a pass after the cluster lost its tasks", lo=0,
+      job=False),
+    # [fit.step] ----------------------------------------------------------------------------
+    K("fit.step.kind", "power",
+      "'power': min(1, (t + t0)^-kappa); 'halving': lambda0, then halved",
+      choices=("power", "halving")),
+    K("fit.step.kappa", 0.6, "power: decay exponent", lo=0.5, hi=1.0, lo_open=True),
+    K("fit.step.t0", 1.0, "power: offset of t", lo=1.0),
+    K("fit.step.lambda0", 0.1, "halving: the constant step", lo=0.0, hi=1.0, lo_open=True),
+    K("fit.step.hold", 100, "halving: waves at lambda0", lo=0),
+    K("fit.step.every", 100, "halving: then halve every this many waves", lo=1),
+    K("fit.step.floor", 1e-4, "halving: never below this", lo=0.0, hi=1.0, lo_open=True),
+    # [cluster] -----------------------------------------------------------------------------
+    K("cluster.scheduler_address", "", "tcp://host:8786 of a running scheduler", unset="",
+      flag="--scheduler-address"),
+    K("cluster.scheduler_file", "", "or the file written by `dask scheduler --scheduler-file`",
+      unset="", flag="--scheduler-file"),
+    K("cluster.n_workers", 0, "local cluster: worker processes; 0 = one per core",
+      lo=0, unset=0, flag="--n-workers"),
+    K("cluster.threads_per_worker", 1, "local cluster: threads per worker process", lo=1,
+      flag="--threads-per-worker"),
+    K("cluster.memory_limit", "auto", "local cluster: memory per worker ('auto', '4GiB', ...)",
+      check=_memory),
+    K("cluster.dashboard_address", "127.0.0.1:8787",
+      "local cluster: its dashboard, on loopback like its scheduler and workers",
+      check=_LISTEN,
+      doc="'127.0.0.1:0' or ':0' = any free port; '0.0.0.0:8787' opens it to the network;\n"
+      "'' = no dashboard"),
+    K("cluster.gpu", False, "CuPy kernels on GPU workers (dask-cuda for a local cluster)",
+      fit="gpu", flag="--gpu/--no-gpu"),
+    # [output] ------------------------------------------------------------------------------
+    K("output.dir", "xd-out",
+      "model.npz, history.json, report.json, *.png and checkpoints/ are written here",
+      flag="-o/--out"),
+    K("output.plots", True, "write the corner, sky and training-curve plots"),
+    K("output.checkpoint", True, "checkpoint the fit into <dir>/checkpoints (`xd-dask resume`)"),
+    K("output.performance_report", False, "write <dir>/dask-report.html (a Dask report)"),
+    # [plots] -------------------------------------------------------------------------------
+    K("plots.features", [], "corner-plot features; [] = up to the first 5 of the model"),
+    K("plots.n_samples", 50000, "model samples drawn for the plots", lo=100),
+    K("plots.max_rows", 50000, "catalogue rows drawn against the model (from a few partitions)",
+      lo=0),
+    K("plots.sky", True, "sky density of samples, if the model has ra and dec"),
+    K("plots.dpi", 110, "resolution of the PNG files", lo=30),
+    # [nightly] -----------------------------------------------------------------------------
+    K("nightly.store", "models",
+      "model store: <store>/<UTC date>/ per run, <store>/latest -> best run"),
+    K("nightly.keep", 7, "keep the last N finished runs", lo=1,
+      doc="also kept: `latest`, running runs and runs newer than `latest`; killed runs do not "
+      "count"),
+    K("nightly.margin", 0.01, "a new model may be worse on the held-out set by at most this",
+      lo=0.0,
+      doc="(mean log-likelihood per row, nats) and still replace `latest`"),
+    K("nightly.warm_start", True, "start from `latest` when its K and features match"),
+    # [deploy] ------------------------------------------------------------------------------
+    K("deploy.name", "xd-dask-fit", "job / cluster name", check=_NAME),
+    K("deploy.image", "xd-dask:0.1.0", "CPU image (deploy/docker/Dockerfile)", check=_IMAGE),
+    K("deploy.gpu_image", "xd-dask-gpu:0.1.0", "GPU image (deploy/docker/Dockerfile.gpu)",
+      check=_IMAGE),
+    K("deploy.n_workers", 4, "CPU worker processes (pods / Slurm tasks)", lo=0),
+    K("deploy.gpu_workers", 0,
+      "GPU workers, one GPU each (`dask cuda worker --resources GPU=1`)", lo=0),
+    K("deploy.worker_cores", 4, "threads per CPU worker (and cores requested for it)", lo=1),
+    K("deploy.worker_memory", "16GiB", "memory per worker", check=_memory),
+    K("deploy.scheduler_cores", 1, "cores of the scheduler", lo=1),
+    K("deploy.scheduler_memory", "4GiB", "memory of the scheduler", check=_memory),
+    K("deploy.walltime", "04:00:00", "Slurm time limit (HH:MM:SS)", check=_walltime),
+    K("deploy.config_path", "/etc/xd-dask/job.toml", "where the job file is placed for the runner",
+      check=_text()),
+    K("deploy.slurm.partition", "", "CPU partition (empty: cluster default)", check=_SLURM_WORD),
+    K("deploy.slurm.gpu_partition", "", "GPU partition (empty: same as partition)",
+      check=_SLURM_WORD),
+    K("deploy.slurm.account", "", "Slurm account (empty: your default)", check=_SLURM_WORD),
+    K("deploy.slurm.setup", "",
+      "shell lines run first on every node (module load ..., source venv)",
+      check=_text(multiline=True),
+      doc="pasted into the script as they are: this is shell code"),
+    K("deploy.slurm.dashboard_address", "127.0.0.1:8787",
+      "the scheduler's dashboard on the batch node", check=_ADDRESS,
+      doc="loopback: reach it with `ssh -L 8787:127.0.0.1:8787 <node>`; '0.0.0.0:8787' opens it "
+      "to the\ncluster network; 'none' = no dashboard"),
+    K("deploy.kubernetes.namespace", "default", "Kubernetes namespace", check=_K8S_NAME),
+    K("deploy.kubernetes.volume_claim", "",
+      "PersistentVolumeClaim with the catalogue and outputs (empty: none)", check=_K8S_NAME),
+    K("deploy.kubernetes.mount_path", "/data", "where volume_claim is mounted", check=_text()),
+)  # fmt: skip
+
+_BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
+
+
+def key(name: str) -> Key:
+    """The key called ``name`` (KeyError if there is none)."""
+    return _BY_NAME[name]
+
+
+def job_keys() -> Iterator[Key]:
+    """The keys a job file may set."""
+    return (k for k in KEYS if k.job)
+
+
+def fit_keys() -> Iterator[Key]:
+    """The keys that are FitConfig fields, ``fit.step.*`` excluded (FitConfig.step)."""
+    return (k for k in KEYS if k.field is not None and k.section != "fit.step")
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
+    out: dict[str, Any] = {}
+    for name, value in flat.items():
+        d = out
+        *parents, leaf = name.split(".")
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[leaf] = value
+    return out
+
+
+def defaults() -> dict[str, Any]:
+    """The job defaults as a nested dict (a fresh copy: lists are copied)."""
+    return nest({k.name: list(k.default) if k.type is list else k.default for k in job_keys()})
+
+
+# --------------------------------------------------------------------------- cross-key rules
+def _one_holdout(get: Callable[[str], Any]) -> str | None:
+    given = [
+        name
+        for name in ("catalog.holdout", "catalog.holdout_fraction", "catalog.holdout_rows")
+        if get(name)
+    ]
+    return f"{' and '.join(given)} are set together; give one of them" if len(given) > 1 else None
+
+
+def _subsample_online(get: Callable[[str], Any]) -> str | None:
+    if get("fit.subsample") and get("fit.method") != "online":
+        return "fit.subsample applies to fit.method = 'online' only"
+    return None
+
+
+#: Checks between keys: (the keys involved, check(get) -> error text or None). ``get(name)``
+#: returns a key's value; 0, 0.0, "" and None all mean "not set".
+RULES: tuple[tuple[tuple[str, ...], Callable[[Callable[[str], Any]], str | None]], ...] = (
+    (("catalog.holdout", "catalog.holdout_fraction", "catalog.holdout_rows"), _one_holdout),
+    (("fit.subsample", "fit.method"), _subsample_online),
+)
+
+
+def cross_key_errors(
+    get: Callable[[str], Any], available: Iterable[str]
+) -> Iterator[tuple[tuple[str, ...], str]]:
+    """The rules whose keys are all ``available`` and that fail: (keys, error text)."""
+    have = set(available)
+    for names, rule in RULES:
+        if set(names) <= have:
+            err = rule(get)
+            if err:
+                yield names, err
+
+
+# --------------------------------------------------------------------------- typed sections
+class Section(Mapping[str, Any]):
+    """A validated section with attribute access (``cfg.fit.n_components``, ``cfg.fit.step``).
+
+    Values have their key's type (a float key's integer is a float); sub-sections are
+    Sections. It is also a read-only mapping of the raw values (``section["key"]``).
+    """
+
+    def __init__(self, name: str, data: Mapping[str, Any]) -> None:
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_data", data)
+
+    def __getattr__(self, leaf: str) -> Any:
+        if leaf.startswith("_"):
+            raise AttributeError(leaf)
+        try:
+            value = self._data[leaf]
+        except KeyError:
+            raise AttributeError(f"no config key {self._name}.{leaf}") from None
+        if isinstance(value, Mapping):
+            return Section(f"{self._name}.{leaf}", value)
+        k = _BY_NAME.get(f"{self._name}.{leaf}")
+        return k.typed(value) if k is not None else value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("configuration sections are read-only; use JobConfig.replace")
+
+    def __getitem__(self, leaf: str) -> Any:
+        return self._data[leaf]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"Section({self._name!r}, {dict(self._data)!r})"
+
+
+# --------------------------------------------------------------------------- job.toml
+_HEADER = """\
+# xd-dask job configuration: the packaged defaults (every key that a job file may set).
+# GENERATED from the key table in xd_dask/config.py (`python -m xd_dask.config`): edit the table.
+#
+# Precedence, highest first:
+#   1. command-line flags (`-k 64`, or `--set fit.n_components=64` for any key)
+#   2. environment variables XD_DASK_<SECTION>__<KEY> (double underscore between levels), e.g.
+#      XD_DASK_FIT__N_COMPONENTS=64, XD_DASK_FIT__STEP__KAPPA=0.7, XD_DASK_CLUSTER__GPU=true;
+#      values are read as TOML values ("true", "3", "[\\"a\\", \\"b\\"]"), else as plain strings
+#   3. the job file given on the command line (TOML, same layout as this file)
+#   4. this file
+# Unknown keys and bad values are errors that name the key and where it was set. Relative paths
+# are relative to the current working directory. An empty string (or 0 where the comment says
+# so) means "not set". [brackets]: the allowed values; (flag): the command-line flag.
+"""
+_COLUMN = 29
+_WIDTH = 100
+_NBSP = "\u00a0"
+
+
+def _toml_value(v: Any) -> str:
+    import tomli_w  # noqa: PLC0415
+
+    return tomli_w.dumps({"v": v})[4:].strip()
+
+
+def _key_lines(k: Key) -> list[str]:
+    bits = [k.help]
+    if k.type in (int, float) or k.choices:
+        bits.append(f"[{k.allowed()}]".replace(" ", _NBSP))  # never broken across lines
+    if k.flag:
+        bits.append(f"({k.flag})")
+    if k.doc:
+        bits.append("- " + " ".join(k.doc.split()))
+    left = f"{k.leaf} = {_toml_value(k.default)}"
+    if len(left) >= _COLUMN - 1:
+        lines, width = [left], _WIDTH - _COLUMN - 2
+        body = textwrap.wrap(" ".join(bits), width)
+    else:
+        first = textwrap.wrap(" ".join(bits), _WIDTH - _COLUMN - 2)
+        lines = [f"{left.ljust(_COLUMN)}# {first[0]}"]
+        body = first[1:]
+    lines += [" " * _COLUMN + f"# {line}" for line in body]
+    return [line.replace(_NBSP, " ") for line in lines]
+
+
+def defaults_toml() -> str:
+    """The text of ``xd_dask/defaults/job.toml``: every job key, its default and its help."""
+    out = [_HEADER.rstrip("\n")]
+    current = None
+    for k in job_keys():
+        if k.section != current:
+            current = k.section
+            head = f"[{current}]"
+            note = SECTIONS.get(current, "")
+            out += ["", f"{head.ljust(_COLUMN)}# {note}" if note else head]
+        out += _key_lines(k)
+    return "\n".join(out) + "\n"
+
+
+def markdown_table(section: str) -> str:
+    """The keys of ``section`` as a Markdown table (key, default, allowed values, flag, meaning),
+    as the README shows them."""
+    rows = ["| key | default | allowed | flag | meaning |", "|---|---|---|---|---|"]
+    for k in job_keys():
+        if k.section != section:
+            continue
+        allowed = k.allowed() if k.type in (int, float) or k.choices else ""
+        flag = f"`{k.flag}`" if k.flag else ""
+        text = k.help + (f"; {' '.join(k.doc.split())}" if k.doc else "")
+        rows.append(f"| `{k.leaf}` | `{_toml_value(k.default)}` | {allowed} | {flag} | {text} |")
+    return "\n".join(rows) + "\n"
+
+
+def write_generated(readme: str | None = None) -> list[str]:
+    """Rewrite the files generated from the table: ``xd_dask/defaults/job.toml`` and, when
+    ``readme`` (README.md of a source checkout) is given, its table of [fit] keys."""
+    from pathlib import Path  # noqa: PLC0415
+
+    job = Path(__file__).parent / "defaults" / "job.toml"
+    job.write_text(defaults_toml(), encoding="utf-8")
+    written = [str(job)]
+    if readme:
+        lines = Path(readme).read_text(encoding="utf-8").splitlines(keepends=True)
+        head = markdown_table("fit").splitlines(keepends=True)[0]
+        start = lines.index(head)
+        end = start
+        while end < len(lines) and lines[end].startswith("|"):
+            end += 1
+        lines[start:end] = markdown_table("fit").splitlines(keepends=True)
+        Path(readme).write_text("".join(lines), encoding="utf-8")
+        written.append(str(readme))
+    return written
+
+
+if __name__ == "__main__":
+    # python -m xd_dask.config                    job.toml's text on stdout
+    # python -m xd_dask.config --markdown fit     a section's keys as a Markdown table
+    # python -m xd_dask.config --write README.md  rewrite job.toml and README's [fit] table
+    if sys.argv[1:2] == ["--markdown"]:
+        sys.stdout.write(markdown_table(sys.argv[2]))
+    elif sys.argv[1:2] == ["--write"]:
+        print("\n".join(write_generated(sys.argv[2] if len(sys.argv) > 2 else None)))
+    else:
+        sys.stdout.write(defaults_toml())
