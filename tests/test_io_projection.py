@@ -365,23 +365,10 @@ def test_float32(part, block):
 def test_gaia_correlation_columns_and_icrs_frame(tmp_path):
     """The correlation-column path on real Gaia DR3 rows (ra/dec in deg), in both frames."""
     table = pq.read_table(DATA / "gaia_dr3_allsky_sample.parquet")
-    proj = {
-        "kind": "tangential_velocity",
-        "frame": "icrs",
-        "ra": "ra",
-        "dec": "dec",
-        "angle_unit": "deg",
-        "parallax": "parallax",
-        "pmra": "pmra",
-        "pmdec": "pmdec",
-        "parallax_error": "parallax_error",
-        "pmra_error": "pmra_error",
-        "pmdec_error": "pmdec_error",
-        "parallax_pmra_corr": "parallax_pmra_corr",
-        "parallax_pmdec_corr": "parallax_pmdec_corr",
-        "pmra_pmdec_corr": "pmra_pmdec_corr",
-    }
-    schema = {"name": "gaia_vtan", "id_column": "source_id", "projection": proj}
+    schema = load_schema("gaia_dr3_tangential_velocity").to_dict()
+    proj = schema["projection"]
+    del proj["features"]  # the ICRS frame's default names
+    proj["frame"] = "icrs"
     path = _write(table, tmp_path / "gaia.parquet")
     blk = read_partition(path, schema, on_bad="drop")
     assert blk.X.shape[1] == 2 and load_schema(schema).features == ("vx", "vy", "vz")

@@ -2,36 +2,25 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
 from xd_dask.io import SchemaError, load_schema
 from xd_dask.io.schema import packaged_schemas, schema_from_dict
 
-PROJ = {
-    "kind": "tangential_velocity",
-    "ra": "ra",
-    "dec": "dec",
-    "angle_unit": "deg",
-    "parallax": "parallax",
-    "pmra": "pmra",
-    "pmdec": "pmdec",
-    "parallax_error": "parallax_error",
-    "pmra_error": "pmra_error",
-    "pmdec_error": "pmdec_error",
-    "pmra_pmdec_corr": "pmra_pmdec_corr",
-}
+GAIA = "gaia_dr3_tangential_velocity"
 
 
 def _schema(**changes) -> dict:
-    proj = copy.deepcopy(PROJ)
+    """The packaged Gaia schema, two correlations removed, with ``changes`` (None deletes)."""
+    d = load_schema(GAIA).to_dict()
+    proj = d["projection"]
+    del proj["features"], proj["parallax_pmra_corr"], proj["parallax_pmdec_corr"]
     for k, v in changes.items():
         if v is None:
             proj.pop(k, None)
         else:
             proj[k] = v
-    return {"name": "vtan", "id_column": "source_id", "projection": proj}
+    return d
 
 
 def test_contract_true_features_and_observed_values():
@@ -66,7 +55,9 @@ def test_contract_true_features_and_observed_values():
 def test_round_trip_and_packaged_hipparcos_schema():
     s = load_schema(_schema())
     assert schema_from_dict(s.to_dict()) == s
-    assert "hipparcos_tangential_velocity" in packaged_schemas()
+    assert {"hipparcos_tangential_velocity", GAIA} <= set(packaged_schemas())
+    gaia = load_schema(GAIA)
+    assert schema_from_dict(gaia.to_dict()) == gaia and gaia.features == ("U", "V", "W")
     hip = load_schema("hipparcos_tangential_velocity")
     assert schema_from_dict(hip.to_dict()) == hip
     assert hip.id_column == "HIP" and hip.projection.angle_unit == "rad"

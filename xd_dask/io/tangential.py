@@ -7,8 +7,9 @@ column responsible) and writes X, S and R in the dtype asked for. The first fail
 check wins, in this order: a null value (``missing_input``), a non-finite value
 (``nonfinite_value``), |dec| > 90 deg (``value_out_of_range``), parallax <= 0
 (``nonpositive_parallax``), a non-finite or negative error, a correlation that is not finite or
-outside [-1, 1] (or a weight-matrix element that is not finite), a correlation matrix or S that is
-not positive definite, and values or variances the dtype cannot hold (``not_representable``).
+outside [-1, 1] (or a weight-matrix element that is not finite), a weight-matrix diagonal element,
+correlation matrix or S that is not positive definite, and values or variances the dtype cannot
+hold (``not_representable``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ _CODES = np.array([_MISSING, _NONFINITE, _RANGE, _PARALLAX, _ERR_NONFINITE, _ERR
                    _NOT_PD, _REPR], np.int64)  # fmt: skip
 _HALF_PI = 0.5 * math.pi * (1.0 + 1e-15)
 
-# Roles of the columns: index into ``cols`` (the kernel's column index for messages), -1 absent.
+# Roles of the columns; ``_roles`` maps each to its index among the staged columns (the index that
+# ``bad_column`` reports), -1 when absent.
 _VALUE_ROLES = ("ra", "dec", "parallax", "pmra", "pmdec")
 (_RA, _DEC, _PLX, _PMRA, _PMDEC, _EPMRA, _EPMDEC, _EPLX, _CPA, _CPD, _CAD) = range(11)
 _N_ROLES = 11 + 6  # then the weight-matrix block t22, t23, t33, t24, t34, t44 (or t33, t34, t44)
