@@ -111,6 +111,8 @@ def test_drop_counts_every_reason(tmp_path, base):
         "error_out_of_range": 1,
         "not_representable": 0,
         "duplicate_id": 0,
+        "missing_input": 0,  # reasons of projected schemas (test_io_projection.py)
+        "nonpositive_parallax": 0,
     }
     assert set(blk.dropped) == set(BAD_REASONS[1:])
     bad = {r for _, r, _, _, _ in CORRUPTIONS} | {8, 10}

@@ -1,11 +1,15 @@
 """Catalogue I/O: schemas, the covariance builder, partition readers, ingest, synthetic data.
 
+A schema's ``features`` are the D true features (the model's space); its ``observed`` are the d
+columns of X (the same without a projection; see :mod:`xd_dask.io.projection` for the contract).
+
 Public entry points::
 
     load_schema(spec=None) -> CatalogSchema          # None / "gaia_dr3": packaged Gaia DR3 schema
     plain_schema(features, errors, correlations=None, id_column=None) -> CatalogSchema
     read_partition(path, schema, *, on_bad="error", dtype=np.float64, filesystem=None,
-                   row_groups=None) -> CatalogBlock  # X (n, D), X_cov (n, D, D), ids, counts
+                   row_groups=None) -> CatalogBlock  # X (n, d), X_cov (n, d, d), ids, counts,
+                                                     # R (n, d, D) or None (projections)
     build_covariance(table, schema, *, dtype) -> BuildResult
     ingest(inputs, out_dir, schema=None) -> list of written paths   # Gaia ECSV -> Parquet
     ingest_table(path, out_dir, format="auto", ...) -> list of parts # FITS/VOTable/CSV/ECSV/CDS

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -33,13 +31,24 @@ from typing import Any
 
 import numba
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
 
+from xd_dask.io import staging
+from xd_dask.io.rows import (
+    BAD_REASONS,
+    PIVOT_TOL,
+    REASON_TEXT,
+    BuildResult,
+    as_table,
+    check_allocation,
+    dtype_limits,
+    resolve_columns,
+)
 from xd_dask.io.schema import MAG_PER_LN_FLUX, CatalogSchema
+from xd_dask.io.staging import BLOCK_ROWS as _B
+from xd_dask.io.staging import BLOCK_STRIDE as _S
+from xd_dask.io.staging import batch_buffers
+from xd_dask.io.staging import stage_block as _stage
+from xd_dask.io.tangential import build_tangential
 from xd_dask.utils import get_logger, kernel_cache_dir, load_generated_module, write_once
 
 log = get_logger(__name__)
@@ -47,62 +56,15 @@ log = get_logger(__name__)
 __all__ = [
     "BAD_REASONS",
     "PIVOT_TOL",
+    "REASON_TEXT",
     "BuildResult",
     "build_covariance",
     "check_allocation",
+    "dtype_limits",
+    "resolve_columns",
 ]
 
-#: Row classification codes of the builder (index = code; 0 is a valid row).
-BAD_REASONS: tuple[str, ...] = (
-    "ok",
-    "nonfinite_value",  # a feature value is NaN/inf and not a null
-    "nonfinite_error",  # an observed feature's error (or flux-over-error) is null/NaN/inf
-    "negative_error",  # error < 0, or flux-over-error <= 0
-    "bad_correlation",  # correlation of two observed features is null/non-finite or |c| > 1
-    "not_positive_definite",  # S on the observed features is not positive definite
-    "no_observed_fields",  # every feature of the row is missing
-    "missing_id",  # the id column is null
-    "value_out_of_range",  # an observed value is outside the schema's [min, max]
-    "error_out_of_range",  # an observed feature's error is outside [error_min, error_max]
-    "not_representable",  # a value or 1-sigma error whose square overflows the working dtype,
-    # or a variance that underflows it (|x| > ~1.8e19 in float32)
-    "duplicate_id",  # the id of an earlier row of the same partition (the first is kept)
-)
-REASON_TEXT = {
-    "nonfinite_value": "non-finite value (not a null)",
-    "nonfinite_error": "error is null or not finite while the feature is observed",
-    "negative_error": "negative error (or non-positive flux-over-error)",
-    "bad_correlation": "correlation is null/not finite or outside [-1, 1]",
-    "not_positive_definite": "noise covariance is not positive definite",
-    "no_observed_fields": "every feature is missing",
-    "missing_id": "row id is null",
-    "value_out_of_range": "value outside the schema's range",
-    "error_out_of_range": "error outside the schema's range",
-    "not_representable": "not representable in the working dtype (its square overflows or its "
-    "variance underflows)",
-    "duplicate_id": "duplicate id",
-}
-#: Smallest accepted Cholesky pivot of the per-row correlation matrix.
-PIVOT_TOL = 1e-12
 _DEG2RAD = math.pi / 180.0
-
-
-@dataclass
-class BuildResult:
-    """Output of :func:`build_covariance` (all rows, valid or not).
-
-    X : (n, D) values, NaN for missing fields.
-    X_cov : (n, D, D) noise covariances (rows/columns of missing fields are 0).
-    reason : (n,) int8 code into :data:`BAD_REASONS` (0 = valid).
-    bad_column : (n,) int16 index into ``columns`` of the offending column (-1 if none/several).
-    columns : the logical column names (schema spelling) that ``bad_column`` indexes.
-    """
-
-    X: np.ndarray
-    X_cov: np.ndarray
-    reason: np.ndarray
-    bad_column: np.ndarray
-    columns: tuple[str, ...]
 
 
 # --------------------------------------------------------------------------- plan (per schema)
@@ -202,100 +164,6 @@ def _plan(schema: CatalogSchema) -> _Plan:
 
 
 # --------------------------------------------------------------------------- compiled row pass
-# Column access by address: the staging loop reads Arrow's value buffers and validity bitmaps in
-# place, whatever the dtypes or null pattern of a particular file.
-@intrinsic
-def _load_f64(typingctx, addr, idx):
-    def codegen(context, builder, signature, args):
-        ptr = builder.inttoptr(args[0], ir.DoubleType().as_pointer())
-        return builder.load(builder.gep(ptr, [args[1]]))
-
-    return types.float64(types.int64, types.int64), codegen
-
-
-@intrinsic
-def _load_f32(typingctx, addr, idx):
-    def codegen(context, builder, signature, args):
-        ptr = builder.inttoptr(args[0], ir.FloatType().as_pointer())
-        return builder.load(builder.gep(ptr, [args[1]]))
-
-    return types.float32(types.int64, types.int64), codegen
-
-
-@intrinsic
-def _load_u8(typingctx, addr, idx):
-    def codegen(context, builder, signature, args):
-        ptr = builder.inttoptr(args[0], ir.IntType(8).as_pointer())
-        return builder.load(builder.gep(ptr, [args[1]]))
-
-    return types.uint8(types.int64, types.int64), codegen
-
-
-#: Rows per block of the compiled pass, and the stride (in values) between the rows of the flat
-#: block arrays: padded so that the ~35 rows streamed together do not all map to the same L1
-#: cache sets (a stride of exactly 4 KiB made the pass ~2x slower). Literals in generated code.
-_B = 1024
-_S = _B + 8
-
-
-@numba.njit(cache=True, inline="always")
-def _valid_rows(va, off, m, out, base):
-    """out[base + i] = 1.0 if bit off + i of the validity bitmap at address va is set, else 0.0
-    (a byte at a time when the bitmap is byte-aligned, so the inner loop vectorises)."""
-    i0 = 0
-    if (off & 7) == 0:
-        o8 = off >> 3
-        nb = m >> 3
-        for jb in range(nb):
-            bits = _load_u8(va, o8 + jb)
-            for q in range(8):
-                out[base + jb * 8 + q] = np.float64((bits >> q) & 1)
-        i0 = nb << 3
-    for i in range(i0, m):
-        j = off + i
-        out[base + i] = np.float64((_load_u8(va, j >> 3) >> (j & 7)) & 1)
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _stage(b0, m, addr, is_f32, vaddr, voff, val_col, cosv, IN):
-    """Copy rows b0..b0+m of every column into the flat block ``IN`` (row k at k * _S).
-
-    Rows 0..ncol-1: values as float64 with NaN for nulls; then one row per feature, 1.0 where the
-    value is not null; then one row per cosine divisor.
-    """
-    ncol = addr.shape[0]
-    nfeat = val_col.shape[0]
-    B = _S
-    valid = np.empty(B)
-    for k in range(ncol):
-        a = addr[k]
-        base = k * B
-        if is_f32[k]:
-            for i in range(m):
-                IN[base + i] = np.float64(_load_f32(a, b0 + i))
-        else:
-            for i in range(m):
-                IN[base + i] = _load_f64(a, b0 + i)
-        va = vaddr[k]
-        if va != 0:
-            _valid_rows(va, voff[k] + b0, m, valid, 0)
-            for i in range(m):
-                IN[base + i] = IN[base + i] if valid[i] > 0.5 else np.nan
-    for f in range(nfeat):
-        k = val_col[f]
-        va = vaddr[k]
-        base = (ncol + f) * B
-        if va == 0:
-            for i in range(m):
-                IN[base + i] = 1.0
-        else:
-            _valid_rows(va, voff[k] + b0, m, IN, base)
-    base = (ncol + nfeat) * B
-    for s in range(cosv.shape[0]):
-        for i in range(m):
-            IN[base + s * B + i] = cosv[s, b0 + i]
-
-
 # For one schema the row computation (classify, S, LDL^T check of the correlation matrix) is
 # generated as straight-line scalar code in a loop over the rows of a block, with every index,
 # scale and floor a literal. The loop reads one flat array and writes one flat array, and has no
@@ -485,9 +353,10 @@ def _load_generated(src: str, title: str) -> Any:
     ns: dict[str, Any] = {"np": np, "math": math, "numba": numba, "_stage": _stage}
     cache = _cache_dir()
     if cache is not None:
-        # the stem hashes the generated source, this module (which defines _stage) and Numba
+        # the stem hashes the generated source, this module, the one defining _stage, and Numba
         h = hashlib.sha256(src.encode())
         h.update(Path(__file__).read_bytes())
+        h.update(Path(staging.__file__).read_bytes())
         h.update(numba.__version__.encode())
         stem = f"xdio_{h.hexdigest()[:20]}"
         path = cache / f"{stem}.py"
@@ -527,99 +396,6 @@ def _kernel(schema: CatalogSchema):
 
 
 # --------------------------------------------------------------------------- helpers
-def dtype_limits(dtype: Any) -> np.ndarray:
-    """(3,) [vlim, wlim, wtiny] of a float dtype: the largest |value| or 1-sigma error whose square
-    is finite, the largest finite variance and the smallest normal (full-precision) variance."""
-    fi = np.finfo(np.dtype(dtype))
-    return np.array([math.sqrt(float(fi.max)), float(fi.max), float(fi.tiny)])
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux MemAvailable), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_allocation(nbytes: int, what: str) -> None:
-    """Raise MemoryError (saying what to do) if ``nbytes`` exceed the memory available now."""
-    avail = available_memory()
-    if avail is not None and nbytes > avail:
-        raise MemoryError(
-            f"{what} needs {nbytes / 2**30:.2f} GiB but only {avail / 2**30:.2f} GiB is "
-            "available; read fewer rows at a time (row_groups=, smaller partitions) or use "
-            "dtype=float32"
-        )
-
-
-def _column_buffers(arr: pa.Array, name: str) -> tuple[pa.Array, int, bool, int, int]:
-    """(array kept alive, value address, is float32, validity address or 0, bit offset)."""
-    t = arr.type
-    if not (pa.types.is_float64(t) or pa.types.is_float32(t)):
-        if not (
-            pa.types.is_integer(t)
-            or pa.types.is_floating(t)
-            or pa.types.is_decimal(t)
-            or pa.types.is_null(t)
-        ):
-            raise TypeError(f"column {name!r} has non-numeric type {t}")
-        arr = pc.cast(arr, pa.float64(), safe=False)
-        t = arr.type
-    is_f32 = pa.types.is_float32(t)
-    bufs = arr.buffers()
-    if bufs[1] is None or (arr.null_count > 0 and bufs[0] is None):  # all-null (null type)
-        arr = pa.array(np.zeros(len(arr)), mask=np.ones(len(arr), bool))
-        bufs = arr.buffers()
-        is_f32 = False
-    itemsize = 4 if is_f32 else 8
-    addr = bufs[1].address + arr.offset * itemsize
-    if arr.null_count == 0:
-        return arr, addr, is_f32, 0, 0
-    return arr, addr, is_f32, bufs[0].address, arr.offset
-
-
-def _as_table(data: Any) -> pa.Table:
-    if isinstance(data, pa.Table):
-        return data
-    if isinstance(data, pa.RecordBatch):
-        return pa.Table.from_batches([data])
-    if isinstance(data, Mapping):
-        return pa.table(
-            {
-                k: (v if isinstance(v, (pa.Array, pa.ChunkedArray)) else pa.array(v))
-                for k, v in data.items()
-            }
-        )
-    raise TypeError("data must be a pyarrow Table/RecordBatch or a mapping of column -> array")
-
-
-def resolve_columns(available: list[str], wanted: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Case-insensitive match: ({wanted: actual}, [missing]); ambiguity raises KeyError."""
-    by_lower: dict[str, list[str]] = {}
-    for name in available:
-        by_lower.setdefault(name.lower(), []).append(name)
-    found, missing = {}, []
-    for w in wanted:
-        hits = by_lower.get(w.lower(), [])
-        if len(hits) > 1 and w in hits:
-            found[w] = w
-        elif len(hits) > 1:
-            raise KeyError(f"column {w!r} is ambiguous: {hits} differ only in case")
-        elif hits:
-            found[w] = hits[0]
-        else:
-            missing.append(w)
-    return found, missing
-
-
 def build_covariance(
     data: Any,
     schema: CatalogSchema,
@@ -628,6 +404,9 @@ def build_covariance(
     check_memory: bool = True,
 ) -> BuildResult:
     """X (n, D), S (n, D, D) and a validity code per row from the schema's columns.
+
+    A schema with a projection gives the observed values instead: X (n, d), S (n, d, d) and
+    R (n, d, D) (:func:`xd_dask.io.tangential.build_tangential`).
 
     Parameters
     ----------
@@ -648,7 +427,15 @@ def build_covariance(
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-    table = _as_table(data)
+    table = as_table(data)
+    if schema.projection is not None:
+        return build_tangential(
+            table,
+            schema.projection,
+            dtype=dtype,
+            nan_is_null=schema.nan_is_null,
+            check_memory=check_memory,
+        )
     plan = _plan(schema)
     found, missing = resolve_columns(table.column_names, list(plan.columns))
     if missing:
@@ -669,15 +456,8 @@ def build_covariance(
         m = batch.num_rows
         if m == 0:
             continue
-        ncol = len(plan.columns)
-        addr = np.zeros(ncol, np.int64)
-        is_f32 = np.zeros(ncol, np.bool_)
-        vaddr = np.zeros(ncol, np.int64)
-        voff = np.zeros(ncol, np.int64)
-        keep = []  # the arrays whose buffers the kernel reads stay referenced until it returns
-        for k, name in enumerate(plan.columns):
-            arr, addr[k], is_f32[k], vaddr[k], voff[k] = _column_buffers(batch.column(k), name)
-            keep.append(arr)
+        # the arrays whose buffers the kernel reads stay referenced (keep) until it returns
+        addr, is_f32, vaddr, voff, keep = batch_buffers(batch, plan.columns)
         # |cos| of the features that divide errors (Gaia: cos(dec) for sigma(alpha)), computed
         # with NumPy's vectorised cos; values of null rows are never used.
         cosv = np.ones((max(len(plan.cos_feats), 1), m))

@@ -1,4 +1,5 @@
-"""Read one catalogue partition (a Parquet file, or some of its row groups) into (X, S, ids).
+"""Read one catalogue partition (a Parquet file, or some of its row groups) into (X, S, ids), and
+the per-row projection R when the schema has one (:mod:`xd_dask.io.projection`).
 
 Only the schema's columns are read (matched case-insensitively: archive output says SOURCE_ID).
 Each row is validated while X and S are built (:mod:`xd_dask.io.covariance`); the policy decides
@@ -25,13 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from xd_dask.io.covariance import (
-    BAD_REASONS,
-    REASON_TEXT,
-    BuildResult,
-    build_covariance,
-    resolve_columns,
-)
+from xd_dask.io.covariance import build_covariance
+from xd_dask.io.rows import BAD_REASONS, REASON_TEXT, BuildResult, resolve_columns
 from xd_dask.io.schema import CatalogSchema, load_schema
 from xd_dask.utils import get_logger
 
@@ -73,9 +69,11 @@ class CatalogError(ValueError):
 class CatalogBlock:
     """One partition's arrays, ready for the statistics kernel.
 
-    X : (n, D) float, NaN = missing field.
-    X_cov : (n, D, D) float noise covariances (rows/columns of missing fields are 0).
+    X : (n, d) float observed values, NaN = missing field (d = D without a projection).
+    X_cov : (n, d, d) float noise covariances (rows/columns of missing fields are 0).
     ids : (n,) int64 row ids (the id column, or row numbers within the file).
+    R : (n, d, D) projections from the schema's D true features to the d observed values
+        (x_i = R_i v_i + noise), same dtype as X; None when the schema has no projection.
     n_read : rows read from the file (before dropping).
     dropped : rows dropped per reason (every reason of :data:`BAD_REASONS` except "ok" is a key).
     path : the file read.
@@ -87,6 +85,7 @@ class CatalogBlock:
     n_read: int
     dropped: dict[str, int] = field(default_factory=dict)
     path: str = ""
+    R: np.ndarray | None = None
 
     @property
     def n_rows(self) -> int:
@@ -164,8 +163,9 @@ def _bad_row_error(
     else:
         column = None
         if reason in ("not_positive_definite", "not_representable"):
-            cols = [found[c.column] for c in schema.correlations]
-            errs = [found[c] for s in schema.noise for c in s.columns]
+            err_names, corr_names = schema.noise_columns()
+            cols = [found[c] for c in corr_names]
+            errs = [found[c] for c in err_names]
             detail = (
                 f"columns {errs + cols}: {_reason_text(reason, '', schema, dtype)} (check the "
                 "errors and the correlation coefficients of this row)"
@@ -194,6 +194,8 @@ def _reason_text(reason: str, column: str, schema: CatalogSchema, dtype: np.dtyp
     """REASON_TEXT[reason], with the schema's bounds of ``column`` or the dtype where they help."""
     text = REASON_TEXT[reason]
     col = column.lower()
+    if reason == "value_out_of_range" and schema.projection is not None:
+        return f"{text} (declination beyond +-90 deg, in {schema.projection.angle_unit})"
     if reason == "value_out_of_range":
         for j, c in enumerate(schema.columns):
             if c.lower() == col:
@@ -290,14 +292,14 @@ def read_partition(
     row_groups: Sequence[int] | None = None,
     use_threads: bool = False,
 ) -> CatalogBlock:
-    """Read, validate and build (X, S, ids) for one Parquet partition.
+    """Read, validate and build (X, S, ids) for one Parquet partition (and R with a projection).
 
     Parameters
     ----------
     path : Parquet file.
     schema : :class:`CatalogSchema`, a packaged schema name or a TOML path (default Gaia DR3).
     on_bad : "error" (raise CatalogError at the first bad row) or "drop" (drop and count).
-    dtype : float64 (default) or float32 for X and X_cov.
+    dtype : float64 (default) or float32 for X, X_cov and R.
     filesystem : pyarrow.fs.FileSystem or fsspec filesystem holding ``path`` (default local).
     row_groups : read only these row groups (a fragment of the file); ids without an id column
         are then the rows' numbers within the whole file.
@@ -374,6 +376,7 @@ def read_partition(
             dropped[name] = int(counts[code])
         keep = result.reason == 0
         X, X_cov, ids = result.X[keep], result.X_cov[keep], ids[keep]
+        R = None if result.R is None else result.R[keep]
         log.info(
             "%s: dropped %d of %d rows: %s",
             path_s,
@@ -382,5 +385,5 @@ def read_partition(
             {k: v for k, v in dropped.items() if v},
         )
     else:
-        X, X_cov = result.X, result.X_cov
-    return CatalogBlock(X=X, X_cov=X_cov, ids=ids, n_read=n, dropped=dropped, path=path_s)
+        X, X_cov, R = result.X, result.X_cov, result.R
+    return CatalogBlock(X=X, X_cov=X_cov, ids=ids, n_read=n, dropped=dropped, path=path_s, R=R)

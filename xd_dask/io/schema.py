@@ -58,6 +58,30 @@ Whatever the schema says, a value or a 1-sigma error whose square overflows the 
 (|x| above ~1.8e19 for float32, ~1.3e154 for float64), or a variance that underflows it, makes the
 row bad (``not_representable``).
 
+Projections (:mod:`xd_dask.io.projection`): instead of ``[[feature]]`` tables, a ``[projection]``
+table derives d observed values and a per-row projection R (d x D) from catalogue columns, e.g.
+tangential velocities (d = 2) of the 3-d velocity (D = 3)::
+
+    name = "hip2_vtan"
+    id_column = "HIP"
+
+    [projection]
+    kind = "tangential_velocity"
+    frame = "galactic"               # true features U, V, W [km/s]
+    ra = "RArad"
+    dec = "DErad"
+    angle_unit = "rad"
+    parallax = "Plx"                 # mas
+    pmra = "pmRA"                    # mas/yr (mu_alpha*)
+    pmdec = "pmDE"
+    parallax_error = "e_Plx"
+    pmra_error = "e_pmRA"
+    pmdec_error = "e_pmDE"
+    pmra_pmdec_corr = "..."          # or weight_matrix = ["UW1", ..., "UW15"]
+
+``features`` are then the D TRUE features (the model's space) and ``observed`` the d observed
+values (the columns of X); without a projection the two are the same.
+
 Unknown keys are an error (a typo must not be a setting that is silently ignored).
 """
 
@@ -71,6 +95,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from xd_dask.io.projection import ProjectionError, ProjectionSpec, parse_projection
+
 try:  # Python >= 3.11
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
@@ -80,6 +106,7 @@ __all__ = [
     "CatalogSchema",
     "Correlation",
     "NoiseSpec",
+    "ProjectionSpec",
     "SchemaError",
     "load_schema",
     "plain_schema",
@@ -159,8 +186,10 @@ class CatalogSchema:
     Attributes
     ----------
     name : schema name (recorded in manifests and fit records).
-    features : (D,) feature names, in the order of the columns of X.
-    units : (D,) unit of each feature (of X and of sqrt of the diagonal of S).
+    features : (D,) the TRUE features, the space of the mixture (``XDModel.feature_names``).
+        Without a projection they are also the columns of X, in order.
+    units : (D,) unit of each feature (of X and of sqrt of the diagonal of S without a
+        projection).
     id_column : row-id column (int64), or None for row numbers within the file.
     columns : (D,) value column of each feature.
     noise : (D,) :class:`NoiseSpec` per feature.
@@ -168,6 +197,8 @@ class CatalogSchema:
     value_ranges : (D,) inclusive (min, max) of each feature's value, or () for none.
     nan_is_null : treat NaN values as missing fields (else NaN is a bad value).
     description : free text documenting the feature space.
+    projection : a :class:`ProjectionSpec` (then X holds the d ``observed`` values, the reader
+        returns R (n, d, D), and ``columns``/``noise``/``correlations`` are empty), or None.
     """
 
     name: str
@@ -180,6 +211,23 @@ class CatalogSchema:
     nan_is_null: bool = False
     description: str = field(default="", compare=False)
     value_ranges: tuple[tuple[float, float], ...] = ()
+    projection: ProjectionSpec | None = None
+
+    @property
+    def observed(self) -> tuple[str, ...]:
+        """(d,) names of the columns of X: the projection's observed values, else ``features``."""
+        return self.projection.observed if self.projection is not None else self.features
+
+    @property
+    def n_observed(self) -> int:
+        """d, the number of columns of X (= D without a projection)."""
+        return len(self.observed)
+
+    def noise_columns(self) -> tuple[list[str], list[str]]:
+        """([error columns], [correlation columns]) that S is built from (for messages)."""
+        if self.projection is not None:
+            return self.projection.noise_columns()
+        return [c for s in self.noise for c in s.columns], [c.column for c in self.correlations]
 
     def value_range(self, j: int) -> tuple[float, float]:
         """Inclusive (min, max) of feature ``j``'s value ((-inf, inf) when unbounded)."""
@@ -187,6 +235,7 @@ class CatalogSchema:
 
     @property
     def n_features(self) -> int:
+        """D, the number of true features (of the mixture's means)."""
         return len(self.features)
 
     def feature_index(self, name: str) -> int:
@@ -198,6 +247,8 @@ class CatalogSchema:
     def required_columns(self) -> list[str]:
         """All columns the reader needs (id first, then values, noise, correlations), no repeats."""
         cols: list[str] = [self.id_column] if self.id_column else []
+        if self.projection is not None:
+            cols += list(self.projection.input_columns())
         cols += list(self.columns)
         for spec in self.noise:
             cols += list(spec.columns)
@@ -212,6 +263,14 @@ class CatalogSchema:
 
     def to_dict(self) -> dict[str, Any]:
         """The schema as a TOML-shaped dict; ``load_schema(s.to_dict()) == s``."""
+        d: dict[str, Any] = {"name": self.name, "nan_is_null": self.nan_is_null}
+        if self.description:
+            d["description"] = self.description
+        if self.id_column:
+            d["id_column"] = self.id_column
+        if self.projection is not None:
+            d["projection"] = self.projection.to_dict()
+            return d
         feats = []
         rows = zip(self.features, self.columns, self.units, self.noise, strict=True)
         for j, (name, col, unit, spec) in enumerate(rows):
@@ -239,11 +298,6 @@ class CatalogSchema:
             if spec.floor > 0:
                 f["error_floor"] = spec.floor
             feats.append(f)
-        d: dict[str, Any] = {"name": self.name, "nan_is_null": self.nan_is_null}
-        if self.description:
-            d["description"] = self.description
-        if self.id_column:
-            d["id_column"] = self.id_column
         d["feature"] = feats
         d["correlation"] = [
             {"features": list(c.features), "column": c.column} for c in self.correlations
@@ -294,7 +348,15 @@ _FEATURE_KEYS = {
     "error_max",
     "error_floor",
 }
-_TOP_KEYS = {"name", "description", "id_column", "nan_is_null", "feature", "correlation"}
+_TOP_KEYS = {
+    "name",
+    "description",
+    "id_column",
+    "nan_is_null",
+    "feature",
+    "correlation",
+    "projection",
+}
 
 
 def _number(f: Mapping[str, Any], key: str, where: str, default: float) -> float:
@@ -435,6 +497,26 @@ def schema_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> CatalogSch
     nan_is_null = d.get("nan_is_null", False)
     if not isinstance(nan_is_null, bool):
         raise SchemaError(f"{source}: 'nan_is_null' must be true or false")
+    description = d.get("description", "")
+    if "projection" in d:
+        if d.get("feature") or d.get("correlation"):
+            raise SchemaError(
+                f"{source}: a schema with [projection] takes no [[feature]] or [[correlation]] "
+                "tables (the projection defines the observed values and their noise)"
+            )
+        try:
+            spec = parse_projection(d["projection"], source)
+        except ProjectionError as exc:
+            raise SchemaError(str(exc)) from None
+        return CatalogSchema(
+            name=str(name),
+            features=spec.features,
+            units=(spec.unit,) * len(spec.features),
+            id_column=id_column,
+            nan_is_null=nan_is_null,
+            description=str(description),
+            projection=spec,
+        )
     feats = d.get("feature")
     if not isinstance(feats, Sequence) or not feats:
         raise SchemaError(f"{source}: at least one [[feature]] is required")
@@ -479,7 +561,6 @@ def schema_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> CatalogSch
             raise SchemaError(f"{where}: features {list(fs)} are already correlated")
         seen_pairs.add(pair)
         corrs.append(Correlation((str(fs[0]), str(fs[1])), col))
-    description = d.get("description", "")
     ranges = tuple(p[4] for p in parsed)
     return CatalogSchema(
         name=str(name),
