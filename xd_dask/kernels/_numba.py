@@ -325,7 +325,7 @@ def _signature(kind: str, fp32: bool):
         return types.float64(
             x, S, f64v, P, i64, i64, i64, i64, i64, f64v, i64v, types.float64, f64v
         )
-    if kind == "posterior":
+    if kind.startswith("posterior"):
         f64 = types.float64
         f64m, f64t = types.Array(f64, 2, "C"), types.Array(f64, 3, "C")
         # x, S, xorig, rows, cols, c0, P, K, nl, r0, r1, lbg, topk,
@@ -404,7 +404,7 @@ def _source(kind: str, d: int, du: int, fp32: bool) -> str:
         return emit_numba.stats_source(d, LANE_BLOCK, fp32)
     if kind == "logdens":
         return emit_numba.logdens_source(d, LANE_BLOCK, fp32)
-    return emit_numba.posterior_source(d, du, LANE_BLOCK, fp32)
+    return emit_numba.posterior_source(d, du, LANE_BLOCK, fp32, topk=kind == "posterior_top")
 
 
 def _kernel(kind: str, d: int, fp32: bool, du: int = 0):
@@ -418,7 +418,7 @@ def _kernel(kind: str, d: int, fp32: bool, du: int = 0):
         fn = _cache.get(key)
         if fn is None:
             _tune_llvm()
-            name = f"{kind}_u{du}" if kind == "posterior" else kind
+            name = f"{kind}_u{du}" if kind.startswith("posterior") else kind
             py_func, on_disk = _load_source(name, d, fp32, _source(kind, d, du, fp32))
             t0 = time.perf_counter()
             fn = njit(

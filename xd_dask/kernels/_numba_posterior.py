@@ -66,7 +66,7 @@ def _run(job) -> np.ndarray:
     K = job.means.shape[0]
     obs, unobs = job.cols[:d], job.cols[d:]
     P = _pack_posterior(job.log_weights, job.means, job.covs, obs, unobs, x.dtype)
-    fn = _kernel("posterior", d, fp32, len(unobs))
+    fn = _kernel("posterior_top" if job.top_k else "posterior", d, fp32, len(unobs))
     out = job.out
     resp = out.resp if out.resp is not None else np.empty((0, K))
     rows = np.ascontiguousarray(job.rows, dtype=np.int64)
@@ -90,10 +90,16 @@ def _run(job) -> np.ndarray:
 
 
 def _subjob(job, idx: np.ndarray, dtype=None):
+    """The rows ``idx`` of ``job``; with ``dtype`` float64, x is centred anew from the caller's
+    float64 values (the float32 centred x carries the rounding of x - c, which the posterior
+    mean of a prior-dominated row would inherit one to one)."""
+    rows = np.asarray(job.rows)[idx]
     x, S = job.x[idx], job.S[idx]
     if dtype is not None:
-        x, S = x.astype(dtype), S.astype(dtype)
-    return dataclasses.replace(job, x=x, S=S, rows=np.asarray(job.rows)[idx])
+        d = x.shape[1]
+        x = job.x0[rows[:, None], job.cols[None, :d]] - job.centre[None, :d]
+        S = S.astype(dtype)
+    return dataclasses.replace(job, x=np.ascontiguousarray(x), S=S, rows=rows)
 
 
 def _escalate(run, job, idx: np.ndarray, dtype=None):
@@ -119,4 +125,4 @@ def pattern_posterior_numba(job) -> None:
             q[idx] = _escalate(_run, job, idx, np.float64)
     idx = np.flatnonzero(q < ESCALATE[np.dtype(np.float64)])
     if idx.size:
-        _escalate(pattern_posterior_ref, job, idx)
+        _escalate(pattern_posterior_ref, job, idx, np.float64)

@@ -217,6 +217,7 @@ def pattern_posterior_ref(job) -> None:
             bbar, cov, r, lse, b, B = _moments_projected(x[s:e], S[s:e], R[s:e], lw, means, covs, s)
             mean = bbar + c[None, :]
         g, rbg = background_split(lse, job.log_background)
+        cov = _sym(cov)  # exactly symmetric, like the compiled kernel's
         out.mean[rows[:, None], cols[None, :]] = mean
         out.cov[rows[:, None, None], cols[None, :, None], cols[None, None, :]] = cov
         best = xp.argmax(r, axis=1)
@@ -244,4 +245,4 @@ def pattern_posterior_ref(job) -> None:
             else:
                 mt, cv = b[idx, k] + c[None, :], B[idx, k]
             out.top_mean[rows[:, None], t, cols[None, :]] = mt
-            out.top_cov[rows[:, None, None], t, cols[None, :, None], cols[None, None, :]] = cv
+            out.top_cov[rows[:, None, None], t, cols[None, :, None], cols[None, None, :]] = _sym(cv)

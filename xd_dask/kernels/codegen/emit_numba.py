@@ -280,7 +280,7 @@ def _lane_tree(B: int, arr: str, base: str, name: str) -> list[str]:
 ROW_BATCH = 32
 
 
-def posterior_source(d: int, du: int, B: int, fp32: bool) -> str:
+def posterior_source(d: int, du: int, B: int, fp32: bool, topk: bool = False) -> str:
     """Source of ``kernel(x, S, xorig, rows, cols, c0, P, K, nl, r0, r1, lbg, topk, mean, cov,
     mapc, mapr, bgr, resp, tidx, tresp, tmean, tcov, qmin, status)``: per-row posteriors of one
     missingness pattern (``d`` observed fields, ``du`` unobserved), DESIGN.md 4a.
@@ -293,7 +293,8 @@ def posterior_source(d: int, du: int, B: int, fp32: bool) -> str:
     (N, D, D), the most probable component ``mapc`` and its responsibility ``mapr``, the
     background responsibility ``bgr`` (0 when ``lbg <= BG_OFF``), all responsibilities into
     ``resp`` (N, K) unless it has no rows, for the ``topk`` most probable components their
-    index, responsibility, mean and covariance (``tidx``, ``tresp``, ``tmean``, ``tcov``), and
+    index, responsibility, mean and covariance (``tidx``, ``tresp``, ``tmean``, ``tcov``; only
+    in the variant generated with ``topk``, whose scalar code doubles the compile time), and
     per pattern row ``qmin[i]``, the smallest posterior / noise variance ratio of an observed
     field (mixture and top-k). Responsibilities include the background in their normalisation;
     the mean and covariance are those of the Gaussian part (the mixture given "not background").
@@ -335,7 +336,7 @@ def posterior_source(d: int, du: int, B: int, fp32: bool) -> str:
     src += _indent(_pair_pass(d, B, lay["n_scr"], True, du), 4)
     src += _indent(_post_responsibilities(d, du, B, lay), 12)
     src += _indent(_post_components(d, du, B, lay, cov_lines, cov_terms), 12)
-    src += _indent(_post_topk(d, du, B, lay), 12)
+    src += _indent(_post_topk(d, du, B, lay) if topk else ["qmin[i] = 1.0"], 12)
     src += _indent(_post_batch(d, du, B, cov_terms, nO), 8)
     src += [
         "        if status[0] >= 0:",
