@@ -237,6 +237,15 @@ def test_backend_choice_and_registry(monkeypatch):
     mean, _ = posterior(X, S, w, m, V, backend="spy")
     assert sorted(calls) == [3, 7]  # one call per missingness pattern
     np.testing.assert_array_equal(mean, posterior(X, S, w, m, V, backend="reference")[0])
+    # "auto" sends small patterns to the reference while the compiled kernel is not loaded
+    monkeypatch.delenv(registry.ENV_VAR)
+    for compiled, want in ((False, []), (True, [3, 7])):
+        calls.clear()
+        run = spy()
+        run.ready = lambda job, compiled=compiled: compiled
+        monkeypatch.setitem(registry._LOADED, ("posterior", "numba"), run)
+        posterior(X, S, w, m, V)
+        assert sorted(calls) == want
 
 
 def test_reference_posterior_is_array_namespace_code():

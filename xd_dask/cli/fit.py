@@ -558,6 +558,23 @@ def score(
 @click.argument("catalogue")
 @click.argument("out", type=click.Path(file_okay=False))
 @_schema_option
+@click.option(
+    "--columns",
+    default="mean,cov,map",
+    show_default=True,
+    metavar="GROUPS",
+    help="Comma-separated column groups: mean (mean_<f>), cov (cov_<f>_<g>), map (component, "
+    "component_prob), resp (resp_<j> per component). A model with a background component adds "
+    "background_resp.",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Also write the K most probable components' own posteriors (the posterior is a "
+    "mixture): top<t>_component, top<t>_resp, top<t>_mean_<f>, top<t>_cov_<f>_<g>.",
+)
 @_job_option
 @cluster_options
 @log_options
@@ -566,14 +583,21 @@ def posterior(
     model: str,
     catalogue: str,
     out: str,
+    columns: str,
+    top_k: int,
     job: str | None,
     log_format: str,
     verbose: int,
     **params: Any,
 ) -> None:
-    """Per-star deconvolved means, covariances and most probable component -> OUT/*.parquet."""
+    """Per-star deconvolved means and covariances (moment-matched: each star's posterior is a
+    mixture over the components) and most probable component -> OUT/*.parquet."""
     from xd_dask.distributed import posterior_catalog  # noqa: PLC0415
 
+    groups = tuple(g.strip() for g in columns.split(",") if g.strip())
+    unknown = sorted(set(groups) - {"mean", "cov", "map", "resp"})
+    if unknown:
+        raise click.BadParameter(f"unknown column group(s) {unknown}", param_hint="--columns")
     _setup_logging(log_format, verbose)
     mdl, cfg = _apply_config(model, catalogue, params, job)
     progress = Progress(log_format)
@@ -587,6 +611,9 @@ def posterior(
             on_bad=cfg.get("catalog.on_bad"),
             gpu=cfg.get("cluster.gpu"),
             dtype=cfg.get("fit.dtype"),
+            columns=groups,
+            top_k=top_k,
+            backend=cfg.get("fit.backend"),
         )
     progress.emit("posterior", out=out, files=files)
     if not progress.json:

@@ -135,12 +135,17 @@ def posterior_catalog(
     gpu: bool = False,
     dtype: str = "float64",
     fan_in: int = 8,
+    columns: tuple[str, ...] = ("mean", "cov", "map"),
+    top_k: int = 0,
+    backend: str = "auto",
 ) -> list[str]:
     """Deconvolved per-row posteriors, written by the workers (``xd-posterior`` tasks).
 
     Each partition becomes ``<out_dir>/posterior-<pid>.parquet`` with columns ``source_id``,
-    ``mean_<f>``, ``cov_<f>_<g>`` (lower triangle), ``component`` and ``component_prob``, written
-    atomically; ``_SUCCESS.json`` (files, rows, dropped counts) is written last.
+    ``mean_<f>``, ``cov_<f>_<g>`` (lower triangle), ``component`` and ``component_prob`` by
+    default (``columns`` and ``top_k`` choose more or fewer, and a model with a background
+    component adds ``background_resp``: see :func:`xd_dask.distributed.tasks.posterior_write`),
+    written atomically; ``_SUCCESS.json`` (files, rows, dropped counts) is written last.
 
     Returns
     -------
@@ -149,7 +154,7 @@ def posterior_catalog(
     manifest = _as_manifest(manifest)
     schema = resolve_schema(schema)
     _check_features(model, schema)
-    runner, opts = _runner(client, manifest, schema, on_bad, "reference", gpu, dtype, fan_in, 1)
+    runner, opts = _runner(client, manifest, schema, on_bad, backend, gpu, dtype, fan_in, 1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = [_out_name(out, "posterior", p.pid) for p in manifest]
@@ -160,7 +165,13 @@ def posterior_catalog(
         posterior_write,
         shared=(params,),
         extra=(opts,),
-        per_partition=lambda pid: (files[pid], list(model.feature_names)),
+        per_partition=lambda pid: (
+            files[pid],
+            list(model.feature_names),
+            tuple(columns),
+            int(top_k),
+            model.background,
+        ),
     )
     summary = {
         "files": [Path(f).name for f in files],

@@ -36,9 +36,13 @@ def _numba_logdens():
 
 
 def _numba_posterior():
-    from xd_dask.kernels._numba_posterior import pattern_posterior_numba  # noqa: PLC0415 - lazy
+    from xd_dask.kernels import _numba_posterior as mod  # noqa: PLC0415 - lazy
 
-    return pattern_posterior_numba
+    def run(job):
+        return mod.pattern_posterior_numba(job)
+
+    run.ready = mod.is_compiled  # see xd_dask.kernels._posterior.COMPILE_MIN_PAIRS
+    return run
 
 
 def _ref_stats():

@@ -31,7 +31,7 @@ from xd_dask.kernels.reference_posterior import conditional_blocks, pattern_post
 #: by the reference's Joseph form (q = 1e-8 bounds the float64 error near 1e-8).
 ESCALATE = {np.dtype(np.float32): 0.05, np.dtype(np.float64): 1e-8}
 
-__all__ = ["pattern_posterior_numba"]
+__all__ = ["is_compiled", "pattern_posterior_numba"]
 
 
 def _pack_posterior(log_weights, means, covs, obs, unobs, dtype) -> np.ndarray:
@@ -58,6 +58,17 @@ def _pack_posterior(log_weights, means, covs, obs, unobs, dtype) -> np.ndarray:
     return np.ascontiguousarray(blocks, dtype=dtype).reshape(-1)
 
 
+def _kind(job) -> tuple[str, int, bool, int]:
+    d = job.x.shape[1]
+    kind = "posterior_top" if job.top_k else "posterior"
+    return kind, d, job.x.dtype == np.float32, len(job.cols) - d
+
+
+def is_compiled(job) -> bool:
+    """Whether the kernel ``job`` needs is already compiled in this process."""
+    return _kind(job) in _numba._cache
+
+
 def _run(job) -> np.ndarray:
     """The compiled kernel on ``job`` in its dtype; returns the rows' tightness q (see the
     module docstring)."""
@@ -66,7 +77,7 @@ def _run(job) -> np.ndarray:
     K = job.means.shape[0]
     obs, unobs = job.cols[:d], job.cols[d:]
     P = _pack_posterior(job.log_weights, job.means, job.covs, obs, unobs, x.dtype)
-    fn = _kernel("posterior_top" if job.top_k else "posterior", d, fp32, len(unobs))
+    fn = _kernel(*_kind(job))
     out = job.out
     resp = out.resp if out.resp is not None else np.empty((0, K))
     rows = np.ascontiguousarray(job.rows, dtype=np.int64)

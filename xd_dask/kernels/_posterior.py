@@ -25,7 +25,13 @@ from xd_dask.kernels._common import (
 if TYPE_CHECKING:
     from xd_dask.kernels import Background
 
-__all__ = ["PosteriorJob", "PosteriorSummary", "posterior"]
+__all__ = ["COMPILE_MIN_PAIRS", "PosteriorJob", "PosteriorSummary", "posterior"]
+
+#: With ``backend="auto"``, a pattern of fewer (row, component) pairs than this runs on the
+#: reference unless the compiled kernel it needs is already loaded in this process: compiling
+#: one (per observed/unobserved field count and dtype) takes ~10 s, the reference ~2 us per pair.
+#: An implementation declares this through a ``ready(job)`` attribute (see .registry).
+COMPILE_MIN_PAIRS = 1 << 20
 
 
 @dataclass
@@ -148,7 +154,9 @@ def posterior(
     top_k : also return the k most probable components' own posteriors (``summary=True``).
     summary : return a :class:`PosteriorSummary` instead of a tuple.
     return_resp : also return the (n, K) responsibilities.
-    backend : "auto" or a registered backend (the compiled kernel for NumPy without R).
+    backend : "auto" or a registered backend. "auto" runs the compiled kernel on NumPy input
+        without R, except for patterns smaller than :data:`COMPILE_MIN_PAIRS` whose kernel is not
+        compiled yet (they run on the reference).
     chunk_bytes, check : as in :func:`xd_dask.kernels.compute_stats`.
 
     Returns
@@ -161,7 +169,9 @@ def posterior(
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     if top_k and not summary:
         raise ValueError("top_k needs summary=True (the top-k posteriors are summary fields)")
-    fn = registry.implementation("posterior", registry.resolve("posterior", backend, X, R))
+    name = registry.resolve("posterior", backend, X, R)
+    fn = registry.implementation("posterior", name)
+    ready = getattr(fn, "ready", None) if backend == "auto" and not registry.forced() else None
     xp, Xc, X_cov, log_weights, m, V, c = prepare(
         X, X_cov, weights, means, covariances, R, None, check
     )
@@ -192,8 +202,11 @@ def posterior(
             chunk_bytes,
             out,
         )
+        run = fn
+        if ready is not None and len(pat.rows) * K < COMPILE_MIN_PAIRS and not ready(job):
+            run = registry.implementation("posterior", "reference")
         try:
-            fn(job)
+            run(job)
         except NotPositiveDefiniteError as err:
             raise NotPositiveDefiniteError(int(pat.rows[err.row]), err.component) from None
     if background is None:

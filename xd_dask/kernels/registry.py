@@ -12,7 +12,9 @@ Per-pattern call signatures (one missingness pattern; see :mod:`.reference`):
                  -> ``(n_j, a, C, ll, W, n_bg)``
 ``"logdens"``    ``fn(x, S, log_weights, means, covs, R, chunk_bytes)`` -> (n, K) float64
 ``"posterior"``  ``fn(job)`` with a :class:`xd_dask.kernels._posterior.PosteriorJob`; writes the
-                 job's output arrays at the pattern's rows.
+                 job's output arrays at the pattern's rows. An implementation that compiles on
+                 first use may carry ``fn.ready(job) -> bool`` (compiled already?): "auto" then
+                 sends small patterns to the reference instead of compiling.
 
 Without ``R`` the stats and logdens kernels get the observed sub-vectors/sub-blocks of the
 parameters; with ``R`` (and always for the posterior) the full ones.
@@ -33,6 +35,7 @@ __all__ = [
     "ENV_VAR",
     "Backend",
     "backend_names",
+    "forced",
     "implementation",
     "register",
     "register_backend",
@@ -88,6 +91,12 @@ def implementation(kernel: str, backend: str) -> Callable[..., Any]:
             raise ValueError(f"backend {backend!r} has no {kernel!r} kernel")
         fn = _LOADED[key] = _IMPLS[key]()
     return fn
+
+
+def forced() -> str | None:
+    """The backend ``XD_DASK_BACKEND`` names (None for unset or "auto")."""
+    env = os.environ.get(ENV_VAR, "auto").strip().lower()
+    return None if env in ("", "auto") else env
 
 
 def resolve(kernel: str, backend: str, X: Any, R: Any) -> str:
