@@ -201,19 +201,20 @@ def posterior_bu(d: int, du: int, par: Par, u: str = "u", bu: str = "bu") -> lis
     return lines
 
 
+def _product(out: str, n: int, m: int, p: int, left, right) -> list[str]:
+    """``{out}{i}_{j}`` = sum_k left(i, k) * right(k, j) for an (n x p) by (p x m) product."""
+    return [
+        f"{out}{i}_{j} = " + " + ".join(f"{left(i, k)} * {right(k, j)}" for k in range(p))
+        for i in range(n)
+        for j in range(m)
+    ]
+
+
 def _z_lines(d: int, du: int, par: Par, s: str = "s") -> list[str]:
     """Z = G S and ZT = Z T^-1 (du x d each): ``Z{c}_{b}``, ``ZT{c}_{b}``."""
     g = param_rows(d, du)["g"]
-    lines = []
-    for c in range(du):
-        for b in range(d):
-            terms = " + ".join(f"{par(g + c * d + a)} * {_sym(s, a, b)}" for a in range(d))
-            lines.append(f"Z{c}_{b} = {terms}")
-    for c in range(du):
-        for b in range(d):
-            lines.append(
-                f"ZT{c}_{b} = " + " + ".join(f"Z{c}_{k} * {_sym('ti', k, b)}" for k in range(d))
-            )
+    lines = _product("Z", du, d, d, lambda c, a: par(g + c * d + a), lambda a, b: _sym(s, a, b))
+    lines += _product("ZT", du, d, d, lambda c, k: f"Z{c}_{k}", lambda k, b: _sym("ti", k, b))
     return lines
 
 
@@ -255,6 +256,24 @@ def posterior_cov_terms(d: int, du: int, par: Par) -> tuple[list[str], list[tupl
     return lines, terms
 
 
+def _shift(d: int, s: str, v: str) -> list[str]:
+    """``shift{a}`` = (S {v})_a: the posterior mean of the observed fields is x - shift."""
+    return [
+        f"shift{a} = " + " + ".join(f"{_sym(s, a, b)} * {v}{b}" for b in range(d)) for a in range(d)
+    ]
+
+
+def _s_minus_sas(d: int, s: str, A: str) -> list[str]:
+    """``cov{a}_{b}`` (a >= b) = (S - S A S)_ab for symmetric A stored as ``{A}{a}_{b}``, through
+    ``ST`` = S A (full d x d)."""
+    lines = _product("ST", d, d, d, lambda a, k: _sym(s, a, k), lambda k, b: _sym(A, k, b))
+    for a in range(d):
+        for b in range(a + 1):
+            sts = " - ".join(f"ST{a}_{k} * {_sym(s, k, b)}" for k in range(d))
+            lines.append(f"cov{a}_{b} = {_sym(s, a, b)} - {sts}")
+    return lines
+
+
 def posterior_row(d: int, du: int, s: str = "S") -> list[str]:
     """Per row, from the accumulated ``acc_<name>`` sums, the shift ``UREF{a}`` / ``BUREF{c}``
     and the noise ``{s}{a}_{b}`` (a >= b; all float64): ``shift{a}`` (mean_o = x - shift),
@@ -262,20 +281,12 @@ def posterior_row(d: int, du: int, s: str = "S") -> list[str]:
     (p >= q) in local order (observed fields first, then the unobserved ones: p = d + c)."""
     lines = [f"ub{a} = UREF{a} + acc_DU{a}" for a in range(d)]
     lines += [f"bbu{c} = BUREF{c} + acc_DB{c}" for c in range(du)]
-    for a in range(d):
-        lines.append(f"shift{a} = " + " + ".join(f"{_sym(s, a, b)} * ub{b}" for b in range(d)))
-    # Ac = A + DU DU^T (the centred sum); ST = S Ac (full d x d); cov_oo = S - ST S.
+    lines += _shift(d, s, "ub")
+    # Ac = A + DU DU^T (the centred sum), cov_oo = S - S Ac S.
     for a in range(d):
         for b in range(a + 1):
             lines.append(f"Ac{a}_{b} = acc_A{a}_{b} + acc_DU{a} * acc_DU{b}")
-    for a in range(d):
-        for b in range(d):
-            terms = " + ".join(f"{_sym(s, a, k)} * {_sym('Ac', k, b)}" for k in range(d))
-            lines.append(f"ST{a}_{b} = {terms}")
-    for a in range(d):
-        for b in range(a + 1):
-            sts = " - ".join(f"ST{a}_{k} * {_sym(s, k, b)}" for k in range(d))
-            lines.append(f"cov{a}_{b} = {_sym(s, a, b)} - {sts}")
+    lines += _s_minus_sas(d, s, "Ac")
     for c in range(du):
         for a in range(d):
             lines.append(f"Hc{c}_{a} = acc_H{c}_{a} + acc_DB{c} * acc_DU{a}")
@@ -292,18 +303,7 @@ def component_posterior(d: int, du: int, par: Par, s: str = "S") -> list[str]:
     (compute dtype) and the noise ``{s}{a}_{b}`` (float64) in scope: ``shift{a}`` (b_o = x -
     shift), ``bu{c}`` and ``cov{p}_{q}`` (p >= q, local order), B_oo = S - S T^-1 S."""
     lay = param_rows(d, du)
-    lines = [
-        f"shift{a} = " + " + ".join(f"{_sym(s, a, b)} * u{b}" for b in range(d)) for a in range(d)
-    ]
-    lines += posterior_bu(d, du, par)
-    for a in range(d):
-        for b in range(d):
-            terms = " + ".join(f"{_sym(s, a, k)} * {_sym('ti', k, b)}" for k in range(d))
-            lines.append(f"ST{a}_{b} = {terms}")
-    for a in range(d):
-        for b in range(a + 1):
-            sts = " - ".join(f"ST{a}_{k} * {_sym(s, k, b)}" for k in range(d))
-            lines.append(f"cov{a}_{b} = {_sym(s, a, b)} - {sts}")
+    lines = _shift(d, s, "u") + posterior_bu(d, du, par) + _s_minus_sas(d, s, "ti")
     if du:
         g = lay["g"]
         for c in range(du):
