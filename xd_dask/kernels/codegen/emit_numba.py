@@ -72,20 +72,30 @@ def _indent(lines: list[str], n: int) -> list[str]:
     return [" " * n + s for s in lines]
 
 
+def _store_in_place(lines: list[str], targets: dict[str, str]) -> list[str]:
+    """Assignments to the names in ``targets`` become stores to their targets, where they are
+    computed (the order in which the kernel writes its scratch matters to LLVM's schedule:
+    collecting the stores at the end made the statistics pass 5-15 % slower)."""
+    out = []
+    for line in lines:
+        name, _, expr = line.partition(" = ")
+        out.append(f"{targets[name]} = {expr}" if name in targets else line)
+    return out
+
+
 def _pair_body(d: int, B: int, full: bool) -> list[str]:
     """One (row, component) pair at lane ``l``: log density into ``lb[l]``, pivot flag and
     (``full``) u and T^-1 into the scratch block ``sb``."""
-    lay = layout(d)
     body = alg.pair_logdens(d, _lane(B), logdet_bits)
-    body.append(f"sb[{lay['row_bad'] * B} + l] = bad")
-    body.append("lb[l] = logp")
     if full:
         body += alg.pair_inverse(d)
-        body += [f"sb[{a * B} + l] = u{a}" for a in range(d)]
+    targets = {"bad": f"sb[{layout(d)['row_bad'] * B} + l]", "logp": "lb[l]"}
+    if full:
+        targets |= {f"u{a}": f"sb[{a * B} + l]" for a in range(d)}
         for a in range(d):
             for b in range(a + 1):
-                body.append(f"sb[{(d + alg.tri(a, b)) * B} + l] = ti{a}_{b}")
-    return body
+                targets[f"ti{a}_{b}"] = f"sb[{(d + alg.tri(a, b)) * B} + l]"
+    return _store_in_place(body, targets)
 
 
 def _scratch_row(d: int, name: str) -> int:
@@ -195,13 +205,16 @@ def stats_source(d: int, B: int, fp32: bool) -> str:
     loaded: set[str] = set()
     for slot, expr in alg.stats_terms(d):
         if expr is None:
-            src.append(" " * 16 + f"ab[{slot * B} + l] += r")
+            src.append(" " * 16 + (f"ab[{slot * B} + l] += r" if slot else "ab[l] += r"))
             continue
-        # Load each scratch value just before its first use (keeps the register pressure low).
-        for name in re.findall(r"\b(?:u|ti)[0-9_]+\b", expr):
+        # Load u just before its first use (keeps the register pressure low), T^-1 in place.
+        for name in re.findall(r"\bu[0-9]+\b", expr):
             if name not in loaded:
                 src.append(" " * 16 + f"{name} = sb[{_scratch_row(d, name) * B} + l]")
                 loaded.add(name)
+        expr = re.sub(
+            r"\bti[0-9]+_[0-9]+\b", lambda t: f"sb[{_scratch_row(d, t[0]) * B} + l]", expr
+        )
         src.append(" " * 16 + f"ab[{slot * B} + l] += r * {expr}")
     if fp32:
         src += [
