@@ -219,7 +219,8 @@ def prepare(X, X_cov, weights, means, covariances, R, row_weights, check):
     c = weights @ means / max(weights.sum(), np.finfo(float).tiny)  # (D,)
     c_x = xp.asarray(c, dtype=xp.float64)
     if R is None:
-        Xc = xp.asarray(xp.asarray(X, dtype=xp.float64) - c_x[None, :], dtype=X.dtype)
+        # one float64 temporary (the cast happens inside the subtraction), then X's dtype
+        Xc = xp.asarray(xp.subtract(X, c_x[None, :], dtype=xp.float64), dtype=X.dtype)
     else:
         Rc = xp.einsum("nid,d->ni", xp.asarray(R, dtype=xp.float64), c_x)
         Xc = xp.asarray(xp.asarray(X, dtype=xp.float64) - Rc, dtype=X.dtype)

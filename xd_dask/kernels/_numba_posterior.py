@@ -23,6 +23,7 @@ import numpy as np
 from xd_dask.kernels import _numba
 from xd_dask.kernels._common import NotPositiveDefiniteError
 from xd_dask.kernels._numba import LANE_BLOCK, _kernel, _raise_if_bad, _run_blocks
+from xd_dask.kernels._posterior import PosteriorSummary
 from xd_dask.kernels.codegen import algebra
 from xd_dask.kernels.reference_posterior import conditional_blocks, pattern_posterior_ref
 
@@ -100,24 +101,32 @@ def _run(job) -> np.ndarray:
     return q
 
 
-def _subjob(job, idx: np.ndarray, dtype=None):
-    """The rows ``idx`` of ``job``; with ``dtype`` float64, x is centred anew from the caller's
-    float64 values (the float32 centred x carries the rounding of x - c, which the posterior
-    mean of a prior-dominated row would inherit one to one)."""
+def _escalate(run, job, idx: np.ndarray):
+    """Recompute the pattern rows ``idx`` with ``run`` in float64 and store them into
+    ``job.out``. x is centred anew from the caller's values (the float32 centred x carries the
+    rounding of x - c, which the posterior mean of a prior-dominated row inherits one to one);
+    the rows go through a small output of their own. Returns ``run``'s result."""
     rows = np.asarray(job.rows)[idx]
-    x, S = job.x[idx], job.S[idx]
-    if dtype is not None:
-        d = x.shape[1]
-        x = job.x0[rows[:, None], job.cols[None, :d]] - job.centre[None, :d]
-        S = S.astype(dtype)
-    return dataclasses.replace(job, x=np.ascontiguousarray(x), S=S, rows=rows)
-
-
-def _escalate(run, job, idx: np.ndarray, dtype=None):
+    d, k, (K, D) = job.x.shape[1], len(idx), job.means.shape
+    x0 = np.asarray(job.x0[rows], dtype=np.float64)  # (k, D)
+    out = PosteriorSummary.allocate(np, k, K, D, job.top_k, job.out.resp is not None)
+    sub = dataclasses.replace(
+        job,
+        x=np.ascontiguousarray(x0[:, job.cols[:d]] - job.centre[None, :d]),
+        S=np.ascontiguousarray(job.S[idx], dtype=np.float64),
+        rows=np.arange(k),
+        x0=x0,
+        out=out,
+    )
     try:
-        return run(_subjob(job, idx, dtype))
+        res = run(sub)
     except NotPositiveDefiniteError as err:
         raise NotPositiveDefiniteError(int(idx[err.row]), err.component) from None
+    for f in dataclasses.fields(out):
+        part, whole = getattr(out, f.name), getattr(job.out, f.name)
+        if part is not None and whole is not None:
+            whole[rows] = part
+    return res
 
 
 def pattern_posterior_numba(job) -> None:
@@ -133,7 +142,7 @@ def pattern_posterior_numba(job) -> None:
     if job.x.dtype == np.float32:
         idx = np.flatnonzero(q < ESCALATE[np.dtype(np.float32)])
         if idx.size:
-            q[idx] = _escalate(_run, job, idx, np.float64)
+            q[idx] = _escalate(_run, job, idx)
     idx = np.flatnonzero(q < ESCALATE[np.dtype(np.float64)])
     if idx.size:
-        _escalate(pattern_posterior_ref, job, idx, np.float64)
+        _escalate(pattern_posterior_ref, job, idx)

@@ -94,7 +94,7 @@ class PosteriorJob:
     log_weights : (K,) float64; means (K, D), covs (K, D, D): FULL centred parameters (float64).
     R : (n, d, D) projections or None. Without R, the pattern observes fields ``cols[:d]`` and
         not ``cols[d:]`` (local order: observed first); with R, ``cols`` = arange(D).
-    rows : (n,) the pattern's rows in the outputs; x0 : (N, D) float64, the caller's values
+    rows : (n,) the pattern's rows in the outputs; x0 : (N, D), the caller's values in x's dtype
         (the posterior mean of an observed field is x0 minus a small shift, so it keeps the
         input's precision); centre : (D,) float64 in local order, the centring constant.
     log_background : the background's log density on these fields (weight included) or None.
@@ -179,7 +179,7 @@ def posterior(
     K, D = m.shape
     top_k = min(top_k, K)
     out = PosteriorSummary.allocate(xp, n, K, D, top_k, return_resp)
-    x0 = xp.asarray(X, dtype=xp.float64)
+    x0 = X if X.dtype in (xp.float32, xp.float64) else xp.asarray(X, dtype=xp.float64)
     for pat in missingness_patterns(Xc):
         x, S, Rp = pattern_blocks(xp, Xc, X_cov, R, pat)
         if R is None:

@@ -300,10 +300,11 @@ def posterior_source(d: int, du: int, B: int, fp32: bool, topk: bool = False) ->
 
     Row ``i`` (``r0 <= i < r1``) of the pattern is row ``rows[i]`` of the outputs; local field
     ``p`` (observed first, then unobserved) is column ``cols[p]``. ``x`` (n, d) and ``S`` are the
-    centred observed values in the compute dtype, ``xorig`` (N, D) the caller's values in float64
-    (the posterior mean of an observed field is ``xorig - S ubar``), ``c0`` (D,) the centre in
-    local order (added to the unobserved means). Writes, in float64: ``mean`` (N, D), ``cov``
-    (N, D, D), the most probable component ``mapc`` and its responsibility ``mapr``, the
+    centred observed values in the compute dtype, ``xorig`` (N, D) the caller's values (same
+    dtype; the posterior mean of an observed field is ``xorig - S ubar``, in float64), ``c0``
+    (D,) the centre in local order (added to the unobserved means). Writes, in float64:
+    ``mean`` (N, D), ``cov`` (N, D, D), the most probable component ``mapc`` and its
+    responsibility ``mapr``, the
     background responsibility ``bgr`` (0 when ``lbg <= BG_OFF``), all responsibilities into
     ``resp`` (N, K) unless it has no rows, for the ``topk`` most probable components their
     index, responsibility, mean and covariance (``tidx``, ``tresp``, ``tmean``, ``tcov``; only
@@ -442,7 +443,7 @@ def _post_topk(d: int, du: int, B: int, lay: dict[str, int]) -> list[str]:
         for b in range(a + 1)
     ]
     body += alg.component_posterior(d, du, lambda q: f"P[pk + {q * B} + lk]")
-    body += [f"tmean[ri, t, c_{a}] = xorig[ri, c_{a}] - shift{a}" for a in range(d)]
+    body += [f"tmean[ri, t, c_{a}] = float(xorig[ri, c_{a}]) - shift{a}" for a in range(d)]
     body += [f"tmean[ri, t, c_{d + c}] = bu{c} + c0[{d + c}]" for c in range(du)]
     body += _write_cov(d + du, "tcov[ri, t, ", lambda p, q: f"cov{p}_{q}", "")
     body += _tightness(d, lambda a: f"cov{a}_{a}", lambda a: f"S{a}_{a}", "")
@@ -477,7 +478,7 @@ def _post_batch(d: int, du: int, B: int, cov_terms, nO: int) -> list[str]:
         return f"ob[{(d + du + alg.tri(p, q)) * RB} + ib]"
 
     out = ["i = bi[ib]", "ri = rows[i]"]
-    out += [f"mean[ri, c_{a}] = xorig[ri, c_{a}] - ob[{a * RB} + ib]" for a in range(d)]
+    out += [f"mean[ri, c_{a}] = float(xorig[ri, c_{a}]) - ob[{a * RB} + ib]" for a in range(d)]
     out += [f"mean[ri, c_{d + c}] = ob[{(d + c) * RB} + ib] + c0[{d + c}]" for c in range(du)]
     out += _write_cov(D, "cov[ri, ", obv, "")
     out += ["q = qmin[i]"]
