@@ -328,10 +328,10 @@ def _signature(kind: str, fp32: bool):
     if kind.startswith("posterior"):
         f64 = types.float64
         f64m, f64t = types.Array(f64, 2, "C"), types.Array(f64, 3, "C")
-        # x, S, xorig, rows, cols, c0, P, K, nl, r0, r1, lbg, topk,
-        # mean, cov, mapc, mapr, bgr, resp, tidx, tresp, tmean, tcov, qmin, status
+        # x, S, xorig, rows, cols, c0, P, K, nl, r0, r1, lbg, topk, tau,
+        # mean, cov, mapc, mapr, bgr, resp, tidx, tresp, tmean, tcov, tight, status
         return f64(
-            x, S, types.Array(dt, 2, "A"), i64v, i64v, f64v, P, i64, i64, i64, i64, f64, i64,
+            x, S, types.Array(dt, 2, "A"), i64v, i64v, f64v, P, i64, i64, i64, i64, f64, i64, f64,
             f64m, f64t, i64v, f64v, f64v, f64m, types.Array(i64, 2, "C"), f64m, f64t,
             types.Array(f64, 4, "C"), f64v, i64v,
         )  # fmt: skip

@@ -71,8 +71,8 @@ def is_compiled(job) -> bool:
 
 
 def _run(job) -> np.ndarray:
-    """The compiled kernel on ``job`` in its dtype; returns the rows' tightness q (see the
-    module docstring)."""
+    """The compiled kernel on ``job`` in its dtype; returns the pattern rows whose posterior is
+    tighter than :data:`ESCALATE` of that dtype allows (see the module docstring)."""
     x, S, fp32 = _numba._check(job.x, job.S, job.means[:, job.cols[: job.x.shape[1]]])
     n, d = x.shape
     K = job.means.shape[0]
@@ -87,18 +87,19 @@ def _run(job) -> np.ndarray:
     lbg = _numba._background_arg(job.log_background)
     nt = _numba._n_threads(n)
     status = np.full((nt, 2), -1, dtype=np.int64)
-    q = np.empty(n)
+    tight = np.empty(n)
+    tau = ESCALATE[x.dtype]
 
     def body(t, r0, r1):
         return fn(
-            x, S, job.x0, rows, cols, c0, P, K, LANE_BLOCK, r0, r1, lbg, job.top_k,
+            x, S, job.x0, rows, cols, c0, P, K, LANE_BLOCK, r0, r1, lbg, job.top_k, tau,
             out.mean, out.cov, out.map_component, out.map_resp, out.background_resp, resp,
-            out.top_component, out.top_resp, out.top_mean, out.top_cov, q, status[t],
+            out.top_component, out.top_resp, out.top_mean, out.top_cov, tight, status[t],
         )  # fmt: skip
 
     _run_blocks(body, n, nt)
     _raise_if_bad(status)
-    return q
+    return np.flatnonzero(tight > 0.0)
 
 
 def _escalate(run, job, idx: np.ndarray):
@@ -138,11 +139,8 @@ def pattern_posterior_numba(job) -> None:
         raise ValueError("the numba posterior kernel takes no projections R")
     if job.x.shape[0] == 0:
         return
-    q = _run(job)
-    if job.x.dtype == np.float32:
-        idx = np.flatnonzero(q < ESCALATE[np.dtype(np.float32)])
-        if idx.size:
-            q[idx] = _escalate(_run, job, idx)
-    idx = np.flatnonzero(q < ESCALATE[np.dtype(np.float64)])
+    idx = _run(job)
+    if idx.size and job.x.dtype == np.float32:
+        idx = idx[_escalate(_run, job, idx)]  # float32 -> float64 kernel; still too tight:
     if idx.size:
-        _escalate(pattern_posterior_ref, job, idx)
+        _escalate(pattern_posterior_ref, job, idx)  # -> the Joseph form

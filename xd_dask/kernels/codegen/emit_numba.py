@@ -245,8 +245,8 @@ def logdens_source(d: int, B: int, fp32: bool) -> str:
 
 
 POSTERIOR_ARGS = (
-    "x, S, xorig, rows, cols, c0, P, K, nl, r0, r1, lbg, topk, "
-    "mean, cov, mapc, mapr, bgr, resp, tidx, tresp, tmean, tcov, qmin, status"
+    "x, S, xorig, rows, cols, c0, P, K, nl, r0, r1, lbg, topk, tau, "
+    "mean, cov, mapc, mapr, bgr, resp, tidx, tresp, tmean, tcov, tight, status"
 )
 
 
@@ -266,13 +266,11 @@ def _write_cov(D: int, dst: str, src, ind: str) -> list[str]:
     return lines
 
 
-def _tightness(d: int, var, noise, ind: str) -> list[str]:
-    """``q = min(q, var(a) / noise(a))`` over the observed fields with noise (see
-    ``_numba_posterior``: a small q means B = S - S T^-1 S cancelled)."""
-    lines = []
-    for a in range(d):
-        lines += [ind + f"if {noise(a)} > 0.0:", ind + f"    q = min(q, {var(a)} / {noise(a)})"]
-    return lines
+def _tightness(d: int, var, noise) -> list[str]:
+    """``tq = 1.0`` if some observed field has ``var(a) < tau * noise(a)``: a posterior far
+    tighter than the noise, where B = S - S T^-1 S cancels (see ``_numba_posterior``). Without
+    division (zero-noise fields have var = 0 and never count)."""
+    return [f"tq = 1.0 if {var(a)} < tau * {noise(a)} else tq" for a in range(d)]
 
 
 def _lane_tree(B: int, arr: str, base: str, name: str) -> list[str]:
@@ -294,9 +292,9 @@ ROW_BATCH = 32
 
 
 def posterior_source(d: int, du: int, B: int, fp32: bool, topk: bool = False) -> str:
-    """Source of ``kernel(x, S, xorig, rows, cols, c0, P, K, nl, r0, r1, lbg, topk, mean, cov,
-    mapc, mapr, bgr, resp, tidx, tresp, tmean, tcov, qmin, status)``: per-row posteriors of one
-    missingness pattern (``d`` observed fields, ``du`` unobserved), DESIGN.md 4a.
+    """Source of ``kernel(x, S, xorig, rows, cols, c0, P, K, nl, r0, r1, lbg, topk, tau, mean,
+    cov, mapc, mapr, bgr, resp, tidx, tresp, tmean, tcov, tight, status)``: per-row posteriors
+    of one missingness pattern (``d`` observed fields, ``du`` unobserved), DESIGN.md 4a.
 
     Row ``i`` (``r0 <= i < r1``) of the pattern is row ``rows[i]`` of the outputs; local field
     ``p`` (observed first, then unobserved) is column ``cols[p]``. ``x`` (n, d) and ``S`` are the
@@ -309,9 +307,10 @@ def posterior_source(d: int, du: int, B: int, fp32: bool, topk: bool = False) ->
     ``resp`` (N, K) unless it has no rows, for the ``topk`` most probable components their
     index, responsibility, mean and covariance (``tidx``, ``tresp``, ``tmean``, ``tcov``; only
     in the variant generated with ``topk``, whose scalar code doubles the compile time), and
-    per pattern row ``qmin[i]``, the smallest posterior / noise variance ratio of an observed
-    field (mixture and top-k). Responsibilities include the background in their normalisation;
-    the mean and covariance are those of the Gaussian part (the mixture given "not background").
+    per pattern row ``tight[i]`` = 1.0 when an observed field's posterior variance (mixture or
+    top-k) is below ``tau`` times its noise variance, else 0.0. Responsibilities include the
+    background in their normalisation; the mean and covariance are those of the Gaussian part
+    (the mixture given "not background").
 
     Per row: the pair pass (as in the statistics kernel), the responsibilities, ONE pass over
     the components accumulating the terms of :func:`.algebra.posterior_cov_terms` in lane
@@ -326,7 +325,7 @@ def posterior_source(d: int, du: int, B: int, fp32: bool, topk: bool = False) ->
     RB = ROW_BATCH
     cov_lines, cov_terms = alg.posterior_cov_terms(d, du, _lane(B))
     nT = len(cov_terms)
-    nO = d + du + alg.npk(D)  # per batch row: shift, bbu, cov (local lower triangle)
+    nO = d + du + alg.npk(D) + 1  # per batch row: shift, bbu, cov (local lower), tightness
     src = _header(POSTERIOR_ARGS, d, B, du)
     src += [
         f"    accb = np.empty({RB * nT * B}, DT)",
@@ -350,7 +349,7 @@ def posterior_source(d: int, du: int, B: int, fp32: bool, topk: bool = False) ->
     src += _indent(_pair_pass(d, B, lay["n_scr"], True, du), 4)
     src += _indent(_post_responsibilities(d, du, B, lay), 12)
     src += _indent(_post_components(d, du, B, lay, cov_lines, cov_terms), 12)
-    src += _indent(_post_topk(d, du, B, lay) if topk else ["qmin[i] = 1.0"], 12)
+    src += _indent(_post_topk(d, du, B, lay) if topk else ["tight[i] = 0.0"], 12)
     src += _indent(_post_batch(d, du, B, cov_terms, nO), 8)
     src += [
         "        if status[0] >= 0:",
@@ -422,9 +421,9 @@ def _post_components(d, du, B, lay, cov_lines, cov_terms) -> list[str]:
 
 def _post_topk(d: int, du: int, B: int, lay: dict[str, int]) -> list[str]:
     """The ``topk`` most probable components' own posteriors (scalar code, per row), and the
-    row's tightness over them (``qmin[i]``)."""
+    row's tightness over them (``tight[i]``)."""
     src = [
-        "q = 1.0",
+        "tq = 0.0",
         "if topk > 0:",
         "    for k in range(Kp):",
         "        tmp[k] = ld[k]",
@@ -446,8 +445,8 @@ def _post_topk(d: int, du: int, B: int, lay: dict[str, int]) -> list[str]:
     body += [f"tmean[ri, t, c_{a}] = float(xorig[ri, c_{a}]) - shift{a}" for a in range(d)]
     body += [f"tmean[ri, t, c_{d + c}] = bu{c} + c0[{d + c}]" for c in range(du)]
     body += _write_cov(d + du, "tcov[ri, t, ", lambda p, q: f"cov{p}_{q}", "")
-    body += _tightness(d, lambda a: f"cov{a}_{a}", lambda a: f"S{a}_{a}", "")
-    return src + _indent(body, 8) + ["qmin[i] = q"]
+    body += _tightness(d, lambda a: f"cov{a}_{a}", lambda a: f"S{a}_{a}")
+    return src + _indent(body, 8) + ["tight[i] = tq"]
 
 
 def _post_batch(d: int, du: int, B: int, cov_terms, nO: int) -> list[str]:
@@ -472,6 +471,8 @@ def _post_batch(d: int, du: int, B: int, cov_terms, nO: int) -> list[str]:
         for p in range(D)
         for q in range(p + 1)
     ]
+    fin += ["tq = 0.0", *_tightness(d, lambda a: f"cov{a}_{a}", lambda a: f"S{a}_{a}")]
+    fin += [f"ob[{(nO - 1) * RB} + ib] = tq"]
     src += ["for ib in range(nb):"] + _indent(fin, 4)
 
     def obv(p: int, q: int) -> str:
@@ -481,7 +482,5 @@ def _post_batch(d: int, du: int, B: int, cov_terms, nO: int) -> list[str]:
     out += [f"mean[ri, c_{a}] = float(xorig[ri, c_{a}]) - ob[{a * RB} + ib]" for a in range(d)]
     out += [f"mean[ri, c_{d + c}] = ob[{(d + c) * RB} + ib] + c0[{d + c}]" for c in range(du)]
     out += _write_cov(D, "cov[ri, ", obv, "")
-    out += ["q = qmin[i]"]
-    out += _tightness(d, lambda a: obv(a, a), lambda a: f"sv[{alg.tri(a, a) * RB} + ib]", "")
-    out += ["qmin[i] = q"]
+    out += [f"tight[i] = max(tight[i], ob[{(nO - 1) * RB} + ib])"]
     return src + ["for ib in range(nb):"] + _indent(out, 4)
