@@ -11,6 +11,17 @@ pair of one statistics pass (DESIGN.md section 3):
   subset of the rows; ``ratio`` = numpy ref / numba 1 thr;
 - ``max rel err``: kernel vs reference on that subset (ll, n_j, a, C normwise), a sanity check.
 
+and beside it, per pair, the posterior pass (DESIGN.md 4a) on the same rows:
+
+- ``post kern``: the compiled posterior kernel of the pattern on one core
+  (``pattern_posterior_numba``, outputs allocated once, as ``numba 1 thr`` accumulates into
+  arrays of its own); ``/stats`` = post kern / numba 1 thr (target <= 2);
+- ``post 1 thr``: ``xd_dask.kernels.posterior(..., backend="numba")``, the whole call as a user
+  makes it (centring, the kernel, fresh float64 (n, D) means and (n, D, D) covariances);
+- ``post ref``: the reference posterior (batched NumPy, float64) on a subset;
+- ``post err``: compiled vs reference posterior on that subset, worst covariance entry in
+  correlation units.
+
 Then the same figure for K = 64 with LLVM told to prefer 256-bit vectors (a subprocess with
 ``NUMBA_CPU_FEATURES=<host>,+prefer-256-bit``), to show what 512-bit vectors are worth. LLVM
 prefers 256-bit vectors on Intel server CPUs (Skylake-X .. Sapphire Rapids); there,
@@ -19,6 +30,7 @@ prefers 256-bit vectors on Intel server CPUs (Skylake-X .. Sapphire Rapids); the
 best-of-N, and the spread (worst / best) of the single-thread repeats is printed.
 
 Usage: python benchmarks/bench_kernel.py [--quick] [--no-vector-width]
+(Set XD_DASK_KERNEL_CACHE to keep compiled kernels between runs.)
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ import llvmlite.binding as llvm
 import numba
 import numpy as np
 
+from xd_dask.kernels import posterior
 from xd_dask.kernels._numba import pattern_stats_numba
 from xd_dask.kernels.reference import pattern_stats_ref
 
@@ -88,6 +101,40 @@ def kernel_ns(x, S, rw, lw, m, V, threads: int, repeats: int) -> tuple[float, fl
     return best / pairs * 1e9, worst / best
 
 
+def posterior_ns(x, S, lw, m, V, repeats: int, backend: str = "numba") -> float:
+    """ns per pair of one posterior call on one thread (compilation excluded), best of N."""
+    numba.set_num_threads(1)
+    w = np.exp(lw)
+    posterior(x[:64], S[:64], w, m, V, backend=backend, check=False)  # compile / warm up
+    best, _ = best_of(lambda: posterior(x, S, w, m, V, backend=backend, check=False), repeats)
+    return best / (x.shape[0] * m.shape[0]) * 1e9
+
+
+def posterior_kernel_ns(x, S, lw, m, V, repeats: int) -> float:
+    """ns per pair of the pattern-level compiled posterior kernel, outputs allocated once."""
+    from xd_dask.kernels._numba_posterior import pattern_posterior_numba  # noqa: PLC0415
+    from xd_dask.kernels._posterior import PosteriorJob, PosteriorSummary  # noqa: PLC0415
+
+    numba.set_num_threads(1)
+    n, d = x.shape
+    out = PosteriorSummary.allocate(np, n, m.shape[0], d, 0, False)
+    cols = np.arange(d)
+    job = PosteriorJob(x, S, lw, m, V, None, np.arange(n), cols, x, np.zeros(d), None, 0, None, out)
+    pattern_posterior_numba(job)
+    best, _ = best_of(lambda: pattern_posterior_numba(job), repeats)
+    return best / (n * m.shape[0]) * 1e9
+
+
+def posterior_err(sub, m, V, lw) -> float:
+    """Worst covariance difference, compiled vs reference posterior, in correlation units."""
+    x, S = sub
+    w = np.exp(lw)
+    _, got = posterior(x, S, w, m, V, backend="numba", check=False)
+    _, want = posterior(x, S, w, m, V, backend="reference", check=False)
+    sd = np.sqrt(np.diagonal(want, axis1=1, axis2=2))
+    return float((np.abs(got - want) / (sd[:, :, None] * sd[:, None, :])).max())
+
+
 def vector_width_child(K: int) -> None:
     """Subprocess entry: print JSON {dtype: ns per pair} for one K, one thread."""
     n = min(MAX_ROWS, PAIRS // K)
@@ -124,6 +171,8 @@ def main() -> None:
     hdr = (
         f"{'K':>4} {'dtype':>7} {'rows':>7} | {'numba 1 thr':>11} {'spread':>6} | "
         f"{'numba 2 thr':>11} {'speedup':>7} | {'numpy ref':>9} {'ratio':>6} | {'max rel err':>11}"
+        f" || {'post kern':>9} {'/stats':>6} | {'post 1 thr':>10} | {'post ref':>8} | "
+        f"{'post err':>8}"
     )
     print(hdr)
     print("-" * len(hdr))
@@ -147,16 +196,25 @@ def main() -> None:
             ns_ref = t_ref / (nr * K) * 1e9
             numba.set_num_threads(1)
             err = rel_err(pattern_stats_numba(*sub), pattern_stats_ref(*sub))
+            # The posterior pass on the same rows, interleaved with the statistics pass.
+            nsk = posterior_kernel_ns(x, S, lw, m, V, REPEATS_1)
+            nsp = posterior_ns(x, S, lw, m, V, REPEATS_2)
+            ns1b, _ = kernel_ns(x, S, rw, lw, m, V, 1, REPEATS_1)
+            ns1 = min(ns1, ns1b)
+            nsk = min(nsk, posterior_kernel_ns(x, S, lw, m, V, REPEATS_1))
+            nsp_ref = posterior_ns(x[:nr], S[:nr], lw, m, V, REPEATS_REF, "reference")
+            perr = posterior_err((x[:nr], S[:nr]), m, V, lw)
             print(
                 f"{K:>4} {np.dtype(dt).name:>7} {n:>7} | {ns1:>11.1f} {spread:>6.2f} | "
                 f"{ns2:>11.1f} {ns1 / ns2:>6.2f}x | {ns_ref:>9.0f} {ns_ref / ns1:>5.0f}x | "
-                f"{err:>11.1e}"
+                f"{err:>11.1e} || {nsk:>9.1f} {nsk / ns1:>5.2f}x | {nsp:>10.1f} | "
+                f"{nsp_ref:>8.0f} | {perr:>8.1e}"
                 + (f"   (first call incl. compile {t_comp:.1f} s)" if t_comp > 0.5 else "")
             )
     print(
         "\ntargets (issue 2): <= 60 ns float64, <= 25 ns float32 at K = 64, one core; "
         "float32 statistics are accumulated in float64 (per-thread float32 partial sums "
-        "over <= 2048 rows)"
+        "over <= 2048 rows); (issue 8) posterior <= 2x the statistics pass per pair"
     )
 
     if not args.no_vector_width:

@@ -367,10 +367,17 @@ class XDModel:
         return responsibilities(X, X_cov, *self._params(), **self._bg(kw))
 
     def posterior(self, X: Any, X_cov: Any, **kw: Any):
-        """Deconvolved per-row mean (n, D) and covariance (n, D, D) of the true values."""
+        """Deconvolved posterior of each row's true value: a mixture over the components.
+
+        Returns its moment-matched mean (n, D) and covariance (n, D, D) (float64); with
+        ``summary=True`` a :class:`xd_dask.kernels.PosteriorSummary` (most probable component and
+        its responsibility, ``top_k`` components' own posteriors, the background's
+        responsibility when the model has a background component). Keywords as in
+        :func:`xd_dask.kernels.posterior`.
+        """
         from xd_dask.kernels import posterior  # noqa: PLC0415
 
-        return posterior(X, X_cov, *self._params(), **kw)
+        return posterior(X, X_cov, *self._params(), **self._bg(kw))
 
     def sample(
         self, n: int, random_state: Any = None, X_cov: Any = None, return_labels: bool = False

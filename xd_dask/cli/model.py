@@ -141,12 +141,31 @@ def score(
 @click.argument("out", type=click.Path(file_okay=False))
 @_schema_option
 @_on_bad_option
+@click.option(
+    "--columns",
+    default="mean,cov,map",
+    show_default=True,
+    metavar="GROUPS",
+    help="Comma-separated column groups: mean (mean_<f>), cov (cov_<f>_<g>), map (component, "
+    "component_prob), resp (resp_<j> per component). A model with a background component adds "
+    "background_resp.",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Also write the K most probable components' own posteriors (the posterior is a "
+    "mixture): top<t>_component, top<t>_resp, top<t>_mean_<f>, top<t>_cov_<f>_<g>.",
+)
 @_job_option
 @key_options(*CLUSTER_KEYS)
 def posterior(
     model: str,
     catalogue: str,
     out: str,
+    columns: str,
+    top_k: int,
     job: str | None,
     log_format: str,
     verbose: int,
@@ -154,11 +173,17 @@ def posterior(
 ) -> None:
     """Per-row deconvolved means, covariances and most probable component -> OUT/*.parquet.
 
-    One output row per input row, with the catalogue's id column under its own name and a
-    status column: "ok", or (with --on-bad drop) the reason the row was dropped, its values null.
+    Each star's posterior is a mixture over the components: mean and cov are its moment-matched
+    mean and covariance; --top-k writes the leading components' own posteriors. One output row
+    per input row, with the catalogue's id column under its own name and a status column: "ok",
+    or (with --on-bad drop) the reason the row was dropped, its values null.
     """
     from xd_dask.distributed import posterior_catalog  # noqa: PLC0415
 
+    groups = tuple(g.strip() for g in columns.split(",") if g.strip())
+    unknown = sorted(set(groups) - {"mean", "cov", "map", "resp"})
+    if unknown:
+        raise click.BadParameter(f"unknown column group(s) {unknown}", param_hint="--columns")
     mdl, cfg = _apply_config(model, catalogue, params, job)
     progress = Progress(log_format)
     with connected(cfg, progress, verbose) as client:
@@ -171,6 +196,9 @@ def posterior(
             on_bad=cfg.catalog.on_bad,
             gpu=cfg.cluster.gpu,
             dtype=cfg.fit.dtype,
+            columns=groups,
+            top_k=top_k,
+            backend=cfg.fit.backend,
         )
     done = json.loads((Path(out) / "_SUCCESS.json").read_text())
     progress.emit("posterior", out=out, **(done | {"files": files}))

@@ -150,13 +150,18 @@ def posterior_catalog(
     gpu: bool = False,
     dtype: str = "float64",
     fan_in: int = 8,
+    columns: tuple[str, ...] = ("mean", "cov", "map"),
+    top_k: int = 0,
+    backend: str = "auto",
 ) -> list[str]:
     """Deconvolved per-row posteriors, written by the workers (``xd-posterior`` tasks).
 
     Each partition becomes ``<out_dir>/posterior-<pid>.parquet`` with one row per input row:
     the schema's id column under its own name (``row`` without one), ``mean_<f>``,
-    ``cov_<f>_<g>`` (lower triangle), ``component``, ``component_prob`` and ``status`` ("ok", or
-    the reason ``on_bad="drop"`` dropped the row; its values are then null).
+    ``cov_<f>_<g>`` (lower triangle), ``component``, ``component_prob`` (``columns`` and
+    ``top_k`` choose more or fewer, and a model with a background component adds
+    ``background_resp``: see :func:`xd_dask.distributed.tasks.posterior_write`) and ``status``
+    ("ok", or the reason ``on_bad="drop"`` dropped the row; its values are then null).
     ``_SUCCESS.json`` (files, rows written, valid rows, dropped counts) is written last. The
     files are written into a fresh directory beside ``out_dir`` which then replaces it
     (:func:`xd_dask.utils.atomic_dir`): a reader of ``out_dir`` never sees stale part files of
@@ -170,7 +175,7 @@ def posterior_catalog(
     schema = resolve_schema(schema)
     manifest = _as_manifest(manifest, schema)
     _check_features(model, schema)
-    runner, opts = _runner(client, manifest, schema, on_bad, "reference", gpu, dtype, fan_in, 1)
+    runner, opts = _runner(client, manifest, schema, on_bad, backend, gpu, dtype, fan_in, 1)
     out = Path(out_dir)
     params = Params(model.weights, model.means, model.covariances)
     with atomic_dir(out, _OWNED.format(prefix="posterior")) as tmp:
@@ -181,7 +186,13 @@ def posterior_catalog(
             posterior_write,
             shared=(params,),
             extra=(opts,),
-            per_partition=lambda pid: (parts[pid], list(model.feature_names)),
+            per_partition=lambda pid: (
+                parts[pid],
+                list(model.feature_names),
+                tuple(columns),
+                int(top_k),
+                model.background,
+            ),
         )
         summary = {
             "files": [Path(f).name for f in parts],

@@ -25,6 +25,7 @@ from xd_dask.distributed.manifest import Partition
 from xd_dask.distributed.rowstatus import with_status
 from xd_dask.distributed.split import side_mask
 from xd_dask.kernels import (
+    Background,
     NotPositiveDefiniteError,
     SuffStats,
     compute_stats,
@@ -528,44 +529,81 @@ def posterior_write(
     opts: TaskOptions,
     out_path: str,
     feature_names: list[str],
+    columns: tuple[str, ...] = ("mean", "cov", "map"),
+    top_k: int = 0,
+    background: Background | None = None,
 ) -> Partial:
     """Write a partition's deconvolved posteriors to Parquet, atomically (``xd-posterior``).
 
-    Columns: the schema's id column under its own name (``row``, the row number in the file,
-    without one); ``mean_<f>`` per feature; ``cov_<f>_<g>`` for the lower triangle (f at or
-    after g in feature order); ``component`` (most probable, int32) and ``component_prob`` (its
-    responsibility); ``status``: "ok", or the reason a row was dropped (``on_bad="drop"``: every
-    input row is written, a dropped one with null values; :mod:`.rowstatus`).
+    The posterior of a row's true value is a mixture over the components; the columns, float64
+    whatever the reading dtype, are the schema's id column under its own name (``row``, the row
+    number in the file, without one), ``status`` ("ok", or the reason a row was dropped under
+    ``on_bad="drop"``: every input row is written, a dropped one with null values;
+    :mod:`.rowstatus`) and, per group in ``columns``:
+
+    - ``"mean"``: ``mean_<f>`` per feature, the mixture's mean;
+    - ``"cov"``: ``cov_<f>_<g>`` for the lower triangle (f at or after g in feature order), the
+      mixture's (moment-matched) covariance;
+    - ``"map"``: ``component`` (the most probable component, int32) and ``component_prob`` (its
+      responsibility);
+    - ``"resp"``: ``resp_<j>``, every component's responsibility;
+
+    with ``top_k`` > 0, for the k most probable components (t = 0 the most probable):
+    ``top<t>_component`` (int32), ``top<t>_resp``, ``top<t>_mean_<f>``, ``top<t>_cov_<f>_<g>``,
+    their own Gaussian posteriors; with a ``background`` component, ``background_resp`` (the mean
+    and covariance are then those of the Gaussian part, the responsibilities the full ones).
     """
     import pyarrow as pa  # noqa: PLC0415
 
+    unknown = set(columns) - {"mean", "cov", "map", "resp"}
+    if unknown:
+        raise ValueError(f"unknown posterior column group(s) {sorted(unknown)}")
     t0 = time.perf_counter()
-    _backend(opts)
+    backend = _backend(opts)
     blk = _block(source, opts)
     try:
-        mean, cov, resp = posterior(
+        post = posterior(
             blk.X,
             blk.X_cov,
             params.weights,
             params.means,
             params.covariances,
+            background=background,
+            top_k=top_k,
+            summary=True,
+            return_resp="resp" in columns,
+            backend=backend,
             check=False,
-            return_resp=True,
-        )
+        ).to_numpy()
     except NotPositiveDefiniteError as err:
         raise _kernel_error(blk, None, err) from None
-    mean, cov, resp = to_numpy(mean), to_numpy(cov), to_numpy(resp)
+    names = list(feature_names)
     id_name = opts.schema.id_column or "row"
     cols: dict[str, Any] = {id_name: pa.array(blk.ids, pa.int64())}
-    for i, f in enumerate(feature_names):
-        cols[f"mean_{f}"] = mean[:, i]
-    for i, f in enumerate(feature_names):
-        for j in range(i + 1):
-            cols[f"cov_{f}_{feature_names[j]}"] = cov[:, i, j]
-    best = np.argmax(resp, axis=1) if resp.shape[0] else np.zeros(0, dtype=np.int64)
-    cols["component"] = best.astype(np.int32)
-    cols["component_prob"] = resp[np.arange(resp.shape[0]), best]
-    table = with_status(cols, source, opts, sum(blk.dropped.values()), id_name)
+
+    def add_gaussian(prefix: str, mean: np.ndarray, cov: np.ndarray, groups) -> None:
+        if "mean" in groups:
+            for i, f in enumerate(names):
+                cols[f"{prefix}mean_{f}"] = mean[:, i]
+        if "cov" in groups:
+            for i, f in enumerate(names):
+                for j in range(i + 1):
+                    cols[f"{prefix}cov_{f}_{names[j]}"] = cov[:, i, j]
+
+    add_gaussian("", post.mean, post.cov, columns)
+    if "map" in columns:
+        cols["component"] = post.map_component.astype(np.int32)
+        cols["component_prob"] = post.map_resp
+    if "resp" in columns:
+        for j in range(post.resp.shape[1]):
+            cols[f"resp_{j}"] = post.resp[:, j]
+    if post.background_resp is not None:
+        cols["background_resp"] = post.background_resp
+    for t in range(post.top_component.shape[1] if post.top_component is not None else 0):
+        cols[f"top{t}_component"] = post.top_component[:, t].astype(np.int32)
+        cols[f"top{t}_resp"] = post.top_resp[:, t]
+        add_gaussian(f"top{t}_", post.top_mean[:, t], post.top_cov[:, t], ("mean", "cov"))
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    table = with_status(cols, source, opts, sum(blk.dropped.values()), id_name)
     _write_parquet(table, out_path)
-    return _partial(blk, LogLikeSum(0.0, int(mean.shape[0])), mean.shape[0], t0)
+    return _partial(blk, LogLikeSum(0.0, int(post.mean.shape[0])), post.mean.shape[0], t0)

@@ -1,4 +1,5 @@
-"""Shared pieces of the kernels: array namespaces, input checks, missingness patterns."""
+"""Shared pieces of the kernels: array namespaces, input checks, missingness patterns, and the
+dispatcher's preparation (validation, centring) and per-pattern gathering."""
 
 from __future__ import annotations
 
@@ -196,3 +197,58 @@ def _check_covariances(X: Any, X_cov: Any) -> None:
                 f"row {int(pat.rows[k])}: X_cov is not positive semi-definite on its observed "
                 f"fields (smallest scaled eigenvalue {ev_min[k]:.3g})"
             )
+
+
+def prepare(X, X_cov, weights, means, covariances, R, row_weights, check):
+    """Validate, cast parameters to float64 and centre the data; returns the pieces per call."""
+    xp = array_namespace(X, X_cov)
+    if X.dtype not in (xp.float32, xp.float64):
+        X = xp.asarray(X, dtype=xp.float64)
+    if X_cov.dtype != X.dtype:
+        X_cov = xp.asarray(X_cov, dtype=X.dtype)
+    weights = np.asarray(to_numpy(weights), dtype=np.float64)
+    means = np.asarray(to_numpy(means), dtype=np.float64)
+    covariances = np.asarray(to_numpy(covariances), dtype=np.float64)
+    if check:
+        check_inputs(X, X_cov, weights, means, covariances, row_weights, R)
+    if np.any(weights < 0) or not np.all(np.isfinite(weights)):
+        raise ValueError("mixture weights must be finite and non-negative")
+    with np.errstate(divide="ignore"):
+        log_weights = np.log(weights)
+    # Centre: x_i - R_i c and m_j - c with c the mixture mean (exact translation invariance).
+    c = weights @ means / max(weights.sum(), np.finfo(float).tiny)  # (D,)
+    c_x = xp.asarray(c, dtype=xp.float64)
+    if R is None:
+        # one float64 temporary (the cast happens inside the subtraction), then X's dtype
+        Xc = xp.asarray(xp.subtract(X, c_x[None, :], dtype=xp.float64), dtype=X.dtype)
+    else:
+        Rc = xp.einsum("nid,d->ni", xp.asarray(R, dtype=xp.float64), c_x)
+        Xc = xp.asarray(xp.asarray(X, dtype=xp.float64) - Rc, dtype=X.dtype)
+    return xp, Xc, X_cov, log_weights, means - c[None, :], covariances, c
+
+
+def pattern_blocks(xp, Xc, X_cov, R, pat):
+    """The observed sub-vectors / sub-blocks of one pattern's rows, with as few copies as possible:
+    none when the pattern is every row with every field, one gather otherwise (fresh large arrays
+    are expensive to fault in, so chained fancy indexing costs more than the kernel itself)."""
+    n, D = Xc.shape
+    all_rows = len(pat.rows) == n  # patterns partition the rows, so this means rows == arange(n)
+    all_fields = len(pat.observed) == D
+    if all_rows and all_fields:
+        x, S, Rp = Xc, X_cov, R
+    else:
+        rows = xp.asarray(pat.rows)
+        if all_fields:
+            x, S = Xc[rows], X_cov[rows]
+            Rp = None if R is None else R[rows]
+        else:
+            o = xp.asarray(pat.observed)
+            x = Xc[rows[:, None], o[None, :]]
+            S = X_cov[rows[:, None, None], o[None, :, None], o[None, None, :]]
+            Rp = None if R is None else R[rows][:, o, :]
+    if Rp is not None:
+        Rp = xp.asarray(Rp, dtype=Xc.dtype)
+    if xp is np:
+        x = np.ascontiguousarray(x)
+        S = np.ascontiguousarray(S)
+    return x, S, Rp

@@ -1,11 +1,12 @@
-"""Compiled CPU kernel (Numba) for the XD statistics of one missingness pattern.
+"""Compiled CPU kernels (Numba) for one missingness pattern: the runtime of the generated code.
 
-The per-pair algebra is generated for each dimension ``d`` (see ``_codegen``) and vectorised
-across components; this module supplies the vectorisable ``exp``/``log`` it calls, compiles and
-caches one kernel per (d, dtype, variant) and wraps it with the contract used by
-``xd_dask.kernels`` (DESIGN.md sections 2-3):
+The per-pair algebra is generated for each dimension ``d`` (:mod:`xd_dask.kernels.codegen`) and
+vectorised across components; this module supplies the vectorisable ``exp``/``log`` and row
+helpers it calls, compiles and caches one kernel per (kind, d, dtype[, du]), runs it on a thread
+pool and wraps the statistics and log-density kernels with the contract used by
+``xd_dask.kernels`` (DESIGN.md sections 2-3; the posterior's wrapper is ``_numba_posterior``):
 
-``pattern_stats_numba(x, S, rw, log_weights, means, covs) -> (n_j, a, C, ll, W)``
+``pattern_stats_numba(x, S, rw, log_weights, means, covs) -> (n_j, a, C, ll, W, n_bg)``
 ``pattern_logdens_numba(x, S, log_weights, means, covs) -> (n, K)``
 """
 
@@ -27,8 +28,9 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from xd_dask.kernels import _codegen
+from xd_dask.kernels import codegen
 from xd_dask.kernels._common import NotPositiveDefiniteError
+from xd_dask.kernels.codegen import emit_numba
 from xd_dask.utils import kernel_cache_dir, load_generated_module, write_once
 
 __all__ = ["pattern_stats_numba", "pattern_logdens_numba"]
@@ -244,6 +246,41 @@ def _rowexp_f32(v, mx, Kp):
 
 
 @njit(fastmath=True, error_model="numpy")
+def _argmax(v, K):
+    """First index of the largest of v[:K]."""
+    best = 0
+    for k in range(1, K):
+        if v[k] > v[best]:
+            best = k
+    return best
+
+
+@njit(fastmath=True, error_model="numpy")
+def _first_at(v, mx, K):
+    """First k < K with v[k] == mx (0 if none): with mx = max(v), the argmax without a
+    loop-carried dependence."""
+    for k in range(K):
+        if v[k] == mx:
+            return k
+    return 0
+
+
+@njit(error_model="numpy")
+def _bg_split(tot, mx, lbg):
+    """(g, r_bg) of a row: the Gaussian part's share of its density and the background's
+    responsibility, from the Gaussian total ``tot`` relative to the log-density maximum ``mx``
+    (no overflow whichever side dominates)."""
+    if lbg <= BG_OFF:
+        return 1.0, 0.0
+    t = lbg - mx
+    if t > 0.0:
+        a = tot * math.exp(-t)
+        return a / (a + 1.0), 1.0 / (a + 1.0)
+    e = math.exp(t)
+    return tot / (tot + e), e / (tot + e)
+
+
+@njit(fastmath=True, error_model="numpy")
 def _flush(acc, acc64):
     for k in range(acc.shape[0]):
         acc64[k] += acc[k]
@@ -271,6 +308,9 @@ def _namespace(fp32: bool) -> dict:
         "_rowmax": _rowmax,
         "_rowexp": _rowexp_f32 if fp32 else _rowexp_f64,
         "_flush": _flush,
+        "_argmax": _argmax,
+        "_first_at": _first_at,
+        "_bg_split": _bg_split,
         "BG_OFF": BG_OFF,
     }
 
@@ -285,11 +325,21 @@ def _signature(kind: str, fp32: bool):
         return types.float64(
             x, S, f64v, P, i64, i64, i64, i64, i64, f64v, i64v, types.float64, f64v
         )
+    if kind.startswith("posterior"):
+        f64 = types.float64
+        f64m, f64t = types.Array(f64, 2, "C"), types.Array(f64, 3, "C")
+        # x, S, xorig, rows, cols, c0, P, K, nl, r0, r1, lbg, topk, tau,
+        # mean, cov, mapc, mapr, bgr, resp, tidx, tresp, tmean, tcov, tight, status
+        return f64(
+            x, S, types.Array(dt, 2, "A"), i64v, i64v, f64v, P, i64, i64, i64, i64, f64, i64, f64,
+            f64m, f64t, i64v, f64v, f64v, f64m, types.Array(i64, 2, "C"), f64m, f64t,
+            types.Array(f64, 4, "C"), f64v, i64v,
+        )  # fmt: skip
     # x, S, P, K, nl, r0, r1, out, status
     return types.float64(x, S, P, i64, i64, i64, i64, types.Array(dt, 2, "C"), i64v)
 
 
-_cache: dict[tuple[str, int, bool], object] = {}
+_cache: dict[tuple[str, int, bool, int], object] = {}
 _cache_lock = threading.Lock()
 _llvm_tuned = False
 
@@ -324,7 +374,7 @@ def _cache_dir() -> Path | None:
 def _source_tag() -> str:
     """Hash of everything the generated code depends on (stale cache files are never used)."""
     h = hashlib.sha256()
-    for path in (Path(__file__), Path(_codegen.__file__)):
+    for path in (Path(__file__), *map(Path, codegen.source_files())):
         h.update(path.read_bytes())
     h.update(f"{numba.__version__} {LANE_BLOCK}".encode())
     return h.hexdigest()[:16]
@@ -353,10 +403,19 @@ def _load_source(kind: str, d: int, fp32: bool, src: str):
     return ns["kernel"], False
 
 
-def _kernel(kind: str, d: int, fp32: bool):
-    """Compiled kernel for (kind, d, dtype): generated and compiled on first use, then kept in
-    memory and (see :func:`_cache_dir`) in Numba's on-disk cache."""
-    key = (kind, d, fp32)
+def _source(kind: str, d: int, du: int, fp32: bool) -> str:
+    """Generated source of a kernel (``du``: unobserved fields, posterior only)."""
+    if kind == "stats":
+        return emit_numba.stats_source(d, LANE_BLOCK, fp32)
+    if kind == "logdens":
+        return emit_numba.logdens_source(d, LANE_BLOCK, fp32)
+    return emit_numba.posterior_source(d, du, LANE_BLOCK, fp32, topk=kind == "posterior_top")
+
+
+def _kernel(kind: str, d: int, fp32: bool, du: int = 0):
+    """Compiled kernel for (kind, d, dtype[, du]): generated and compiled on first use, then kept
+    in memory and (see :func:`_cache_dir`) in Numba's on-disk cache."""
+    key = (kind, d, fp32, du)
     fn = _cache.get(key)
     if fn is not None:
         return fn
@@ -364,8 +423,8 @@ def _kernel(kind: str, d: int, fp32: bool):
         fn = _cache.get(key)
         if fn is None:
             _tune_llvm()
-            gen = _codegen.stats_source if kind == "stats" else _codegen.logdens_source
-            py_func, on_disk = _load_source(kind, d, fp32, gen(d, LANE_BLOCK, fp32))
+            name = f"{kind}_u{du}" if kind.startswith("posterior") else kind
+            py_func, on_disk = _load_source(name, d, fp32, _source(kind, d, du, fp32))
             t0 = time.perf_counter()
             fn = njit(
                 _signature(kind, fp32),
@@ -423,9 +482,10 @@ def _check(x: np.ndarray, S: np.ndarray, means: np.ndarray) -> tuple[np.ndarray,
 
 
 def _pack(log_weights, means, covs, dtype) -> np.ndarray:
-    """Component parameters as flat structure-of-arrays blocks (see ``_codegen``), padded."""
+    """Component parameters as flat structure-of-arrays blocks (see :mod:`.codegen.emit_numba`),
+    padded."""
     K, d = means.shape
-    lay = _codegen.layout(d)
+    lay = emit_numba.layout(d)
     B = LANE_BLOCK
     nblk = -(-K // B)
     Kp = nblk * B
@@ -444,7 +504,7 @@ def _pack(log_weights, means, covs, dtype) -> np.ndarray:
 
 def _unpack_acc(acc64: np.ndarray, d: int, K: int):
     """Thread accumulator blocks (nt, nblk * n_acc * B) -> n_j (K,), a (K, d), C (K, d, d)."""
-    lay = _codegen.layout(d)
+    lay = emit_numba.layout(d)
     B = LANE_BLOCK
     tot = acc64.sum(axis=0).reshape(-1, lay["n_acc"], B)  # (nblk, n_acc, B)
     acc = tot.transpose(1, 0, 2).reshape(lay["n_acc"], -1)[:, :K]  # (n_acc, K)
@@ -523,7 +583,7 @@ def pattern_stats_numba(
     rw = np.ascontiguousarray(rw, dtype=np.float64)
     if rw.shape != (n,):
         raise ValueError(f"rw has shape {rw.shape}, expected ({n},)")
-    lay = _codegen.layout(d)
+    lay = emit_numba.layout(d)
     if n == 0:
         return np.zeros(K), np.zeros((K, d)), np.zeros((K, d, d)), 0.0, 0.0, 0.0
     P = _pack(log_weights, means, covs, x.dtype)

@@ -1,0 +1,319 @@
+"""Target-neutral algebra of the XD kernels (DESIGN.md sections 2, 3 and 4a).
+
+For a fixed dimension every function here returns straight-line statements ``name = expression``
+over named scalars, for ONE (row i, component j) pair or for one row. Nothing here knows about
+SIMD lanes, blocks, threads or arrays: an emitter (:mod:`.emit_numba`; a numba.cuda emitter
+later) says where a component's parameters live (the ``par`` accessor: ``par(q)`` is the
+expression for parameter row ``q`` of :func:`param_rows`), stores the named results where its
+layout wants them and puts into scope the names below.
+
+Names an emitter provides
+    row inputs  ``x{a}`` (observed, centred value), ``s{a}_{b}`` (noise covariance, a >= b);
+    constants   ``ONE``, ``ZERO``, ``HALF``, ``CNORM`` (= d log 2 pi), all in the compute dtype;
+    the log-determinant, through the ``logdet`` hook of :func:`pair_logdens`.
+
+Names the pair algebra defines (per pair, compute dtype)
+    ``w{a}`` = x - m_j;  ``t{a}_{b}`` = T = V_j + S_i;  LDL^T of T: pivots ``D{j}``,
+    ``iD{j}`` = 1 / D, unit-lower ``l{i}_{j}``;  ``bad`` = number of pivots <= 0;
+    ``z`` = L^-1 w;  ``maha``;  ``logp`` = log alpha_j + log N(x_i | m_j, T);
+    ``u{a}`` = T^-1 w;  ``ti{a}_{b}`` = T^-1.
+
+Posterior (DESIGN.md 4a, R = I on the observed fields o, d of them; du unobserved fields)
+    per component  b_o = x - S u,  b_u = m_u + V_uo u,
+                   B_oo = S - S T^-1 S,  B_uo = G B_oo,  B_uu = C + G B_oo G^T,
+    with G = V_uo V_oo^-1 and C = V_uu - V_uo V_oo^-1 V_ou (per component, precomputed). In
+    noise-whitened coordinates S T^-1 S is bounded by S whatever the spread of V/S across the
+    fields (Gaia: 1e20 for ra, 1e1 for parallax), so B_oo loses nothing where the component is at
+    least as wide as the noise; where it is much narrower (B_oo << S) the difference cancels
+    (relative error ~eps S/B) and the caller recomputes such rows in a stable form (the
+    closed-form Joseph form of :mod:`xd_dask.kernels.reference_posterior`). V T^-1 S, although
+    free of the S << V cancellation, is NOT used: its terms grow like sqrt(V_aa/V_bb) between
+    fields of different V/S (measured on a Gaia row: 8e-8 correlation units in float64, 15 in
+    float32). Zero-noise fields come out exact (b = x, B = 0).
+    Mixture (moment-matched), in one pass over the components with moments shifted to the most
+    probable component * (its u and b_u are ``uref{a}`` / ``buref{c}``; a shift to one of the
+    points cannot cancel catastrophically): e_j = u_j - u_*, f_j = b_uj - b_u*, and the sums
+        DU = sum r e,  DB = sum r f,  A = sum r (T_j^-1 - e e^T),
+        H = sum r (G_j - G_j S T_j^-1 - f e^T),  WF = sum r (C_j + G_j B_oo,j G_j^T + f f^T)
+    give ubar = u_* + DU, bbar_u = b_u* + DB and
+        mean_o = x - S ubar (b_oj - bbar_o = -S (u_j - ubar), never x - x),  mean_u = bbar_u,
+        cov_oo = S - S (A + DU DU^T) S,  cov_uo = (H + DB DU^T) S,  cov_uu = WF - DB DB^T.
+    Sums over components are "terms": (name, expression) pairs the emitter accumulates with the
+    component's responsibility r as weight; the row finalisation (:func:`posterior_row`) reads
+    the accumulated sums as ``acc_<name>`` and the shift as ``UREF{a}`` / ``BUREF{c}`` (float64).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+__all__ = [
+    "tri",
+    "npk",
+    "param_rows",
+    "pair_logdens",
+    "pair_inverse",
+    "stats_terms",
+    "posterior_bu",
+    "posterior_cov_terms",
+    "posterior_row",
+    "component_posterior",
+]
+
+Par = Callable[[int], str]
+
+
+def tri(a: int, b: int) -> int:
+    """Packed index of the lower-triangle entry (a, b), a >= b."""
+    return a * (a + 1) // 2 + b
+
+
+def npk(d: int) -> int:
+    """Number of entries of a packed lower triangle of a d x d matrix."""
+    return d * (d + 1) // 2
+
+
+def _sym(prefix: str, a: int, b: int) -> str:
+    """Name of entry (a, b) of a symmetric matrix stored as its lower triangle."""
+    return f"{prefix}{max(a, b)}_{min(a, b)}"
+
+
+def param_rows(d: int, du: int = 0) -> dict[str, int]:
+    """Rows of one component's parameter vector (the layout every emitter packs).
+
+    ``mean`` (d rows: m_o), ``cov`` (npk(d): packed lower V_oo), ``logw`` (1: log alpha), and for
+    the posterior with ``du`` unobserved fields: ``mu`` (du: m_u), ``vuo`` (du * d: V_uo, row
+    c at ``vuo + c * d``), ``g`` (du * d: G = V_uo V_oo^-1), ``cu`` (npk(du): packed lower C).
+    ``n`` is the total.
+    """
+    k = npk(d)
+    rows = {"mean": 0, "cov": d, "logw": d + k}
+    q = d + k + 1
+    if du:
+        rows |= {"mu": q, "vuo": q + du, "g": q + du + du * d, "cu": q + du + 2 * du * d}
+        q += du + 2 * du * d + npk(du)
+    rows["n"] = q
+    return rows
+
+
+# --------------------------------------------------------------------------- per pair
+def pair_logdens(
+    d: int, par: Par, logdet: Callable[[list[str]], tuple[list[str], str]]
+) -> list[str]:
+    """w, T = V + S, its LDL^T, the pivot flag ``bad``, z = L^-1 w, ``maha`` and ``logp``.
+
+    ``logdet(pivots)`` returns (statements, expression) for sum_k log D_k; the expression is
+    substituted into ``logp`` (the CPU emitter uses exponent bits and one log of the product of
+    mantissas; a GPU emitter ``frexp``).
+    """
+    lay = param_rows(d)
+    out: list[str] = []
+    emit = out.append
+    for a in range(d):
+        emit(f"w{a} = x{a} - {par(lay['mean'] + a)}")
+    for a in range(d):
+        for b in range(a + 1):
+            emit(f"t{a}_{b} = {par(lay['cov'] + tri(a, b))} + s{a}_{b}")
+    # LDL^T: T = L D L^T with unit lower L; e{i}_{k} = L_ik D_k.
+    for j in range(d):
+        expr = f"t{j}_{j}"
+        for k in range(j):
+            expr += f" - e{j}_{k} * l{j}_{k}"
+        emit(f"D{j} = {expr}")
+        emit(f"iD{j} = ONE / D{j}")
+        for i in range(j + 1, d):
+            expr = f"t{i}_{j}"
+            for k in range(j):
+                expr += f" - e{i}_{k} * l{j}_{k}"
+            emit(f"e{i}_{j} = {expr}")
+            emit(f"l{i}_{j} = e{i}_{j} * iD{j}")
+    # Non-positive pivot flag: an indicator sum, so NaN in later pivots cannot hide a bad one.
+    emit("bad = " + " + ".join(f"(ONE if D{j} <= ZERO else ZERO)" for j in range(d)))
+    ld_lines, ld_expr = logdet([f"D{j}" for j in range(d)])
+    out += ld_lines
+    # Forward substitution z = L^-1 w; Mahalanobis distance sum_k z_k^2 / D_k.
+    for i in range(d):
+        expr = f"w{i}"
+        for k in range(i):
+            expr += f" - l{i}_{k} * z{k}"
+        emit(f"z{i} = {expr}")
+    emit("maha = " + " + ".join(f"z{k} * z{k} * iD{k}" for k in range(d)))
+    emit(f"logp = {par(lay['logw'])} - HALF * (CNORM + {ld_expr} + maha)")
+    return out
+
+
+def pair_inverse(d: int) -> list[str]:
+    """After :func:`pair_logdens`: ``u{a}`` = T^-1 w and the packed ``ti{a}_{b}`` = T^-1."""
+    out: list[str] = []
+    emit = out.append
+    # X = L^-1 (unit lower): X_ij = -(L_ij + sum_{j<k<i} L_ik X_kj).
+    for j in range(d):
+        for i in range(j + 1, d):
+            expr = f"-l{i}_{j}"
+            for k in range(j + 1, i):
+                expr += f" - l{i}_{k} * X{k}_{j}"
+            emit(f"X{i}_{j} = {expr}")
+    # y = D^-1 z, u = X^T y.
+    for k in range(d):
+        emit(f"y{k} = z{k} * iD{k}")
+    for j in range(d):
+        expr = f"y{j}"
+        for i in range(j + 1, d):
+            expr += f" + X{i}_{j} * y{i}"
+        emit(f"u{j} = {expr}")
+    # T^-1_ab = sum_{k >= a} X_ka X_kb / D_k (a >= b), with Y_ka = X_ka / D_k, X_kk = 1.
+    for k in range(d):
+        for a in range(k):
+            emit(f"Y{k}_{a} = X{k}_{a} * iD{k}")
+    for a in range(d):
+        for b in range(a + 1):
+            terms = []
+            for k in range(a, d):
+                yka = f"iD{k}" if k == a else f"Y{k}_{a}"
+                terms.append(yka if k == b else f"{yka} * X{k}_{b}")
+            emit(f"ti{a}_{b} = " + " + ".join(terms))
+    return out
+
+
+def stats_terms(d: int) -> list[tuple[int, str | None]]:
+    """Terms of the sufficient statistics (DESIGN.md 3), to be added with weight r_ij:
+    (slot, expression) with slot 0 = n_j (expression None: r itself), 1 + a = a_j[a],
+    1 + d + tri(a, b) = C_j[a, b]; over ``u{a}`` and ``ti{a}_{b}``."""
+    out: list[tuple[int, str | None]] = [(0, None)]
+    out += [(1 + a, f"u{a}") for a in range(d)]
+    for a in range(d):
+        for b in range(a + 1):
+            out.append((1 + d + tri(a, b), f"(u{a} * u{b} - ti{a}_{b})"))
+    return out
+
+
+# --------------------------------------------------------------------------- posterior
+def posterior_bu(d: int, du: int, par: Par, u: str = "u", bu: str = "bu") -> list[str]:
+    """``{bu}{c}`` = m_u + V_uo ``{u}`` (the component's posterior mean of the unobserved fields,
+    centred frame)."""
+    lay = param_rows(d, du)
+    lines = []
+    for c in range(du):
+        expr = par(lay["mu"] + c)
+        for a in range(d):
+            expr += f" + {par(lay['vuo'] + c * d + a)} * {u}{a}"
+        lines.append(f"{bu}{c} = {expr}")
+    return lines
+
+
+def _product(out: str, n: int, m: int, p: int, left, right) -> list[str]:
+    """``{out}{i}_{j}`` = sum_k left(i, k) * right(k, j) for an (n x p) by (p x m) product."""
+    return [
+        f"{out}{i}_{j} = " + " + ".join(f"{left(i, k)} * {right(k, j)}" for k in range(p))
+        for i in range(n)
+        for j in range(m)
+    ]
+
+
+def _z_lines(d: int, du: int, par: Par, s: str = "s") -> list[str]:
+    """Z = G S and ZT = Z T^-1 (du x d each): ``Z{c}_{b}``, ``ZT{c}_{b}``."""
+    g = param_rows(d, du)["g"]
+    lines = _product("Z", du, d, d, lambda c, a: par(g + c * d + a), lambda a, b: _sym(s, a, b))
+    lines += _product("ZT", du, d, d, lambda c, k: f"Z{c}_{k}", lambda k, b: _sym("ti", k, b))
+    return lines
+
+
+def _w_lines(d: int, du: int, par: Par) -> list[str]:
+    """W = C + Z G^T - ZT Z^T (lower du x du) = C + G B_oo G^T: ``W{c}_{c2}``."""
+    lay = param_rows(d, du)
+    lines = []
+    for c in range(du):
+        for c2 in range(c + 1):
+            zg = " + ".join(f"Z{c}_{b} * {par(lay['g'] + c2 * d + b)}" for b in range(d))
+            ztz = " - ".join(f"ZT{c}_{b} * Z{c2}_{b}" for b in range(d))
+            lines.append(f"W{c}_{c2} = {par(lay['cu'] + tri(c, c2))} + {zg} - {ztz}")
+    return lines
+
+
+def posterior_cov_terms(d: int, du: int, par: Par) -> tuple[list[str], list[tuple[str, str]]]:
+    """Per pair, with ``u{a}``, ``ti{a}_{b}`` and the row's shift ``uref{a}``, ``buref{c}``
+    (compute dtype) in scope: the statements and the terms whose r-weighted sums the row
+    finalisation needs (names ``DU``, ``A``, ``DB``, ``H``, ``WF``; see the module docstring)."""
+    lay = param_rows(d, du)
+    lines = [f"e{a} = u{a} - uref{a}" for a in range(d)]
+    terms = [(f"DU{a}", f"e{a}") for a in range(d)]
+    terms += [(f"A{a}_{b}", f"ti{a}_{b} - e{a} * e{b}") for a in range(d) for b in range(a + 1)]
+    if du:
+        lines += posterior_bu(d, du, par)
+        lines += [f"f{c} = bu{c} - buref{c}" for c in range(du)]
+        lines += _z_lines(d, du, par)
+        lines += _w_lines(d, du, par)
+        g = lay["g"]
+        terms += [(f"DB{c}", f"f{c}") for c in range(du)]
+        terms += [
+            (f"H{c}_{a}", f"{par(g + c * d + a)} - ZT{c}_{a} - f{c} * e{a}")
+            for c in range(du)
+            for a in range(d)
+        ]
+        terms += [
+            (f"WF{c}_{c2}", f"W{c}_{c2} + f{c} * f{c2}") for c in range(du) for c2 in range(c + 1)
+        ]
+    return lines, terms
+
+
+def _shift(d: int, s: str, v: str) -> list[str]:
+    """``shift{a}`` = (S {v})_a: the posterior mean of the observed fields is x - shift."""
+    return [
+        f"shift{a} = " + " + ".join(f"{_sym(s, a, b)} * {v}{b}" for b in range(d)) for a in range(d)
+    ]
+
+
+def _s_minus_sas(d: int, s: str, A: str) -> list[str]:
+    """``cov{a}_{b}`` (a >= b) = (S - S A S)_ab for symmetric A stored as ``{A}{a}_{b}``, through
+    ``ST`` = S A (full d x d)."""
+    lines = _product("ST", d, d, d, lambda a, k: _sym(s, a, k), lambda k, b: _sym(A, k, b))
+    for a in range(d):
+        for b in range(a + 1):
+            sts = " - ".join(f"ST{a}_{k} * {_sym(s, k, b)}" for k in range(d))
+            lines.append(f"cov{a}_{b} = {_sym(s, a, b)} - {sts}")
+    return lines
+
+
+def posterior_row(d: int, du: int, s: str = "S") -> list[str]:
+    """Per row, from the accumulated ``acc_<name>`` sums, the shift ``UREF{a}`` / ``BUREF{c}``
+    and the noise ``{s}{a}_{b}`` (a >= b; all float64): ``shift{a}`` (mean_o = x - shift),
+    ``bbu{c}`` (mean_u, centred frame) and the moment-matched covariance ``cov{p}_{q}``
+    (p >= q) in local order (observed fields first, then the unobserved ones: p = d + c)."""
+    lines = [f"ub{a} = UREF{a} + acc_DU{a}" for a in range(d)]
+    lines += [f"bbu{c} = BUREF{c} + acc_DB{c}" for c in range(du)]
+    lines += _shift(d, s, "ub")
+    # Ac = A + DU DU^T (the centred sum), cov_oo = S - S Ac S.
+    for a in range(d):
+        for b in range(a + 1):
+            lines.append(f"Ac{a}_{b} = acc_A{a}_{b} + acc_DU{a} * acc_DU{b}")
+    lines += _s_minus_sas(d, s, "Ac")
+    for c in range(du):
+        for a in range(d):
+            lines.append(f"Hc{c}_{a} = acc_H{c}_{a} + acc_DB{c} * acc_DU{a}")
+        for a in range(d):
+            terms = " + ".join(f"Hc{c}_{k} * {_sym(s, k, a)}" for k in range(d))
+            lines.append(f"cov{d + c}_{a} = {terms}")
+        for c2 in range(c + 1):
+            lines.append(f"cov{d + c}_{d + c2} = acc_WF{c}_{c2} - acc_DB{c} * acc_DB{c2}")
+    return lines
+
+
+def component_posterior(d: int, du: int, par: Par, s: str = "S") -> list[str]:
+    """One component's Gaussian posterior (for the top-k output), with ``u{a}``, ``ti{a}_{b}``
+    (compute dtype) and the noise ``{s}{a}_{b}`` (float64) in scope: ``shift{a}`` (b_o = x -
+    shift), ``bu{c}`` and ``cov{p}_{q}`` (p >= q, local order), B_oo = S - S T^-1 S."""
+    lay = param_rows(d, du)
+    lines = _shift(d, s, "u") + posterior_bu(d, du, par) + _s_minus_sas(d, s, "ti")
+    if du:
+        g = lay["g"]
+        for c in range(du):
+            for a in range(d):
+                lines.append(
+                    f"cov{d + c}_{a} = "
+                    + " + ".join(f"{par(g + c * d + k)} * {_sym('cov', k, a)}" for k in range(d))
+                )
+        for c in range(du):
+            for c2 in range(c + 1):
+                gbg = " + ".join(f"cov{d + c}_{k} * {par(g + c2 * d + k)}" for k in range(d))
+                lines.append(f"cov{d + c}_{d + c2} = {par(lay['cu'] + tri(c, c2))} + {gbg}")
+    return lines

@@ -1,0 +1,134 @@
+"""Kernel implementations keyed by (kernel, backend), and the choice of backend.
+
+A backend declares which array namespaces it takes (``"numpy"``, ``"cupy"``) and whether it
+takes projections ``R``; it registers one implementation per kernel it has. The dispatcher in
+:mod:`xd_dask.kernels` asks :func:`resolve` for a backend and :func:`implementation` for the
+function, so adding a backend (a numba.cuda one, say) is one :func:`register_backend` call and
+one :func:`register` per kernel, with no edit to the dispatcher.
+
+Per-pattern call signatures (one missingness pattern; see :mod:`.reference`):
+
+``"stats"``      ``fn(x, S, rw, log_weights, means, covs, R, log_background, chunk_bytes)``
+                 -> ``(n_j, a, C, ll, W, n_bg)``
+``"logdens"``    ``fn(x, S, log_weights, means, covs, R, chunk_bytes)`` -> (n, K) float64
+``"posterior"``  ``fn(job)`` with a :class:`xd_dask.kernels._posterior.PosteriorJob`; writes the
+                 job's output arrays at the pattern's rows. An implementation that compiles on
+                 first use may carry ``fn.ready(job) -> bool`` (compiled already?): "auto" then
+                 sends small patterns to the reference instead of compiling.
+
+Without ``R`` the stats and logdens kernels get the observed sub-vectors/sub-blocks of the
+parameters; with ``R`` (and always for the posterior) the full ones.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from xd_dask.kernels._common import array_namespace
+
+__all__ = [
+    "ENV_VAR",
+    "Backend",
+    "backend_names",
+    "forced",
+    "implementation",
+    "register",
+    "register_backend",
+    "resolve",
+]
+
+#: Environment variable that forces a backend wherever it applies ("auto" = no preference).
+ENV_VAR = "XD_DASK_BACKEND"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A backend: its name, the array namespaces it takes and whether it takes projections."""
+
+    name: str
+    namespaces: frozenset[str]
+    projections: bool
+
+    def accepts(self, namespace: str, has_R: bool) -> bool:
+        return namespace in self.namespaces and (self.projections or not has_R)
+
+
+_BACKENDS: dict[str, Backend] = {}  # in order of preference for "auto"
+_IMPLS: dict[tuple[str, str], Callable[[], Callable[..., Any]]] = {}
+_LOADED: dict[tuple[str, str], Callable[..., Any]] = {}
+
+
+def register_backend(name: str, *, namespaces: tuple[str, ...], projections: bool) -> None:
+    """Declare a backend (later declarations are preferred less by ``"auto"``)."""
+    _BACKENDS[name] = Backend(name, frozenset(namespaces), projections)
+
+
+def register(kernel: str, backend: str, loader: Callable[[], Callable[..., Any]]) -> None:
+    """Register ``loader() -> implementation`` of ``kernel`` for ``backend`` (loaded on first
+    use, so a backend's heavy imports and compilation happen only when it runs)."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; call register_backend first")
+    _IMPLS[(kernel, backend)] = loader
+    _LOADED.pop((kernel, backend), None)
+
+
+def backend_names() -> tuple[str, ...]:
+    """Names accepted by ``backend=`` (besides ``"auto"``)."""
+    return tuple(_BACKENDS)
+
+
+def implementation(kernel: str, backend: str) -> Callable[..., Any]:
+    """The registered function of ``kernel`` for ``backend``."""
+    key = (kernel, backend)
+    fn = _LOADED.get(key)
+    if fn is None:
+        if key not in _IMPLS:
+            raise ValueError(f"backend {backend!r} has no {kernel!r} kernel")
+        fn = _LOADED[key] = _IMPLS[key]()
+    return fn
+
+
+def forced() -> str | None:
+    """The backend ``XD_DASK_BACKEND`` names (None for unset or "auto")."""
+    env = os.environ.get(ENV_VAR, "auto").strip().lower()
+    return None if env in ("", "auto") else env
+
+
+def resolve(kernel: str, backend: str, X: Any, R: Any) -> str:
+    """The backend that runs ``kernel`` on these inputs.
+
+    ``"auto"`` honours the environment variable ``XD_DASK_BACKEND`` (a backend name, which
+    then runs wherever it can: "reference" forces the portable kernel everywhere), else picks
+    the first registered backend that takes the inputs' namespace and projections and has the
+    kernel. A named backend that cannot take the inputs is an error.
+    """
+    names = ("auto", *_BACKENDS)
+    if backend not in names:
+        raise ValueError(f"backend must be one of {names}, got {backend!r}")
+    namespace = "numpy" if array_namespace(X) is np else "cupy"
+    has_R = R is not None
+
+    def fits(name: str) -> bool:
+        return _BACKENDS[name].accepts(namespace, has_R) and (kernel, name) in _IMPLS
+
+    if backend != "auto":
+        if not _BACKENDS[backend].accepts(namespace, has_R):
+            what = "projections R" if has_R and namespace == "numpy" else f"{namespace} inputs"
+            raise ValueError(f"the {backend} backend does not take {what}")
+        if (kernel, backend) not in _IMPLS:
+            raise ValueError(f"backend {backend!r} has no {kernel!r} kernel")
+        return backend
+    env = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if env not in names:
+        raise ValueError(f"{ENV_VAR} must be one of {names}, got {env!r}")
+    if env != "auto" and fits(env):
+        return env
+    for name in _BACKENDS:
+        if fits(name):
+            return name
+    raise ValueError(f"no backend runs the {kernel!r} kernel on {namespace} inputs")
