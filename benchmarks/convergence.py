@@ -22,7 +22,18 @@ import numpy as np
 from xd_dask.estimator import XDGMM
 from xd_dask.io import load_schema, read_partition
 
-GAIA = Path("/work/shared/data/gaia")
+#: The shared real-data samples: ``../shared/data/gaia`` beside the checkout, else /work/shared.
+GAIA = next(
+    (
+        p
+        for p in (
+            Path(__file__).resolve().parents[2] / "shared" / "data" / "gaia",
+            Path("/work/shared/data/gaia"),
+        )
+        if p.is_dir()
+    ),
+    Path("../shared/data/gaia"),
+)
 TOLS = (1e-3, 1e-4, 1e-5, 1e-6)
 
 

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from tests.shared_data import GAIA_DIR
 from xd_dask.cli.app import EXIT_FAILURE, EXIT_USAGE, command
 from xd_dask.distributed.manifest import CatalogueChangedError, ManifestError
 from xd_dask.io import CatalogError, SchemaError
@@ -24,7 +25,7 @@ from xd_dask.locks import LockError, output_lock
 from xd_dask.model import ModelFileError
 from xd_dask.optim.robust import FitDivergedError, diverged_error
 
-GAIA_CONE = Path("/work/shared/data/gaia/dr3_cone_ra45_dec0_r0.5.parquet")
+GAIA_CONE = GAIA_DIR / "dr3_cone_ra45_dec0_r0.5.parquet"
 BIN = Path(sys.executable).parent
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,13 +14,14 @@ import pytest
 import tomllib
 from click.testing import CliRunner
 
+from tests.shared_data import GAIA_DIR
 from xd_dask.cli import main
 from xd_dask.io import make_catalog
 from xd_dask.model import XDModel
 
 pytestmark = pytest.mark.cluster
 
-GAIA_CONE = Path("/work/shared/data/gaia/dr3_cone_ra45_dec0_r0.5.parquet")
+GAIA_CONE = GAIA_DIR / "dr3_cone_ra45_dec0_r0.5.parquet"
 SCHEMA = """
 name = "stars"
 id_column = "star_id"

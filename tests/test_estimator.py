@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tests.mixtures import draw_noisy, known_mixture_3d, random_params
+from tests.shared_data import GAIA_DIR
 from xd_dask.estimator import XDGMM, ConvergenceWarning
 from xd_dask.model import XDModel
 
@@ -217,7 +218,7 @@ def test_grid_search_over_n_components_scores_held_out_rows():
 
 
 # ----------------------------------------------------------------------------- issue 11.5
-GAIA = "/work/shared/data/gaia"
+GAIA = str(GAIA_DIR)
 
 
 @pytest.fixture(scope="module")

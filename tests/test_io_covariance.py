@@ -10,11 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.shared_data import GAIA_DIR
 from xd_dask.io import build_covariance, load_schema, plain_schema, read_partition
 from xd_dask.io.healpix import ang2pix_nest, healpix_from_source_id
 
 DATA = Path(__file__).parent / "data"
-SHARED = Path("/work/shared/data/gaia")
+SHARED = GAIA_DIR
 SAMPLES = [
     "gaia_dr3_cone_sample.parquet",
     "gaia_edr3_allsky_sample.parquet",

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.shared_data import GAIA_DIR
 from xd_dask.distributed.config import FitConfig, resolve_schema
 from xd_dask.io import (
     BAD_REASONS,
@@ -29,7 +30,7 @@ from xd_dask.io import (
 from xd_dask.io.schema import schema_from_dict
 
 DATA = Path(__file__).parent / "data"
-SHARED = Path("/work/shared/data/gaia")
+SHARED = GAIA_DIR
 SAMPLE = DATA / "gaia_dr3_allsky_sample.parquet"  # 18 valid DR3 rows, sorted by source_id
 DTYPES = [np.float64, np.float32]
 K = 2.5 / math.log(10.0)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.mixtures import draw_noisy
+from tests.shared_data import GAIA_DIR
 from xd_dask.estimator import XDGMM
 from xd_dask.jobs import plots
 from xd_dask.model import XDModel
@@ -95,7 +96,7 @@ def test_default_features_skip_sky_positions(fitted):
 
 
 # ----------------------------------------------------------------------------- issue 11.7
-GAIA = "/work/shared/data/gaia"
+GAIA = str(GAIA_DIR)
 
 
 @pytest.fixture
