@@ -12,7 +12,7 @@ from xd_dask.kernels._common import array_namespace
 from xd_dask.kernels.registry import register, register_backend
 
 # Preference order of "auto": the compiled CPU kernels first, the portable oracle last.
-register_backend("numba", namespaces=("numpy",), projections=False)
+register_backend("numba", namespaces=("numpy",), projections=True)
 register_backend("reference", namespaces=("numpy", "cupy"), projections=True)
 
 
@@ -21,7 +21,7 @@ def _numba_stats():
 
     def run(x, S, rw, log_weights, means, covs, R, log_background, chunk_bytes):
         rw = np.ascontiguousarray(rw)
-        return pattern_stats_numba(x, S, rw, log_weights, means, covs, log_background)
+        return pattern_stats_numba(x, S, rw, log_weights, means, covs, log_background, R)
 
     return run
 
@@ -30,7 +30,7 @@ def _numba_logdens():
     from xd_dask.kernels._numba import pattern_logdens_numba  # noqa: PLC0415 - lazy
 
     def run(x, S, log_weights, means, covs, R, chunk_bytes):
-        return pattern_logdens_numba(x, S, log_weights, means, covs)
+        return pattern_logdens_numba(x, S, log_weights, means, covs, R)
 
     return run
 
@@ -75,7 +75,7 @@ def _ref_posterior():
 
 register("stats", "numba", _numba_stats)
 register("logdens", "numba", _numba_logdens)
-register("posterior", "numba", _numba_posterior)
+register("posterior", "numba", _numba_posterior, projections=False)
 register("stats", "reference", _ref_stats)
 register("logdens", "reference", _ref_logdens)
 register("posterior", "reference", _ref_posterior)

@@ -73,7 +73,7 @@ def is_compiled(job) -> bool:
 def _run(job) -> np.ndarray:
     """The compiled kernel on ``job`` in its dtype; returns the pattern rows whose posterior is
     tighter than :data:`ESCALATE` of that dtype allows (see the module docstring)."""
-    x, S, fp32 = _numba._check(job.x, job.S, job.means[:, job.cols[: job.x.shape[1]]])
+    x, S, _, fp32 = _numba._check(job.x, job.S, job.means[:, job.cols[: job.x.shape[1]]])
     n, d = x.shape
     K = job.means.shape[0]
     obs, unobs = job.cols[:d], job.cols[d:]
