@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from xd_dask.kernels._common import array_namespace
+from xd_dask.kernels._common import array_namespace, unpack_lower
 
 __all__ = [
     "ENV_VAR",
@@ -38,6 +38,7 @@ __all__ = [
     "backend_names",
     "forced",
     "implementation",
+    "noise_for",
     "register",
     "register_backend",
     "resolve",
@@ -54,6 +55,7 @@ class Backend:
     name: str
     namespaces: frozenset[str]
     projections: bool
+    packed: bool = False  # takes noise covariances as packed lower triangles (n, d (d + 1) / 2)
 
     def accepts(self, namespace: str, has_R: bool) -> bool:
         return namespace in self.namespaces and (self.projections or not has_R)
@@ -65,9 +67,20 @@ _LOADED: dict[tuple[str, str], Callable[..., Any]] = {}
 _NO_R: set[tuple[str, str]] = set()  # (kernel, backend) pairs that take no projections
 
 
-def register_backend(name: str, *, namespaces: tuple[str, ...], projections: bool) -> None:
-    """Declare a backend (later declarations are preferred less by ``"auto"``)."""
-    _BACKENDS[name] = Backend(name, frozenset(namespaces), projections)
+def register_backend(
+    name: str, *, namespaces: tuple[str, ...], projections: bool, packed: bool = False
+) -> None:
+    """Declare a backend (later declarations are preferred less by ``"auto"``); ``packed``: its
+    kernels take the noise covariances as packed lower triangles as well as (n, d, d)."""
+    _BACKENDS[name] = Backend(name, frozenset(namespaces), projections, packed)
+
+
+def noise_for(backend: str, S: Any) -> Any:
+    """A pattern's noise covariances as ``backend`` takes them: packed (n, d (d + 1) / 2) input
+    is unpacked to (n, d, d) for a backend that does not declare ``packed``."""
+    if S.ndim == 2 and not _BACKENDS[backend].packed:
+        return unpack_lower(S)
+    return S
 
 
 def register(
