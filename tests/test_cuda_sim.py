@@ -190,13 +190,13 @@ def _nonpd_cases():
     two = {"max_block": 2, "rows_per_block": 16, "threads": 4}
     for dt in (np.float64, np.float32):
         xs, Ss = x.astype(dt), S.astype(dt)
-        for run in (
-            lambda: pattern_stats_cuda(xs, Ss, rw, lw, m, V, **fused),
-            lambda: pattern_stats_cuda(xs, Ss, rw, lw, m, V, **two),
-            lambda: pattern_logdens_cuda(xs, Ss, lw, m, V, threads=32),
+        for fn, args, kw in (
+            (pattern_stats_cuda, (rw, lw, m, V), fused),
+            (pattern_stats_cuda, (rw, lw, m, V), two),
+            (pattern_logdens_cuda, (lw, m, V), {"threads": 32}),
         ):
             try:
-                run()
+                fn(xs, Ss, *args, **kw)
             except NotPositiveDefiniteError as err:
                 assert (err.row, err.component) == (30, 1), (err.row, err.component)
             else:
