@@ -117,6 +117,18 @@ def packed_index(observed: np.ndarray) -> np.ndarray:
     return np.array([o[a] * (o[a] + 1) // 2 + o[b] for a in range(len(o)) for b in range(a + 1)])
 
 
+def stats_from_sums(tot: np.ndarray, K: int, D: int):
+    """(1 + D + D (D + 1) / 2, K) float64 sums (n_j, a_j, packed lower C_j) -> n_j (K,),
+    a (K, D), C (K, D, D) symmetric: the compiled kernels' accumulator rows."""
+    n_j = tot[0].copy()
+    a = np.ascontiguousarray(tot[1 : 1 + D].T)
+    r, c = np.tril_indices(D)
+    C = np.empty((K, D, D))
+    C[:, r, c] = tot[1 + D :].T
+    C[:, c, r] = tot[1 + D :].T
+    return n_j, a, C
+
+
 def unpack_lower(Sp: Any) -> Any:
     """(n, d (d + 1) / 2) packed lower triangles -> (n, d, d) symmetric, same namespace."""
     xp = array_namespace(Sp)

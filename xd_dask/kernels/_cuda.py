@@ -28,7 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from xd_dask.kernels._common import NotPositiveDefiniteError, array_namespace, to_numpy
+from xd_dask.kernels._common import (
+    NotPositiveDefiniteError,
+    array_namespace,
+    stats_from_sums,
+    to_numpy,
+)
 from xd_dask.kernels.codegen import algebra, emit_cuda
 
 __all__ = [
@@ -209,17 +214,6 @@ def _rows_args(x, S, R):
     )
 
 
-def _unpack_stats(tot: np.ndarray, K: int, Dp: int):
-    """(n_acc, K) float64 sums -> n_j (K,), a (K, Dp), C (K, Dp, Dp)."""
-    n_j = tot[0].copy()
-    a = np.ascontiguousarray(tot[1 : 1 + Dp].T)
-    r, c = np.tril_indices(Dp)
-    C = np.empty((K, Dp, Dp))
-    C[:, r, c] = tot[1 + Dp :].T
-    C[:, c, r] = tot[1 + Dp :].T
-    return n_j, a, C
-
-
 def _pow2(k: int) -> int:
     return 1 << max(0, (k - 1).bit_length())
 
@@ -268,7 +262,7 @@ def pattern_stats_cuda(
         fn[nb, block, stream](*rows, rw, P, K, rows_per_block, lbg, part, llp, bgp, status)
         _raise_if_bad(status, n)
         tot = to_numpy(xp.sum(part, axis=0))
-        return (*_unpack_stats(tot, K, Dp), float(xp.sum(llp)), float(xp.sum(rw)),
+        return (*stats_from_sums(tot, K, Dp), float(xp.sum(llp)), float(xp.sum(rw)),
                 float(xp.sum(bgp)))  # fmt: skip
     tot, ll, nbg = np.zeros((nA, K)), 0.0, 0.0
     step = max(1, chunk_pairs // K)
@@ -285,7 +279,7 @@ def pattern_stats_cuda(
         ll += float(xp.sum(rw[s:e] * lse))
         if lbg > BG_OFF:
             nbg += float(xp.sum(rw[s:e] * xp.exp(lbg - lse)))
-    return (*_unpack_stats(tot, K, Dp), ll, float(xp.sum(rw)), nbg)
+    return (*stats_from_sums(tot, K, Dp), ll, float(xp.sum(rw)), nbg)
 
 
 def _logdens_chunk(rows, P, K, fp32, D, lbg, threads, stream, row0):

@@ -32,7 +32,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from xd_dask.kernels import codegen
-from xd_dask.kernels._common import NotPositiveDefiniteError
+from xd_dask.kernels._common import NotPositiveDefiniteError, stats_from_sums
 from xd_dask.kernels.codegen import emit_numba
 from xd_dask.utils import kernel_cache_dir, load_generated_module, write_once
 
@@ -521,13 +521,7 @@ def _unpack_acc(acc64: np.ndarray, d: int, K: int):
     B = LANE_BLOCK
     tot = acc64.sum(axis=0).reshape(-1, lay["n_acc"], B)  # (nblk, n_acc, B)
     acc = tot.transpose(1, 0, 2).reshape(lay["n_acc"], -1)[:, :K]  # (n_acc, K)
-    n_j = acc[0].copy()
-    a = np.ascontiguousarray(acc[1 : 1 + d].T)
-    rows, cols = np.tril_indices(d)
-    C = np.empty((K, d, d))
-    C[:, rows, cols] = acc[1 + d :].T
-    C[:, cols, rows] = acc[1 + d :].T
-    return n_j, a, C
+    return stats_from_sums(acc, K, d)
 
 
 def _n_threads(n: int) -> int:
