@@ -75,7 +75,7 @@ def test_check_gpu_workers_names_every_worker_and_why(client):
     with pytest.raises(GPUUnavailableError) as info:
         check_gpu_workers(client)
     msg = str(info.value)
-    assert "2 worker(s) cannot use a GPU" in msg
+    assert "2 worker(s) have no usable GPU" in msg
     for addr in client.scheduler_info()["workers"]:
         assert addr in msg
     assert ("CuPy is not installed" in msg) or ("no usable CUDA device" in msg)

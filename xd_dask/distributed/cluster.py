@@ -60,7 +60,7 @@ def check_gpu_workers(client: Client) -> dict[str, dict[str, Any]]:
     bad = {w: i["reason"] for w, i in sorted(infos.items()) if not i["ok"]}
     if bad:
         detail = "; ".join(f"{w}: {why}" for w, why in bad.items())
-        raise GPUUnavailableError(f"gpu=True but {len(bad)} worker(s) cannot use a GPU: {detail}")
+        raise GPUUnavailableError(f"gpu=True but {len(bad)} worker(s) have no usable GPU: {detail}")
     return infos
 
 
