@@ -22,6 +22,11 @@ and beside it, per pair, the posterior pass (DESIGN.md 4a) on the same rows:
 - ``post err``: compiled vs reference posterior on that subset, worst covariance entry in
   correlation units.
 
+Then the projected statistics pass (rows seen through R_i, d = 2 observed of D = 3 true
+features: tangential velocities), K = 16 and 64: ``numba R`` (one core) beside the reference with
+R (``pattern_stats_ref``, batched NumPy), their ratio and the relative error, and the
+no-projection d = 2 and d = 3 kernels on the same rows for scale.
+
 Then the same figure for K = 64 with LLVM told to prefer 256-bit vectors (a subprocess with
 ``NUMBA_CPU_FEATURES=<host>,+prefer-256-bit``), to show what 512-bit vectors are worth. LLVM
 prefers 256-bit vectors on Intel server CPUs (Skylake-X .. Sapphire Rapids); there,
@@ -29,13 +34,14 @@ prefers 256-bit vectors on Intel server CPUs (Skylake-X .. Sapphire Rapids); the
 .flatten())'),-prefer-256-bit"`` gives the 512-bit code. The machine may be shared: figures are
 best-of-N, and the spread (worst / best) of the single-thread repeats is printed.
 
-Usage: python benchmarks/bench_kernel.py [--quick] [--no-vector-width]
+Usage: python benchmarks/bench_kernel.py [--quick] [--no-vector-width] [--projected-only]
 (Set XD_DASK_KERNEL_CACHE to keep compiled kernels between runs.)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -135,6 +141,74 @@ def posterior_err(sub, m, V, lw) -> float:
     return float((np.abs(got - want) / (sd[:, :, None] * sd[:, None, :])).max())
 
 
+def make_projected(n: int, d: int, D: int, K: int, seed: int = 0):
+    """Rows x = R v + noise with random orthonormal d x D rows R_i (a normal triad's shape),
+    velocity-like components (tens of km/s) and heteroscedastic noise."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(scale=30.0, size=(K, D))
+    A = rng.normal(scale=15.0, size=(K, D, D))
+    covs = A @ np.swapaxes(A, 1, 2) + 25.0 * np.eye(D)
+    log_weights = np.log(rng.dirichlet(np.full(K, 3.0)))
+    Q, _ = np.linalg.qr(rng.normal(size=(n, D, D)))
+    R = np.ascontiguousarray(np.swapaxes(Q, 1, 2)[:, :d, :])  # (n, d, D), orthonormal rows
+    comp = rng.integers(K, size=n)
+    v = means[comp] + np.einsum(
+        "nij,nj->ni", np.linalg.cholesky(covs[comp]), rng.normal(size=(n, D))
+    )
+    Bm = rng.normal(scale=2.0, size=(n, d, d))
+    S = Bm @ np.swapaxes(Bm, 1, 2) + 0.5 * np.eye(d)
+    x = np.einsum("nij,nj->ni", R, v) + np.einsum(
+        "nij,nj->ni", np.linalg.cholesky(S), rng.normal(size=(n, d))
+    )
+    return x, S, R, np.ones(n), log_weights, means, covs
+
+
+def projected_table() -> None:
+    """ns per pair of the projected statistics pass (d = 2, D = 3) against the reference."""
+    d, Dp = 2, 3
+    print(
+        f"\nprojected statistics pass, d = {d} observed, D = {Dp} true (R_i: {d} x {Dp}), 1 thread"
+    )
+    hdr = (
+        f"{'K':>4} {'dtype':>7} {'rows':>7} | {'numba R':>8} | {'numpy ref R':>11} {'ratio':>6} | "
+        f"{'max rel err':>11} | {'numba d=2':>9} {'numba d=3':>9}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    numba.set_num_threads(1)
+    for K in (16, 64):
+        n = min(MAX_ROWS, PAIRS // K)
+        x, S, R, rw, lw, m, V = make_projected(n, d, Dp, K, seed=K)
+        for dt in (np.float64, np.float32):
+            xs, Ss, Rs = x.astype(dt), S.astype(dt), R.astype(dt)
+            run = functools.partial(pattern_stats_numba, xs, Ss, rw, lw, m, V, R=Rs)
+            run()
+            t, _ = best_of(run, REPEATS_1)
+            nr = max(1, REF_PAIRS // K)
+            sub = (xs[:nr], Ss[:nr], rw[:nr], lw, m, V, Rs[:nr])
+            pattern_stats_ref(*sub)
+            t_ref, _ = best_of(lambda sub=sub: pattern_stats_ref(*sub), REPEATS_REF)
+            err = rel_err(
+                pattern_stats_numba(*sub[:6], R=sub[6]),
+                pattern_stats_ref(x[:nr], S[:nr], rw[:nr], lw, m, V, R[:nr]),
+            )
+            # the no-projection kernels on rows of the same sizes (d = 2 as observed, d = 3 as
+            # if the full velocity were observed), for scale
+            ns_plain = []
+            for dd in (d, Dp):
+                xp_, Sp_ = (np.ascontiguousarray(v, dtype=dt) for v in make_data(n, dd, K)[:2])
+                mm, VV = m[:, :dd], V[:, :dd, :dd]
+                plain = functools.partial(pattern_stats_numba, xp_, Sp_, rw, lw, mm, VV)
+                plain()
+                ns_plain.append(best_of(plain, REPEATS_1)[0] / (n * K) * 1e9)
+            ns, ns_ref = t / (n * K) * 1e9, t_ref / (nr * K) * 1e9
+            print(
+                f"{K:>4} {np.dtype(dt).name:>7} {n:>7} | {ns:>8.1f} | {ns_ref:>11.0f} "
+                f"{ns_ref / ns:>5.0f}x | {err:>11.1e} | {ns_plain[0]:>9.1f} {ns_plain[1]:>9.1f}"
+            )
+    print("(max rel err: float32 kernel against the float64 reference on the unrounded rows)")
+
+
 def vector_width_child(K: int) -> None:
     """Subprocess entry: print JSON {dtype: ns per pair} for one K, one thread."""
     n = min(MAX_ROWS, PAIRS // K)
@@ -151,6 +225,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rows and repeats")
     ap.add_argument("--no-vector-width", action="store_true", help="skip the 256-bit comparison")
+    ap.add_argument("--projected-only", action="store_true", help="only the projected table")
     ap.add_argument("--child-k", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     global PAIRS, REF_PAIRS, REPEATS_1, REPEATS_2
@@ -158,6 +233,9 @@ def main() -> None:
         PAIRS, REF_PAIRS, REPEATS_1, REPEATS_2 = 1_000_000, 50_000, 3, 3
     if args.child_k:
         vector_width_child(args.child_k)
+        return
+    if args.projected_only:
+        projected_table()
         return
 
     t_start = time.perf_counter()
@@ -216,6 +294,7 @@ def main() -> None:
         "float32 statistics are accumulated in float64 (per-thread float32 partial sums "
         "over <= 2048 rows); (issue 8) posterior <= 2x the statistics pass per pair"
     )
+    projected_table()
 
     if not args.no_vector_width:
         K = 64

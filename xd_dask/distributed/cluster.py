@@ -44,22 +44,24 @@ def require_gpu() -> Any:
     return cupy
 
 
-def _worker_has_gpu() -> bool:
-    try:
-        require_gpu()
-    except GPUUnavailableError:
-        return False
-    return True
+def _worker_gpu_info() -> dict[str, Any]:
+    from xd_dask.distributed.gpu import device_info  # noqa: PLC0415
+
+    return device_info()
 
 
-def check_gpu_workers(client: Client) -> None:
-    """Raise GPUUnavailableError naming the workers of ``client`` that cannot use a GPU."""
-    has = client.run(_worker_has_gpu)
-    missing = sorted(w for w, ok in has.items() if not ok)
-    if missing or not has:
-        raise GPUUnavailableError(
-            f"gpu=True but these workers have no usable GPU (CuPy + CUDA device): {missing}"
-        )
+def check_gpu_workers(client: Client) -> dict[str, dict[str, Any]]:
+    """Check that every worker of ``client`` can run the GPU kernels (CuPy, a CUDA device and
+    numba.cuda, see :func:`xd_dask.distributed.gpu.device_info`); return each worker's device
+    info, or raise GPUUnavailableError naming the workers that cannot, with their reasons."""
+    infos = client.run(_worker_gpu_info)
+    if not infos:
+        raise GPUUnavailableError("gpu=True but the cluster has no workers")
+    bad = {w: i["reason"] for w, i in sorted(infos.items()) if not i["ok"]}
+    if bad:
+        detail = "; ".join(f"{w}: {why}" for w, why in bad.items())
+        raise GPUUnavailableError(f"gpu=True but {len(bad)} worker(s) have no usable GPU: {detail}")
+    return infos
 
 
 def worker_threads(client: Client) -> int:

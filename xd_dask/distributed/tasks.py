@@ -154,7 +154,7 @@ def _resolved_backend(backend: str, gpu: bool) -> str:
     if gpu:
         if backend == "numba":
             raise ValueError("backend='numba' cannot run on GPU workers; use 'auto' or 'reference'")
-        return "reference"
+        return backend  # "auto": the cuda kernels on the device-resident CuPy rows
     if backend != "auto":
         return backend
     try:
@@ -226,11 +226,10 @@ def read_block(part: Partition, opts: TaskOptions) -> Block:
     if opts.split is not None:
         keep = side_mask(ids, *opts.split)
         X, X_cov, ids = X[keep], X_cov[keep], ids[keep]
-    if opts.gpu:
-        from xd_dask.distributed.cluster import require_gpu  # noqa: PLC0415
+    if opts.gpu:  # device-resident rows: X, packed lower-triangle X_cov (xd_dask.distributed.gpu)
+        from xd_dask.distributed.gpu import to_device  # noqa: PLC0415
 
-        cp = require_gpu()
-        X, X_cov = cp.asarray(X), cp.asarray(X_cov)
+        X, X_cov, _ = to_device(X, X_cov)
     return Block(
         part.pid,
         part.path,

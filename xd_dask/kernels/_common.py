@@ -68,7 +68,9 @@ class Pattern:
 
 
 def missingness_patterns(X: Any) -> list[Pattern]:
-    """Group rows by which features are observed (not NaN).
+    """Group rows by which features are observed (not NaN), in the namespace of ``X``: for CuPy
+    input the grouping (keys, a stable sort) runs on the device and each pattern's ``rows`` is a
+    device array; only the distinct patterns and their counts come to the host.
 
     Parameters
     ----------
@@ -80,32 +82,65 @@ def missingness_patterns(X: Any) -> list[Pattern]:
         If a row has no observed field.
     """
     xp = array_namespace(X)
-    observed = to_numpy(~xp.isnan(X))  # (n, D) bool, host
+    observed = ~xp.isnan(X)  # (n, D) bool
     n, D = observed.shape
     if n == 0:
         return []
-    if observed.all():
-        return [Pattern(np.arange(n, dtype=np.int64), np.arange(D, dtype=np.int64))]
-    empty = ~observed.any(axis=1)
-    if empty.any():
-        row = int(np.flatnonzero(empty)[0])
+    if bool(observed.all()):
+        return [Pattern(xp.arange(n, dtype=xp.int64), np.arange(D, dtype=np.int64))]
+    # Encode each row's pattern as an integer key (D <= 62 is plenty for catalogues).
+    if D > 62:
+        raise ValueError(f"at most 62 features are supported, got {D}")
+    bits = xp.asarray(np.int64(1) << np.arange(D, dtype=np.int64))
+    keys = xp.sum(xp.asarray(observed, dtype=xp.int64) * bits[None, :], axis=1)
+    empty = keys == 0
+    if bool(empty.any()):
+        row = int(xp.argmax(empty))
         raise ValueError(
             f"row {row} has no observed field (all {D} features are NaN); drop such rows before "
             "fitting"
         )
-    # Encode each row's pattern as an integer key (D <= 62 is plenty for catalogues).
-    if D > 62:
-        raise ValueError(f"at most 62 features are supported, got {D}")
-    keys = observed.astype(np.int64) @ (np.int64(1) << np.arange(D, dtype=np.int64))
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-    ends = np.r_[starts[1:], n]
-    out = []
-    for s, e in zip(starts, ends, strict=True):
-        rows = order[s:e]
-        out.append(Pattern(rows, np.flatnonzero(observed[rows[0]]).astype(np.int64)))
-    return out
+    order = xp.argsort(keys, kind="stable") if xp is np else xp.argsort(keys)  # CuPy: stable
+    uniq, counts = xp.unique(keys[order], return_counts=True)
+    uniq, counts = to_numpy(uniq), to_numpy(counts)
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    return [
+        Pattern(order[s : s + c], np.flatnonzero((int(u) >> np.arange(D)) & 1).astype(np.int64))
+        for u, s, c in zip(uniq, starts, counts, strict=True)
+    ]
+
+
+def packed_index(observed: np.ndarray) -> np.ndarray:
+    """Columns of a packed lower triangle (entry (a, b), a >= b, at a (a + 1) / 2 + b) that hold
+    the packed sub-triangle of the fields ``observed`` (sorted), in its own packed order."""
+    o = np.asarray(observed, dtype=np.int64)
+    return np.array([o[a] * (o[a] + 1) // 2 + o[b] for a in range(len(o)) for b in range(a + 1)])
+
+
+def stats_from_sums(tot: np.ndarray, K: int, D: int):
+    """(1 + D + D (D + 1) / 2, K) float64 sums (n_j, a_j, packed lower C_j) -> n_j (K,),
+    a (K, D), C (K, D, D) symmetric: the compiled kernels' accumulator rows."""
+    n_j = tot[0].copy()
+    a = np.ascontiguousarray(tot[1 : 1 + D].T)
+    r, c = np.tril_indices(D)
+    C = np.empty((K, D, D))
+    C[:, r, c] = tot[1 + D :].T
+    C[:, c, r] = tot[1 + D :].T
+    return n_j, a, C
+
+
+def unpack_lower(Sp: Any) -> Any:
+    """(n, d (d + 1) / 2) packed lower triangles -> (n, d, d) symmetric, same namespace."""
+    xp = array_namespace(Sp)
+    n, k = Sp.shape
+    d = int(round((np.sqrt(8 * k + 1) - 1) / 2))
+    if d * (d + 1) // 2 != k:
+        raise ValueError(f"{k} columns are not a packed lower triangle")
+    r, c = np.tril_indices(d)
+    S = xp.empty((n, d, d), dtype=Sp.dtype)
+    S[:, xp.asarray(r), xp.asarray(c)] = Sp
+    S[:, xp.asarray(c), xp.asarray(r)] = Sp
+    return S
 
 
 def check_inputs(
@@ -126,6 +161,13 @@ def check_inputs(
     xp = array_namespace(X, X_cov)
     if X.ndim != 2:
         raise ValueError(f"X must be 2-d (n_rows, n_features), got shape {tuple(X.shape)}")
+    if X_cov.ndim == 2:  # packed lower triangles: check them as full matrices
+        if X_cov.shape != (X.shape[0], X.shape[1] * (X.shape[1] + 1) // 2):
+            raise ValueError(
+                f"packed X_cov must have shape (n_rows, d (d + 1) / 2) = "
+                f"{(X.shape[0], X.shape[1] * (X.shape[1] + 1) // 2)}, got {tuple(X_cov.shape)}"
+            )
+        X_cov = unpack_lower(X_cov)
     n = X.shape[0]
     K, D = means.shape
     d = X.shape[1]
@@ -186,7 +228,7 @@ def _check_covariances(X: Any, X_cov: Any) -> None:
     # T = V + S is then still positive definite), but it must not have a negative eigenvalue.
     for pat in missingness_patterns(X):
         o = pat.observed
-        block = Sh[np.ix_(pat.rows, o, o)].astype(np.float64)
+        block = Sh[np.ix_(to_numpy(pat.rows), o, o)].astype(np.float64)
         # Eigenvalues relative to the block's scale; tolerate round-off.
         scl = np.maximum(np.abs(np.diagonal(block, axis1=1, axis2=2)).max(axis=1), 1e-300)
         ev_min = np.linalg.eigvalsh(block / scl[:, None, None])[:, 0]
@@ -234,6 +276,7 @@ def pattern_blocks(xp, Xc, X_cov, R, pat):
     n, D = Xc.shape
     all_rows = len(pat.rows) == n  # patterns partition the rows, so this means rows == arange(n)
     all_fields = len(pat.observed) == D
+    packed = X_cov.ndim == 2  # (n, D (D + 1) / 2) lower triangles: S comes back packed too
     if all_rows and all_fields:
         x, S, Rp = Xc, X_cov, R
     else:
@@ -244,7 +287,10 @@ def pattern_blocks(xp, Xc, X_cov, R, pat):
         else:
             o = xp.asarray(pat.observed)
             x = Xc[rows[:, None], o[None, :]]
-            S = X_cov[rows[:, None, None], o[None, :, None], o[None, None, :]]
+            if packed:
+                S = X_cov[rows[:, None], xp.asarray(packed_index(pat.observed))[None, :]]
+            else:
+                S = X_cov[rows[:, None, None], o[None, :, None], o[None, None, :]]
             Rp = None if R is None else R[rows][:, o, :]
     if Rp is not None:
         Rp = xp.asarray(Rp, dtype=Xc.dtype)

@@ -2,12 +2,15 @@
 
 The per-pair algebra is generated for each dimension ``d`` (:mod:`xd_dask.kernels.codegen`) and
 vectorised across components; this module supplies the vectorisable ``exp``/``log`` and row
-helpers it calls, compiles and caches one kernel per (kind, d, dtype[, du]), runs it on a thread
+helpers it calls, compiles and caches one kernel per (kind, d, dtype[, du | D]), runs it on a thread
 pool and wraps the statistics and log-density kernels with the contract used by
 ``xd_dask.kernels`` (DESIGN.md sections 2-3; the posterior's wrapper is ``_numba_posterior``):
 
-``pattern_stats_numba(x, S, rw, log_weights, means, covs) -> (n_j, a, C, ll, W, n_bg)``
-``pattern_logdens_numba(x, S, log_weights, means, covs) -> (n, K)``
+``pattern_stats_numba(x, S, rw, log_weights, means, covs, R=None) -> (n_j, a, C, ll, W, n_bg)``
+``pattern_logdens_numba(x, S, log_weights, means, covs, R=None) -> (n, K)``
+
+With projections ``R`` (n, d, D) the parameters are D-dimensional and the statistics come back
+in the D-space (one more kernel variant per (d, D), generated from the same algebra).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from xd_dask.kernels import codegen
-from xd_dask.kernels._common import NotPositiveDefiniteError
+from xd_dask.kernels._common import NotPositiveDefiniteError, stats_from_sums
 from xd_dask.kernels.codegen import emit_numba
 from xd_dask.utils import kernel_cache_dir, load_generated_module, write_once
 
@@ -315,16 +318,15 @@ def _namespace(fp32: bool) -> dict:
     }
 
 
-def _signature(kind: str, fp32: bool):
+def _signature(kind: str, fp32: bool, proj: bool = False):
     dt = types.float32 if fp32 else types.float64
     i64 = types.int64
     x, S, P = types.Array(dt, 2, "C"), types.Array(dt, 3, "C"), types.Array(dt, 1, "C")
+    xS = (x, S, S) if proj else (x, S)  # R (n, d, D) has S's type
     f64v, i64v = types.Array(types.float64, 1, "C"), types.Array(i64, 1, "C")
     if kind == "stats":
-        # x, S, rw, P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum -> ll
-        return types.float64(
-            x, S, f64v, P, i64, i64, i64, i64, i64, f64v, i64v, types.float64, f64v
-        )
+        # x, S, [R,] rw, P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum -> ll
+        return types.float64(*xS, f64v, P, i64, i64, i64, i64, i64, f64v, i64v, types.float64, f64v)
     if kind.startswith("posterior"):
         f64 = types.float64
         f64m, f64t = types.Array(f64, 2, "C"), types.Array(f64, 3, "C")
@@ -335,11 +337,11 @@ def _signature(kind: str, fp32: bool):
             f64m, f64t, i64v, f64v, f64v, f64m, types.Array(i64, 2, "C"), f64m, f64t,
             types.Array(f64, 4, "C"), f64v, i64v,
         )  # fmt: skip
-    # x, S, P, K, nl, r0, r1, out, status
-    return types.float64(x, S, P, i64, i64, i64, i64, types.Array(dt, 2, "C"), i64v)
+    # x, S, [R,] P, K, nl, r0, r1, out, status
+    return types.float64(*xS, P, i64, i64, i64, i64, types.Array(dt, 2, "C"), i64v)
 
 
-_cache: dict[tuple[str, int, bool, int], object] = {}
+_cache: dict[tuple[str, int, bool, int, int], object] = {}
 _cache_lock = threading.Lock()
 _llvm_tuned = False
 
@@ -403,19 +405,20 @@ def _load_source(kind: str, d: int, fp32: bool, src: str):
     return ns["kernel"], False
 
 
-def _source(kind: str, d: int, du: int, fp32: bool) -> str:
-    """Generated source of a kernel (``du``: unobserved fields, posterior only)."""
+def _source(kind: str, d: int, du: int, fp32: bool, D: int = 0) -> str:
+    """Generated source of a kernel (``du``: unobserved fields, posterior only; ``D``: the
+    dimension of projected parameters, stats and logdens only)."""
     if kind == "stats":
-        return emit_numba.stats_source(d, LANE_BLOCK, fp32)
+        return emit_numba.stats_source(d, LANE_BLOCK, fp32, D)
     if kind == "logdens":
-        return emit_numba.logdens_source(d, LANE_BLOCK, fp32)
+        return emit_numba.logdens_source(d, LANE_BLOCK, fp32, D)
     return emit_numba.posterior_source(d, du, LANE_BLOCK, fp32, topk=kind == "posterior_top")
 
 
-def _kernel(kind: str, d: int, fp32: bool, du: int = 0):
-    """Compiled kernel for (kind, d, dtype[, du]): generated and compiled on first use, then kept
-    in memory and (see :func:`_cache_dir`) in Numba's on-disk cache."""
-    key = (kind, d, fp32, du)
+def _kernel(kind: str, d: int, fp32: bool, du: int = 0, D: int = 0):
+    """Compiled kernel for (kind, d, dtype[, du | D]): generated and compiled on first use, then
+    kept in memory and (see :func:`_cache_dir`) in Numba's on-disk cache."""
+    key = (kind, d, fp32, du, D)
     fn = _cache.get(key)
     if fn is not None:
         return fn
@@ -424,10 +427,11 @@ def _kernel(kind: str, d: int, fp32: bool, du: int = 0):
         if fn is None:
             _tune_llvm()
             name = f"{kind}_u{du}" if kind.startswith("posterior") else kind
-            py_func, on_disk = _load_source(name, d, fp32, _source(kind, d, du, fp32))
+            name += f"_R{D}" if D else ""
+            py_func, on_disk = _load_source(name, d, fp32, _source(kind, d, du, fp32, D))
             t0 = time.perf_counter()
             fn = njit(
-                _signature(kind, fp32),
+                _signature(kind, fp32, bool(D)),
                 fastmath=_FM_STRICT,
                 error_model="numpy",
                 nogil=True,
@@ -467,7 +471,11 @@ def _run_blocks(body, n: int, nt: int) -> list:
 
 
 # --------------------------------------------------------------------------- wrappers
-def _check(x: np.ndarray, S: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+def _check(
+    x: np.ndarray, S: np.ndarray, means: np.ndarray, R: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, bool]:
+    """(x, S, R, fp32): the row arrays C-contiguous in x's dtype, after checking the shapes
+    (means (K, d), or (K, D) with projections R (n, d, D))."""
     if x.dtype not in (np.float32, np.float64):
         raise TypeError(f"x must be float32 or float64, got {x.dtype}")
     fp32 = x.dtype == np.float32
@@ -476,9 +484,14 @@ def _check(x: np.ndarray, S: np.ndarray, means: np.ndarray) -> tuple[np.ndarray,
     n, d = x.shape
     if S.shape != (n, d, d):
         raise ValueError(f"S has shape {S.shape}, expected {(n, d, d)}")
-    if means.ndim != 2 or means.shape[1] != d:
-        raise ValueError(f"means has shape {means.shape}, expected (K, {d})")
-    return x, S, fp32
+    dim = d if R is None else R.shape[-1]
+    if means.ndim != 2 or means.shape[1] != dim:
+        raise ValueError(f"means has shape {means.shape}, expected (K, {dim})")
+    if R is not None:
+        if R.shape != (n, d, dim):
+            raise ValueError(f"R has shape {R.shape}, expected {(n, d, dim)}")
+        R = np.ascontiguousarray(R, dtype=x.dtype)
+    return x, S, R, fp32
 
 
 def _pack(log_weights, means, covs, dtype) -> np.ndarray:
@@ -508,13 +521,7 @@ def _unpack_acc(acc64: np.ndarray, d: int, K: int):
     B = LANE_BLOCK
     tot = acc64.sum(axis=0).reshape(-1, lay["n_acc"], B)  # (nblk, n_acc, B)
     acc = tot.transpose(1, 0, 2).reshape(lay["n_acc"], -1)[:, :K]  # (n_acc, K)
-    n_j = acc[0].copy()
-    a = np.ascontiguousarray(acc[1 : 1 + d].T)
-    rows, cols = np.tril_indices(d)
-    C = np.empty((K, d, d))
-    C[:, rows, cols] = acc[1 + d :].T
-    C[:, cols, rows] = acc[1 + d :].T
-    return n_j, a, C
+    return stats_from_sums(acc, K, d)
 
 
 def _n_threads(n: int) -> int:
@@ -537,6 +544,7 @@ def pattern_stats_numba(
     means: np.ndarray,
     covs: np.ndarray,
     log_background: float | None = None,
+    R: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float, float]:
     """XD sufficient statistics of rows sharing one missingness pattern (compiled kernel).
 
@@ -552,19 +560,22 @@ def pattern_stats_numba(
         Log mixture weights ``log alpha_j``.
     means : (K, d) float64
     covs : (K, d, d) float64
-        Component means and covariances (observed sub-blocks).
+        Component means and covariances (observed sub-blocks; (K, D) and (K, D, D) with R).
     log_background : float, optional
         Log density (weight included) of a uniform background component on these fields; it
         joins every row's normalisation. None: no background.
+    R : (n, d, D), optional
+        Projections (cast to x's dtype): T_ij = R_i V_j R_i^T + S_i, w_ij = x_i - R_i m_j.
 
     Returns
     -------
     n_j : (K,) float64
         ``sum_i rw_i r_ij``.
-    a : (K, d) float64
-        ``sum_i rw_i r_ij u_ij`` with ``u_ij = T_ij^-1 (x_i - m_j)``, ``T_ij = V_j + S_i``.
-    C : (K, d, d) float64
-        ``sum_i rw_i r_ij (u_ij u_ij^T - T_ij^-1)``, symmetric.
+    a : (K, d) float64 ((K, D) with R)
+        ``sum_i rw_i r_ij u_ij`` with ``u_ij = T_ij^-1 (x_i - m_j)``, ``T_ij = V_j + S_i``
+        (with R: ``sum_i rw_i r_ij R_i^T u_ij``).
+    C : (K, d, d) float64 ((K, D, D) with R)
+        ``sum_i rw_i r_ij (u_ij u_ij^T - T_ij^-1)``, symmetric (with R: ``R_i^T (...) R_i``).
     ll : float
         ``sum_i rw_i log sum_j alpha_j N(x_i | m_j, T_ij)``.
     W : float
@@ -577,31 +588,33 @@ def pattern_stats_numba(
     NotPositiveDefiniteError
         For the first (row, component) whose ``T_ij`` has a non-positive pivot.
     """
-    x, S, fp32 = _check(x, S, means)
+    x, S, R, fp32 = _check(x, S, means, R)
     n, d = x.shape
-    K = means.shape[0]
+    K, Dp = means.shape
+    D = 0 if R is None else Dp
     rw = np.ascontiguousarray(rw, dtype=np.float64)
     if rw.shape != (n,):
         raise ValueError(f"rw has shape {rw.shape}, expected ({n},)")
-    lay = emit_numba.layout(d)
+    lay = emit_numba.layout(d, 0, D)
     if n == 0:
-        return np.zeros(K), np.zeros((K, d)), np.zeros((K, d, d)), 0.0, 0.0, 0.0
+        return np.zeros(K), np.zeros((K, Dp)), np.zeros((K, Dp, Dp)), 0.0, 0.0, 0.0
     P = _pack(log_weights, means, covs, x.dtype)
     nt = _n_threads(n)
     acc64 = np.zeros((nt, P.size // lay["n_par"] * lay["n_acc"]))
     status = np.full((nt, 2), -1, dtype=np.int64)
     bgsum = np.zeros((nt, 1))
     lbg = _background_arg(log_background)
-    fn = _kernel("stats", d, fp32)
+    fn = _kernel("stats", d, fp32, 0, D)
+    rows = (x, S) if R is None else (x, S, R)
 
     def body(t, r0, r1):
         return fn(
-            x, S, rw, P, K, LANE_BLOCK, r0, r1, FLUSH_ROWS, acc64[t], status[t], lbg, bgsum[t]
+            *rows, rw, P, K, LANE_BLOCK, r0, r1, FLUSH_ROWS, acc64[t], status[t], lbg, bgsum[t]
         )
 
     ll = _run_blocks(body, n, nt)
     _raise_if_bad(status)
-    n_j, a, C = _unpack_acc(acc64, d, K)
+    n_j, a, C = _unpack_acc(acc64, Dp, K)
     return n_j, a, C, float(np.sum(ll)), float(rw.sum()), float(bgsum.sum())
 
 
@@ -621,13 +634,15 @@ def pattern_logdens_numba(
     log_weights: np.ndarray,
     means: np.ndarray,
     covs: np.ndarray,
+    R: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``log alpha_j + log N(x_i | m_j, V_j + S_i)`` for every row and component.
+    """``log alpha_j + log N(x_i | R_i m_j, R_i V_j R_i^T + S_i)`` for every row and component
+    (R_i = I without ``R``).
 
     Shapes and dtypes as in :func:`pattern_stats_numba`; returns an (n, K) float64 array.
     Raises :class:`NotPositiveDefiniteError` like :func:`pattern_stats_numba`.
     """
-    x, S, fp32 = _check(x, S, means)
+    x, S, R, fp32 = _check(x, S, means, R)
     n, d = x.shape
     K = means.shape[0]
     out = np.empty((n, K), dtype=x.dtype)
@@ -636,10 +651,12 @@ def pattern_logdens_numba(
     P = _pack(log_weights, means, covs, x.dtype)
     nt = _n_threads(n)
     status = np.full((nt, 2), -1, dtype=np.int64)
-    fn = _kernel("logdens", d, fp32)
+    D = 0 if R is None else means.shape[1]
+    fn = _kernel("logdens", d, fp32, 0, D)
+    rows = (x, S) if R is None else (x, S, R)
 
     def body(t, r0, r1):
-        return fn(x, S, P, K, LANE_BLOCK, r0, r1, out, status[t])
+        return fn(*rows, P, K, LANE_BLOCK, r0, r1, out, status[t])
 
     _run_blocks(body, n, nt)
     _raise_if_bad(status)

@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 
 from xd_dask.kernels import _numba
-from xd_dask.kernels._common import NotPositiveDefiniteError
+from xd_dask.kernels._common import NotPositiveDefiniteError, array_namespace
 from xd_dask.kernels._numba import LANE_BLOCK, _kernel, _raise_if_bad, _run_blocks
 from xd_dask.kernels._posterior import PosteriorSummary
 from xd_dask.kernels.codegen import algebra
@@ -73,7 +73,7 @@ def is_compiled(job) -> bool:
 def _run(job) -> np.ndarray:
     """The compiled kernel on ``job`` in its dtype; returns the pattern rows whose posterior is
     tighter than :data:`ESCALATE` of that dtype allows (see the module docstring)."""
-    x, S, fp32 = _numba._check(job.x, job.S, job.means[:, job.cols[: job.x.shape[1]]])
+    x, S, _, fp32 = _numba._check(job.x, job.S, job.means[:, job.cols[: job.x.shape[1]]])
     n, d = x.shape
     K = job.means.shape[0]
     obs, unobs = job.cols[:d], job.cols[d:]
@@ -107,15 +107,17 @@ def _escalate(run, job, idx: np.ndarray):
     ``job.out``. x is centred anew from the caller's values (the float32 centred x carries the
     rounding of x - c, which the posterior mean of a prior-dominated row inherits one to one);
     the rows go through a small output of their own. Returns ``run``'s result."""
-    rows = np.asarray(job.rows)[idx]
+    xp = array_namespace(job.x)  # NumPy, or CuPy for the GPU kernel's rows
+    idx_x = xp.asarray(idx)
+    rows = xp.asarray(job.rows)[idx_x]
     d, k, (K, D) = job.x.shape[1], len(idx), job.means.shape
-    x0 = np.asarray(job.x0[rows], dtype=np.float64)  # (k, D)
-    out = PosteriorSummary.allocate(np, k, K, D, job.top_k, job.out.resp is not None)
+    x0 = xp.asarray(job.x0[rows], dtype=xp.float64)  # (k, D)
+    out = PosteriorSummary.allocate(xp, k, K, D, job.top_k, job.out.resp is not None)
     sub = dataclasses.replace(
         job,
-        x=np.ascontiguousarray(x0[:, job.cols[:d]] - job.centre[None, :d]),
-        S=np.ascontiguousarray(job.S[idx], dtype=np.float64),
-        rows=np.arange(k),
+        x=xp.ascontiguousarray(x0[:, xp.asarray(job.cols[:d])] - xp.asarray(job.centre[:d])),
+        S=xp.ascontiguousarray(job.S[idx_x], dtype=xp.float64),
+        rows=xp.arange(k),
         x0=x0,
         out=out,
     )

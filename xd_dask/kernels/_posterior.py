@@ -146,7 +146,7 @@ def posterior(
     X : (n, d) float32/float64 (NumPy or CuPy), NaN marks a missing field (its posterior comes
         from the observed fields through each component's covariance).
     X_cov : (n, d, d) noise covariances (may be singular: a zero-noise field's posterior is
-        its value, with zero variance).
+        its value, with zero variance), or their packed lower triangles (n, d (d + 1) / 2).
     weights : (K,), means : (K, D), covariances : (K, D, D).
     R : (n, d, D) projections, optional (reference backend); each R_i of full row rank.
     background : optional :class:`Background`; the mean/cov are then those of the Gaussian part
@@ -202,9 +202,10 @@ def posterior(
             chunk_bytes,
             out,
         )
-        run = fn
+        run, run_name = fn, name
         if ready is not None and len(pat.rows) * K < COMPILE_MIN_PAIRS and not ready(job):
-            run = registry.implementation("posterior", "reference")
+            run, run_name = registry.implementation("posterior", "reference"), "reference"
+        job.S = registry.noise_for(run_name, job.S)
         try:
             run(job)
         except NotPositiveDefiniteError as err:

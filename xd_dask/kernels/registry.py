@@ -1,7 +1,8 @@
 """Kernel implementations keyed by (kernel, backend), and the choice of backend.
 
 A backend declares which array namespaces it takes (``"numpy"``, ``"cupy"``) and whether it
-takes projections ``R``; it registers one implementation per kernel it has. The dispatcher in
+takes projections ``R`` (a kernel may narrow that: the compiled statistics take R, the compiled
+posterior does not); it registers one implementation per kernel it has. The dispatcher in
 :mod:`xd_dask.kernels` asks :func:`resolve` for a backend and :func:`implementation` for the
 function, so adding a backend (a numba.cuda one, say) is one :func:`register_backend` call and
 one :func:`register` per kernel, with no edit to the dispatcher.
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from xd_dask.kernels._common import array_namespace
+from xd_dask.kernels._common import array_namespace, unpack_lower
 
 __all__ = [
     "ENV_VAR",
@@ -37,6 +38,7 @@ __all__ = [
     "backend_names",
     "forced",
     "implementation",
+    "noise_for",
     "register",
     "register_backend",
     "resolve",
@@ -53,6 +55,7 @@ class Backend:
     name: str
     namespaces: frozenset[str]
     projections: bool
+    packed: bool = False  # takes noise covariances as packed lower triangles (n, d (d + 1) / 2)
 
     def accepts(self, namespace: str, has_R: bool) -> bool:
         return namespace in self.namespaces and (self.projections or not has_R)
@@ -61,20 +64,49 @@ class Backend:
 _BACKENDS: dict[str, Backend] = {}  # in order of preference for "auto"
 _IMPLS: dict[tuple[str, str], Callable[[], Callable[..., Any]]] = {}
 _LOADED: dict[tuple[str, str], Callable[..., Any]] = {}
+_NO_R: set[tuple[str, str]] = set()  # (kernel, backend) pairs that take no projections
 
 
-def register_backend(name: str, *, namespaces: tuple[str, ...], projections: bool) -> None:
-    """Declare a backend (later declarations are preferred less by ``"auto"``)."""
-    _BACKENDS[name] = Backend(name, frozenset(namespaces), projections)
+def register_backend(
+    name: str, *, namespaces: tuple[str, ...], projections: bool, packed: bool = False
+) -> None:
+    """Declare a backend (later declarations are preferred less by ``"auto"``); ``packed``: its
+    kernels take the noise covariances as packed lower triangles as well as (n, d, d)."""
+    _BACKENDS[name] = Backend(name, frozenset(namespaces), projections, packed)
 
 
-def register(kernel: str, backend: str, loader: Callable[[], Callable[..., Any]]) -> None:
+def noise_for(backend: str, S: Any) -> Any:
+    """A pattern's noise covariances as ``backend`` takes them: packed (n, d (d + 1) / 2) input
+    is unpacked to (n, d, d) for a backend that does not declare ``packed``."""
+    if S.ndim == 2 and not _BACKENDS[backend].packed:
+        return unpack_lower(S)
+    return S
+
+
+def register(
+    kernel: str,
+    backend: str,
+    loader: Callable[[], Callable[..., Any]],
+    *,
+    projections: bool | None = None,
+) -> None:
     """Register ``loader() -> implementation`` of ``kernel`` for ``backend`` (loaded on first
-    use, so a backend's heavy imports and compilation happen only when it runs)."""
+    use, so a backend's heavy imports and compilation happen only when it runs).
+    ``projections=False`` narrows a backend that takes projections for this kernel."""
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; call register_backend first")
     _IMPLS[(kernel, backend)] = loader
     _LOADED.pop((kernel, backend), None)
+    if projections is False:
+        _NO_R.add((kernel, backend))
+    else:
+        _NO_R.discard((kernel, backend))
+
+
+def _accepts(kernel: str, backend: str, namespace: str, has_R: bool) -> bool:
+    """Whether ``backend``'s ``kernel`` takes inputs of ``namespace`` (and projections)."""
+    ok = _BACKENDS[backend].accepts(namespace, has_R)
+    return ok and not (has_R and (kernel, backend) in _NO_R)
 
 
 def backend_names() -> tuple[str, ...]:
@@ -114,10 +146,10 @@ def resolve(kernel: str, backend: str, X: Any, R: Any) -> str:
     has_R = R is not None
 
     def fits(name: str) -> bool:
-        return _BACKENDS[name].accepts(namespace, has_R) and (kernel, name) in _IMPLS
+        return _accepts(kernel, name, namespace, has_R) and (kernel, name) in _IMPLS
 
     if backend != "auto":
-        if not _BACKENDS[backend].accepts(namespace, has_R):
+        if not _accepts(kernel, backend, namespace, has_R):
             what = "projections R" if has_R and namespace == "numpy" else f"{namespace} inputs"
             raise ValueError(f"the {backend} backend does not take {what}")
         if (kernel, backend) not in _IMPLS:

@@ -8,7 +8,8 @@ expression for parameter row ``q`` of :func:`param_rows`), stores the named resu
 layout wants them and puts into scope the names below.
 
 Names an emitter provides
-    row inputs  ``x{a}`` (observed, centred value), ``s{a}_{b}`` (noise covariance, a >= b);
+    row inputs  ``x{a}`` (observed, centred value), ``s{a}_{b}`` (noise covariance, a >= b),
+                and with projections ``R{a}_{e}`` (entry (a, e) of the row's d x D R_i);
     constants   ``ONE``, ``ZERO``, ``HALF``, ``CNORM`` (= d log 2 pi), all in the compute dtype;
     the log-determinant, through the ``logdet`` hook of :func:`pair_logdens`.
 
@@ -17,6 +18,11 @@ Names the pair algebra defines (per pair, compute dtype)
     ``iD{j}`` = 1 / D, unit-lower ``l{i}_{j}``;  ``bad`` = number of pivots <= 0;
     ``z`` = L^-1 w;  ``maha``;  ``logp`` = log alpha_j + log N(x_i | m_j, T);
     ``u{a}`` = T^-1 w;  ``ti{a}_{b}`` = T^-1.
+
+Projections (the ``D`` argument; DESIGN.md 2-3): the parameters are D-dimensional
+(:func:`param_rows` of D) and seen through the row's R_i: ``pm{a}`` = R m_j, ``RV{a}_{e}`` =
+R V_j, ``pt{a}_{b}`` = R V_j R^T, then w = x - R m and T = R V R^T + S as above; the statistics
+are carried back to the D-space, R^T u and R^T (u u^T - T^-1) R (:func:`stats_terms_projected`).
 
 Posterior (DESIGN.md 4a, R = I on the observed fields o, d of them; du unobserved fields)
     per component  b_o = x - S u,  b_u = m_u + V_uo u,
@@ -51,9 +57,11 @@ __all__ = [
     "tri",
     "npk",
     "param_rows",
+    "projection",
     "pair_logdens",
     "pair_inverse",
     "stats_terms",
+    "stats_terms_projected",
     "posterior_bu",
     "posterior_cov_terms",
     "posterior_row",
@@ -97,23 +105,53 @@ def param_rows(d: int, du: int = 0) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- per pair
+def projection(d: int, D: int, par: Par) -> list[str]:
+    """With the row's ``R{a}_{e}`` (d x D) in scope: ``pm{a}`` = (R m)_a, ``RV{a}_{e}`` =
+    (R V)_ae and the packed ``pt{a}_{b}`` = (R V R^T)_ab (a >= b) of a D-dimensional component
+    (parameter rows of :func:`param_rows` of D)."""
+    lay = param_rows(D)
+
+    def v(e: int, f: int) -> str:
+        return par(lay["cov"] + tri(max(e, f), min(e, f)))
+
+    out = [
+        f"pm{a} = " + " + ".join(f"R{a}_{e} * {par(lay['mean'] + e)}" for e in range(D))
+        for a in range(d)
+    ]
+    out += _product("RV", d, D, D, lambda a, f: f"R{a}_{f}", v)
+    out += [
+        f"pt{a}_{b} = " + " + ".join(f"RV{a}_{e} * R{b}_{e}" for e in range(D))
+        for a in range(d)
+        for b in range(a + 1)
+    ]
+    return out
+
+
 def pair_logdens(
-    d: int, par: Par, logdet: Callable[[list[str]], tuple[list[str], str]]
+    d: int, par: Par, logdet: Callable[[list[str]], tuple[list[str], str]], D: int = 0
 ) -> list[str]:
     """w, T = V + S, its LDL^T, the pivot flag ``bad``, z = L^-1 w, ``maha`` and ``logp``.
 
     ``logdet(pivots)`` returns (statements, expression) for sum_k log D_k; the expression is
     substituted into ``logp`` (the CPU emitter uses exponent bits and one log of the product of
-    mantissas; a GPU emitter ``frexp``).
+    mantissas; a GPU emitter ``frexp``). With ``D`` (projections) the component is
+    D-dimensional and w = x - R m, T = R V R^T + S (:func:`projection`).
     """
-    lay = param_rows(d)
     out: list[str] = []
     emit = out.append
+    if D:
+        lay = param_rows(D)
+        out += projection(d, D, par)
+        mean, cov = (lambda a: f"pm{a}"), (lambda a, b: f"pt{a}_{b}")
+    else:
+        lay = param_rows(d)
+        mean = lambda a: par(lay["mean"] + a)
+        cov = lambda a, b: par(lay["cov"] + tri(a, b))
     for a in range(d):
-        emit(f"w{a} = x{a} - {par(lay['mean'] + a)}")
+        emit(f"w{a} = x{a} - {mean(a)}")
     for a in range(d):
         for b in range(a + 1):
-            emit(f"t{a}_{b} = {par(lay['cov'] + tri(a, b))} + s{a}_{b}")
+            emit(f"t{a}_{b} = {cov(a, b)} + s{a}_{b}")
     # LDL^T: T = L D L^T with unit lower L; e{i}_{k} = L_ik D_k.
     for j in range(d):
         expr = f"t{j}_{j}"
@@ -185,6 +223,23 @@ def stats_terms(d: int) -> list[tuple[int, str | None]]:
         for b in range(a + 1):
             out.append((1 + d + tri(a, b), f"(u{a} * u{b} - ti{a}_{b})"))
     return out
+
+
+def stats_terms_projected(d: int, D: int) -> tuple[list[str], list[tuple[int, str | None]]]:
+    """The statistics' terms carried to the D-space through the row's ``R{a}_{e}``:
+    statements over ``u{a}`` and ``ti{a}_{b}`` (``Ru{e}`` = (R^T u)_e, ``G{a}_{b}`` = u u^T -
+    T^-1, ``GR{a}_{f}`` = (G R)_af) and (slot, expression) pairs as in :func:`stats_terms` with
+    D for d: a_j[e] += r (R^T u)_e, C_j[e, f] += r (R^T G R)_ef."""
+    lines = [f"Ru{e} = " + " + ".join(f"R{a}_{e} * u{a}" for a in range(d)) for e in range(D)]
+    lines += [f"G{a}_{b} = u{a} * u{b} - ti{a}_{b}" for a in range(d) for b in range(a + 1)]
+    lines += _product("GR", d, D, d, lambda a, b: _sym("G", a, b), lambda b, f: f"R{b}_{f}")
+    out: list[tuple[int, str | None]] = [(0, None)]
+    out += [(1 + e, f"Ru{e}") for e in range(D)]
+    for e in range(D):
+        for f in range(e + 1):
+            expr = " + ".join(f"R{a}_{e} * GR{a}_{f}" for a in range(d))
+            out.append((1 + D + tri(e, f), f"({expr})"))
+    return lines, out
 
 
 # --------------------------------------------------------------------------- posterior

@@ -35,18 +35,20 @@ from xd_dask.kernels.codegen import algebra as alg
 __all__ = ["layout", "logdet_bits", "stats_source", "logdens_source", "posterior_source"]
 
 
-def layout(d: int, du: int = 0) -> dict[str, int]:
+def layout(d: int, du: int = 0, D: int = 0) -> dict[str, int]:
     """Row counts of the parameter, scratch and accumulator blocks for dimension ``d`` (and
-    ``du`` unobserved fields for the posterior)."""
+    ``du`` unobserved fields for the posterior; with projections the parameters and the
+    accumulators are ``D``-dimensional, the scratch ``d``-dimensional)."""
     npk = alg.npk(d)
+    Dp = D or d
     return {
         "npk": npk,
-        "n_par": alg.param_rows(d, du)["n"],
-        "row_logw": d + npk,
+        "n_par": alg.param_rows(Dp, du)["n"],
+        "row_logw": Dp + alg.npk(Dp),
         "n_scr": d + npk + 1 + du,
         "row_bad": d + npk,
         "row_bu": d + npk + 1,
-        "n_acc": 1 + d + npk,
+        "n_acc": 1 + Dp + alg.npk(Dp),
     }
 
 
@@ -83,10 +85,10 @@ def _store_in_place(lines: list[str], targets: dict[str, str]) -> list[str]:
     return out
 
 
-def _pair_body(d: int, B: int, full: bool) -> list[str]:
+def _pair_body(d: int, B: int, full: bool, D: int = 0) -> list[str]:
     """One (row, component) pair at lane ``l``: log density into ``lb[l]``, pivot flag and
-    (``full``) u and T^-1 into the scratch block ``sb``."""
-    body = alg.pair_logdens(d, _lane(B), logdet_bits)
+    (``full``) u and T^-1 into the scratch block ``sb`` (``D``: projections)."""
+    body = alg.pair_logdens(d, _lane(B), logdet_bits, D)
     if full:
         body += alg.pair_inverse(d)
     targets = {"bad": f"sb[{layout(d)['row_bad'] * B} + l]", "logp": "lb[l]"}
@@ -115,18 +117,19 @@ def _scratch_loads(d: int, B: int, lane: str = "l", ti: bool = True) -> list[str
     return lines
 
 
-def _row_loads(d: int, ind: str) -> list[str]:
+def _row_loads(d: int, ind: str, D: int = 0) -> list[str]:
     lines = [ind + f"x{a} = x[i, {a}]" for a in range(d)]
     for a in range(d):
         for b in range(a + 1):
             lines.append(ind + f"s{a}_{b} = S[i, {a}, {b}]")
+    lines += [ind + f"R{a}_{e} = R[i, {a}, {e}]" for a in range(d) for e in range(D)]
     return lines
 
 
-def _pair_pass(d: int, B: int, nS: int, full: bool, du: int = 0) -> list[str]:
+def _pair_pass(d: int, B: int, nS: int, full: bool, du: int = 0, D: int = 0) -> list[str]:
     """Body of the row loop: load the row, loop over blocks and lanes, check the pivots."""
-    nP = layout(d, du)["n_par"]
-    src = _row_loads(d, " " * 8)
+    nP = layout(d, du, D)["n_par"]
+    src = _row_loads(d, " " * 8, D)
     src += [
         "        for blk in range(nblk):",
         f"            pb = P[blk * {nP * B}:(blk + 1) * {nP * B}]",
@@ -134,7 +137,7 @@ def _pair_pass(d: int, B: int, nS: int, full: bool, du: int = 0) -> list[str]:
         f"            lb = ld[blk * {B}:(blk + 1) * {B}]",
         "            for l in range(nl):",
     ]
-    src += _indent(_pair_body(d, B, full), 16)
+    src += _indent(_pair_body(d, B, full, D), 16)
     bad = f"scr[(k // {B}) * {nS * B} + {layout(d)['row_bad'] * B} + k % {B}]"
     src += [
         "        nbad = ZERO",
@@ -151,8 +154,8 @@ def _pair_pass(d: int, B: int, nS: int, full: bool, du: int = 0) -> list[str]:
     return src
 
 
-def _header(name_args: str, d: int, B: int, du: int = 0) -> list[str]:
-    lay = layout(d, du)
+def _header(name_args: str, d: int, B: int, du: int = 0, D: int = 0) -> list[str]:
+    lay = layout(d, du, D)
     return [
         f"def kernel({name_args}):",
         f"    nblk = P.shape[0] // {lay['n_par'] * B}",
@@ -163,9 +166,10 @@ def _header(name_args: str, d: int, B: int, du: int = 0) -> list[str]:
     ]
 
 
-def stats_source(d: int, B: int, fp32: bool) -> str:
+def stats_source(d: int, B: int, fp32: bool, D: int = 0) -> str:
     """Source of ``kernel(x, S, rw, P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum)
-    -> ll``.
+    -> ll``; with projections (``D``), ``kernel(x, S, R, rw, ...)``, ``R`` (n, d, D) in the
+    compute dtype, D-dimensional parameters and accumulators (R^T u, R^T (u u^T - T^-1) R).
 
     Handles rows ``r0 <= i < r1``: adds their sums to the float64 accumulator blocks ``acc64``
     and returns their weighted log-likelihood. At a non-positive pivot it writes the first
@@ -178,12 +182,13 @@ def stats_source(d: int, B: int, fp32: bool) -> str:
     ``lbg <= BG_OFF`` switches the background off (the code path is then skipped, so results
     are bit-identical to a kernel without it).
     """
-    lay = layout(d)
+    lay = layout(d, 0, D)
     nS, nA = lay["n_scr"], lay["n_acc"]
-    src = _header("x, S, rw, P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum", d, B)
+    args = "x, S, R, rw" if D else "x, S, rw"
+    src = _header(f"{args}, P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum", d, B, 0, D)
     src += [f"    acc = np.zeros(nblk * {nA * B}, DT)" if fp32 else "    acc = acc64"]
     src += ["    llsum = 0.0", "    cnt = 0", "    for i in range(r0, r1):"]
-    src += _pair_pass(d, B, nS, True)
+    src += _pair_pass(d, B, nS, True, 0, D)
     src += [
         "        mx = _rowmax(ld, Kp)",
         "        if lbg > BG_OFF:",
@@ -202,6 +207,9 @@ def stats_source(d: int, B: int, fp32: bool) -> str:
         "            for l in range(nl):",
         "                r = c * lb[l]",
     ]
+    if D:
+        src += _indent(_projected_terms(d, B, D), 16)
+        return "\n".join(src + _stats_tail(fp32))
     loaded: set[str] = set()
     for slot, expr in alg.stats_terms(d):
         if expr is None:
@@ -216,6 +224,21 @@ def stats_source(d: int, B: int, fp32: bool) -> str:
             r"\bti[0-9]+_[0-9]+\b", lambda t: f"sb[{_scratch_row(d, t[0]) * B} + l]", expr
         )
         src.append(" " * 16 + f"ab[{slot * B} + l] += r * {expr}")
+    return "\n".join(src + _stats_tail(fp32))
+
+
+def _projected_terms(d: int, B: int, D: int) -> list[str]:
+    """The accumulation of one lane's D-space statistics terms (projections): u and T^-1 from
+    the scratch block, then :func:`.algebra.stats_terms_projected`."""
+    lines, terms = alg.stats_terms_projected(d, D)
+    src = _scratch_loads(d, B) + lines
+    for slot, expr in terms:
+        src.append(f"ab[{slot * B} + l] += r * {expr}" if slot else "ab[l] += r")
+    return src
+
+
+def _stats_tail(fp32: bool) -> list[str]:
+    src = []
     if fp32:
         src += [
             "        cnt += 1",
@@ -224,17 +247,18 @@ def stats_source(d: int, B: int, fp32: bool) -> str:
             "            cnt = 0",
             "    _flush(acc, acc64)",
         ]
-    src += ["    return llsum", ""]
-    return "\n".join(src)
+    return src + ["    return llsum", ""]
 
 
-def logdens_source(d: int, B: int, fp32: bool) -> str:
+def logdens_source(d: int, B: int, fp32: bool, D: int = 0) -> str:
     """Source of ``kernel(x, S, P, K, nl, r0, r1, out, status)``: ``out[i, j] = log a_j + log N_ij``
-    for rows ``r0 <= i < r1`` (stops at a non-positive pivot, see :func:`stats_source`).
+    for rows ``r0 <= i < r1`` (stops at a non-positive pivot, see :func:`stats_source`); with
+    projections (``D``) ``kernel(x, S, R, P, ...)``.
     """
-    src = _header("x, S, P, K, nl, r0, r1, out, status", d, B)
+    args = "x, S, R, P" if D else "x, S, P"
+    src = _header(f"{args}, K, nl, r0, r1, out, status", d, B, 0, D)
     src += ["    for i in range(r0, r1):"]
-    src += _pair_pass(d, B, layout(d)["n_scr"], False)
+    src += _pair_pass(d, B, layout(d)["n_scr"], False, 0, D)
     src += [
         "        for k in range(K):",
         "            out[i, k] = ld[k]",
