@@ -246,9 +246,12 @@ def test_kmeans_init_is_deterministic_and_equals_serial_kmeans(client, cats, row
     np.testing.assert_allclose(a.params.covariances, c.params.covariances, rtol=1e-12)
     assert a.info["converged"]
 
-    # Serial reference: scikit-learn's k-means on the whole standardised, mean-imputed table.
+    # Serial reference: scikit-learn's k-means on the whole table, standardised by the robust
+    # centre and scale of the k-means sample (median, MAD) and centre-imputed.
     X, _ = rows
-    mu, sd = np.nanmean(X, axis=0), np.nanstd(X, axis=0)
+    mu, sd = np.array(a.info["column_centre"]), np.array(a.info["column_scale"])
+    sample = X[np.random.default_rng(0).choice(len(X), 900, replace=False)]
+    assert np.all(np.abs(mu - np.nanmedian(sample, axis=0)) < 0.2 * sd)  # a median, not a mean
     Z = np.where(np.isnan(X), 0.0, (X - mu) / sd)
     km = KMeans(K, n_init=5, random_state=0, tol=0.0).fit(Z)
     order = [

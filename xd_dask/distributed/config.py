@@ -11,9 +11,10 @@ from typing import Any
 from xd_dask.em import StepSchedule
 from xd_dask.optim.robust import MAX_LL_DROP
 
-__all__ = ["METHODS", "FitConfig", "resolve_schema"]
+__all__ = ["METHODS", "WAVES", "FitConfig", "resolve_schema"]
 
-METHODS = ("em", "online")
+METHODS = ("em", "online", "adam")
+WAVES = ("auto", "files", "strata")
 
 
 @dataclass
@@ -26,17 +27,29 @@ class FitConfig:
     n_components : K.
     schema : schema spec for :func:`xd_dask.io.load_schema` (None: packaged Gaia DR3; a name; a
         TOML path; a dict) or a ``CatalogSchema``.
-    method : "em" (batch EM) or "online" (online EM in waves).
+    method : "em" (batch EM), "online" (online EM in waves) or "adam" (Adam on the mean
+        log-likelihood in waves, :mod:`xd_dask.optim.adam`).
     max_iter, tol : batch EM stops after ``max_iter`` iterations or when the mean log-likelihood
         per row changes by less than ``tol`` between iterations (``tol=0``: always ``max_iter``).
-    epochs : online EM passes over the catalogue.
-    wave_size : partitions per online-EM wave (default: 2 x the cluster's worker threads).
+    epochs : online EM / Adam passes over the catalogue.
+    waves : how waves are drawn (online EM / Adam; :mod:`xd_dask.distributed.layout`): "strata"
+        (hash strata of every partition's rows: a sample whatever the file layout), "files"
+        (waves of partitions: a sample only for shuffled files) or "auto" (strata when the
+        catalogue is, or can be, held in worker memory; else files).
+    waves_per_epoch : updates per epoch (default: 64, fewer when a wave would hold under 100 rows
+        per component); strata per epoch, or the target for waves of files.
+    wave_size : partitions per wave of files (default: enough for ``waves_per_epoch``, at least
+        the cluster's worker threads); setting it asks for waves of files.
     step : online-EM step-size schedule.
+    learning_rate : Adam's learning rate in (0, 1] (in units of the data's spread); constant for
+        the first half of the planned waves, then halved every tenth of them.
     reg_covar : added to the covariance diagonals (``em`` module, ``reg_form="add"``).
     seed : all randomness (k-means, wave order, subsampling) derives from it.
     init : "kmeans" or the path of a saved model file (warm start).
-    kmeans_iter, kmeans_tol, kmeans_sample : k-means passes, centre-shift tolerance (standardised
-        units) and sample size for the seeding (default max(50 K, 2000)).
+    kmeans_iter, kmeans_tol, kmeans_sample : k-means passes over the whole catalogue after
+        k-means on the sample (:mod:`xd_dask.distributed.kmeans`), centre-shift tolerance (robust
+        standardised units) and sample size (default :func:`~xd_dask.distributed.kmeans.
+        default_sample_size`).
     persist : keep every partition's validated arrays in worker memory between passes.
     on_bad : "error" (stop naming file and row) or "drop" (skip bad rows, counted per reason).
     backend : kernel backend "auto" | "numba" | "reference" (GPU workers use "reference").
@@ -69,12 +82,15 @@ class FitConfig:
     max_iter: int = 100
     tol: float = 1e-6
     epochs: int = 3
+    waves: str = "auto"
+    waves_per_epoch: int | None = None
     wave_size: int | None = None
     step: StepSchedule = field(default_factory=StepSchedule)
+    learning_rate: float = 0.05
     reg_covar: float = 1e-6
     seed: int = 0
     init: str = "kmeans"
-    kmeans_iter: int = 10
+    kmeans_iter: int = 1
     kmeans_tol: float = 1e-4
     kmeans_sample: int | None = None
     persist: bool = False
@@ -96,7 +112,10 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.step, dict):
-            self.step = StepSchedule(**self.step)
+            try:
+                self.step = StepSchedule(**self.step)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"FitConfig: step: {exc}") from None
         if not isinstance(self.catalog, (str, Path)):
             self.catalog = [str(c) for c in self.catalog]
         elif isinstance(self.catalog, Path):
@@ -108,6 +127,15 @@ class FitConfig:
             (self.tol >= 0 and math.isfinite(self.tol), "tol must be finite and >= 0"),
             (int(self.epochs) >= 1, "epochs must be >= 1"),
             (self.wave_size is None or int(self.wave_size) >= 1, "wave_size must be >= 1"),
+            (self.waves in WAVES, f"waves must be one of {WAVES}, got {self.waves!r}"),
+            (
+                self.waves_per_epoch is None or int(self.waves_per_epoch) >= 1,
+                "waves_per_epoch must be >= 1",
+            ),
+            (
+                math.isfinite(self.learning_rate) and 0.0 < float(self.learning_rate) <= 1.0,
+                f"learning_rate must be in (0, 1], got {self.learning_rate!r}",
+            ),
             (self.reg_covar >= 0, "reg_covar must be >= 0"),
             (self.on_bad in ("error", "drop"), "on_bad must be 'error' or 'drop'"),
             (
@@ -124,8 +152,8 @@ class FitConfig:
                 "subsample must be in (0, 1]",
             ),
             (
-                self.subsample is None or self.method == "online",
-                "subsample applies to method='online' only",
+                self.subsample is None or self.method in ("online", "adam"),
+                "subsample applies to methods 'online' and 'adam' only",
             ),
             (
                 0.0 <= float(self.holdout_rows) < 1.0,

@@ -1,16 +1,21 @@
-"""Row-level train / held-out split decided by a hash of each row's id.
+"""Row-level decisions by a hash of each row's id: the train / held-out split, the hash strata of
+stratified waves, and the output file of ``xd-dask shuffle``.
 
 A row is held out when ``splitmix64(source_id) / 2**64 < fraction``. The decision depends on the
 row's id only, so it is deterministic and independent of how the catalogue is partitioned, and
 every partition (sky region) contributes both training and held-out rows - unlike holding out
 whole files, which holds out whole sky regions when files are HEALPix-ordered.
+
+Strata (:func:`stratum_of`) and shuffle buckets (:func:`salted`) hash the id a second time with a
+salt (seed, purpose, epoch), so they are independent of the split and of each other. Without an
+id column a row's key is its position (:func:`row_keys`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SIDES", "holdout_mask", "side_mask", "splitmix64"]
+__all__ = ["SIDES", "holdout_mask", "row_keys", "salted", "side_mask", "splitmix64", "stratum_of"]
 
 SIDES = ("train", "holdout")
 
@@ -63,3 +68,31 @@ def side_mask(ids: np.ndarray, fraction: float, side: str) -> np.ndarray:
         raise ValueError(f"split side must be one of {SIDES}, got {side!r}")
     mask = holdout_mask(ids, fraction)
     return mask if side == "holdout" else ~mask
+
+
+def row_keys(ids: np.ndarray, unit: int | None = None) -> np.ndarray:
+    """(n,) uint64 hash keys of rows: ``splitmix64(ids)``; with ``unit`` (ids that are row
+    positions within a file, no id column) the unit's hash is mixed in, so that row i of
+    different files gets different keys."""
+    keys = splitmix64(ids)
+    if unit is not None:
+        keys ^= splitmix64(np.array([unit + (1 << 40)], dtype=np.int64))[0]
+    return keys
+
+
+def salted(keys: np.ndarray, *salt: int) -> np.ndarray:
+    """(n,) uint64: ``splitmix64(keys ^ h(salt))`` for non-negative integers ``salt`` (e.g.
+    seed, purpose, epoch): a hash of the keys independent of the unsalted one."""
+    h = np.uint64(0)
+    for x in salt:
+        h = splitmix64(np.array([int(x)], dtype=np.uint64) ^ h)[0]
+    return splitmix64(np.asarray(keys, dtype=np.uint64) ^ h)
+
+
+def stratum_of(keys: np.ndarray, n_strata: int, seed: int, epoch: int) -> np.ndarray:
+    """(n,) int64 stratum in [0, n_strata) of each key for an epoch (hash strata of stratified
+    waves: a stratum is a random 1 / n_strata of the rows, a different one every epoch)."""
+    if int(n_strata) < 1:
+        raise ValueError(f"n_strata must be >= 1, got {n_strata}")
+    h = salted(keys, int(seed), 23, int(epoch)) >> np.uint64(11)  # 53 uniform bits
+    return (h.astype(np.float64) * (2.0**-53 * int(n_strata))).astype(np.int64)
