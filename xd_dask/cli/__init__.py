@@ -19,3 +19,4 @@ def main() -> None:
 # Sub-command modules (imported for their side effect of registering commands on ``main``).
 from xd_dask.cli import catalog as _catalog  # noqa: E402,F401
 from xd_dask.cli import fit as _fit  # noqa: E402,F401
+from xd_dask.cli import shuffle as _shuffle  # noqa: E402,F401
