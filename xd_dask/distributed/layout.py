@@ -22,10 +22,13 @@ Waves (:func:`plan_waves`), ``fit.waves``:
   of row groups (``max_rows_per_partition``; when unset, files are split into runs of about
   N / (S x threads) rows, so that an epoch over a few large files still makes about S updates).
   A sample only when the files are (``xd-dask shuffle``).
-- ``"auto"`` (default): ``"strata"`` when the partitions are held in worker memory: ``persist``, or
-  a catalogue whose arrays take at most :data:`AUTO_PERSIST_FRACTION` of the cluster's memory
-  (then it is persisted: the statistics are the same, only memory use changes); otherwise
-  ``"files"``. ``"files"`` on a sky-ordered layout logs a warning naming the files and the fixes.
+- ``"auto"`` (default): ``"strata"`` when the partitions are, or can be, held in worker memory:
+  ``persist``, or a catalogue whose arrays take at most :data:`AUTO_PERSIST_FRACTION` of the
+  cluster's memory (``wave_size`` unset); otherwise ``"files"``. ``"files"`` on a sky-ordered
+  layout logs a warning naming the files and the fixes.
+
+Strata on a catalogue that fits in memory are always held there (persisted: the statistics are the
+same, only memory use changes).
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ WAVES_PER_EPOCH = 64
 #: ... but a wave holds at least this many rows per component on average.
 MIN_WAVE_ROWS_PER_COMPONENT = 100
 #: Persisted strata: about this many grouped tasks per worker in every wave.
-GROUPS_PER_WORKER = 2
+GROUPS_PER_WORKER = 1
 _HEALPIX_NAME = re.compile(r"(\d+)[-_](\d+)\.parquet$")
 
 
@@ -229,24 +232,23 @@ def plan_waves(
     need = catalogue_bytes(N, n_features, cfg.dtype)
     fits = memory is not None and not cfg.gpu and need <= AUTO_PERSIST_FRACTION * memory
     mode, persist = cfg.waves, bool(cfg.persist)
+    reason = f"fit.waves = {mode!r}"
     if mode == "auto":
-        if persist:
-            mode, reason = "strata", "persisted: strata cost no I/O"
-        elif fits and cfg.wave_size is None:
-            mode, persist = "strata", True
-            reason = (
-                f"the catalogue's arrays ({need / 2**20:.0f} MiB) fit in the cluster's memory: "
-                "held there, strata cost no I/O"
-            )
+        if persist or (fits and cfg.wave_size is None):
+            mode, reason = "strata", "strata are samples whatever the layout"
         else:
             mode = "files"
             reason = (
                 "wave_size is set"
                 if cfg.wave_size is not None
-                else f"the catalogue's arrays ({need / 2**30:.1f} GiB) are not held in memory"
+                else f"the catalogue's arrays ({need / 2**30:.1f} GiB) do not fit in memory"
             )
-    else:
-        reason = f"fit.waves = {mode!r}"
+    if mode == "strata" and not persist and fits:
+        persist = True
+        reason += (
+            f"; the catalogue's arrays ({need / 2**20:.0f} MiB) fit in the cluster's memory: "
+            "held there, strata cost no I/O"
+        )
     fragment_rows = None
     wave_size = 0
     if mode == "files":
@@ -254,7 +256,7 @@ def plan_waves(
             fragment_rows = max(1, -(-N // (S * max(threads, 1))))
             manifest = split(fragment_rows)
         units = len(manifest)
-        wave_size = min(int(cfg.wave_size or max(threads, -(-units // S))), units)
+        wave_size = min(int(cfg.wave_size or max(threads, units // S)), units)
         if layout.kind == "sky-ordered":
             log.warning(unshuffled_message(manifest.source, layout, S))
     elif not persist:
