@@ -216,3 +216,21 @@ def test_sky_ordered_files_are_told_from_their_footer_statistics(tmp_path):
     assert sky.kind == "sky-ordered" and "footer statistics" in sky.evidence
     assert "spans 12." in sky.evidence  # each file holds about 1/8 of the ra range
     assert detect_layout(build_manifest(str(tmp_path / "random"))).kind == "unknown"
+
+
+def test_shuffle_command_line(cluster, sky, tmp_path):
+    from click.testing import CliRunner
+
+    from xd_dask.cli import main
+
+    args = ["shuffle", str(sky), str(tmp_path / "out"), "-p", "3", "--seed", "2"]
+    args += ["--scheduler-address", cluster.scheduler_address]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert f"Shuffled {ROWS} rows into 3 files" in first.output and "by source_id" in first.output
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "already exists" in again.output
+    assert CliRunner().invoke(main, [*args, "--overwrite"]).exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        f"part-{i:05d}.parquet" for i in range(3)
+    ]

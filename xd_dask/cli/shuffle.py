@@ -1,8 +1,8 @@
 """``xd-dask shuffle IN OUT --partitions P``: a catalogue whose files are random samples
 (:mod:`xd_dask.distributed.shuffle`), so that online EM and Adam can take waves of files.
 
-Exit codes: 0 success; 2 usage error (bad option, OUT exists, input not a catalogue of one
-schema, id column not an integer); 1 the shuffle failed (I/O error, cluster error).
+Exit codes: 0 success; 2 usage error (bad option, OUT exists or is being written, input not a
+catalogue of one schema, id column not an integer); 1 the shuffle failed (I/O or cluster error).
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ def shuffle_cmd(
     from xd_dask.distributed import connect  # noqa: PLC0415
     from xd_dask.distributed.manifest import ManifestError  # noqa: PLC0415
     from xd_dask.distributed.shuffle import ShuffleError, shuffle_catalog  # noqa: PLC0415
+    from xd_dask.locks import LockError  # noqa: PLC0415
+    from xd_dask.utils import OutputError  # noqa: PLC0415
 
     level = logging.WARNING if verbose == 0 else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
@@ -93,7 +95,7 @@ def shuffle_cmd(
             row_group_size=row_group_size,
             overwrite=overwrite,
         )
-    except (ShuffleError, ManifestError) as exc:
+    except (ShuffleError, ManifestError, OutputError, LockError) as exc:
         _fail(exc, EXIT_USAGE, verbose)
     except Exception as exc:  # noqa: BLE001 - I/O or cluster failure: one line, exit 1
         _fail(exc, EXIT_FAILURE, verbose)

@@ -23,8 +23,9 @@ How (:func:`shuffle_catalog`):
    ``xd_dask.duplicate_free`` (the token: the files hold no id in common, so the manifest skips
    the cross-file duplicate check), which :func:`xd_dask.distributed.layout.detect_layout` reads.
 
-The output is written into a temporary directory beside OUT and renamed onto OUT at the end (a
-failure leaves no OUT), and its bytes do not depend on the number of workers. OUT must be on a
+The output is written into a temporary directory beside OUT that replaces OUT at the end
+(:func:`xd_dask.utils.atomic_dir`: a failure leaves OUT as it was), and its bytes do not depend on
+the number of workers. OUT must be on a
 file system the workers share with the client (a local cluster, or a shared disk).
 """
 
@@ -33,8 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,7 @@ from xd_dask.distributed.manifest import (
     build_manifest,
 )
 from xd_dask.distributed.split import row_keys, salted
-from xd_dask.utils import get_logger
+from xd_dask.utils import atomic_dir, get_logger
 
 log = get_logger(__name__)
 
@@ -264,12 +263,7 @@ def shuffle_catalog(
         enforce_metadata=False,
     )
     shuffled = ddf.shuffle(on=_KEY, npartitions=int(n_partitions), ignore_index=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; OUT gets the mode a plain mkdir would
-    try:
+    with atomic_dir(out, owned=r"part-\d{5}\.parquet") as tmp:
         written = shuffled.map_partitions(
             _write_part,
             str(tmp),
@@ -280,16 +274,6 @@ def shuffle_catalog(
             meta={"part": "int64", "rows": "int64"},
         )
         counts = client.compute(written).result().sort_values("part")
-        old = None
-        if out.exists():  # overwrite: move the old OUT aside, then the new one in
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     rows = [int(r) for r in counts["rows"]]
     if sum(rows) != manifest.n_rows:  # pragma: no cover - Dask lost or duplicated rows
         raise ShuffleError(f"wrote {sum(rows)} rows of {manifest.n_rows}")
