@@ -157,3 +157,19 @@ def test_job_config_checks_the_new_keys():
     for key, bad in (("fit.learning_rate", 1.5), ("fit.waves", "rows"), ("fit.step.kappa", 2.0)):
         with pytest.raises(ConfigError, match=key.replace(".", "\\.")):
             load_config(None, {key: bad})
+
+
+def test_adam_fits_the_background_weight(data):
+    """With a background component its logit is a parameter: three absurd rows among 300 raise
+    its weight from 0.1 % towards their share (1 %), and the Gaussians stay in the bulk."""
+    X, S, start = data
+    far = np.array([[1e4, 50.0, 5.0], [-1e4, -50.0, -5.0], [2e4, 0.0, 3.0]])
+    Xa, Sa = np.vstack([X, far]), np.vstack([S, S[:3]])
+    box = Background(1e-3, np.array([-3e4, -100.0, -10.0]), np.array([3e4, 100.0, 10.0]))
+    start = Mixture(start.weights * (1 - 1e-3), start.means, start.covariances, box)
+    settings = LoopSettings(epochs=40, strata=2, seed=0)
+    loop = FitLoop(Adam(0.1, adam_schedule(80)), ArrayStatistics(Xa, Sa), settings)
+    fitted = loop.run(loop.start(start)).params
+    assert 0.008 < fitted.background.weight < 0.013  # 3 / 303 = 0.0099
+    assert fitted.weights.sum() == pytest.approx(1 - fitted.background.weight, abs=1e-12)
+    assert np.all(np.abs(fitted.means[:, 0] - 180.0) < 2000.0)  # no component chases them

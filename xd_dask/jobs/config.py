@@ -435,9 +435,9 @@ class JobConfig:
                 f"fit.init must be 'kmeans' or a model file (.npz), got {fit['init']!r} "
                 f"(set in {self.sources.get('fit.init', 'packaged defaults')})"
             )
-        if fit["subsample"] > 0 and fit["method"] != "online":
+        if fit["subsample"] > 0 and fit["method"] not in ("online", "adam"):
             raise ConfigError(
-                "fit.subsample applies to fit.method = 'online' only "
+                "fit.subsample applies to fit.method = 'online' or 'adam' only "
                 f"(set in {self.sources.get('fit.subsample', 'packaged defaults')})"
             )
         cat = self.data["catalog"]
