@@ -6,7 +6,7 @@ holds only parameters and statistics. Online EM and Adam draw their waves as pla
 :mod:`xd_dask.distributed.layout` (hash strata of every partition, or waves of partitions).
 Each iteration (batch EM) or wave (online EM, Adam):
 
-1. scatter the current parameters to the workers once;
+1. send the current parameters to the workers once (inside the tasks when small);
 2. one ``xd-estep`` task per partition: read + validate + build X, S + kernel (or reuse the
    partition's arrays held in worker memory when ``persist``);
 3. tree-reduce the statistics on the cluster (``xd-reduce``, fan-in ``fan_in``);

@@ -254,7 +254,8 @@ def plan_waves(
     if mode == "files":
         if cfg.max_rows_per_partition is None and split is not None:
             fragment_rows = max(1, -(-N // (S * max(threads, 1))))
-            manifest = split(fragment_rows)
+            if max(p.n_rows for p in manifest) > fragment_rows:  # else nothing to split
+                manifest = split(fragment_rows)
         units = len(manifest)
         wave_size = min(int(cfg.wave_size or max(threads, units // S)), units)
         if layout.kind == "sky-ordered":
