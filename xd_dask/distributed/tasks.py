@@ -492,18 +492,16 @@ def kmeans_lloyd(
     far = xp.sum(diff * diff, axis=1) > d2_max
     n_far = int(xp.sum(far))
     if n_far:
-        Z, labels, diff = Z[~far], labels[~far], diff[~far]
-    count = xp.bincount(labels, minlength=K).astype(xp.float64)
-    delta = xp.stack([xp.bincount(labels, weights=diff[:, i], minlength=K) for i in range(D)], 1)
-    scatter = xp.zeros((K, D, D))
-    for i in range(D):
-        for j in range(i + 1):
-            s = xp.bincount(labels, weights=diff[:, i] * diff[:, j], minlength=K)
-            scatter[:, i, j] = s
-            scatter[:, j, i] = s
-    sums = KMeansSums(
-        to_numpy(count), to_numpy(delta), to_numpy(scatter), float(xp.sum(diff * diff)), n_far
-    )
+        labels, diff = labels[~far], diff[~far]
+    order = xp.argsort(labels, kind="stable")  # rows grouped by cluster: one matmul each
+    diff, bounds = diff[order], to_numpy(xp.searchsorted(labels[order], xp.arange(K + 1)))
+    delta, scatter = np.zeros((K, D)), np.zeros((K, D, D))
+    for k in range(K):
+        dk = diff[int(bounds[k]) : int(bounds[k + 1])]  # (n_k, D)
+        delta[k] = to_numpy(xp.sum(dk, axis=0))
+        scatter[k] = to_numpy(dk.T @ dk)
+    count = np.diff(bounds).astype(np.float64)
+    sums = KMeansSums(count, delta, scatter, float(xp.sum(diff * diff)), n_far)
     return _partial(blk, sums, blk.n_rows, t0)
 
 
