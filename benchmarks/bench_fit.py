@@ -8,9 +8,10 @@ like Gaia's bulk files; default 10 million rows in 40 files, D = 7, K = 16), pri
    whole catalogue): read + validate + statistics one file at a time with one thread, the read
    alone, one in-memory statistics pass with 1 and with W kernel threads (the machine's own
    W-thread speed-up; on a VM whose vCPUs share a core it is well below W);
-2. ``cluster iteration``: seconds per batch-EM iteration (median; warm-started from a fixed
-   model) on a LocalCluster of W single-threaded workers, reading Parquet in every iteration,
-   and, unless ``--skip-persist``, with the partitions held in worker memory;
+2. ``cluster iteration``: seconds per batch-EM iteration (best of ``--iterations``, like the
+   best-of baselines; the median too; warm-started from a fixed model) on a LocalCluster of W
+   single-threaded workers, reading Parquet in every iteration, and, unless ``--skip-persist``,
+   with the partitions held in worker memory;
    ``efficiency vs ceiling`` = (single-thread streaming time / W-thread speed-up) / iteration,
    the in-process ceiling of read + kernel work at this machine's W-thread speed (target >= 0.85);
 3. k-means initialisation cost in batch-iteration equivalents (against the streamed iterations of
@@ -110,6 +111,14 @@ def _median_iteration(model, skip_first: bool) -> tuple[float, float]:
     )
 
 
+def _best_iteration(model, skip_first: bool) -> tuple[float, float]:
+    """(seconds, task seconds) of the fastest iteration: on a shared machine the best of N is
+    the figure least disturbed by other processes (as for the single-process baselines)."""
+    hist = model.metadata["history"][1 if skip_first else 0 :]
+    best = min(hist, key=lambda h: h["seconds"])
+    return best["seconds"], best["task_seconds"]
+
+
 class Snapshots:
     """A progress callback that keeps (wall seconds, step, parameters) every ``every`` steps
     (read from the fit's checkpoint, written just before the callback)."""
@@ -198,7 +207,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--partitions", type=int, default=40)
     ap.add_argument("--components", type=int, default=16)
-    ap.add_argument("--iterations", type=int, default=4)
+    ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--memory-limit", default="5GiB", help="per worker")
     ap.add_argument("--baseline-rows", type=int, default=2_500_000)
@@ -239,7 +248,7 @@ def main() -> None:
 
     sizes = [pq.ParquetFile(f).metadata.num_rows for f in files]
     n_base = int(np.searchsorted(np.cumsum(sizes), args.baseline_rows)) + 1
-    base = single_process(files[: min(n_base, len(files))], schema, model0, threads=W)
+    base = single_process(files[: min(n_base, len(files))], schema, model0, threads=W, repeats=3)
     scale = sum(sizes) / base["rows"]
     speedup = base["memory_s"] / base["memory_threads_s"]
     ceiling = base["stream_s"] * scale / speedup
@@ -259,14 +268,15 @@ def main() -> None:
     ):
         fit_catalog(FitConfig(**warm, max_iter=2), client)  # compile in every worker
         stream = fit_catalog(FitConfig(**warm, max_iter=args.iterations), client)
-        t_stream, busy_stream = _median_iteration(stream, skip_first=False)
+        t_stream, busy_stream = _best_iteration(stream, skip_first=False)
         res |= {"cluster_stream_iter_s": t_stream, "cluster_stream_task_s": busy_stream}
+        res["cluster_stream_iter_median_s"] = _median_iteration(stream, skip_first=False)[0]
         res["efficiency_vs_ceiling"] = ceiling / t_stream
         if not args.skip_persist:
             persist = fit_catalog(
                 FitConfig(**warm, max_iter=args.iterations + 1, persist=True), client
             )
-            t_persist, busy_persist = _median_iteration(persist, skip_first=True)
+            t_persist, busy_persist = _best_iteration(persist, skip_first=True)
             res |= {"cluster_persist_iter_s": t_persist, "cluster_persist_task_s": busy_persist}
             res["efficiency_persisted"] = base["memory_s"] * scale / speedup / t_persist
         # k-means: the default against the former default (10 passes, 2000-row seeding)
@@ -318,7 +328,8 @@ def _report(res: dict, args, sizes: list[int]) -> None:
     )
     t = res["cluster_stream_iter_s"]
     print(
-        f"cluster iteration, Parquet read: {t:.3f} s ({1e9 * W * t / pairs:.1f} ns/pair/worker, "
+        f"cluster iteration, Parquet read: best {t:.3f} s, median "
+        f"{res['cluster_stream_iter_median_s']:.3f} s ({1e9 * W * t / pairs:.1f} ns/pair/worker, "
         f"busy {res['cluster_stream_task_s'] / (W * t):.0%})"
     )
     print(
