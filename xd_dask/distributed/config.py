@@ -144,7 +144,7 @@ class FitConfig:
             ),
             (self.dtype in ("float64", "float32"), "dtype must be 'float64' or 'float32'"),
             (int(self.fan_in) >= 2, "fan_in must be >= 2"),
-            (int(self.kmeans_iter) >= 1, "kmeans_iter must be >= 1"),
+            (int(self.kmeans_iter) >= 0, "kmeans_iter must be >= 0"),
             (int(self.numba_threads) >= 1, "numba_threads must be >= 1"),
             (int(self.max_retries) >= 0, "max_retries must be >= 0"),
             (

@@ -31,7 +31,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from xd_dask.distributed.passes import PassRunner
-from xd_dask.distributed.tasks import KMeansSums, Params, assign, kmeans_lloyd, kmeans_sample
+from xd_dask.distributed.tasks import (
+    KMeansSums,
+    Params,
+    assign,
+    cluster_sums,
+    kmeans_lloyd,
+    kmeans_sample,
+)
 from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
@@ -136,7 +143,7 @@ def kmeans_init(
     runner : the fit's pass runner (cluster, partitions, task options).
     n_components : K.
     seed : all randomness derives from it (and the partition ids).
-    max_iter : Lloyd passes over the catalogue (at least 1: it gives the covariances).
+    max_iter : Lloyd passes over the catalogue (0: the sample's clusters give the start).
     tol : stop when no centre moves more than ``tol`` (robust standardised units).
     sample_size : rows sampled for k-means (default :func:`default_sample_size`).
     reg_covar : added to the diagonal of the covariances (data units).
@@ -174,7 +181,9 @@ def kmeans_init(
     sums: KMeansSums | None = None
     converged = False
     n_pass = 0
-    for n_pass in range(1, max(1, int(max_iter)) + 1):
+    if int(max_iter) == 0:  # the clusters of the sample give the start (no pass)
+        sums = cluster_sums(Zs, centres, d2_max)
+    for n_pass in range(1, int(max_iter) + 1):
         part = runner.run(
             "kmeans",
             (n_pass,),
@@ -194,7 +203,7 @@ def kmeans_init(
         if shift <= tol:
             converged = True
             break
-        if n_pass < max(1, int(max_iter)):
+        if n_pass < int(max_iter):
             centres = new
     assert sums is not None
     seconds["lloyd_passes"] = time.perf_counter() - t0
@@ -213,7 +222,7 @@ def kmeans_init(
         "method": "kmeans",
         "passes": n_pass,
         "converged": converged,
-        "inertia_per_row": float(sums.inertia / max(res.n_used, 1)),
+        "inertia_per_row": float(sums.inertia / max(float(sums.count.sum()), 1.0)),
         "sample_rows": int(Zs.shape[0]),
         "sample_rows_trimmed": int((~keep).sum()),
         "rows_trimmed": int(sums.trimmed),

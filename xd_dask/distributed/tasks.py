@@ -471,20 +471,10 @@ def assign(Z: Any, centres: Any, chunk_elems: int = 1 << 22) -> Any:
     return out
 
 
-def kmeans_lloyd(
-    source: Partition | Block,
-    centres: np.ndarray,
-    col_mean: np.ndarray,
-    col_scale: np.ndarray,
-    opts: TaskOptions,
-    d2_max: float = math.inf,
-) -> Partial:
-    """One Lloyd pass over a partition: assignments and centred per-cluster sums (``xd-kmeans``);
-    rows farther than sqrt(``d2_max``) from every centre are left out (counted as trimmed)."""
-    t0 = time.perf_counter()
-    _backend(opts)
-    blk = _block(source, opts)
-    Z = standardise(blk.X, col_mean, col_scale)
+def cluster_sums(Z: Any, centres: np.ndarray, d2_max: float = math.inf) -> KMeansSums:
+    """Lloyd sums of rows Z (n, D; standardised) about their nearest centres (K, D): per-cluster
+    counts, offsets and scatter (one matmul per cluster, rows grouped by sorting); rows farther
+    than sqrt(``d2_max``) from every centre are left out and counted as trimmed."""
     xp = array_namespace(Z)
     K, D = centres.shape
     labels = assign(Z, centres)
@@ -493,7 +483,7 @@ def kmeans_lloyd(
     n_far = int(xp.sum(far))
     if n_far:
         labels, diff = labels[~far], diff[~far]
-    order = xp.argsort(labels, kind="stable")  # rows grouped by cluster: one matmul each
+    order = xp.argsort(labels, kind="stable")  # rows grouped by cluster
     diff, bounds = diff[order], to_numpy(xp.searchsorted(labels[order], xp.arange(K + 1)))
     delta, scatter = np.zeros((K, D)), np.zeros((K, D, D))
     for k in range(K):
@@ -501,7 +491,23 @@ def kmeans_lloyd(
         delta[k] = to_numpy(xp.sum(dk, axis=0))
         scatter[k] = to_numpy(dk.T @ dk)
     count = np.diff(bounds).astype(np.float64)
-    sums = KMeansSums(count, delta, scatter, float(xp.sum(diff * diff)), n_far)
+    return KMeansSums(count, delta, scatter, float(xp.sum(diff * diff)), n_far)
+
+
+def kmeans_lloyd(
+    source: Partition | Block,
+    centres: np.ndarray,
+    col_mean: np.ndarray,
+    col_scale: np.ndarray,
+    opts: TaskOptions,
+    d2_max: float = math.inf,
+) -> Partial:
+    """One Lloyd pass over a partition: :func:`cluster_sums` of its standardised rows
+    (``xd-kmeans``)."""
+    t0 = time.perf_counter()
+    _backend(opts)
+    blk = _block(source, opts)
+    sums = cluster_sums(standardise(blk.X, col_mean, col_scale), centres, d2_max)
     return _partial(blk, sums, blk.n_rows, t0)
 
 
