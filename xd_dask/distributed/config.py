@@ -46,10 +46,10 @@ class FitConfig:
     reg_covar : added to the covariance diagonals (``em`` module, ``reg_form="add"``).
     seed : all randomness (k-means, wave order, subsampling) derives from it.
     init : "kmeans" or the path of a saved model file (warm start).
-    kmeans_iter, kmeans_tol, kmeans_sample : k-means passes over the whole catalogue after
-        k-means on the sample (:mod:`xd_dask.distributed.kmeans`), centre-shift tolerance (robust
-        standardised units) and sample size (default :func:`~xd_dask.distributed.kmeans.
-        default_sample_size`).
+    kmeans_iter, kmeans_tol, kmeans_sample : Lloyd passes over the whole catalogue after k-means
+        on the sample (:mod:`xd_dask.distributed.kmeans`; default 1, 0: the sample's clusters),
+        centre-shift tolerance (robust standardised units) and sample size (default
+        :func:`~xd_dask.distributed.kmeans.default_sample_size`).
     persist : keep every partition's validated arrays in worker memory between passes.
     on_bad : "error" (stop naming file and row) or "drop" (skip bad rows, counted per reason).
     backend : kernel backend "auto" | "numba" | "reference" (GPU workers use "reference").
