@@ -422,6 +422,13 @@ def _manifest_and_plan(
         split=listing,
         workers=len(client.nthreads()),
     )
+    if plan.mode == "strata" and not schema.id_column:
+        log.warning(
+            "schema %r has no id column: the strata of %s are drawn by row position in each "
+            "file (they change if the files are rewritten)",
+            getattr(schema, "name", None),
+            manifest.source,
+        )
     return manifest, plan
 
 
