@@ -246,9 +246,12 @@ def test_kmeans_init_is_deterministic_and_equals_serial_kmeans(client, cats, row
     np.testing.assert_allclose(a.params.covariances, c.params.covariances, rtol=1e-12)
     assert a.info["converged"]
 
-    # Serial reference: scikit-learn's k-means on the whole standardised, mean-imputed table.
+    # Serial reference: scikit-learn's k-means on the whole table, standardised by the robust
+    # centre and scale of the k-means sample (median, MAD) and centre-imputed.
     X, _ = rows
-    mu, sd = np.nanmean(X, axis=0), np.nanstd(X, axis=0)
+    mu, sd = np.array(a.info["column_centre"]), np.array(a.info["column_scale"])
+    sample = X[np.random.default_rng(0).choice(len(X), 900, replace=False)]
+    assert np.all(np.abs(mu - np.nanmedian(sample, axis=0)) < 0.2 * sd)  # a median, not a mean
     Z = np.where(np.isnan(X), 0.0, (X - mu) / sd)
     km = KMeans(K, n_init=5, random_state=0, tol=0.0).fit(Z)
     order = [
@@ -332,3 +335,65 @@ def test_connect_to_given_scheduler_env_and_gpu_check(cluster, cats, monkeypatch
             connect(scheduler_address=cluster.scheduler_address, gpu=True)
         with Client(cluster) as c, pytest.raises(GPUUnavailableError, match="no usable GPU"):
             fit_catalog(_config(cats["seven"], gpu=True), c)
+
+
+def test_kmeans_is_robust_to_one_absurd_row(client, rows, tmp_path):
+    """One row at 1e12 neither sets the standardisation (median / MAD of the sample) nor joins a
+    cluster (trimmed, counted): the start equals that of the catalogue without it."""
+    X, S = rows
+    write_catalog(tmp_path / "clean", X, S, 6)
+    Xa, Sa = np.vstack([X, [[1e12, 0.0, 0.0]]]), np.vstack([S, S[:1]])
+    write_catalog(tmp_path / "absurd", Xa, Sa, 6)  # the absurd row ends the last file
+    runs = {}
+    for name in ("clean", "absurd"):
+        runner = PassRunner(client, build_manifest(str(tmp_path / name)), TaskOptions(schema()))
+        runs[name] = kmeans_init(runner, K, seed=4, sample_size=len(X), reg_covar=0.0)
+    clean, absurd = runs["clean"], runs["absurd"]
+    assert absurd.info["rows_trimmed"] == 1 and clean.info["rows_trimmed"] == 0
+    assert absurd.info["sample_rows_trimmed"] == 1  # the sample is every row here
+    scale = np.array(clean.info["column_scale"])
+    np.testing.assert_allclose(absurd.info["column_scale"], scale, rtol=1e-3)
+    # the same clusters (the median of one row more moves the centres a little)
+    np.testing.assert_allclose(absurd.params.means, clean.params.means, atol=1e-3 * scale.max())
+    np.testing.assert_allclose(absurd.params.covariances, clean.params.covariances, rtol=1e-2)
+    np.testing.assert_allclose(absurd.params.weights, clean.params.weights, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["online", "adam"])
+def test_stratified_waves_on_the_cluster_equal_the_same_waves_in_memory(
+    client, cats, rows, init_model, method
+):
+    """The one loop with the same rule, strata (hash of source_id, seed) and start: the cluster's
+    persisted partitions and the rows in memory give the same fit (to summation rounding)."""
+    from xd_dask.optim import ArrayStatistics, FitLoop, LoopSettings, Mixture, OnlineEM
+    from xd_dask.optim.adam import Adam, adam_schedule
+
+    model = fit_catalog(
+        _config(
+            cats["seven"],
+            method=method,
+            epochs=2,
+            waves="strata",
+            waves_per_epoch=4,
+            init=str(init_model),
+            seed=3,
+        ),
+        client,
+    )
+    waves = model.metadata["waves"]
+    assert waves["mode"] == "strata" and waves["persist"] and waves["group_size"] >= 2
+    Xw, Sw = rows_as_written(*rows)
+    rule = OnlineEM() if method == "online" else Adam(0.05, adam_schedule(8))
+    start = XDModel.load(init_model)
+    loop = FitLoop(
+        rule,
+        ArrayStatistics(Xw, Sw, ids=np.arange(1000, 1000 + len(Xw)), seed=3),
+        LoopSettings(epochs=2, strata=4, seed=3),
+    )
+    ref = loop.run(loop.start(Mixture(start.weights, start.means, start.covariances))).params
+    assert model.metadata["n_iter"] == 8
+    np.testing.assert_allclose(model.weights, ref.weights, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(model.means, ref.means, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(model.covariances, ref.covariances, rtol=1e-8, atol=1e-9)
+    rows_per_wave = [h["rows"] for h in model.metadata["history"][:4]]
+    assert sum(rows_per_wave) == len(Xw)  # an epoch's strata hold every row once

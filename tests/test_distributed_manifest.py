@@ -11,7 +11,6 @@ from tests.distributed_data import make_rows, write_catalog
 from tests.mixtures import known_mixture_3d
 from xd_dask.distributed import FitConfig, Manifest, ManifestError, build_manifest
 from xd_dask.distributed.checkpoint import load_checkpoint, save_checkpoint
-from xd_dask.distributed.kmeans import kmeans_plusplus
 from xd_dask.distributed.passes import tree_reduce
 from xd_dask.distributed.tasks import (
     Block,
@@ -132,15 +131,20 @@ def test_lloyd_sums_equal_direct_cluster_sums(rows):
     rng = np.random.default_rng(0)
     mean, scale = np.nanmean(X, axis=0), np.nanstd(X, axis=0)
     Z = np.where(np.isnan(X), 0.0, (X - mean) / scale)
-    centres = kmeans_plusplus(Z, 4, rng)
-    got = kmeans_lloyd(_block(X, None), centres, mean, scale, TaskOptions(schema=None)).payload
+    centres = Z[rng.choice(len(Z), 4, replace=False)]
     labels = np.argmin(((Z[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
-    for k in range(4):
-        dz = Z[labels == k] - centres[k]
-        assert got.count[k] == len(dz)
-        np.testing.assert_allclose(got.delta[k], dz.sum(0), atol=1e-10)
-        np.testing.assert_allclose(got.scatter[k], dz.T @ dz, atol=1e-10)
-    assert got.inertia == pytest.approx(((Z - centres[labels]) ** 2).sum(), rel=1e-12)
+    d2 = ((Z - centres[labels]) ** 2).sum(-1)
+    d2_max = float(np.quantile(d2, 0.9))  # leave out the farthest 10 %
+    opts = TaskOptions(schema=None)
+    for limit, kept in ((np.inf, d2 >= 0), (d2_max, d2 <= d2_max)):
+        got = kmeans_lloyd(_block(X, None), centres, mean, scale, opts, limit).payload
+        assert got.trimmed == int((~kept).sum())
+        for k in range(4):
+            dz = Z[(labels == k) & kept] - centres[k]
+            assert got.count[k] == len(dz)
+            np.testing.assert_allclose(got.delta[k], dz.sum(0), atol=1e-10)
+            np.testing.assert_allclose(got.scatter[k], dz.T @ dz, atol=1e-10)
+        assert got.inertia == pytest.approx(((Z - centres[labels])[kept] ** 2).sum(), rel=1e-12)
 
 
 def test_partial_addition_counts_dropped_rows():

@@ -298,26 +298,47 @@ KEYS: tuple[Key, ...] = (
       "comparing models, biased as an absolute score"),
     # [fit] ---------------------------------------------------------------------------------
     K("fit.n_components", 16, "number of Gaussian components K", lo=1, flag="-k/--n-components"),
-    K("fit.method", "em", "'em' (batch EM, a full pass per iteration) or 'online' (waves)",
-      choices=("em", "online"), flag="--method"),
+    K("fit.method", "em",
+      "'em' (batch EM, a full pass per iteration), 'online' (online EM in waves) or 'adam' "
+      "(Adam on the mean log-likelihood, in waves)",
+      choices=("em", "online", "adam"), flag="--method"),
     K("fit.max_iter", 200, "batch EM: at most this many iterations", lo=1, flag="--max-iter"),
     K("fit.tol", 1e-4,
       "batch EM: converged when the mean log-likelihood per row changes by less (nats)",
       lo=0.0, flag="--tol",
       doc="0 = always max_iter iterations; a fit stopped by max_iter says how far from "
       "converged it is (its last change against tol)"),
-    K("fit.epochs", 1, "online EM: passes over the catalogue", lo=1, flag="--epochs"),
-    K("fit.wave_size", 0, "online EM: partitions per wave; 0 = two per worker thread",
+    K("fit.epochs", 1, "online EM / Adam: passes over the catalogue", lo=1, flag="--epochs"),
+    K("fit.waves", "auto",
+      "online EM / Adam: how waves are drawn: 'strata', 'files' or 'auto'",
+      choices=("auto", "files", "strata"), flag="--waves",
+      doc="strata: a hash stratum of the rows of every partition, a sample whatever the file\n"
+      "layout (streamed: each epoch reads the catalogue waves_per_epoch times); files: waves of\n"
+      "partitions, a sample only after `xd-dask shuffle`; auto: strata when the catalogue is or\n"
+      "fits in cluster memory, else files (with a warning when files are sky regions)"),
+    K("fit.waves_per_epoch", 0,
+      "online EM / Adam: updates per epoch; 0 = 64 (fewer when a wave would hold under 100 "
+      "rows per component)",
+      lo=0, unset=0, flag="--waves-per-epoch"),
+    K("fit.wave_size", 0,
+      "online EM / Adam: partitions per wave of files; 0 = enough for waves_per_epoch (at "
+      "least one per worker thread); setting it asks for waves of files",
       lo=0, unset=0, flag="--wave-size"),
+    K("fit.learning_rate", 0.05,
+      "Adam: learning rate in (0, 1], in units of the data's spread; constant for half the "
+      "waves, then halved every tenth of them",
+      lo=0.0, hi=1.0, lo_open=True, flag="--learning-rate"),
     K("fit.reg_covar", 1e-6, "added to the diagonal of every component covariance", lo=0.0),
     K("fit.seed", 0, "seeds the initialisation, wave order and subsampling", lo=0,
       flag="--seed"),
     K("fit.init", "kmeans", "'kmeans' or the path of a model (.npz) to start from",
       check=_init, flag="--init"),
     K("fit.persist", False, "keep the catalogue's arrays in cluster memory between passes"),
-    K("fit.subsample", 0.0, "online EM: use this fraction of each partition's rows; 0 = all",
+    K("fit.subsample", 0.0,
+      "online EM / Adam: use this fraction of each partition's rows; 0 = all",
       lo=0.0, hi=1.0, unset=0.0),
-    K("fit.kmeans_sample", 0, "rows sampled to seed k-means; 0 = max(50 K, 2000)",
+    K("fit.kmeans_sample", 0,
+      "rows sampled for k-means; 0 = max(200 K, 20000), at most 200000",
       lo=0, unset=0),
     K("fit.fan_in", 8, "fan-in of the reduction tree of partition statistics", lo=2),
     K("fit.backend", "auto", "kernel backend", choices=("auto", "numba", "reference")),
@@ -334,8 +355,11 @@ KEYS: tuple[Key, ...] = (
       "batch EM: a larger fall of the mean log-likelihood per row (nats) in one iteration "
       "rolls back and stops, naming the rows (robust EM)",
       lo=0.0, lo_open=True),
-    K("fit.kmeans_iter", 10, "k-means passes", lo=1, job=False),
-    K("fit.kmeans_tol", 1e-4, "k-means centre-shift tolerance (standardised units)", lo=0.0,
+    K("fit.kmeans_iter", 1,
+      "Lloyd passes over the catalogue after k-means on the sample (0: the sample's clusters)",
+      lo=0, job=False),
+    K("fit.kmeans_tol", 1e-4, "k-means centre-shift tolerance (robust standardised units)",
+      lo=0.0,
       job=False),
     K("fit.numba_threads", 1, "Numba threads per task", lo=1, job=False),
     K("fit.max_retries", 3, "re-runs of a pass after the cluster lost its tasks", lo=0,
@@ -471,8 +495,8 @@ def _one_holdout(get: Callable[[str], Any]) -> str | None:
 
 
 def _subsample_online(get: Callable[[str], Any]) -> str | None:
-    if get("fit.subsample") and get("fit.method") != "online":
-        return "fit.subsample applies to fit.method = 'online' only"
+    if get("fit.subsample") and get("fit.method") not in ("online", "adam"):
+        return "fit.subsample applies to fit.method = 'online' or 'adam' only"
     return None
 
 

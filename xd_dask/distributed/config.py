@@ -19,9 +19,10 @@ from typing import Any
 from xd_dask.config import cross_key_errors, fit_keys, key
 from xd_dask.em import StepSchedule
 
-__all__ = ["METHODS", "FitConfig", "resolve_schema"]
+__all__ = ["METHODS", "WAVES", "FitConfig", "resolve_schema"]
 
 METHODS = key("fit.method").choices
+WAVES = key("fit.waves").choices
 _KEYS = {k.field: k for k in fit_keys()}  # {field: Key}
 _STEP_KEYS = [f"fit.step.{f.name}" for f in dataclasses.fields(StepSchedule)]
 _RUN_FIELDS = ("checkpoint_dir", "performance_report")  # paths of one run, not settings
@@ -52,7 +53,10 @@ def _post_init(self: Any) -> None:
     """Normalise (step dict, paths, "not set" values -> None) and check every field against its
     key and the cross-key rules (the same checks as a job file)."""
     if isinstance(self.step, Mapping):
-        self.step = StepSchedule(**self.step)
+        try:
+            self.step = StepSchedule(**self.step)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"FitConfig: fit.step: {exc} (field step)") from None
     if not isinstance(self.catalog, str | Path):
         self.catalog = [str(c) for c in self.catalog]
     elif isinstance(self.catalog, Path):

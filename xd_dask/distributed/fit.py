@@ -1,10 +1,12 @@
-"""Fitting XD to a partitioned catalogue on a Dask cluster: batch EM and online EM.
+"""Fitting XD to a partitioned catalogue on a Dask cluster: batch EM, online EM and Adam.
 
 The fit runs the one fitting loop of :mod:`xd_dask.optim` (the same loop as the in-memory
 :class:`xd_dask.estimator.XDGMM`) with a statistics source backed by the pass runner. The client
-holds only parameters and statistics. Each iteration (batch EM) or wave (online EM):
+holds only parameters and statistics. Online EM and Adam draw their waves as planned by
+:mod:`xd_dask.distributed.layout` (hash strata of every partition, or waves of partitions).
+Each iteration (batch EM) or wave (online EM, Adam):
 
-1. scatter the current parameters to the workers once;
+1. send the current parameters to the workers once (inside the tasks when small);
 2. one ``xd-estep`` task per partition: read + validate + build X, S + kernel (or reuse the
    partition's arrays held in worker memory when ``persist``);
 3. tree-reduce the statistics on the cluster (``xd-reduce``, fan-in ``fan_in``);
@@ -35,7 +37,8 @@ from xd_dask.distributed.checkpoint import (
 )
 from xd_dask.distributed.cluster import check_gpu_workers, worker_threads
 from xd_dask.distributed.config import FitConfig, resolve_schema
-from xd_dask.distributed.kmeans import kmeans_init
+from xd_dask.distributed.kmeans import default_sample_size, kmeans_init
+from xd_dask.distributed.layout import WavePlan, detect_layout, plan_waves
 from xd_dask.distributed.manifest import Manifest, build_manifest, check_unchanged
 from xd_dask.distributed.passes import PassRunner
 from xd_dask.distributed.tasks import Params, Partial, TaskOptions, estep, kmeans_sample
@@ -53,6 +56,7 @@ from xd_dask.optim import (
     OnlineEM,
     bounding_box,
 )
+from xd_dask.optim.adam import Adam, adam_schedule
 from xd_dask.optim.background import confine
 from xd_dask.utils import atomic_path, get_logger
 
@@ -107,11 +111,15 @@ class PassStatistics:
     partitions + tree-reduce) per batch, through the fit's :class:`PassRunner`.
 
     subsample : online EM, (fraction, seed): keep a seeded fraction of each partition's rows.
+    seed : the hash strata of stratified waves derive from it (and the epoch).
     """
 
-    def __init__(self, runner: PassRunner, subsample: tuple[float, int] | None = None) -> None:
+    def __init__(
+        self, runner: PassRunner, subsample: tuple[float, int] | None = None, seed: int = 0
+    ) -> None:
         self.runner = runner
         self.subsample = subsample
+        self.seed = int(seed)
         self.n_units = len(runner.manifest)
         self._diagnoses = 0
 
@@ -119,13 +127,16 @@ class PassStatistics:
         sub = None
         if self.subsample is not None:
             sub = (self.subsample[0], self.subsample[1], batch.epoch - 1)
+        stratum = None
+        if batch.stratum is not None:
+            stratum = (*batch.stratum, self.seed, batch.epoch - 1)
         part = self.runner.run(
             "estep",
             batch.label,
             estep,
             pids=batch.units,
             shared=(_params(params),),
-            extra=(self.runner.opts, sub, params.background),
+            extra=(self.runner.opts, sub, params.background, None, stratum),
         )
         return BatchStats(part.payload, _counts(part), {"task_seconds": part.seconds})
 
@@ -164,7 +175,8 @@ class _RecordingRunner:
 
 
 class _Fit:
-    """One fit in progress (batch or online EM) on a client."""
+    """One fit in progress (batch EM, online EM or Adam) on a client; ``plan`` the waves of an
+    online EM / Adam fit (None for batch EM)."""
 
     def __init__(
         self,
@@ -173,12 +185,14 @@ class _Fit:
         manifest: Manifest,
         schema: Any,
         progress_callback: ProgressCallback | None,
+        plan: WavePlan | None = None,
     ) -> None:
         self.cfg = config
         self.client = client
         self.manifest = manifest
         self.schema = schema
         self.callback = progress_callback
+        self.plan = plan
         self.opts = TaskOptions(
             schema,
             config.on_bad,
@@ -193,8 +207,9 @@ class _Fit:
             manifest,
             self.opts,
             fan_in=config.fan_in,
-            persist=config.persist,
+            persist=config.persist or (plan is not None and plan.persist),
             max_retries=config.max_retries,
+            group_size=None if plan is None else plan.group_size,
         )
         self.state: LoopState | None = None
         self._retries0 = 0
@@ -202,8 +217,9 @@ class _Fit:
             check_gpu_workers(client)
 
     # ------------------------------------------------------------------ set-up
-    def _loop(self, wave_size: int) -> FitLoop:
-        cfg = self.cfg
+    def _loop(self) -> FitLoop:
+        cfg, plan = self.cfg, self.plan
+        sub = None
         if cfg.method == "em":
             rule: Any = BatchEM(cfg.reg_covar)
             settings = LoopSettings(
@@ -212,19 +228,25 @@ class _Fit:
                 seed=int(cfg.seed),
                 max_ll_drop=float(cfg.max_ll_drop),
             )
-            sub = None
         else:
-            rule = OnlineEM(cfg.step, cfg.reg_covar)
+            strata = plan.waves_per_epoch if plan.mode == "strata" else None
+            wave_size = None if strata is not None else max(int(plan.wave_size), 1)
             settings = LoopSettings(
                 epochs=int(cfg.epochs),
-                wave_size=int(wave_size),
+                wave_size=wave_size,
+                strata=strata,
                 seed=int(cfg.seed),
                 max_ll_drop=float(cfg.max_ll_drop),
             )
+            if cfg.method == "online":
+                rule = OnlineEM(cfg.step, cfg.reg_covar)
+            else:
+                n_waves = strata or -(-len(self.manifest) // wave_size)
+                rule = Adam(cfg.learning_rate, adam_schedule(int(cfg.epochs) * n_waves))
             sub = None if cfg.subsample is None else (float(cfg.subsample), int(cfg.seed))
         return FitLoop(
             rule,
-            PassStatistics(self.runner, sub),
+            PassStatistics(self.runner, sub, cfg.seed),
             settings,
             checkpoint=self._checkpoint,
             progress=self._progress,
@@ -235,7 +257,7 @@ class _Fit:
         here only when k-means did not run it)."""
         cfg = self.cfg
         if sample_pass is None:
-            size = cfg.kmeans_sample or max(50 * int(cfg.n_components), 2000)
+            size = cfg.kmeans_sample or default_sample_size(int(cfg.n_components))
             fraction = min(1.0, size / max(self.manifest.n_rows, 1))
             sample_pass = self.runner.run(
                 "kmeans-sample", (0,), kmeans_sample, extra=(self.opts, cfg.seed, fraction)
@@ -289,12 +311,11 @@ class _Fit:
             w = w * (1.0 - background.weight)
             m, V, confined = confine(m, V, background)
             info["confined_to_background_box"] = confined
-        wave_size = 0
-        if cfg.method == "online":
-            wave_size = int(cfg.wave_size or 2 * worker_threads(self.client))
-            wave_size = min(wave_size, len(self.manifest))
-        info = {"init": info, "wave_size": wave_size, "retries": 0, "max_gathered_bytes": 0}
-        self.state = self._loop(max(wave_size, 1)).start(Mixture(w, m, V, background), info)
+        info = {"init": info, "retries": 0, "max_gathered_bytes": 0}
+        info["wave_size"] = 0 if self.plan is None else int(self.plan.wave_size)
+        if self.plan is not None:
+            info["waves"] = self.plan.to_dict()
+        self.state = self._loop().start(Mixture(w, m, V, background), info)
 
     def restore(self, state: LoopState) -> None:
         self.state = state
@@ -319,8 +340,7 @@ class _Fit:
     def run(self) -> XDModel:
         st = self.state
         if not st.finished:
-            loop = self._loop(max(int(st.info.get("wave_size", 0)), 1))
-            self.state = loop.run(st)
+            self.state = self._loop().run(st)
         return self.model()
 
     # ------------------------------------------------------------------ result
@@ -348,6 +368,7 @@ class _Fit:
                 "fingerprint": self.manifest.fingerprint,
             },
             "wave_size": int(st.info.get("wave_size", 0)),
+            "waves": st.info.get("waves"),
             "max_gathered_bytes": max(
                 int(st.info.get("max_gathered_bytes", 0)), self.runner.max_gathered_bytes
             ),
@@ -363,6 +384,52 @@ class _Fit:
             metadata,
             background=p.background,
         )
+
+
+def _cluster_memory(client: Client) -> int | None:
+    """Summed memory limits of the workers (bytes), or None when any is unlimited / unknown."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    limits = [int(w.get("memory_limit") or 0) for w in workers.values()]
+    return sum(limits) if limits and all(limits) else None
+
+
+def _listing(config: FitConfig, schema: Any) -> Callable[[int | None], Manifest]:
+    """``listing(max_rows_per_partition)`` -> the catalogue's manifest."""
+
+    def listing(rows: int | None) -> Manifest:
+        return build_manifest(
+            config.catalog, max_rows_per_partition=rows, id_column=schema.id_column
+        )
+
+    return listing
+
+
+def _manifest_and_plan(
+    config: FitConfig, schema: Any, client: Client
+) -> tuple[Manifest, WavePlan | None]:
+    """The manifest and, for online EM / Adam, the plan of the waves (which may split files)."""
+    listing = _listing(config, schema)
+    manifest = listing(config.max_rows_per_partition)
+    if config.method == "em":
+        return manifest, None
+    plan, manifest = plan_waves(
+        config,
+        manifest,
+        detect_layout(manifest),
+        len(schema.features),
+        worker_threads(client),
+        _cluster_memory(client),
+        split=listing,
+        workers=len(client.nthreads()),
+    )
+    if plan.mode == "strata" and not schema.id_column:
+        log.warning(
+            "schema %r has no id column: the strata of %s are drawn by row position in each "
+            "file (they change if the files are rewritten)",
+            getattr(schema, "name", None),
+            manifest.source,
+        )
+    return manifest, plan
 
 
 @contextlib.contextmanager
@@ -409,12 +476,8 @@ def fit_catalog(
             "or choose another checkpoint_dir"
         )
     schema = resolve_schema(config.schema)
-    manifest = build_manifest(
-        config.catalog,
-        max_rows_per_partition=config.max_rows_per_partition,
-        id_column=schema.id_column,
-    )
-    fit = _Fit(config, client, manifest, schema, progress_callback)
+    manifest, plan = _manifest_and_plan(config, schema, client)
+    fit = _Fit(config, client, manifest, schema, progress_callback, plan)
     with _observed(client, config.performance_report):
         log.info(
             "fitting K=%d (%s) to %d rows in %d partitions",
@@ -443,13 +506,15 @@ def resume_fit(
     config = FitConfig.from_dict(cfg_dict)
     manifest = Manifest.from_dict(manifest_dict)
     schema = resolve_schema(config.schema)
-    current = build_manifest(
-        config.catalog,
-        max_rows_per_partition=config.max_rows_per_partition,
-        id_column=schema.id_column,
-    )
+    plan = None
+    if config.method != "em":
+        plan = _resumed_plan(state, config, manifest)
+    rows = config.max_rows_per_partition
+    if plan is not None and plan.fragment_rows is not None:
+        rows = plan.fragment_rows
+    current = _listing(config, schema)(rows)
     check_unchanged(manifest, current, f"the checkpoint in {checkpoint_dir}")
-    fit = _Fit(config, client, manifest, schema, progress_callback)
+    fit = _Fit(config, client, manifest, schema, progress_callback, plan)
     fit.restore(state)
     with _observed(client, config.performance_report):
         log.info(
@@ -461,3 +526,22 @@ def resume_fit(
             state.wave,
         )
         return fit.run()
+
+
+def _resumed_plan(state: LoopState, config: FitConfig, manifest: Manifest) -> WavePlan:
+    """The waves of a checkpointed online fit (checkpoints written before wave plans: waves of
+    ``info["wave_size"]`` partitions)."""
+    saved = state.info.get("waves")
+    if saved is not None:
+        return WavePlan.from_dict(saved)
+    wave_size = max(int(state.info.get("wave_size", 0)), 1)
+    return WavePlan(
+        "files",
+        -(-len(manifest) // wave_size),
+        wave_size,
+        bool(config.persist),
+        None,
+        "unknown",
+        "checkpoint without a wave plan",
+        "resumed",
+    )

@@ -4,6 +4,16 @@ Task keys are tuples ``("xd-<name>-<token>", ...)``, so the dashboard groups the
 ``xd-reduce``, ``xd-kmeans``, ... (the hex token keeps keys of different fits and retries apart).
 Only the root of the reduction tree comes back to the client; its size (recorded in
 ``max_gathered_bytes``) depends on K and D, never on the number of rows.
+
+Groups (``group_size``, persisted partitions only): a pass over every partition runs one task per
+run of ``group_size`` consecutive partitions (``xd-<name>`` tasks over lists of blocks, combined in
+partition order), placed with all its blocks on one worker. The reduction tree then starts from
+the groups, so a result depends on (partitions, group size, fan-in), never on the cluster. Stratum
+waves touch every partition for a small share of its rows: grouping cuts their tasks from one per
+partition to a few per worker. Small shared objects (below :data:`INLINE_BYTES` for all tasks of
+a pass) travel inside the tasks instead of being scattered first; when at most ``fan_in`` groups
+remain, the client gathers and combines them itself (the root task would do the same, in the same
+order), at most fan_in results of O(K D^2).
 """
 
 from __future__ import annotations
@@ -32,6 +42,14 @@ RETRYABLE = (KilledWorker, concurrent.futures.CancelledError)
 #: the first task, a copy survives any single worker). Above it they go to one worker and the
 #: others fetch them from their peers, so the client uploads one copy whatever the cluster size.
 BROADCAST_MAX_WORKERS = 16
+#: Shared objects whose pickled size times the number of tasks of a pass is below this travel
+#: inside the tasks (no scatter round trip before the pass).
+INLINE_BYTES = 1 << 20
+
+
+def map_combine(func: Callable[..., Partial], sources: Sequence[Any], *args: Any) -> Partial:
+    """``combine(func(s, *args) for s in sources)`` in order: one task over a group of blocks."""
+    return combine(*(func(src, *args) for src in sources))
 
 
 def tree_reduce(
@@ -82,6 +100,8 @@ class PassRunner:
     persist : keep each partition's validated arrays in worker memory after the first read
         (``xd-read`` tasks, recomputed from the file if a worker dies).
     max_retries : passes re-run after a worker loss that Dask could not absorb itself.
+    group_size : with ``persist``, passes over every partition run one task per run of this many
+        consecutive partitions (module docstring); None: one task per partition.
     """
 
     def __init__(
@@ -93,19 +113,24 @@ class PassRunner:
         fan_in: int = 8,
         persist: bool = False,
         max_retries: int = 3,
+        group_size: int | None = None,
     ) -> None:
         if fan_in < 2:
             raise ValueError("fan_in must be >= 2")
+        if group_size is not None and int(group_size) < 1:
+            raise ValueError("group_size must be >= 1")
         self.client = client
         self.manifest = manifest
         self.opts = opts
         self.fan_in = int(fan_in)
         self.persist = bool(persist)
         self.max_retries = int(max_retries)
+        self.group_size = None if group_size is None or not persist else int(group_size)
         self.token = uuid.uuid4().hex[:12]
         self.max_gathered_bytes = 0
         self.n_retries = 0
         self._blocks: list[Future] | None = None
+        self._home: dict[int, list[str]] = {}
         self._generation = 0
         self._n_workers = len(client.nthreads())
 
@@ -132,23 +157,34 @@ class PassRunner:
             ]
         return [self._blocks[p] for p in pids]
 
+    def groups(self) -> list[list[int]]:
+        """Runs of consecutive partitions that one grouped task covers (all singletons without
+        grouping)."""
+        g = self.group_size or 1
+        pids = list(range(len(self.manifest)))
+        return [pids[i : i + g] for i in range(0, len(pids), g)]
+
     def _placement(self) -> dict[int, list[str]]:
         """Home worker of each persisted partition: rows balanced per worker thread.
 
         Later passes run where the blocks live (data locality), so an unbalanced first read
-        would make every iteration wait for the busiest worker. Largest partitions first, each
-        to the worker with the fewest rows per thread so far (LPT). A worker that dies loses
-        its blocks to lineage: ``allow_other_workers`` lets them be re-read anywhere.
+        would make every iteration wait for the busiest worker. Largest groups of partitions
+        (single partitions without grouping) first, each to the worker with the fewest rows per
+        thread so far (LPT). A worker that dies loses its blocks to lineage:
+        ``allow_other_workers`` lets them be re-read anywhere.
         """
         nthreads = self.client.nthreads()
         if not nthreads:
             return {}
         load = {w: 0.0 for w in sorted(nthreads)}
         home: dict[int, list[str]] = {}
-        for part in sorted(self.manifest, key=lambda p: (-p.n_rows, p.pid)):
-            w = min(load, key=lambda a: ((load[a] + part.n_rows) / nthreads[a], a))
-            load[w] += part.n_rows
-            home[part.pid] = [w]
+        rows = [sum(self.manifest[p].n_rows for p in g) for g in self.groups()]
+        for gi in sorted(range(len(rows)), key=lambda i: (-rows[i], i)):
+            w = min(load, key=lambda a: ((load[a] + rows[gi]) / nthreads[a], a))
+            load[w] += rows[gi]
+            for pid in self.groups()[gi]:
+                home[pid] = [w]
+        self._home = home
         return home
 
     def release(self) -> None:
@@ -156,8 +192,16 @@ class PassRunner:
         self._blocks = None
 
     # ------------------------------------------------------------------ passes
-    def _gather(self, future: Future) -> Any:
-        result = future.result()
+    def _share(self, obj: Any, n_tasks: int) -> Any:
+        """``obj`` itself when small for ``n_tasks`` tasks (:data:`INLINE_BYTES`), else a future
+        of it scattered to every worker (to one on clusters above BROADCAST_MAX_WORKERS)."""
+        if _nbytes(obj) * max(n_tasks, 1) <= INLINE_BYTES:
+            return obj
+        broadcast = self._n_workers <= BROADCAST_MAX_WORKERS
+        return self.client.scatter(obj, broadcast=broadcast, hash=False)
+
+    def _gather(self, future: Future | list[Future]) -> Any:
+        result = self.client.gather(future) if isinstance(future, list) else future.result()
         size = _nbytes(result)
         self.max_gathered_bytes = max(self.max_gathered_bytes, size)
         return result
@@ -180,19 +224,32 @@ class PassRunner:
         ``extra`` are small and travel inside each task. ``label`` (e.g. ``(iteration,)``)
         becomes part of the keys. Returns the reduced :class:`Partial`.
         """
+        grouped = self.group_size is not None and pids is None and per_partition is None
         pids = list(range(len(self.manifest)) if pids is None else pids)
         span_name = f"xd-{name}-" + "-".join(str(x) for x in label)
         for attempt in range(self.max_retries + 1):
             futures: list[Future] = []
             try:
                 with span(span_name):
-                    broadcast = self._n_workers <= BROADCAST_MAX_WORKERS
-                    shared_f = [
-                        self.client.scatter(obj, broadcast=broadcast, hash=False) for obj in shared
-                    ]
+                    n_tasks = len(self.groups()) if grouped else len(pids)
+                    shared_f = [self._share(obj, n_tasks) for obj in shared]
                     srcs = self.sources(pids)
                     key_name = f"xd-{name}-{self.token}"
-                    for pid, src in zip(pids, srcs, strict=True):
+                    if grouped:
+                        for g in self.groups():
+                            futures.append(
+                                self.client.submit(
+                                    map_combine,
+                                    func,
+                                    [srcs[p] for p in g],
+                                    *shared_f,
+                                    *extra,
+                                    key=(key_name, *label, attempt, g[0]),
+                                    workers=self._home.get(g[0]),
+                                    allow_other_workers=True,
+                                )
+                            )
+                    for pid, src in zip(pids, srcs, strict=True) if not grouped else ():
                         more = tuple(per_partition(pid)) if per_partition else ()
                         futures.append(
                             self.client.submit(
@@ -204,6 +261,9 @@ class PassRunner:
                                 key=(key_name, *label, attempt, pid),
                             )
                         )
+                    if grouped and 1 < len(futures) <= self.fan_in:
+                        # the root would combine these in this order: do it here, one hop less
+                        return combine(*self._gather(futures))
                     root = tree_reduce(
                         self.client,
                         futures,

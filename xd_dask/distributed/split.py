@@ -4,43 +4,21 @@ A row is held out when ``splitmix64(source_id) / 2**64 < fraction``. The decisio
 row's id only, so it is deterministic and independent of how the catalogue is partitioned, and
 every partition (sky region) contributes both training and held-out rows - unlike holding out
 whole files, which holds out whole sky regions when files are HEALPix-ordered.
+
+The hashes (SplitMix64, salted hashes, the strata of stratified waves and the buckets of
+``xd-dask shuffle``) live in :mod:`xd_dask.optim.strata`; the strata and buckets hash the id a
+second time with a salt, so they are independent of the split and of each other.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SIDES", "holdout_mask", "side_mask", "splitmix64"]
+from xd_dask.optim.strata import row_keys, salted, splitmix64, stratum_of
+
+__all__ = ["SIDES", "holdout_mask", "row_keys", "salted", "side_mask", "splitmix64", "stratum_of"]
 
 SIDES = ("train", "holdout")
-
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-
-
-def splitmix64(ids: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser of ``ids + golden gamma`` (uint64, wrapping arithmetic).
-
-    Parameters
-    ----------
-    ids : (n,) integers (int64 ids are reinterpreted as uint64).
-
-    Returns
-    -------
-    (n,) uint64 hashes; ``splitmix64([0]) == [0xE220A8397B1DCDAF]`` (the first output of the
-    reference SplitMix64 generator seeded with 0).
-    """
-    z = np.array(ids, copy=True).reshape(-1)
-    z = z.view(np.uint64) if z.dtype == np.int64 else z.astype(np.uint64)
-    with np.errstate(over="ignore"):
-        z += _GAMMA
-        z ^= z >> np.uint64(30)
-        z *= _M1
-        z ^= z >> np.uint64(27)
-        z *= _M2
-        z ^= z >> np.uint64(31)
-    return z
 
 
 def _threshold(fraction: float) -> int:

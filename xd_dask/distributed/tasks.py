@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from dask.sizeof import sizeof
 
 from xd_dask.distributed.manifest import Partition
 from xd_dask.distributed.rowstatus import with_status
-from xd_dask.distributed.split import side_mask
+from xd_dask.distributed.split import row_keys, side_mask, stratum_of
 from xd_dask.kernels import (
     Background,
     NotPositiveDefiniteError,
@@ -259,6 +260,27 @@ def _subsample_rows(blk: Block, fraction: float | None, seed: int, epoch: int) -
     return np.flatnonzero(rng.random(blk.n_rows) < fraction)
 
 
+def _stratum_rows(
+    blk: Block, opts: TaskOptions, stratum: tuple[int, int, int, int] | None
+) -> np.ndarray | None:
+    """Rows of hash stratum s of S of a partition, ``stratum = (s, S, seed, epoch)``: by the id
+    column's hash, or without one by the row's position in its file (and the partition)."""
+    if stratum is None:
+        return None
+    s, n_strata, seed, epoch = (int(x) for x in stratum)
+    unit = None if getattr(opts.schema, "id_column", None) else blk.pid
+    return np.flatnonzero(stratum_of(row_keys(blk.ids, unit), n_strata, seed, epoch) == s)
+
+
+def _select_rows(*subsets: np.ndarray | None) -> np.ndarray | None:
+    """The rows in every given subset (None = all rows)."""
+    out = None
+    for rows in subsets:
+        if rows is not None:
+            out = rows if out is None else np.intersect1d(out, rows, assume_unique=True)
+    return out
+
+
 def _partial(blk: Block, payload: Any, n_used: int, t0: float) -> Partial:
     return Partial(payload, 1, blk.n_read, int(n_used), dict(blk.dropped), time.perf_counter() - t0)
 
@@ -322,10 +344,13 @@ def estep(
     subsample: tuple[float, int, int] | None = None,
     background: Any = None,
     compare: tuple[Params, Any, int] | None = None,
+    stratum: tuple[int, int, int, int] | None = None,
 ) -> Partial:
     """Sufficient statistics of one partition at ``params`` (``xd-estep``).
 
     subsample : (fraction, seed, epoch) keeps a seeded random subset of the rows.
+    stratum : (s, S, seed, epoch) keeps the rows of hash stratum s of S
+        (:func:`xd_dask.distributed.split.stratum_of`); with ``subsample`` the rows in both.
     background : optional :class:`xd_dask.kernels.Background` (uniform outlier component).
     compare : (after, after_background, m): instead of statistics, return the payload
         :class:`WorstRows`, the m rows whose log-likelihood fell most from ``params`` to
@@ -336,7 +361,10 @@ def estep(
     backend = _backend(opts)
     blk = _block(source, opts)
     K, D = params.means.shape
-    rows = None if subsample is None else _subsample_rows(blk, *subsample)
+    rows = _select_rows(
+        None if subsample is None else _subsample_rows(blk, *subsample),
+        _stratum_rows(blk, opts, stratum),
+    )
     X, S = blk.X, blk.X_cov
     if rows is not None:
         xp = array_namespace(X)
@@ -410,6 +438,7 @@ class KMeansSums:
     delta: np.ndarray  # (K, D)  sum of (z_i - c_k)
     scatter: np.ndarray  # (K, D, D)  sum of (z_i - c_k)(z_i - c_k)^T
     inertia: float
+    trimmed: int = 0  # rows left out: farther than the trim radius from every centre
 
     def __add__(self, other: KMeansSums) -> KMeansSums:
         return KMeansSums(
@@ -417,6 +446,7 @@ class KMeansSums:
             self.delta + other.delta,
             self.scatter + other.scatter,
             self.inertia + other.inertia,
+            self.trimmed + other.trimmed,
         )
 
 
@@ -442,33 +472,43 @@ def assign(Z: Any, centres: Any, chunk_elems: int = 1 << 22) -> Any:
     return out
 
 
+def cluster_sums(Z: Any, centres: np.ndarray, d2_max: float = math.inf) -> KMeansSums:
+    """Lloyd sums of rows Z (n, D; standardised) about their nearest centres (K, D): per-cluster
+    counts, offsets and scatter (one matmul per cluster, rows grouped by sorting); rows farther
+    than sqrt(``d2_max``) from every centre are left out and counted as trimmed."""
+    xp = array_namespace(Z)
+    K, D = centres.shape
+    labels = assign(Z, centres)
+    diff = Z - xp.asarray(centres)[labels]  # (n, D)
+    far = xp.sum(diff * diff, axis=1) > d2_max
+    n_far = int(xp.sum(far))
+    if n_far:
+        labels, diff = labels[~far], diff[~far]
+    order = xp.argsort(labels, kind="stable")  # rows grouped by cluster
+    diff, bounds = diff[order], to_numpy(xp.searchsorted(labels[order], xp.arange(K + 1)))
+    delta, scatter = np.zeros((K, D)), np.zeros((K, D, D))
+    for k in range(K):
+        dk = diff[int(bounds[k]) : int(bounds[k + 1])]  # (n_k, D)
+        delta[k] = to_numpy(xp.sum(dk, axis=0))
+        scatter[k] = to_numpy(dk.T @ dk)
+    count = np.diff(bounds).astype(np.float64)
+    return KMeansSums(count, delta, scatter, float(xp.sum(diff * diff)), n_far)
+
+
 def kmeans_lloyd(
     source: Partition | Block,
     centres: np.ndarray,
     col_mean: np.ndarray,
     col_scale: np.ndarray,
     opts: TaskOptions,
+    d2_max: float = math.inf,
 ) -> Partial:
-    """One Lloyd pass over a partition: assignments and centred per-cluster sums (``xd-kmeans``)."""
+    """One Lloyd pass over a partition: :func:`cluster_sums` of its standardised rows
+    (``xd-kmeans``)."""
     t0 = time.perf_counter()
     _backend(opts)
     blk = _block(source, opts)
-    Z = standardise(blk.X, col_mean, col_scale)
-    xp = array_namespace(Z)
-    K, D = centres.shape
-    labels = assign(Z, centres)
-    diff = Z - xp.asarray(centres)[labels]  # (n, D)
-    count = xp.bincount(labels, minlength=K).astype(xp.float64)
-    delta = xp.stack([xp.bincount(labels, weights=diff[:, i], minlength=K) for i in range(D)], 1)
-    scatter = xp.zeros((K, D, D))
-    for i in range(D):
-        for j in range(i + 1):
-            s = xp.bincount(labels, weights=diff[:, i] * diff[:, j], minlength=K)
-            scatter[:, i, j] = s
-            scatter[:, j, i] = s
-    sums = KMeansSums(
-        to_numpy(count), to_numpy(delta), to_numpy(scatter), float(xp.sum(diff * diff))
-    )
+    sums = cluster_sums(standardise(blk.X, col_mean, col_scale), centres, d2_max)
     return _partial(blk, sums, blk.n_rows, t0)
 
 

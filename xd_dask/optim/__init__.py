@@ -1,11 +1,13 @@
-"""Fitting: one loop (:mod:`.loop`) for every update rule (:mod:`.batch`, :mod:`.online`) and
-every source of statistics (arrays in memory, :mod:`.arrays`; a catalogue on a Dask cluster,
-:mod:`xd_dask.distributed.fit`), with the robust checks of :mod:`.robust` and the background
+"""Fitting: one loop (:mod:`.loop`) for every update rule (:mod:`.batch`, :mod:`.online`,
+:mod:`.adam`) and every source of statistics (arrays in memory, :mod:`.arrays`; a catalogue on a
+Dask cluster, :mod:`xd_dask.distributed.fit`), in full batches, waves of units or hash strata of
+the rows (:mod:`.strata`), with the robust checks of :mod:`.robust` and the background
 component's box of :mod:`.background`.
 
 Layering: optim sits beside :mod:`xd_dask.em` (it imports kernels and em, nothing above).
 """
 
+from xd_dask.optim.adam import Adam
 from xd_dask.optim.arrays import ArrayStatistics
 from xd_dask.optim.background import bounding_box, initial_background
 from xd_dask.optim.batch import BatchEM
@@ -27,6 +29,7 @@ from xd_dask.optim.robust import MAX_LL_DROP, FitDivergedError
 
 __all__ = [
     "MAX_LL_DROP",
+    "Adam",
     "ArrayStatistics",
     "Batch",
     "BatchEM",

@@ -8,6 +8,7 @@ import numpy as np
 
 from xd_dask.kernels import compute_stats, log_component_densities, row_log_likelihood
 from xd_dask.optim.loop import Batch, BatchStats, Mixture
+from xd_dask.optim.strata import row_keys, stratum_of
 
 __all__ = ["ArrayStatistics", "rank_row_drops"]
 
@@ -26,36 +27,60 @@ def rank_row_drops(ll_before: np.ndarray, ll_after: np.ndarray | None, m: int) -
 
 
 class ArrayStatistics:
-    """Statistics of in-memory rows: one unit (every step sees every row).
+    """Statistics of in-memory rows: one unit; a step sees every row, or with a stratified
+    batch the rows of its hash stratum (:mod:`xd_dask.optim.strata`, the rows a catalogue on a
+    cluster would give for the same ids and seed).
 
     X : (n, d), NaN = missing.  X_cov : (n, d, d).  row_weights : (n,) or None.
     R : (n, d, D) projections or None.  backend : kernel backend.
+    ids : (n,) int64 row ids for the strata (default: row positions).  seed : the strata's seed.
     """
 
     n_units = 1
 
     def __init__(
-        self, X: Any, X_cov: Any, row_weights: Any = None, R: Any = None, backend: str = "auto"
+        self,
+        X: Any,
+        X_cov: Any,
+        row_weights: Any = None,
+        R: Any = None,
+        backend: str = "auto",
+        ids: Any = None,
+        seed: int = 0,
     ) -> None:
         self.X, self.X_cov, self.row_weights, self.R = X, X_cov, row_weights, R
         self.backend = backend
+        self.ids = np.arange(np.shape(X)[0]) if ids is None else np.asarray(ids, dtype=np.int64)
+        self.seed = int(seed)
         self._checked = False
 
+    def _rows(self, batch: Batch) -> np.ndarray | None:
+        if batch.stratum is None:
+            return None
+        s, n_strata = batch.stratum
+        keys = row_keys(self.ids)
+        return np.flatnonzero(stratum_of(keys, n_strata, self.seed, batch.epoch - 1) == s)
+
     def __call__(self, params: Mixture, batch: Batch) -> BatchStats:
+        rows = self._rows(batch)
+
+        def take(a: Any) -> Any:
+            return a if a is None or rows is None else a[rows]
+
         stats = compute_stats(
-            self.X,
-            self.X_cov,
+            take(self.X),
+            take(self.X_cov),
             params.weights,
             params.means,
             params.covariances,
-            row_weights=self.row_weights,
-            R=self.R,
+            row_weights=take(self.row_weights),
+            R=take(self.R),
             backend=self.backend,
             check=not self._checked,
             background=params.background,
         )
-        self._checked = True
-        n = int(self.X.shape[0])
+        self._checked = self._checked or rows is None  # strata: each checks its own rows
+        n = int(self.X.shape[0] if rows is None else rows.shape[0])
         return BatchStats(stats, {"read": n, "used": n, "dropped": {}})
 
     def _row_ll(self, p: Mixture) -> np.ndarray:

@@ -18,10 +18,11 @@ Update rule (:class:`UpdateRule`): ``init(params) -> state``, ``step(state, stat
 (``state_arrays`` is the state itself). ``monotone`` says whether a full-batch step may never lower
 the log-likelihood (batch EM: yes; online EM, Adam: no), which switches the drop check on.
 
-Schedule (:class:`LoopSettings`): ``wave_size=None`` is full batch (every unit in every step; one
-step per "iteration", at most ``max_steps``; converged when the mean log-likelihood changes by less
-than ``tol``); otherwise each epoch visits the units in a seeded order (:func:`epoch_order`),
-``wave_size`` units per step, for ``epochs`` epochs.
+Schedule (:class:`LoopSettings`): ``wave_size=None`` and ``strata=None`` is full batch (every unit
+in every step; one step per "iteration", at most ``max_steps``; converged when the mean
+log-likelihood changes by less than ``tol``); otherwise each epoch visits the units in a seeded
+order (:func:`epoch_order`), ``wave_size`` units per step, or, with ``strata=S``, S hash strata of
+the rows of every unit in a seeded order, one per step, for ``epochs`` epochs.
 
 Per step the loop: asks the source for statistics at the current parameters; for full-batch
 monotone rules checks the change of the mean log-likelihood (:mod:`xd_dask.optim.robust`; a
@@ -128,17 +129,25 @@ class Mixture:
 @dataclass(frozen=True)
 class Batch:
     """The rows of one step: ``units`` (partition ids; None = every unit), its 1-based
-    ``iteration`` (step counter t + 1), ``epoch`` and ``wave`` (1-based)."""
+    ``iteration`` (step counter t + 1), ``epoch`` and ``wave`` (1-based), and ``stratum``
+    ``(s, S)``: only the rows of hash stratum s of S of each unit (None: all their rows; the
+    source decides which rows form a stratum, from the loop's seed and the epoch)."""
 
     iteration: int
     epoch: int
     wave: int
     units: list[int] | None = None
+    stratum: tuple[int, int] | None = None
+
+    @property
+    def full(self) -> bool:
+        """Every row of every unit."""
+        return self.units is None and self.stratum is None
 
     @property
     def label(self) -> tuple[int, ...]:
         """A key for task names and spans: (iteration,) for full batches, else (epoch, wave)."""
-        return (self.iteration,) if self.units is None else (self.epoch, self.wave)
+        return (self.iteration,) if self.full else (self.epoch, self.wave)
 
 
 @dataclass
@@ -191,6 +200,9 @@ class LoopSettings:
 
     max_steps : full batch: at most this many iterations.  epochs : waves: passes over the units.
     wave_size : units per step (None: full batch).  seed : the epochs' unit orders derive from it.
+    strata : waves are hash strata instead (None: waves of units): each epoch has ``strata``
+        waves, wave w takes stratum ``order[w]`` of the rows of every unit (``wave_size`` is
+        then ignored).
     tol : full batch: converged when the mean log-likelihood changes by less (0: never).
     max_ll_drop : robust rule (:mod:`xd_dask.optim.robust`), nats per row.
     worst_rows : rows named when a fit diverges.
@@ -199,6 +211,7 @@ class LoopSettings:
     max_steps: int = 100
     epochs: int = 1
     wave_size: int | None = None
+    strata: int | None = None
     seed: int = 0
     tol: float = 1e-6
     max_ll_drop: float = robust.MAX_LL_DROP
@@ -206,7 +219,7 @@ class LoopSettings:
 
     @property
     def full_batch(self) -> bool:
-        return self.wave_size is None
+        return self.wave_size is None and self.strata is None
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
@@ -284,6 +297,8 @@ class FitLoop:
     ) -> None:
         if settings.wave_size is not None and int(settings.wave_size) < 1:
             raise ValueError("wave_size must be >= 1 (or None for full batches)")
+        if settings.strata is not None and int(settings.strata) < 1:
+            raise ValueError("strata must be >= 1 (or None for waves of units)")
         self.rule = rule
         self.source = source
         self.settings = settings
@@ -298,9 +313,15 @@ class FitLoop:
         state = LoopState(params=params, rule=self.rule.name, rule_state=self.rule.init(params))
         state.info = dict(info or {})
         if not self.settings.full_batch:
-            state.order = epoch_order(self.settings.seed, 0, self.source.n_units)
+            state.order = epoch_order(self.settings.seed, 0, self._n_orderable)
         self._checkpoint(state)
         return state
+
+    @property
+    def _n_orderable(self) -> int:
+        """What an epoch's order permutes: the strata, or the units."""
+        s = self.settings
+        return int(s.strata) if s.strata is not None else self.source.n_units
 
     def _checkpoint(self, state: LoopState) -> None:
         if self.checkpoint is not None:
@@ -310,6 +331,8 @@ class FitLoop:
     def n_waves(self) -> int:
         if self.settings.full_batch:
             return 1
+        if self.settings.strata is not None:
+            return int(self.settings.strata)
         P = min(int(self.settings.wave_size), self.source.n_units)
         return -(-self.source.n_units // P)
 
@@ -329,7 +352,10 @@ class FitLoop:
         if self.settings.full_batch:
             return Batch(state.iteration + 1, state.iteration + 1, 1, None)
         if not state.order:
-            state.order = epoch_order(self.settings.seed, state.epoch, self.source.n_units)
+            state.order = epoch_order(self.settings.seed, state.epoch, self._n_orderable)
+        if self.settings.strata is not None:
+            stratum = (int(state.order[state.wave]), int(self.settings.strata))
+            return Batch(state.iteration + 1, state.epoch + 1, state.wave + 1, None, stratum)
         P = min(int(self.settings.wave_size), self.source.n_units)
         units = state.order[state.wave * P : (state.wave + 1) * P]
         return Batch(state.iteration + 1, state.epoch + 1, state.wave + 1, [int(u) for u in units])
@@ -388,6 +414,8 @@ class FitLoop:
         }
         if batch.units is not None:
             entry["partitions"] = list(batch.units)
+        if batch.stratum is not None:
+            entry["stratum"] = list(batch.stratum)
         entry |= res.info
         entry["reseeded"] = []
         if not state.converged and stats.W > 0:
