@@ -20,8 +20,17 @@ from click.testing import CliRunner
 from tests.distributed_data import make_rows
 from xd_dask.cli import main
 from xd_dask.distributed import FitConfig, build_manifest, fit_catalog, resume_fit, score_catalog
+from xd_dask.distributed.gpu import to_device
 from xd_dask.distributed.split import row_keys, side_mask, stratum_of
-from xd_dask.distributed.tasks import Block, Params, TaskOptions, estep, loglike, read_block
+from xd_dask.distributed.tasks import (
+    Block,
+    Params,
+    TaskOptions,
+    estep,
+    loglike,
+    moments,
+    read_block,
+)
 from xd_dask.estimator import XDGMM
 from xd_dask.io import load_schema, read_partition
 from xd_dask.io.ingest import ingest_table
@@ -160,6 +169,16 @@ def test_row_selections_slice_the_projections(client, catalogue):
     assert 0 < st.n_rows == len(rows) < len(X)
     np.testing.assert_allclose(st.a, want.a, rtol=1e-12)
     np.testing.assert_allclose(st.C, want.C, rtol=1e-12)
+
+    # the GPU workers' layout (packed lower-triangle S, R beside it; NumPy stands in for CuPy)
+    Xd, Sd, Rd = to_device(X, S, R, xp=np)
+    dev = Block(got.pid, got.path, Xd, Sd, got.ids, got.n_read, got.dropped, Rd)
+    on_dev = client.submit(estep, dev, params, opts, None, None, None, stratum, pure=False)
+    np.testing.assert_allclose(on_dev.result().payload.C, want.C, rtol=1e-12)
+    sums = client.submit(moments, dev, opts, m[0], pure=False).result().payload
+    ref = moment_sums(X, S, R, m[0])
+    np.testing.assert_allclose(sums.MtM, ref.MtM, rtol=1e-13)
+    np.testing.assert_allclose(sums.Mtr, ref.Mtr, rtol=1e-13)
 
     worst = client.submit(estep, blk, params, opts, None, None, (None, None, 5), pure=False)
     ll = row_log_likelihood(X, S, *p3, R=R)

@@ -104,19 +104,24 @@ def moment_sums(X: Any, X_cov: Any, R: Any, mean: np.ndarray | None = None) -> M
         obs = ~np.isnan(x)  # (m, d)
         x = np.where(obs, x, 0.0)
         Rc = np.where(obs[:, :, None], R[s : s + MOMENT_CHUNK_ROWS], 0.0)  # missing rows 0
-        out.A += np.einsum("mad,mae->de", Rc, Rc)
-        out.b += np.einsum("mad,ma->d", Rc, x)
+        out.A += Rc.reshape(-1, D).T @ Rc.reshape(-1, D)
+        out.b += Rc.reshape(-1, D).T @ x.reshape(-1)
         if mean is None:
             continue
-        r = x - Rc @ np.asarray(mean, dtype=np.float64)  # (m, d), 0 where missing
-        both = obs[:, qa] & obs[:, qb]  # (m, Q) pairs of observed fields
-        noise = np.where(both, _noise_pairs(S[s : s + MOMENT_CHUNK_ROWS], qa, qb), 0.0)
-        rhs = r[:, qa] * r[:, qb] - noise  # (m, Q)
-        outer = np.einsum("mqk,mql->mqkl", Rc[:, qa], Rc[:, qb])  # (m, Q, D, D)
-        sym = outer + np.swapaxes(outer, 2, 3)
-        M = np.where(pk == pl, 0.5, 1.0) * sym[:, :, pk, pl]  # (m, Q, P)
-        out.MtM += np.einsum("mqp,mqs->ps", M, M)
-        out.Mtr += np.einsum("mqp,mq->p", M, rhs)
+        Rt = np.ascontiguousarray(Rc.transpose(1, 2, 0))  # (d, D, m): contiguous columns
+        r = x.T - np.einsum("adm,d->am", Rt, np.asarray(mean, dtype=np.float64))  # (d, m)
+        both = obs[:, qa].T & obs[:, qb].T  # (Q, m) pairs of observed fields
+        noise = np.where(both, _noise_pairs(S[s : s + MOMENT_CHUNK_ROWS], qa, qb).T, 0.0)
+        rhs = r[qa] * r[qb] - noise  # (Q, m)
+        # M[(a, b), (k, l), i] = R_ak R_bl + R_al R_bk (k < l), R_ak R_bk (k = l)
+        M = np.empty((len(pk), x.shape[0]))  # (P, m) for one pair (a, b)
+        for q, (a, b) in enumerate(zip(qa, qb, strict=True)):
+            for p, (k, l) in enumerate(zip(pk, pl, strict=True)):
+                np.multiply(Rt[a, k], Rt[b, l], out=M[p])
+                if k != l:
+                    M[p] += Rt[a, l] * Rt[b, k]
+            out.MtM += M @ M.T
+            out.Mtr += M @ rhs[q]
     return out
 
 
