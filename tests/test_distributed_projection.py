@@ -273,3 +273,6 @@ def test_online_em_on_held_out_strata_of_a_projected_catalogue(client, catalogue
 def test_background_with_a_projection_is_refused(client, catalogue):
     with pytest.raises(ValueError, match=r"fit.background = true.*\[projection\]"):
         fit_catalog(_config(catalogue[0], background=True), client)
+    X, S, R = catalogue[1]
+    with pytest.raises(ValueError, match="background component cannot be used with projections"):
+        XDGMM(K, background=True).fit(X, S, R=R)

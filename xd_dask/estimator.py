@@ -210,15 +210,19 @@ class XDGMM(DensityMixin, BaseEstimator):
         X : (n, d), NaN marks a missing field; or (n, d + 1, d) from :func:`pack` (X_cov None).
         X_cov : (n, d, d).  weights : (n,) row weights.
         R : (n, d, D) projection matrices, optional (d = D without). With projections the
-            default start is the method of moments (k-means cannot run on projected rows), and
-            a background needs an explicit :class:`Background`.
+            default start is the method of moments (k-means cannot run on projected rows); a
+            background component is refused (its box would be in the observed space).
         """
         X, X_cov = _rows(X, X_cov)
         if X.ndim != 2:
             raise ValueError(f"X must be 2-d (n_rows, n_features), got shape {X.shape}")
         self._check_params(X)
-        if R is not None and self.background is True:
-            raise ValueError("with projections R, pass background=Background(...) in the D-space")
+        if R is not None and self.background is not False:
+            raise ValueError(
+                "a background component cannot be used with projections R: its box would lie in "
+                "the space of the d observed values, the model in the D true features; pass "
+                "background=False"
+            )
         start = self._initial(X, X_cov, R)
         loop = FitLoop(
             BatchEM(self.reg_covar, self.reg_form),
