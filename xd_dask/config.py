@@ -355,6 +355,17 @@ KEYS: tuple[Key, ...] = (
       "batch EM: a larger fall of the mean log-likelihood per row (nats) in one iteration "
       "rolls back and stops, naming the rows (robust EM)",
       lo=0.0, lo_open=True),
+    K("fit.split_merge", False,
+      "batch EM: split-and-merge moves after convergence (Ueda et al. 2000; Bovy et al. 2011)",
+      doc="after EM converges, merge two components and split a third (ranked by the merge and "
+      "split\ncriteria of one pass), partial EM on the three, full EM; kept only if the "
+      "log-likelihood rises"),
+    K("fit.split_merge_candidates", 5,
+      "split-and-merge: candidate moves tried after each convergence before stopping", lo=1),
+    K("fit.split_merge_partial_iter", 10,
+      "split-and-merge: partial-EM iterations on the three components of a move", lo=1),
+    K("fit.split_merge_max_moves", 20, "split-and-merge: stop after this many accepted moves",
+      lo=1),
     K("fit.kmeans_iter", 1,
       "Lloyd passes over the catalogue after k-means on the sample (0: the sample's clusters)",
       lo=0, job=False),

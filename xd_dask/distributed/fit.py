@@ -244,12 +244,18 @@ class _Fit:
                 n_waves = strata or -(-len(self.manifest) // wave_size)
                 rule = Adam(cfg.learning_rate, adam_schedule(int(cfg.epochs) * n_waves))
             sub = None if cfg.subsample is None else (float(cfg.subsample), int(cfg.seed))
+        moves = None
+        if cfg.split_merge:  # split-and-merge moves (xd_dask.distributed.splitmerge)
+            from xd_dask.distributed.splitmerge import pass_moves  # noqa: PLC0415
+
+            moves = pass_moves(self.runner, cfg)
         return FitLoop(
             rule,
             PassStatistics(self.runner, sub, cfg.seed),
             settings,
             checkpoint=self._checkpoint,
             progress=self._progress,
+            moves=moves,
         )
 
     def _background(self, sample_pass: Partial | None) -> Background:

@@ -1,0 +1,367 @@
+"""Split-and-merge EM (Ueda, Nakano, Ghahramani & Hinton 2000, "SMEM"; as used for XD by Bovy,
+Hogg & Roweis 2011, section 2.3) as moves of the one fitting loop (:mod:`xd_dask.optim.loop`).
+
+After batch EM converges, one pass over the data (:func:`move_stats`, summed over rows like
+every statistic) gives at the current parameters, with r_ij the responsibilities and w_i the row
+weights:
+
+- ``RR`` (K, K): sum_i w_i r_ij r_ik. The MERGE criterion is Ueda's normalised inner product of
+  the responsibility vectors, J_merge(j, k) = RR_jk / sqrt(RR_jj RR_kk): two components that
+  claim the same rows score near 1.
+- ``n`` (K,), ``flogf`` (K,), ``flogp`` (K,): sum_i w_i r_ij, sum_i w_i r_ij log(w_i r_ij) and
+  sum_i w_i r_ij log N(x_i | R_i m_j, T_ij). The SPLIT criterion is the local Kullback-Leibler
+  divergence between the component's share of the data, f_ij = w_i r_ij / n_j, and the
+  component's density at the rows:
+  J_split(j) = sum_i f_ij log(f_ij / N_ij) = flogf_j / n_j - log n_j - flogp_j / n_j.
+  Bovy's extreme-deconvolution code (calc_splitnmerge.c) evaluates the deconvolved Gaussian
+  N(w_i | m_j, V_j) at the observed rows (without the noise); here N_ij is the density the rows
+  are actually drawn from, N(x_i | R_i m_j, R_i V_j R_i^T + S_i) (the same kernel as the
+  likelihood, so projections R_i and missing fields need nothing extra). The merge criterion
+  is Ueda's normalised form; Bovy's code uses the unnormalised RR_jk.
+
+Candidates (:func:`rank_candidates`, Bovy's hierarchy): merge pairs in decreasing J_merge; for
+each pair, the other components in decreasing J_split; the first ``candidates`` triples
+(j, k, l) are tried in that order.
+
+A move (:func:`propose`) merges j and k into one moment-matched component at index j, and
+splits l along its principal axis into two halves (:func:`xd_dask.em._split`, the re-seeding
+split) at indices k and l. Partial EM (:meth:`SplitMerge.restrict`) then updates only those
+three components with the others fixed and their summed weight kept (the constrained M-step,
+which cannot lower the log-likelihood), for ``partial_iter`` iterations (or until it settles);
+then full EM runs to convergence. The move is accepted only if the converged mean
+log-likelihood exceeds the one before the move by more than ``tol`` (> 0 with ``tol = 0``);
+else the parameters revert and the next candidate is tried. The fit ends when no candidate is
+accepted (one last pass then scores the final parameters) or after ``max_moves`` accepted moves.
+
+The controller's state lives in ``LoopState.info["split_merge"]`` (JSON: phase, queue, the
+parameters before the move as exact float lists), so a checkpoint resumes a fit mid-move
+bit-identically. Full batch, monotone rules only (batch EM): the stochastic variant for online
+EM / Adam on waves is not implemented.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from xd_dask.em import _split
+from xd_dask.kernels import log_component_densities
+from xd_dask.kernels._common import to_numpy
+from xd_dask.optim.loop import LoopState, Mixture, Update
+from xd_dask.utils import get_logger
+
+log = get_logger(__name__)
+
+__all__ = [
+    "MoveStats",
+    "SplitMerge",
+    "array_criteria",
+    "merge_criterion",
+    "move_stats",
+    "propose",
+    "rank_candidates",
+    "split_criterion",
+]
+
+
+# ----------------------------------------------------------------------------- criteria
+@dataclass
+class MoveStats:
+    """Sums over rows for the split and merge criteria (module docstring); adds up."""
+
+    RR: np.ndarray  # (K, K) sum w r_j r_k
+    n: np.ndarray  # (K,) sum w r_j
+    flogf: np.ndarray  # (K,) sum w r_j log(w r_j)
+    flogp: np.ndarray  # (K,) sum w r_j log N_ij
+    n_rows: int = 0
+
+    @classmethod
+    def zeros(cls, K: int) -> MoveStats:
+        return cls(np.zeros((K, K)), np.zeros(K), np.zeros(K), np.zeros(K), 0)
+
+    def __add__(self, other: MoveStats) -> MoveStats:
+        return MoveStats(
+            self.RR + other.RR,
+            self.n + other.n,
+            self.flogf + other.flogf,
+            self.flogp + other.flogp,
+            self.n_rows + other.n_rows,
+        )
+
+
+def move_stats(
+    X: Any,
+    X_cov: Any,
+    params: Mixture,
+    *,
+    row_weights: Any = None,
+    R: Any = None,
+    backend: str = "auto",
+    check: bool = True,
+) -> MoveStats:
+    """The criteria's sums over the rows ``X`` (n, d), ``X_cov`` (n, d, d) (optional row weights
+    (n,), projections R (n, d, D)) at ``params`` (a background takes its share of every row)."""
+    K = params.weights.shape[0]
+    if X.shape[0] == 0:
+        return MoveStats.zeros(K)
+    logp = to_numpy(
+        log_component_densities(
+            X,
+            X_cov,
+            params.weights,
+            params.means,
+            params.covariances,
+            R=R,
+            backend=backend,
+            check=check,
+        )
+    )  # (n, K) log alpha_j + log N_ij
+    total = np.logaddexp.reduce(logp, axis=1)
+    bg = params.background
+    if bg is not None and bg.weight > 0:
+        total = np.logaddexp(total, to_numpy(bg.row_log_density(X)))
+    with np.errstate(divide="ignore"):
+        log_alpha = np.log(np.asarray(params.weights, dtype=np.float64))
+    log_r = logp - total[:, None]
+    r = np.exp(log_r)
+    w = np.ones(r.shape[0]) if row_weights is None else np.asarray(row_weights, np.float64)
+    wr = w[:, None] * r
+    log_wr = log_r + np.log(np.where(w > 0, w, 1.0))[:, None]
+    flogf = np.sum(np.where(wr > 0, wr * log_wr, 0.0), axis=0)
+    flogp = np.sum(np.where(wr > 0, wr * (logp - log_alpha[None, :]), 0.0), axis=0)
+    return MoveStats(r.T @ wr, wr.sum(axis=0), flogf, flogp, int(r.shape[0]))
+
+
+def merge_criterion(ms: MoveStats) -> np.ndarray:
+    """(K, K) J_merge(j, k) = RR_jk / sqrt(RR_jj RR_kk) (0 on the diagonal and for empty
+    components)."""
+    d = np.sqrt(np.clip(np.diag(ms.RR), 0.0, None))
+    denom = d[:, None] * d[None, :]
+    J = np.where(denom > 0, ms.RR / np.where(denom > 0, denom, 1.0), 0.0)
+    np.fill_diagonal(J, 0.0)
+    return J
+
+
+def split_criterion(ms: MoveStats) -> np.ndarray:
+    """(K,) local KL divergence J_split(j) = flogf_j / n_j - log n_j - flogp_j / n_j (-inf for
+    an empty component)."""
+    out = np.full(ms.n.shape, -np.inf)
+    ok = ms.n > 0
+    out[ok] = ms.flogf[ok] / ms.n[ok] - np.log(ms.n[ok]) - ms.flogp[ok] / ms.n[ok]
+    return out
+
+
+def rank_candidates(ms: MoveStats, limit: int) -> list[tuple[int, int, int]]:
+    """The first ``limit`` triples (j, k, l) of Bovy's hierarchy: merge pairs by decreasing
+    J_merge (ties: lower indices first), for each the other components by decreasing J_split."""
+    K = ms.n.shape[0]
+    if K < 3:
+        return []
+    Jm, Js = merge_criterion(ms), split_criterion(ms)
+    pairs = sorted(((j, k) for j in range(K) for k in range(j + 1, K)), key=lambda p: (-Jm[p], p))
+    splits = sorted(range(K), key=lambda i: (-Js[i], i))
+    out: list[tuple[int, int, int]] = []
+    for j, k in pairs:
+        for l in splits:  # noqa: E741 - Ueda's names
+            if l not in (j, k):
+                out.append((j, k, l))
+                if len(out) >= limit:
+                    return out
+    return out
+
+
+# ----------------------------------------------------------------------------- a move
+def propose(params: Mixture, triple: tuple[int, int, int]) -> Mixture:
+    """Merge j, k (moment-matched, at index j) and split l (principal axis, halves at k and
+    l); the summed weight of the three is kept."""
+    j, k, l = triple  # noqa: E741
+    w, m, V = params.weights.copy(), params.means.copy(), params.covariances.copy()
+    a = w[j] + w[k]
+    fj, fk = (w[j] / a, w[k] / a) if a > 0 else (0.5, 0.5)
+    mean = fj * m[j] + fk * m[k]
+    dj, dk = m[j] - mean, m[k] - mean
+    cov = fj * (V[j] + np.outer(dj, dj)) + fk * (V[k] + np.outer(dk, dk))
+    delta, V_half = _split(m[l], V[l])
+    ml, wl = m[l].copy(), w[l]
+    w[j], m[j], V[j] = a, mean, 0.5 * (cov + cov.T)
+    w[k], m[k], V[k] = 0.5 * wl, ml + delta, V_half
+    w[l], m[l], V[l] = 0.5 * wl, ml - delta, V_half.copy()
+    return Mixture(w, m, V, params.background)
+
+
+def _to_json(p: Mixture) -> dict[str, Any]:
+    return {k: np.asarray(v).tolist() for k, v in p.to_arrays().items()}
+
+
+def _from_json(d: dict[str, Any]) -> Mixture:
+    return Mixture.from_arrays({k: np.asarray(v, dtype=np.float64) for k, v in d.items()})
+
+
+# ----------------------------------------------------------------------------- controller
+Criteria = Callable[[Mixture], MoveStats]
+
+
+class SplitMerge:
+    """Split-and-merge moves for the fitting loop (module docstring).
+
+    Parameters
+    ----------
+    criteria : ``criteria(params) -> MoveStats`` over every row (one pass).
+    candidates : triples tried after each convergence before the fit ends.
+    partial_iter : partial-EM iterations on the three components of a move.
+    max_moves : stop after this many accepted moves.
+    tol : a move is accepted when the converged mean log-likelihood rises by more than this.
+    """
+
+    def __init__(
+        self,
+        criteria: Criteria,
+        candidates: int = 5,
+        partial_iter: int = 10,
+        max_moves: int = 20,
+        tol: float = 0.0,
+    ) -> None:
+        if int(candidates) < 1 or int(partial_iter) < 1 or int(max_moves) < 1:
+            raise ValueError("candidates, partial_iter and max_moves must be >= 1")
+        self.criteria = criteria
+        self.candidates = int(candidates)
+        self.partial_iter = int(partial_iter)
+        self.max_moves = int(max_moves)
+        self.tol = float(tol)
+
+    # ------------------------------------------------------------------ state
+    @staticmethod
+    def record(state: LoopState) -> dict[str, Any]:
+        """The controller's JSON state inside ``state.info`` (created on first use)."""
+        return state.info.setdefault(
+            "split_merge",
+            {
+                "phase": "em",
+                "run_iter": 0,
+                "queue": [],
+                "current": None,
+                "base": None,
+                "base_ll": None,
+                "tried": 0,
+                "accepted": 0,
+                "moves": [],
+            },
+        )
+
+    def max_total(self, max_steps: int) -> int:
+        """A bound on the loop's steps: every EM run (the first, and one per candidate tried)
+        has at most ``max_steps`` iterations (plus one scoring pass)."""
+        runs = 1 + (self.max_moves + 1) * self.candidates
+        return runs * (int(max_steps) + 1) + 1
+
+    def partial(self, state: LoopState) -> tuple[int, int, int] | None:
+        """The components partial EM updates this step (None: a full update)."""
+        sm = self.record(state)
+        return tuple(sm["current"]) if sm["phase"] == "partial" else None
+
+    def restrict(self, upd: Update, before: Mixture, triple: tuple[int, int, int]) -> Update:
+        """Partial EM: keep every component but the three of the move at ``before``, and the
+        three's summed weight (the background keeps its weight)."""
+        idx = list(triple)
+        w, m, V = before.weights.copy(), before.means.copy(), before.covariances.copy()
+        new_w = upd.params.weights[idx]
+        total = float(np.sum(before.weights[idx]))
+        s = float(np.sum(new_w))
+        w[idx] = new_w * (total / s) if s > 0 else total / 3.0
+        m[idx] = upd.params.means[idx]
+        V[idx] = upd.params.covariances[idx]
+        reseeded = [j for j in upd.reseeded if j in idx]
+        return Update(Mixture(w, m, V, before.background), reseeded, upd.step)
+
+    # ------------------------------------------------------------------ decisions
+    def advance(self, state: LoopState, ll: float, settled: bool, max_steps: int) -> str:
+        """Called by the loop with each step's mean log-likelihood (at ``state.params``) and
+        whether the current EM run has settled (converged). Returns "update" (an ordinary
+        update), "partial" (a partial-EM update), "moved" (``state.params`` were replaced:
+        no update this step) or "done" (the fit is finished at ``state.params``)."""
+        sm = self.record(state)
+        sm["run_iter"] += 1
+        settled = settled or sm["run_iter"] >= int(max_steps)
+        phase = sm["phase"]
+        if phase == "final":
+            sm["phase"] = "done"
+            return "done"
+        if phase == "partial":
+            if settled or sm["run_iter"] >= self.partial_iter:
+                sm["phase"], sm["run_iter"] = "full", 0
+                return "update"
+            return "partial"
+        if not settled:
+            return "update"
+        if phase == "em":
+            return self._start(state, ll)
+        # phase "full": decide the move
+        gain = ll - sm["base_ll"]
+        accepted = gain > self.tol
+        j, k, l = sm["current"]  # noqa: E741
+        sm["moves"].append(
+            {
+                "iteration": state.iteration + 1,
+                "merge": [j, k],
+                "split": l,
+                "ll_before": sm["base_ll"],
+                "ll_after": ll,
+                "accepted": bool(accepted),
+            }
+        )
+        log.info(
+            "split-and-merge: merge %d+%d, split %d: mean log-likelihood %.10g -> %.10g (%s)",
+            j,
+            k,
+            l,
+            sm["base_ll"],
+            ll,
+            "accepted" if accepted else "rejected",
+        )
+        if accepted:
+            sm["accepted"] += 1
+            if sm["accepted"] >= self.max_moves:
+                sm["phase"] = "done"
+                return "done"
+            return self._start(state, ll)
+        state.params = _from_json(sm["base"])  # revert
+        if not sm["queue"]:
+            sm["phase"], sm["run_iter"], sm["current"] = "final", 0, None
+            return "moved"
+        return self._next(state)
+
+    def _start(self, state: LoopState, ll: float) -> str:
+        """Converged at ``state.params``: rank the candidates there and try the first."""
+        sm = self.record(state)
+        ms = self.criteria(state.params)
+        sm["queue"] = [list(t) for t in rank_candidates(ms, self.candidates)]
+        sm["base"], sm["base_ll"] = _to_json(state.params), float(ll)
+        if not sm["queue"]:
+            sm["phase"] = "done"
+            return "done"
+        return self._next(state)
+
+    def _next(self, state: LoopState) -> str:
+        sm = self.record(state)
+        triple = tuple(sm["queue"].pop(0))
+        sm["current"] = list(triple)
+        sm["tried"] += 1
+        sm["phase"], sm["run_iter"] = "partial", 0
+        state.params = propose(_from_json(sm["base"]), triple)
+        return "moved"
+
+
+def array_criteria(
+    X: Any, X_cov: Any, row_weights: Any = None, R: Any = None, backend: str = "auto"
+) -> Criteria:
+    """The criteria pass over arrays in memory (what :class:`xd_dask.estimator.XDGMM` uses)."""
+
+    def criteria(params: Mixture) -> MoveStats:
+        return move_stats(
+            X, X_cov, params, row_weights=row_weights, R=R, backend=backend, check=False
+        )
+
+    return criteria
