@@ -16,9 +16,12 @@ from xd_dask.estimator import XDGMM
 from xd_dask.kernels import row_log_likelihood
 from xd_dask.model import XDModel
 from xd_dask.optim import FitLoop, LoopSettings, Mixture, OnlineEM
+from xd_dask.optim.adam import Adam
 from xd_dask.optim.arrays import ArrayStatistics
 from xd_dask.optim.splitmerge import (
     SplitMerge,
+    WaveSplitMerge,
+    array_criteria,
     merge_criterion,
     move_stats,
     propose,
@@ -130,7 +133,7 @@ def test_split_and_merge_escapes_the_local_maximum(rows):
 
 def test_moves_need_full_batch_em(rows):
     X, S = rows
-    with pytest.raises(ValueError, match="not implemented"):
+    with pytest.raises(ValueError, match="do not fit update rule"):
         FitLoop(
             OnlineEM(),
             ArrayStatistics(X, S),
@@ -139,18 +142,26 @@ def test_moves_need_full_batch_em(rows):
         )
 
 
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory, rows):
+    """The rows as 3 Parquet files (ids 1000, 1001, ...) and the stuck start as a model file."""
+    root = tmp_path_factory.mktemp("sm")
+    write_catalog(root / "cat", *rows, 3)
+    START.save(root / "start.npz")
+    return str(root / "cat"), str(root / "start.npz")
+
+
 @pytest.mark.cluster
-def test_cluster_equals_in_memory_and_resumes_mid_move(client, rows, tmp_path):
+def test_cluster_equals_in_memory_and_resumes_mid_move(client, rows, catalogue, tmp_path):
     X, S = rows
-    write_catalog(tmp_path / "cat", X, S, 3)
-    START.save(tmp_path / "start.npz")
+    cat, start = catalogue
 
     def config(ck):
         return FitConfig(
-            catalog=str(tmp_path / "cat"),
+            catalog=cat,
             n_components=3,
             schema=schema(),
-            init=str(tmp_path / "start.npz"),
+            init=start,
             max_iter=300,
             tol=TOL,
             split_merge=True,
@@ -194,3 +205,61 @@ def test_cluster_equals_in_memory_and_resumes_mid_move(client, rows, tmp_path):
         h["mean_loglike"] for h in hist
     ]  # bit for bit
     np.testing.assert_array_equal(resumed.covariances, model.covariances)
+
+
+def _wave_fit(rule, X, S, moves: bool, tol: float = TOL, ids=None):
+    """Online EM / Adam from the stuck start on 4 hash strata per epoch, 6 epochs."""
+    src = ArrayStatistics(X, S, ids=ids)
+    sm = WaveSplitMerge(array_criteria(src), every=4, tol=tol) if moves else None
+    loop = FitLoop(rule, src, LoopSettings(epochs=6, strata=4, seed=0), moves=sm)
+    return loop.run(loop.start(Mixture(START.weights, START.means, START.covariances)))
+
+
+@pytest.mark.parametrize("rule", ["online", "adam"])
+def test_stochastic_split_and_merge_on_waves_escapes(rows, rule):
+    X, S = rows
+    ll_true = _mean_ll(X, S, W_TRUE, M_TRUE, V_TRUE)
+
+    def make():
+        return OnlineEM() if rule == "online" else Adam(0.05)
+
+    plain = _wave_fit(make(), X, S, moves=False).params
+    st = _wave_fit(make(), X, S, moves=True)
+    ll_plain = _mean_ll(X, S, plain.weights, plain.means, plain.covariances)
+    p = st.params
+    ll_sm = _mean_ll(X, S, p.weights, p.means, p.covariances)
+    assert ll_plain < ll_true - 10 / np.sqrt(N)
+    # online EM lands within 1/sqrt(N) of the generating mixture; Adam's steps are noisier
+    assert abs(ll_sm - ll_true) < (1 if rule == "online" else 2) / np.sqrt(N)
+    moves = st.info["split_merge"]["moves"]
+    assert [(mv["merge"], mv["split"]) for mv in moves if mv["accepted"]] == [([1, 2], 0)]
+    assert moves[0]["iteration"] == 4 + 2 + 1  # moved at wave 4, judged after 2 trial waves
+    for mv in moves:  # judged on the same wave's rows, before and after
+        assert (mv["ll_after"] - mv["ll_before"] > TOL) == mv["accepted"]
+    assert len(st.history) == 24  # the moves cost passes, not waves
+
+
+@pytest.mark.cluster
+def test_cluster_online_split_and_merge_equals_in_memory(client, rows, catalogue):
+    cat, start = catalogue
+    cfg = FitConfig(
+        catalog=cat,
+        n_components=3,
+        schema=schema(),
+        init=start,
+        method="online",
+        epochs=6,
+        waves="strata",
+        waves_per_epoch=4,
+        tol=TOL,
+        split_merge=True,
+    )
+    model = fit_catalog(cfg, client)
+    assert model.metadata["waves"]["mode"] == "strata"
+    Xw, Sw = rows_as_written(*rows)
+    ref = _wave_fit(OnlineEM(), Xw, Sw, moves=True, ids=np.arange(1000, 1000 + N)).params
+    np.testing.assert_allclose(model.weights, ref.weights, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(model.means, ref.means, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(model.covariances, ref.covariances, rtol=1e-8, atol=1e-9)
+    hist = model.metadata["history"]
+    assert [h["split_merge"] for h in hist].count("moved") == 3  # as in memory: 3 moves tried

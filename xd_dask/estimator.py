@@ -223,12 +223,12 @@ class XDGMM(DensityMixin, BaseEstimator):
         if R is not None and self.background is True:
             raise ValueError("with projections R, pass background=Background(...) in the D-space")
         start = self._initial(X if R is None else np.empty((0, self.init.n_features)))
-        moves = None
+        source, moves = ArrayStatistics(X, X_cov, weights, R, self.backend), None
         if self.split_merge:  # split-and-merge (xd_dask.optim.splitmerge)
             from xd_dask.optim.splitmerge import SplitMerge, array_criteria  # noqa: PLC0415
 
             moves = SplitMerge(
-                array_criteria(X, X_cov, weights, R, self.backend),
+                array_criteria(source),
                 candidates=int(self.split_merge_candidates),
                 partial_iter=key("fit.split_merge_partial_iter").default,
                 max_moves=key("fit.split_merge_max_moves").default,
@@ -236,7 +236,7 @@ class XDGMM(DensityMixin, BaseEstimator):
             )
         loop = FitLoop(
             BatchEM(self.reg_covar, self.reg_form),
-            ArrayStatistics(X, X_cov, weights, R, self.backend),
+            source,
             LoopSettings(max_steps=int(self.max_iter), tol=self.tol, max_ll_drop=self.max_ll_drop),
             log_level=logging.DEBUG,
             moves=moves,

@@ -248,7 +248,8 @@ class _Fit:
         if cfg.split_merge:  # split-and-merge moves (xd_dask.distributed.splitmerge)
             from xd_dask.distributed.splitmerge import pass_moves  # noqa: PLC0415
 
-            moves = pass_moves(self.runner, cfg)
+            per_epoch = settings.strata or -(-len(self.manifest) // (settings.wave_size or 1))
+            moves = pass_moves(self.runner, cfg, 1 if settings.full_batch else per_epoch)
         return FitLoop(
             rule,
             PassStatistics(self.runner, sub, cfg.seed),

@@ -31,17 +31,23 @@ components and raises :class:`~xd_dask.optim.robust.FitDivergedError`); tests co
 rule for the update; checks it (finite, positive definite, weights) BEFORE accepting it; records
 history and re-seeding; checkpoints; logs; calls ``progress``.
 
-Moves (optional, full batch with a monotone rule): an object like
+Moves (optional): full batch with a monotone rule, an object like
 :class:`xd_dask.optim.splitmerge.SplitMerge` sees each step's mean log-likelihood through
 ``moves.advance(state, ll, settled, max_steps) -> "update" | "partial" | "moved" | "done"``; it
 may replace ``state.params`` ("moved": no update this step, and the next step is not compared
 with this one), ask for a partial update (``moves.partial(state)`` names the components,
 ``moves.restrict(update, params, components)`` keeps the others), or end the fit ("done").
-Its state is JSON in ``state.info``, so checkpoints carry it.
+On waves, an object like :class:`xd_dask.optim.splitmerge.WaveSplitMerge` is asked
+``moves.advance_wave(state, ll, batch, stats_at) -> "update" | "moved" | "restored"``
+(``stats_at(p)``: the wave's statistics at other parameters, one more pass over the same rows);
+"moved"
+re-initialises the rule's state at the new parameters, "restored" means the moves put back both.
+Their state is JSON in ``state.info``, so checkpoints carry it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -139,13 +145,16 @@ class Batch:
     """The rows of one step: ``units`` (partition ids; None = every unit), its 1-based
     ``iteration`` (step counter t + 1), ``epoch`` and ``wave`` (1-based), and ``stratum``
     ``(s, S)``: only the rows of hash stratum s of S of each unit (None: all their rows; the
-    source decides which rows form a stratum, from the loop's seed and the epoch)."""
+    source decides which rows form a stratum, from the loop's seed and the epoch). ``extra`` > 0
+    numbers a further pass over the same rows within the step (split-and-merge moves on waves
+    score other parameters on them): it only changes the label."""
 
     iteration: int
     epoch: int
     wave: int
     units: list[int] | None = None
     stratum: tuple[int, int] | None = None
+    extra: int = 0
 
     @property
     def full(self) -> bool:
@@ -153,9 +162,11 @@ class Batch:
         return self.units is None and self.stratum is None
 
     @property
-    def label(self) -> tuple[int, ...]:
-        """A key for task names and spans: (iteration,) for full batches, else (epoch, wave)."""
-        return (self.iteration,) if self.full else (self.epoch, self.wave)
+    def label(self) -> tuple[int | str, ...]:
+        """A key for task names and spans: (iteration,) for full batches, else (epoch, wave);
+        a further pass adds ``"x<extra>"``."""
+        label = (self.iteration,) if self.full else (self.epoch, self.wave)
+        return label if not self.extra else (*label, f"x{self.extra}")
 
 
 @dataclass
@@ -304,11 +315,12 @@ class FitLoop:
         log_level: int = logging.INFO,
         moves: Any = None,
     ) -> None:
-        if moves is not None and not (settings.full_batch and rule.monotone):
+        if moves is not None and settings.full_batch != rule.monotone:
             raise ValueError(
-                "split-and-merge moves need full-batch batch EM (the stochastic variant for "
-                "online EM / Adam on waves is not implemented)"
+                "split-and-merge moves need batch EM in full batches, or online EM / Adam on waves"
             )
+        if moves is not None and not hasattr(moves, "advance" if rule.monotone else "advance_wave"):
+            raise ValueError(f"{type(moves).__name__} moves do not fit update rule {rule.name!r}")
         if settings.wave_size is not None and int(settings.wave_size) < 1:
             raise ValueError("wave_size must be >= 1 (or None for full batches)")
         if settings.strata is not None and int(settings.strata) < 1:
@@ -426,8 +438,11 @@ class FitLoop:
         action, partial = "update", None
         if self.moves is not None:
             before, before_rule = state.params, state.rule_state
-            action = self.moves.advance(state, ll, state.converged, s.max_steps)
-            partial = self.moves.partial(state) if action == "partial" else None
+            if s.full_batch:
+                action = self.moves.advance(state, ll, state.converged, s.max_steps)
+                partial = self.moves.partial(state) if action == "partial" else None
+            else:
+                action = self.moves.advance_wave(state, ll, batch, self._stats_at(batch))
             state.converged = action == "done"
             if action == "moved":  # new parameters: no update from statistics at the old ones
                 state.previous, state.previous_rule_state = before, before_rule
@@ -450,8 +465,8 @@ class FitLoop:
         entry["reseeded"] = []
         if self.moves is not None:
             entry["split_merge"] = action
-            entry["moved"] = action == "moved"
-        if action != "moved" and not state.converged and stats.W > 0:
+            entry["moved"] = action in ("moved", "restored")
+        if action not in ("moved", "restored") and not state.converged and stats.W > 0:
             rule_state, upd = self._update(state, stats, t, batch, partial)
             state.previous, state.previous_rule_state = state.params, state.rule_state
             state.params, state.rule_state = upd.params, rule_state
@@ -475,6 +490,17 @@ class FitLoop:
         self._log(entry, prev)
         if self.progress is not None:
             self.progress(dict(entry, total=self.total))
+
+    def _stats_at(self, batch: Batch) -> Callable[[Mixture], SuffStats]:
+        """``stats_at(params)``: statistics of ``batch``'s rows at other parameters, each call
+        a pass of its own (a distinct label, so a cluster never reuses an earlier result)."""
+        calls = [0]
+
+        def stats_at(params: Mixture) -> SuffStats:
+            calls[0] += 1
+            return self.source(params, dataclasses.replace(batch, extra=calls[0])).stats
+
+        return stats_at
 
     def _update(
         self,

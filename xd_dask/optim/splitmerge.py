@@ -35,8 +35,20 @@ accepted (one last pass then scores the final parameters) or after ``max_moves``
 
 The controller's state lives in ``LoopState.info["split_merge"]`` (JSON: phase, queue, the
 parameters before the move as exact float lists), so a checkpoint resumes a fit mid-move
-bit-identically. Full batch, monotone rules only (batch EM): the stochastic variant for online
-EM / Adam on waves is not implemented.
+bit-identically.
+
+Stochastic variant on waves (online EM, Adam; :class:`WaveSplitMerge`): every ``every`` waves
+the criteria are computed on the current wave's rows only and the next untried candidate of that
+ranking (the r-th after r rejections in a row) is applied, followed by ``partial_iter``
+partial-EM iterations on the wave's rows (batch EM on that sample, the three components only;
+one pass over the wave each); the rule's state is re-initialised at the moved parameters, and
+the ordinary updates of the next ``trial_waves`` waves go on. On the wave after those, the moved
+parameters' mean log-likelihood of the wave's rows (computed by the loop anyway) is compared
+with the frozen parameters from before the move on the SAME rows (one extra pass): accepted when
+it is higher by more than ``tol``, else the parameters and the rule's state revert. The frozen
+parameters had no updates in the trial waves, which favours the move slightly when the fit is
+still far from settled; ``tol`` is the margin. Moves stop after ``candidates`` rejections in a
+row or ``max_moves`` accepted moves.
 """
 
 from __future__ import annotations
@@ -47,10 +59,11 @@ from typing import Any
 
 import numpy as np
 
-from xd_dask.em import _split
+from xd_dask.em import _split, batch_update
 from xd_dask.kernels import log_component_densities
 from xd_dask.kernels._common import to_numpy
-from xd_dask.optim.loop import LoopState, Mixture, Update
+from xd_dask.optim.loop import Batch, LoopState, Mixture, Update
+from xd_dask.optim.robust import check_params
 from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
@@ -58,11 +71,13 @@ log = get_logger(__name__)
 __all__ = [
     "MoveStats",
     "SplitMerge",
+    "WaveSplitMerge",
     "array_criteria",
     "merge_criterion",
     "move_stats",
     "propose",
     "rank_candidates",
+    "restrict",
     "split_criterion",
 ]
 
@@ -192,6 +207,20 @@ def propose(params: Mixture, triple: tuple[int, int, int]) -> Mixture:
     return Mixture(w, m, V, params.background)
 
 
+def restrict(new: Mixture, before: Mixture, triple: tuple[int, int, int]) -> Mixture:
+    """Partial EM: ``new`` for the three components of a move, ``before`` for the others, and
+    the three's summed weight of ``before`` (the background keeps its weight)."""
+    idx = list(triple)
+    w, m, V = before.weights.copy(), before.means.copy(), before.covariances.copy()
+    new_w = new.weights[idx]
+    total = float(np.sum(before.weights[idx]))
+    s = float(np.sum(new_w))
+    w[idx] = new_w * (total / s) if s > 0 else total / 3.0
+    m[idx] = new.means[idx]
+    V[idx] = new.covariances[idx]
+    return Mixture(w, m, V, before.background)
+
+
 def _to_json(p: Mixture) -> dict[str, Any]:
     return {k: np.asarray(v).tolist() for k, v in p.to_arrays().items()}
 
@@ -201,7 +230,8 @@ def _from_json(d: dict[str, Any]) -> Mixture:
 
 
 # ----------------------------------------------------------------------------- controller
-Criteria = Callable[[Mixture], MoveStats]
+#: ``criteria(params, batch)``: the sums over the batch's rows (every row when batch is None).
+Criteria = Callable[[Mixture, Batch | None], MoveStats]
 
 
 class SplitMerge:
@@ -263,18 +293,9 @@ class SplitMerge:
         return tuple(sm["current"]) if sm["phase"] == "partial" else None
 
     def restrict(self, upd: Update, before: Mixture, triple: tuple[int, int, int]) -> Update:
-        """Partial EM: keep every component but the three of the move at ``before``, and the
-        three's summed weight (the background keeps its weight)."""
-        idx = list(triple)
-        w, m, V = before.weights.copy(), before.means.copy(), before.covariances.copy()
-        new_w = upd.params.weights[idx]
-        total = float(np.sum(before.weights[idx]))
-        s = float(np.sum(new_w))
-        w[idx] = new_w * (total / s) if s > 0 else total / 3.0
-        m[idx] = upd.params.means[idx]
-        V[idx] = upd.params.covariances[idx]
-        reseeded = [j for j in upd.reseeded if j in idx]
-        return Update(Mixture(w, m, V, before.background), reseeded, upd.step)
+        """Partial EM (:func:`restrict`); re-seeding outside the three is dropped."""
+        reseeded = [j for j in upd.reseeded if j in triple]
+        return Update(restrict(upd.params, before, triple), reseeded, upd.step)
 
     # ------------------------------------------------------------------ decisions
     def advance(self, state: LoopState, ll: float, settled: bool, max_steps: int) -> str:
@@ -336,7 +357,7 @@ class SplitMerge:
     def _start(self, state: LoopState, ll: float) -> str:
         """Converged at ``state.params``: rank the candidates there and try the first."""
         sm = self.record(state)
-        ms = self.criteria(state.params)
+        ms = self.criteria(state.params, None)
         sm["queue"] = [list(t) for t in rank_candidates(ms, self.candidates)]
         sm["base"], sm["base_ll"] = _to_json(state.params), float(ll)
         if not sm["queue"]:
@@ -354,14 +375,175 @@ class SplitMerge:
         return "moved"
 
 
-def array_criteria(
-    X: Any, X_cov: Any, row_weights: Any = None, R: Any = None, backend: str = "auto"
-) -> Criteria:
-    """The criteria pass over arrays in memory (what :class:`xd_dask.estimator.XDGMM` uses)."""
+def array_criteria(source: Any) -> Criteria:
+    """The criteria over the rows of an :class:`xd_dask.optim.arrays.ArrayStatistics` (a
+    batch's hash stratum, or every row)."""
 
-    def criteria(params: Mixture) -> MoveStats:
+    def criteria(params: Mixture, batch: Batch | None = None) -> MoveStats:
+        rows = None if batch is None else source._rows(batch)
+
+        def take(a: Any) -> Any:
+            return a if a is None or rows is None else a[rows]
+
         return move_stats(
-            X, X_cov, params, row_weights=row_weights, R=R, backend=backend, check=False
+            take(source.X),
+            take(source.X_cov),
+            params,
+            row_weights=take(source.row_weights),
+            R=take(source.R),
+            backend=source.backend,
+            check=False,
         )
 
     return criteria
+
+
+class WaveSplitMerge:
+    """Stochastic split-and-merge on waves for online EM and Adam (module docstring).
+
+    Parameters
+    ----------
+    criteria : ``criteria(params, batch) -> MoveStats`` over a wave's rows.
+    every : waves between move attempts.  trial_waves : updates before a move is judged.
+    candidates : rejections in a row after which no more moves are tried.
+    max_moves : accepted moves at most.  tol : acceptance margin (mean log-likelihood per row).
+    partial_iter : partial-EM iterations on the wave's rows after a move.  reg_covar : theirs.
+    """
+
+    def __init__(
+        self,
+        criteria: Criteria,
+        every: int,
+        trial_waves: int = 2,
+        candidates: int = 5,
+        max_moves: int = 20,
+        tol: float = 0.0,
+        partial_iter: int = 10,
+        reg_covar: float = 1e-6,
+    ) -> None:
+        if min(int(every), int(trial_waves), int(candidates), int(max_moves)) < 1:
+            raise ValueError("every, trial_waves, candidates and max_moves must be >= 1")
+        self.partial_iter = int(partial_iter)
+        self.reg_covar = float(reg_covar)
+        self.criteria = criteria
+        self.every = int(every)
+        self.trial_waves = int(trial_waves)
+        self.candidates = int(candidates)
+        self.max_moves = int(max_moves)
+        self.tol = float(tol)
+
+    @staticmethod
+    def record(state: LoopState) -> dict[str, Any]:
+        return state.info.setdefault(
+            "split_merge",
+            {
+                "phase": "em",
+                "waves": 0,
+                "trial": 0,
+                "rejected": 0,
+                "accepted": 0,
+                "tried": 0,
+                "current": None,
+                "base": None,
+                "base_rule": None,
+                "moves": [],
+            },
+        )
+
+    def advance_wave(
+        self, state: LoopState, ll: float, batch: Batch, stats_at: Callable[[Mixture], Any]
+    ) -> str:
+        """Called by the loop with each wave's mean log-likelihood at ``state.params``;
+        ``stats_at(params)`` gives the statistics (SuffStats) of the same rows at other
+        parameters.
+        Returns "update", "moved" (new parameters: the loop re-initialises the rule's state) or
+        "restored" (parameters and rule state reverted here); no update after either."""
+        sm = self.record(state)
+        if sm["phase"] == "trial":
+            sm["trial"] += 1
+            if sm["trial"] <= self.trial_waves:
+                return "update"
+            return self._judge(state, ll, stats_at)
+        if sm["phase"] == "done":
+            return "update"
+        sm["waves"] += 1
+        if sm["waves"] < self.every:
+            return "update"
+        sm["waves"] = 0
+        ranked = rank_candidates(self.criteria(state.params, batch), sm["rejected"] + 1)
+        if len(ranked) <= sm["rejected"]:
+            sm["phase"] = "done"
+            return "update"
+        triple = ranked[sm["rejected"]]
+        sm["base"] = _to_json(state.params)
+        sm["base_rule"] = {k: np.asarray(v).tolist() for k, v in state.rule_state.items()}
+        sm["current"], sm["tried"] = list(triple), sm["tried"] + 1
+        sm["phase"], sm["trial"] = "trial", 0
+        state.params = self._partial_em(propose(state.params, triple), triple, stats_at)
+        return "moved"
+
+    def _partial_em(
+        self, p: Mixture, triple: tuple[int, int, int], stats_at: Callable[[Mixture], Any]
+    ) -> Mixture:
+        """Partial EM on the wave's rows; stops early at a non-finite or non-positive-definite
+        step (keeping the last good parameters)."""
+        for _ in range(self.partial_iter):
+            st = stats_at(p)
+            if st.W <= 0:
+                break
+            upd = batch_update(
+                st,
+                p.weights,
+                p.means,
+                p.covariances,
+                reg_covar=self.reg_covar,
+                background=p.background is not None,
+            )
+            new = restrict(p.updated(upd), p, triple)
+            try:
+                check_params(new, "partial EM")
+            except FloatingPointError:
+                break
+            p = new
+        return p
+
+    def _judge(self, state: LoopState, ll: float, stats_at: Callable[[Mixture], Any]) -> str:
+        sm = self.record(state)
+        base = _from_json(sm["base"])
+        st = stats_at(base)
+        ll_base = st.ll / st.W if st.W > 0 else float("nan")
+        accepted = ll - ll_base > self.tol
+        j, k, l = sm["current"]  # noqa: E741
+        sm["moves"].append(
+            {
+                "iteration": state.iteration + 1,
+                "merge": [j, k],
+                "split": l,
+                "ll_before": ll_base,
+                "ll_after": float(ll),
+                "accepted": bool(accepted),
+            }
+        )
+        log.info(
+            "split-and-merge on waves: merge %d+%d, split %d: wave mean log-likelihood %.10g "
+            "(before the move) -> %.10g (%s)",
+            j,
+            k,
+            l,
+            ll_base,
+            ll,
+            "accepted" if accepted else "rejected",
+        )
+        sm["phase"], sm["current"] = "em", None
+        if accepted:
+            sm["accepted"] += 1
+            sm["rejected"] = 0
+            if sm["accepted"] >= self.max_moves:
+                sm["phase"] = "done"
+            return "update"
+        sm["rejected"] += 1
+        if sm["rejected"] >= self.candidates:
+            sm["phase"] = "done"
+        state.params = base
+        state.rule_state = {k: np.asarray(v) for k, v in sm["base_rule"].items()}
+        return "restored"
