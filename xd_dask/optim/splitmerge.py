@@ -221,6 +221,34 @@ def restrict(new: Mixture, before: Mixture, triple: tuple[int, int, int]) -> Mix
     return Mixture(w, m, V, before.background)
 
 
+def _note_move(
+    sm: dict[str, Any], state: LoopState, what: str, before: float, after: float, accepted: bool
+) -> None:
+    """Record (in the controller's state) and log the verdict on the current move."""
+    j, k, l = sm["current"]  # noqa: E741
+    sm["moves"].append(
+        {
+            "iteration": state.iteration + 1,
+            "merge": [j, k],
+            "split": l,
+            "ll_before": float(before),
+            "ll_after": float(after),
+            "accepted": bool(accepted),
+        }
+    )
+    verdict = "accepted" if accepted else "rejected"
+    log.info(
+        "split-and-merge: merge %d+%d, split %d: %s %.10g -> %.10g (%s)",
+        j,
+        k,
+        l,
+        what,
+        before,
+        after,
+        verdict,
+    )
+
+
 def _to_json(p: Mixture) -> dict[str, Any]:
     return {k: np.asarray(v).tolist() for k, v in p.to_arrays().items()}
 
@@ -322,26 +350,7 @@ class SplitMerge:
         # phase "full": decide the move
         gain = ll - sm["base_ll"]
         accepted = gain > self.tol
-        j, k, l = sm["current"]  # noqa: E741
-        sm["moves"].append(
-            {
-                "iteration": state.iteration + 1,
-                "merge": [j, k],
-                "split": l,
-                "ll_before": sm["base_ll"],
-                "ll_after": ll,
-                "accepted": bool(accepted),
-            }
-        )
-        log.info(
-            "split-and-merge: merge %d+%d, split %d: mean log-likelihood %.10g -> %.10g (%s)",
-            j,
-            k,
-            l,
-            sm["base_ll"],
-            ll,
-            "accepted" if accepted else "rejected",
-        )
+        _note_move(sm, state, "mean log-likelihood", sm["base_ll"], ll, accepted)
         if accepted:
             sm["accepted"] += 1
             if sm["accepted"] >= self.max_moves:
@@ -513,27 +522,7 @@ class WaveSplitMerge:
         st = stats_at(base)
         ll_base = st.ll / st.W if st.W > 0 else float("nan")
         accepted = ll - ll_base > self.tol
-        j, k, l = sm["current"]  # noqa: E741
-        sm["moves"].append(
-            {
-                "iteration": state.iteration + 1,
-                "merge": [j, k],
-                "split": l,
-                "ll_before": ll_base,
-                "ll_after": float(ll),
-                "accepted": bool(accepted),
-            }
-        )
-        log.info(
-            "split-and-merge on waves: merge %d+%d, split %d: wave mean log-likelihood %.10g "
-            "(before the move) -> %.10g (%s)",
-            j,
-            k,
-            l,
-            ll_base,
-            ll,
-            "accepted" if accepted else "rejected",
-        )
+        _note_move(sm, state, "wave mean log-likelihood", ll_base, ll, accepted)
         sm["phase"], sm["current"] = "em", None
         if accepted:
             sm["accepted"] += 1
