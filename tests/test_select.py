@@ -92,3 +92,15 @@ def test_select_finds_k_true_through_the_cli(cluster, six):
     assert (root / "out" / "select.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for k in rows:
         assert (root / "out" / f"k{k}" / "model.npz").is_file()
+    # JSON events: one per K, then the table; the held-out criterion; a rerun needs --overwrite
+    again = CliRunner().invoke(main, [*args[:3], "5,6", *args[4:], "--log-format", "json"])
+    assert again.exit_code == 2 and "checkpoints" in again.output
+    res = CliRunner().invoke(
+        main, [*args[:3], "5,6", *args[4:], "--log-format", "json", "--overwrite"]
+    )
+    assert res.exit_code == 0, res.output
+    events = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
+    assert [e["n_components"] for e in events if e["event"] == "k_done"] == [5, 6]
+    final = [e for e in events if e["event"] == "select"][-1]
+    assert final["criterion"] == "heldout" and final["chosen"] == 6
+    assert XDModel.load(root / "out" / "model.npz").metadata["select"]["chosen"] == 6

@@ -333,7 +333,14 @@ class SplitMerge:
         no update this step) or "done" (the fit is finished at ``state.params``)."""
         sm = self.record(state)
         sm["run_iter"] += 1
-        settled = settled or sm["run_iter"] >= int(max_steps)
+        if not settled and sm["run_iter"] >= int(max_steps):
+            log.warning(
+                "split-and-merge: an EM run (phase %s) stopped at max_iter = %d before it "
+                "converged; judging it as it is",
+                sm["phase"],
+                int(max_steps),
+            )
+            settled = True
         phase = sm["phase"]
         if phase == "final":
             sm["phase"] = "done"
