@@ -61,6 +61,8 @@ def pass_moves(runner: Any, cfg: Any, n_waves: int = 1) -> SplitMerge | WaveSpli
     """The split-and-merge controller of a fit (``cfg``: FitConfig; ``n_waves`` per epoch for
     online EM / Adam) whose criteria run as one ``xd-moves`` pass of ``runner``
     (:class:`xd_dask.distributed.passes.PassRunner`) over every row, or over a wave's rows."""
+    if cfg.gpu:
+        raise ValueError("fit.split_merge runs on CPU workers only (cluster.gpu = false)")
     calls = [0]
     sub = None if cfg.subsample is None else (float(cfg.subsample), int(cfg.seed))
 
