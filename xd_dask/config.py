@@ -331,7 +331,9 @@ KEYS: tuple[Key, ...] = (
     K("fit.reg_covar", 1e-6, "added to the diagonal of every component covariance", lo=0.0),
     K("fit.seed", 0, "seeds the initialisation, wave order and subsampling", lo=0,
       flag="--seed"),
-    K("fit.init", "kmeans", "'kmeans' or the path of a model (.npz) to start from",
+    K("fit.init", "kmeans",
+      "'kmeans' (with a schema [projection]: the method of moments) or the path of a model "
+      "(.npz) to start from",
       check=_init, flag="--init"),
     K("fit.persist", False, "keep the catalogue's arrays in cluster memory between passes"),
     K("fit.subsample", 0.0,
@@ -355,6 +357,23 @@ KEYS: tuple[Key, ...] = (
       "batch EM: a larger fall of the mean log-likelihood per row (nats) in one iteration "
       "rolls back and stops, naming the rows (robust EM)",
       lo=0.0, lo_open=True),
+    K("fit.split_merge", False,
+      "split-and-merge moves (Ueda et al. 2000; Bovy et al. 2011): merge two, split a third",
+      doc="after EM converges, merge two components and split a third (ranked by the merge and "
+      "split\ncriteria of one pass), partial EM on the three, full EM; kept only if the "
+      "log-likelihood rises.\nOnline EM / Adam: the stochastic variant (criteria from a wave, "
+      "judged on a later wave)"),
+    K("fit.split_merge_candidates", 5,
+      "split-and-merge: candidate moves tried after each convergence before stopping", lo=1),
+    K("fit.split_merge_partial_iter", 10,
+      "split-and-merge: partial-EM iterations on the three components of a move", lo=1),
+    K("fit.split_merge_max_moves", 20, "split-and-merge: stop after this many accepted moves",
+      lo=1),
+    K("fit.split_merge_every", 0,
+      "split-and-merge on waves (online EM, Adam): waves between moves; 0 = once per epoch",
+      lo=0),
+    K("fit.split_merge_trial_waves", 2,
+      "split-and-merge on waves: updates before a move is judged on the next wave", lo=1),
     K("fit.kmeans_iter", 1,
       "Lloyd passes over the catalogue after k-means on the sample (0: the sample's clusters)",
       lo=0, job=False),

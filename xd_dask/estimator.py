@@ -116,6 +116,9 @@ class XDGMM(DensityMixin, BaseEstimator):
     max_ll_drop : largest accepted decrease of the mean log-likelihood per iteration (nats per
         row); a larger one rolls back and raises :class:`xd_dask.optim.FitDivergedError` naming
         the rows (:mod:`xd_dask.optim.robust`).
+    split_merge : after convergence, try split-and-merge moves (:mod:`xd_dask.optim.splitmerge`;
+        ``split_merge_candidates`` per convergence); ``max_iter`` then bounds each EM run and
+        ``history_`` entries carry ``split_merge`` (the move phase), ``moves_`` the moves tried.
 
     Every method taking ``(X, X_cov)`` also takes one array made by :func:`pack` (X_cov omitted),
     which is what scikit-learn's model selection passes (``GridSearchCV(...).fit(pack(X, S))``
@@ -144,6 +147,8 @@ class XDGMM(DensityMixin, BaseEstimator):
         background: bool | Background = False,
         background_weight: float = 1e-3,
         max_ll_drop: float = MAX_LL_DROP,
+        split_merge: bool = False,
+        split_merge_candidates: int = key("fit.split_merge_candidates").default,
     ) -> None:
         self.n_components = n_components
         self.max_iter = max_iter
@@ -156,6 +161,8 @@ class XDGMM(DensityMixin, BaseEstimator):
         self.background = background
         self.background_weight = background_weight
         self.max_ll_drop = max_ll_drop
+        self.split_merge = split_merge
+        self.split_merge_candidates = split_merge_candidates
 
     # ----------------------------------------------------------------- fitting
     def _check_params(self, X: np.ndarray) -> None:
@@ -224,13 +231,26 @@ class XDGMM(DensityMixin, BaseEstimator):
                 "background=False"
             )
         start = self._initial(X, X_cov, R)
+        source, moves = ArrayStatistics(X, X_cov, weights, R, self.backend), None
+        if self.split_merge:  # split-and-merge (xd_dask.optim.splitmerge)
+            from xd_dask.optim.splitmerge import SplitMerge, array_criteria  # noqa: PLC0415
+
+            moves = SplitMerge(
+                array_criteria(source),
+                candidates=int(self.split_merge_candidates),
+                partial_iter=key("fit.split_merge_partial_iter").default,
+                max_moves=key("fit.split_merge_max_moves").default,
+                tol=self.tol,
+            )
         loop = FitLoop(
             BatchEM(self.reg_covar, self.reg_form),
-            ArrayStatistics(X, X_cov, weights, R, self.backend),
+            source,
             LoopSettings(max_steps=int(self.max_iter), tol=self.tol, max_ll_drop=self.max_ll_drop),
             log_level=logging.DEBUG,
+            moves=moves,
         )
         state = loop.run(loop.start(start))
+        self.moves_ = state.info.get("split_merge", {}).get("moves", [])
         p = state.params
         self.weights_, self.means_, self.covariances_ = p.weights, p.means, p.covariances
         self.background_ = p.background

@@ -244,12 +244,19 @@ class _Fit:
                 n_waves = strata or -(-len(self.manifest) // wave_size)
                 rule = Adam(cfg.learning_rate, adam_schedule(int(cfg.epochs) * n_waves))
             sub = None if cfg.subsample is None else (float(cfg.subsample), int(cfg.seed))
+        moves = None
+        if cfg.split_merge:  # split-and-merge moves (xd_dask.distributed.splitmerge)
+            from xd_dask.distributed.splitmerge import pass_moves  # noqa: PLC0415
+
+            per_epoch = settings.strata or -(-len(self.manifest) // (settings.wave_size or 1))
+            moves = pass_moves(self.runner, cfg, 1 if settings.full_batch else per_epoch)
         return FitLoop(
             rule,
             PassStatistics(self.runner, sub, cfg.seed),
             settings,
             checkpoint=self._checkpoint,
             progress=self._progress,
+            moves=moves,
         )
 
     def _background(self, sample_pass: Partial | None) -> Background:
@@ -382,6 +389,7 @@ class _Fit:
             },
             "wave_size": int(st.info.get("wave_size", 0)),
             "waves": st.info.get("waves"),
+            "split_merge": st.info.get("split_merge", {}).get("moves"),
             "max_gathered_bytes": max(
                 int(st.info.get("max_gathered_bytes", 0)), self.runner.max_gathered_bytes
             ),
