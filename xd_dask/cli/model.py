@@ -195,7 +195,7 @@ def posterior(
             out,
             on_bad=cfg.catalog.on_bad,
             gpu=cfg.cluster.gpu,
-            dtype=cfg.fit.dtype,
+            dtype="float64" if cfg.fit.dtype == "auto" else cfg.fit.dtype,  # per-star precision
             columns=groups,
             top_k=top_k,
             backend=cfg.fit.backend,

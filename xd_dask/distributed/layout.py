@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from xd_dask.config import row_dtype
 from xd_dask.distributed.manifest import Manifest, _open
 from xd_dask.utils import get_logger
 
@@ -235,7 +236,7 @@ def plan_waves(
     N = manifest.n_rows
     K = int(cfg.n_components)
     S = cfg.waves_per_epoch or max(1, min(WAVES_PER_EPOCH, N // (MIN_WAVE_ROWS_PER_COMPONENT * K)))
-    need = catalogue_bytes(N, n_features, cfg.dtype, n_observed)
+    need = catalogue_bytes(N, n_features, row_dtype(cfg.dtype, cfg.gpu), n_observed)
     fits = memory is not None and not cfg.gpu and need <= AUTO_PERSIST_FRACTION * memory
     mode, persist = cfg.waves, bool(cfg.persist)
     reason = f"fit.waves = {mode!r}"

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from dask.sizeof import sizeof
 
+from xd_dask.config import row_dtype
 from xd_dask.distributed.manifest import Partition
 from xd_dask.distributed.rowstatus import with_status
 from xd_dask.distributed.split import row_keys, side_mask, stratum_of
@@ -215,7 +216,7 @@ def read_block(part: Partition, opts: TaskOptions) -> Block:
     _backend(opts)
     from xd_dask.io import read_partition  # noqa: PLC0415 - layering: distributed -> io
 
-    dtype = np.float32 if opts.dtype == "float32" else np.float64
+    dtype = np.float32 if row_dtype(opts.dtype, opts.gpu) == "float32" else np.float64
     path, fs = part.path, None
     if "://" in path:  # fsspec URL (s3://, gs://, https://, memory://, ...)
         import fsspec  # noqa: PLC0415
