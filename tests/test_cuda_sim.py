@@ -40,12 +40,14 @@ def test_cuda_kernels_in_the_simulator(group):
 
 # --------------------------------------------------------------------------- the subprocess
 def _err(got, want) -> float:
-    """Normwise relative error over the statistics (n_j, a, C, ll, W[, n_bg])."""
+    """Normwise relative error over the statistics (n_j, a, C, ll, W[, n_bg]); NaN counts as
+    an infinite error (``max`` would drop it)."""
     e = 0.0
     for g, w in zip(got, want, strict=False):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         assert g.shape == w.shape, (g.shape, w.shape)
-        e = max(e, float(np.max(np.abs(g - w)) / max(np.max(np.abs(w)), 1e-300)))
+        d = float(np.max(np.abs(g - w)) / max(np.max(np.abs(w)), 1e-300))
+        e = max(e, d if d == d else np.inf)
     return e
 
 
@@ -217,11 +219,91 @@ def _nonpd_cases():
     print("non-PD rows and components: fused, two-pass, logdens, posterior agree")
 
 
+def _atomic_shared_arrays() -> None:
+    """One ``cuda.shared.array`` per launch and call site, whatever the thread interleaving,
+    filled with NaN.
+
+    numba-cuda's simulator (0.30.4, ``FakeCUDAShared.array``) looks the array up in a dict
+    shared by the block's threads and, on a miss, inserts a fresh ``np.empty`` without a lock:
+    two threads that both miss get two arrays, and a thread then reads slots only written in
+    the other one as uninitialised memory (a statistic of 2.4e307 in one suite run; about one
+    launch in 5000 of 8 threads at the switch interval used here). The lookup here is locked;
+    NaN makes a read of a slot no thread wrote visible, as uninitialised shared memory would be
+    on a device.
+    """
+    import threading
+
+    from numba.cuda.simulator import kernelapi
+
+    lock = threading.Lock()
+    array = kernelapi.FakeCUDAShared.array
+
+    def shared_array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory: one buffer, no race
+            return array(self, shape, dtype, alignment)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)  # the simulator's key
+        with lock:
+            res = self._allocations.get(key)
+            if res is None:
+                if isinstance(dtype, kernelapi.types.Type):
+                    dtype = kernelapi.numpy_support.as_dtype(dtype)
+                res = self._allocations[key] = np.full(shape, np.nan, dtype)
+        return res
+
+    kernelapi.FakeCUDAShared.array = shared_array
+
+
+def _check_shared_arrays() -> None:
+    """The threads of a block see one shared array even when a miss in the simulator's lookup
+    is slow (without :func:`_atomic_shared_arrays` most launches here see two)."""
+    from numba import cuda, float64
+    from numba.cuda.simulator import kernelapi
+
+    class SlowMiss(dict):
+        def get(self, key, default=None):
+            res = super().get(key, default)
+            time.sleep(0.002 if res is None else 0.0)
+            return res
+
+    ns = {"cuda": cuda, "float64": float64}  # the simulator swaps the kernel's global cuda
+    exec(
+        "def neighbour(out):\n"
+        "    j = cuda.threadIdx.x\n"
+        "    sm = cuda.shared.array(8, float64)\n"
+        "    sm[j] = j + 1.0\n"
+        "    cuda.syncthreads()\n"
+        "    out[j] = sm[(j + 1) % 8]\n",
+        ns,
+    )
+    neighbour = cuda.jit(ns["neighbour"])
+
+    init = kernelapi.FakeCUDAShared.__init__
+
+    def slow_init(self, *args):
+        init(self, *args)
+        self._allocations = SlowMiss()
+
+    kernelapi.FakeCUDAShared.__init__ = slow_init
+    try:
+        for _ in range(3):
+            out = np.zeros(8)
+            neighbour[1, 8](out)
+            np.testing.assert_array_equal(out, np.roll(np.arange(8.0) + 1.0, -1))
+    finally:
+        kernelapi.FakeCUDAShared.__init__ = init
+
+
 def main(group: str) -> None:
     sys.setswitchinterval(1e-4)
     from numba import config
 
+    from xd_dask.kernels import _cuda
+
     assert config.ENABLE_CUDASIM, "run with NUMBA_ENABLE_CUDASIM=1"
+    _atomic_shared_arrays()
+    _check_shared_arrays()
+    _cuda.POISON = True  # an output slot no thread wrote reads as NaN (status: an error)
     {"stats": _stats_cases, "projected": _projected_cases, "dispatch": _dispatch_cases,
      "nonpd": _nonpd_cases}[group]()  # fmt: skip
     print(f"{group}: ok")

@@ -109,3 +109,27 @@ def test_gpu_batch_em_equals_cpu(tmp_path, dtype):
     np.testing.assert_allclose(gpu.means, cpu.means, rtol=0, atol=tol * 10)
     np.testing.assert_allclose(gpu.covariances, cpu.covariances, rtol=0, atol=tol * 10)
     np.testing.assert_allclose(gpu.weights, cpu.weights, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "gpu", "want"),
+    [("auto", True, np.float32), ("auto", False, np.float64), ("float64", True, np.float64),
+     ("float32", False, np.float32)],
+)  # fmt: skip
+def test_auto_row_dtype_is_float32_on_gpu_workers_only(tmp_path, monkeypatch, dtype, gpu, want):
+    """fit.dtype = "auto" (the default): GPU workers hold float32 rows (issue 12), CPU workers
+    float64; an explicit dtype wins. The device layout is built with NumPy standing in for CuPy
+    (the same code path); the rows equal the float64 rows rounded once."""
+    import xd_dask.distributed.gpu as gpu_mod
+    from xd_dask.distributed import build_manifest
+    from xd_dask.distributed.tasks import TaskOptions, read_block
+
+    real = gpu_mod.to_device
+    monkeypatch.setattr(gpu_mod, "to_device", lambda X, S, R=None: real(X, S, R, xp=np))
+    X, S = make_rows(seed=3, n=40)
+    write_catalog(tmp_path / "cat", X, S, 1)
+    part = build_manifest(str(tmp_path / "cat"))[0]
+    blk = read_block(part, TaskOptions(schema(), dtype=dtype, gpu=gpu))
+    assert blk.X.dtype == want
+    ref = read_block(part, TaskOptions(schema(), dtype="float64"))
+    np.testing.assert_array_equal(blk.X, ref.X.astype(want))

@@ -256,6 +256,14 @@ def K(name: str, default: Any, help: str, **kw: Any) -> Key:  # noqa: N802 - rea
     return Key(name, default, help, **kw)
 
 
+def row_dtype(dtype: str, gpu: bool) -> str:
+    """The row precision a ``fit.dtype`` value means: "auto" is "float32" on GPU workers (device
+    memory and fp32 throughput; statistics still sum in float64) and "float64" on CPU workers."""
+    if dtype == "auto":
+        return "float32" if gpu else "float64"
+    return dtype
+
+
 # --------------------------------------------------------------------------- the table
 #: Section headers of job.toml: {section: comment}.
 SECTIONS: dict[str, str] = {
@@ -331,7 +339,9 @@ KEYS: tuple[Key, ...] = (
     K("fit.reg_covar", 1e-6, "added to the diagonal of every component covariance", lo=0.0),
     K("fit.seed", 0, "seeds the initialisation, wave order and subsampling", lo=0,
       flag="--seed"),
-    K("fit.init", "kmeans", "'kmeans' or the path of a model (.npz) to start from",
+    K("fit.init", "kmeans",
+      "'kmeans' (with a schema [projection]: the method of moments) or the path of a model "
+      "(.npz) to start from",
       check=_init, flag="--init"),
     K("fit.persist", False, "keep the catalogue's arrays in cluster memory between passes"),
     K("fit.subsample", 0.0,
@@ -342,8 +352,13 @@ KEYS: tuple[Key, ...] = (
       lo=0, unset=0),
     K("fit.fan_in", 8, "fan-in of the reduction tree of partition statistics", lo=2),
     K("fit.backend", "auto", "kernel backend", choices=("auto", "numba", "reference")),
-    K("fit.dtype", "float64", "row precision on the workers (statistics are summed in float64)",
-      choices=("float64", "float32")),
+    K("fit.dtype", "auto",
+      "row precision on the workers: 'auto' (float32 on GPU workers, float64 on CPU workers), "
+      "'float64' or 'float32' (statistics are always summed in float64)",
+      choices=("auto", "float64", "float32"),
+      doc="float32 keeps ra/dec in degrees to ~1e-5 deg (~40 mas): harmless for a density\n"
+      "model whose components are degrees wide, not for per-star posteriors (`posterior` reads\n"
+      "rows in float64 unless fit.dtype is set to float32)"),
     K("fit.background", False,
       "add a uniform background (outlier) component over the padded bounding box of the "
       "k-means sample",
@@ -355,6 +370,23 @@ KEYS: tuple[Key, ...] = (
       "batch EM: a larger fall of the mean log-likelihood per row (nats) in one iteration "
       "rolls back and stops, naming the rows (robust EM)",
       lo=0.0, lo_open=True),
+    K("fit.split_merge", False,
+      "split-and-merge moves (Ueda et al. 2000; Bovy et al. 2011): merge two, split a third",
+      doc="after EM converges, merge two components and split a third (ranked by the merge and "
+      "split\ncriteria of one pass), partial EM on the three, full EM; kept only if the "
+      "log-likelihood rises.\nOnline EM / Adam: the stochastic variant (criteria from a wave, "
+      "judged on a later wave)"),
+    K("fit.split_merge_candidates", 5,
+      "split-and-merge: candidate moves tried after each convergence before stopping", lo=1),
+    K("fit.split_merge_partial_iter", 10,
+      "split-and-merge: partial-EM iterations on the three components of a move", lo=1),
+    K("fit.split_merge_max_moves", 20, "split-and-merge: stop after this many accepted moves",
+      lo=1),
+    K("fit.split_merge_every", 0,
+      "split-and-merge on waves (online EM, Adam): waves between moves; 0 = once per epoch",
+      lo=0),
+    K("fit.split_merge_trial_waves", 2,
+      "split-and-merge on waves: updates before a move is judged on the next wave", lo=1),
     K("fit.kmeans_iter", 1,
       "Lloyd passes over the catalogue after k-means on the sample (0: the sample's clusters)",
       lo=0, job=False),

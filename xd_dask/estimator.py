@@ -2,7 +2,8 @@
 
 The estimator only wires the pieces: the fitting loop of :mod:`xd_dask.optim` (the same loop the
 distributed fit runs) with batch EM (:class:`xd_dask.optim.BatchEM`) on in-memory statistics
-(:class:`xd_dask.optim.ArrayStatistics`), initialised by k-means (:mod:`xd_dask.optim.init`).
+(:class:`xd_dask.optim.ArrayStatistics`), initialised by k-means, or for projected rows by the
+method of moments (:mod:`xd_dask.optim.init`; the start a cluster fit of the same rows gets).
 
 It is a scikit-learn estimator (``clone``, ``get_params`` / ``set_params``, model selection).
 Every row has its own noise covariance, so X and X_cov must be split together: :func:`pack`
@@ -36,7 +37,7 @@ from xd_dask.optim import (
     initial_background,
 )
 from xd_dask.optim.background import confine
-from xd_dask.optim.init import impute_column_means, kmeans_init, params_from_labels
+from xd_dask.optim.init import impute_column_means, kmeans_init, moment_init, params_from_labels
 
 __all__ = [
     "XDGMM",
@@ -101,7 +102,9 @@ class XDGMM(DensityMixin, BaseEstimator):
         (benchmarks/convergence.py).
     reg_covar : float, regularisation added to every covariance (see :mod:`xd_dask.em`).
     reg_form : "add" (default) or "bovy_w".
-    init : "kmeans" or an :class:`XDModel` to start from.
+    init : "kmeans" or an :class:`XDModel` to start from. With projections R, "kmeans" means the
+        method of moments (:func:`xd_dask.optim.init.moment_init`: k-means cannot run on
+        projected rows), the start :func:`xd_dask.distributed.fit_catalog` gives the same rows.
     random_state : seed for the initialisation.
     backend : kernel backend, "auto" (compiled Numba on the CPU) or "reference".
     background : False (default), True (a uniform background component over the box of the
@@ -113,6 +116,9 @@ class XDGMM(DensityMixin, BaseEstimator):
     max_ll_drop : largest accepted decrease of the mean log-likelihood per iteration (nats per
         row); a larger one rolls back and raises :class:`xd_dask.optim.FitDivergedError` naming
         the rows (:mod:`xd_dask.optim.robust`).
+    split_merge : after convergence, try split-and-merge moves (:mod:`xd_dask.optim.splitmerge`;
+        ``split_merge_candidates`` per convergence); ``max_iter`` then bounds each EM run and
+        ``history_`` entries carry ``split_merge`` (the move phase), ``moves_`` the moves tried.
 
     Every method taking ``(X, X_cov)`` also takes one array made by :func:`pack` (X_cov omitted),
     which is what scikit-learn's model selection passes (``GridSearchCV(...).fit(pack(X, S))``
@@ -141,6 +147,8 @@ class XDGMM(DensityMixin, BaseEstimator):
         background: bool | Background = False,
         background_weight: float = 1e-3,
         max_ll_drop: float = MAX_LL_DROP,
+        split_merge: bool = False,
+        split_merge_candidates: int = key("fit.split_merge_candidates").default,
     ) -> None:
         self.n_components = n_components
         self.max_iter = max_iter
@@ -153,6 +161,8 @@ class XDGMM(DensityMixin, BaseEstimator):
         self.background = background
         self.background_weight = background_weight
         self.max_ll_drop = max_ll_drop
+        self.split_merge = split_merge
+        self.split_merge_candidates = split_merge_candidates
 
     # ----------------------------------------------------------------- fitting
     def _check_params(self, X: np.ndarray) -> None:
@@ -170,20 +180,23 @@ class XDGMM(DensityMixin, BaseEstimator):
         if isinstance(self.init, str) and self.init != "kmeans":
             raise ValueError(f"init must be 'kmeans' or an XDModel, got {self.init!r}")
 
-    def _initial(self, X: np.ndarray) -> Mixture:
+    def _initial(self, X: np.ndarray, X_cov: Any = None, R: Any = None) -> Mixture:
         bg = self.background
+        D = X.shape[1] if R is None else np.shape(R)[2]
         if isinstance(self.init, XDModel):
             model = self.init
-            if model.n_components != self.n_components or model.n_features != X.shape[1]:
+            if model.n_components != self.n_components or model.n_features != D:
                 raise ValueError(
                     f"init model has K={model.n_components}, D={model.n_features}; "
-                    f"expected K={self.n_components}, D={X.shape[1]}"
+                    f"expected K={self.n_components}, D={D}"
                 )
             if model.background is not None and bg is False:
                 raise ValueError("the init model has a background component: pass background=True")
             w, m, V = model.weights.copy(), model.means.copy(), model.covariances.copy()
             if model.background is not None and bg is True:
                 return Mixture(w, m, V, model.background)
+        elif R is not None:
+            w, m, V = moment_init(X, X_cov, R, self.n_components, self.random_state, self.reg_covar)
         else:
             w, m, V = kmeans_init(X, self.n_components, self.random_state, self.reg_covar)
         if bg is False:
@@ -204,25 +217,40 @@ class XDGMM(DensityMixin, BaseEstimator):
         X : (n, d), NaN marks a missing field; or (n, d + 1, d) from :func:`pack` (X_cov None).
         X_cov : (n, d, d).  weights : (n,) row weights.
         R : (n, d, D) projection matrices, optional (d = D without). With projections the
-            initialisation must be an XDModel (k-means cannot run on projected rows), and a
-            background needs an explicit :class:`Background` in the D-space.
+            default start is the method of moments (k-means cannot run on projected rows); a
+            background component is refused (its box would be in the observed space).
         """
         X, X_cov = _rows(X, X_cov)
         if X.ndim != 2:
             raise ValueError(f"X must be 2-d (n_rows, n_features), got shape {X.shape}")
         self._check_params(X)
-        if R is not None and not isinstance(self.init, XDModel):
-            raise ValueError("with projections R, pass init=XDModel(...) (k-means needs full rows)")
-        if R is not None and self.background is True:
-            raise ValueError("with projections R, pass background=Background(...) in the D-space")
-        start = self._initial(X if R is None else np.empty((0, self.init.n_features)))
+        if R is not None and self.background is not False:
+            raise ValueError(
+                "a background component cannot be used with projections R: its box would lie in "
+                "the space of the d observed values, the model in the D true features; pass "
+                "background=False"
+            )
+        start = self._initial(X, X_cov, R)
+        source, moves = ArrayStatistics(X, X_cov, weights, R, self.backend), None
+        if self.split_merge:  # split-and-merge (xd_dask.optim.splitmerge)
+            from xd_dask.optim.splitmerge import SplitMerge, array_criteria  # noqa: PLC0415
+
+            moves = SplitMerge(
+                array_criteria(source),
+                candidates=int(self.split_merge_candidates),
+                partial_iter=key("fit.split_merge_partial_iter").default,
+                max_moves=key("fit.split_merge_max_moves").default,
+                tol=self.tol,
+            )
         loop = FitLoop(
             BatchEM(self.reg_covar, self.reg_form),
-            ArrayStatistics(X, X_cov, weights, R, self.backend),
+            source,
             LoopSettings(max_steps=int(self.max_iter), tol=self.tol, max_ll_drop=self.max_ll_drop),
             log_level=logging.DEBUG,
+            moves=moves,
         )
         state = loop.run(loop.start(start))
+        self.moves_ = state.info.get("split_merge", {}).get("moves", [])
         p = state.params
         self.weights_, self.means_, self.covariances_ = p.weights, p.means, p.covariances
         self.background_ = p.background
@@ -253,16 +281,17 @@ class XDGMM(DensityMixin, BaseEstimator):
         check_is_fitted(self, "model_", msg="this XDGMM is not fitted yet; call fit(X, X_cov)")
         return self.model_
 
-    def score_samples(self, X: Any, X_cov: Any = None) -> np.ndarray:
-        """(n,) log-likelihood of each noisy row under the fitted mixture (background included)."""
+    def score_samples(self, X: Any, X_cov: Any = None, R: Any = None) -> np.ndarray:
+        """(n,) log-likelihood of each noisy row under the fitted mixture (background included;
+        R : (n, d, D) projections, optional)."""
         model = self._model()
         X, X_cov = _rows(X, X_cov)
-        return np.asarray(model.log_density(X, X_cov, backend=self.backend))
+        return np.asarray(model.log_density(X, X_cov, R=R, backend=self.backend))
 
-    def score(self, X: Any, X_cov: Any = None, weights: Any = None) -> float:
+    def score(self, X: Any, X_cov: Any = None, weights: Any = None, R: Any = None) -> float:
         """Mean log-likelihood per row (weighted by ``weights`` when given); higher is better,
         so it is what model selection maximises."""
-        return float(np.average(self.score_samples(X, X_cov), weights=weights))
+        return float(np.average(self.score_samples(X, X_cov, R), weights=weights))
 
     def predict_proba(self, X: Any, X_cov: Any = None) -> np.ndarray:
         """(n, K) responsibilities (rows sum to 1 - the background's responsibility)."""
@@ -274,10 +303,11 @@ class XDGMM(DensityMixin, BaseEstimator):
         """(n,) most probable Gaussian component."""
         return np.argmax(self.predict_proba(X, X_cov), axis=1)
 
-    def posterior(self, X: Any, X_cov: Any = None):
-        """Deconvolved posterior mean (n, D) and covariance (n, D, D) of each row's true value."""
+    def posterior(self, X: Any, X_cov: Any = None, R: Any = None):
+        """Deconvolved posterior mean (n, D) and covariance (n, D, D) of each row's true value
+        (R : (n, d, D) projections, optional)."""
         model = self._model()
-        return model.posterior(*_rows(X, X_cov))
+        return model.posterior(*_rows(X, X_cov), R=R)
 
     def sample(self, n_samples: int = 1, X_cov: Any = None, random_state: Any = None):
         """Draw (v (n, D), labels (n,)) from the fitted mixture, with noise N(0, S_i) if X_cov."""

@@ -14,6 +14,7 @@ from xd_dask.cli import catalog as _catalog  # noqa: E402,F401,I001
 from xd_dask.cli import fit as _fit  # noqa: E402,F401
 from xd_dask.cli import model as _model  # noqa: E402,F401
 from xd_dask.cli import ops as _ops  # noqa: E402,F401
+from xd_dask.cli import select as _select  # noqa: E402,F401
 from xd_dask.cli import shuffle as _shuffle  # noqa: E402,F401
 from xd_dask.cli.app import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
 

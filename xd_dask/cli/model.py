@@ -195,7 +195,7 @@ def posterior(
             out,
             on_bad=cfg.catalog.on_bad,
             gpu=cfg.cluster.gpu,
-            dtype=cfg.fit.dtype,
+            dtype="float64" if cfg.fit.dtype == "auto" else cfg.fit.dtype,  # per-star precision
             columns=groups,
             top_k=top_k,
             backend=cfg.fit.backend,
@@ -292,7 +292,13 @@ def plot(model: str, out: str, features: str | None, **params: Any) -> None:
     mdl, cfg = _apply_config(model, catalogue, params, None)
     schema = load_schema_checked(cfg.catalog.schema)
     data = None
-    if catalogue:
+    if catalogue and schema.projection is not None:
+        # the rows are d observed values, the model lives in the D true features
+        click.echo(
+            f"catalogue rows not shown: schema {schema.name!r} observes "
+            f"{list(schema.observed)}, projections of the model's {list(schema.features)}"
+        )
+    elif catalogue:
         rows = sample_rows(None, catalogue, schema, cfg.plots.max_rows, on_bad=cfg.catalog.on_bad)
         data = rows.X
         click.echo(

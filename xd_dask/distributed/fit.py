@@ -37,7 +37,7 @@ from xd_dask.distributed.checkpoint import (
 )
 from xd_dask.distributed.cluster import check_gpu_workers, worker_threads
 from xd_dask.distributed.config import FitConfig, resolve_schema
-from xd_dask.distributed.kmeans import default_sample_size, kmeans_init
+from xd_dask.distributed.kmeans import default_sample_size, kmeans_init, moment_init
 from xd_dask.distributed.layout import WavePlan, detect_layout, plan_waves
 from xd_dask.distributed.manifest import Manifest, build_manifest, check_unchanged
 from xd_dask.distributed.passes import PassRunner
@@ -244,12 +244,19 @@ class _Fit:
                 n_waves = strata or -(-len(self.manifest) // wave_size)
                 rule = Adam(cfg.learning_rate, adam_schedule(int(cfg.epochs) * n_waves))
             sub = None if cfg.subsample is None else (float(cfg.subsample), int(cfg.seed))
+        moves = None
+        if cfg.split_merge:  # split-and-merge moves (xd_dask.distributed.splitmerge)
+            from xd_dask.distributed.splitmerge import pass_moves  # noqa: PLC0415
+
+            per_epoch = settings.strata or -(-len(self.manifest) // (settings.wave_size or 1))
+            moves = pass_moves(self.runner, cfg, 1 if settings.full_batch else per_epoch)
         return FitLoop(
             rule,
             PassStatistics(self.runner, sub, cfg.seed),
             settings,
             checkpoint=self._checkpoint,
             progress=self._progress,
+            moves=moves,
         )
 
     def _background(self, sample_pass: Partial | None) -> Background:
@@ -271,7 +278,20 @@ class _Fit:
         D = len(self.schema.features)
         sample_pass = None
         background = None
-        if cfg.init == "kmeans":
+        projected = getattr(self.schema, "projection", None) is not None
+        if cfg.background and projected:
+            raise ValueError(
+                f"fit.background = true cannot be used with the projection of schema "
+                f"{getattr(self.schema, 'name', None)!r} ([projection] kind = "
+                f"{self.schema.projection.kind!r}): the background's box lies in the observed "
+                "space, the model in the true features'; set fit.background = false"
+            )
+        if cfg.init == "kmeans" and projected:
+            # k-means cannot run on d-dimensional projections of D-dimensional vectors
+            init = moment_init(self.runner, K, cfg.seed, cfg.reg_covar)
+            w, m, V = init.params.weights, init.params.means, init.params.covariances
+            info = init.info
+        elif cfg.init == "kmeans":
             t0 = time.perf_counter()
             recorder = _RecordingRunner(self.runner)
             init = kmeans_init(
@@ -369,6 +389,7 @@ class _Fit:
             },
             "wave_size": int(st.info.get("wave_size", 0)),
             "waves": st.info.get("waves"),
+            "split_merge": st.info.get("split_merge", {}).get("moves"),
             "max_gathered_bytes": max(
                 int(st.info.get("max_gathered_bytes", 0)), self.runner.max_gathered_bytes
             ),
@@ -421,6 +442,7 @@ def _manifest_and_plan(
         _cluster_memory(client),
         split=listing,
         workers=len(client.nthreads()),
+        n_observed=None if getattr(schema, "projection", None) is None else len(schema.observed),
     )
     if plan.mode == "strata" and not schema.id_column:
         log.warning(

@@ -20,6 +20,11 @@ catalogue cost about 7 iterations).
 k-means runs in standardised coordinates ((x - centre) / scale), with missing fields imputed by the
 centre; this imputation is used for the initialisation only, never in EM. The result is
 deterministic for a fixed seed and partitioning.
+
+PROJECTED catalogues (a schema with a projection: 2-d views of 3-d vectors, where k-means cannot
+run) start by the method of moments instead (:func:`moment_init`, the mathematics in
+:mod:`xd_dask.optim.init`): two ``xd-moments`` passes of small sums (the mean, then the dispersion
+tensor's normal equations about it), the same start as an in-memory fit of the same rows.
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ from xd_dask.distributed.tasks import (
     cluster_sums,
     kmeans_lloyd,
     kmeans_sample,
+    moments,
 )
+from xd_dask.optim.init import moment_solution, moment_start
 from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
@@ -47,6 +54,7 @@ __all__ = [
     "KMeansInit",
     "default_sample_size",
     "kmeans_init",
+    "moment_init",
     "robust_scale",
     "trim_radius2",
 ]
@@ -234,3 +242,24 @@ def kmeans_init(
     if not math.isfinite(info["inertia_per_row"]):
         raise FloatingPointError("k-means produced a non-finite inertia; check the catalogue")
     return KMeansInit(Params(weights, means, covs), info)
+
+
+def moment_init(runner: PassRunner, n_components: int, seed: int, reg_covar: float) -> KMeansInit:
+    """Initial parameters of a projected catalogue by the method of moments (module docstring):
+    pass 1 sums R^T R and R^T x (the mean), pass 2 the dispersion's normal equations about it;
+    :func:`xd_dask.optim.init.moment_start` draws the K components with ``seed``."""
+    t0 = time.perf_counter()
+    first = runner.run("moments", (0,), moments, extra=(runner.opts, None)).payload
+    mean, _ = moment_solution(first)
+    second = runner.run("moments", (1,), moments, extra=(runner.opts, mean)).payload
+    mean, Sigma = moment_solution(first, second)
+    w, m, V = moment_start(mean, Sigma, n_components, int(seed), reg_covar)
+    info = {
+        "method": "moments",
+        "rows": int(first.n),
+        "mean": mean.tolist(),
+        "dispersion": Sigma.tolist(),
+        "seconds": time.perf_counter() - t0,
+    }
+    log.info("moment init: mean %s over %d rows", np.array2string(mean, precision=4), first.n)
+    return KMeansInit(Params(w, m, V), info)

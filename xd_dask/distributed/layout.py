@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from xd_dask.config import row_dtype
 from xd_dask.distributed.manifest import Manifest, _open
 from xd_dask.utils import get_logger
 
@@ -201,10 +202,14 @@ class WavePlan:
         return cls(**d)
 
 
-def catalogue_bytes(n_rows: int, n_features: int, dtype: str) -> int:
-    """Bytes the validated arrays (X, S, ids) of ``n_rows`` rows take in worker memory."""
+def catalogue_bytes(n_rows: int, n_features: int, dtype: str, n_observed: int | None = None) -> int:
+    """Bytes the validated arrays (X, S, ids; R with a projection of ``n_features`` true
+    features to ``n_observed`` observed values) of ``n_rows`` rows take in worker memory."""
     item = 4 if dtype == "float32" else 8
-    return int(n_rows) * ((n_features + n_features**2) * item + 8)
+    if n_observed is None:
+        return int(n_rows) * ((n_features + n_features**2) * item + 8)
+    d = int(n_observed)
+    return int(n_rows) * ((d + d * d + d * n_features) * item + 8)
 
 
 def plan_waves(
@@ -216,6 +221,7 @@ def plan_waves(
     memory: int | None,
     split: Callable[[int], Manifest] | None = None,
     workers: int = 1,
+    n_observed: int | None = None,
 ) -> tuple[WavePlan, Manifest]:
     """The waves of an online EM / Adam fit (module docstring), and the manifest they use.
 
@@ -223,13 +229,14 @@ def plan_waves(
         wave_size, persist, max_rows_per_partition, n_components, dtype, gpu).
     threads : worker threads of the cluster.  memory : summed worker memory limits (bytes;
         None: unknown, never persisted automatically).  workers : worker processes.
+    n_observed : observed values per row of a projected catalogue (None: no projection).
     split : ``split(rows)`` lists the catalogue again with files split into runs of row groups
         of at most ``rows`` rows (waves of files without ``max_rows_per_partition``).
     """
     N = manifest.n_rows
     K = int(cfg.n_components)
     S = cfg.waves_per_epoch or max(1, min(WAVES_PER_EPOCH, N // (MIN_WAVE_ROWS_PER_COMPONENT * K)))
-    need = catalogue_bytes(N, n_features, cfg.dtype)
+    need = catalogue_bytes(N, n_features, row_dtype(cfg.dtype, cfg.gpu), n_observed)
     fits = memory is not None and not cfg.gpu and need <= AUTO_PERSIST_FRACTION * memory
     mode, persist = cfg.waves, bool(cfg.persist)
     reason = f"fit.waves = {mode!r}"

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from xd_dask.config import row_dtype
 from xd_dask.distributed.manifest import Partition
 
 __all__ = ["STATUS_COLUMN", "with_status"]
@@ -52,7 +53,7 @@ def _statuses(part: Partition, opts: Any) -> tuple[np.ndarray, np.ndarray, np.nd
         table = pf.read(columns=columns, use_threads=False)
     else:
         table = pf.read_row_groups(list(part.row_groups), columns=columns, use_threads=False)
-    dtype = np.float32 if opts.dtype == "float32" else np.float64
+    dtype = np.float32 if row_dtype(opts.dtype, opts.gpu) == "float32" else np.float64
     reason = build_covariance(table, schema, dtype=dtype).reason.astype(np.int16)
     if not schema.id_column:
         return _row_numbers(pf, part.row_groups), np.zeros(table.num_rows, bool), reason

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from dask.sizeof import sizeof
 
+from xd_dask.config import row_dtype
 from xd_dask.distributed.manifest import Partition
 from xd_dask.distributed.rowstatus import with_status
 from xd_dask.distributed.split import row_keys, side_mask, stratum_of
@@ -51,6 +52,7 @@ __all__ = [
     "kmeans_lloyd",
     "kmeans_sample",
     "loglike",
+    "moments",
     "posterior_write",
     "read_block",
 ]
@@ -97,7 +99,10 @@ class Block:
 
     ``n_read`` counts the rows read from the file (both sides of a split); ``dropped`` counts the
     bad rows dropped by the reader (``on_bad="drop"``, both sides); the arrays hold the valid rows
-    on the split's side. Rows of the other side are neither used nor dropped.
+    on the split's side. Rows of the other side are neither used nor dropped. With a schema
+    projection X holds the d observed values, X_cov their (d, d) noise and ``R`` (n, d, D) the
+    projections from the model's D features (None without); every row selection slices R with
+    X and X_cov.
     """
 
     pid: int
@@ -107,6 +112,7 @@ class Block:
     ids: np.ndarray  # (n,) int64 source ids (host)
     n_read: int
     dropped: dict[str, int]
+    R: Any = None  # (n, d, D) projections, or None
 
     @property
     def n_rows(self) -> int:
@@ -116,7 +122,8 @@ class Block:
 @sizeof.register(Block)
 def _sizeof_block(blk: Block) -> int:
     """Bytes a persisted block holds, so the worker's memory manager can account for it."""
-    return int(blk.X.nbytes + blk.X_cov.nbytes + blk.ids.nbytes) + 256
+    R_bytes = 0 if blk.R is None else int(blk.R.nbytes)
+    return int(blk.X.nbytes + blk.X_cov.nbytes + blk.ids.nbytes) + R_bytes + 256
 
 
 @dataclass
@@ -209,7 +216,7 @@ def read_block(part: Partition, opts: TaskOptions) -> Block:
     _backend(opts)
     from xd_dask.io import read_partition  # noqa: PLC0415 - layering: distributed -> io
 
-    dtype = np.float32 if opts.dtype == "float32" else np.float64
+    dtype = np.float32 if row_dtype(opts.dtype, opts.gpu) == "float32" else np.float64
     path, fs = part.path, None
     if "://" in path:  # fsspec URL (s3://, gs://, https://, memory://, ...)
         import fsspec  # noqa: PLC0415
@@ -223,14 +230,15 @@ def read_block(part: Partition, opts: TaskOptions) -> Block:
         filesystem=fs,
         row_groups=part.row_groups,
     )
-    X, X_cov, ids = blk.X, blk.X_cov, np.asarray(blk.ids)
+    X, X_cov, ids, R = blk.X, blk.X_cov, np.asarray(blk.ids), blk.R
     if opts.split is not None:
         keep = side_mask(ids, *opts.split)
         X, X_cov, ids = X[keep], X_cov[keep], ids[keep]
+        R = None if R is None else R[keep]
     if opts.gpu:  # device-resident rows: X, packed lower-triangle X_cov (xd_dask.distributed.gpu)
         from xd_dask.distributed.gpu import to_device  # noqa: PLC0415
 
-        X, X_cov, _ = to_device(X, X_cov)
+        X, X_cov, R = to_device(X, X_cov, R)
     return Block(
         part.pid,
         part.path,
@@ -239,6 +247,7 @@ def read_block(part: Partition, opts: TaskOptions) -> Block:
         ids,
         int(blk.n_read),
         {str(k): int(v) for k, v in blk.dropped.items()},
+        R,
     )
 
 
@@ -305,23 +314,29 @@ class WorstRows:
         return WorstRows(rows[: max(self.m, other.m)], max(self.m, other.m))
 
 
-def _row_drops(blk: Block, X: Any, S: Any, before: tuple, after: tuple | None, m: int) -> WorstRows:
+def _row_drops(
+    blk: Block, rows: tuple[Any, Any, Any], before: tuple, after: tuple | None, m: int
+) -> WorstRows:
     """Top-m rows of a partition by the fall of their log-likelihood from ``before`` to
     ``after`` (each ``(Params, background or None)``; ``after`` None: the least likely rows at
-    ``before``); component = most probable before."""
+    ``before``); component = most probable before. ``rows`` = (X, S, R or None)."""
     from xd_dask.kernels import log_component_densities  # noqa: PLC0415
     from xd_dask.optim.arrays import rank_row_drops  # noqa: PLC0415
 
+    X, S, R = rows
+
     def row_ll(p: Params, bg: Any) -> np.ndarray:
         return to_numpy(
-            row_log_likelihood(X, S, p.weights, p.means, p.covariances, check=False, background=bg)
+            row_log_likelihood(
+                X, S, p.weights, p.means, p.covariances, R=R, check=False, background=bg
+            )
         )
 
     p = before[0]
     with np.errstate(all="ignore"):  # diagnosing rows that overflow is the point here
         lb = row_ll(*before)
         la = None if after is None else row_ll(*after)
-        logp = log_component_densities(X, S, p.weights, p.means, p.covariances, check=False)
+        logp = log_component_densities(X, S, p.weights, p.means, p.covariances, R=R, check=False)
     comp = np.argmax(to_numpy(logp), axis=1)
     rows = [
         {
@@ -365,15 +380,16 @@ def estep(
         None if subsample is None else _subsample_rows(blk, *subsample),
         _stratum_rows(blk, opts, stratum),
     )
-    X, S = blk.X, blk.X_cov
+    X, S, R = blk.X, blk.X_cov, blk.R
     if rows is not None:
         xp = array_namespace(X)
         idx = xp.asarray(rows)
         X, S = X[idx], S[idx]
+        R = None if R is None else R[idx]
     if compare is not None:
         after, after_bg, m = compare
         other = None if after is None else (after, after_bg)
-        worst = _row_drops(blk, X, S, (params, background), other, int(m))
+        worst = _row_drops(blk, (X, S, R), (params, background), other, int(m))
         return _partial(blk, worst, X.shape[0], t0)
     if X.shape[0] == 0:
         stats = SuffStats.zeros(K, D)
@@ -385,6 +401,7 @@ def estep(
                 params.weights,
                 params.means,
                 params.covariances,
+                R=R,
                 backend=backend,
                 check=False,  # the reader has validated the rows
                 background=background,
@@ -512,6 +529,26 @@ def kmeans_lloyd(
     return _partial(blk, sums, blk.n_rows, t0)
 
 
+def moments(
+    source: Partition | Block, opts: TaskOptions, mean: np.ndarray | None = None
+) -> Partial:
+    """Method-of-moments sums of a partition's projected rows (``xd-moments``; the start of a
+    projected fit, :mod:`xd_dask.optim.init`): sum R^T R and R^T x, and with ``mean`` the
+    normal equations of the dispersion tensor about it."""
+    from xd_dask.optim.init import MomentSums, moment_sums  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    _backend(opts)
+    blk = _block(source, opts)
+    if blk.R is None:
+        raise ValueError(f"{blk.path}: the method of moments needs a schema with a projection")
+    if blk.n_rows == 0:
+        sums = MomentSums.zeros(int(blk.R.shape[2]))
+    else:
+        sums = moment_sums(blk.X, blk.X_cov, blk.R, mean)
+    return _partial(blk, sums, blk.n_rows, t0)
+
+
 # ----------------------------------------------------------------------------- scoring
 @dataclass
 class LogLikeSum:
@@ -548,6 +585,7 @@ def loglike(
                 params.weights,
                 params.means,
                 params.covariances,
+                R=blk.R,
                 backend=backend,
                 check=False,
             )
@@ -607,6 +645,7 @@ def posterior_write(
             params.weights,
             params.means,
             params.covariances,
+            R=blk.R,
             background=background,
             top_k=top_k,
             summary=True,

@@ -58,6 +58,11 @@ THREADS = 128
 CHUNK_PAIRS = 1 << 26
 _PAD_LOGW = -1.0e30
 BG_OFF = -1.0e29
+#: When true, the buffers the kernels must fill completely start as NaN (integer status: -2,
+#: which no kernel writes) instead of uninitialised memory, so a slot no thread wrote is named
+#: by the result (NaN statistics, or an error from the status check) rather than read as
+#: whatever was there. Off on devices (cost); the simulator tests turn it on.
+POISON = False
 
 _cache: dict[tuple, Any] = {}
 _lock = threading.Lock()
@@ -187,10 +192,20 @@ def _background_arg(log_background: float | None) -> float:
     return float(log_background)
 
 
+def _buffer(xp, shape, dtype) -> Any:
+    """A buffer that a kernel fills completely: ``xp.empty``, or poisoned (:data:`POISON`)."""
+    if not POISON:
+        return xp.empty(shape, dtype=dtype)
+    return xp.full(shape, -2 if np.dtype(dtype).kind == "i" else np.nan, dtype=dtype)
+
+
 def _first_bad(status: Any, n_rows: int) -> tuple[int, int] | None:
     """(row, component) of the first bad pair in row-major order from a per-(block,
-    component) or per-component status of first bad rows (-1 or >= n_rows: none)."""
+    component) or per-component status of first bad rows (-1 or >= n_rows: none; below -1: a
+    slot no thread wrote, an error)."""
     st = to_numpy(status).reshape(-1, status.shape[-1])
+    if (st < -1).any():
+        raise RuntimeError(f"CUDA kernel left status slots unwritten: {np.argwhere(st < -1)[:4]}")
     st = np.where((st >= 0) & (st < n_rows), st, np.iinfo(np.int64).max).min(axis=0)
     if st.min() == np.iinfo(np.int64).max:
         return None
@@ -255,9 +270,9 @@ def pattern_stats_cuda(
     if K <= max_block:
         block = max(min_block, _pow2(K))
         nb = -(-n // rows_per_block)
-        part = xp.empty((nb, nA, K), dtype=xp.float64)
-        llp, bgp = xp.empty(nb, dtype=xp.float64), xp.empty(nb, dtype=xp.float64)
-        status = xp.empty((nb, K), dtype=xp.int64)
+        part = _buffer(xp, (nb, nA, K), xp.float64)
+        llp, bgp = _buffer(xp, nb, xp.float64), _buffer(xp, nb, xp.float64)
+        status = _buffer(xp, (nb, K), xp.int64)
         fn = kernel("stats", d, fp32, D, block=block)
         fn[nb, block, stream](*rows, rw, P, K, rows_per_block, lbg, part, llp, bgp, status)
         _raise_if_bad(status, n)
@@ -271,7 +286,7 @@ def pattern_stats_cuda(
         sub = tuple(a[s:e] for a in rows)
         ld, lse = _logdens_chunk(sub, P, K, fp32, D, lbg, threads, stream, s)
         nb = -(-(e - s) // rows_per_block)
-        part = xp.empty((nb, nA, K), dtype=xp.float64)
+        part = _buffer(xp, (nb, nA, K), xp.float64)
         fn = kernel("stats_given", d, fp32, D)
         grid = (nb, -(-K // threads))
         fn[grid, threads, stream](*sub, rw[s:e], P, K, rows_per_block, ld, lse, part)
@@ -287,12 +302,12 @@ def _logdens_chunk(rows, P, K, fp32, D, lbg, threads, stream, row0):
     x = rows[0]
     xp = array_namespace(x)
     n, d = x.shape
-    ld = xp.empty((n, K), dtype=x.dtype)
+    ld = _buffer(xp, (n, K), x.dtype)
     status = xp.full(K, n, dtype=xp.int64)
     fn = kernel("logdens", d, fp32, D)
     fn[-(-(n * K) // threads), threads, stream](*rows, P, K, ld, status)
     _raise_if_bad(status, n, row0)
-    lse = xp.empty(n, dtype=xp.float64)
+    lse = _buffer(xp, n, xp.float64)
     kernel("row_lse", 0, fp32)[-(-n // threads), threads, stream](ld, K, lbg, lse)
     return ld, lse
 
@@ -313,7 +328,7 @@ def pattern_logdens_cuda(
     n, d = x.shape
     K = means.shape[0]
     rows, D = _rows_args(x, S, R)
-    out = xp.empty((n, K), dtype=x.dtype)
+    out = _buffer(xp, (n, K), x.dtype)
     if n == 0:
         return xp.asarray(out, dtype=xp.float64)
     P = _pack_params(log_weights, means, covs, xp, x.dtype)
@@ -372,7 +387,7 @@ def _run_posterior(job, threads: int = THREADS) -> Any:
     cols = xp.asarray(np.ascontiguousarray(job.cols, dtype=np.int64))
     c0 = xp.asarray(np.ascontiguousarray(job.centre, dtype=np.float64))
     status = xp.full(K, n, dtype=xp.int64)
-    tight = xp.empty(n, dtype=xp.float64)
+    tight = _buffer(xp, n, xp.float64)
     fn = kernel("posterior", d, fp32, du=du)
     fn[-(-n // threads), threads, _stream(x)](
         x, S, job.x0, rows, cols, c0, P, K, _background_arg(job.log_background),

@@ -2,7 +2,8 @@
 :mod:`.adam`) and every source of statistics (arrays in memory, :mod:`.arrays`; a catalogue on a
 Dask cluster, :mod:`xd_dask.distributed.fit`), in full batches, waves of units or hash strata of
 the rows (:mod:`.strata`), with the robust checks of :mod:`.robust` and the background
-component's box of :mod:`.background`.
+component's box of :mod:`.background`; full-batch EM may add split-and-merge moves
+(:mod:`.splitmerge`).
 
 Layering: optim sits beside :mod:`xd_dask.em` (it imports kernels and em, nothing above).
 """
@@ -26,6 +27,7 @@ from xd_dask.optim.loop import (
 )
 from xd_dask.optim.online import OnlineEM
 from xd_dask.optim.robust import MAX_LL_DROP, FitDivergedError
+from xd_dask.optim.splitmerge import MoveStats, SplitMerge
 
 __all__ = [
     "MAX_LL_DROP",
@@ -40,7 +42,9 @@ __all__ = [
     "LoopSettings",
     "LoopState",
     "Mixture",
+    "MoveStats",
     "OnlineEM",
+    "SplitMerge",
     "StatisticsSource",
     "Update",
     "UpdateRule",

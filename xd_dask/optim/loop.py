@@ -30,10 +30,24 @@ catastrophic drop rolls back to the previous parameters, writes that checkpoint,
 components and raises :class:`~xd_dask.optim.robust.FitDivergedError`); tests convergence; asks the
 rule for the update; checks it (finite, positive definite, weights) BEFORE accepting it; records
 history and re-seeding; checkpoints; logs; calls ``progress``.
+
+Moves (optional): full batch with a monotone rule, an object like
+:class:`xd_dask.optim.splitmerge.SplitMerge` sees each step's mean log-likelihood through
+``moves.advance(state, ll, settled, max_steps) -> "update" | "partial" | "moved" | "done"``; it
+may replace ``state.params`` ("moved": no update this step, and the next step is not compared
+with this one), ask for a partial update (``moves.partial(state)`` names the components,
+``moves.restrict(update, params, components)`` keeps the others), or end the fit ("done").
+On waves, an object like :class:`xd_dask.optim.splitmerge.WaveSplitMerge` is asked
+``moves.advance_wave(state, ll, batch, stats_at) -> "update" | "moved" | "restored"``
+(``stats_at(p)``: the wave's statistics at other parameters, one more pass over the same rows);
+"moved"
+re-initialises the rule's state at the new parameters, "restored" means the moves put back both.
+Their state is JSON in ``state.info``, so checkpoints carry it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -131,13 +145,16 @@ class Batch:
     """The rows of one step: ``units`` (partition ids; None = every unit), its 1-based
     ``iteration`` (step counter t + 1), ``epoch`` and ``wave`` (1-based), and ``stratum``
     ``(s, S)``: only the rows of hash stratum s of S of each unit (None: all their rows; the
-    source decides which rows form a stratum, from the loop's seed and the epoch)."""
+    source decides which rows form a stratum, from the loop's seed and the epoch). ``extra`` > 0
+    numbers a further pass over the same rows within the step (split-and-merge moves on waves
+    score other parameters on them): it only changes the label."""
 
     iteration: int
     epoch: int
     wave: int
     units: list[int] | None = None
     stratum: tuple[int, int] | None = None
+    extra: int = 0
 
     @property
     def full(self) -> bool:
@@ -145,9 +162,11 @@ class Batch:
         return self.units is None and self.stratum is None
 
     @property
-    def label(self) -> tuple[int, ...]:
-        """A key for task names and spans: (iteration,) for full batches, else (epoch, wave)."""
-        return (self.iteration,) if self.full else (self.epoch, self.wave)
+    def label(self) -> tuple[int | str, ...]:
+        """A key for task names and spans: (iteration,) for full batches, else (epoch, wave);
+        a further pass adds ``"x<extra>"``."""
+        label = (self.iteration,) if self.full else (self.epoch, self.wave)
+        return label if not self.extra else (*label, f"x{self.extra}")
 
 
 @dataclass
@@ -294,7 +313,14 @@ class FitLoop:
         checkpoint: Callable[[LoopState], None] | None = None,
         progress: Callable[[dict[str, Any]], None] | None = None,
         log_level: int = logging.INFO,
+        moves: Any = None,
     ) -> None:
+        if moves is not None and settings.full_batch != rule.monotone:
+            raise ValueError(
+                "split-and-merge moves need batch EM in full batches, or online EM / Adam on waves"
+            )
+        if moves is not None and not hasattr(moves, "advance" if rule.monotone else "advance_wave"):
+            raise ValueError(f"{type(moves).__name__} moves do not fit update rule {rule.name!r}")
         if settings.wave_size is not None and int(settings.wave_size) < 1:
             raise ValueError("wave_size must be >= 1 (or None for full batches)")
         if settings.strata is not None and int(settings.strata) < 1:
@@ -305,6 +331,7 @@ class FitLoop:
         self.checkpoint = checkpoint
         self.progress = progress
         self.log_level = log_level
+        self.moves = moves
 
     # ------------------------------------------------------------------ state
     def start(self, params: Mixture, info: dict | None = None) -> LoopState:
@@ -342,10 +369,15 @@ class FitLoop:
         s = self.settings
         return int(s.max_steps) if s.full_batch else int(s.epochs) * self.n_waves
 
+    @property
+    def _max_steps(self) -> int:
+        s = self.settings
+        return int(s.max_steps) if self.moves is None else self.moves.max_total(s.max_steps)
+
     def _done(self, state: LoopState) -> bool:
         s = self.settings
         if s.full_batch:
-            return state.converged or state.iteration >= s.max_steps
+            return state.converged or state.iteration >= self._max_steps
         return state.epoch >= s.epochs
 
     def _batch(self, state: LoopState) -> Batch:
@@ -396,12 +428,25 @@ class FitLoop:
         if stats.W > 0 and not math.isfinite(ll):
             rows = self.source.worst_rows(state.params, None, s.worst_rows)
             raise robust.nonfinite_error(self.rule.name, batch.iteration, ll, rows)
-        prev = state.history[-1]["mean_loglike"] if state.history else None
+        moved = bool(state.history and state.history[-1].get("moved"))
+        prev = state.history[-1]["mean_loglike"] if state.history and not moved else None
         if s.full_batch and self.rule.monotone and prev is not None:
             if robust.is_catastrophic(prev, ll, s.max_ll_drop):
                 self._diverged(state, batch, prev, ll)
             robust.note_decrease(prev, ll, state.history[-1].get("reseeded", []), batch.iteration)
         state.converged = s.full_batch and prev is not None and abs(ll - prev) < s.tol
+        action, partial = "update", None
+        if self.moves is not None:
+            before, before_rule = state.params, state.rule_state
+            if s.full_batch:
+                action = self.moves.advance(state, ll, state.converged, s.max_steps)
+                partial = self.moves.partial(state) if action == "partial" else None
+            else:
+                action = self.moves.advance_wave(state, ll, batch, self._stats_at(batch))
+            state.converged = action == "done"
+            if action == "moved":  # new parameters: no update from statistics at the old ones
+                state.previous, state.previous_rule_state = before, before_rule
+                state.rule_state = self.rule.init(state.params)
         t = state.iteration
         state.iteration += 1
         entry: dict[str, Any] = {
@@ -418,8 +463,11 @@ class FitLoop:
             entry["stratum"] = list(batch.stratum)
         entry |= res.info
         entry["reseeded"] = []
-        if not state.converged and stats.W > 0:
-            rule_state, upd = self._update(state, stats, t, batch)
+        if self.moves is not None:
+            entry["split_merge"] = action
+            entry["moved"] = action in ("moved", "restored")
+        if action not in ("moved", "restored") and not state.converged and stats.W > 0:
+            rule_state, upd = self._update(state, stats, t, batch, partial)
             state.previous, state.previous_rule_state = state.params, state.rule_state
             state.params, state.rule_state = upd.params, rule_state
             entry["step"] = upd.step
@@ -443,12 +491,31 @@ class FitLoop:
         if self.progress is not None:
             self.progress(dict(entry, total=self.total))
 
+    def _stats_at(self, batch: Batch) -> Callable[[Mixture], SuffStats]:
+        """``stats_at(params)``: statistics of ``batch``'s rows at other parameters, each call
+        a pass of its own (a distinct label, so a cluster never reuses an earlier result)."""
+        calls = [0]
+
+        def stats_at(params: Mixture) -> SuffStats:
+            calls[0] += 1
+            return self.source(params, dataclasses.replace(batch, extra=calls[0])).stats
+
+        return stats_at
+
     def _update(
-        self, state: LoopState, stats: SuffStats, t: int, batch: Batch
+        self,
+        state: LoopState,
+        stats: SuffStats,
+        t: int,
+        batch: Batch,
+        partial: tuple[int, ...] | None = None,
     ) -> tuple[dict[str, np.ndarray], Update]:
-        """The rule's update, checked; a failure names the least likely rows."""
+        """The rule's update (only components ``partial`` when given), checked; a failure names
+        the least likely rows."""
         try:
             rule_state, upd = self.rule.step(state.rule_state, stats, state.params, t)
+            if partial is not None:
+                upd = self.moves.restrict(upd, state.params, partial)
             robust.check_params(upd.params, "the new parameters")
         except FloatingPointError as exc:  # FitDivergedError included
             rows = self.source.worst_rows(state.params, None, self.settings.worst_rows)

@@ -1,0 +1,236 @@
+"""Model selection (``xd-dask select``): fit the job for each K, score, choose, write.
+
+For each K the job is fitted as ``xd-dask fit`` would fit it (:func:`xd_dask.jobs.runner.run_fit`,
+into ``<out>/k<K>/`` with its model, history, report and checkpoints; no plots), on the same
+client and the same catalogue listing rules. Then per K:
+
+- the held-out mean log-likelihood per row (the job's held-out rows; a job without any held-out
+  set gets ``catalog.holdout_rows = DEFAULT_HOLDOUT_ROWS``, recorded in the outputs);
+- BIC = -2 ln L + p ln N on the TRAINING rows (one scoring pass at the final parameters), with
+  p = (K - 1) + K D + K D (D + 1) / 2 free parameters of a mixture of K full-covariance
+  Gaussians in D features (+ 1 for a background component's weight; its box is fixed);
+- iterations and fit time.
+
+The chosen K maximises the held-out log-likelihood (``criterion="heldout"``) or minimises BIC
+(``"bic"``). Its model is written to ``<out>/model.npz`` (metadata ``select``: the table), the
+table to ``<out>/select.json`` and both curves against K to ``<out>/select.png``, atomically.
+Public: :func:`run_select`, :func:`n_parameters`, :func:`bic`, :func:`parse_ks`,
+:class:`SelectOutcome`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xd_dask.jobs.config import ConfigError, JobConfig
+from xd_dask.jobs.runner import heldout_split, run_fit, score_sources, split_catalog, write_json
+from xd_dask.model import XDModel
+from xd_dask.utils import get_logger
+
+log = get_logger(__name__)
+
+__all__ = [
+    "CRITERIA",
+    "DEFAULT_HOLDOUT_ROWS",
+    "SelectOutcome",
+    "SelectRow",
+    "bic",
+    "n_parameters",
+    "parse_ks",
+    "run_select",
+    "select_plot",
+]
+
+#: Row fraction held out when the job holds out nothing.
+DEFAULT_HOLDOUT_ROWS = 0.1
+CRITERIA = ("heldout", "bic")
+
+
+def parse_ks(text: str) -> list[int]:
+    """``"8,16,32"`` -> [8, 16, 32]; ValueError for a value that is not a positive integer, a
+    duplicate or an empty list."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not parts or any(not p for p in parts):
+        raise ValueError(f"expected a comma-separated list of K such as 8,16,32, got {text!r}")
+    ks = []
+    for p in parts:
+        try:
+            k = int(p)
+        except ValueError:
+            raise ValueError(f"K must be a positive integer, got {p!r}") from None
+        if k < 1:
+            raise ValueError(f"K must be a positive integer, got {k}")
+        if k in ks:
+            raise ValueError(f"K = {k} is listed twice")
+        ks.append(k)
+    return ks
+
+
+def n_parameters(K: int, D: int, background: bool = False) -> int:
+    """Free parameters of K full-covariance Gaussians in D dimensions (+ a background weight)."""
+    return (K - 1) + K * D + K * D * (D + 1) // 2 + (1 if background else 0)
+
+
+def bic(total_loglike: float, n_params: int, n_rows: int) -> float:
+    """Schwarz's criterion -2 ln L + p ln N (lower is better)."""
+    return -2.0 * float(total_loglike) + n_params * math.log(n_rows)
+
+
+@dataclass
+class SelectRow:
+    """One K's results."""
+
+    n_components: int
+    heldout_mean_loglike: float
+    heldout_rows: int
+    train_mean_loglike: float
+    train_rows: int
+    n_parameters: int
+    bic: float
+    n_iter: int
+    converged: bool
+    fit_seconds: float
+    out_dir: str
+
+
+@dataclass
+class SelectOutcome:
+    """What :func:`run_select` produced: the table, the chosen K, the files written."""
+
+    rows: list[SelectRow]
+    chosen: int
+    criterion: str
+    out_dir: Path
+    heldout: str
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "criterion": self.criterion,
+            "chosen": self.chosen,
+            "heldout": self.heldout,
+            "rows": [asdict(r) for r in self.rows],
+            "files": dict(self.files),
+        }
+
+
+def _with_holdout(cfg: JobConfig) -> tuple[JobConfig, str]:
+    """The job with a held-out set (a row holdout added when it has none) and its description."""
+    cat = cfg.catalog
+    if cat.holdout:
+        return cfg, f"catalogue {cat.holdout}"
+    if cat.holdout_fraction > 0:
+        return cfg, f"catalog.holdout_fraction = {cat.holdout_fraction:g} of the files"
+    if cat.holdout_rows > 0:
+        return cfg, f"catalog.holdout_rows = {cat.holdout_rows:g} of the rows"
+    log.info("no held-out set in the job: holding out %g of the rows", DEFAULT_HOLDOUT_ROWS)
+    cfg = cfg.replace({"catalog.holdout_rows": DEFAULT_HOLDOUT_ROWS}, source="xd-dask select")
+    return cfg, f"catalog.holdout_rows = {DEFAULT_HOLDOUT_ROWS:g} of the rows (select's default)"
+
+
+def _train_side(cfg: JobConfig) -> tuple[Any, tuple[float, str] | None]:
+    """The training sources and row split the fit read (scored for BIC)."""
+    train, _ = split_catalog(cfg)
+    split = heldout_split(cfg)
+    return train, None if split is None else (split[0], "train")
+
+
+def select_plot(rows: Sequence[SelectRow], chosen: int, criterion: str, path: Any, dpi=110):
+    """Held-out mean log-likelihood and BIC against K (two panels, the chosen K marked),
+    written atomically to ``path`` (PNG)."""
+    from xd_dask.jobs.plots import _pyplot, _save  # noqa: PLC0415 - the plots' one writer
+
+    plt = _pyplot()
+    ks = [r.n_components for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
+    panels = (
+        (axes[0], [r.heldout_mean_loglike for r in rows], "held-out mean log-likelihood per row"),
+        (axes[1], [r.bic for r in rows], "BIC on the training rows (lower is better)"),
+    )
+    for ax, values, label in panels:
+        ax.plot(ks, values, "o-", color="C0")
+        ax.axvline(chosen, color="C3", ls="--", lw=1, label=f"chosen K = {chosen} ({criterion})")
+        ax.set_xlabel("K (components)")
+        ax.set_ylabel(label)
+        ax.set_xticks(ks)
+        ax.legend(fontsize=8)
+    return _save(fig, path, dpi)
+
+
+def run_select(
+    cfg: JobConfig,
+    client: Any,
+    ks: Sequence[int],
+    *,
+    criterion: str = "heldout",
+    out_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    on_k: Callable[[SelectRow], None] | None = None,
+) -> SelectOutcome:
+    """Fit the job for each K in ``ks`` on ``client``, score, choose by ``criterion`` and write
+    the outputs into ``out_dir`` (default ``output.dir``; module docstring).
+
+    progress : the fits' per-iteration callback.  on_k : called with each K's row when done.
+    overwrite : start afresh where ``<out>/k<K>`` holds a checkpoint.
+    """
+    from xd_dask.locks import output_lock  # noqa: PLC0415
+    from xd_dask.utils import remove_stale_temporaries  # noqa: PLC0415
+
+    if criterion not in CRITERIA:
+        raise ConfigError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    ks = list(ks)
+    if not ks or any(int(k) < 1 for k in ks) or len(set(ks)) != len(ks):
+        raise ConfigError(f"K values must be distinct positive integers, got {ks}")
+    out = Path(out_dir if out_dir is not None else cfg.output.dir)
+    cfg, heldout = _with_holdout(cfg)
+    train, train_split = _train_side(cfg)
+    rows: list[SelectRow] = []
+    with output_lock(out):
+        remove_stale_temporaries(out)
+        for K in ks:
+            cfg_k = cfg.replace({"fit.n_components": int(K)}, source="xd-dask select -k")
+            sub = out / f"k{K}"
+            fit = run_fit(
+                cfg_k, client, progress=progress, out_dir=sub, plots=False, overwrite=overwrite
+            )
+            model, rep = fit.model, fit.report
+            res = score_sources(model, train, cfg_k, client, split=train_split)
+            p = n_parameters(int(K), model.n_features, model.background is not None)
+            row = SelectRow(
+                n_components=int(K),
+                heldout_mean_loglike=float(rep["heldout_mean_loglike"]),
+                heldout_rows=int(rep["heldout_rows"]),
+                train_mean_loglike=float(res.mean_loglike),
+                train_rows=int(res.n_rows),
+                n_parameters=p,
+                bic=bic(res.mean_loglike * res.n_rows, p, int(res.n_rows)),
+                n_iter=int(rep["n_iter"]),
+                converged=bool(rep["converged"]),
+                fit_seconds=float(rep["fit_seconds"]),
+                out_dir=str(sub),
+            )
+            log.info("K = %d: %s", K, row)
+            rows.append(row)
+            if on_k is not None:
+                on_k(row)
+        if criterion == "heldout":
+            best = max(rows, key=lambda r: (r.heldout_mean_loglike, -r.n_components))
+        else:
+            best = min(rows, key=lambda r: (r.bic, r.n_components))
+        outcome = SelectOutcome(rows, best.n_components, criterion, out, heldout)
+        chosen = XDModel.load(Path(best.out_dir) / "model.npz")
+        chosen.metadata["select"] = outcome.to_dict()
+        files = {"model": str(chosen.save(out / "model.npz"))}
+        files["select_plot"] = str(
+            select_plot(rows, best.n_components, criterion, out / "select.png", cfg.plots.dpi)
+        )
+        files["select"] = str(out / "select.json")
+        outcome.files = files
+        write_json(out / "select.json", outcome.to_dict())
+    return outcome

@@ -1,0 +1,545 @@
+"""Split-and-merge EM (Ueda, Nakano, Ghahramani & Hinton 2000, "SMEM"; as used for XD by Bovy,
+Hogg & Roweis 2011, section 2.3) as moves of the one fitting loop (:mod:`xd_dask.optim.loop`).
+
+After batch EM converges, one pass over the data (:func:`move_stats`, summed over rows like
+every statistic) gives at the current parameters, with r_ij the responsibilities and w_i the row
+weights:
+
+- ``RR`` (K, K): sum_i w_i r_ij r_ik. The MERGE criterion is Ueda's normalised inner product of
+  the responsibility vectors, J_merge(j, k) = RR_jk / sqrt(RR_jj RR_kk): two components that
+  claim the same rows score near 1.
+- ``n`` (K,), ``flogf`` (K,), ``flogp`` (K,): sum_i w_i r_ij, sum_i w_i r_ij log(w_i r_ij) and
+  sum_i w_i r_ij log N(x_i | R_i m_j, T_ij). The SPLIT criterion is the local Kullback-Leibler
+  divergence between the component's share of the data, f_ij = w_i r_ij / n_j, and the
+  component's density at the rows:
+  J_split(j) = sum_i f_ij log(f_ij / N_ij) = flogf_j / n_j - log n_j - flogp_j / n_j.
+  Bovy's extreme-deconvolution code (calc_splitnmerge.c) evaluates the deconvolved Gaussian
+  N(w_i | m_j, V_j) at the observed rows (without the noise); here N_ij is the density the rows
+  are actually drawn from, N(x_i | R_i m_j, R_i V_j R_i^T + S_i) (the same kernel as the
+  likelihood, so projections R_i and missing fields need nothing extra). The merge criterion
+  is Ueda's normalised form; Bovy's code uses the unnormalised RR_jk.
+
+Candidates (:func:`rank_candidates`, Bovy's hierarchy): merge pairs in decreasing J_merge; for
+each pair, the other components in decreasing J_split; the first ``candidates`` triples
+(j, k, l) are tried in that order.
+
+A move (:func:`propose`) merges j and k into one moment-matched component at index j, and
+splits l along its principal axis into two halves (:func:`xd_dask.em._split`, the re-seeding
+split) at indices k and l. Partial EM (:meth:`SplitMerge.restrict`) then updates only those
+three components with the others fixed and their summed weight kept (the constrained M-step,
+which cannot lower the log-likelihood), for ``partial_iter`` iterations (or until it settles);
+then full EM runs to convergence. The move is accepted only if the converged mean
+log-likelihood exceeds the one before the move by more than ``tol`` (> 0 with ``tol = 0``);
+else the parameters revert and the next candidate is tried. The fit ends when no candidate is
+accepted (one last pass then scores the final parameters) or after ``max_moves`` accepted moves.
+
+The controller's state lives in ``LoopState.info["split_merge"]`` (JSON: phase, queue, the
+parameters before the move as exact float lists), so a checkpoint resumes a fit mid-move
+bit-identically.
+
+Stochastic variant on waves (online EM, Adam; :class:`WaveSplitMerge`): every ``every`` waves
+the criteria are computed on the current wave's rows only and the next untried candidate of that
+ranking (the r-th after r rejections in a row) is applied, followed by ``partial_iter``
+partial-EM iterations on the wave's rows (batch EM on that sample, the three components only;
+one pass over the wave each); the rule's state is re-initialised at the moved parameters, and
+the ordinary updates of the next ``trial_waves`` waves go on. On the wave after those, the moved
+parameters' mean log-likelihood of the wave's rows (computed by the loop anyway) is compared
+with the frozen parameters from before the move on the SAME rows (one extra pass): accepted when
+it is higher by more than ``tol``, else the parameters and the rule's state revert. The frozen
+parameters had no updates in the trial waves, which favours the move slightly when the fit is
+still far from settled; ``tol`` is the margin. Moves stop after ``candidates`` rejections in a
+row or ``max_moves`` accepted moves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from xd_dask.em import _split, batch_update
+from xd_dask.kernels import log_component_densities
+from xd_dask.kernels._common import to_numpy
+from xd_dask.optim.loop import Batch, LoopState, Mixture, Update
+from xd_dask.optim.robust import check_params
+from xd_dask.utils import get_logger
+
+log = get_logger(__name__)
+
+__all__ = [
+    "MoveStats",
+    "SplitMerge",
+    "WaveSplitMerge",
+    "array_criteria",
+    "merge_criterion",
+    "move_stats",
+    "propose",
+    "rank_candidates",
+    "restrict",
+    "split_criterion",
+]
+
+
+# ----------------------------------------------------------------------------- criteria
+@dataclass
+class MoveStats:
+    """Sums over rows for the split and merge criteria (module docstring); adds up."""
+
+    RR: np.ndarray  # (K, K) sum w r_j r_k
+    n: np.ndarray  # (K,) sum w r_j
+    flogf: np.ndarray  # (K,) sum w r_j log(w r_j)
+    flogp: np.ndarray  # (K,) sum w r_j log N_ij
+    n_rows: int = 0
+
+    @classmethod
+    def zeros(cls, K: int) -> MoveStats:
+        return cls(np.zeros((K, K)), np.zeros(K), np.zeros(K), np.zeros(K), 0)
+
+    def __add__(self, other: MoveStats) -> MoveStats:
+        return MoveStats(
+            self.RR + other.RR,
+            self.n + other.n,
+            self.flogf + other.flogf,
+            self.flogp + other.flogp,
+            self.n_rows + other.n_rows,
+        )
+
+
+def move_stats(
+    X: Any,
+    X_cov: Any,
+    params: Mixture,
+    *,
+    row_weights: Any = None,
+    R: Any = None,
+    backend: str = "auto",
+    check: bool = True,
+) -> MoveStats:
+    """The criteria's sums over the rows ``X`` (n, d), ``X_cov`` (n, d, d) (optional row weights
+    (n,), projections R (n, d, D)) at ``params`` (a background takes its share of every row)."""
+    K = params.weights.shape[0]
+    if X.shape[0] == 0:
+        return MoveStats.zeros(K)
+    logp = to_numpy(
+        log_component_densities(
+            X,
+            X_cov,
+            params.weights,
+            params.means,
+            params.covariances,
+            R=R,
+            backend=backend,
+            check=check,
+        )
+    )  # (n, K) log alpha_j + log N_ij
+    total = np.logaddexp.reduce(logp, axis=1)
+    bg = params.background
+    if bg is not None and bg.weight > 0:
+        total = np.logaddexp(total, to_numpy(bg.row_log_density(X)))
+    with np.errstate(divide="ignore"):
+        log_alpha = np.log(np.asarray(params.weights, dtype=np.float64))
+    log_r = logp - total[:, None]
+    r = np.exp(log_r)
+    w = np.ones(r.shape[0]) if row_weights is None else np.asarray(row_weights, np.float64)
+    wr = w[:, None] * r
+    log_wr = log_r + np.log(np.where(w > 0, w, 1.0))[:, None]
+    flogf = np.sum(np.where(wr > 0, wr * log_wr, 0.0), axis=0)
+    flogp = np.sum(np.where(wr > 0, wr * (logp - log_alpha[None, :]), 0.0), axis=0)
+    return MoveStats(r.T @ wr, wr.sum(axis=0), flogf, flogp, int(r.shape[0]))
+
+
+def merge_criterion(ms: MoveStats) -> np.ndarray:
+    """(K, K) J_merge(j, k) = RR_jk / sqrt(RR_jj RR_kk) (0 on the diagonal and for empty
+    components)."""
+    d = np.sqrt(np.clip(np.diag(ms.RR), 0.0, None))
+    denom = d[:, None] * d[None, :]
+    J = np.where(denom > 0, ms.RR / np.where(denom > 0, denom, 1.0), 0.0)
+    np.fill_diagonal(J, 0.0)
+    return J
+
+
+def split_criterion(ms: MoveStats) -> np.ndarray:
+    """(K,) local KL divergence J_split(j) = flogf_j / n_j - log n_j - flogp_j / n_j (-inf for
+    an empty component)."""
+    out = np.full(ms.n.shape, -np.inf)
+    ok = ms.n > 0
+    out[ok] = ms.flogf[ok] / ms.n[ok] - np.log(ms.n[ok]) - ms.flogp[ok] / ms.n[ok]
+    return out
+
+
+def rank_candidates(ms: MoveStats, limit: int) -> list[tuple[int, int, int]]:
+    """The first ``limit`` triples (j, k, l) of Bovy's hierarchy: merge pairs by decreasing
+    J_merge (ties: lower indices first), for each the other components by decreasing J_split."""
+    K = ms.n.shape[0]
+    if K < 3:
+        return []
+    Jm, Js = merge_criterion(ms), split_criterion(ms)
+    pairs = sorted(((j, k) for j in range(K) for k in range(j + 1, K)), key=lambda p: (-Jm[p], p))
+    splits = sorted(range(K), key=lambda i: (-Js[i], i))
+    out: list[tuple[int, int, int]] = []
+    for j, k in pairs:
+        for l in splits:  # noqa: E741 - Ueda's names
+            if l not in (j, k):
+                out.append((j, k, l))
+                if len(out) >= limit:
+                    return out
+    return out
+
+
+# ----------------------------------------------------------------------------- a move
+def propose(params: Mixture, triple: tuple[int, int, int]) -> Mixture:
+    """Merge j, k (moment-matched, at index j) and split l (principal axis, halves at k and
+    l); the summed weight of the three is kept."""
+    j, k, l = triple  # noqa: E741
+    w, m, V = params.weights.copy(), params.means.copy(), params.covariances.copy()
+    a = w[j] + w[k]
+    fj, fk = (w[j] / a, w[k] / a) if a > 0 else (0.5, 0.5)
+    mean = fj * m[j] + fk * m[k]
+    dj, dk = m[j] - mean, m[k] - mean
+    cov = fj * (V[j] + np.outer(dj, dj)) + fk * (V[k] + np.outer(dk, dk))
+    delta, V_half = _split(m[l], V[l])
+    ml, wl = m[l].copy(), w[l]
+    w[j], m[j], V[j] = a, mean, 0.5 * (cov + cov.T)
+    w[k], m[k], V[k] = 0.5 * wl, ml + delta, V_half
+    w[l], m[l], V[l] = 0.5 * wl, ml - delta, V_half.copy()
+    return Mixture(w, m, V, params.background)
+
+
+def restrict(new: Mixture, before: Mixture, triple: tuple[int, int, int]) -> Mixture:
+    """Partial EM: ``new`` for the three components of a move, ``before`` for the others, and
+    the three's summed weight of ``before`` (the background keeps its weight)."""
+    idx = list(triple)
+    w, m, V = before.weights.copy(), before.means.copy(), before.covariances.copy()
+    new_w = new.weights[idx]
+    total = float(np.sum(before.weights[idx]))
+    s = float(np.sum(new_w))
+    w[idx] = new_w * (total / s) if s > 0 else total / 3.0
+    m[idx] = new.means[idx]
+    V[idx] = new.covariances[idx]
+    return Mixture(w, m, V, before.background)
+
+
+def _note_move(
+    sm: dict[str, Any], state: LoopState, what: str, before: float, after: float, accepted: bool
+) -> None:
+    """Record (in the controller's state) and log the verdict on the current move."""
+    j, k, l = sm["current"]  # noqa: E741
+    sm["moves"].append(
+        {
+            "iteration": state.iteration + 1,
+            "merge": [j, k],
+            "split": l,
+            "ll_before": float(before),
+            "ll_after": float(after),
+            "accepted": bool(accepted),
+        }
+    )
+    verdict = "accepted" if accepted else "rejected"
+    log.info(
+        "split-and-merge: merge %d+%d, split %d: %s %.10g -> %.10g (%s)",
+        j,
+        k,
+        l,
+        what,
+        before,
+        after,
+        verdict,
+    )
+
+
+def _to_json(p: Mixture) -> dict[str, Any]:
+    return {k: np.asarray(v).tolist() for k, v in p.to_arrays().items()}
+
+
+def _from_json(d: dict[str, Any]) -> Mixture:
+    return Mixture.from_arrays({k: np.asarray(v, dtype=np.float64) for k, v in d.items()})
+
+
+# ----------------------------------------------------------------------------- controller
+#: ``criteria(params, batch)``: the sums over the batch's rows (every row when batch is None).
+Criteria = Callable[[Mixture, Batch | None], MoveStats]
+
+
+class SplitMerge:
+    """Split-and-merge moves for the fitting loop (module docstring).
+
+    Parameters
+    ----------
+    criteria : ``criteria(params) -> MoveStats`` over every row (one pass).
+    candidates : triples tried after each convergence before the fit ends.
+    partial_iter : partial-EM iterations on the three components of a move.
+    max_moves : stop after this many accepted moves.
+    tol : a move is accepted when the converged mean log-likelihood rises by more than this.
+    """
+
+    def __init__(
+        self,
+        criteria: Criteria,
+        candidates: int = 5,
+        partial_iter: int = 10,
+        max_moves: int = 20,
+        tol: float = 0.0,
+    ) -> None:
+        if int(candidates) < 1 or int(partial_iter) < 1 or int(max_moves) < 1:
+            raise ValueError("candidates, partial_iter and max_moves must be >= 1")
+        self.criteria = criteria
+        self.candidates = int(candidates)
+        self.partial_iter = int(partial_iter)
+        self.max_moves = int(max_moves)
+        self.tol = float(tol)
+
+    # ------------------------------------------------------------------ state
+    @staticmethod
+    def record(state: LoopState) -> dict[str, Any]:
+        """The controller's JSON state inside ``state.info`` (created on first use)."""
+        return state.info.setdefault(
+            "split_merge",
+            {
+                "phase": "em",
+                "run_iter": 0,
+                "queue": [],
+                "current": None,
+                "base": None,
+                "base_ll": None,
+                "tried": 0,
+                "accepted": 0,
+                "moves": [],
+            },
+        )
+
+    def max_total(self, max_steps: int) -> int:
+        """A bound on the loop's steps: every EM run (the first, and one per candidate tried)
+        has at most ``max_steps`` iterations (plus one scoring pass)."""
+        runs = 1 + (self.max_moves + 1) * self.candidates
+        return runs * (int(max_steps) + 1) + 1
+
+    def partial(self, state: LoopState) -> tuple[int, int, int] | None:
+        """The components partial EM updates this step (None: a full update)."""
+        sm = self.record(state)
+        return tuple(sm["current"]) if sm["phase"] == "partial" else None
+
+    def restrict(self, upd: Update, before: Mixture, triple: tuple[int, int, int]) -> Update:
+        """Partial EM (:func:`restrict`); re-seeding outside the three is dropped."""
+        reseeded = [j for j in upd.reseeded if j in triple]
+        return Update(restrict(upd.params, before, triple), reseeded, upd.step)
+
+    # ------------------------------------------------------------------ decisions
+    def advance(self, state: LoopState, ll: float, settled: bool, max_steps: int) -> str:
+        """Called by the loop with each step's mean log-likelihood (at ``state.params``) and
+        whether the current EM run has settled (converged). Returns "update" (an ordinary
+        update), "partial" (a partial-EM update), "moved" (``state.params`` were replaced:
+        no update this step) or "done" (the fit is finished at ``state.params``)."""
+        sm = self.record(state)
+        sm["run_iter"] += 1
+        if not settled and sm["run_iter"] >= int(max_steps):
+            log.warning(
+                "split-and-merge: an EM run (phase %s) stopped at max_iter = %d before it "
+                "converged; judging it as it is",
+                sm["phase"],
+                int(max_steps),
+            )
+            settled = True
+        phase = sm["phase"]
+        if phase == "final":
+            sm["phase"] = "done"
+            return "done"
+        if phase == "partial":
+            if settled or sm["run_iter"] >= self.partial_iter:
+                sm["phase"], sm["run_iter"] = "full", 0
+                return "update"
+            return "partial"
+        if not settled:
+            return "update"
+        if phase == "em":
+            return self._start(state, ll)
+        # phase "full": decide the move
+        gain = ll - sm["base_ll"]
+        accepted = gain > self.tol
+        _note_move(sm, state, "mean log-likelihood", sm["base_ll"], ll, accepted)
+        if accepted:
+            sm["accepted"] += 1
+            if sm["accepted"] >= self.max_moves:
+                sm["phase"] = "done"
+                return "done"
+            return self._start(state, ll)
+        state.params = _from_json(sm["base"])  # revert
+        if not sm["queue"]:
+            sm["phase"], sm["run_iter"], sm["current"] = "final", 0, None
+            return "moved"
+        return self._next(state)
+
+    def _start(self, state: LoopState, ll: float) -> str:
+        """Converged at ``state.params``: rank the candidates there and try the first."""
+        sm = self.record(state)
+        ms = self.criteria(state.params, None)
+        sm["queue"] = [list(t) for t in rank_candidates(ms, self.candidates)]
+        sm["base"], sm["base_ll"] = _to_json(state.params), float(ll)
+        if not sm["queue"]:
+            sm["phase"] = "done"
+            return "done"
+        return self._next(state)
+
+    def _next(self, state: LoopState) -> str:
+        sm = self.record(state)
+        triple = tuple(sm["queue"].pop(0))
+        sm["current"] = list(triple)
+        sm["tried"] += 1
+        sm["phase"], sm["run_iter"] = "partial", 0
+        state.params = propose(_from_json(sm["base"]), triple)
+        return "moved"
+
+
+def array_criteria(source: Any) -> Criteria:
+    """The criteria over the rows of an :class:`xd_dask.optim.arrays.ArrayStatistics` (a
+    batch's hash stratum, or every row)."""
+
+    def criteria(params: Mixture, batch: Batch | None = None) -> MoveStats:
+        rows = None if batch is None else source._rows(batch)
+
+        def take(a: Any) -> Any:
+            return a if a is None or rows is None else a[rows]
+
+        return move_stats(
+            take(source.X),
+            take(source.X_cov),
+            params,
+            row_weights=take(source.row_weights),
+            R=take(source.R),
+            backend=source.backend,
+            check=False,
+        )
+
+    return criteria
+
+
+class WaveSplitMerge:
+    """Stochastic split-and-merge on waves for online EM and Adam (module docstring).
+
+    Parameters
+    ----------
+    criteria : ``criteria(params, batch) -> MoveStats`` over a wave's rows.
+    every : waves between move attempts.  trial_waves : updates before a move is judged.
+    candidates : rejections in a row after which no more moves are tried.
+    max_moves : accepted moves at most.  tol : acceptance margin (mean log-likelihood per row).
+    partial_iter : partial-EM iterations on the wave's rows after a move.  reg_covar : theirs.
+    """
+
+    def __init__(
+        self,
+        criteria: Criteria,
+        every: int,
+        trial_waves: int = 2,
+        candidates: int = 5,
+        max_moves: int = 20,
+        tol: float = 0.0,
+        partial_iter: int = 10,
+        reg_covar: float = 1e-6,
+    ) -> None:
+        if min(int(every), int(trial_waves), int(candidates), int(max_moves)) < 1:
+            raise ValueError("every, trial_waves, candidates and max_moves must be >= 1")
+        self.partial_iter = int(partial_iter)
+        self.reg_covar = float(reg_covar)
+        self.criteria = criteria
+        self.every = int(every)
+        self.trial_waves = int(trial_waves)
+        self.candidates = int(candidates)
+        self.max_moves = int(max_moves)
+        self.tol = float(tol)
+
+    @staticmethod
+    def record(state: LoopState) -> dict[str, Any]:
+        return state.info.setdefault(
+            "split_merge",
+            {
+                "phase": "em",
+                "waves": 0,
+                "trial": 0,
+                "rejected": 0,
+                "accepted": 0,
+                "tried": 0,
+                "current": None,
+                "base": None,
+                "base_rule": None,
+                "moves": [],
+            },
+        )
+
+    def advance_wave(
+        self, state: LoopState, ll: float, batch: Batch, stats_at: Callable[[Mixture], Any]
+    ) -> str:
+        """Called by the loop with each wave's mean log-likelihood at ``state.params``;
+        ``stats_at(params)`` gives the statistics (SuffStats) of the same rows at other
+        parameters.
+        Returns "update", "moved" (new parameters: the loop re-initialises the rule's state) or
+        "restored" (parameters and rule state reverted here); no update after either."""
+        sm = self.record(state)
+        if sm["phase"] == "trial":
+            sm["trial"] += 1
+            if sm["trial"] <= self.trial_waves:
+                return "update"
+            return self._judge(state, ll, stats_at)
+        if sm["phase"] == "done":
+            return "update"
+        sm["waves"] += 1
+        if sm["waves"] < self.every:
+            return "update"
+        sm["waves"] = 0
+        ranked = rank_candidates(self.criteria(state.params, batch), sm["rejected"] + 1)
+        if len(ranked) <= sm["rejected"]:
+            sm["phase"] = "done"
+            return "update"
+        triple = ranked[sm["rejected"]]
+        sm["base"] = _to_json(state.params)
+        sm["base_rule"] = {k: np.asarray(v).tolist() for k, v in state.rule_state.items()}
+        sm["current"], sm["tried"] = list(triple), sm["tried"] + 1
+        sm["phase"], sm["trial"] = "trial", 0
+        state.params = self._partial_em(propose(state.params, triple), triple, stats_at)
+        return "moved"
+
+    def _partial_em(
+        self, p: Mixture, triple: tuple[int, int, int], stats_at: Callable[[Mixture], Any]
+    ) -> Mixture:
+        """Partial EM on the wave's rows; stops early at a non-finite or non-positive-definite
+        step (keeping the last good parameters)."""
+        for _ in range(self.partial_iter):
+            st = stats_at(p)
+            if st.W <= 0:
+                break
+            upd = batch_update(
+                st,
+                p.weights,
+                p.means,
+                p.covariances,
+                reg_covar=self.reg_covar,
+                background=p.background is not None,
+            )
+            new = restrict(p.updated(upd), p, triple)
+            try:
+                check_params(new, "partial EM")
+            except FloatingPointError:
+                break
+            p = new
+        return p
+
+    def _judge(self, state: LoopState, ll: float, stats_at: Callable[[Mixture], Any]) -> str:
+        sm = self.record(state)
+        base = _from_json(sm["base"])
+        st = stats_at(base)
+        ll_base = st.ll / st.W if st.W > 0 else float("nan")
+        accepted = ll - ll_base > self.tol
+        _note_move(sm, state, "wave mean log-likelihood", ll_base, ll, accepted)
+        sm["phase"], sm["current"] = "em", None
+        if accepted:
+            sm["accepted"] += 1
+            sm["rejected"] = 0
+            if sm["accepted"] >= self.max_moves:
+                sm["phase"] = "done"
+            return "update"
+        sm["rejected"] += 1
+        if sm["rejected"] >= self.candidates:
+            sm["phase"] = "done"
+        state.params = base
+        state.rule_state = {k: np.asarray(v) for k, v in sm["base_rule"].items()}
+        return "restored"
