@@ -113,6 +113,7 @@ def test_drop_counts_every_reason(tmp_path, base):
         "duplicate_id": 0,
         "missing_input": 0,  # reasons of projected schemas (test_io_projection.py)
         "nonpositive_parallax": 0,
+        "not_selected": 0,  # rows outside a schema [selection] (test_io_selection.py)
     }
     assert set(blk.dropped) == set(BAD_REASONS[1:])
     bad = {r for _, r, _, _, _ in CORRUPTIONS} | {8, 10}

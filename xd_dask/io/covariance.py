@@ -44,6 +44,7 @@ from xd_dask.io.rows import (
     resolve_columns,
 )
 from xd_dask.io.schema import MAG_PER_LN_FLUX, CatalogSchema
+from xd_dask.io.selection import apply_selection
 from xd_dask.io.staging import BLOCK_ROWS as _B
 from xd_dask.io.staging import BLOCK_STRIDE as _S
 from xd_dask.io.staging import batch_buffers
@@ -418,7 +419,8 @@ def build_covariance(
 
     Returns
     -------
-    BuildResult (rows are not dropped here; see ``reason``).
+    BuildResult (rows are not dropped here; see ``reason``). With a schema ``[selection]`` the
+    rows outside it have reason ``not_selected`` (:func:`xd_dask.io.selection.apply_selection`).
 
     Raises
     ------
@@ -428,6 +430,13 @@ def build_covariance(
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
     table = as_table(data)
+    result = _build(table, schema, dtype, check_memory)
+    if schema.selection is not None:  # rows outside the sample: not_selected (not bad rows)
+        apply_selection(result, table, schema.selection)
+    return result
+
+
+def _build(table: Any, schema: CatalogSchema, dtype: np.dtype, check_memory: bool) -> BuildResult:
     if schema.projection is not None:
         return build_tangential(
             table,

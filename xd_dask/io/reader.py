@@ -5,7 +5,8 @@ Only the schema's columns are read (matched case-insensitively: archive output s
 Each row is validated while X and S are built (:mod:`xd_dask.io.covariance`); the policy decides
 what a bad row does: ``"error"`` raises :class:`CatalogError` naming the file, the row (and its
 id) and the column; ``"drop"`` removes it and counts it under its reason in
-:attr:`CatalogBlock.dropped`.
+:attr:`CatalogBlock.dropped`. Rows outside the schema's ``[selection]`` are not bad rows: under
+either policy they are removed and counted as ``not_selected``.
 
 Duplicate ids: a row whose id equals that of an earlier valid row among the rows read in one call
 (a file, or the row groups asked for) is bad with reason ``duplicate_id``; under ``"drop"`` the
@@ -36,6 +37,7 @@ __all__ = ["CatalogBlock", "CatalogError", "read_partition", "open_parquet", "em
 log = get_logger(__name__)
 _MISSING_ID = BAD_REASONS.index("missing_id")
 _DUPLICATE_ID = BAD_REASONS.index("duplicate_id")
+_NOT_SELECTED = BAD_REASONS.index("not_selected")
 
 
 class CatalogError(ValueError):
@@ -365,8 +367,10 @@ def read_partition(
     dropped = empty_counts()
     bad_rows = np.flatnonzero(result.reason)
     if bad_rows.size:
-        if on_bad == "error":
-            row = int(bad_rows[0])
+        # rows outside the schema's selection are excluded and counted whatever on_bad says
+        faulty = bad_rows[result.reason[bad_rows] != _NOT_SELECTED]
+        if on_bad == "error" and faulty.size:
+            row = int(faulty[0])
             file_rows = _file_rows(pf, row_groups)  # messages give positions in the file
             raise _bad_row_error(
                 path_s, result, ids, table, found, schema, row, file_rows, np.dtype(dtype)

@@ -48,6 +48,8 @@ BAD_REASONS: tuple[str, ...] = (
     "duplicate_id",  # the id of an earlier row of the same partition (the first is kept)
     "missing_input",  # a column a projection is built from is null (or NaN with nan_is_null)
     "nonpositive_parallax",  # a projection divides by the parallax: it must be > 0
+    "not_selected",  # outside the schema's [selection] (xd_dask.io.selection): not a bad row,
+    # excluded and counted whatever on_bad says
 )
 REASON_TEXT = {
     "nonfinite_value": "non-finite value (not a null)",
@@ -66,6 +68,7 @@ REASON_TEXT = {
     "missing fields)",
     "nonpositive_parallax": "parallax <= 0 (the tangential velocity divides by it; select stars "
     "with a precise positive parallax)",
+    "not_selected": "outside the schema's selection (not a bad row: excluded and counted)",
 }
 #: Smallest accepted Cholesky pivot of the per-row correlation matrix.
 PIVOT_TOL = 1e-12

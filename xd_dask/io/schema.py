@@ -82,6 +82,12 @@ tangential velocities (d = 2) of the 3-d velocity (D = 3)::
 ``features`` are then the D TRUE features (the model's space) and ``observed`` the d observed
 values (the columns of X); without a projection the two are the same.
 
+Selection (:mod:`xd_dask.io.selection`): a ``[selection]`` table of cuts on columns and derived
+quantities (ratios, absolute magnitudes, sums of them) says which rows form the sample. Rows
+outside it are excluded and counted as ``not_selected`` whatever ``on_bad`` says; they are not
+bad rows. A schema may start from another with ``extends = "<packaged schema or TOML path>"``:
+its top-level keys and tables replace the base's (e.g. a selection added to a projection).
+
 Unknown keys are an error (a typo must not be a setting that is silently ignored).
 """
 
@@ -96,6 +102,7 @@ from pathlib import Path
 from typing import Any
 
 from xd_dask.io.projection import ProjectionError, ProjectionSpec, parse_projection
+from xd_dask.io.selection import Selection, SelectionError, parse_selection
 
 try:  # Python >= 3.11
     import tomllib
@@ -108,6 +115,7 @@ __all__ = [
     "NoiseSpec",
     "ProjectionSpec",
     "SchemaError",
+    "Selection",
     "load_schema",
     "plain_schema",
     "packaged_schemas",
@@ -199,6 +207,8 @@ class CatalogSchema:
     description : free text documenting the feature space.
     projection : a :class:`ProjectionSpec` (then X holds the d ``observed`` values, the reader
         returns R (n, d, D), and ``columns``/``noise``/``correlations`` are empty), or None.
+    selection : a :class:`~xd_dask.io.selection.Selection` (rows outside it are ``not_selected``),
+        or None (every row is in the sample).
     """
 
     name: str
@@ -212,6 +222,7 @@ class CatalogSchema:
     description: str = field(default="", compare=False)
     value_ranges: tuple[tuple[float, float], ...] = ()
     projection: ProjectionSpec | None = None
+    selection: Selection | None = None
 
     @property
     def observed(self) -> tuple[str, ...]:
@@ -253,6 +264,8 @@ class CatalogSchema:
         for spec in self.noise:
             cols += list(spec.columns)
         cols += [c.column for c in self.correlations]
+        if self.selection is not None:
+            cols += self.selection.columns()
         seen: set[str] = set()
         out = []
         for c in cols:
@@ -268,6 +281,8 @@ class CatalogSchema:
             d["description"] = self.description
         if self.id_column:
             d["id_column"] = self.id_column
+        if self.selection is not None:
+            d["selection"] = self.selection.to_dict()
         if self.projection is not None:
             d["projection"] = self.projection.to_dict()
             return d
@@ -356,6 +371,8 @@ _TOP_KEYS = {
     "feature",
     "correlation",
     "projection",
+    "selection",
+    "extends",
 }
 
 
@@ -483,6 +500,23 @@ def _parse_feature(
     return name, column, unit, spec, value_range
 
 
+def _extended(d: Mapping[str, Any], source: str, depth: int = 0) -> dict[str, Any]:
+    """``d`` with its ``extends`` resolved: the base schema's tables, then ``d``'s on top."""
+    base_spec = d["extends"]
+    if not isinstance(base_spec, str) or not base_spec:
+        raise SchemaError(f"{source}: 'extends' must name a packaged schema or a TOML file")
+    if depth > 8:
+        raise SchemaError(f"{source}: 'extends' chain is too deep (a cycle?)")
+    base, base_source = _raw_schema(base_spec)
+    if not isinstance(base, Mapping):
+        raise SchemaError(f"{base_source}: a schema must be a table/dict")
+    if "extends" in base:
+        base = _extended(base, base_source, depth + 1)
+    merged = {k: v for k, v in base.items() if k not in ("extends", "name", "description")}
+    merged.update({k: v for k, v in d.items() if k != "extends"})
+    return merged
+
+
 def schema_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> CatalogSchema:
     """Build and check a :class:`CatalogSchema` from a TOML-shaped mapping."""
     if not isinstance(d, Mapping):
@@ -490,6 +524,14 @@ def schema_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> CatalogSch
     unknown = set(d) - _TOP_KEYS
     if unknown:
         raise SchemaError(f"{source}: unknown key(s) {sorted(unknown)}")
+    if "extends" in d:
+        d = _extended(d, source)
+    selection = None
+    if "selection" in d:
+        try:
+            selection = parse_selection(d["selection"], source)
+        except SelectionError as exc:
+            raise SchemaError(str(exc)) from None
     name = d.get("name", Path(source).stem if source != "<dict>" else "custom")
     id_column = d.get("id_column")
     if id_column is not None and (not isinstance(id_column, str) or not id_column):
@@ -516,6 +558,7 @@ def schema_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> CatalogSch
             nan_is_null=nan_is_null,
             description=str(description),
             projection=spec,
+            selection=selection,
         )
     feats = d.get("feature")
     if not isinstance(feats, Sequence) or not feats:
@@ -573,6 +616,7 @@ def schema_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> CatalogSch
         nan_is_null=nan_is_null,
         description=str(description),
         value_ranges=ranges if any(r != (-math.inf, math.inf) for r in ranges) else (),
+        selection=selection,
     )
 
 
@@ -593,10 +637,15 @@ def load_schema(
         spec = "gaia_dr3"
     if isinstance(spec, Mapping):
         return schema_from_dict(spec)
+    return schema_from_dict(*_raw_schema(spec))
+
+
+def _raw_schema(spec: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """(the TOML table, its source name) of a packaged schema name or a TOML path."""
     text_spec = os.fspath(spec)
     if isinstance(spec, str) and spec in packaged_schemas():
         res = resources.files("xd_dask") / "schemas" / f"{spec}.toml"
-        return schema_from_dict(tomllib.loads(res.read_text(encoding="utf-8")), f"{spec}.toml")
+        return tomllib.loads(res.read_text(encoding="utf-8")), f"{spec}.toml"
     path = Path(text_spec)
     if not path.is_file():
         raise SchemaError(
@@ -604,10 +653,9 @@ def load_schema(
             f"(packaged: {', '.join(packaged_schemas())})"
         )
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8")), str(path)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise SchemaError(f"{path}: cannot read schema TOML: {exc}") from None
-    return schema_from_dict(data, str(path))
 
 
 def plain_schema(

@@ -6,7 +6,10 @@
   zoomed map for a small footprint, the all-sky Mollweide projection (Ritchie & Murray 2019,
   Figure 2) otherwise; empty cells white;
 - :func:`training_curve`: mean log-likelihood per iteration or wave against the step and against
-  wall-clock time.
+  wall-clock time;
+- :func:`density_planes`: the model's exact marginal density in pairs of features (default every
+  pair of the first three: (U, V), (U, W), (V, W) for a velocity model fitted to projected data,
+  whose catalogue rows are not in the model's space), with each component's 1-sigma ellipse.
 
 Each function writes its file atomically and returns the path.
 """
@@ -25,7 +28,15 @@ from xd_dask.utils import atomic_path, get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["corner_plot", "default_features", "sky_extent", "sky_plot", "training_curve"]
+__all__ = [
+    "corner_plot",
+    "default_features",
+    "density_planes",
+    "marginal_density",
+    "sky_extent",
+    "sky_plot",
+    "training_curve",
+]
 
 
 def _pyplot():
@@ -363,5 +374,117 @@ def training_curve(
         a.grid(True, alpha=0.3)
     what = "online EM" if method == "online" else "batch EM"
     fig.suptitle(title or f"Training curve, {what} ({len(rows)} {key}s, final {ll[-1]:.4f})")
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def marginal_density(model: XDModel, idx: Sequence[int], grid: np.ndarray) -> np.ndarray:
+    """The mixture's exact marginal density over the features ``idx`` at the points ``grid``.
+
+    Parameters
+    ----------
+    model : the mixture (weights (K,), means (K, D), covariances (K, D, D)).
+    idx : (p,) feature indices.
+    grid : (m, p) points.
+
+    Returns
+    -------
+    (m,) density: sum_k w_k N(grid; mu_k[idx], V_k[idx, idx]).
+    """
+    idx = list(idx)
+    pts = np.asarray(grid, np.float64)
+    out = np.zeros(pts.shape[0])
+    for w, mu, V in zip(model.weights, model.means, model.covariances, strict=True):
+        sub = np.asarray(V, np.float64)[np.ix_(idx, idx)]  # (p, p)
+        L = np.linalg.cholesky(sub)
+        z = np.linalg.solve(L, (pts - np.asarray(mu, np.float64)[idx]).T)  # (p, m)
+        logdet = 2.0 * np.log(np.diag(L)).sum()
+        out += w * np.exp(-0.5 * (z * z).sum(0) - 0.5 * (logdet + len(idx) * np.log(2 * np.pi)))
+    return out
+
+
+def density_planes(
+    model: XDModel,
+    path: str | os.PathLike,
+    *,
+    pairs: Sequence[tuple[str, str]] | None = None,
+    units: Sequence[str] | None = None,
+    limits: Mapping[str, tuple[float, float]] | None = None,
+    grid: int = 200,
+    ellipses: bool = True,
+    dpi: int = 110,
+    title: str | None = None,
+) -> Path:
+    """One panel per pair of features: log10 of the model's marginal density (exact, on a grid;
+    the deconvolved mixture, not samples), with the 1-sigma ellipse of every component whose
+    weight is at least 1 % (line width grows with the weight).
+
+    Parameters
+    ----------
+    pairs : (x feature, y feature) per panel; default every pair of the first three features.
+    units : (D,) unit of each model feature, shown on the axes.
+    limits : {feature: (lo, hi)} axis ranges; default the weighted mean +- 3 weighted standard
+        deviations of the mixture per feature.
+    grid : points per axis of the density grid.
+    """
+    plt = _pyplot()
+    from matplotlib.patches import Ellipse  # noqa: PLC0415
+
+    names = list(model.feature_names)
+    if pairs is None:
+        first = names[:3]
+        pairs = [(a, b) for i, a in enumerate(first) for b in first[i + 1 :]]
+    if not pairs:
+        raise ValueError("density_planes needs a model with at least two features")
+    for a, b in pairs:
+        _feature_indices(model, [a, b])
+    w = np.asarray(model.weights, np.float64)
+    mu = np.asarray(model.means, np.float64)
+    cov = np.asarray(model.covariances, np.float64)
+    mean = w @ mu  # (D,)
+    total = np.einsum("k,kij->ij", w, cov) + np.einsum("k,ki,kj->ij", w, mu - mean, mu - mean)
+    spread = np.sqrt(np.diag(total))
+    lims = {f: (mean[j] - 3 * spread[j], mean[j] + 3 * spread[j]) for j, f in enumerate(names)}
+    lims.update(limits or {})
+    label = dict(zip(names, _axis_labels(model, names, units), strict=True))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.6 * len(pairs), 4.4), squeeze=False)
+    for ax, (a, b) in zip(axes[0], pairs, strict=True):
+        ia, ib = names.index(a), names.index(b)
+        xs = np.linspace(*lims[a], grid)
+        ys = np.linspace(*lims[b], grid)
+        gx, gy = np.meshgrid(xs, ys)
+        dens = marginal_density(model, [ia, ib], np.column_stack([gx.ravel(), gy.ravel()]))
+        logd = np.log10(np.maximum(dens.reshape(gx.shape), 1e-300))
+        top = logd.max()
+        mesh = ax.pcolormesh(
+            xs, ys, np.ma.masked_less(logd, top - 4), cmap=_cmap("Blues", 0.05), rasterized=True
+        )
+        ax.contour(xs, ys, logd, levels=top - np.array([3, 2, 1, 0.5]), colors="k", linewidths=0.5)
+        if ellipses:
+            for k in np.flatnonzero(w >= 0.01):
+                sub = cov[k][np.ix_([ia, ib], [ia, ib])]
+                vals, vecs = np.linalg.eigh(sub)
+                angle = np.degrees(np.arctan2(vecs[1, 1], vecs[0, 1]))
+                ax.add_patch(
+                    Ellipse(
+                        (mu[k, ia], mu[k, ib]),
+                        2 * np.sqrt(vals[1]),
+                        2 * np.sqrt(vals[0]),
+                        angle=angle,
+                        fill=False,
+                        color="C3",
+                        lw=0.5 + 6 * w[k],
+                    )
+                )
+        ax.set_xlim(lims[a])
+        ax.set_ylim(lims[b])
+        ax.set_xlabel(label[a])
+        ax.set_ylabel(label[b])
+        fig.colorbar(mesh, ax=ax, fraction=0.046, pad=0.02, label="log10 density")
+    fig.suptitle(
+        title
+        or f"Deconvolved model density (K={model.n_components}); red: components' 1-sigma "
+        "ellipses (width ~ weight)"
+    )
     fig.tight_layout()
     return _save(fig, path, dpi)

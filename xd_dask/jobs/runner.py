@@ -330,15 +330,28 @@ def write_plots(
     data: np.ndarray | None,
     *,
     units: Sequence[str] | None = None,
+    projected: bool | None = None,
 ) -> dict[str, str]:
-    """The training curve, corner plot and (for ra/dec models) sky plot; returns {name: path}.
+    """The training curve, corner plot, (for ra/dec models) sky plot and (for models of projected
+    data) the density planes; returns {name: path}.
 
     units : the unit of each model feature (the schema's), shown on the corner plot's axes.
+    projected : the catalogue observes projections of the model's features (a schema
+        ``[projection]``): its rows are not drawn over the model, and ``planes.png`` shows the
+        deconvolved density in pairs of features (:func:`plots.density_planes`). Default: when
+        ``data`` has another number of columns than the model has features.
     """
     from xd_dask.jobs import plots  # noqa: PLC0415
 
     pc = cfg.plots
     files: dict[str, str] = {}
+    if projected is None:
+        projected = data is not None and np.ndim(data) == 2 and data.shape[1] != model.n_features
+    if projected:
+        data = None  # observed values (e.g. tangential velocities) are not in the model's space
+        files["planes"] = str(
+            plots.density_planes(model, out_dir / "planes.png", units=units, dpi=pc.dpi)
+        )
     if history:
         files["training_curve"] = str(
             plots.training_curve(
@@ -541,7 +554,17 @@ def _run_fit(
         data = sample_rows(
             client, manifest, schema, cfg.plots.max_rows, seed=cfg.fit.seed, on_bad="drop"
         )
-        files.update(write_plots(model, history, out, cfg, data.X, units=schema.units))
+        files.update(
+            write_plots(
+                model,
+                history,
+                out,
+                cfg,
+                data.X,
+                units=schema.units,
+                projected=schema.projection is not None,
+            )
+        )
     if report_html is not None:
         files["performance_report"] = str(report_html)
     if ckpt is not None:
