@@ -241,6 +241,7 @@ plots = false
     assert "features" in _run("info", model_path).output
     _run("plot", model_path, "--catalog", path, "-o", tmp_path / "plots")
     assert (tmp_path / "plots" / "corner.png").is_file()
+    assert (tmp_path / "plots" / "planes.png").is_file()  # the deconvolved (U, V), (U, W), (V, W)
 
 
 def test_interrupted_projected_fit_resumes_exactly(client, catalogue, tmp_path):

@@ -306,6 +306,15 @@ def plot(model: str, out: str, features: str | None, **params: Any) -> None:
             f"{_dropped_text(rows.dropped)})"
         )
     units = schema.units if list(schema.features) == list(mdl.feature_names) else None
-    files = write_plots(mdl, mdl.metadata.get("history") or [], Path(out), cfg, data, units=units)
+    projected = schema.projection is not None
+    files = write_plots(
+        mdl,
+        mdl.metadata.get("history") or [],
+        Path(out),
+        cfg,
+        data,
+        units=units,
+        projected=projected or None,
+    )
     for name, path in files.items():
         click.echo(f"{name}: {path}")

@@ -189,9 +189,12 @@ def compile_note(cfg: Any, progress: Progress, n_features: int) -> None:
     cl = cfg.cluster
     if cl.scheduler_address or cl.scheduler_file or cl.gpu or cfg.fit.backend == "reference":
         return
-    if kernels_cold(n_features, cfg.fit.dtype):
+    from xd_dask.config import row_dtype  # noqa: PLC0415
+
+    dtype = row_dtype(cfg.fit.dtype, cl.gpu)
+    if kernels_cold(n_features, dtype):
         progress.message(
-            f"Compiling the numerical kernels for D = {n_features} ({cfg.fit.dtype}): the first "
+            f"Compiling the numerical kernels for D = {n_features} ({dtype}): the first "
             "run with an empty kernel cache takes about a minute longer; later runs reuse the "
             "cache (XD_DASK_KERNEL_CACHE, default ~/.cache/xd-dask/kernels)"
         )
