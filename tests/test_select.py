@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import tomli_w
+import tomllib
 from click.testing import CliRunner
 from sklearn.mixture import GaussianMixture
 
@@ -104,3 +105,29 @@ def test_select_finds_k_true_through_the_cli(cluster, six):
     final = [e for e in events if e["event"] == "select"][-1]
     assert final["criterion"] == "heldout" and final["chosen"] == 6
     assert XDModel.load(root / "out" / "model.npz").metadata["select"]["chosen"] == 6
+
+
+@pytest.mark.cluster
+def test_select_reads_the_catalogue_and_draws_the_sample_once_for_all_k(cluster, six, tmp_path):
+    """With fit.persist every K fits the same persisted partitions and the same k-means sample
+    (shared_reads): the scheduler sees one read task per file and one sample pass in all."""
+    from distributed import Client, get_task_stream
+
+    job, root = six
+    persisted = tmp_path / "job.toml"
+    cfg = tomllib.loads(job.read_text())
+    cfg["fit"]["persist"] = True
+    cfg["output"]["dir"] = str(tmp_path / "out")
+    persisted.write_text(tomli_w.dumps(cfg))
+    args = ["select", str(persisted), "-k", "5,6", "--scheduler-address", cluster.scheduler_address]
+    with Client(cluster.scheduler_address) as client, get_task_stream(client) as ts:
+        res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    keys = [t["key"] for t in ts.data]
+    prefix = [k[0] if isinstance(k, tuple) else str(k) for k in keys]
+    reads = {k for k, p in zip(keys, prefix, strict=True) if p.startswith("xd-read-")}
+    assert len(reads) == 3  # 3 files, read once for K = 5 and K = 6
+    samples = {p for p in prefix if p.startswith("xd-kmeans-sample-")}
+    assert len(samples) == 1  # one runner's sample pass served both K
+    table = json.loads((tmp_path / "out" / "select.json").read_text())
+    assert [r["n_components"] for r in table["rows"]] == [5, 6]

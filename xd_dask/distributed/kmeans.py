@@ -162,7 +162,9 @@ def kmeans_init(
     size = sample_size or default_sample_size(K)
     fraction = min(1.0, size / max(N, 1))
     t0 = time.perf_counter()
-    res = runner.run("kmeans-sample", (0,), kmeans_sample, extra=(runner.opts, seed, fraction))
+    res = runner.run_shared(
+        "kmeans-sample", (0,), kmeans_sample, extra=(runner.opts, seed, fraction)
+    )
     seconds = {"sample_pass": time.perf_counter() - t0}
     t0 = time.perf_counter()
     mom = res.payload

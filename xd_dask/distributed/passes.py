@@ -19,10 +19,12 @@ order), at most fan_in results of O(K D^2).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import hashlib
 import pickle
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from distributed import Client, Future, span
@@ -34,7 +36,7 @@ from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["PassRunner", "tree_reduce"]
+__all__ = ["PassRunner", "shared_reads", "tree_reduce"]
 
 #: Errors that mean "the cluster lost work", not "the data are bad": the pass is run again.
 RETRYABLE = (KilledWorker, concurrent.futures.CancelledError)
@@ -45,6 +47,30 @@ BROADCAST_MAX_WORKERS = 16
 #: Shared objects whose pickled size times the number of tasks of a pass is below this travel
 #: inside the tasks (no scatter round trip before the pass).
 INLINE_BYTES = 1 << 20
+
+#: Persisted blocks and pass results shared between runners (None: no sharing), see shared_reads.
+_SHARED: dict[tuple, Any] | None = None
+
+
+@contextlib.contextmanager
+def shared_reads() -> Iterator[dict[tuple, Any]]:
+    """Within the block, pass runners over the same catalogue listing (manifest fingerprint) and
+    task options share one set of persisted partitions and the results of
+    :meth:`PassRunner.run_shared` passes (``xd-dask select`` fits every K over the same blocks
+    and the same k-means sample). On leaving, the shared blocks are released."""
+    global _SHARED
+    prev, _SHARED = _SHARED, {}
+    try:
+        yield _SHARED
+    finally:
+        _SHARED = prev
+
+
+def _digest(obj: Any) -> str | None:
+    try:
+        return hashlib.sha256(pickle.dumps(obj, protocol=5)).hexdigest()
+    except Exception:  # noqa: BLE001 - not picklable: never shared
+        return None
 
 
 def map_combine(func: Callable[..., Partial], sources: Sequence[Any], *args: Any) -> Partial:
@@ -140,6 +166,9 @@ class PassRunner:
         pids = range(len(self.manifest)) if pids is None else pids
         if not self.persist:
             return [self.manifest[p] for p in pids]
+        skey = self._share_key("blocks")
+        if self._blocks is None and skey is not None and skey in _SHARED:
+            self._blocks = _SHARED[skey]
         if self._blocks is None:
             name = f"xd-read-{self.token}"
             self._generation += 1
@@ -155,7 +184,36 @@ class PassRunner:
                 )
                 for part in self.manifest
             ]
+            if skey is not None:
+                _SHARED[skey] = self._blocks
         return [self._blocks[p] for p in pids]
+
+    def _share_key(self, *what: Any) -> tuple | None:
+        """Key of this runner's data in :func:`shared_reads` (None: not sharing)."""
+        if _SHARED is None:
+            return None
+        opts = _digest(self.opts)
+        if opts is None:
+            return None
+        return (self.manifest.fingerprint, opts, self.persist, self.group_size, *what)
+
+    def run_shared(self, name: str, label: tuple, func: Callable[..., Partial], **kw: Any):
+        """:meth:`run`, or the result of the same pass (name, label, function, ``extra``) run
+        earlier inside :func:`shared_reads` over the same catalogue and options."""
+        extra = _digest(kw.get("extra", ()))
+        skey = (
+            None
+            if extra is None or kw.get("shared")
+            else self._share_key(
+                "pass", name, label, getattr(func, "__qualname__", repr(func)), extra
+            )
+        )
+        if skey is not None and skey in _SHARED:
+            return _SHARED[skey]
+        res = self.run(name, label, func, **kw)
+        if skey is not None:
+            _SHARED[skey] = res
+        return res
 
     def groups(self) -> list[list[int]]:
         """Runs of consecutive partitions that one grouped task covers (all singletons without
@@ -286,6 +344,8 @@ class PassRunner:
                 )
                 if self.persist:
                     self._blocks = None  # re-read partitions whose blocks may be lost
+                    if _SHARED is not None:
+                        _SHARED.pop(self._share_key("blocks"), None)
                 time.sleep(0.5)
                 self._n_workers = len(self.client.nthreads())
         raise AssertionError("unreachable")  # pragma: no cover

@@ -2,7 +2,8 @@
 
 For each K the job is fitted as ``xd-dask fit`` would fit it (:func:`xd_dask.jobs.runner.run_fit`,
 into ``<out>/k<K>/`` with its model, history, report and checkpoints; no plots), on the same
-client and the same catalogue listing rules. Then per K:
+client and the same catalogue listing rules, sharing the persisted partitions and the k-means
+sample (:func:`xd_dask.distributed.passes.shared_reads`: each is read once for all K). Then per K:
 
 - the held-out mean log-likelihood per row (the job's held-out rows; a job without any held-out
   set gets ``catalog.holdout_rows = DEFAULT_HOLDOUT_ROWS``, recorded in the outputs);
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xd_dask.distributed.passes import shared_reads
 from xd_dask.jobs.config import ConfigError, JobConfig
 from xd_dask.jobs.runner import heldout_split, run_fit, score_sources, split_catalog, write_json
 from xd_dask.model import XDModel
@@ -191,7 +193,7 @@ def run_select(
     cfg, heldout = _with_holdout(cfg)
     train, train_split = _train_side(cfg)
     rows: list[SelectRow] = []
-    with output_lock(out):
+    with output_lock(out), shared_reads():  # every K reads the same persisted blocks and sample
         remove_stale_temporaries(out)
         for K in ks:
             cfg_k = cfg.replace({"fit.n_components": int(K)}, source="xd-dask select -k")
