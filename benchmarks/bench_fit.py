@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from xd_dask.params import Params
+
 D = 7
 HOLDOUT = 0.2
 
@@ -55,7 +57,7 @@ def warm_start(X: np.ndarray, K: int, features, seed: int = 1):
     X = X[~np.isnan(X).any(axis=1)]
     means = X[rng.choice(X.shape[0], size=K, replace=False)]
     cov = np.cov(X, rowvar=False) / K ** (2.0 / D)
-    return XDModel(np.full(K, 1.0 / K), means, np.repeat(cov[None], K, axis=0), features)
+    return XDModel(Params(np.full(K, 1.0 / K), means, np.repeat(cov[None], K, axis=0)), features)
 
 
 def single_process(files, schema, model, threads: int, repeats: int = 2) -> dict:
@@ -176,12 +178,9 @@ def compare_methods(client, sky: Path, K: int, args, root: Path, features) -> li
                 model
                 if params is None
                 else XDModel(
-                    params.weights,
-                    params.means,
-                    params.covariances,
+                    Params(params.weights, params.means, params.covariances, params.background),
                     features,
                     {},
-                    background=params.background,
                 )
             )
             ll = score_catalog(m, str(sky), "gaia_dr3", client, split=(HOLDOUT, "holdout"))

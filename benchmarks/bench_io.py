@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from xd_dask.params import Params
+
 
 def _best(fn, repeats: int) -> tuple[float, float, object]:
     """(best wall seconds, CPU seconds of that run, result)."""
@@ -60,7 +62,7 @@ def _model_k(K: int, seed: int = 0):
     idx = np.arange(K) % base.n_components
     sd = np.sqrt(np.einsum("kii->ki", base.covariances))[idx]
     means = base.means[idx] + 0.3 * sd * rng.standard_normal((K, base.n_features))
-    return XDModel(np.full(K, 1.0 / K), means, base.covariances[idx] * 1.2)
+    return XDModel(Params(np.full(K, 1.0 / K), means, base.covariances[idx] * 1.2))
 
 
 def _peak_rss_of_make_catalog(rows: int, partitions: int, out: Path) -> float:

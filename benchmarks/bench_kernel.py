@@ -55,6 +55,7 @@ import numpy as np
 from xd_dask.kernels import posterior
 from xd_dask.kernels._numba import pattern_stats_numba
 from xd_dask.kernels.reference import pattern_stats_ref
+from xd_dask.params import Params
 
 D = 7
 KS = (16, 64, 256)
@@ -111,8 +112,10 @@ def posterior_ns(x, S, lw, m, V, repeats: int, backend: str = "numba") -> float:
     """ns per pair of one posterior call on one thread (compilation excluded), best of N."""
     numba.set_num_threads(1)
     w = np.exp(lw)
-    posterior(x[:64], S[:64], w, m, V, backend=backend, check=False)  # compile / warm up
-    best, _ = best_of(lambda: posterior(x, S, w, m, V, backend=backend, check=False), repeats)
+    posterior(x[:64], S[:64], Params(w, m, V), backend=backend, check=False)  # compile / warm up
+    best, _ = best_of(
+        lambda: posterior(x, S, Params(w, m, V), backend=backend, check=False), repeats
+    )
     return best / (x.shape[0] * m.shape[0]) * 1e9
 
 
@@ -135,8 +138,8 @@ def posterior_err(sub, m, V, lw) -> float:
     """Worst covariance difference, compiled vs reference posterior, in correlation units."""
     x, S = sub
     w = np.exp(lw)
-    _, got = posterior(x, S, w, m, V, backend="numba", check=False)
-    _, want = posterior(x, S, w, m, V, backend="reference", check=False)
+    _, got = posterior(x, S, Params(w, m, V), backend="numba", check=False)
+    _, want = posterior(x, S, Params(w, m, V), backend="reference", check=False)
     sd = np.sqrt(np.diagonal(want, axis1=1, axis2=2))
     return float((np.abs(got - want) / (sd[:, :, None] * sd[:, None, :])).max())
 

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from xd_dask.cli import main
 from xd_dask.model import XDModel
+from xd_dask.params import Params
 
 
 @pytest.fixture
@@ -95,7 +96,7 @@ def model_file(tmp_path):
     m = np.array([[0.0, 10.0], [4.0, -2.0]])
     V = np.array([np.eye(2), [[2.0, 0.5], [0.5, 1.0]]])
     path = tmp_path / "model.npz"
-    XDModel(w, m, V, ["a", "b"], {"method": "em", "n_iter": 7}).save(path)
+    XDModel(Params(w, m, V), ["a", "b"], {"method": "em", "n_iter": 7}).save(path)
     return path
 
 

@@ -41,10 +41,10 @@ def _raiser(exc: BaseException) -> click.Group:
 
 def _diverged() -> FitDivergedError:
     rows = [
-        {"file": "cat/a.parquet", "row": 7, "source_id": 99, "ll_before": -3.0, "ll_after": -4e9,
-         "component": 2},
-        {"file": "cat/b.parquet", "row": 1, "source_id": 5, "ll_before": -2.5, "ll_after": -80.0,
-         "component": 0},
+        {"file": "cat/a.parquet", "row": 7, "id_column": "source_id", "id": 99,
+         "ll_before": -3.0, "ll_after": -4e9, "component": 2},
+        {"file": "cat/b.parquet", "row": 1, "id_column": "source_id", "id": 5,
+         "ll_before": -2.5, "ll_after": -80.0, "component": 0},
     ]  # fmt: skip
     last = {"iteration": 4, "reseeded": [2]}
     return diverged_error("batch-em", last, -10.0, -90.0, 0.1, rows, rolled_back=True)

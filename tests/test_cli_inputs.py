@@ -18,6 +18,7 @@ from tests.shared_data import GAIA_DIR
 from xd_dask.cli import main
 from xd_dask.io import make_catalog
 from xd_dask.model import XDModel
+from xd_dask.params import Params
 
 pytestmark = pytest.mark.cluster
 
@@ -69,7 +70,8 @@ def stars(tmp_path_factory):
     schema.write_text(SCHEMA)
     model = root / "model.npz"
     XDModel(
-        [0.4, 0.6], [[0.0, 1.0], [2.0, 0.0]], [np.eye(2), [[2.0, 0.3], [0.3, 1.0]]], ["x", "y"]
+        Params([0.4, 0.6], [[0.0, 1.0], [2.0, 0.0]], [np.eye(2), [[2.0, 0.3], [0.3, 1.0]]]),
+        ["x", "y"],
     ).save(model)
     return root, files, schema, model
 

@@ -21,6 +21,8 @@ import time
 import numpy as np
 import pytest
 
+from xd_dask.params import Params
+
 pytest.importorskip("numba.cuda")
 
 GROUPS = ("stats", "projected", "dispatch", "nonpd")
@@ -151,16 +153,16 @@ def _dispatch_cases():
     for dt in (np.float64, np.float32):
         X, S, w, m, V = _missing_problem(4, 45, 3, 5, 0.3, dt)
         Sp = pack_lower(S)
-        st = compute_stats(X, Sp, w, m, V, backend="cudasim")
+        st = compute_stats(X, Sp, Params(w, m, V), backend="cudasim")
         want = loop_stats(X.astype(float), S.astype(float), w, m, V)
         e = _err((st.n, st.a, st.C, st.ll, st.W), want)
         assert e <= TOL[dt] * 5, (dt, e)
-        ld = log_component_densities(X, Sp, w, m, V, backend="cudasim")
-        ref = log_component_densities(X, S, w, m, V, backend="reference")
+        ld = log_component_densities(X, Sp, Params(w, m, V), backend="cudasim")
+        ref = log_component_densities(X, S, Params(w, m, V), backend="reference")
         e_ld = float(np.max(np.abs(ld - ref)))
         assert e_ld <= (1e-11 if dt == np.float64 else 1e-3), (dt, e_ld)
-        got = posterior(X, Sp, w, m, V, backend="cudasim", summary=True, return_resp=True)
-        ref = posterior(X, S, w, m, V, backend="reference", summary=True, return_resp=True)
+        got = posterior(X, Sp, Params(w, m, V), backend="cudasim", summary=True, return_resp=True)
+        ref = posterior(X, S, Params(w, m, V), backend="reference", summary=True, return_resp=True)
         ptol = 1e-10 if dt == np.float64 else 1e-5
         for f in ("mean", "cov", "map_resp", "resp"):
             a, b = getattr(got, f), getattr(ref, f)
@@ -173,8 +175,8 @@ def _dispatch_cases():
 
     X, S, w, m, V = _missing_problem(5, 30, 4, 3, 0.3, np.float64)
     bg = Background(0.1, (-20.0,) * 4, (20.0,) * 4)
-    got = posterior(X, S, w, m, V, backend="cudasim", background=bg, summary=True)
-    ref = posterior(X, S, w, m, V, backend="reference", background=bg, summary=True)
+    got = posterior(X, S, Params(w, m, V, bg), backend="cudasim", summary=True)
+    ref = posterior(X, S, Params(w, m, V, bg), backend="reference", summary=True)
     for f in ("mean", "cov", "background_resp", "map_resp"):
         np.testing.assert_allclose(getattr(got, f), getattr(ref, f), rtol=1e-9, atol=1e-12)
 
@@ -206,7 +208,7 @@ def _nonpd_cases():
     _register_sim_backend()
     w = np.exp(lw)
     try:
-        posterior(x, S, w, m, V, backend="cudasim", check=False)
+        posterior(x, S, Params(w, m, V), backend="cudasim", check=False)
     except NotPositiveDefiniteError as err:
         assert (err.row, err.component) == (30, 1), (err.row, err.component)
     else:

@@ -17,6 +17,7 @@ from tests.distributed_data import make_rows, schema, write_catalog
 from xd_dask.distributed.cluster import GPUUnavailableError, check_gpu_workers
 from xd_dask.distributed.gpu import device_info, to_device
 from xd_dask.kernels import compute_stats, posterior, registry
+from xd_dask.params import Params
 
 try:
     import cupy
@@ -47,12 +48,12 @@ def test_dispatcher_takes_the_packed_layout(backend):
     X, S = make_rows(seed=2, n=200, missing=0.3)
     w, m, V = np.array([0.5, 0.5]), np.array([[0.0, 0, 0], [5.0, 2, -3]]), np.stack([np.eye(3)] * 2)
     Xd, Sd, _ = to_device(X, S, xp=np)
-    got = compute_stats(Xd, Sd, w, m, V, backend=backend)
-    want = compute_stats(X, S, w, m, V, backend=backend)
+    got = compute_stats(Xd, Sd, Params(w, m, V), backend=backend)
+    want = compute_stats(X, S, Params(w, m, V), backend=backend)
     np.testing.assert_allclose(got.C, want.C, rtol=1e-13, atol=1e-13 * np.abs(want.C).max())
     assert got.ll == pytest.approx(want.ll, rel=1e-14)
-    mean, cov = posterior(Xd, Sd, w, m, V, backend=backend)
-    mean0, cov0 = posterior(X, S, w, m, V, backend=backend)
+    mean, cov = posterior(Xd, Sd, Params(w, m, V), backend=backend)
+    mean0, cov0 = posterior(X, S, Params(w, m, V), backend=backend)
     np.testing.assert_allclose(mean, mean0, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(cov, cov0, rtol=1e-13, atol=1e-13)
 

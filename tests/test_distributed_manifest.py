@@ -14,19 +14,22 @@ from xd_dask.distributed.checkpoint import load_checkpoint, save_checkpoint
 from xd_dask.distributed.passes import tree_reduce
 from xd_dask.distributed.tasks import (
     Block,
-    KMeansSums,
-    Params,
+    LloydRequest,
     Partial,
-    SampleMoments,
+    Rows,
+    SampleRequest,
     TaskOptions,
     combine,
     estep,
     kmeans_lloyd,
     kmeans_sample,
 )
-from xd_dask.em import OnlineState, StepSchedule
 from xd_dask.kernels import compute_stats
-from xd_dask.optim import LoopState, Mixture
+from xd_dask.optim import LoopState
+from xd_dask.optim.kmeans import KMeansSums, SampleMoments
+from xd_dask.optim.online import OnlineState
+from xd_dask.optim.schedule import StepSchedule
+from xd_dask.params import Params
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +95,9 @@ def test_estep_task_sums_equal_one_kernel_call(rows):
     X, S = rows
     w, m, V = known_mixture_3d()
     opts = TaskOptions(schema=None)
-    parts = [estep(_block(X[i::3], S[i::3], i), Params(w, m, V), opts) for i in range(3)]
+    parts = [estep(_block(X[i::3], S[i::3], i), opts, Params(w, m, V), Rows()) for i in range(3)]
     total = combine(*parts)
-    ref = compute_stats(X, S, w, m, V)
+    ref = compute_stats(X, S, Params(w, m, V))
     assert total.n_partitions == 3 and total.n_used == len(X)
     np.testing.assert_allclose(total.payload.C, ref.C, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(total.payload.a, ref.a, rtol=1e-10, atol=1e-10)
@@ -109,16 +112,17 @@ def test_estep_subsample_is_seeded_per_epoch_and_partition(rows):
     X, S = rows
     w, m, V = known_mixture_3d()
     blk, opts, p = _block(X, S, 4), TaskOptions(schema=None), Params(w, m, V)
-    a = estep(blk, p, opts, (0.5, 1, 0))
-    assert estep(blk, p, opts, (0.5, 1, 0)).payload.ll == a.payload.ll
-    assert estep(blk, p, opts, (0.5, 1, 1)).payload.ll != a.payload.ll
+    a = estep(blk, opts, p, Rows(subsample=(0.5, 1, 0)))
+    assert estep(blk, opts, p, Rows(subsample=(0.5, 1, 0))).payload.ll == a.payload.ll
+    assert estep(blk, opts, p, Rows(subsample=(0.5, 1, 1))).payload.ll != a.payload.ll
     assert 0.4 * len(X) < a.n_used < 0.6 * len(X)
 
 
 def test_sample_moments_merge_equals_global_moments(rows):
     X, _ = rows
     opts = TaskOptions(schema=None)
-    parts = [kmeans_sample(_block(X[i::4], None, i), opts, 3, 0.25) for i in range(4)]
+    req = SampleRequest(3, 0.25)
+    parts = [kmeans_sample(_block(X[i::4], None, i), opts, None, req) for i in range(4)]
     mom = combine(*parts).payload
     np.testing.assert_allclose(mom.count, np.sum(~np.isnan(X), axis=0))
     np.testing.assert_allclose(mom.mean, np.nanmean(X, axis=0), rtol=1e-12)
@@ -137,7 +141,8 @@ def test_lloyd_sums_equal_direct_cluster_sums(rows):
     d2_max = float(np.quantile(d2, 0.9))  # leave out the farthest 10 %
     opts = TaskOptions(schema=None)
     for limit, kept in ((np.inf, d2 >= 0), (d2_max, d2 <= d2_max)):
-        got = kmeans_lloyd(_block(X, None), centres, mean, scale, opts, limit).payload
+        req = LloydRequest(centres, mean, scale, limit)
+        got = kmeans_lloyd(_block(X, None), opts, None, req).payload
         assert got.trimmed == int((~kept).sum())
         for k in range(4):
             dz = Z[(labels == k) & kept] - centres[k]
@@ -198,9 +203,9 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     rng = np.random.default_rng(1)
     w, m, V = known_mixture_3d()
     state = LoopState(
-        params=Mixture(w, m + rng.normal(size=m.shape) * 1e-3, V),
+        params=Params(w, m + rng.normal(size=m.shape) * 1e-3, V),
         rule="online-em",
-        rule_state=OnlineState.from_params(w, m, V).to_arrays(),
+        rule_state=OnlineState.from_params(Params(w, m, V)).to_arrays(),
         iteration=5,
         epoch=1,
         wave=2,
@@ -208,7 +213,9 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
         history=[{"iteration": 1, "mean_loglike": -1.2345678901234567}],
         counts={"read": 10, "used": 9, "dropped": {"x": 1}},
     )
-    cfg = FitConfig(catalog="c", n_components=3, step=StepSchedule(kind="halving")).to_dict()
+    cfg = FitConfig(
+        catalog="c", n_components=3, method="online", step=StepSchedule(kind="halving")
+    ).to_dict()
     save_checkpoint(tmp_path, state, cfg, {"partitions": []})
     got, cfg2, _ = load_checkpoint(tmp_path)
     assert FitConfig.from_dict(cfg2) == FitConfig.from_dict(cfg)

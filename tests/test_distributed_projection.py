@@ -66,10 +66,9 @@ def catalogue(tmp_path_factory):
 
 
 def _config(path, **kw) -> FitConfig:
-    base = dict(
-        catalog=path, n_components=K, schema=SCHEMA, max_iter=N_ITER, tol=0.0, seed=5,
-        reg_covar=1e-6,
-    )  # fmt: skip
+    base = dict(catalog=path, n_components=K, schema=SCHEMA, seed=5, reg_covar=1e-6)
+    if kw.get("method", "em") == "em":  # iterations and tol are batch EM's
+        base |= dict(max_iter=N_ITER, tol=0.0)
     return FitConfig(**(base | kw))
 
 

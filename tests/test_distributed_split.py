@@ -18,6 +18,7 @@ from xd_dask.distributed import (
 from xd_dask.distributed.split import holdout_mask, side_mask, splitmix64
 from xd_dask.distributed.tasks import TaskOptions, read_block
 from xd_dask.model import XDModel
+from xd_dask.params import Params
 
 N, FIRST_ID, FRACTION = 2000, 1000, 0.2
 MASK64 = (1 << 64) - 1
@@ -118,7 +119,7 @@ def test_fit_uses_train_rows_and_score_the_complement(client, cats, rows, tmp_pa
     paths, train = cats
     w, m, V = known_mixture_3d()
     init = tmp_path / "init.npz"
-    XDModel(w, m + 0.3, 1.4 * V, FEATURES).save(init)
+    XDModel(Params(w, m + 0.3, 1.4 * V), FEATURES).save(init)
     Xw, Sw = rows_as_written(*rows)
     n_train = int(train.sum())
     assert 0.7 * N < n_train < 0.9 * N
@@ -181,7 +182,7 @@ def test_score_cli_scores_one_side_of_the_split(cluster, cats, rows, tmp_path):
 
     paths, train = cats
     w, m, V = known_mixture_3d()
-    model = XDModel(w, m, V, FEATURES)
+    model = XDModel(Params(w, m, V), FEATURES)
     model.save(tmp_path / "m.npz")
     Xw, Sw = rows_as_written(*rows)
     schema_file = tmp_path / "schema.toml"

@@ -21,10 +21,10 @@ from xd_dask.distributed.layout import SHUFFLE_KEY, detect_layout
 from xd_dask.distributed.manifest import DUPLICATE_FREE_KEY
 from xd_dask.distributed.shuffle import ShuffleError, shuffle_catalog
 from xd_dask.distributed.split import holdout_mask
-from xd_dask.em import StepSchedule
 from xd_dask.estimator import XDGMM
 from xd_dask.io import load_schema, read_partition
 from xd_dask.io.synthetic import make_catalog
+from xd_dask.optim.schedule import StepSchedule
 
 pytestmark = pytest.mark.cluster
 K = 8

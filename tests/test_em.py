@@ -6,15 +6,11 @@ import numpy as np
 import pytest
 
 from tests.mixtures import draw_noisy, random_params
-from xd_dask.em import (
-    OnlineState,
-    StepSchedule,
-    batch_update,
-    mean_loglike,
-    online_update,
-    pool,
-)
 from xd_dask.kernels import SuffStats, compute_stats
+from xd_dask.optim.batch import batch_update
+from xd_dask.optim.online import OnlineState, online_update, pool
+from xd_dask.optim.schedule import StepSchedule
+from xd_dask.params import Params
 
 
 def _textbook_update(X, S, w, m, V):
@@ -51,11 +47,13 @@ def test_centred_update_equals_textbook(seed):
     rng = np.random.default_rng(seed)
     w, m, V = random_params(rng, 3, 3)
     X, S, _, _ = draw_noisy(rng, w, m, V, 80)
-    upd = batch_update(compute_stats(X, S, w, m, V), w, m, V, reg_covar=0.0)
+    upd = batch_update(compute_stats(X, S, Params(w, m, V)), Params(w, m, V), reg_covar=0.0)
     w2, m2, V2 = _textbook_update(X, S, w, m, V)
-    np.testing.assert_allclose(upd.weights, w2, rtol=1e-10)
-    np.testing.assert_allclose(upd.means, m2, rtol=1e-10, atol=1e-10 * np.abs(m2).max())
-    np.testing.assert_allclose(upd.covariances, V2, rtol=1e-10, atol=1e-10 * np.abs(V2).max())
+    np.testing.assert_allclose(upd.params.weights, w2, rtol=1e-10)
+    np.testing.assert_allclose(upd.params.means, m2, rtol=1e-10, atol=1e-10 * np.abs(m2).max())
+    np.testing.assert_allclose(
+        upd.params.covariances, V2, rtol=1e-10, atol=1e-10 * np.abs(V2).max()
+    )
     assert upd.reseeded == []
 
 
@@ -63,31 +61,36 @@ def test_regularisation_forms():
     rng = np.random.default_rng(3)
     w, m, V = random_params(rng, 2, 3)
     X, S, _, _ = draw_noisy(rng, w, m, V, 50)
-    st = compute_stats(X, S, w, m, V)
-    plain = batch_update(st, w, m, V, reg_covar=0.0)
-    add = batch_update(st, w, m, V, reg_covar=0.3)
-    np.testing.assert_allclose(add.covariances, plain.covariances + 0.3 * np.eye(3), rtol=1e-13)
-    bw = batch_update(st, w, m, V, reg_covar=0.3, reg_form="bovy_w")
+    st = compute_stats(X, S, Params(w, m, V))
+    plain = batch_update(st, Params(w, m, V), reg_covar=0.0)
+    add = batch_update(st, Params(w, m, V), reg_covar=0.3)
+    np.testing.assert_allclose(
+        add.params.covariances, plain.params.covariances + 0.3 * np.eye(3), rtol=1e-13
+    )
+    bw = batch_update(st, Params(w, m, V), reg_covar=0.3, reg_form="bovy_w")
     n = st.n[:, None, None]
     np.testing.assert_allclose(
-        bw.covariances, (n * plain.covariances + 0.3 * np.eye(3)) / (n + 1), rtol=1e-13
+        bw.params.covariances,
+        (n * plain.params.covariances + 0.3 * np.eye(3)) / (n + 1),
+        rtol=1e-13,
     )
     with pytest.raises(ValueError, match="reg_form"):
-        batch_update(st, w, m, V, reg_form="bogus")
+        batch_update(st, Params(w, m, V), reg_form="bogus")
     with pytest.raises(ValueError, match="reg_covar"):
-        batch_update(st, w, m, V, reg_covar=-1.0)
+        batch_update(st, Params(w, m, V), reg_covar=-1.0)
 
 
 def test_online_step_one_on_all_rows_is_batch_em():
     rng = np.random.default_rng(4)
     w, m, V = random_params(rng, 3, 2)
     X, S, _, _ = draw_noisy(rng, w, m, V, 100)
-    st = compute_stats(X, S, w, m, V)
-    b = batch_update(st, w, m, V, reg_covar=1e-3)
-    state, o = online_update(OnlineState.from_params(w, m, V), st, w, m, V, 1.0, reg_covar=1e-3)
-    np.testing.assert_allclose(o.weights, b.weights, rtol=1e-13)
-    np.testing.assert_allclose(o.means, b.means, rtol=1e-13)
-    np.testing.assert_allclose(o.covariances, b.covariances, rtol=1e-13)
+    st = compute_stats(X, S, Params(w, m, V))
+    b = batch_update(st, Params(w, m, V), reg_covar=1e-3)
+    p = Params(w, m, V)
+    state, o = online_update(OnlineState.from_params(p), st, p, 1.0, reg_covar=1e-3)
+    np.testing.assert_allclose(o.params.weights, b.params.weights, rtol=1e-13)
+    np.testing.assert_allclose(o.params.means, b.params.means, rtol=1e-13)
+    np.testing.assert_allclose(o.params.covariances, b.params.covariances, rtol=1e-13)
 
 
 def test_pooling_equals_moments_of_the_union():
@@ -110,19 +113,21 @@ def test_collapsed_component_is_reseeded_never_nan():
     X, S, _, _ = draw_noisy(rng, w[:2] / w[:2].sum(), m[:2], V[:2], 200)
     m = m.copy()
     m[2] = 1e3  # nowhere near the data: gets no responsibility at all
-    st = compute_stats(X, S, w, m, V)
+    st = compute_stats(X, S, Params(w, m, V))
     assert st.n[2] < 1e-100
-    upd = batch_update(st, w, m, V)
+    upd = batch_update(st, Params(w, m, V))
     assert upd.reseeded == [2]
-    for arr in (upd.weights, upd.means, upd.covariances):
+    for arr in (upd.params.weights, upd.params.means, upd.params.covariances):
         assert np.all(np.isfinite(arr))
-    assert upd.weights.sum() == pytest.approx(1.0)
-    assert np.all(upd.weights > 0)
-    np.linalg.cholesky(upd.covariances)
+    assert upd.params.weights.sum() == pytest.approx(1.0)
+    assert np.all(upd.params.weights > 0)
+    np.linalg.cholesky(upd.params.covariances)
     # the split keeps the mixture's overall mean
-    plain_mean = (st.n[:2] / st.W) @ batch_update(st, w, m, V).means[:2]  # not the split one
+    plain_mean = (st.n[:2] / st.W) @ batch_update(st, Params(w, m, V)).params.means[
+        :2
+    ]  # not the split one
     assert np.all(np.isfinite(plain_mean))
-    mix_mean = upd.weights @ upd.means
+    mix_mean = upd.params.weights @ upd.params.means
     ok = ~np.isin(np.arange(3), upd.reseeded)
     assert mix_mean == pytest.approx(mix_mean)  # finite
     assert ok.sum() == 2
@@ -141,7 +146,6 @@ def test_step_schedules():
 
 def test_mean_loglike_and_empty_stats():
     st = SuffStats.zeros(2, 3)
+    assert np.isnan(st.mean_loglike)
     with pytest.raises(ValueError, match="no rows"):
-        mean_loglike(st)
-    with pytest.raises(ValueError, match="no rows"):
-        batch_update(st, np.ones(2) / 2, np.zeros((2, 3)), np.stack([np.eye(3)] * 2))
+        batch_update(st, Params(np.ones(2) / 2, np.zeros((2, 3)), np.stack([np.eye(3)] * 2)))

@@ -9,6 +9,7 @@ from tests.mixtures import draw_noisy, known_mixture_3d, random_params
 from tests.shared_data import GAIA_DIR
 from xd_dask.estimator import XDGMM, ConvergenceWarning
 from xd_dask.model import XDModel
+from xd_dask.params import Params
 
 
 def _fit_quietly(est, *args, **kw):
@@ -26,7 +27,9 @@ def test_zero_noise_equals_sklearn_gaussian_mixture():
     X, _, _, _ = draw_noisy(rng, w, m, V, 600)
     S = np.zeros((X.shape[0], 3, 3))
     w0, m0, V0 = random_params(np.random.default_rng(1), 3, 3, spread=2.0)
-    xd = _fit_quietly(XDGMM(3, max_iter=20, tol=0.0, reg_covar=0.0, init=XDModel(w0, m0, V0)), X, S)
+    xd = _fit_quietly(
+        XDGMM(3, max_iter=20, tol=0.0, reg_covar=0.0, init=XDModel(Params(w0, m0, V0))), X, S
+    )
     with pytest.warns(Warning):  # sklearn's own ConvergenceWarning (tol=0 never converges)
         gm = GaussianMixture(
             3,
@@ -118,7 +121,7 @@ def test_float32_matches_float64(offset):
     w, m, V = random_params(rng, 4, 3)
     X, S, _, _ = draw_noisy(rng, w, m, V, 3000)
     X = X + offset  # data whose mean is 1e4 times its spread
-    init = XDModel(w, m + offset, V)
+    init = XDModel(Params(w, m + offset, V))
     f64 = _fit_quietly(XDGMM(4, max_iter=5, tol=0.0, init=init), X, S)
     X32, S32 = X.astype(np.float32), S.astype(np.float32)
     f32 = _fit_quietly(XDGMM(4, max_iter=5, tol=0.0, init=init), X32, S32)
@@ -172,7 +175,7 @@ def test_xdgmm_is_a_scikit_learn_estimator():
 
     assert TopLevel is XDGMM and xd_dask.pack is pack
     w, m, V = known_mixture_3d()
-    est = XDGMM(3, tol=1e-3, init=XDModel(w, m, V), background=True, random_state=4)
+    est = XDGMM(3, tol=1e-3, init=XDModel(Params(w, m, V)), background=True, random_state=4)
     copy = clone(est)
     assert copy is not est and copy.get_params().keys() == est.get_params().keys()
     assert copy.get_params()["tol"] == 1e-3 and copy.get_params()["background"] is True

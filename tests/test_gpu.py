@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tests.mixtures import draw_noisy, loop_stats, random_params
+from xd_dask.params import Params
 
 cupy = pytest.importorskip("cupy")
 pytestmark = [
@@ -22,7 +23,9 @@ def test_cupy_stats_equal_numpy_loop(dtype):
     w, m, V = random_params(rng, 4, 3)
     X, S, _, _ = draw_noisy(rng, w, m, V, 200)
     X[3, 1] = np.nan
-    st = compute_stats(cupy.asarray(X.astype(dtype)), cupy.asarray(S.astype(dtype)), w, m, V)
+    st = compute_stats(
+        cupy.asarray(X.astype(dtype)), cupy.asarray(S.astype(dtype)), Params(w, m, V)
+    )
     assert isinstance(st.C, np.ndarray)  # statistics come back to the host
     nj, a, C, ll, W = loop_stats(X, S, w, m, V)
     rtol = 1e-10 if dtype == np.float64 else 1e-3
@@ -37,8 +40,8 @@ def test_cupy_posterior_equals_numpy():
     rng = np.random.default_rng(1)
     w, m, V = random_params(rng, 3, 3)
     X, S, _, _ = draw_noisy(rng, w, m, V, 100)
-    mean_h, cov_h = posterior(X, S, w, m, V)
-    mean_d, cov_d = posterior(cupy.asarray(X), cupy.asarray(S), w, m, V)
+    mean_h, cov_h = posterior(X, S, Params(w, m, V))
+    mean_d, cov_d = posterior(cupy.asarray(X), cupy.asarray(S), Params(w, m, V))
     np.testing.assert_allclose(cupy.asnumpy(mean_d), mean_h, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(cupy.asnumpy(cov_d), cov_h, rtol=1e-10, atol=1e-12)
 
@@ -58,22 +61,22 @@ def test_cuda_kernels_equal_the_reference_on_the_device(K, dtype):
     X[np.isnan(X).all(axis=1), 0] = 0.0
     Xd, Sd, _ = to_device(X, S, dtype=dtype)
     assert registry.resolve("stats", "auto", Xd, None) == "cuda"
-    got = compute_stats(Xd, Sd, w, m, V)
-    want = compute_stats(Xd, Sd, w, m, V, backend="reference")
+    got = compute_stats(Xd, Sd, Params(w, m, V))
+    want = compute_stats(Xd, Sd, Params(w, m, V), backend="reference")
     rtol = 1e-10 if dtype == np.float64 else 1e-4
     np.testing.assert_allclose(got.C, want.C, rtol=rtol, atol=rtol * np.abs(want.C).max())
     assert got.ll == pytest.approx(want.ll, rel=rtol)
-    ld = log_component_densities(Xd, Sd, w, m, V)
-    ld_ref = log_component_densities(Xd, Sd, w, m, V, backend="reference")
+    ld = log_component_densities(Xd, Sd, Params(w, m, V))
+    ld_ref = log_component_densities(Xd, Sd, Params(w, m, V), backend="reference")
     assert float(cupy.max(cupy.abs(ld - ld_ref))) < (1e-9 if dtype == np.float64 else 1e-2)
-    mean, cov = posterior(Xd, Sd, w, m, V)
-    mean_r, cov_r = posterior(Xd, Sd, w, m, V, backend="reference")
+    mean, cov = posterior(Xd, Sd, Params(w, m, V))
+    mean_r, cov_r = posterior(Xd, Sd, Params(w, m, V), backend="reference")
     np.testing.assert_allclose(cupy.asnumpy(cov), cupy.asnumpy(cov_r), rtol=rtol, atol=rtol)
     R = cupy.asarray(rng.normal(size=(2000, 2, 3)).astype(dtype))
     x2 = cupy.asarray(rng.normal(size=(2000, 2)).astype(dtype))
     S2 = cupy.asarray(np.tile(np.eye(2), (2000, 1, 1)).astype(dtype))
-    got = compute_stats(x2, S2, w, m, V, R=R)
-    want = compute_stats(x2, S2, w, m, V, R=R, backend="reference")
+    got = compute_stats(x2, S2, Params(w, m, V), R=R)
+    want = compute_stats(x2, S2, Params(w, m, V), R=R, backend="reference")
     np.testing.assert_allclose(got.C, want.C, rtol=rtol, atol=rtol * np.abs(want.C).max())
 
 
@@ -86,5 +89,5 @@ def test_kernels_launch_on_cupys_current_stream():
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         Xd, Sd = cupy.asarray(X), cupy.asarray(S)
-        st = compute_stats(Xd, Sd, w, m, V)
-    assert st.ll == pytest.approx(compute_stats(X, S, w, m, V).ll, rel=1e-10)
+        st = compute_stats(Xd, Sd, Params(w, m, V))
+    assert st.ll == pytest.approx(compute_stats(X, S, Params(w, m, V)).ll, rel=1e-10)

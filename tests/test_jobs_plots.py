@@ -13,6 +13,7 @@ from tests.shared_data import GAIA_DIR
 from xd_dask.estimator import XDGMM
 from xd_dask.jobs import plots
 from xd_dask.model import XDModel
+from xd_dask.params import Params
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +172,7 @@ def test_sky_plot_of_a_half_degree_cone_is_not_a_blob(tmp_path, figures):
 
     cone = pq.read_table(f"{GAIA}/dr3_cone_ra45_dec0_r0.5.parquet", columns=["ra", "dec"])
     data = np.stack([cone["ra"].to_numpy(), cone["dec"].to_numpy()], axis=1)
-    model = XDModel([1.0], [[45.0, 0.0]], [np.diag([0.25**2, 0.25**2])], ["ra", "dec"])
+    model = XDModel(Params([1.0], [[45.0, 0.0]], [np.diag([0.25**2, 0.25**2])]), ["ra", "dec"])
     _image(plots.sky_plot(model, tmp_path / "sky.png", n_samples=40000, data=data))
     ax = figures[-1].axes[0]
     assert ax.name != "mollweide"
@@ -184,6 +185,6 @@ def test_sky_plot_of_a_half_degree_cone_is_not_a_blob(tmp_path, figures):
     h, _, _ = np.histogram2d(v[:, 0], v[:, 1], bins=(180, 90), range=((0, 360), (-90, 90)))
     assert (h > 0).sum() <= 6
     # a wide footprint keeps the all-sky projection
-    wide = XDModel([1.0], [[180.0, 0.0]], [np.diag([80.0**2, 30.0**2])], ["ra", "dec"])
+    wide = XDModel(Params([1.0], [[180.0, 0.0]], [np.diag([80.0**2, 30.0**2])]), ["ra", "dec"])
     plots.sky_plot(wide, tmp_path / "wide.png", n_samples=20000)
     assert figures[-1].axes[0].name == "mollweide"

@@ -11,11 +11,12 @@ import pytest
 
 from xd_dask.jobs.store import ModelStore, StoreError
 from xd_dask.model import XDModel
+from xd_dask.params import Params
 
 
 def _model(seed: int) -> XDModel:
     rng = np.random.default_rng(seed)
-    return XDModel(np.array([0.4, 0.6]), rng.normal(size=(2, 3)), np.stack([np.eye(3)] * 2))
+    return XDModel(Params(np.array([0.4, 0.6]), rng.normal(size=(2, 3)), np.stack([np.eye(3)] * 2)))
 
 
 def _day(d: int) -> dt.datetime:

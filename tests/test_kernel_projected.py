@@ -20,6 +20,7 @@ from xd_dask.kernels import (
 )
 from xd_dask.kernels._numba import pattern_logdens_numba, pattern_stats_numba
 from xd_dask.kernels.reference import pattern_stats_ref
+from xd_dask.params import Params
 
 
 def projected_loop(x, S, R, rw, log_weights, means, covs):
@@ -116,25 +117,26 @@ def test_float32_within_its_precision(d, D):
 def test_missing_fields_drop_rows_of_R_through_the_dispatcher():
     x, S, R, rw, w, m, V = problem(150, 2, 3, 4, seed=5, missing=0.3)
     assert registry.resolve("stats", "auto", x, R) == "numba"
-    st = compute_stats(x, S, w, m, V, R=R, row_weights=rw)
+    st = compute_stats(x, S, Params(w, m, V), R=R, row_weights=rw)
     want = projected_loop(x, S, R, rw, np.log(w), m, V)
     assert_close((st.n, st.a, st.C, st.ll, st.W), want[:5], 1e-10)
-    logp = log_component_densities(x, S, w, m, V, R=R)
+    logp = log_component_densities(x, S, Params(w, m, V), R=R)
     np.testing.assert_allclose(logp, want[5], rtol=1e-12, atol=1e-10)
 
 
 def test_identity_projection_equals_no_projection():
     x, S, _, rw, w, m, V = problem(200, 2, 2, 5, seed=6, missing=0.2)
     R = np.broadcast_to(np.eye(2), (200, 2, 2))
-    with_r = compute_stats(x, S, w, m, V, R=R, row_weights=rw, backend="numba")
-    without = compute_stats(x, S, w, m, V, row_weights=rw, backend="numba")
+    with_r = compute_stats(x, S, Params(w, m, V), R=R, row_weights=rw, backend="numba")
+    without = compute_stats(x, S, Params(w, m, V), row_weights=rw, backend="numba")
     assert_close(
         (with_r.n, with_r.a, with_r.C, with_r.ll),
         (without.n, without.a, without.C, without.ll),
         1e-13,
     )
     np.testing.assert_allclose(
-        log_component_densities(x, S, w, m, V, R=R), log_component_densities(x, S, w, m, V),
+        log_component_densities(x, S, Params(w, m, V), R=R),
+        log_component_densities(x, S, Params(w, m, V)),
         rtol=1e-14, atol=1e-12,
     )  # fmt: skip
 

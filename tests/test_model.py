@@ -7,11 +7,14 @@ import pytest
 
 from tests.mixtures import known_mixture_3d
 from xd_dask.model import ModelFileError, XDModel
+from xd_dask.params import Params
 
 
 def _model():
     w, m, V = known_mixture_3d()
-    return XDModel(w, m, V, ["a", "b", "c"], {"units": ["mag", "deg", "mas"], "history": [1.5]})
+    return XDModel(
+        Params(w, m, V), ["a", "b", "c"], {"units": ["mag", "deg", "mas"], "history": [1.5]}
+    )
 
 
 def test_round_trip(tmp_path):
@@ -36,7 +39,7 @@ def test_validation(kw, match):
     w, m, V = known_mixture_3d()
     args = {"weights": w, "means": m, "covariances": V} | kw
     with pytest.raises(ValueError, match=match):
-        XDModel(**args)
+        XDModel(Params(**args))
 
 
 def test_nonsymmetric_covariance_named():
@@ -44,7 +47,7 @@ def test_nonsymmetric_covariance_named():
     V = V.copy()
     V[1, 0, 2] += 0.1
     with pytest.raises(ValueError, match="component 1 is not symmetric"):
-        XDModel(w, m, V)
+        XDModel(Params(w, m, V))
 
 
 def test_corrupt_truncated_and_foreign_files(tmp_path):
@@ -111,14 +114,14 @@ def test_background_component_round_trip_and_density(tmp_path):
     w = np.array([0.5, 0.3])
     m = np.array([[0.0, 0.0], [3.0, 1.0]])
     V = np.array([np.eye(2), 2 * np.eye(2)])
-    model = XDModel(w, m, V, background=bg)
+    model = XDModel(Params(w, m, V, bg))
     with pytest.raises(ValueError, match="sum to 0.8"):
-        XDModel(w / w.sum(), m, V, background=bg)
+        XDModel(Params(w / w.sum(), m, V, bg))
     back = XDModel.load(model.save(tmp_path / "bg.npz"))
     assert back.background == bg
     X = np.array([[0.5, -0.2], [9.0, 19.0], [np.nan, 3.0]])
     S = np.array([0.1 * np.eye(2)] * 3)
-    plain = row_log_likelihood(X, S, w, m, V)
+    plain = row_log_likelihood(X, S, Params(w, m, V))
     want = np.logaddexp(plain, np.log(0.2) - np.log([800.0, 800.0, 40.0]))
     np.testing.assert_allclose(back.log_density(X, S), want, rtol=1e-12)
     v, lab = back.sample(20000, random_state=1, return_labels=True)

@@ -35,6 +35,7 @@ from xd_dask.distributed import posterior_catalog
 from xd_dask.io import make_catalog
 from xd_dask.locks import LockError
 from xd_dask.model import XDModel
+from xd_dask.params import Params
 from xd_dask.utils import OutputError
 
 pytestmark = pytest.mark.cluster
@@ -225,7 +226,7 @@ def plain(tmp_path_factory):
     cat = tmp_path_factory.mktemp("plain") / "cat"
     write_catalog(cat, X, S, 3)
     w, m, V = known_mixture_3d()
-    return cat, XDModel(w, m, V, FEATURES)
+    return cat, XDModel(Params(w, m, V), FEATURES)
 
 
 def test_posterior_output_is_replaced_as_a_whole(plain, client, tmp_path):

@@ -21,6 +21,7 @@ from numpy.lib import format as npformat
 
 from xd_dask.cli import main
 from xd_dask.model import FORMAT_NAME, ModelFileError, XDModel
+from xd_dask.params import Params
 
 K, D = 2000, 7
 
@@ -206,8 +207,8 @@ def test_save_refuses_what_load_would_refuse_and_stores_floats(tmp_path):
         node = node["a"]
     w, m, V = [1.0], np.zeros((1, 2)), np.eye(2)[None]
     with pytest.raises(ValueError, match="too deeply nested"):
-        XDModel(w, m, V, metadata=deep).save(tmp_path / "deep.npz")
+        XDModel(Params(w, m, V), metadata=deep).save(tmp_path / "deep.npz")
     assert not (tmp_path / "deep.npz").exists()
     bg = Background(0.25, [-10, -20], [10, 20])  # integer box edges
-    back = XDModel([0.75], m, V, background=bg).save(tmp_path / "bg.npz")
+    back = XDModel(Params([0.75], m, V, bg)).save(tmp_path / "bg.npz")
     np.testing.assert_array_equal(XDModel.load(back).background.lo, [-10.0, -20.0])

@@ -23,6 +23,7 @@ import pytest
 
 from xd_dask.io import make_catalog
 from xd_dask.jobs.store import ModelStore
+from xd_dask.params import Params
 
 pytestmark = pytest.mark.cluster
 
@@ -171,7 +172,7 @@ def test_a_killed_run_is_marked_interrupted_and_not_counted(tmp_path):
     store = ModelStore(tmp_path / "models")
     old, best = store.new_run(), store.new_run()
     store.finish_run(old, "failed")
-    XDModel([1.0], np.zeros((1, 2)), np.eye(2)[None]).save(best / "model.npz")
+    XDModel(Params([1.0], np.zeros((1, 2)), np.eye(2)[None])).save(best / "model.npz")
     store.promote(best)
     store.finish_run(best, "promoted")
     # a separate process makes a run and is killed while "fitting"

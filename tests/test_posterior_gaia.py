@@ -18,6 +18,7 @@ import pytest
 from tests.posterior_refs import info_form_posterior, textbook_posterior
 from xd_dask.io import read_partition
 from xd_dask.kernels import posterior
+from xd_dask.params import Params
 
 DATA = Path(__file__).parent / "data"
 SAMPLES = [
@@ -65,7 +66,7 @@ def _errors(mean, cov, ref_mean, ref_cov, x):
 @pytest.mark.parametrize("backend", ["numba", "reference"])
 def test_posterior_equals_information_form_on_real_gaia_rows(gaia, backend):
     X, S, w, m, V, (ref_mean, ref_cov, ref_resp), complete, two_param = gaia
-    post = posterior(X, S, w, m, V, backend=backend, summary=True, return_resp=True)
+    post = posterior(X, S, Params(w, m, V), backend=backend, summary=True, return_resp=True)
     var = np.diagonal(post.cov, axis1=1, axis2=2)
     assert np.all(var > 0), f"{(var <= 0).sum()} non-positive posterior variances"
     cov_err, mean_err = _errors(post.mean, post.cov, ref_mean, ref_cov, X)
@@ -93,7 +94,7 @@ def test_float32_rows_give_posteriors_to_float32_input_precision(gaia):
     X, S, w, m, V, _, complete, two_param = gaia
     X32, S32 = X.astype(np.float32), S.astype(np.float32)
     ref_mean, ref_cov, _ = info_form_posterior(X32, S32, w, m, V)
-    mean, cov = posterior(X32, S32, w, m, V, backend="numba")
+    mean, cov = posterior(X32, S32, Params(w, m, V), backend="numba")
     assert mean.dtype == cov.dtype == np.float64
     assert np.all(np.diagonal(cov, axis1=1, axis2=2) > 0)
     cov_err, mean_err = _errors(mean, cov, ref_mean, ref_cov, X32.astype(np.float64))

@@ -16,6 +16,7 @@ from tests.mixtures import draw_noisy, random_params
 from tests.posterior_refs import textbook_posterior
 from xd_dask.kernels import Background, posterior, registry, responsibilities
 from xd_dask.kernels._numba_posterior import ESCALATE
+from xd_dask.params import Params
 
 BACKENDS = ["numba", "reference"]
 
@@ -44,7 +45,7 @@ def test_posterior_matches_per_pair_loop(K, dtype):
     tol = 1e-9 if dtype == np.float64 else 2e-5
     got = {}
     for backend in BACKENDS:
-        mean, cov = got[backend] = posterior(Xd, Sd, w, m, V, backend=backend)
+        mean, cov = got[backend] = posterior(Xd, Sd, Params(w, m, V), backend=backend)
         assert mean.dtype == cov.dtype == np.float64
         mean_err, cov_err = _err(mean, cov, want_mean, want_cov)
         assert mean_err <= tol and cov_err <= tol, (backend, mean_err, cov_err)
@@ -58,8 +59,10 @@ def test_summary_map_and_top_k_components(backend):
     """The most probable component, all responsibilities and the top-3 components' own
     posteriors, each against the loop run on that component alone."""
     X, S, w, m, V = _problem(5, seed=11)
-    post = posterior(X, S, w, m, V, backend=backend, summary=True, top_k=3, return_resp=True)
-    resp = responsibilities(X, S, w, m, V, backend="reference")
+    post = posterior(
+        X, S, Params(w, m, V), backend=backend, summary=True, top_k=3, return_resp=True
+    )
+    resp = responsibilities(X, S, Params(w, m, V), backend="reference")
     np.testing.assert_allclose(post.resp, resp, rtol=1e-10, atol=1e-14)
     assert np.array_equal(post.map_component, resp.argmax(axis=1))
     np.testing.assert_allclose(post.map_resp, resp.max(axis=1), rtol=1e-10)
@@ -79,7 +82,7 @@ def test_summary_map_and_top_k_components(backend):
                 post.top_mean[rows, t], post.top_cov[rows, t], want_mean, want_cov
             )
             assert max(mean_err, cov_err) <= 1e-9, (t, k, mean_err, cov_err)
-    mean, cov = posterior(X, S, w, m, V, backend=backend)
+    mean, cov = posterior(X, S, Params(w, m, V), backend=backend)
     np.testing.assert_array_equal(post.mean, mean)  # the summary's moments are the default ones
 
 
@@ -91,12 +94,12 @@ def test_background_component(backend):
     X[:4, :2] += 30.0  # far rows the background takes
     bg = Background(0.1, [-40.0] * 3, [40.0] * 3)
     post = posterior(
-        X, S, 0.9 * w, m, V, background=bg, backend=backend, summary=True, return_resp=True
+        X, S, Params(0.9 * w, m, V, bg), backend=backend, summary=True, return_resp=True
     )
-    plain_mean, plain_cov = posterior(X, S, w, m, V, backend=backend)
+    plain_mean, plain_cov = posterior(X, S, Params(w, m, V), backend=backend)
     np.testing.assert_allclose(post.mean, plain_mean, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(post.cov, plain_cov, rtol=1e-12, atol=1e-12)
-    want = responsibilities(X, S, 0.9 * w, m, V, background=bg, backend="reference")
+    want = responsibilities(X, S, Params(0.9 * w, m, V, bg), backend="reference")
     np.testing.assert_allclose(post.resp, want, rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(post.background_resp, 1.0 - want.sum(axis=1), atol=1e-12)
     assert post.background_resp[:4].min() > 0.99 and np.median(post.background_resp) < 0.01
@@ -108,7 +111,7 @@ def test_zero_noise_field(backend):
     variance, and the other fields are conditioned on it."""
     X, S, w, m, V = _problem(5, seed=13)
     S[:10, 0, :] = S[:10, :, 0] = 0.0
-    mean, cov = posterior(X, S, w, m, V, backend=backend)
+    mean, cov = posterior(X, S, Params(w, m, V), backend=backend)
     assert np.array_equal(mean[:10, 0], X[:10, 0])
     assert not cov[:10, 0, :].any() and not cov[:10, :, 0].any()
     want_mean, want_cov = textbook_posterior(X, S, w, m, V)
@@ -131,9 +134,9 @@ def test_rows_much_tighter_than_their_noise_are_recomputed(dtype, monkeypatch):
     X = m[1] + np.einsum("nij,nj->ni", np.linalg.cholesky(S), rng.normal(size=(n, 2)))
     Xd, Sd = X.astype(dtype), S.astype(dtype)
     want = textbook_posterior(Xd, Sd, w, m, V)
-    assert max(_err(*posterior(Xd, Sd, w, m, V, backend="numba"), *want)) <= tol
+    assert max(_err(*posterior(Xd, Sd, Params(w, m, V), backend="numba"), *want)) <= tol
     monkeypatch.setitem(ESCALATE, np.dtype(dtype), 0.0)
-    assert max(_err(*posterior(Xd, Sd, w, m, V, backend="numba"), *want)) > 10 * tol
+    assert max(_err(*posterior(Xd, Sd, Params(w, m, V), backend="numba"), *want)) > 10 * tol
 
 
 def _inv_ld(A):
@@ -190,7 +193,7 @@ def test_projected_posterior_is_stable():
     S = np.tile(np.array([[1.0, 0.3, 0.0], [0.3, 2.0, 0.1], [0.0, 0.1, 1.0]]), (n, 1, 1)) * 1e-12
     X = np.einsum("nid,nd->ni", R, v) + 1e-6 * rng.normal(size=(n, D))
     want = _longdouble_info_form(X, S, w, m, V, R)
-    mean, cov = posterior(X, S, w, m, V, R=R)
+    mean, cov = posterior(X, S, Params(w, m, V), R=R)
     assert np.all(np.linalg.eigvalsh(cov) > 0)
     assert max(_err(mean, cov, *want)) <= 1e-6
     assert max(_err(*textbook_posterior(X, S, w, m, V, R), *want)) > 1e-3
@@ -200,13 +203,15 @@ def test_projected_posterior_is_stable():
     Xnan = np.concatenate([Xs, np.full((n, 1), np.nan)], axis=1)
     Snan = np.zeros((n, D, D))
     Snan[:, :2, :2] = Ss
-    want = posterior(Xnan, Snan, w, m, V, backend="reference")
-    assert max(_err(*posterior(Xs, Ss, w, m, V, R=sel), *want)) <= 1e-6
+    want = posterior(Xnan, Snan, Params(w, m, V), backend="reference")
+    assert max(_err(*posterior(Xs, Ss, Params(w, m, V), R=sel), *want)) <= 1e-6
     assert max(_err(*textbook_posterior(Xs, Ss, w, m, V, sel), *want)) > 1e-5
     # identity rows equal no projection
     eye = np.broadcast_to(np.eye(D), (n, D, D))
     Xi, Si = v + 0.1 * rng.normal(size=(n, D)), np.tile(0.01 * np.eye(D), (n, 1, 1))
-    for a, b in zip(posterior(Xi, Si, w, m, V, R=eye), posterior(Xi, Si, w, m, V), strict=True):
+    for a, b in zip(
+        posterior(Xi, Si, Params(w, m, V), R=eye), posterior(Xi, Si, Params(w, m, V)), strict=True
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
@@ -218,11 +223,11 @@ def test_backend_choice_and_registry(monkeypatch):
     monkeypatch.setenv(registry.ENV_VAR, "reference")
     assert registry.resolve("posterior", "auto", X, None) == "reference"
     with pytest.raises(ValueError, match="does not take projections"):
-        posterior(X, S, w, m, V, R=R, backend="numba")
+        posterior(X, S, Params(w, m, V), R=R, backend="numba")
     with pytest.raises(ValueError, match="backend must be one of"):
-        posterior(X, S, w, m, V, backend="gpu")
+        posterior(X, S, Params(w, m, V), backend="gpu")
     with pytest.raises(ValueError, match="top_k needs summary"):
-        posterior(X, S, w, m, V, top_k=2)
+        posterior(X, S, Params(w, m, V), top_k=2)
     # A new backend is one registration away, with no change to the dispatcher.
     calls = []
 
@@ -234,9 +239,9 @@ def test_backend_choice_and_registry(monkeypatch):
         registry._BACKENDS, "spy", registry.Backend("spy", frozenset({"numpy"}), False)
     )
     monkeypatch.setitem(registry._IMPLS, ("posterior", "spy"), spy)
-    mean, _ = posterior(X, S, w, m, V, backend="spy")
+    mean, _ = posterior(X, S, Params(w, m, V), backend="spy")
     assert sorted(calls) == [3, 7]  # one call per missingness pattern
-    np.testing.assert_array_equal(mean, posterior(X, S, w, m, V, backend="reference")[0])
+    np.testing.assert_array_equal(mean, posterior(X, S, Params(w, m, V), backend="reference")[0])
     # "auto" sends small patterns to the reference while the compiled kernel is not loaded
     monkeypatch.delenv(registry.ENV_VAR)
     for compiled, want in ((False, []), (True, [3, 7])):
@@ -244,7 +249,7 @@ def test_backend_choice_and_registry(monkeypatch):
         run = spy()
         run.ready = lambda job, compiled=compiled: compiled
         monkeypatch.setitem(registry._LOADED, ("posterior", "numba"), run)
-        posterior(X, S, w, m, V)
+        posterior(X, S, Params(w, m, V))
         assert sorted(calls) == want
 
 

@@ -9,9 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.mixtures import draw_noisy, random_params
-from xd_dask.distributed.tasks import Block, Params, TaskOptions, posterior_write
+from xd_dask.distributed.tasks import Block, PosteriorRequest, TaskOptions, posterior_write
 from xd_dask.io import plain_schema
+from xd_dask.io.writers import part_path
 from xd_dask.kernels import Background, posterior
+from xd_dask.params import Params
 
 NAMES = ["a", "b", "c"]
 SCHEMA = plain_schema(NAMES, [f"e_{f}" for f in NAMES], id_column="source_id")
@@ -27,16 +29,18 @@ def block():
     return blk, Params(w, m, V)
 
 
-def _write(tmp_path, blk, params, **kw):
-    out = tmp_path / "post.parquet"
-    part = posterior_write(blk, params, TaskOptions(schema=SCHEMA), str(out), NAMES, **kw)
+def _write(tmp_path, blk, params, columns=("mean", "cov", "map"), top_k=0, dtype="float64"):
+    req = PosteriorRequest(str(tmp_path), tuple(NAMES), tuple(columns), top_k)
+    part = posterior_write(blk, TaskOptions(schema=SCHEMA, dtype=dtype), params, req)
     assert part.n_used == blk.n_rows
-    return pq.read_table(out).to_pydict()
+    out = part_path(tmp_path, "posterior", blk.pid)
+    assert part.files == {out: blk.n_rows}
+    return pq.read_table(out)
 
 
 def test_default_columns_match_the_kernel(tmp_path, block):
     blk, p = block
-    t = _write(tmp_path, blk, p)
+    t = _write(tmp_path, blk, p).to_pydict()
     tri = [f"cov_{f}_{NAMES[j]}" for i, f in enumerate(NAMES) for j in range(i + 1)]
     assert list(t) == [
         "source_id",
@@ -48,7 +52,7 @@ def test_default_columns_match_the_kernel(tmp_path, block):
         "component_prob",
         "status",
     ]
-    want = posterior(blk.X, blk.X_cov, p.weights, p.means, p.covariances, summary=True)
+    want = posterior(blk.X, blk.X_cov, p, summary=True)
     np.testing.assert_array_equal(t["source_id"], blk.ids)
     np.testing.assert_array_equal(t["mean_b"], want.mean[:, 1])
     np.testing.assert_array_equal(t["cov_c_a"], want.cov[:, 2, 0])
@@ -59,12 +63,10 @@ def test_default_columns_match_the_kernel(tmp_path, block):
 def test_chosen_groups_top_k_and_background(tmp_path, block):
     blk, p = block
     bg = Background(0.05, [-30.0] * 3, [30.0] * 3)
-    t = _write(tmp_path, blk, p, columns=("mean", "resp"), top_k=2, background=bg)
+    p = Params(p.weights * 0.95, p.means, p.covariances, bg)
+    t = _write(tmp_path, blk, p, columns=("mean", "resp"), top_k=2).to_pydict()
     assert not any(c.startswith("cov_") for c in t) and "component" not in t
-    want = posterior(
-        blk.X, blk.X_cov, p.weights, p.means, p.covariances,
-        background=bg, top_k=2, summary=True, return_resp=True,
-    )  # fmt: skip
+    want = posterior(blk.X, blk.X_cov, p, top_k=2, summary=True, return_resp=True)
     resp = np.column_stack([t[f"resp_{j}"] for j in range(4)])
     np.testing.assert_array_equal(resp, want.resp)
     np.testing.assert_allclose(resp.sum(axis=1) + t["background_resp"], 1.0, rtol=1e-12)
@@ -82,16 +84,12 @@ def test_float32_rows_give_float64_columns(tmp_path, block):
     blk32 = Block(
         0, blk.path, blk.X.astype(np.float32), blk.X_cov.astype(np.float32), blk.ids, 50, {}
     )
-    out = tmp_path / "post32.parquet"
-    posterior_write(blk32, p, TaskOptions(schema=SCHEMA, dtype="float32"), str(out), NAMES)
-    tab = pq.read_table(out)
+    tab = _write(tmp_path, blk32, p, dtype="float32")
     assert tab.schema.field("mean_a").type == "double"
     want_mean, want_cov = posterior(
         blk32.X.astype(np.float64),
         blk32.X_cov.astype(np.float64),
-        p.weights,
-        p.means,
-        p.covariances,
+        p,
     )
     np.testing.assert_allclose(tab["mean_a"].to_numpy(), want_mean[:, 0], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(tab["cov_b_b"].to_numpy(), want_cov[:, 1, 1], rtol=1e-4)
@@ -112,9 +110,7 @@ def test_cli_posterior_flags_on_real_rows(tmp_path):
     X, S = blk.X, blk.X_cov
     mu, sd = np.nanmean(X, axis=0), np.nanstd(X, axis=0)
     model = XDModel(
-        [0.6, 0.4],
-        [mu, mu + 0.5 * sd],
-        [np.diag(sd**2), np.diag((0.5 * sd) ** 2)],
+        Params([0.6, 0.4], [mu, mu + 0.5 * sd], [np.diag(sd**2), np.diag((0.5 * sd) ** 2)]),
         feature_names=load_schema("gaia_dr3").features,
     )
     model.save(tmp_path / "model.npz")

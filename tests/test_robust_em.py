@@ -11,22 +11,22 @@ import numpy as np
 import pytest
 
 from tests.mixtures import draw_noisy, known_mixture_3d, random_params, random_spd
+from xd_dask.config import key
 from xd_dask.distributed.checkpoint import load_checkpoint, save_checkpoint
-from xd_dask.em import is_pd, reseed_collapsed
 from xd_dask.estimator import XDGMM
 from xd_dask.kernels import Background, responsibilities
 from xd_dask.model import XDModel
 from xd_dask.optim import (
-    MAX_LL_DROP,
     ArrayStatistics,
     BatchEM,
     FitDivergedError,
     FitLoop,
     LoopSettings,
-    Mixture,
     OnlineEM,
 )
+from xd_dask.optim.collapse import is_pd, reseed_collapsed
 from xd_dask.optim.robust import check_params, is_catastrophic
+from xd_dask.params import Params
 
 
 def _eigmin_corr(V: np.ndarray) -> float:
@@ -127,24 +127,25 @@ def test_check_params_names_the_component():
     V = V.copy()
     V[1] = np.diag([1.0, 1.0, -1e-3])
     with pytest.raises(FitDivergedError, match="component 1: covariance not positive definite"):
-        check_params(Mixture(w, m, V), "the update of iteration 4")
+        check_params(Params(w, m, V), "the update of iteration 4")
     m = m.copy()
     m[2, 0] = np.nan
     with pytest.raises(FitDivergedError, match="component 2: mean not finite") as info:
-        check_params(Mixture(w, m, known_mixture_3d()[2]), "x")
+        check_params(Params(w, m, known_mixture_3d()[2]), "x")
     assert info.value.components == [2]
     bg = Background(0.1, (-10.0,) * 3, (10.0,) * 3)
-    check_params(Mixture(w * 0.9, known_mixture_3d()[1], known_mixture_3d()[2], bg), "x")
+    check_params(Params(w * 0.9, known_mixture_3d()[1], known_mixture_3d()[2], bg), "x")
     with pytest.raises(FitDivergedError, match="weights sum to 1, not 0.9"):
-        check_params(Mixture(w, known_mixture_3d()[1], known_mixture_3d()[2], bg), "x")
+        check_params(Params(w, known_mixture_3d()[1], known_mixture_3d()[2], bg), "x")
 
 
 # ----------------------------------------------------------------------------- drop rule
 def test_drop_rule_threshold():
-    assert MAX_LL_DROP == 0.1
-    assert not is_catastrophic(-17.0, -17.0 - 0.09)
-    assert is_catastrophic(-17.0, -17.0 - 0.11)
-    assert not is_catastrophic(-17.0, -16.0)  # an increase
+    assert key("fit.max_ll_drop").default == 0.1
+    drop = key("fit.max_ll_drop").default
+    assert not is_catastrophic(-17.0, -17.0 - 0.09, drop)
+    assert is_catastrophic(-17.0, -17.0 - 0.11, drop)
+    assert not is_catastrophic(-17.0, -16.0, drop)  # an increase
     assert is_catastrophic(-17.0, -1e12, max_drop=1e6)
 
 
@@ -165,11 +166,11 @@ def test_small_decrease_from_reseeding_is_accepted(converged_k1, caplog):
     m = np.vstack([base.means_, np.full((1, 4), 1e3)])
     V = np.concatenate([base.covariances_, np.eye(4)[None]])
     with caplog.at_level(logging.WARNING, logger="xd_dask.optim.robust"):
-        xd = XDGMM(2, max_iter=3, tol=0.0, reg_covar=0.0, init=XDModel(w, m, V)).fit(X, S)
+        xd = XDGMM(2, max_iter=3, tol=0.0, reg_covar=0.0, init=XDModel(Params(w, m, V))).fit(X, S)
     ll = [h["mean_loglike"] for h in xd.history_]
     assert xd.reseeded_ == [(1, 1)]
     drop = ll[0] - ll[1]
-    assert 1e-4 < drop < MAX_LL_DROP / 50, drop
+    assert 1e-4 < drop < key("fit.max_ll_drop").default / 50, drop
     assert "after re-seeding components [1]" in caplog.text
 
 
@@ -179,7 +180,7 @@ def test_small_decrease_from_regularisation_is_accepted(converged_k1):
     X, S, base = converged_k1
     xd = XDGMM(1, max_iter=3, tol=0.0, reg_covar=1e-3, init=base.model_).fit(X, S)
     ll = [h["mean_loglike"] for h in xd.history_]
-    assert 0 < ll[0] - ll[1] < MAX_LL_DROP
+    assert 0 < ll[0] - ll[1] < key("fit.max_ll_drop").default
     assert xd.reseeded_ == []
 
 
@@ -239,7 +240,7 @@ def test_background_absorbs_a_1e8_sigma_row_in_memory(outlier_1e8, caplog):
     assert abs(ll_bg - ll_clean) <= 0.005 * abs(ll_clean), (ll_clean, ll_bg)
     N = X.shape[0]
     assert 0.5 / N < bg.background_.weight < 3.0 / N  # about one row's worth
-    r = responsibilities(Xb[122:124], S[122:124], *bg.model_._params(), background=bg.background_)
+    r = responsibilities(Xb[122:124], S[122:124], bg.model_.params)
     assert r[1].sum() < 1e-12 and r[0].sum() > 0.99  # row 123 is the background's
     assert bg.model_.background == bg.background_
 
@@ -257,7 +258,7 @@ def test_one_row_one_component_is_a_correct_fit():
     assert np.all(np.isfinite(ll)) and np.all(np.diff(ll) > 0)
     # textbook iteration from a given start (independent of the kernels)
     m, V, reg = x[0] + 0.5, np.eye(3), 1e-6
-    fit = XDGMM(1, max_iter=4, tol=0.0, init=XDModel([1.0], m[None], V[None])).fit(x, S)
+    fit = XDGMM(1, max_iter=4, tol=0.0, init=XDModel(Params([1.0], m[None], V[None]))).fit(x, S)
     for _ in range(4):
         T_inv = np.linalg.inv(V + S[0])
         m = m + V @ T_inv @ (x[0] - m)
@@ -327,7 +328,7 @@ def test_1e30_parallax_row_is_named_or_absorbed(client, tmp_path, caplog):
     msg = str(info.value)
     assert str(sid) in msg and bad_file.name in msg, msg
     if isinstance(info.value, FitDivergedError):
-        assert info.value.rows[0]["source_id"] == sid and info.value.rows[0]["row"] == row
+        assert info.value.rows[0]["id"] == sid and info.value.rows[0]["row"] == row
         state = load_checkpoint(tmp_path / "ck")[0]
         assert not state.finished and is_pd(state.params.covariances).all()
         assert state.iteration == len(state.history)
@@ -354,5 +355,5 @@ def test_nonfinite_loglike_names_the_row():
     X, S, _, _ = draw_noisy(rng, w, m, V, 500)
     X[77, 1] = 1e30
     with pytest.raises(FitDivergedError, match="mean log-likelihood is -inf at iteration 1") as e:
-        XDGMM(3, init=XDModel(w, m, V)).fit(X.astype(np.float32), S.astype(np.float32))
+        XDGMM(3, init=XDModel(Params(w, m, V))).fit(X.astype(np.float32), S.astype(np.float32))
     assert e.value.rows[0]["row"] == 77 and "row 77: log-likelihood -inf" in str(e.value)

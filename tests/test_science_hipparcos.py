@@ -25,6 +25,7 @@ from xd_dask.cli import main
 from xd_dask.jobs.config import load_config
 from xd_dask.jobs.plots import marginal_density
 from xd_dask.model import XDModel
+from xd_dask.params import Params
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "hipparcos-velocities.toml"
@@ -47,7 +48,7 @@ def test_marginal_density_is_the_mixture_marginal():
     K, D = 4, 3
     A = rng.normal(size=(K, D, D))
     cov = A @ A.transpose(0, 2, 1) + 0.5 * np.eye(D)
-    model = XDModel(rng.dirichlet(np.ones(K)), rng.normal(0, 5, (K, D)), cov)
+    model = XDModel(Params(rng.dirichlet(np.ones(K)), rng.normal(0, 5, (K, D)), cov))
     pts = rng.normal(0, 4, (50, 2))
     for idx in ([0, 1], [0, 2], [2, 1]):
         ref = sum(

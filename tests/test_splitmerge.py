@@ -15,7 +15,7 @@ from xd_dask.distributed import FitConfig, fit_catalog, load_checkpoint, resume_
 from xd_dask.estimator import XDGMM
 from xd_dask.kernels import row_log_likelihood
 from xd_dask.model import XDModel
-from xd_dask.optim import FitLoop, LoopSettings, Mixture, OnlineEM
+from xd_dask.optim import FitLoop, LoopSettings, OnlineEM
 from xd_dask.optim.adam import Adam
 from xd_dask.optim.arrays import ArrayStatistics
 from xd_dask.optim.splitmerge import (
@@ -28,6 +28,7 @@ from xd_dask.optim.splitmerge import (
     rank_candidates,
     split_criterion,
 )
+from xd_dask.params import Params
 
 # the generating mixture: two components side by side, a third far above them
 W_TRUE = np.full(3, 1 / 3)
@@ -35,9 +36,11 @@ M_TRUE = np.array([[-4.0, 0.0, 0.0], [4.0, 0.0, 0.0], [0.0, 12.0, 0.0]])
 V_TRUE = np.stack([np.eye(3)] * 3)
 # the stuck start: component 0 covers true 0 and 1, components 1 and 2 share true 2
 START = XDModel(
-    np.array([2 / 3, 1 / 6, 1 / 6]),
-    np.array([[0.0, 0.0, 0.0], [-0.6, 12.0, 0.0], [0.6, 12.0, 0.0]]),
-    np.stack([np.diag([17.0, 1.0, 1.0]), 0.6 * np.eye(3), 0.6 * np.eye(3)]),
+    Params(
+        np.array([2 / 3, 1 / 6, 1 / 6]),
+        np.array([[0.0, 0.0, 0.0], [-0.6, 12.0, 0.0], [0.6, 12.0, 0.0]]),
+        np.stack([np.diag([17.0, 1.0, 1.0]), 0.6 * np.eye(3), 0.6 * np.eye(3)]),
+    ),
     FEATURES,
 )
 N = 3000
@@ -51,7 +54,7 @@ def rows():
 
 
 def _mean_ll(X, S, w, m, V) -> float:
-    return float(np.mean(row_log_likelihood(X, S, w, m, V, backend="reference")))
+    return float(np.mean(row_log_likelihood(X, S, Params(w, m, V), backend="reference")))
 
 
 def test_criteria_equal_a_direct_loop_over_rows():
@@ -59,7 +62,7 @@ def test_criteria_equal_a_direct_loop_over_rows():
     X, S, _, _ = draw_noisy(rng, W_TRUE, M_TRUE, V_TRUE, 150, noise_scale=0.5)
     X[3, 1] = np.nan  # a missing field: the row's density is over its observed fields
     rw = rng.uniform(0.5, 2.0, size=150)
-    p = Mixture(START.weights, START.means, START.covariances)
+    p = Params(START.weights, START.means, START.covariances)
     ms = move_stats(X, S, p, row_weights=rw, backend="reference")
     K = 3
     dens = np.zeros((150, K))
@@ -83,7 +86,7 @@ def test_criteria_equal_a_direct_loop_over_rows():
 
 
 def test_move_keeps_the_weights_and_the_moments():
-    p = Mixture(START.weights, START.means, START.covariances)
+    p = Params(START.weights, START.means, START.covariances)
     q = propose(p, (1, 2, 0))
     assert q.weights.sum() == pytest.approx(1.0, abs=1e-15)
     assert q.weights[1] == q.weights[2] == pytest.approx(1 / 3)
@@ -133,7 +136,7 @@ def test_split_and_merge_escapes_the_local_maximum(rows):
 
 def test_moves_need_full_batch_em(rows):
     X, S = rows
-    with pytest.raises(ValueError, match="do not fit update rule"):
+    with pytest.raises(ValueError, match="are not WaveMoves"):
         FitLoop(
             OnlineEM(),
             ArrayStatistics(X, S),
@@ -212,7 +215,7 @@ def _wave_fit(rule, X, S, moves: bool, tol: float = TOL, ids=None):
     src = ArrayStatistics(X, S, ids=ids)
     sm = WaveSplitMerge(array_criteria(src), every=4, tol=tol) if moves else None
     loop = FitLoop(rule, src, LoopSettings(epochs=6, strata=4, seed=0), moves=sm)
-    return loop.run(loop.start(Mixture(START.weights, START.means, START.covariances)))
+    return loop.run(loop.start(Params(START.weights, START.means, START.covariances)))
 
 
 @pytest.mark.parametrize("rule", ["online", "adam"])

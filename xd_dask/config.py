@@ -26,6 +26,7 @@ This module imports nothing from the package (every layer may use it).
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 import sys
@@ -37,6 +38,7 @@ from typing import Any
 __all__ = [
     "KEYS",
     "RULES",
+    "Provided",
     "SECTIONS",
     "Key",
     "Section",
@@ -133,6 +135,28 @@ _UNSET_DEFAULT = object()
 
 
 @dataclass(frozen=True)
+class Provided:
+    """Choices that a registry elsewhere in the package provides: ``function`` of ``module``
+    returns them (the method table gives ``fit.method``'s, the kernel registry ``fit.backend``'s).
+    Read when first needed, so this module imports nothing from the package."""
+
+    module: str
+    function: str
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(getattr(importlib.import_module(self.module), self.function)())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self.names()
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+
+@dataclass(frozen=True)
 class Key:
     """One setting.
 
@@ -142,7 +166,7 @@ class Key:
     default : the default; its type (bool, int, float, str, list of str) is the key's type.
     help : one line (command-line help; the comment beside the key in job.toml).
     lo, hi, lo_open, hi_open : numeric range (closed unless open).
-    choices : the allowed strings.
+    choices : the allowed strings (a tuple, or :class:`Provided` by a registry).
     check : a further check of a string value (returns an error text or None).
     unset : the value that means "not set / automatic" where FitConfig takes None for it.
     fit : the FitConfig field: "" = the last part of the name for ``fit.*`` keys (none for
@@ -159,7 +183,7 @@ class Key:
     hi: float | None = None
     lo_open: bool = False
     hi_open: bool = False
-    choices: tuple[str, ...] | None = None
+    choices: tuple[str, ...] | Provided | None = None
     check: Check | None = None
     unset: Any = _UNSET_DEFAULT
     fit: str | None = ""
@@ -269,7 +293,7 @@ def row_dtype(dtype: str, gpu: bool) -> str:
 SECTIONS: dict[str, str] = {
     "catalog": "the catalogue and its held-out rows",
     "fit": "what to fit and how",
-    "fit.step": "online EM step size lambda_t (xd_dask.em.StepSchedule)",
+    "fit.step": "online EM step size lambda_t (xd_dask.optim.schedule.StepSchedule)",
     "cluster": "where the fit runs",
     "output": "what is written",
     "plots": "the plots written after a fit and by `xd-dask plot`",
@@ -309,7 +333,9 @@ KEYS: tuple[Key, ...] = (
     K("fit.method", "em",
       "'em' (batch EM, a full pass per iteration), 'online' (online EM in waves) or 'adam' "
       "(Adam on the mean log-likelihood, in waves)",
-      choices=("em", "online", "adam"), flag="--method"),
+      choices=Provided("xd_dask.optim.methods", "method_names"), flag="--method",
+      doc="settings that apply to other methods only (e.g. fit.learning_rate with 'em') are "
+      "named\nin a warning, or refused when given as flags"),
     K("fit.max_iter", 200, "batch EM: at most this many iterations", lo=1, flag="--max-iter"),
     K("fit.tol", 1e-4,
       "batch EM: converged when the mean log-likelihood per row changes by less (nats)",
@@ -351,7 +377,8 @@ KEYS: tuple[Key, ...] = (
       "rows sampled for k-means; 0 = max(200 K, 20000), at most 200000",
       lo=0, unset=0),
     K("fit.fan_in", 8, "fan-in of the reduction tree of partition statistics", lo=2),
-    K("fit.backend", "auto", "kernel backend", choices=("auto", "numba", "reference")),
+    K("fit.backend", "auto", "kernel backend ('auto': compiled kernels for the workers' arrays)",
+      choices=Provided("xd_dask.kernels.registry", "backend_choices")),
     K("fit.dtype", "auto",
       "row precision on the workers: 'auto' (float32 on GPU workers, float64 on CPU workers), "
       "'float64' or 'float32' (statistics are always summed in float64)",
@@ -526,9 +553,13 @@ def _one_holdout(get: Callable[[str], Any]) -> str | None:
     return f"{' and '.join(given)} are set together; give one of them" if len(given) > 1 else None
 
 
-def _subsample_online(get: Callable[[str], Any]) -> str | None:
-    if get("fit.subsample") and get("fit.method") not in ("online", "adam"):
-        return "fit.subsample applies to fit.method = 'online' or 'adam' only"
+def _floor_below_lambda0(get: Callable[[str], Any]) -> str | None:
+    if get("fit.step.kind") == "halving" and get("fit.step.floor") > get("fit.step.lambda0"):
+        return (
+            f"fit.step.floor ({get('fit.step.floor'):g}) must be <= fit.step.lambda0 "
+            f"({get('fit.step.lambda0'):g}): the halving schedule starts at lambda0 and never "
+            "goes below floor"
+        )
     return None
 
 
@@ -536,7 +567,7 @@ def _subsample_online(get: Callable[[str], Any]) -> str | None:
 #: returns a key's value; 0, 0.0, "" and None all mean "not set".
 RULES: tuple[tuple[tuple[str, ...], Callable[[Callable[[str], Any]], str | None]], ...] = (
     (("catalog.holdout", "catalog.holdout_fraction", "catalog.holdout_rows"), _one_holdout),
-    (("fit.subsample", "fit.method"), _subsample_online),
+    (("fit.step.kind", "fit.step.floor", "fit.step.lambda0"), _floor_below_lambda0),
 )
 
 

@@ -1,9 +1,11 @@
 """XDGMM: a scikit-learn Extreme Deconvolution estimator for in-memory arrays.
 
 The estimator only wires the pieces: the fitting loop of :mod:`xd_dask.optim` (the same loop the
-distributed fit runs) with batch EM (:class:`xd_dask.optim.BatchEM`) on in-memory statistics
-(:class:`xd_dask.optim.ArrayStatistics`), initialised by k-means, or for projected rows by the
-method of moments (:mod:`xd_dask.optim.init`; the start a cluster fit of the same rows gets).
+distributed fit runs) with the method of the method table (:mod:`xd_dask.optim.methods`: batch
+EM, or online EM / Adam on hash strata of the rows, the waves a catalogue gets on a cluster) on
+in-memory statistics (:class:`xd_dask.optim.ArrayStatistics`), started by the same k-means as a
+catalogue (:mod:`xd_dask.optim.kmeans`; for projected rows the method of moments,
+:mod:`xd_dask.optim.init`). Defaults are the key table's (``fit.*`` in :mod:`xd_dask.config`).
 
 It is a scikit-learn estimator (``clone``, ``get_params`` / ``set_params``, model selection).
 Every row has its own noise covariance, so X and X_cov must be split together: :func:`pack`
@@ -17,6 +19,7 @@ method that takes ``(X, X_cov)`` also takes the packed array alone::
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import numpy as np
@@ -24,30 +27,33 @@ from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.utils.validation import check_is_fitted
 
 from xd_dask.config import key
-from xd_dask.kernels import Background
 from xd_dask.model import XDModel
 from xd_dask.optim import (
-    MAX_LL_DROP,
     ArrayStatistics,
-    BatchEM,
     ConvergenceWarning,
     FitLoop,
     LoopSettings,
-    Mixture,
+    StepSchedule,
     initial_background,
+    method,
 )
 from xd_dask.optim.background import confine
-from xd_dask.optim.init import impute_column_means, kmeans_init, moment_init, params_from_labels
+from xd_dask.optim.init import moment_init
+from xd_dask.optim.kmeans import array_passes, kmeans_start
+from xd_dask.optim.methods import STEP_KEYS, InapplicableSettingWarning, inapplicable
+from xd_dask.optim.splitmerge import SplitMerge, WaveSplitMerge, array_criteria
+from xd_dask.optim.strata import waves_per_epoch
+from xd_dask.params import Background, Params
 
-__all__ = [
-    "XDGMM",
-    "ConvergenceWarning",
-    "impute_column_means",
-    "kmeans_init",
-    "pack",
-    "params_from_labels",
-    "unpack",
-]
+__all__ = ["XDGMM", "ConvergenceWarning", "InapplicableSettingWarning", "pack", "unpack"]
+
+
+def _d(name: str) -> Any:
+    """The key table's default of ``name``."""
+    return key(name).default
+
+
+_INIT, _SEED, _BACKGROUND = _d("fit.init"), _d("fit.seed"), _d("fit.background")
 
 
 def pack(X: Any, X_cov: Any) -> np.ndarray:
@@ -92,67 +98,79 @@ def _rows(X: Any, X_cov: Any) -> tuple[np.ndarray, np.ndarray]:
 class XDGMM(DensityMixin, BaseEstimator):
     """Extreme Deconvolution Gaussian mixture (Bovy, Hogg & Roweis 2011) for in-memory data.
 
+    Every default is the key table's (the ``fit.*`` key of the same name; ``xd-dask fit`` on a
+    catalogue of the same rows starts and steps the same way).
+
     Parameters
     ----------
-    n_components : int
-    max_iter : int, maximum number of EM iterations (default: the job default ``fit.max_iter``).
-    tol : float, convergence threshold on the change of the MEAN log-likelihood per row, nats
-        (default ``fit.tol``; 0: run exactly ``max_iter`` iterations, without a
-        ConvergenceWarning). The defaults converge on the real Gaia and Hipparcos samples
-        (benchmarks/convergence.py).
-    reg_covar : float, regularisation added to every covariance (see :mod:`xd_dask.em`).
-    reg_form : "add" (default) or "bovy_w".
+    n_components : int, K.
+    method : a method of the method table: "em" (batch EM), "online" (online EM) or "adam"
+        (Adam), the last two on ``waves_per_epoch`` hash strata of the rows per epoch.
+    max_iter, tol : batch EM's iteration limit and tolerance on the change of the MEAN
+        log-likelihood per row, nats (0: exactly ``max_iter`` iterations, no ConvergenceWarning).
+    epochs, waves_per_epoch : online EM / Adam: passes over the rows, updates per pass (0: the
+        default rule of ``fit.waves_per_epoch``).
+    learning_rate : Adam's learning rate.  step : online EM's :class:`~xd_dask.optim.StepSchedule`
+        (None: the ``fit.step.*`` defaults).
+    reg_covar : regularisation added to every covariance (:mod:`xd_dask.optim.collapse`).
+    reg_form : "add" (default) or "bovy_w" (batch EM only).
     init : "kmeans" or an :class:`XDModel` to start from. With projections R, "kmeans" means the
         method of moments (:func:`xd_dask.optim.init.moment_init`: k-means cannot run on
         projected rows), the start :func:`xd_dask.distributed.fit_catalog` gives the same rows.
-    random_state : seed for the initialisation.
-    backend : kernel backend, "auto" (compiled Numba on the CPU) or "reference".
+    random_state : int seed of the initialisation and the waves (None: a fresh one).
+    backend : kernel backend (``fit.backend``).
     background : False (default), True (a uniform background component over the box of the
         bulk of the rows, :mod:`xd_dask.optim.background`, starting at ``background_weight``), or
-        a :class:`xd_dask.kernels.Background` (its box and starting weight). The background absorbs
-        a few absurd rows instead of giving them a component of their own; its weight is fitted,
-        its box is fixed, and a k-means start is confined to the box.
+        a :class:`xd_dask.params.Background` (its box and starting weight).
     background_weight : starting weight of the background (``background=True``).
     max_ll_drop : largest accepted decrease of the mean log-likelihood per iteration (nats per
-        row); a larger one rolls back and raises :class:`xd_dask.optim.FitDivergedError` naming
-        the rows (:mod:`xd_dask.optim.robust`).
-    split_merge : after convergence, try split-and-merge moves (:mod:`xd_dask.optim.splitmerge`;
+        row); a larger one rolls back and raises :class:`xd_dask.optim.FitDivergedError`.
+    split_merge : try split-and-merge moves (:mod:`xd_dask.optim.splitmerge`;
         ``split_merge_candidates`` per convergence); ``max_iter`` then bounds each EM run and
         ``history_`` entries carry ``split_merge`` (the move phase), ``moves_`` the moves tried.
 
-    Every method taking ``(X, X_cov)`` also takes one array made by :func:`pack` (X_cov omitted),
-    which is what scikit-learn's model selection passes (``GridSearchCV(...).fit(pack(X, S))``
-    scores each candidate by :meth:`score`, the mean log-likelihood per held-out row).
+    Settings that the chosen method does not use (``learning_rate`` with "em", say) are named
+    in an :class:`InapplicableSettingWarning`.
 
     Attributes
     ----------
-    weights_ (K,), means_ (K, D), covariances_ (K, D, D), background_ (Background or None),
-    converged_, n_iter_, history_ : one entry per iteration ({"iteration" (1-based),
-    "mean_loglike" (at the parameters before that iteration's M-step), "rows", "seconds",
-    "reseeded", ...}), lower_bound_ (the last mean_loglike), reseeded_ (list of (iteration,
-    component)), model_ (XDModel).
+    params_ (:class:`xd_dask.params.Params`), weights_ (K,), means_ (K, D), covariances_
+    (K, D, D), background_ (Background or None), converged_, n_iter_, history_ : one entry per
+    step ({"iteration" (1-based), "mean_loglike" (at the parameters before that step's update),
+    "rows", "seconds", "reseeded", ...}), lower_bound_ (the last mean_loglike), reseeded_ (list
+    of (iteration, component)), model_ (XDModel).
     """
 
     def __init__(
         self,
-        n_components: int = 1,
+        n_components: int = _d("fit.n_components"),
         *,
-        max_iter: int = key("fit.max_iter").default,
-        tol: float = key("fit.tol").default,
-        reg_covar: float = 1e-6,
+        method: str = _d("fit.method"),
+        max_iter: int = _d("fit.max_iter"),
+        tol: float = _d("fit.tol"),
+        epochs: int = _d("fit.epochs"),
+        waves_per_epoch: int = _d("fit.waves_per_epoch"),
+        learning_rate: float = _d("fit.learning_rate"),
+        step: StepSchedule | None = None,
+        reg_covar: float = _d("fit.reg_covar"),
         reg_form: str = "add",
-        init: str | XDModel = "kmeans",
-        random_state: Any = None,
-        backend: str = "auto",
-        background: bool | Background = False,
-        background_weight: float = 1e-3,
-        max_ll_drop: float = MAX_LL_DROP,
-        split_merge: bool = False,
-        split_merge_candidates: int = key("fit.split_merge_candidates").default,
+        init: str | XDModel = _INIT,
+        random_state: Any = _SEED,
+        backend: str = _d("fit.backend"),
+        background: bool | Background = _BACKGROUND,
+        background_weight: float = _d("fit.background_weight"),
+        max_ll_drop: float = _d("fit.max_ll_drop"),
+        split_merge: bool = _d("fit.split_merge"),
+        split_merge_candidates: int = _d("fit.split_merge_candidates"),
     ) -> None:
         self.n_components = n_components
+        self.method = method
         self.max_iter = max_iter
         self.tol = tol
+        self.epochs = epochs
+        self.waves_per_epoch = waves_per_epoch
+        self.learning_rate = learning_rate
+        self.step = step
         self.reg_covar = reg_covar
         self.reg_form = reg_form
         self.init = init
@@ -164,23 +182,62 @@ class XDGMM(DensityMixin, BaseEstimator):
         self.split_merge = split_merge
         self.split_merge_candidates = split_merge_candidates
 
-    # ----------------------------------------------------------------- fitting
+    # ----------------------------------------------------------------- settings
+    #: Estimator parameter -> key of the table (the checks and "does it apply" come from there).
+    _KEYS = {
+        "n_components": "fit.n_components",
+        "max_iter": "fit.max_iter",
+        "tol": "fit.tol",
+        "epochs": "fit.epochs",
+        "waves_per_epoch": "fit.waves_per_epoch",
+        "learning_rate": "fit.learning_rate",
+        "reg_covar": "fit.reg_covar",
+        "backend": "fit.backend",
+        "background_weight": "fit.background_weight",
+        "max_ll_drop": "fit.max_ll_drop",
+        "split_merge_candidates": "fit.split_merge_candidates",
+    }
+
+    def _settings(self) -> dict[str, Any]:
+        """Dotted key -> value of this estimator's settings (for the method's rule factory)."""
+        values = {name: getattr(self, attr) for attr, name in self._KEYS.items()}
+        step = self.step if self.step is not None else StepSchedule()
+        values |= {name: getattr(step, name.rsplit(".", 1)[1]) for name in STEP_KEYS}
+        return values
+
     def _check_params(self, X: np.ndarray) -> None:
+        entry = method(self.method)  # ValueError naming the methods
         K = self.n_components
         if not isinstance(K, int | np.integer) or K < 1:
             raise ValueError(f"n_components must be a positive integer, got {K!r}")
         if K > X.shape[0]:
             raise ValueError(f"n_components={K} is larger than the number of rows ({X.shape[0]})")
-        if not isinstance(self.max_iter, int | np.integer) or self.max_iter < 1:
-            raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}")
-        if not self.tol >= 0:
-            raise ValueError(f"tol must be >= 0, got {self.tol!r}")
-        if not self.max_ll_drop > 0:
-            raise ValueError(f"max_ll_drop must be > 0, got {self.max_ll_drop!r}")
+        for attr, name in self._KEYS.items():
+            err = key(name).validate(getattr(self, attr))
+            if err:
+                raise ValueError(f"{attr} {err}")
         if isinstance(self.init, str) and self.init != "kmeans":
             raise ValueError(f"init must be 'kmeans' or an XDModel, got {self.init!r}")
+        if self.reg_form != "add" and not entry.full_batch:
+            raise ValueError(f"reg_form={self.reg_form!r} is for batch EM only (method='em')")
+        given = [n for a, n in self._KEYS.items() if getattr(self, a) != _d(n)]
+        given += list(STEP_KEYS) if self.step is not None else []
+        unused = inapplicable(entry.name, given)
+        if unused:
+            warnings.warn(
+                f"method={entry.name!r} ({entry.summary}) does not use "
+                + ", ".join(n.removeprefix("fit.") for n in unused),
+                InapplicableSettingWarning,
+                stacklevel=3,
+            )
 
-    def _initial(self, X: np.ndarray, X_cov: Any = None, R: Any = None) -> Mixture:
+    def _seed(self) -> int:
+        rs = self.random_state
+        if isinstance(rs, int | np.integer):
+            return int(rs)
+        return int(np.random.default_rng(rs).integers(2**31 - 1))
+
+    def _initial(self, X: np.ndarray, X_cov: Any = None, R: Any = None) -> Params:
         bg = self.background
         D = X.shape[1] if R is None else np.shape(R)[2]
         if isinstance(self.init, XDModel):
@@ -192,25 +249,33 @@ class XDGMM(DensityMixin, BaseEstimator):
                 )
             if model.background is not None and bg is False:
                 raise ValueError("the init model has a background component: pass background=True")
-            w, m, V = model.weights.copy(), model.means.copy(), model.covariances.copy()
+            start = model.params.astype(np.float64)
             if model.background is not None and bg is True:
-                return Mixture(w, m, V, model.background)
+                return start
+            start = start.replace(background=None)
         elif R is not None:
-            w, m, V = moment_init(X, X_cov, R, self.n_components, self.random_state, self.reg_covar)
+            start = moment_init(X, X_cov, R, self.n_components, self._seed(), self.reg_covar)
         else:
-            w, m, V = kmeans_init(X, self.n_components, self.random_state, self.reg_covar)
+            start, _ = kmeans_start(
+                *array_passes(X, self._seed()),
+                X.shape[0],
+                self.n_components,
+                self._seed(),
+                reg_covar=self.reg_covar,
+            )
         if bg is False:
-            return Mixture(w, m, V)
+            return start
         if bg is True:
             bg = initial_background(X, self.background_weight)
         if not isinstance(bg, Background):
             raise ValueError(f"background must be True, False or a Background, got {bg!r}")
+        m, V = start.means, start.covariances
         if not isinstance(self.init, XDModel):
             m, V, _ = confine(m, V, bg)
-        return Mixture(w * (1.0 - bg.weight), m, V, bg)
+        return Params(start.weights * (1.0 - bg.weight), m, V, bg)
 
     def fit(self, X: Any, X_cov: Any = None, weights: Any = None, R: Any = None) -> XDGMM:
-        """Fit by batch EM.
+        """Fit by the chosen method.
 
         Parameters
         ----------
@@ -230,28 +295,32 @@ class XDGMM(DensityMixin, BaseEstimator):
                 "the space of the d observed values, the model in the D true features; pass "
                 "background=False"
             )
+        entry = method(self.method)
+        seed = self._seed()
         start = self._initial(X, X_cov, R)
-        source, moves = ArrayStatistics(X, X_cov, weights, R, self.backend), None
-        if self.split_merge:  # split-and-merge (xd_dask.optim.splitmerge)
-            from xd_dask.optim.splitmerge import SplitMerge, array_criteria  # noqa: PLC0415
-
-            moves = SplitMerge(
-                array_criteria(source),
-                candidates=int(self.split_merge_candidates),
-                partial_iter=key("fit.split_merge_partial_iter").default,
-                max_moves=key("fit.split_merge_max_moves").default,
-                tol=self.tol,
+        source = ArrayStatistics(X, X_cov, weights, R, self.backend, seed=seed)
+        if entry.full_batch:
+            settings = LoopSettings(
+                max_steps=int(self.max_iter), tol=self.tol, seed=seed, max_ll_drop=self.max_ll_drop
             )
+            planned = int(self.max_iter)
+        else:
+            strata = waves_per_epoch(X.shape[0], self.n_components, self.waves_per_epoch)
+            settings = LoopSettings(
+                epochs=int(self.epochs), strata=strata, seed=seed, max_ll_drop=self.max_ll_drop
+            )
+            planned = int(self.epochs) * strata
         loop = FitLoop(
-            BatchEM(self.reg_covar, self.reg_form),
+            entry.rule(self._settings(), planned),
             source,
-            LoopSettings(max_steps=int(self.max_iter), tol=self.tol, max_ll_drop=self.max_ll_drop),
+            settings,
             log_level=logging.DEBUG,
-            moves=moves,
+            moves=self._moves(source, entry.full_batch, settings),
         )
         state = loop.run(loop.start(start))
         self.moves_ = state.info.get("split_merge", {}).get("moves", [])
         p = state.params
+        self.params_ = p
         self.weights_, self.means_, self.covariances_ = p.weights, p.means, p.covariances
         self.background_ = p.background
         self.converged_ = bool(state.converged)
@@ -260,10 +329,9 @@ class XDGMM(DensityMixin, BaseEstimator):
         self.lower_bound_ = state.history[-1]["mean_loglike"]
         self.reseeded_ = [(r["iteration"], j) for r in state.reseeded for j in r["components"]]
         self.model_ = XDModel(
-            p.weights,
-            p.means,
-            p.covariances,
+            p,
             metadata={
+                "method": entry.name,
                 "history": state.history,
                 "converged": self.converged_,
                 "n_iter": self.n_iter_,
@@ -271,9 +339,22 @@ class XDGMM(DensityMixin, BaseEstimator):
                 "reg_covar": self.reg_covar,
                 "reg_form": self.reg_form,
             },
-            background=p.background,
         )
         return self
+
+    def _moves(self, source: ArrayStatistics, full_batch: bool, settings: LoopSettings):
+        """Split-and-merge moves (:mod:`xd_dask.optim.splitmerge`), or None."""
+        if not self.split_merge:
+            return None
+        criteria = array_criteria(source)
+        if full_batch:
+            return SplitMerge(criteria, candidates=int(self.split_merge_candidates), tol=self.tol)
+        return WaveSplitMerge(
+            criteria,
+            every=int(settings.strata),
+            candidates=int(self.split_merge_candidates),
+            reg_covar=self.reg_covar,
+        )
 
     # ----------------------------------------------------------------- using
     def _model(self) -> XDModel:
@@ -307,7 +388,7 @@ class XDGMM(DensityMixin, BaseEstimator):
         """Deconvolved posterior mean (n, D) and covariance (n, D, D) of each row's true value
         (R : (n, d, D) projections, optional)."""
         model = self._model()
-        return model.posterior(*_rows(X, X_cov), R=R)
+        return model.posterior(*_rows(X, X_cov), R=R, backend=self.backend)
 
     def sample(self, n_samples: int = 1, X_cov: Any = None, random_state: Any = None):
         """Draw (v (n, D), labels (n,)) from the fitted mixture, with noise N(0, S_i) if X_cov."""

@@ -1,4 +1,8 @@
-"""The fitted XD model: mixture parameters, feature names, metadata, save/load."""
+"""The fitted XD model: the mixture's parameters (:class:`xd_dask.params.Params`), feature names,
+metadata, save/load.
+
+Its methods (log-density, responsibilities, posteriors) pass the parameters whole to the kernels
+(:mod:`xd_dask.kernels`), so the background component always takes part."""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from typing import Any
 import numpy as np
 from numpy.lib import format as npformat
 
+from xd_dask import kernels
+from xd_dask.params import ARRAY_NAMES, Params
 from xd_dask.utils import atomic_path
 
 FORMAT_NAME = "xd-dask-model"
@@ -21,57 +27,11 @@ class ModelFileError(ValueError):
     """A model file is missing, truncated, corrupt or not an xd-dask model."""
 
 
-def validate_parameters(
-    weights: Any, means: Any, covariances: Any, total: float = 1.0
-) -> tuple[np.ndarray, ...]:
-    """Check and return float64 copies of mixture parameters.
-
-    Raises ValueError naming the component when weights are not positive or do not sum to
-    ``total`` (1, or 1 minus a background component's weight), or a covariance is not symmetric
-    positive definite, or when the shapes disagree.
-    """
-    w = np.array(weights, dtype=np.float64)
-    m = np.array(means, dtype=np.float64)
-    V = np.array(covariances, dtype=np.float64)
-    if w.ndim != 1 or m.ndim != 2 or V.ndim != 3:
-        raise ValueError(
-            "weights must be (K,), means (K, D), covariances (K, D, D); got shapes "
-            f"{w.shape}, {m.shape}, {V.shape}"
-        )
-    K, D = m.shape
-    if w.shape != (K,) or V.shape != (K, D, D) or K == 0 or D == 0:
-        raise ValueError(
-            f"shapes disagree: weights {w.shape}, means {m.shape}, covariances {V.shape}"
-        )
-    for name, arr in (("weights", w), ("means", m), ("covariances", V)):
-        if not np.all(np.isfinite(arr)):
-            j = int(np.argwhere(~np.isfinite(arr))[0][0])
-            raise ValueError(f"{name} of component {j} are not finite")
-    if np.any(w <= 0):
-        j = int(np.flatnonzero(w <= 0)[0])
-        raise ValueError(f"weight of component {j} is {w[j]:g}; weights must be positive")
-    if abs(w.sum() - total) > 1e-8:
-        raise ValueError(f"weights must sum to {total:.12g}, they sum to {w.sum():.12g}")
-    asym = np.abs(V - np.swapaxes(V, 1, 2)).max(axis=(1, 2))
-    scale = np.abs(V).max(axis=(1, 2))
-    bad = asym > 1e-10 * np.maximum(scale, 1e-300)
-    if bad.any():
-        j = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"covariance of component {j} is not symmetric")
-    for j in range(K):
-        try:
-            np.linalg.cholesky(V[j])
-        except np.linalg.LinAlgError:
-            raise ValueError(f"covariance of component {j} is not positive definite") from None
-    return w, m, V
-
-
 #: Largest JSON texts a model file may declare (numpy stores 4 bytes per character).
 MAX_HEADER_BYTES = 1 << 20
 MAX_METADATA_BYTES = 16 << 20
 #: Deepest nesting of lists/objects accepted in the header and the metadata.
 MAX_JSON_DEPTH = 32
-_BACKGROUND = ("background_weight", "background_lo", "background_hi")
 
 
 def _json_depth(obj: Any) -> int:
@@ -191,18 +151,8 @@ def _read_model_file(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[s
             raise ModelFileError(f"{path}: not an xd-dask model file (no header)")
         header = z.json("header", MAX_HEADER_BYTES)
         K, D = _check_header(path, header)
-        arrays = {
-            "weights": z.read("weights", "f", (K,)),
-            "means": z.read("means", "f", (K, D)),
-            "covariances": z.read("covariances", "f", (K, D, D)),
-        }
-        present = [k in z for k in _BACKGROUND]
-        if any(present) and not all(present):
-            raise ModelFileError(f"{path}: incomplete background component")
-        if all(present):
-            arrays["background_weight"] = z.read("background_weight", "f", ())
-            arrays["background_lo"] = z.read("background_lo", "f", (D,))
-            arrays["background_hi"] = z.read("background_hi", "f", (D,))
+        shapes = dict(zip(ARRAY_NAMES, [(K,), (K, D), (K, D, D), (), (D,), (D,)], strict=True))
+        arrays = {k: z.read(k, "f", shape) for k, shape in shapes.items() if k in z}
         metadata = z.json("metadata", MAX_METADATA_BYTES) if "metadata" in z else {}
     return header, metadata, arrays
 
@@ -212,35 +162,26 @@ class XDModel:
 
     Parameters
     ----------
-    weights : (K,) positive, summing to 1.
-    means : (K, D).
-    covariances : (K, D, D) symmetric positive definite.
+    params : the mixture (:class:`xd_dask.params.Params`: weights (K,) positive and summing to
+        1 - the background's weight, means (K, D), covariances (K, D, D) symmetric positive
+        definite, and an optional uniform background component over a box in feature space,
+        DESIGN.md 4d). Checked and kept as float64 copies; a background of weight 0 is dropped.
     feature_names : sequence of D names, optional (default f0, f1, ...).
     metadata : JSON-serialisable dict (fit history, units, versions, counts), optional.
-    background : optional uniform background (outlier) component over a box in feature space
-        (:class:`xd_dask.kernels.Background`, DESIGN.md 4d); the Gaussian weights then sum to
-        ``1 - background.weight``.
     """
 
     def __init__(
         self,
-        weights: Any,
-        means: Any,
-        covariances: Any,
+        params: Params,
         feature_names: Sequence[str] | None = None,
         metadata: dict[str, Any] | None = None,
-        background: Any = None,
     ) -> None:
-        if background is not None and float(background.weight) <= 0.0:
-            background = None
-        total = 1.0 if background is None else 1.0 - float(background.weight)
-        self.weights, self.means, self.covariances = validate_parameters(
-            weights, means, covariances, total
-        )
-        D = self.means.shape[1]
-        if background is not None and len(background.lo) != D:
-            raise ValueError(f"background box has {len(background.lo)} columns for {D} features")
-        self.background = background
+        if not isinstance(params, Params):
+            raise TypeError(f"params must be an xd_dask.params.Params, got {type(params).__name__}")
+        if params.background is not None and params.background.weight <= 0.0:
+            params = params.replace(background=None)
+        self.params = params.validated()
+        D = self.params.n_features
         names = (
             [f"f{i}" for i in range(D)]
             if feature_names is None
@@ -255,14 +196,31 @@ class XDModel:
         except TypeError as exc:
             raise ValueError(f"metadata must be JSON-serialisable: {exc}") from None
 
+    @property
+    def weights(self) -> np.ndarray:
+        return self.params.weights
+
+    @property
+    def means(self) -> np.ndarray:
+        return self.params.means
+
+    @property
+    def covariances(self) -> np.ndarray:
+        return self.params.covariances
+
+    @property
+    def background(self):
+        """The background component (:class:`xd_dask.params.Background`) or None."""
+        return self.params.background
+
     # ------------------------------------------------------------------ shape
     @property
     def n_components(self) -> int:
-        return self.means.shape[0]
+        return self.params.n_components
 
     @property
     def n_features(self) -> int:
-        return self.means.shape[1]
+        return self.params.n_features
 
     def __repr__(self) -> str:
         return f"XDModel(n_components={self.n_components}, features={self.feature_names})"
@@ -278,13 +236,6 @@ class XDModel:
             "n_features": self.n_features,
             "feature_names": self.feature_names,
         }
-        extra = {}
-        if self.background is not None:
-            extra = {
-                "background_weight": np.array(self.background.weight, dtype=np.float64),
-                "background_lo": np.asarray(self.background.lo, dtype=np.float64),
-                "background_hi": np.asarray(self.background.hi, dtype=np.float64),
-            }
         metadata = np.array(json.dumps(self.metadata))
         if metadata.dtype.itemsize > MAX_METADATA_BYTES or (
             _json_depth(self.metadata) > MAX_JSON_DEPTH
@@ -298,10 +249,7 @@ class XDModel:
                 fh,
                 header=np.array(json.dumps(header)),
                 metadata=metadata,
-                weights=self.weights,
-                means=self.means,
-                covariances=self.covariances,
-                **extra,
+                **self.params.to_arrays(),
             )
         return path
 
@@ -324,47 +272,19 @@ class XDModel:
         except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError) as exc:
             raise ModelFileError(f"{path}: corrupt or truncated model file ({exc})") from None
         try:
-            background = None
-            if "background_weight" in arrays:
-                from xd_dask.kernels import Background  # noqa: PLC0415 - layering: model <- kernels
-
-                background = Background(
-                    float(arrays["background_weight"]),
-                    arrays["background_lo"],
-                    arrays["background_hi"],
-                )
-            return cls(
-                arrays["weights"],
-                arrays["means"],
-                arrays["covariances"],
-                header.get("feature_names"),
-                metadata,
-                background,
-            )
+            return cls(Params.from_arrays(arrays), header.get("feature_names"), metadata)
         except ValueError as exc:
             raise ModelFileError(f"{path}: invalid model parameters: {exc}") from None
 
     # ------------------------------------------------------------------ maths
-    def _params(self):
-        return self.weights, self.means, self.covariances
-
-    def _bg(self, kw: dict[str, Any]) -> dict[str, Any]:
-        """Keyword arguments with this model's background component (if it has one)."""
-        if self.background is not None and "background" not in kw:
-            return dict(kw, background=self.background)
-        return kw
-
     def log_density(self, X: Any, X_cov: Any, **kw: Any) -> Any:
-        """(n,) log-likelihood of noisy rows: log sum_j alpha_j N(x_i | m_j, V_j + S_i)."""
-        from xd_dask.kernels import row_log_likelihood  # noqa: PLC0415 - layering: model <- kernels
-
-        return row_log_likelihood(X, X_cov, *self._params(), **self._bg(kw))
+        """(n,) log-likelihood of noisy rows: log [sum_j alpha_j N(x_i | m_j, V_j + S_i)
+        (+ the background)]; keywords as in :func:`xd_dask.kernels.row_log_likelihood`."""
+        return kernels.row_log_likelihood(X, X_cov, self.params, **kw)
 
     def responsibilities(self, X: Any, X_cov: Any, **kw: Any) -> Any:
         """(n, K) posterior probability of each component for each noisy row."""
-        from xd_dask.kernels import responsibilities  # noqa: PLC0415
-
-        return responsibilities(X, X_cov, *self._params(), **self._bg(kw))
+        return kernels.responsibilities(X, X_cov, self.params, **kw)
 
     def posterior(self, X: Any, X_cov: Any, **kw: Any):
         """Deconvolved posterior of each row's true value: a mixture over the components.
@@ -375,9 +295,7 @@ class XDModel:
         responsibility when the model has a background component). Keywords as in
         :func:`xd_dask.kernels.posterior`.
         """
-        from xd_dask.kernels import posterior  # noqa: PLC0415
-
-        return posterior(X, X_cov, *self._params(), **self._bg(kw))
+        return kernels.posterior(X, X_cov, self.params, **kw)
 
     def sample(
         self, n: int, random_state: Any = None, X_cov: Any = None, return_labels: bool = False

@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from xd_dask.optim.methods import method, method_names
+
 __all__ = ["Progress", "connected", "jsonable", "kernels_cold", "summary", "table"]
 
 
@@ -42,10 +44,10 @@ class Progress:
         if self.json:
             self.emit("progress", **ev)
             return
-        online = ev.get("method") == "online"
+        on_waves = ev.get("unit") == "wave"
         where = (
             f"epoch {ev['epoch']} wave {ev['wave']} (t={ev['iteration']})"
-            if online
+            if on_waves
             else f"iteration {ev['iteration']}"
         )
         label = f"{where}  mean log-likelihood {ev['mean_loglike']:.6f}"
@@ -60,7 +62,7 @@ class Progress:
         else:
             total = ev.get("total")
             n = f"[{ev['iteration']}/{total}] " if total else ""
-            step = f"  step {ev['step']:.4g}" if online else ""
+            step = f"  step {ev['step']:.4g}" if on_waves else ""
             click.echo(f"{n}{label}{step}  rows {ev['rows']}  {ev['seconds']:.2f} s")
 
     def _close_bar(self) -> None:
@@ -103,12 +105,13 @@ def table(rows: list[tuple[str, Any]]) -> str:
 
 
 def _converged(report: dict[str, Any]) -> str:
-    """'yes', or how far from converged a batch-EM fit stopped."""
+    """'yes', or how far from converged a full-batch fit stopped."""
     if report.get("converged"):
         return "yes"
     last, tol = report.get("last_change"), report.get("tol")
-    if report.get("method") != "em" or last is None:
-        return "-" if report.get("method") != "em" else "no"
+    full_batch = report.get("method") in method_names() and method(report["method"]).full_batch
+    if not full_batch or last is None:
+        return "no" if full_batch else "-"
     if not tol:
         return f"no (tol = 0: ran max_iter; last change {last:.2g} nats/row)"
     return (

@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from xd_dask.optim import LoopState, Mixture
+from xd_dask.optim import LoopState, method
+from xd_dask.params import Params
 from xd_dask.utils import atomic_path
 
 __all__ = ["CHECKPOINT_NAME", "CheckpointError", "load_checkpoint", "save_checkpoint"]
@@ -42,7 +43,6 @@ __all__ = ["CHECKPOINT_NAME", "CheckpointError", "load_checkpoint", "save_checkp
 CHECKPOINT_NAME = "checkpoint.npz"
 FORMAT_NAME = "xd-dask-checkpoint"
 FORMAT_VERSION = 2
-_RULE_OF_METHOD = {"em": "batch-em", "online": "online-em"}
 
 
 class CheckpointError(ValueError):
@@ -123,10 +123,10 @@ def _from_v1(header: dict, arrays: dict[str, np.ndarray]) -> LoopState:
         rule_state = {k: arrays[f"online_{k}"] for k in ("s", "mu", "sigma")}
         rule_state["s_bg"] = np.array(0.0)
     pos = header["position"]
-    method = header["config"].get("method", "em")
+    name = header["config"].get("method", "em")
     return LoopState(
-        params=Mixture(arrays["weights"], arrays["means"], arrays["covariances"]),
-        rule=_RULE_OF_METHOD.get(method, method),
+        params=Params(arrays["weights"], arrays["means"], arrays["covariances"]),
+        rule=method(name).rule().name,
         rule_state=rule_state,
         **_position_and_records(header),
         info={
@@ -162,10 +162,10 @@ def load_checkpoint(directory: str | Path) -> tuple[LoopState, dict[str, Any], d
             return _from_v1(header, arrays), header["config"], header["manifest"]
         previous = _group(arrays, "previous")
         state = LoopState(
-            params=Mixture.from_arrays(_group(arrays, "params")),
+            params=Params.from_arrays(_group(arrays, "params")),
             rule=header["rule"],
             rule_state=_group(arrays, "rule"),
-            previous=Mixture.from_arrays(previous) if previous else None,
+            previous=Params.from_arrays(previous) if previous else None,
             previous_rule_state=_group(arrays, "previous_rule") if previous else None,
             **_position_and_records(header),
             info=header["info"],

@@ -20,15 +20,14 @@ Public entry points: :class:`FitConfig`, :func:`fit_catalog`, :func:`resume_fit`
 from __future__ import annotations
 
 import contextlib
-import platform
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from distributed import Client, performance_report
+from distributed.versions import get_versions
 
+from xd_dask.config import row_dtype
 from xd_dask.distributed.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -37,27 +36,26 @@ from xd_dask.distributed.checkpoint import (
 )
 from xd_dask.distributed.cluster import check_gpu_workers, worker_threads
 from xd_dask.distributed.config import FitConfig, resolve_schema
-from xd_dask.distributed.kmeans import default_sample_size, kmeans_init, moment_init
+from xd_dask.distributed.kmeans import default_sample_size, kmeans_init, moment_init, sample_pass
 from xd_dask.distributed.layout import WavePlan, detect_layout, plan_waves
 from xd_dask.distributed.manifest import Manifest, build_manifest, check_unchanged
 from xd_dask.distributed.passes import PassRunner
-from xd_dask.distributed.tasks import Params, Partial, TaskOptions, estep, kmeans_sample
-from xd_dask.kernels import Background
+from xd_dask.distributed.splitmerge import pass_moves
+from xd_dask.distributed.tasks import Diagnose, Partial, Rows, TaskOptions, diagnose, estep
 from xd_dask.model import XDModel
 from xd_dask.optim import (
     Batch,
-    BatchEM,
     BatchStats,
     ConvergenceWarning,
     FitLoop,
     LoopSettings,
     LoopState,
-    Mixture,
-    OnlineEM,
+    Method,
     bounding_box,
+    method,
 )
-from xd_dask.optim.adam import Adam, adam_schedule
 from xd_dask.optim.background import confine
+from xd_dask.params import Background, Params
 from xd_dask.utils import atomic_path, get_logger
 
 log = get_logger(__name__)
@@ -75,35 +73,15 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 
 
 def _versions() -> dict[str, str]:
-    import dask  # noqa: PLC0415
-    import distributed  # noqa: PLC0415
-    import pyarrow  # noqa: PLC0415
-
-    import xd_dask  # noqa: PLC0415
-
-    out = {
-        "xd_dask": xd_dask.__version__,
-        "numpy": np.__version__,
-        "dask": dask.__version__,
-        "distributed": distributed.__version__,
-        "pyarrow": pyarrow.__version__,
-        "python": platform.python_version(),
-    }
-    try:
-        import numba  # noqa: PLC0415
-
-        out["numba"] = numba.__version__
-    except ImportError:  # pragma: no cover
-        pass
+    """Versions of Python and the packages a fit depends on (``distributed.versions``)."""
+    info = get_versions(["xd_dask", "numba", "pyarrow", "scipy"])
+    out = {k: v for k, v in info["packages"].items() if v is not None}
+    out["python"] = str(info["host"].get("python", "")).split()[0]
     return out
 
 
 def _counts(part: Partial) -> dict:
     return {"read": part.n_read, "used": part.n_used, "dropped": dict(part.dropped)}
-
-
-def _params(p: Mixture) -> Params:
-    return Params(p.weights, p.means, p.covariances)
 
 
 class PassStatistics:
@@ -123,7 +101,7 @@ class PassStatistics:
         self.n_units = len(runner.manifest)
         self._diagnoses = 0
 
-    def __call__(self, params: Mixture, batch: Batch) -> BatchStats:
+    def __call__(self, params: Params, batch: Batch) -> BatchStats:
         sub = None
         if self.subsample is not None:
             sub = (self.subsample[0], self.subsample[1], batch.epoch - 1)
@@ -131,47 +109,18 @@ class PassStatistics:
         if batch.stratum is not None:
             stratum = (*batch.stratum, self.seed, batch.epoch - 1)
         part = self.runner.run(
-            "estep",
-            batch.label,
-            estep,
-            pids=batch.units,
-            shared=(_params(params),),
-            extra=(self.runner.opts, sub, params.background, None, stratum),
+            "estep", batch.label, estep, Rows(sub, stratum), params=params, pids=batch.units
         )
         return BatchStats(part.payload, _counts(part), {"task_seconds": part.seconds})
 
-    def worst_rows(self, before: Mixture, after: Mixture | None, m: int) -> list[dict]:
-        """One ``xd-diagnose`` pass: the m rows (file, row, source_id) that lost most (``after``
+    def worst_rows(self, before: Params, after: Params | None, m: int) -> list[dict]:
+        """One ``xd-diagnose`` pass: the m rows (file, row, id) that lost most (``after``
         None: the m least likely rows at ``before``)."""
         self._diagnoses += 1
-        if after is None:
-            compare = (None, None, int(m))
-        else:
-            compare = (_params(after), after.background, int(m))
         part = self.runner.run(
-            "diagnose",
-            (self._diagnoses,),
-            estep,
-            shared=(_params(before),),
-            extra=(self.runner.opts, None, before.background, compare),
+            "diagnose", (self._diagnoses,), diagnose, Diagnose(after, int(m)), params=before
         )
         return list(part.payload.rows)
-
-
-class _RecordingRunner:
-    """A pass runner that keeps each pass's result by name (to reuse k-means' sample pass)."""
-
-    def __init__(self, runner: PassRunner) -> None:
-        self._runner = runner
-        self.results: dict[str, Partial] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._runner, name)
-
-    def run(self, name: str, *args: Any, **kwargs: Any) -> Partial:
-        out = self._runner.run(name, *args, **kwargs)
-        self.results[name] = out
-        return out
 
 
 class _Fit:
@@ -193,10 +142,11 @@ class _Fit:
         self.schema = schema
         self.callback = progress_callback
         self.plan = plan
+        self.method: Method = method(config.method)
         self.opts = TaskOptions(
             schema,
             config.on_bad,
-            config.dtype,
+            row_dtype(config.dtype, config.gpu),
             config.backend,
             config.gpu,
             int(config.numba_threads),
@@ -218,16 +168,16 @@ class _Fit:
 
     # ------------------------------------------------------------------ set-up
     def _loop(self) -> FitLoop:
-        cfg, plan = self.cfg, self.plan
+        cfg, plan, entry = self.cfg, self.plan, self.method
         sub = None
-        if cfg.method == "em":
-            rule: Any = BatchEM(cfg.reg_covar)
+        if entry.full_batch:
             settings = LoopSettings(
                 max_steps=int(cfg.max_iter),
                 tol=float(cfg.tol),
                 seed=int(cfg.seed),
                 max_ll_drop=float(cfg.max_ll_drop),
             )
+            n_waves = 1
         else:
             strata = plan.waves_per_epoch if plan.mode == "strata" else None
             wave_size = None if strata is not None else max(int(plan.wave_size), 1)
@@ -238,20 +188,14 @@ class _Fit:
                 seed=int(cfg.seed),
                 max_ll_drop=float(cfg.max_ll_drop),
             )
-            if cfg.method == "online":
-                rule = OnlineEM(cfg.step, cfg.reg_covar)
-            else:
-                n_waves = strata or -(-len(self.manifest) // wave_size)
-                rule = Adam(cfg.learning_rate, adam_schedule(int(cfg.epochs) * n_waves))
+            n_waves = strata or -(-len(self.manifest) // wave_size)
             sub = None if cfg.subsample is None else (float(cfg.subsample), int(cfg.seed))
+        planned = int(cfg.max_iter) if entry.full_batch else int(cfg.epochs) * n_waves
         moves = None
         if cfg.split_merge:  # split-and-merge moves (xd_dask.distributed.splitmerge)
-            from xd_dask.distributed.splitmerge import pass_moves  # noqa: PLC0415
-
-            per_epoch = settings.strata or -(-len(self.manifest) // (settings.wave_size or 1))
-            moves = pass_moves(self.runner, cfg, 1 if settings.full_batch else per_epoch)
+            moves = pass_moves(self.runner, cfg, entry.full_batch, n_waves)
         return FitLoop(
-            rule,
+            entry.rule(cfg.settings(), planned),
             PassStatistics(self.runner, sub, cfg.seed),
             settings,
             checkpoint=self._checkpoint,
@@ -259,24 +203,22 @@ class _Fit:
             moves=moves,
         )
 
-    def _background(self, sample_pass: Partial | None) -> Background:
+    def _background(self, sample: Partial | None) -> Background:
         """The background's box: the padded bounding box of the k-means sample (its pass is run
         here only when k-means did not run it)."""
         cfg = self.cfg
-        if sample_pass is None:
+        if sample is None:
             size = cfg.kmeans_sample or default_sample_size(int(cfg.n_components))
             fraction = min(1.0, size / max(self.manifest.n_rows, 1))
-            sample_pass = self.runner.run(
-                "kmeans-sample", (0,), kmeans_sample, extra=(self.opts, cfg.seed, fraction)
-            )
-        lo, hi = bounding_box(sample_pass.payload.sample)
+            sample = sample_pass(self.runner, cfg.seed, fraction)
+        lo, hi = bounding_box(sample.payload.sample)
         return Background(float(cfg.background_weight), lo, hi)
 
     def initialise(self) -> None:
         cfg = self.cfg
         K = int(cfg.n_components)
         D = len(self.schema.features)
-        sample_pass = None
+        sample = None
         background = None
         projected = getattr(self.schema, "projection", None) is not None
         if cfg.background and projected:
@@ -289,13 +231,10 @@ class _Fit:
         if cfg.init == "kmeans" and projected:
             # k-means cannot run on d-dimensional projections of D-dimensional vectors
             init = moment_init(self.runner, K, cfg.seed, cfg.reg_covar)
-            w, m, V = init.params.weights, init.params.means, init.params.covariances
-            info = init.info
+            start, info = init.params, init.info
         elif cfg.init == "kmeans":
-            t0 = time.perf_counter()
-            recorder = _RecordingRunner(self.runner)
-            init = kmeans_init(
-                recorder,
+            init, sample = kmeans_init(
+                self.runner,
                 K,
                 cfg.seed,
                 max_iter=cfg.kmeans_iter,
@@ -303,10 +242,7 @@ class _Fit:
                 sample_size=cfg.kmeans_sample,
                 reg_covar=cfg.reg_covar,
             )
-            sample_pass = recorder.results.get("kmeans-sample")
-            w, m, V = init.params.weights, init.params.means, init.params.covariances
-            info = init.info
-            info["seconds"] = time.perf_counter() - t0
+            start, info = init.params, init.info
         else:
             model = XDModel.load(cfg.init)
             if model.n_components != K or model.n_features != D:
@@ -323,19 +259,19 @@ class _Fit:
                 raise ValueError(
                     f"{cfg.init}: the model has a background component; set background = true"
                 )
-            w, m, V = model.weights, model.means, model.covariances
+            start = model.params
             background = model.background
             info = {"method": "model", "path": str(cfg.init)}
         if cfg.background and background is None:
-            background = self._background(sample_pass)
-            w = w * (1.0 - background.weight)
-            m, V, confined = confine(m, V, background)
+            background = self._background(sample)
+            m, V, confined = confine(start.means, start.covariances, background)
+            start = Params(start.weights * (1.0 - background.weight), m, V, background)
             info["confined_to_background_box"] = confined
         info = {"init": info, "retries": 0, "max_gathered_bytes": 0}
         info["wave_size"] = 0 if self.plan is None else int(self.plan.wave_size)
         if self.plan is not None:
             info["waves"] = self.plan.to_dict()
-        self.state = self._loop().start(Mixture(w, m, V, background), info)
+        self.state = self._loop().start(start, info)
 
     def restore(self, state: LoopState) -> None:
         self.state = state
@@ -355,7 +291,8 @@ class _Fit:
 
     def _progress(self, event: dict[str, Any]) -> None:
         if self.callback is not None:
-            self.callback(dict(event, method=self.cfg.method))
+            entry = self.method
+            self.callback(dict(event, method=entry.name, unit=entry.step_noun))
 
     def run(self) -> XDModel:
         st = self.state
@@ -397,14 +334,7 @@ class _Fit:
             "schema": getattr(self.schema, "name", None),
             "versions": _versions(),
         }
-        return XDModel(
-            p.weights,
-            p.means,
-            p.covariances,
-            list(self.schema.features),
-            metadata,
-            background=p.background,
-        )
+        return XDModel(p, list(self.schema.features), metadata)
 
 
 def _cluster_memory(client: Client) -> int | None:
@@ -431,7 +361,7 @@ def _manifest_and_plan(
     """The manifest and, for online EM / Adam, the plan of the waves (which may split files)."""
     listing = _listing(config, schema)
     manifest = listing(config.max_rows_per_partition)
-    if config.method == "em":
+    if method(config.method).full_batch:
         return manifest, None
     plan, manifest = plan_waves(
         config,
@@ -529,7 +459,7 @@ def resume_fit(
     manifest = Manifest.from_dict(manifest_dict)
     schema = resolve_schema(config.schema)
     plan = None
-    if config.method != "em":
+    if not method(config.method).full_batch:
         plan = _resumed_plan(state, config, manifest)
     rows = config.max_rows_per_partition
     if plan is not None and plan.fragment_rows is not None:

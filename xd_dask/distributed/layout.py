@@ -45,6 +45,7 @@ import numpy as np
 
 from xd_dask.config import row_dtype
 from xd_dask.distributed.manifest import Manifest, _open
+from xd_dask.optim.strata import waves_per_epoch
 from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
@@ -68,10 +69,6 @@ SKY_BOX_FRACTION = 0.5
 #: ``waves = "auto"`` persists a catalogue whose arrays take at most this fraction of the summed
 #: worker memory limits.
 AUTO_PERSIST_FRACTION = 0.25
-#: Default waves per epoch (updates per pass over the catalogue) ...
-WAVES_PER_EPOCH = 64
-#: ... but a wave holds at least this many rows per component on average.
-MIN_WAVE_ROWS_PER_COMPONENT = 100
 #: Persisted strata: about this many grouped tasks per worker in every wave.
 GROUPS_PER_WORKER = 1
 _HEALPIX_NAME = re.compile(r"(\d+)[-_](\d+)\.parquet$")
@@ -235,7 +232,7 @@ def plan_waves(
     """
     N = manifest.n_rows
     K = int(cfg.n_components)
-    S = cfg.waves_per_epoch or max(1, min(WAVES_PER_EPOCH, N // (MIN_WAVE_ROWS_PER_COMPONENT * K)))
+    S = waves_per_epoch(N, K, cfg.waves_per_epoch)
     need = catalogue_bytes(N, n_features, row_dtype(cfg.dtype, cfg.gpu), n_observed)
     fits = memory is not None and not cfg.gpu and need <= AUTO_PERSIST_FRACTION * memory
     mode, persist = cfg.waves, bool(cfg.persist)

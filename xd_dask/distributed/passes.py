@@ -14,6 +14,10 @@ partition to a few per worker. Small shared objects (below :data:`INLINE_BYTES` 
 a pass) travel inside the tasks instead of being scattered first; when at most ``fan_in`` groups
 remain, the client gathers and combines them itself (the root task would do the same, in the same
 order), at most fan_in results of O(K D^2).
+
+Every task has the signature of :mod:`xd_dask.distributed.tasks`: ``task(source, opts, params,
+request)``; the parameters travel once per pass (scattered when large), the request (a small
+frozen object) inside each task.
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ from typing import Any
 from distributed import Client, Future, span
 from distributed.scheduler import KilledWorker
 
+from xd_dask.config import key
 from xd_dask.distributed.manifest import Manifest
+from xd_dask.distributed.plugins import ensure_worker_setup
 from xd_dask.distributed.tasks import Partial, TaskOptions, combine, read_block
+from xd_dask.params import Params
 from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
@@ -122,10 +129,11 @@ class PassRunner:
     client : distributed.Client
     manifest : the partitions.
     opts : how workers read and process partitions.
-    fan_in : reduction fan-in (>= 2).
+    fan_in : reduction fan-in (``fit.fan_in``).
     persist : keep each partition's validated arrays in worker memory after the first read
         (``xd-read`` tasks, recomputed from the file if a worker dies).
-    max_retries : passes re-run after a worker loss that Dask could not absorb itself.
+    max_retries : passes re-run after a worker loss that Dask could not absorb itself
+        (``fit.max_retries``).
     group_size : with ``persist``, passes over every partition run one task per run of this many
         consecutive partitions (module docstring); None: one task per partition.
     """
@@ -136,13 +144,15 @@ class PassRunner:
         manifest: Manifest,
         opts: TaskOptions,
         *,
-        fan_in: int = 8,
+        fan_in: int = key("fit.fan_in").default,
         persist: bool = False,
-        max_retries: int = 3,
+        max_retries: int = key("fit.max_retries").default,
         group_size: int | None = None,
     ) -> None:
-        if fan_in < 2:
-            raise ValueError("fan_in must be >= 2")
+        for name, value in (("fit.fan_in", fan_in), ("fit.max_retries", max_retries)):
+            err = key(name).validate(value)
+            if err:
+                raise ValueError(f"{name} {err}")
         if group_size is not None and int(group_size) < 1:
             raise ValueError("group_size must be >= 1")
         self.client = client
@@ -159,6 +169,7 @@ class PassRunner:
         self._home: dict[int, list[str]] = {}
         self._generation = 0
         self._n_workers = len(client.nthreads())
+        ensure_worker_setup(client)
 
     # ------------------------------------------------------------------ sources
     def sources(self, pids: Sequence[int] | None = None) -> list[Any]:
@@ -197,20 +208,21 @@ class PassRunner:
             return None
         return (self.manifest.fingerprint, opts, self.persist, self.group_size, *what)
 
-    def run_shared(self, name: str, label: tuple, func: Callable[..., Partial], **kw: Any):
-        """:meth:`run`, or the result of the same pass (name, label, function, ``extra``) run
-        earlier inside :func:`shared_reads` over the same catalogue and options."""
-        extra = _digest(kw.get("extra", ()))
+    def run_shared(self, name: str, label: tuple, func: Callable[..., Partial], request: Any):
+        """:meth:`run` without parameters, or the result of the same pass (name, label,
+        function, request) run earlier inside :func:`shared_reads` over the same catalogue and
+        options."""
+        digest = _digest(request)
         skey = (
             None
-            if extra is None or kw.get("shared")
+            if digest is None
             else self._share_key(
-                "pass", name, label, getattr(func, "__qualname__", repr(func)), extra
+                "pass", name, label, getattr(func, "__qualname__", repr(func)), digest
             )
         )
         if skey is not None and skey in _SHARED:
             return _SHARED[skey]
-        res = self.run(name, label, func, **kw)
+        res = self.run(name, label, func, request)
         if skey is not None:
             _SHARED[skey] = res
         return res
@@ -269,20 +281,19 @@ class PassRunner:
         name: str,
         label: tuple,
         func: Callable[..., Partial],
+        request: Any,
         *,
+        params: Params | None = None,
         pids: Sequence[int] | None = None,
-        shared: Sequence[Any] = (),
-        extra: Sequence[Any] = (),
-        per_partition: Callable[[int], Sequence[Any]] | None = None,
     ) -> Partial:
-        """Map ``func(source, *shared, *extra, *per_partition(pid))`` over partitions; reduce.
+        """Map ``func(source, opts, params, request)`` over partitions; reduce.
 
-        ``shared`` objects (the parameters) are scattered once per pass (to every worker on
-        clusters of up to ``BROADCAST_MAX_WORKERS``, else to one worker, the others fetch them);
-        ``extra`` are small and travel inside each task. ``label`` (e.g. ``(iteration,)``)
-        becomes part of the keys. Returns the reduced :class:`Partial`.
+        ``params`` are sent once per pass (inside the tasks when small, else scattered: to every
+        worker on clusters of up to ``BROADCAST_MAX_WORKERS``, else to one worker, the others
+        fetch them); ``request`` is small and travels inside each task. ``label`` (e.g.
+        ``(iteration,)``) becomes part of the keys. Returns the reduced :class:`Partial`.
         """
-        grouped = self.group_size is not None and pids is None and per_partition is None
+        grouped = self.group_size is not None and pids is None
         pids = list(range(len(self.manifest)) if pids is None else pids)
         span_name = f"xd-{name}-" + "-".join(str(x) for x in label)
         for attempt in range(self.max_retries + 1):
@@ -290,7 +301,7 @@ class PassRunner:
             try:
                 with span(span_name):
                     n_tasks = len(self.groups()) if grouped else len(pids)
-                    shared_f = [self._share(obj, n_tasks) for obj in shared]
+                    params_f = None if params is None else self._share(params, n_tasks)
                     srcs = self.sources(pids)
                     key_name = f"xd-{name}-{self.token}"
                     if grouped:
@@ -300,22 +311,22 @@ class PassRunner:
                                     map_combine,
                                     func,
                                     [srcs[p] for p in g],
-                                    *shared_f,
-                                    *extra,
+                                    self.opts,
+                                    params_f,
+                                    request,
                                     key=(key_name, *label, attempt, g[0]),
                                     workers=self._home.get(g[0]),
                                     allow_other_workers=True,
                                 )
                             )
                     for pid, src in zip(pids, srcs, strict=True) if not grouped else ():
-                        more = tuple(per_partition(pid)) if per_partition else ()
                         futures.append(
                             self.client.submit(
                                 func,
                                 src,
-                                *shared_f,
-                                *extra,
-                                *more,
+                                self.opts,
+                                params_f,
+                                request,
                                 key=(key_name, *label, attempt, pid),
                             )
                         )

@@ -1,7 +1,11 @@
 """Applying a fitted model to a catalogue on the cluster: log-likelihoods and posteriors.
 
 Workers read the partitions and write any per-row output themselves (one Parquet file per
-partition, written atomically); the client receives only sums.
+partition, written atomically, at an absolute path: workers run in their own directories on real
+clusters); the client receives only sums and the list of files written with their row counts,
+and checks every listed file exists with that many rows before it writes ``_SUCCESS.json``.
+The model's parameters travel whole (:class:`xd_dask.params.Params`): a background component
+takes part in every score.
 """
 
 from __future__ import annotations
@@ -16,12 +20,21 @@ from typing import Any
 
 from distributed import Client
 
+from xd_dask.config import key, row_dtype
 from xd_dask.distributed.cluster import check_gpu_workers
 from xd_dask.distributed.config import resolve_schema
 from xd_dask.distributed.manifest import Manifest, build_manifest
 from xd_dask.distributed.passes import PassRunner
 from xd_dask.distributed.split import SIDES
-from xd_dask.distributed.tasks import Params, TaskOptions, loglike, posterior_write
+from xd_dask.distributed.tasks import (
+    PosteriorRequest,
+    ScoreRequest,
+    TaskOptions,
+    loglike,
+    posterior_write,
+)
+from xd_dask.io import SchemaError
+from xd_dask.io.writers import part_path
 from xd_dask.model import XDModel
 from xd_dask.utils import atomic_dir, atomic_path, get_logger
 
@@ -56,8 +69,6 @@ def _as_manifest(manifest: Manifest | str | os.PathLike | Sequence[str], schema:
 
 def _check_features(model: XDModel, schema: Any) -> None:
     """The catalogue must be read with the model's features (a SchemaError: bad input)."""
-    from xd_dask.io import SchemaError  # noqa: PLC0415
-
     if list(model.feature_names) != list(schema.features):
         raise SchemaError(
             f"the model's features {model.feature_names} differ from the schema's "
@@ -75,12 +86,28 @@ def _runner(
         if side not in SIDES or not 0.0 < float(fraction) < 1.0:
             raise ValueError(f"split must be (fraction in (0, 1), side in {SIDES}), got {split!r}")
         split = (float(fraction), str(side))
-    opts = TaskOptions(schema, on_bad, dtype, backend, gpu, numba_threads, split)
+    opts = TaskOptions(schema, on_bad, row_dtype(dtype, gpu), backend, gpu, numba_threads, split)
     return PassRunner(client, manifest, opts, fan_in=fan_in), opts
 
 
-def _out_name(out_dir: Path, prefix: str, pid: int) -> str:
-    return str(out_dir / f"{prefix}-{pid:06d}.parquet")
+def _check_parts(written: dict[str, int], out_dir: Path, tmp: Path, expected: list[str]) -> None:
+    """Every part a pass reports is in the temporary directory with the rows it reports, and
+    every partition has its part (OSError naming the first that is not)."""
+    import pyarrow.parquet as pq  # noqa: PLC0415 - the client reads footers only here
+
+    missing = sorted(set(expected) - set(written))
+    if missing:
+        raise OSError(f"{out_dir}: no part was written for {missing[0]} ({len(missing)} missing)")
+    for path, rows in written.items():
+        p = Path(path)
+        if p.parent != tmp or not p.is_file():
+            raise OSError(
+                f"{out_dir}: a worker reported {path} but it is not there (does the worker see "
+                "the same file system at the same path?)"
+            )
+        got = pq.ParquetFile(p).metadata.num_rows
+        if got != rows:
+            raise OSError(f"{path}: holds {got} rows, the worker wrote {rows}")
 
 
 #: The files a per-row output directory consists of (see :func:`xd_dask.utils.atomic_dir`).
@@ -94,12 +121,12 @@ def score_catalog(
     client: Client,
     *,
     out_dir: str | os.PathLike | None = None,
-    on_bad: str = "error",
-    backend: str = "auto",
+    on_bad: str = key("catalog.on_bad").default,
+    backend: str = key("fit.backend").default,
     gpu: bool = False,
     dtype: str = "float64",
-    fan_in: int = 8,
-    numba_threads: int = 1,
+    fan_in: int = key("fit.fan_in").default,
+    numba_threads: int = key("fit.numba_threads").default,
     split: tuple[float, str] | None = None,
 ) -> ScoreResult:
     """Mean log-likelihood per row of a catalogue under ``model`` (``xd-score`` tasks).
@@ -120,20 +147,22 @@ def score_catalog(
     runner, opts = _runner(
         client, manifest, schema, on_bad, backend, gpu, dtype, fan_in, numba_threads, split
     )
-    params = Params(model.weights, model.means, model.covariances)
     with contextlib.ExitStack() as stack:
-        files: list[str] = []
-        per = None
+        tmp = None
         if out_dir is not None:
-            tmp = stack.enter_context(atomic_dir(out_dir, _OWNED.format(prefix="score")))
-            files = [_out_name(tmp, "score", p.pid) for p in manifest]
-            per = lambda pid: (files[pid],)  # noqa: E731
-        res = runner.run("score", (0,), loglike, shared=(params,), extra=(opts,), per_partition=per)
+            tmp = Path(stack.enter_context(atomic_dir(out_dir, _OWNED.format(prefix="score"))))
+            tmp = tmp.resolve()
+        req = ScoreRequest(None if tmp is None else str(tmp))
+        res = runner.run("score", (0,), loglike, req, params=model.params)
         ll = res.payload
         if ll.n == 0:
             raise ValueError("no valid rows to score (every row was dropped)")
+        if tmp is not None:
+            expected = [part_path(tmp, "score", p.pid) for p in manifest]
+            _check_parts(res.files, Path(out_dir), tmp, expected)
+    files = []
     if out_dir is not None:
-        files = [_out_name(Path(out_dir), "score", p.pid) for p in manifest]
+        files = [part_path(out_dir, "score", p.pid) for p in manifest]
     result = ScoreResult(ll.ll / ll.n, ll.ll, ll.n, res.n_read, res.dropped, files)
     log.info("score: mean log-likelihood %.10g over %d rows", result.mean_loglike, ll.n)
     return result
@@ -146,13 +175,13 @@ def posterior_catalog(
     client: Client,
     out_dir: str | os.PathLike,
     *,
-    on_bad: str = "error",
+    on_bad: str = key("catalog.on_bad").default,
     gpu: bool = False,
     dtype: str = "float64",
-    fan_in: int = 8,
+    fan_in: int = key("fit.fan_in").default,
     columns: tuple[str, ...] = ("mean", "cov", "map"),
     top_k: int = 0,
-    backend: str = "auto",
+    backend: str = key("fit.backend").default,
 ) -> list[str]:
     """Deconvolved per-row posteriors, written by the workers (``xd-posterior`` tasks).
 
@@ -177,23 +206,12 @@ def posterior_catalog(
     _check_features(model, schema)
     runner, opts = _runner(client, manifest, schema, on_bad, backend, gpu, dtype, fan_in, 1)
     out = Path(out_dir)
-    params = Params(model.weights, model.means, model.covariances)
     with atomic_dir(out, _OWNED.format(prefix="posterior")) as tmp:
-        parts = [_out_name(tmp, "posterior", p.pid) for p in manifest]
-        res = runner.run(
-            "posterior",
-            (0,),
-            posterior_write,
-            shared=(params,),
-            extra=(opts,),
-            per_partition=lambda pid: (
-                parts[pid],
-                list(model.feature_names),
-                tuple(columns),
-                int(top_k),
-                model.background,
-            ),
-        )
+        tmp = Path(tmp).resolve()
+        parts = [part_path(tmp, "posterior", p.pid) for p in manifest]
+        req = PosteriorRequest(str(tmp), tuple(model.feature_names), tuple(columns), int(top_k))
+        res = runner.run("posterior", (0,), posterior_write, req, params=model.params)
+        _check_parts(res.files, out, tmp, parts)
         summary = {
             "files": [Path(f).name for f in parts],
             "rows": res.n_read,
@@ -205,6 +223,6 @@ def posterior_catalog(
         }
         with atomic_path(tmp / "_SUCCESS.json") as path:
             path.write_text(json.dumps(summary, indent=1))
-    files = [_out_name(out, "posterior", p.pid) for p in manifest]
+    files = [part_path(out, "posterior", p.pid) for p in manifest]
     log.info("posterior: %d rows written to %d files in %s", res.n_read, len(files), out)
     return files

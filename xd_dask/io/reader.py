@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from xd_dask.config import key
 from xd_dask.io.covariance import build_covariance
 from xd_dask.io.rows import BAD_REASONS, REASON_TEXT, BuildResult, resolve_columns
 from xd_dask.io.schema import CatalogSchema, load_schema
@@ -288,7 +289,7 @@ def read_partition(
     path: str | os.PathLike,
     schema: CatalogSchema | str | None = None,
     *,
-    on_bad: str = "error",
+    on_bad: str = key("catalog.on_bad").default,
     dtype: Any = np.float64,
     filesystem: Any = None,
     row_groups: Sequence[int] | None = None,

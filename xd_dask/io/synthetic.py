@@ -65,6 +65,7 @@ import pyarrow.parquet as pq
 from xd_dask.io.healpix import ang2pix_nest, ang2pix_nest_one, n_pixels
 from xd_dask.io.schema import MAG_PER_LN_FLUX, load_schema
 from xd_dask.model import XDModel
+from xd_dask.params import Params
 from xd_dask.utils import atomic_path, get_logger
 
 __all__ = [
@@ -200,9 +201,7 @@ def true_mixture() -> XDModel:
         "outside the truncation box (rejected mass per component: truncated_mass)",
     }
     return XDModel(
-        np.array(weights),
-        np.array(means),
-        np.array(covs),
+        Params(np.array(weights), np.array(means), np.array(covs)),
         feature_names=list(schema.features),
         metadata=meta,
     )

@@ -17,6 +17,7 @@ import copy
 import difflib
 import glob as _glob
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 import tomli_w
 
 from xd_dask.config import SECTIONS, Section, cross_key_errors, defaults, job_keys, key
+from xd_dask.optim.methods import InapplicableSettingWarning, inapplicable, method
 
 __all__ = [
     "ENV_PREFIX",
@@ -211,6 +213,23 @@ class JobConfig:
         for names, err in cross_key_errors(self.get, flat):
             where = sorted({self.source(n) for n in names if n in self.sources})
             raise ConfigError(f"{err} (set in {' and '.join(where) or DEFAULT_SOURCE})")
+        self._check_method()
+
+    def _check_method(self) -> None:
+        """Settings that the chosen fit.method does not use (the method table): an error when
+        given on the command line, a warning naming them when a job file or the environment
+        set them (a job file may be run with another --method)."""
+        name = self.get("fit.method")
+        unused = inapplicable(name, self.sources)
+        if not unused:
+            return
+        entry = method(name)
+        flags = [n for n in unused if not self.source(n).startswith(("job file", "environment"))]
+        what = f"fit.method = {name!r} ({entry.summary}) does not use"
+        if flags:
+            raise ConfigError(f"{what} {', '.join(flags)} (set in {self.source(flags[0])})")
+        where = "; ".join(f"{n} (set in {self.source(n)})" for n in unused)
+        warnings.warn(f"{what} {where}", InapplicableSettingWarning, stacklevel=4)
 
     def check_inputs(self, require_catalog: bool = True) -> None:
         """Check that the catalogue (and held-out catalogue, init model) exist, for local paths.

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from xd_dask.model import XDModel
+from xd_dask.optim.methods import method as fit_method
 from xd_dask.utils import atomic_path, get_logger
 
 log = get_logger(__name__)
@@ -341,39 +342,42 @@ def training_curve(
     title: str | None = None,
     method: str | None = None,
 ) -> Path:
-    """Mean log-likelihood per iteration (batch EM) or wave (online EM), against the step number
-    and against elapsed wall-clock time.
+    """Mean log-likelihood per iteration (full-batch methods) or wave (methods on waves),
+    against the step number and against elapsed wall-clock time.
 
     Parameters
     ----------
     history : events with ``mean_loglike`` and ``seconds`` (time of that step), and
         ``iteration`` (the step index; the position in the list otherwise).
-    method : "em" (steps are iterations) or "online" (steps are waves, numbered through the
-        epochs); default: "online" when the entries name their partitions (waves do), else "em".
+    method : a method of the method table (:mod:`xd_dask.optim.methods`); default: batch EM, or
+        online EM when the entries name their partitions or strata (waves do).
     """
     plt = _pyplot()
     rows = [h for h in history if h.get("mean_loglike") is not None]
     if not rows:
         raise ValueError("no training history to plot")
     if method is None:
-        method = "online" if any("partitions" in h for h in rows) else "em"
+        on_waves = any("partitions" in h or "stratum" in h for h in rows)
+        method = "online" if on_waves else "em"
+    entry = fit_method(method)
     ll = np.array([float(h["mean_loglike"]) for h in rows])
-    key = "wave" if method == "online" else "iteration"
-    if method == "online":  # waves restart each epoch: number them through the fit
+    key = entry.step_noun
+    if not entry.full_batch:  # waves restart each epoch: number them through the fit
         step = np.arange(1, len(rows) + 1, dtype=float)
     else:
         step = np.array([h.get("iteration", i + 1) for i, h in enumerate(rows)], dtype=float)
     t = np.cumsum([float(h.get("seconds", 0.0) or 0.0) for h in rows])
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     a1.plot(step, ll, "o-", ms=3)
-    a1.set_xlabel(key + (" (through the epochs)" if method == "online" else ""))
+    a1.set_xlabel(key + ("" if entry.full_batch else " (through the epochs)"))
     a1.set_ylabel("mean log-likelihood per row")
     a2.plot(t, ll, "o-", ms=3, color="C1")
     a2.set_xlabel("elapsed time [s]")
     for a in (a1, a2):
         a.grid(True, alpha=0.3)
-    what = "online EM" if method == "online" else "batch EM"
-    fig.suptitle(title or f"Training curve, {what} ({len(rows)} {key}s, final {ll[-1]:.4f})")
+    fig.suptitle(
+        title or f"Training curve, {entry.summary} ({len(rows)} {key}s, final {ll[-1]:.4f})"
+    )
     fig.tight_layout()
     return _save(fig, path, dpi)
 

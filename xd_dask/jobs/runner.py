@@ -33,6 +33,7 @@ import numpy as np
 
 from xd_dask.jobs.config import ConfigError, JobConfig
 from xd_dask.model import XDModel
+from xd_dask.optim.methods import method as fit_method
 from xd_dask.utils import atomic_path, get_logger
 
 log = get_logger(__name__)
@@ -569,7 +570,8 @@ def _run_fit(
         files["performance_report"] = str(report_html)
     if ckpt is not None:
         files["checkpoints"] = str(ckpt)
-    conv = convergence(history, fc.tol, meta.get("converged")) if fc.method == "em" else {}
+    full_batch = fit_method(fc.method).full_batch
+    conv = convergence(history, fc.tol, meta.get("converged")) if full_batch else {}
     report = {
         "status": "ok",
         "started_utc": started.isoformat(timespec="seconds"),

@@ -40,12 +40,15 @@ from xd_dask.kernels._common import (
     to_numpy,
 )
 from xd_dask.kernels.reference import _logsumexp_rows
+from xd_dask.params import Background, Params
 
 __all__ = [
     "Background",
     "NotPositiveDefiniteError",
+    "Params",
     "PosteriorSummary",
     "SuffStats",
+    "background_row_log_density",
     "compute_stats",
     "log_component_densities",
     "posterior",
@@ -122,61 +125,6 @@ class SuffStats:
         )
 
 
-@dataclass(frozen=True)
-class Background:
-    """A uniform background (outlier) component (DESIGN.md 4d; pygmmis' approach).
-
-    The density of a row is ``sum_j alpha_j N(x_i | R_i m_j, T_ij) + weight / volume_i`` where
-    ``volume_i`` is the volume of the box ``[lo, hi]`` over the row's OBSERVED fields (the
-    marginal of a uniform box is uniform on the remaining fields), so the Gaussian weights
-    alpha_j sum to ``1 - weight``. The box is fixed (in the units of X's columns); the weight
-    is fitted. The noise is not convolved into the box: it is meant for rows far outside the
-    Gaussians, whose errors are small against the box.
-
-    weight : float in [0, 1).
-    lo, hi : (d,) corners of the box, hi > lo, finite.
-    """
-
-    weight: float
-    lo: tuple[float, ...]
-    hi: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        w = float(self.weight)
-        if not (0.0 <= w < 1.0):
-            raise ValueError(f"background weight must be in [0, 1), got {self.weight!r}")
-        lo = np.asarray(self.lo, dtype=np.float64).ravel()
-        hi = np.asarray(self.hi, dtype=np.float64).ravel()
-        if lo.shape != hi.shape or lo.size == 0:
-            raise ValueError(f"background box corners disagree: lo {lo.shape}, hi {hi.shape}")
-        if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) and np.all(hi > lo)):
-            raise ValueError("background box must be finite with hi > lo in every column")
-        if not np.all(np.isfinite(np.log(hi - lo))):
-            raise ValueError("background box is too large or too small to have a finite volume")
-        object.__setattr__(self, "weight", w)
-        object.__setattr__(self, "lo", tuple(float(v) for v in lo))
-        object.__setattr__(self, "hi", tuple(float(v) for v in hi))
-
-    @property
-    def log_widths(self) -> np.ndarray:
-        """(d,) log of the box's width along each column."""
-        return np.log(np.asarray(self.hi) - np.asarray(self.lo))
-
-    def log_density(self, observed: Any) -> float | None:
-        """Log density (weight included) on the fields ``observed``; None when the weight is 0."""
-        if self.weight <= 0.0:
-            return None
-        return float(np.log(self.weight) - self.log_widths[observed].sum())
-
-    def row_log_density(self, X: Any) -> Any:
-        """(n,) log density (weight included) of each row on its observed fields (-inf if off)."""
-        xp = array_namespace(X)
-        obs = xp.asarray(~xp.isnan(X), dtype=xp.float64)  # (n, d)
-        if self.weight <= 0.0:
-            return xp.full(X.shape[0], -np.inf)
-        return float(np.log(self.weight)) - obs @ xp.asarray(self.log_widths, dtype=xp.float64)
-
-
 def _pattern_params(m: np.ndarray, V: np.ndarray, o: np.ndarray, R: Any):
     """Parameters a stats/logdens kernel gets for a pattern: the observed sub-vectors/blocks
     without projections, the full ones with (see :mod:`.registry`)."""
@@ -188,16 +136,13 @@ def _pattern_params(m: np.ndarray, V: np.ndarray, o: np.ndarray, R: Any):
 def compute_stats(
     X: Any,
     X_cov: Any,
-    weights: Any,
-    means: Any,
-    covariances: Any,
+    params: Params,
     *,
     row_weights: Any = None,
     R: Any = None,
     backend: str = "auto",
     chunk_bytes: int | None = None,
     check: bool = True,
-    background: Background | None = None,
 ) -> SuffStats:
     """Sufficient statistics (DESIGN.md section 3) of a block of rows.
 
@@ -206,15 +151,15 @@ def compute_stats(
     X : (n, d) float32/float64 (NumPy or CuPy), NaN marks a missing field.
     X_cov : (n, d, d) noise covariances S_i, or their packed lower triangles (n, d (d + 1) / 2)
         (entry (a, b), a >= b, at column a (a + 1) / 2 + b; the GPU workers' layout).
-    weights : (K,), means : (K, D), covariances : (K, D, D) current parameters.
+    params : the current parameters (:class:`xd_dask.params.Params`); with a background
+        component it takes part in every row's normalisation, ``ll`` includes it and ``n_bg``
+        sums its responsibilities.
     row_weights : (n,), optional, default 1.
     R : (n, d, D), optional projection matrices (d == D without R).
     backend : "auto" or a name in :data:`BACKENDS` (see :func:`.registry.resolve`).
     chunk_bytes : working-set bound of the reference kernel (default 128 MiB).
     check : validate the inputs first (shapes, finite/PSD noise covariances). Readers that have
         already validated the rows may pass False.
-    background : optional uniform background component (:class:`Background`); it takes part
-        in every row's normalisation, ``ll`` includes it and ``n_bg`` sums its responsibilities.
 
     Returns
     -------
@@ -222,9 +167,8 @@ def compute_stats(
     """
     name = registry.resolve("stats", backend, X, R)
     fn = registry.implementation("stats", name)
-    xp, Xc, X_cov, log_weights, m, V, _ = prepare(
-        X, X_cov, weights, means, covariances, R, row_weights, check
-    )
+    xp, Xc, X_cov, log_weights, m, V, _ = prepare(X, X_cov, params, R, row_weights, check)
+    background = params.background
     n = X.shape[0]
     K, D = m.shape
     rw = (
@@ -263,21 +207,18 @@ def compute_stats(
 def log_component_densities(
     X: Any,
     X_cov: Any,
-    weights: Any,
-    means: Any,
-    covariances: Any,
+    params: Params,
     *,
     R: Any = None,
     backend: str = "auto",
     chunk_bytes: int | None = None,
     check: bool = True,
 ) -> np.ndarray:
-    """(n, K) array of log alpha_j + log N(x_i | R_i m_j, T_ij) over each row's observed fields."""
+    """(n, K) array of log alpha_j + log N(x_i | R_i m_j, T_ij) over each row's observed fields
+    (the Gaussian components only; :func:`row_log_likelihood` adds the background)."""
     name = registry.resolve("logdens", backend, X, R)
     fn = registry.implementation("logdens", name)
-    xp, Xc, X_cov, log_weights, m, V, _ = prepare(
-        X, X_cov, weights, means, covariances, R, None, check
-    )
+    xp, Xc, X_cov, log_weights, m, V, _ = prepare(X, X_cov, params, R, None, check)
     K = m.shape[0]
     out = xp.empty((X.shape[0], K), dtype=xp.float64)
     for pat in missingness_patterns(Xc):
@@ -292,31 +233,38 @@ def log_component_densities(
     return out
 
 
+def background_row_log_density(background: Background, X: Any) -> Any:
+    """(n,) log density (weight included) of the background at each row of X (n, D), over the
+    row's observed fields (-inf when its weight is 0)."""
+    xp = array_namespace(X)
+    if background.weight <= 0.0:
+        return xp.full(X.shape[0], -np.inf)
+    obs = xp.asarray(~xp.isnan(X), dtype=xp.float64)  # (n, D)
+    widths = xp.asarray(background.log_widths, dtype=xp.float64)
+    return float(np.log(background.weight)) - obs @ widths
+
+
 def _row_totals(X: Any, logp: Any, background: Background | None) -> Any:
     """(n,) log p(x_i) from the (n, K) log component densities (+ the background's term)."""
     lse = _logsumexp_rows(logp)
     if background is None or background.weight <= 0.0:
         return lse
     xp = array_namespace(logp)
-    return xp.logaddexp(lse, background.row_log_density(X))
+    return xp.logaddexp(lse, background_row_log_density(background, X))
 
 
-def row_log_likelihood(
-    X, X_cov, weights, means, covariances, *, background: Background | None = None, **kw
-) -> Any:
-    """(n,) log p(x_i) = log [sum_j alpha_j N(x_i | R_i m_j, T_ij) (+ background)]."""
-    logp = log_component_densities(X, X_cov, weights, means, covariances, **kw)
-    return _row_totals(X, logp, background)
+def row_log_likelihood(X: Any, X_cov: Any, params: Params, **kw: Any) -> Any:
+    """(n,) log p(x_i) = log [sum_j alpha_j N(x_i | R_i m_j, T_ij) (+ the background)]."""
+    logp = log_component_densities(X, X_cov, params, **kw)
+    return _row_totals(X, logp, params.background)
 
 
-def responsibilities(
-    X, X_cov, weights, means, covariances, *, background: Background | None = None, **kw
-) -> Any:
+def responsibilities(X: Any, X_cov: Any, params: Params, **kw: Any) -> Any:
     """(n, K) posterior component probabilities r_ij (rows sum to 1, or to 1 - r_i,bg with a
     background component)."""
-    logp = log_component_densities(X, X_cov, weights, means, covariances, **kw)
+    logp = log_component_densities(X, X_cov, params, **kw)
     xp = array_namespace(logp)
-    return xp.exp(logp - _row_totals(X, logp, background)[:, None])
+    return xp.exp(logp - _row_totals(X, logp, params.background)[:, None])
 
 
 from xd_dask.kernels._posterior import PosteriorSummary, posterior  # noqa: E402 - uses the above

@@ -241,16 +241,17 @@ def _check_covariances(X: Any, X_cov: Any) -> None:
             )
 
 
-def prepare(X, X_cov, weights, means, covariances, R, row_weights, check):
-    """Validate, cast parameters to float64 and centre the data; returns the pieces per call."""
+def prepare(X, X_cov, params, R, row_weights, check):
+    """Validate, cast parameters (:class:`xd_dask.params.Params`) to float64 and centre the
+    data; returns the pieces per call."""
     xp = array_namespace(X, X_cov)
     if X.dtype not in (xp.float32, xp.float64):
         X = xp.asarray(X, dtype=xp.float64)
     if X_cov.dtype != X.dtype:
         X_cov = xp.asarray(X_cov, dtype=X.dtype)
-    weights = np.asarray(to_numpy(weights), dtype=np.float64)
-    means = np.asarray(to_numpy(means), dtype=np.float64)
-    covariances = np.asarray(to_numpy(covariances), dtype=np.float64)
+    weights = np.asarray(to_numpy(params.weights), dtype=np.float64)
+    means = np.asarray(to_numpy(params.means), dtype=np.float64)
+    covariances = np.asarray(to_numpy(params.covariances), dtype=np.float64)
     if check:
         check_inputs(X, X_cov, weights, means, covariances, row_weights, R)
     if np.any(weights < 0) or not np.all(np.isfinite(weights)):

@@ -9,7 +9,7 @@ mean and covariance and, optionally, the most probable components' own Gaussians
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -21,9 +21,7 @@ from xd_dask.kernels._common import (
     prepare,
     to_numpy,
 )
-
-if TYPE_CHECKING:
-    from xd_dask.kernels import Background
+from xd_dask.params import Params
 
 __all__ = ["COMPILE_MIN_PAIRS", "PosteriorJob", "PosteriorSummary", "posterior"]
 
@@ -120,12 +118,9 @@ class PosteriorJob:
 def posterior(
     X: Any,
     X_cov: Any,
-    weights: Any,
-    means: Any,
-    covariances: Any,
+    params: Params,
     *,
     R: Any = None,
-    background: Background | None = None,
     top_k: int = 0,
     summary: bool = False,
     return_resp: bool = False,
@@ -147,10 +142,9 @@ def posterior(
         from the observed fields through each component's covariance).
     X_cov : (n, d, d) noise covariances (may be singular: a zero-noise field's posterior is
         its value, with zero variance), or their packed lower triangles (n, d (d + 1) / 2).
-    weights : (K,), means : (K, D), covariances : (K, D, D).
+    params : the mixture (:class:`xd_dask.params.Params`); with a background component the
+        mean/cov are those of the Gaussian part and ``background_resp`` its responsibility.
     R : (n, d, D) projections, optional (reference backend); each R_i of full row rank.
-    background : optional :class:`Background`; the mean/cov are then those of the Gaussian part
-        and ``background_resp`` its responsibility.
     top_k : also return the k most probable components' own posteriors (``summary=True``).
     summary : return a :class:`PosteriorSummary` instead of a tuple.
     return_resp : also return the (n, K) responsibilities.
@@ -172,9 +166,8 @@ def posterior(
     name = registry.resolve("posterior", backend, X, R)
     fn = registry.implementation("posterior", name)
     ready = getattr(fn, "ready", None) if backend == "auto" and not registry.forced() else None
-    xp, Xc, X_cov, log_weights, m, V, c = prepare(
-        X, X_cov, weights, means, covariances, R, None, check
-    )
+    xp, Xc, X_cov, log_weights, m, V, c = prepare(X, X_cov, params, R, None, check)
+    background = params.background
     n = X.shape[0]
     K, D = m.shape
     top_k = min(top_k, K)

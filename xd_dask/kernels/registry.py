@@ -164,3 +164,8 @@ def resolve(kernel: str, backend: str, X: Any, R: Any) -> str:
         if fits(name):
             return name
     raise ValueError(f"no backend runs the {kernel!r} kernel on {namespace} inputs")
+
+
+def backend_choices() -> tuple[str, ...]:
+    """The values ``fit.backend`` accepts: "auto" and every registered backend."""
+    return ("auto", *backend_names())

@@ -25,21 +25,21 @@ Rule state (saved in checkpoints): ``scale``; ``theta.z/mu/L``; Adam's first and
 ``m1.*`` / ``m2.*`` of each block (step counts come from the loop's step index t).
 
 Learning rate: lr_t = learning_rate x schedule(t) / schedule(0) for a step-size schedule of online
-EM (:class:`xd_dask.em.StepSchedule`); the distributed fit uses :func:`adam_schedule`, constant for
-the first half of the planned steps, then halved every tenth of them (measured on a 60 000-row
+EM (:class:`xd_dask.optim.schedule.StepSchedule`); the fits use :func:`adam_schedule`, constant
+for the first half of the planned steps, then halved every tenth of them (measured on a 60 000-row
 make-catalog catalogue, K = 8, 64 strata per epoch: 0.1 % below converged batch EM after 5 epochs;
 a constant rate stalled at 0.44 %).
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from xd_dask.em import StepSchedule
-from xd_dask.kernels import Background, SuffStats
-from xd_dask.optim.loop import Mixture, Update
+from xd_dask.config import key
+from xd_dask.kernels import SuffStats
+from xd_dask.optim.rules import StepData, Update
+from xd_dask.optim.schedule import StepSchedule
+from xd_dask.params import Background, Params
 
 __all__ = [
     "Adam",
@@ -53,13 +53,10 @@ __all__ = [
 BETA1 = 0.9
 BETA2 = 0.999
 EPS = 1e-8
-#: Adam's learning rates outside (0, LR_MAX] are refused (a step of one data scale is already
-#: more than any useful update).
-LR_MAX = 1.0
 _BLOCKS = ("z", "mu", "L")
 
 
-def mixture_scale(params: Mixture) -> np.ndarray:
+def mixture_scale(params: Params) -> np.ndarray:
     """(D,) standard deviation per feature of the Gaussian part of ``params`` (its moments);
     a feature without spread gets 1."""
     w = np.asarray(params.weights, dtype=np.float64)
@@ -70,7 +67,7 @@ def mixture_scale(params: Mixture) -> np.ndarray:
     return np.where(var > 0, np.sqrt(var), 1.0)
 
 
-def theta_from_params(params: Mixture, scale: np.ndarray) -> dict[str, np.ndarray]:
+def theta_from_params(params: Params, scale: np.ndarray) -> dict[str, np.ndarray]:
     """The unconstrained parameters of ``params`` (module docstring)."""
     w = np.asarray(params.weights, dtype=np.float64)
     if params.background is not None:
@@ -94,7 +91,7 @@ def _cholesky(theta_L: np.ndarray) -> np.ndarray:
 
 def params_from_theta(
     theta: dict[str, np.ndarray], scale: np.ndarray, background: Background | None
-) -> Mixture:
+) -> Params:
     """The mixture of unconstrained parameters (module docstring); ``background`` gives the box
     (its weight comes from the last logit)."""
     z = theta["z"] - np.max(theta["z"])
@@ -104,9 +101,8 @@ def params_from_theta(
     V = 0.5 * (V + np.swapaxes(V, 1, 2))
     means = theta["mu"] * scale
     if background is None:
-        return Mixture(alpha, means, V)
-    bg = Background(float(alpha[-1]), background.lo, background.hi)
-    return Mixture(alpha[:-1], means, V, bg)
+        return Params(alpha, means, V)
+    return Params(alpha[:-1], means, V, background.with_weight(float(alpha[-1])))
 
 
 def gradient(
@@ -140,7 +136,8 @@ def adam_schedule(total_steps: int) -> StepSchedule:
 class Adam:
     """Adam ascent on the mean log-likelihood in the unconstrained parameters (module docstring).
 
-    learning_rate : lr in (0, 1] (units of theta: about a fraction of the data's spread).
+    learning_rate : lr (units of theta: about a fraction of the data's spread; range and default
+        from ``fit.learning_rate``).
     schedule : shape of the learning rate over the steps (default: constant).
     Not monotone (each wave's statistics are over different rows).
     """
@@ -148,9 +145,14 @@ class Adam:
     name = "adam"
     monotone = False
 
-    def __init__(self, learning_rate: float = 0.02, schedule: StepSchedule | None = None) -> None:
-        if not (0.0 < float(learning_rate) <= LR_MAX and math.isfinite(learning_rate)):
-            raise ValueError(f"learning_rate must be in (0, {LR_MAX:g}], got {learning_rate!r}")
+    def __init__(
+        self,
+        learning_rate: float = key("fit.learning_rate").default,
+        schedule: StepSchedule | None = None,
+    ) -> None:
+        err = key("fit.learning_rate").validate(learning_rate)
+        if err:
+            raise ValueError(f"learning_rate {err}")
         self.learning_rate = float(learning_rate)
         self.schedule = schedule
 
@@ -159,7 +161,7 @@ class Adam:
             return self.learning_rate
         return self.learning_rate * self.schedule(t) / self.schedule(0)
 
-    def init(self, params: Mixture) -> dict[str, np.ndarray]:
+    def init(self, params: Params) -> dict[str, np.ndarray]:
         scale = mixture_scale(params)
         theta = theta_from_params(params, scale)
         state = {"scale": scale}
@@ -170,11 +172,11 @@ class Adam:
         return state
 
     def step(
-        self, state: dict[str, np.ndarray], stats: SuffStats, params: Mixture, t: int
+        self, state: dict[str, np.ndarray], data: StepData, params: Params, t: int
     ) -> tuple[dict[str, np.ndarray], Update]:
         scale = np.asarray(state["scale"])
         theta = {b: np.asarray(state[f"theta.{b}"]) for b in _BLOCKS}
-        grad = gradient(stats, theta, scale)
+        grad = gradient(data.stats, theta, scale)
         lr = self.step_size(t)
         out = {"scale": scale}
         c1, c2 = 1.0 - BETA1 ** (t + 1), 1.0 - BETA2 ** (t + 1)

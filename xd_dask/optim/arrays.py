@@ -6,9 +6,11 @@ from typing import Any
 
 import numpy as np
 
+from xd_dask.config import key
 from xd_dask.kernels import compute_stats, log_component_densities, row_log_likelihood
-from xd_dask.optim.loop import Batch, BatchStats, Mixture
+from xd_dask.optim.steps import Batch, BatchStats
 from xd_dask.optim.strata import row_keys, stratum_of
+from xd_dask.params import Params
 
 __all__ = ["ArrayStatistics", "rank_row_drops"]
 
@@ -44,7 +46,7 @@ class ArrayStatistics:
         X_cov: Any,
         row_weights: Any = None,
         R: Any = None,
-        backend: str = "auto",
+        backend: str = key("fit.backend").default,
         ids: Any = None,
         seed: int = 0,
     ) -> None:
@@ -61,7 +63,7 @@ class ArrayStatistics:
         keys = row_keys(self.ids)
         return np.flatnonzero(stratum_of(keys, n_strata, self.seed, batch.epoch - 1) == s)
 
-    def __call__(self, params: Mixture, batch: Batch) -> BatchStats:
+    def __call__(self, params: Params, batch: Batch) -> BatchStats:
         rows = self._rows(batch)
 
         def take(a: Any) -> Any:
@@ -70,34 +72,28 @@ class ArrayStatistics:
         stats = compute_stats(
             take(self.X),
             take(self.X_cov),
-            params.weights,
-            params.means,
-            params.covariances,
+            params,
             row_weights=take(self.row_weights),
             R=take(self.R),
             backend=self.backend,
             check=not self._checked,
-            background=params.background,
         )
         self._checked = self._checked or rows is None  # strata: each checks its own rows
         n = int(self.X.shape[0] if rows is None else rows.shape[0])
         return BatchStats(stats, {"read": n, "used": n, "dropped": {}})
 
-    def _row_ll(self, p: Mixture) -> np.ndarray:
+    def _row_ll(self, p: Params) -> np.ndarray:
         return np.asarray(
             row_log_likelihood(
                 self.X,
                 self.X_cov,
-                p.weights,
-                p.means,
-                p.covariances,
+                p,
                 R=self.R,
                 backend=self.backend,
-                background=p.background,
             )
         )
 
-    def worst_rows(self, before: Mixture, after: Mixture | None, m: int) -> list[dict]:
+    def worst_rows(self, before: Params, after: Params | None, m: int) -> list[dict]:
         """The ``m`` rows whose log-likelihood fell most from ``before`` to ``after`` (``after``
         None: the ``m`` least likely rows at ``before``)."""
         with np.errstate(all="ignore"):  # diagnosing rows that overflow is the point here
@@ -106,9 +102,7 @@ class ArrayStatistics:
             logp = log_component_densities(
                 self.X,
                 self.X_cov,
-                before.weights,
-                before.means,
-                before.covariances,
+                before,
                 R=self.R,
                 backend=self.backend,
             )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from xd_dask.kernels import Background
+from xd_dask.params import Background
 
 __all__ = ["BOX_PAD", "BOX_TRIM", "bounding_box", "confine", "initial_background"]
 

@@ -1,6 +1,6 @@
-"""Initial parameters: k-means (k-means++ seeding) on the noisy rows, and for PROJECTED rows
-(x_i = R_i v_i + noise, where k-means cannot run: 2-d projections of 3-d vectors) the method of
-moments (Dehnen & Binney 1998).
+"""Initial parameters of PROJECTED rows (x_i = R_i v_i + noise, where k-means cannot run: 2-d
+projections of 3-d vectors): the method of moments (Dehnen & Binney 1998). The k-means start of
+unprojected rows is :mod:`xd_dask.optim.kmeans`.
 
 Method of moments, from sums that add up over rows (so a cluster computes them by two
 map / tree-reduce passes, :func:`xd_dask.distributed.kmeans.moment_init`, and the start is the
@@ -15,8 +15,6 @@ one an in-memory fit of the same rows gets):
    (its eigenvalues floored when the moment solution is not positive definite).
 
 Missing fields (NaN) take no part: their rows of R_i and their equations are zero.
-(A catalogue on a cluster is initialised by :mod:`xd_dask.distributed.kmeans`, the same ideas as
-map / tree-reduce passes.)
 """
 
 from __future__ import annotations
@@ -26,15 +24,15 @@ from typing import Any
 
 import numpy as np
 
+from xd_dask.kernels._common import to_numpy
+from xd_dask.params import Params
+
 __all__ = [
     "MomentSums",
-    "impute_column_means",
-    "kmeans_init",
     "moment_init",
     "moment_solution",
     "moment_start",
     "moment_sums",
-    "params_from_labels",
 ]
 
 #: Rows per chunk of :func:`moment_sums` (bounds its working memory).
@@ -91,8 +89,6 @@ def moment_sums(X: Any, X_cov: Any, R: Any, mean: np.ndarray | None = None) -> M
     R : (n, d, D) projections (NumPy or CuPy; moved to the host, summed in float64).
     mean : (D,) the mean velocity: given, also the dispersion's normal equations about it.
     """
-    from xd_dask.kernels._common import to_numpy  # noqa: PLC0415
-
     X, S, R = (np.asarray(to_numpy(a), dtype=np.float64) for a in (X, X_cov, R))
     n, d, D = R.shape
     out = MomentSums.zeros(D)
@@ -150,7 +146,7 @@ def moment_solution(first: MomentSums, second: MomentSums | None = None):
 
 def moment_start(
     mean: np.ndarray, Sigma: np.ndarray, n_components: int, random_state: Any, reg_covar: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> Params:
     """Weights 1/K, means ``mean`` + seeded draws from N(0, Sigma), covariances Sigma (+
     ``reg_covar``); a Sigma that is not positive definite gets its eigenvalues floored at
     :data:`MOMENT_EIG_FLOOR` times the largest."""
@@ -166,88 +162,15 @@ def moment_start(
     Sig = 0.5 * (Sig + Sig.T)
     z = np.random.default_rng(random_state).standard_normal((K, D))
     means = mean + z @ np.linalg.cholesky(Sig).T
-    return np.full(K, 1.0 / K), means, np.repeat(Sig[None], K, axis=0)
+    return Params(np.full(K, 1.0 / K), means, np.repeat(Sig[None], K, axis=0))
 
 
 def moment_init(
-    X: Any, X_cov: Any, R: Any, n_components: int, random_state: Any = None, reg_covar: float = 0.0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    X: Any, X_cov: Any, R: Any, n_components: int, random_state: Any, reg_covar: float
+) -> Params:
     """Method-of-moments start of projected rows in memory (module docstring): the same start
     as :func:`xd_dask.distributed.kmeans.moment_init` on a catalogue of the same rows."""
     first = moment_sums(X, X_cov, R)
     mean, _ = moment_solution(first)
     mean, Sigma = moment_solution(first, moment_sums(X, X_cov, R, mean))
     return moment_start(mean, Sigma, n_components, random_state, reg_covar)
-
-
-def impute_column_means(X: np.ndarray) -> np.ndarray:
-    """Replace NaN (missing) fields by their column means; used only to initialise k-means."""
-    X = np.array(X, dtype=np.float64)
-    if np.isnan(X).any():
-        col = np.nanmean(X, axis=0)
-        if np.isnan(col).any():
-            j = int(np.flatnonzero(np.isnan(col))[0])
-            raise ValueError(f"column {j} is missing in every row")
-        idx = np.nonzero(np.isnan(X))
-        X[idx] = col[idx[1]]
-    return X
-
-
-def _global_scatter(X: np.ndarray) -> np.ndarray:
-    """(D, D) scatter of all rows; a column without spread (or a single row) gets variance 1,
-    as the distributed initialisation's unit scale does, so that it is never NaN or 0."""
-    n, D = X.shape
-    glob = np.cov(X, rowvar=False).reshape(D, D) if n > 1 else np.zeros((D, D))
-    flat = ~(np.diagonal(glob) > 0)
-    glob[flat, :] = 0.0
-    glob[:, flat] = 0.0
-    glob[flat, flat] = 1.0
-    return glob
-
-
-def params_from_labels(
-    X: np.ndarray, labels: np.ndarray, n_components: int, reg_covar: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Weights, means and scatter covariances of hard clusters (empty/tiny clusters fall back to
-    the global scatter), for initialising XD from k-means."""
-    n, D = X.shape
-    glob = _global_scatter(X) + reg_covar * np.eye(D)
-    counts = np.bincount(labels, minlength=n_components).astype(np.float64)
-    scatter = {
-        j: np.cov(X[labels == j], rowvar=False).reshape(D, D)
-        for j in range(n_components)
-        if counts[j] > D
-    }
-    # A floor so that a cluster of identical points still has a positive definite covariance,
-    # scaled by the typical cluster (not the global scatter, which one absurd row can inflate).
-    scale = np.median([np.diag(c).mean() for c in scatter.values()]) if scatter else 0.0
-    scale = scale if scale > 0 else np.diag(glob).mean()
-    floor = 1e-6 * scale * np.eye(D) + reg_covar * np.eye(D)
-    means = np.zeros((n_components, D))
-    covs = np.zeros((n_components, D, D))
-    for j in range(n_components):
-        Xj = X[labels == j]
-        if j in scatter:
-            means[j] = Xj.mean(axis=0)
-            covs[j] = scatter[j] + floor
-        elif len(Xj) > 0:
-            means[j] = Xj.mean(axis=0)
-            covs[j] = glob / n_components ** (2.0 / D) + floor
-        else:
-            means[j] = X.mean(axis=0)
-            covs[j] = glob
-    weights = np.maximum(counts, 1.0)
-    return weights / weights.sum(), means, covs
-
-
-def kmeans_init(
-    X: np.ndarray, n_components: int, random_state: Any = None, reg_covar: float = 1e-6
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """k-means (k-means++ seeding) on the noisy rows -> initial weights, means, covariances."""
-    from sklearn.cluster import KMeans  # noqa: PLC0415 - only needed for this initialisation
-
-    Xi = impute_column_means(X)
-    seed = np.random.default_rng(random_state).integers(2**31 - 1)
-    km = KMeans(n_clusters=n_components, init="k-means++", n_init=1, random_state=int(seed))
-    labels = km.fit_predict(Xi)
-    return params_from_labels(Xi, labels, n_components, reg_covar)

@@ -1,48 +1,32 @@
 """The one fitting loop: tolerance, history, re-seeding records, warnings, robust checks and
 checkpoints, for any update rule and any source of statistics.
 
-Three small contracts meet here.
+Three contracts meet here: the statistics source and the schedule (:mod:`.steps`), and the update
+rule and the move controllers (:mod:`.rules`).
 
-Statistics source (:class:`StatisticsSource`): ``source(params, batch) -> BatchStats`` returns
-the sufficient statistics (:class:`xd_dask.kernels.SuffStats`) of the rows of ``batch`` at
-``params``; ``source.n_units`` is the number of units the data come in (partitions; 1 for arrays
-in memory) and ``source.worst_rows(before, after, m)`` names the ``m`` rows whose log-likelihood
-fell most between two parameter sets, or with ``after=None`` the ``m`` least likely rows at
-``before`` (dicts: row, ll_before, ll_after, component, and file / source_id where known; used
-only when a fit diverges).
-:class:`xd_dask.optim.arrays.ArrayStatistics` serves arrays in memory; the distributed fit serves
-a catalogue through its pass runner.
-
-Update rule (:class:`UpdateRule`): ``init(params) -> state``, ``step(state, stats, params, t) ->
-(state, Update)``; the state is a dict of arrays, so a checkpoint saves whatever a rule declares
-(``state_arrays`` is the state itself). ``monotone`` says whether a full-batch step may never lower
-the log-likelihood (batch EM: yes; online EM, Adam: no), which switches the drop check on.
-
-Schedule (:class:`LoopSettings`): ``wave_size=None`` and ``strata=None`` is full batch (every unit
-in every step; one step per "iteration", at most ``max_steps``; converged when the mean
-log-likelihood changes by less than ``tol``); otherwise each epoch visits the units in a seeded
-order (:func:`epoch_order`), ``wave_size`` units per step, or, with ``strata=S``, S hash strata of
-the rows of every unit in a seeded order, one per step, for ``epochs`` epochs.
+Schedule: ``wave_size=None`` and ``strata=None`` is full batch (every unit in every step; one
+step per "iteration", at most ``max_steps``; converged when the mean log-likelihood changes by
+less than ``tol``); otherwise each epoch visits the units in a seeded order (:func:`epoch_order`),
+``wave_size`` units per step, or, with ``strata=S``, S hash strata of the rows of every unit in
+a seeded order, one per step, for ``epochs`` epochs.
 
 Per step the loop: asks the source for statistics at the current parameters; for full-batch
 monotone rules checks the change of the mean log-likelihood (:mod:`xd_dask.optim.robust`; a
 catastrophic drop rolls back to the previous parameters, writes that checkpoint, names the rows and
 components and raises :class:`~xd_dask.optim.robust.FitDivergedError`); tests convergence; asks the
-rule for the update; checks it (finite, positive definite, weights) BEFORE accepting it; records
-history and re-seeding; checkpoints; logs; calls ``progress``.
+rule for the update (:class:`~xd_dask.optim.rules.StepData`: the step's statistics, and passes at
+other parameters on the same rows or on every row when the rule asks); checks it (finite,
+positive definite, weights) BEFORE accepting it; records history and re-seeding; checkpoints;
+logs; calls ``progress``.
 
-Moves (optional): full batch with a monotone rule, an object like
-:class:`xd_dask.optim.splitmerge.SplitMerge` sees each step's mean log-likelihood through
-``moves.advance(state, ll, settled, max_steps) -> "update" | "partial" | "moved" | "done"``; it
-may replace ``state.params`` ("moved": no update this step, and the next step is not compared
-with this one), ask for a partial update (``moves.partial(state)`` names the components,
-``moves.restrict(update, params, components)`` keeps the others), or end the fit ("done").
-On waves, an object like :class:`xd_dask.optim.splitmerge.WaveSplitMerge` is asked
-``moves.advance_wave(state, ll, batch, stats_at) -> "update" | "moved" | "restored"``
-(``stats_at(p)``: the wave's statistics at other parameters, one more pass over the same rows);
-"moved"
-re-initialises the rule's state at the new parameters, "restored" means the moves put back both.
-Their state is JSON in ``state.info``, so checkpoints carry it.
+Moves (optional): a :class:`~xd_dask.optim.rules.BatchMoves` (full batch, monotone rule) sees each
+step's mean log-likelihood and answers with an :class:`~xd_dask.optim.rules.Action`: it may
+replace ``state.params`` (MOVED: no update this step, and the next step is not compared with this
+one), ask for a PARTIAL update (``moves.partial(state)`` names the components,
+``moves.restrict(update, params, components)`` keeps the others), or end the fit (DONE). A
+:class:`~xd_dask.optim.rules.WaveMoves` on waves answers MOVED (the rule's state is
+re-initialised at the new parameters) or RESTORED (the moves put back both). Their state is JSON
+in ``state.info``, so checkpoints carry it.
 """
 
 from __future__ import annotations
@@ -53,243 +37,32 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from xd_dask.kernels import Background, SuffStats
+from xd_dask.kernels import SuffStats
 from xd_dask.optim import robust
+from xd_dask.optim.rules import Action, BatchMoves, StepData, Update, UpdateRule, WaveMoves
+from xd_dask.optim.steps import (
+    Batch,
+    LoopSettings,
+    LoopState,
+    StatisticsSource,
+    add_counts,
+    epoch_order,
+)
+from xd_dask.params import Params
 from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
 
-__all__ = [
-    "Batch",
-    "BatchStats",
-    "ConvergenceWarning",
-    "FitLoop",
-    "LoopSettings",
-    "LoopState",
-    "Mixture",
-    "StatisticsSource",
-    "Update",
-    "UpdateRule",
-    "epoch_order",
-]
+__all__ = ["ConvergenceWarning", "FitLoop"]
 
 
 class ConvergenceWarning(UserWarning):
-    """Full-batch fitting stopped at its iteration limit before the mean log-likelihood settled
-    within ``tol`` (never raised with ``tol = 0``, which asks for exactly that many iterations)."""
-
-
-# ----------------------------------------------------------------------------- parameters
-@dataclass(frozen=True)
-class Mixture:
-    """Mixture parameters: Gaussian ``weights`` (K,), ``means`` (K, D), ``covariances``
-    (K, D, D), and an optional uniform ``background`` (the Gaussian weights then sum to
-    1 - background.weight)."""
-
-    weights: np.ndarray
-    means: np.ndarray
-    covariances: np.ndarray
-    background: Background | None = None
-
-    @property
-    def background_weight(self) -> float:
-        return 0.0 if self.background is None else float(self.background.weight)
-
-    def with_background_weight(self, weight: float) -> Background | None:
-        """This mixture's background box with a new weight (None without a background)."""
-        if self.background is None:
-            return None
-        return Background(weight, self.background.lo, self.background.hi)
-
-    def updated(self, upd: Any) -> Mixture:
-        """The mixture an EM update (:class:`xd_dask.em.EMUpdate`) gives; the background keeps
-        its box and takes the update's weight."""
-        bg = self.with_background_weight(upd.background_weight)
-        return Mixture(upd.weights, upd.means, upd.covariances, bg)
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        out = {"weights": self.weights, "means": self.means, "covariances": self.covariances}
-        if self.background is not None:
-            out |= {
-                "background_weight": np.array(self.background.weight),
-                "background_lo": np.asarray(self.background.lo),
-                "background_hi": np.asarray(self.background.hi),
-            }
-        return out
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Mixture:
-        bg = None
-        if "background_weight" in arrays:
-            bg = Background(
-                float(arrays["background_weight"]),
-                arrays["background_lo"],
-                arrays["background_hi"],
-            )
-        return cls(
-            np.array(arrays["weights"]),
-            np.array(arrays["means"]),
-            np.array(arrays["covariances"]),
-            bg,
-        )
-
-
-# ----------------------------------------------------------------------------- contracts
-@dataclass(frozen=True)
-class Batch:
-    """The rows of one step: ``units`` (partition ids; None = every unit), its 1-based
-    ``iteration`` (step counter t + 1), ``epoch`` and ``wave`` (1-based), and ``stratum``
-    ``(s, S)``: only the rows of hash stratum s of S of each unit (None: all their rows; the
-    source decides which rows form a stratum, from the loop's seed and the epoch). ``extra`` > 0
-    numbers a further pass over the same rows within the step (split-and-merge moves on waves
-    score other parameters on them): it only changes the label."""
-
-    iteration: int
-    epoch: int
-    wave: int
-    units: list[int] | None = None
-    stratum: tuple[int, int] | None = None
-    extra: int = 0
-
-    @property
-    def full(self) -> bool:
-        """Every row of every unit."""
-        return self.units is None and self.stratum is None
-
-    @property
-    def label(self) -> tuple[int | str, ...]:
-        """A key for task names and spans: (iteration,) for full batches, else (epoch, wave);
-        a further pass adds ``"x<extra>"``."""
-        label = (self.iteration,) if self.full else (self.epoch, self.wave)
-        return label if not self.extra else (*label, f"x{self.extra}")
-
-
-@dataclass
-class BatchStats:
-    """What a statistics source returns for a batch.
-
-    stats : statistics of the batch's rows at the given parameters.
-    counts : ``{"read": int, "used": int, "dropped": {reason: int}}`` rows of the batch.
-    info : extra JSON-serialisable entries for the history (e.g. ``task_seconds``).
-    """
-
-    stats: SuffStats
-    counts: dict = field(default_factory=dict)
-    info: dict = field(default_factory=dict)
-
-
-class StatisticsSource(Protocol):
-    n_units: int
-
-    def __call__(self, params: Mixture, batch: Batch) -> BatchStats: ...
-
-    def worst_rows(self, before: Mixture, after: Mixture | None, m: int) -> list[dict]: ...
-
-
-@dataclass
-class Update:
-    """A rule's proposal: new parameters, the components it re-seeded, the step size used."""
-
-    params: Mixture
-    reseeded: list[int] = field(default_factory=list)
-    step: float = 1.0
-
-
-class UpdateRule(Protocol):
-    name: str
-    monotone: bool
-
-    def init(self, params: Mixture) -> dict[str, np.ndarray]: ...
-
-    def step(
-        self, state: dict[str, np.ndarray], stats: SuffStats, params: Mixture, t: int
-    ) -> tuple[dict[str, np.ndarray], Update]: ...
-
-    def step_size(self, t: int) -> float: ...
-
-
-@dataclass(frozen=True)
-class LoopSettings:
-    """How long and in what order a fit runs (module docstring).
-
-    max_steps : full batch: at most this many iterations.  epochs : waves: passes over the units.
-    wave_size : units per step (None: full batch).  seed : the epochs' unit orders derive from it.
-    strata : waves are hash strata instead (None: waves of units): each epoch has ``strata``
-        waves, wave w takes stratum ``order[w]`` of the rows of every unit (``wave_size`` is
-        then ignored).
-    tol : full batch: converged when the mean log-likelihood changes by less (0: never).
-    max_ll_drop : robust rule (:mod:`xd_dask.optim.robust`), nats per row.
-    worst_rows : rows named when a fit diverges.
-    """
-
-    max_steps: int = 100
-    epochs: int = 1
-    wave_size: int | None = None
-    strata: int | None = None
-    seed: int = 0
-    tol: float = 1e-6
-    max_ll_drop: float = robust.MAX_LL_DROP
-    worst_rows: int = 5
-
-    @property
-    def full_batch(self) -> bool:
-        return self.wave_size is None and self.strata is None
-
-
-def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
-    """Seeded unit order of an epoch (depends on seed and epoch only)."""
-    return [int(i) for i in np.random.default_rng([int(seed), 3, int(epoch)]).permutation(n)]
-
-
-@dataclass
-class LoopState:
-    """Everything a fit needs to continue exactly (what a checkpoint holds).
-
-    params : current parameters (every accepted update has passed the robust checks).
-    rule, rule_state : the update rule's name and its state arrays.
-    previous, previous_rule_state : the parameters (and rule state) before the last update,
-        the roll-back target of the drop check (None when unknown).
-    iteration : steps done.  epoch, wave : waves: the next wave is ``wave`` of ``epoch``
-        (0-based); ``order`` the current epoch's unit order.
-    counts : rows read / used / dropped per reason in the last complete pass over the data;
-        ``epoch_counts`` the same for the current, incomplete epoch.
-    history : one entry per step.  reseeded : ``{"iteration", "components"}`` records.
-    info : the caller's bookkeeping (JSON), e.g. how the fit was initialised.
-    """
-
-    params: Mixture
-    rule: str
-    rule_state: dict[str, np.ndarray] = field(default_factory=dict)
-    previous: Mixture | None = None
-    previous_rule_state: dict[str, np.ndarray] | None = None
-    iteration: int = 0
-    epoch: int = 0
-    wave: int = 0
-    order: list[int] = field(default_factory=list)
-    history: list[dict] = field(default_factory=list)
-    counts: dict = field(default_factory=dict)
-    epoch_counts: dict = field(default_factory=dict)
-    reseeded: list[dict] = field(default_factory=list)
-    converged: bool = False
-    finished: bool = False
-    info: dict = field(default_factory=dict)
-
-
-def add_counts(acc: dict, counts: dict) -> dict:
-    """Sum two ``{"read", "used", "dropped": {reason: n}}`` records."""
-    dropped = dict(acc.get("dropped", {}))
-    for k, v in counts.get("dropped", {}).items():
-        dropped[k] = dropped.get(k, 0) + int(v)
-    return {
-        "read": int(acc.get("read", 0)) + int(counts.get("read", 0)),
-        "used": int(acc.get("used", 0)) + int(counts.get("used", 0)),
-        "dropped": dropped,
-    }
+    """A fit stopped at its iteration or epoch limit before it settled within its tolerance
+    (never raised with a tolerance of 0, which asks for exactly that many steps)."""
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -313,14 +86,17 @@ class FitLoop:
         checkpoint: Callable[[LoopState], None] | None = None,
         progress: Callable[[dict[str, Any]], None] | None = None,
         log_level: int = logging.INFO,
-        moves: Any = None,
+        moves: BatchMoves | WaveMoves | None = None,
     ) -> None:
         if moves is not None and settings.full_batch != rule.monotone:
             raise ValueError(
                 "split-and-merge moves need batch EM in full batches, or online EM / Adam on waves"
             )
-        if moves is not None and not hasattr(moves, "advance" if rule.monotone else "advance_wave"):
-            raise ValueError(f"{type(moves).__name__} moves do not fit update rule {rule.name!r}")
+        kind = BatchMoves if settings.full_batch else WaveMoves
+        if moves is not None and not isinstance(moves, kind):
+            raise ValueError(
+                f"{type(moves).__name__} moves are not {kind.__name__} (update rule {rule.name!r})"
+            )
         if settings.wave_size is not None and int(settings.wave_size) < 1:
             raise ValueError("wave_size must be >= 1 (or None for full batches)")
         if settings.strata is not None and int(settings.strata) < 1:
@@ -334,7 +110,7 @@ class FitLoop:
         self.moves = moves
 
     # ------------------------------------------------------------------ state
-    def start(self, params: Mixture, info: dict | None = None) -> LoopState:
+    def start(self, params: Params, info: dict | None = None) -> LoopState:
         """The state before the first step (checked like every update)."""
         robust.check_params(params, "the initial parameters")
         state = LoopState(params=params, rule=self.rule.name, rule_state=self.rule.init(params))
@@ -428,23 +204,23 @@ class FitLoop:
         if stats.W > 0 and not math.isfinite(ll):
             rows = self.source.worst_rows(state.params, None, s.worst_rows)
             raise robust.nonfinite_error(self.rule.name, batch.iteration, ll, rows)
-        moved = bool(state.history and state.history[-1].get("moved"))
-        prev = state.history[-1]["mean_loglike"] if state.history and not moved else None
+        after_move = bool(state.history and state.history[-1].get("moved"))
+        prev = state.history[-1]["mean_loglike"] if state.history and not after_move else None
         if s.full_batch and self.rule.monotone and prev is not None:
             if robust.is_catastrophic(prev, ll, s.max_ll_drop):
                 self._diverged(state, batch, prev, ll)
             robust.note_decrease(prev, ll, state.history[-1].get("reseeded", []), batch.iteration)
         state.converged = s.full_batch and prev is not None and abs(ll - prev) < s.tol
-        action, partial = "update", None
+        action, partial = Action.UPDATE, None
         if self.moves is not None:
             before, before_rule = state.params, state.rule_state
-            if s.full_batch:
+            if isinstance(self.moves, BatchMoves):
                 action = self.moves.advance(state, ll, state.converged, s.max_steps)
-                partial = self.moves.partial(state) if action == "partial" else None
+                partial = self.moves.partial(state) if action is Action.PARTIAL else None
             else:
                 action = self.moves.advance_wave(state, ll, batch, self._stats_at(batch))
-            state.converged = action == "done"
-            if action == "moved":  # new parameters: no update from statistics at the old ones
+            state.converged = action is Action.DONE
+            if action is Action.MOVED:  # new parameters: no update from statistics at the old ones
                 state.previous, state.previous_rule_state = before, before_rule
                 state.rule_state = self.rule.init(state.params)
         t = state.iteration
@@ -463,10 +239,11 @@ class FitLoop:
             entry["stratum"] = list(batch.stratum)
         entry |= res.info
         entry["reseeded"] = []
+        moved = action in (Action.MOVED, Action.RESTORED)
         if self.moves is not None:
-            entry["split_merge"] = action
-            entry["moved"] = action in ("moved", "restored")
-        if action not in ("moved", "restored") and not state.converged and stats.W > 0:
+            entry["split_merge"] = action.value
+            entry["moved"] = moved
+        if not moved and not state.converged and stats.W > 0:
             rule_state, upd = self._update(state, stats, t, batch, partial)
             state.previous, state.previous_rule_state = state.params, state.rule_state
             state.params, state.rule_state = upd.params, rule_state
@@ -491,16 +268,27 @@ class FitLoop:
         if self.progress is not None:
             self.progress(dict(entry, total=self.total))
 
-    def _stats_at(self, batch: Batch) -> Callable[[Mixture], SuffStats]:
+    def _stats_at(self, batch: Batch) -> Callable[[Params], SuffStats]:
         """``stats_at(params)``: statistics of ``batch``'s rows at other parameters, each call
         a pass of its own (a distinct label, so a cluster never reuses an earlier result)."""
         calls = [0]
 
-        def stats_at(params: Mixture) -> SuffStats:
+        def stats_at(params: Params) -> SuffStats:
             calls[0] += 1
             return self.source(params, dataclasses.replace(batch, extra=calls[0])).stats
 
         return stats_at
+
+    def _stats_full(self, batch: Batch) -> Callable[[Params], SuffStats]:
+        """``full(params)``: statistics of every row at given parameters (a pass of its own)."""
+        calls = [0]
+
+        def full(params: Params) -> SuffStats:
+            calls[0] += 1
+            every = Batch(batch.iteration, batch.epoch, batch.wave, extra=1000 + calls[0])
+            return self.source(params, every).stats
+
+        return full
 
     def _update(
         self,
@@ -512,8 +300,9 @@ class FitLoop:
     ) -> tuple[dict[str, np.ndarray], Update]:
         """The rule's update (only components ``partial`` when given), checked; a failure names
         the least likely rows."""
+        data = StepData(stats, batch, self._stats_at(batch), self._stats_full(batch))
         try:
-            rule_state, upd = self.rule.step(state.rule_state, stats, state.params, t)
+            rule_state, upd = self.rule.step(state.rule_state, data, state.params, t)
             if partial is not None:
                 upd = self.moves.restrict(upd, state.params, partial)
             robust.check_params(upd.params, "the new parameters")

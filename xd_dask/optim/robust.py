@@ -2,8 +2,8 @@
 
 Acceptance (every update, re-seeding included, and the initial parameters): weights finite and
 positive, summing to 1 - background weight; means finite; every covariance finite, symmetric and
-safely positive definite (:func:`xd_dask.em.is_pd`). A failure raises :class:`FitDivergedError`
-naming the component; nothing is accepted or checkpointed.
+safely positive definite (:func:`xd_dask.optim.collapse.is_pd`). A failure raises
+:class:`FitDivergedError` naming the component; nothing is accepted or checkpointed.
 
 Drop rule (full-batch steps of monotone rules, i.e. batch EM). Exact EM never lowers the mean
 log-likelihood L. Two things in an update may, a little: re-seeding a collapsed component (the
@@ -12,7 +12,7 @@ tests/test_robust_em.py: at most 1.1e-3 nats per row over 35 random fits) and re
 (reg_covar added to V; ~reg_covar x tr(T^-1) per row, large only when reg_covar is not small
 against the covariances). So:
 
-- a decrease of at most :data:`MAX_LL_DROP` nats per row (``max_ll_drop``) is accepted and logged
+- a decrease of at most ``max_ll_drop`` nats per row (``fit.max_ll_drop``) is accepted and logged
   (a warning naming the re-seeded components, or rounding / regularisation);
 - a larger decrease is CATASTROPHIC: an update made some rows (typically one absurd row whose own
   component was re-seeded, or that dragged a component) vastly less likely. The loop rolls back to
@@ -28,24 +28,20 @@ from typing import Any
 
 import numpy as np
 
-from xd_dask.em import is_pd
+from xd_dask.optim.collapse import is_pd
 from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["MAX_LL_DROP", "FitDivergedError", "check_params", "is_catastrophic"]
-
-#: Largest decrease of the mean log-likelihood per row (nats) that one batch-EM update may cause
-#: and still be accepted (module docstring).
-MAX_LL_DROP = 0.1
+__all__ = ["FitDivergedError", "check_params", "is_catastrophic"]
 
 
 class FitDivergedError(FloatingPointError):
     """A fit produced parameters that cannot be accepted (non-finite, not positive definite) or
     a catastrophic drop of the log-likelihood.
 
-    rows : the rows named (dicts with row, ll_before, ll_after, component, and file / source_id
-        where known); components : the components involved.
+    rows : the rows named (dicts with row, ll_before, ll_after, component, and file, id and
+        id_column where known); components : the components involved.
     """
 
     def __init__(self, message: str, rows: list[dict] | None = None, components=()) -> None:
@@ -55,7 +51,8 @@ class FitDivergedError(FloatingPointError):
 
 
 def check_params(params: Any, where: str) -> None:
-    """Raise :class:`FitDivergedError` unless ``params`` (a Mixture) may be accepted."""
+    """Raise :class:`FitDivergedError` unless ``params`` (:class:`xd_dask.params.Params`) may
+    be accepted."""
     w = np.asarray(params.weights, dtype=np.float64)
     m = np.asarray(params.means, dtype=np.float64)
     V = np.asarray(params.covariances, dtype=np.float64)
@@ -80,7 +77,7 @@ def check_params(params: Any, where: str) -> None:
         )
 
 
-def is_catastrophic(before: float, after: float, max_drop: float = MAX_LL_DROP) -> bool:
+def is_catastrophic(before: float, after: float, max_drop: float) -> bool:
     """True when the mean log-likelihood fell by more than ``max_drop`` nats per row."""
     return before - after > max_drop
 
@@ -107,8 +104,8 @@ def note_decrease(before: float, after: float, reseeded: list[int], iteration: i
 
 def describe_row(r: dict) -> str:
     where = f"{r['file']} row {r['row']}" if r.get("file") else f"row {r['row']}"
-    if r.get("source_id") is not None:
-        where += f" (source_id {r['source_id']})"
+    if r.get("id") is not None:
+        where += f" ({r.get('id_column') or 'id'} {r['id']})"
     if r.get("ll_after") is None:
         return f"{where}: log-likelihood {r['ll_before']:.6g} (component {r['component']})"
     return (

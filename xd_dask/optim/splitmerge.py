@@ -24,14 +24,15 @@ each pair, the other components in decreasing J_split; the first ``candidates`` 
 (j, k, l) are tried in that order.
 
 A move (:func:`propose`) merges j and k into one moment-matched component at index j, and
-splits l along its principal axis into two halves (:func:`xd_dask.em._split`, the re-seeding
-split) at indices k and l. Partial EM (:meth:`SplitMerge.restrict`) then updates only those
-three components with the others fixed and their summed weight kept (the constrained M-step,
-which cannot lower the log-likelihood), for ``partial_iter`` iterations (or until it settles);
-then full EM runs to convergence. The move is accepted only if the converged mean
-log-likelihood exceeds the one before the move by more than ``tol`` (> 0 with ``tol = 0``);
-else the parameters revert and the next candidate is tried. The fit ends when no candidate is
-accepted (one last pass then scores the final parameters) or after ``max_moves`` accepted moves.
+splits l along its principal axis into two halves (the re-seeding split,
+:func:`xd_dask.optim.collapse.split_component`) at indices k and l. Partial EM
+(:meth:`SplitMerge.restrict`) then updates only those three components with the others fixed
+and their summed weight kept (the constrained M-step, which cannot lower the log-likelihood),
+for ``partial_iter`` iterations (or until it settles); then full EM runs to convergence. The
+move is accepted only if the converged mean log-likelihood exceeds the one before the move by
+more than ``tol`` (> 0 with ``tol = 0``); else the parameters revert and the next candidate is
+tried. The fit ends when no candidate is accepted (one last pass then scores the final
+parameters) or after ``max_moves`` accepted moves.
 
 The controller's state lives in ``LoopState.info["split_merge"]`` (JSON: phase, queue, the
 parameters before the move as exact float lists), so a checkpoint resumes a fit mid-move
@@ -59,11 +60,15 @@ from typing import Any
 
 import numpy as np
 
-from xd_dask.em import _split, batch_update
-from xd_dask.kernels import log_component_densities
+from xd_dask.config import key
+from xd_dask.kernels import background_row_log_density, log_component_densities
 from xd_dask.kernels._common import to_numpy
-from xd_dask.optim.loop import Batch, LoopState, Mixture, Update
+from xd_dask.optim.batch import batch_update
+from xd_dask.optim.collapse import split_component
 from xd_dask.optim.robust import check_params
+from xd_dask.optim.rules import Action, BatchMoves, Update, WaveMoves
+from xd_dask.optim.steps import Batch, LoopState
+from xd_dask.params import Params
 from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
@@ -110,11 +115,11 @@ class MoveStats:
 def move_stats(
     X: Any,
     X_cov: Any,
-    params: Mixture,
+    params: Params,
     *,
     row_weights: Any = None,
     R: Any = None,
-    backend: str = "auto",
+    backend: str = key("fit.backend").default,
     check: bool = True,
 ) -> MoveStats:
     """The criteria's sums over the rows ``X`` (n, d), ``X_cov`` (n, d, d) (optional row weights
@@ -123,21 +128,12 @@ def move_stats(
     if X.shape[0] == 0:
         return MoveStats.zeros(K)
     logp = to_numpy(
-        log_component_densities(
-            X,
-            X_cov,
-            params.weights,
-            params.means,
-            params.covariances,
-            R=R,
-            backend=backend,
-            check=check,
-        )
+        log_component_densities(X, X_cov, params, R=R, backend=backend, check=check)
     )  # (n, K) log alpha_j + log N_ij
     total = np.logaddexp.reduce(logp, axis=1)
     bg = params.background
     if bg is not None and bg.weight > 0:
-        total = np.logaddexp(total, to_numpy(bg.row_log_density(X)))
+        total = np.logaddexp(total, to_numpy(background_row_log_density(bg, X)))
     with np.errstate(divide="ignore"):
         log_alpha = np.log(np.asarray(params.weights, dtype=np.float64))
     log_r = logp - total[:, None]
@@ -189,7 +185,7 @@ def rank_candidates(ms: MoveStats, limit: int) -> list[tuple[int, int, int]]:
 
 
 # ----------------------------------------------------------------------------- a move
-def propose(params: Mixture, triple: tuple[int, int, int]) -> Mixture:
+def propose(params: Params, triple: tuple[int, int, int]) -> Params:
     """Merge j, k (moment-matched, at index j) and split l (principal axis, halves at k and
     l); the summed weight of the three is kept."""
     j, k, l = triple  # noqa: E741
@@ -199,15 +195,15 @@ def propose(params: Mixture, triple: tuple[int, int, int]) -> Mixture:
     mean = fj * m[j] + fk * m[k]
     dj, dk = m[j] - mean, m[k] - mean
     cov = fj * (V[j] + np.outer(dj, dj)) + fk * (V[k] + np.outer(dk, dk))
-    delta, V_half = _split(m[l], V[l])
+    delta, V_half = split_component(m[l], V[l])
     ml, wl = m[l].copy(), w[l]
     w[j], m[j], V[j] = a, mean, 0.5 * (cov + cov.T)
     w[k], m[k], V[k] = 0.5 * wl, ml + delta, V_half
     w[l], m[l], V[l] = 0.5 * wl, ml - delta, V_half.copy()
-    return Mixture(w, m, V, params.background)
+    return Params(w, m, V, params.background)
 
 
-def restrict(new: Mixture, before: Mixture, triple: tuple[int, int, int]) -> Mixture:
+def restrict(new: Params, before: Params, triple: tuple[int, int, int]) -> Params:
     """Partial EM: ``new`` for the three components of a move, ``before`` for the others, and
     the three's summed weight of ``before`` (the background keeps its weight)."""
     idx = list(triple)
@@ -218,7 +214,7 @@ def restrict(new: Mixture, before: Mixture, triple: tuple[int, int, int]) -> Mix
     w[idx] = new_w * (total / s) if s > 0 else total / 3.0
     m[idx] = new.means[idx]
     V[idx] = new.covariances[idx]
-    return Mixture(w, m, V, before.background)
+    return Params(w, m, V, before.background)
 
 
 def _note_move(
@@ -249,20 +245,16 @@ def _note_move(
     )
 
 
-def _to_json(p: Mixture) -> dict[str, Any]:
-    return {k: np.asarray(v).tolist() for k, v in p.to_arrays().items()}
-
-
-def _from_json(d: dict[str, Any]) -> Mixture:
-    return Mixture.from_arrays({k: np.asarray(v, dtype=np.float64) for k, v in d.items()})
-
-
 # ----------------------------------------------------------------------------- controller
 #: ``criteria(params, batch)``: the sums over the batch's rows (every row when batch is None).
-Criteria = Callable[[Mixture, Batch | None], MoveStats]
+Criteria = Callable[[Params, Batch | None], MoveStats]
 
 
-class SplitMerge:
+def _default(leaf: str) -> Any:
+    return key(f"fit.split_merge_{leaf}").default
+
+
+class SplitMerge(BatchMoves):
     """Split-and-merge moves for the fitting loop (module docstring).
 
     Parameters
@@ -277,9 +269,9 @@ class SplitMerge:
     def __init__(
         self,
         criteria: Criteria,
-        candidates: int = 5,
-        partial_iter: int = 10,
-        max_moves: int = 20,
+        candidates: int = _default("candidates"),
+        partial_iter: int = _default("partial_iter"),
+        max_moves: int = _default("max_moves"),
         tol: float = 0.0,
     ) -> None:
         if int(candidates) < 1 or int(partial_iter) < 1 or int(max_moves) < 1:
@@ -320,17 +312,17 @@ class SplitMerge:
         sm = self.record(state)
         return tuple(sm["current"]) if sm["phase"] == "partial" else None
 
-    def restrict(self, upd: Update, before: Mixture, triple: tuple[int, int, int]) -> Update:
+    def restrict(self, upd: Update, before: Params, triple: tuple[int, int, int]) -> Update:
         """Partial EM (:func:`restrict`); re-seeding outside the three is dropped."""
         reseeded = [j for j in upd.reseeded if j in triple]
         return Update(restrict(upd.params, before, triple), reseeded, upd.step)
 
     # ------------------------------------------------------------------ decisions
-    def advance(self, state: LoopState, ll: float, settled: bool, max_steps: int) -> str:
+    def advance(self, state: LoopState, ll: float, settled: bool, max_steps: int) -> Action:
         """Called by the loop with each step's mean log-likelihood (at ``state.params``) and
-        whether the current EM run has settled (converged). Returns "update" (an ordinary
-        update), "partial" (a partial-EM update), "moved" (``state.params`` were replaced:
-        no update this step) or "done" (the fit is finished at ``state.params``)."""
+        whether the current EM run has settled (converged). Returns UPDATE (an ordinary
+        update), PARTIAL (a partial-EM update), MOVED (``state.params`` were replaced: no update
+        this step) or DONE (the fit is finished at ``state.params``)."""
         sm = self.record(state)
         sm["run_iter"] += 1
         if not settled and sm["run_iter"] >= int(max_steps):
@@ -344,14 +336,14 @@ class SplitMerge:
         phase = sm["phase"]
         if phase == "final":
             sm["phase"] = "done"
-            return "done"
+            return Action.DONE
         if phase == "partial":
             if settled or sm["run_iter"] >= self.partial_iter:
                 sm["phase"], sm["run_iter"] = "full", 0
-                return "update"
-            return "partial"
+                return Action.UPDATE
+            return Action.PARTIAL
         if not settled:
-            return "update"
+            return Action.UPDATE
         if phase == "em":
             return self._start(state, ll)
         # phase "full": decide the move
@@ -362,40 +354,40 @@ class SplitMerge:
             sm["accepted"] += 1
             if sm["accepted"] >= self.max_moves:
                 sm["phase"] = "done"
-                return "done"
+                return Action.DONE
             return self._start(state, ll)
-        state.params = _from_json(sm["base"])  # revert
+        state.params = Params.from_json(sm["base"])  # revert
         if not sm["queue"]:
             sm["phase"], sm["run_iter"], sm["current"] = "final", 0, None
-            return "moved"
+            return Action.MOVED
         return self._next(state)
 
-    def _start(self, state: LoopState, ll: float) -> str:
+    def _start(self, state: LoopState, ll: float) -> Action:
         """Converged at ``state.params``: rank the candidates there and try the first."""
         sm = self.record(state)
         ms = self.criteria(state.params, None)
         sm["queue"] = [list(t) for t in rank_candidates(ms, self.candidates)]
-        sm["base"], sm["base_ll"] = _to_json(state.params), float(ll)
+        sm["base"], sm["base_ll"] = state.params.to_json(), float(ll)
         if not sm["queue"]:
             sm["phase"] = "done"
-            return "done"
+            return Action.DONE
         return self._next(state)
 
-    def _next(self, state: LoopState) -> str:
+    def _next(self, state: LoopState) -> Action:
         sm = self.record(state)
         triple = tuple(sm["queue"].pop(0))
         sm["current"] = list(triple)
         sm["tried"] += 1
         sm["phase"], sm["run_iter"] = "partial", 0
-        state.params = propose(_from_json(sm["base"]), triple)
-        return "moved"
+        state.params = propose(Params.from_json(sm["base"]), triple)
+        return Action.MOVED
 
 
 def array_criteria(source: Any) -> Criteria:
     """The criteria over the rows of an :class:`xd_dask.optim.arrays.ArrayStatistics` (a
     batch's hash stratum, or every row)."""
 
-    def criteria(params: Mixture, batch: Batch | None = None) -> MoveStats:
+    def criteria(params: Params, batch: Batch | None = None) -> MoveStats:
         rows = None if batch is None else source._rows(batch)
 
         def take(a: Any) -> Any:
@@ -414,7 +406,7 @@ def array_criteria(source: Any) -> Criteria:
     return criteria
 
 
-class WaveSplitMerge:
+class WaveSplitMerge(WaveMoves):
     """Stochastic split-and-merge on waves for online EM and Adam (module docstring).
 
     Parameters
@@ -430,12 +422,12 @@ class WaveSplitMerge:
         self,
         criteria: Criteria,
         every: int,
-        trial_waves: int = 2,
-        candidates: int = 5,
-        max_moves: int = 20,
+        trial_waves: int = _default("trial_waves"),
+        candidates: int = _default("candidates"),
+        max_moves: int = _default("max_moves"),
         tol: float = 0.0,
-        partial_iter: int = 10,
-        reg_covar: float = 1e-6,
+        partial_iter: int = _default("partial_iter"),
+        reg_covar: float = key("fit.reg_covar").default,
     ) -> None:
         if min(int(every), int(trial_waves), int(candidates), int(max_moves)) < 1:
             raise ValueError("every, trial_waves, candidates and max_moves must be >= 1")
@@ -467,55 +459,47 @@ class WaveSplitMerge:
         )
 
     def advance_wave(
-        self, state: LoopState, ll: float, batch: Batch, stats_at: Callable[[Mixture], Any]
-    ) -> str:
+        self, state: LoopState, ll: float, batch: Batch, stats_at: Callable[[Params], Any]
+    ) -> Action:
         """Called by the loop with each wave's mean log-likelihood at ``state.params``;
         ``stats_at(params)`` gives the statistics (SuffStats) of the same rows at other
         parameters.
-        Returns "update", "moved" (new parameters: the loop re-initialises the rule's state) or
-        "restored" (parameters and rule state reverted here); no update after either."""
+        Returns UPDATE, MOVED (new parameters: the loop re-initialises the rule's state) or
+        RESTORED (parameters and rule state reverted here); no update after either."""
         sm = self.record(state)
         if sm["phase"] == "trial":
             sm["trial"] += 1
             if sm["trial"] <= self.trial_waves:
-                return "update"
+                return Action.UPDATE
             return self._judge(state, ll, stats_at)
         if sm["phase"] == "done":
-            return "update"
+            return Action.UPDATE
         sm["waves"] += 1
         if sm["waves"] < self.every:
-            return "update"
+            return Action.UPDATE
         sm["waves"] = 0
         ranked = rank_candidates(self.criteria(state.params, batch), sm["rejected"] + 1)
         if len(ranked) <= sm["rejected"]:
             sm["phase"] = "done"
-            return "update"
+            return Action.UPDATE
         triple = ranked[sm["rejected"]]
-        sm["base"] = _to_json(state.params)
+        sm["base"] = state.params.to_json()
         sm["base_rule"] = {k: np.asarray(v).tolist() for k, v in state.rule_state.items()}
         sm["current"], sm["tried"] = list(triple), sm["tried"] + 1
         sm["phase"], sm["trial"] = "trial", 0
         state.params = self._partial_em(propose(state.params, triple), triple, stats_at)
-        return "moved"
+        return Action.MOVED
 
     def _partial_em(
-        self, p: Mixture, triple: tuple[int, int, int], stats_at: Callable[[Mixture], Any]
-    ) -> Mixture:
+        self, p: Params, triple: tuple[int, int, int], stats_at: Callable[[Params], Any]
+    ) -> Params:
         """Partial EM on the wave's rows; stops early at a non-finite or non-positive-definite
         step (keeping the last good parameters)."""
         for _ in range(self.partial_iter):
             st = stats_at(p)
             if st.W <= 0:
                 break
-            upd = batch_update(
-                st,
-                p.weights,
-                p.means,
-                p.covariances,
-                reg_covar=self.reg_covar,
-                background=p.background is not None,
-            )
-            new = restrict(p.updated(upd), p, triple)
+            new = restrict(batch_update(st, p, reg_covar=self.reg_covar).params, p, triple)
             try:
                 check_params(new, "partial EM")
             except FloatingPointError:
@@ -523,9 +507,9 @@ class WaveSplitMerge:
             p = new
         return p
 
-    def _judge(self, state: LoopState, ll: float, stats_at: Callable[[Mixture], Any]) -> str:
+    def _judge(self, state: LoopState, ll: float, stats_at: Callable[[Params], Any]) -> Action:
         sm = self.record(state)
-        base = _from_json(sm["base"])
+        base = Params.from_json(sm["base"])
         st = stats_at(base)
         ll_base = st.ll / st.W if st.W > 0 else float("nan")
         accepted = ll - ll_base > self.tol
@@ -536,10 +520,10 @@ class WaveSplitMerge:
             sm["rejected"] = 0
             if sm["accepted"] >= self.max_moves:
                 sm["phase"] = "done"
-            return "update"
+            return Action.UPDATE
         sm["rejected"] += 1
         if sm["rejected"] >= self.candidates:
             sm["phase"] = "done"
         state.params = base
         state.rule_state = {k: np.asarray(v) for k, v in sm["base_rule"].items()}
-        return "restored"
+        return Action.RESTORED

@@ -11,7 +11,23 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["row_keys", "salted", "splitmix64", "stratum_of"]
+__all__ = ["row_keys", "salted", "splitmix64", "stratum_of", "waves_per_epoch"]
+
+#: Default waves per epoch (updates per pass over the rows) ...
+WAVES_PER_EPOCH = 64
+#: ... but a wave holds at least this many rows per component on average.
+MIN_WAVE_ROWS_PER_COMPONENT = 100
+
+
+def waves_per_epoch(n_rows: int, n_components: int, requested: int | None = None) -> int:
+    """Waves (updates) per epoch: ``requested`` (``fit.waves_per_epoch``) when given, else
+    :data:`WAVES_PER_EPOCH`, fewer when a wave would hold under
+    :data:`MIN_WAVE_ROWS_PER_COMPONENT` rows per component (at least 1)."""
+    if requested:
+        return int(requested)
+    per_wave = MIN_WAVE_ROWS_PER_COMPONENT * int(n_components)
+    return max(1, min(WAVES_PER_EPOCH, int(n_rows) // per_wave))
+
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)

@@ -17,8 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from xd_dask.config import row_dtype
-from xd_dask.distributed.manifest import Partition
+from xd_dask.io.covariance import build_covariance
+from xd_dask.io.reader import open_parquet, require_columns
+from xd_dask.io.rows import BAD_REASONS
 
 __all__ = ["STATUS_COLUMN", "with_status"]
 
@@ -35,28 +36,20 @@ def _row_numbers(pf: Any, row_groups: Any) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def _statuses(part: Partition, opts: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _statuses(
+    path: str, row_groups: Any, schema: Any, dtype: Any, filesystem: Any = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids (n,) int64, id is null (n,) bool, reason code (n,) int) of every row read."""
-    from xd_dask.io import BAD_REASONS, build_covariance  # noqa: PLC0415
-    from xd_dask.io.reader import open_parquet, require_columns  # noqa: PLC0415
-
-    schema = opts.schema
-    path, fs = part.path, None
-    if "://" in path:
-        import fsspec  # noqa: PLC0415
-
-        fs, path = fsspec.core.url_to_fs(part.path)
-    pf = open_parquet(path, fs)
-    found = require_columns(part.path, pf.schema_arrow.names, schema)
+    pf = open_parquet(path, filesystem)
+    found = require_columns(path, pf.schema_arrow.names, schema)
     columns = [found[c] for c in schema.required_columns()]
-    if part.row_groups is None:
+    if row_groups is None:
         table = pf.read(columns=columns, use_threads=False)
     else:
-        table = pf.read_row_groups(list(part.row_groups), columns=columns, use_threads=False)
-    dtype = np.float32 if row_dtype(opts.dtype, opts.gpu) == "float32" else np.float64
+        table = pf.read_row_groups(list(row_groups), columns=columns, use_threads=False)
     reason = build_covariance(table, schema, dtype=dtype).reason.astype(np.int16)
     if not schema.id_column:
-        return _row_numbers(pf, part.row_groups), np.zeros(table.num_rows, bool), reason
+        return _row_numbers(pf, row_groups), np.zeros(table.num_rows, bool), reason
     col = table.column(found[schema.id_column])
     null = pc.is_null(col).to_numpy(zero_copy_only=False)
     ids = pc.fill_null(col, 0).to_numpy().astype(np.int64, copy=False)
@@ -77,26 +70,32 @@ def _expand(column: Any, kept: np.ndarray, n: int) -> pa.Array:
     return arr.take(pa.array(index, mask=index < 0))
 
 
-def with_status(cols: dict[str, Any], source: Any, opts: Any, n_dropped: int, id_name: str):
+def with_status(
+    cols: dict[str, Any],
+    id_name: str,
+    n_dropped: int,
+    reread: tuple[str, Any, Any, Any, Any] | None,
+) -> pa.Table:
     """The per-row output table of a partition: ``cols`` (the valid rows' columns, the id column
     ``id_name`` first) plus a ``status`` column; with ``n_dropped`` > 0 the dropped rows are
-    added in their file order with null values and their reason as status."""
-    from xd_dask.io import BAD_REASONS  # noqa: PLC0415
-
+    added in their file order with null values and their reason as status, found by reading the
+    partition again: ``reread = (path, row_groups, schema, dtype, filesystem)`` (None: the rows
+    are not in a file any more, an error)."""
     table = pa.table(cols)
     if n_dropped == 0:
         status = pa.DictionaryArray.from_arrays(
             pa.array(np.zeros(table.num_rows, np.int32)), pa.array([OK])
         )
         return table.append_column(STATUS_COLUMN, status)
-    if not isinstance(source, Partition):
+    if reread is None:
         raise ValueError("the status of dropped rows needs the partition, not a persisted block")
-    ids, null, reason = _statuses(source, opts)
+    path = reread[0]
+    ids, null, reason = _statuses(*reread)
     kept = np.flatnonzero(reason == 0)
     ours = table.column(id_name).to_numpy()
     if kept.size != table.num_rows or not np.array_equal(ids[kept], ours):
         raise ValueError(
-            f"{source.path}: the rows found valid for the status column ({kept.size}) differ "
+            f"{path}: the rows found valid for the status column ({kept.size}) differ "
             f"from the rows the reader kept ({table.num_rows})"
         )
     n = reason.size

@@ -1,0 +1,337 @@
+"""The k-means start of a fit, the same in memory and on a cluster.
+
+1. A sample pass: per-column moments of the observed values and a seeded Bernoulli sample of
+   about ``sample_size`` rows (default :func:`default_sample_size`; the sample of a unit depends
+   on the seed and the unit's id only, :func:`sample_moments`).
+2. On the client: a ROBUST centre and scale per column from the sample (median and 1.4826 x MAD;
+   the interquartile range, then 1, where the MAD is 0), so that one absurd row (a parallax of
+   1e30 mas) neither sets the scale nor loses the other rows to rounding; sample rows far outside
+   the bulk (:func:`trim_radius2`) are left out; scikit-learn's k-means (k-means++ seeding, the
+   best of :data:`N_INIT` seeded starts) on the sample.
+3. ``max_iter`` Lloyd passes over every row (default ``fit.kmeans_iter``): per-cluster counts, sums
+   and scatter matrices centred on the current centres (:func:`cluster_sums`, O(K D^2) per unit),
+   leaving out rows farther from every centre than the trim radius (counted).
+4. Weights, means and covariances from the last pass's clusters.
+
+k-means runs in standardised coordinates ((x - centre) / scale), with missing fields imputed by the
+centre; this imputation is used for the initialisation only, never in EM. The passes are given
+as functions (:func:`kmeans_start`): arrays in memory compute them directly
+(:func:`array_passes`), a catalogue on a cluster maps them over its partitions
+(:mod:`xd_dask.distributed.kmeans`), so the same rows give the same start.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from xd_dask.config import key
+from xd_dask.kernels._common import array_namespace, to_numpy
+from xd_dask.params import Params
+from xd_dask.utils import get_logger
+
+log = get_logger(__name__)
+
+__all__ = [
+    "KMeansSums",
+    "SampleMoments",
+    "array_passes",
+    "assign",
+    "cluster_sums",
+    "default_sample_size",
+    "kmeans_start",
+    "robust_scale",
+    "sample_moments",
+    "standardise",
+    "trim_radius2",
+]
+
+#: Seeded k-means++ starts on the sample (scikit-learn's KMeans); the lowest inertia is kept.
+N_INIT = 10
+#: Lloyd iterations on the sample (at most).
+SAMPLE_LLOYD_ITER = 100
+#: Rows whose squared standardised distance exceeds TRIM x the sample's 99th percentile (or D)
+#: are left out of the k-means sums (absurd rows; EM still sees them).
+TRIM = 100.0
+
+
+def default_sample_size(n_components: int) -> int:
+    """Rows sampled for k-means: max(200 K, 20 000), at most 200 000."""
+    return int(min(max(200 * int(n_components), 20_000), 200_000))
+
+
+# ----------------------------------------------------------------------------- sums
+@dataclass
+class SampleMoments:
+    """Per-column moments of the observed values (Chan's parallel merge) and a row sample."""
+
+    count: np.ndarray  # (D,) observed values per column
+    mean: np.ndarray  # (D,)
+    m2: np.ndarray  # (D,) sum of squared deviations from the mean
+    sample: np.ndarray  # (m, D) sampled rows, NaN = missing
+
+    def __add__(self, other: SampleMoments) -> SampleMoments:
+        n = self.count + other.count
+        n_safe = np.where(n > 0, n, 1.0)
+        delta = other.mean - self.mean
+        mean = self.mean + delta * other.count / n_safe
+        m2 = self.m2 + other.m2 + delta**2 * self.count * other.count / n_safe
+        return SampleMoments(n, mean, m2, np.concatenate([self.sample, other.sample]))
+
+
+def sample_moments(X: Any, seed: int, fraction: float, unit: int) -> SampleMoments:
+    """Column moments of the rows X (n, D; NaN = missing) of unit ``unit`` and a seeded
+    Bernoulli(``fraction``) sample of them."""
+    X = to_numpy(X).astype(np.float64, copy=False)
+    count = (~np.isnan(X)).sum(axis=0).astype(np.float64)
+    mean = np.where(count > 0, np.nansum(X, axis=0) / np.maximum(count, 1), 0.0)
+    m2 = np.nansum((X - mean) ** 2, axis=0) if X.shape[0] else np.zeros(X.shape[1])
+    rng = np.random.default_rng([int(seed), 13, int(unit)])
+    return SampleMoments(count, mean, m2, X[rng.random(X.shape[0]) < fraction])
+
+
+@dataclass
+class KMeansSums:
+    """Lloyd partial sums in standardised units, centred on each row's assigned centre."""
+
+    count: np.ndarray  # (K,)
+    delta: np.ndarray  # (K, D)  sum of (z_i - c_k)
+    scatter: np.ndarray  # (K, D, D)  sum of (z_i - c_k)(z_i - c_k)^T
+    inertia: float
+    trimmed: int = 0  # rows left out: farther than the trim radius from every centre
+
+    def __add__(self, other: KMeansSums) -> KMeansSums:
+        return KMeansSums(
+            self.count + other.count,
+            self.delta + other.delta,
+            self.scatter + other.scatter,
+            self.inertia + other.inertia,
+            self.trimmed + other.trimmed,
+        )
+
+
+def standardise(X: Any, col_mean: np.ndarray, col_scale: np.ndarray) -> Any:
+    """(X - mean) / scale with missing fields imputed by the column mean (i.e. 0); k-means only."""
+    xp = array_namespace(X)
+    Z = (xp.asarray(X, dtype=xp.float64) - xp.asarray(col_mean)) / xp.asarray(col_scale)
+    return xp.where(xp.isnan(Z), 0.0, Z)
+
+
+def assign(Z: Any, centres: Any, chunk_elems: int = 1 << 22) -> Any:
+    """(n,) index of the nearest centre for each row of Z (n, D); bounded working memory."""
+    xp = array_namespace(Z)
+    c = xp.asarray(centres)
+    K = c.shape[0]
+    c2 = xp.sum(c * c, axis=1)
+    step = max(1, chunk_elems // max(K, 1))
+    out = xp.empty(Z.shape[0], dtype=xp.int64)
+    for s in range(0, Z.shape[0], step):
+        z = Z[s : s + step]
+        d2 = c2[None, :] - 2.0 * (z @ c.T)  # (m, K), |z|^2 dropped (same for every centre)
+        out[s : s + step] = xp.argmin(d2, axis=1)
+    return out
+
+
+def cluster_sums(Z: Any, centres: np.ndarray, d2_max: float = math.inf) -> KMeansSums:
+    """Lloyd sums of rows Z (n, D; standardised) about their nearest centres (K, D): per-cluster
+    counts, offsets and scatter (one matmul per cluster, rows grouped by sorting); rows farther
+    than sqrt(``d2_max``) from every centre are left out and counted as trimmed."""
+    xp = array_namespace(Z)
+    K, D = centres.shape
+    labels = assign(Z, centres)
+    diff = Z - xp.asarray(centres)[labels]  # (n, D)
+    far = xp.sum(diff * diff, axis=1) > d2_max
+    n_far = int(xp.sum(far))
+    if n_far:
+        labels, diff = labels[~far], diff[~far]
+    order = xp.argsort(labels, kind="stable")  # rows grouped by cluster
+    diff, bounds = diff[order], to_numpy(xp.searchsorted(labels[order], xp.arange(K + 1)))
+    delta, scatter = np.zeros((K, D)), np.zeros((K, D, D))
+    for k in range(K):
+        dk = diff[int(bounds[k]) : int(bounds[k + 1])]  # (n_k, D)
+        delta[k] = to_numpy(xp.sum(dk, axis=0))
+        scatter[k] = to_numpy(dk.T @ dk)
+    count = np.diff(bounds).astype(np.float64)
+    return KMeansSums(count, delta, scatter, float(xp.sum(diff * diff)), n_far)
+
+
+# ----------------------------------------------------------------------------- the start
+def robust_scale(sample: np.ndarray, fallback_centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(centre, scale), each (D,), of the columns of ``sample`` (m, D; NaN = missing): median and
+    1.4826 x MAD, else the interquartile range / 1.349, else 1; a column without an observed
+    value in the sample takes ``fallback_centre`` and scale 1."""
+    D = sample.shape[1]
+    centre, scale = np.array(fallback_centre, dtype=np.float64), np.ones(D)
+    for j in range(D):
+        col = sample[:, j]
+        col = col[~np.isnan(col)]
+        if col.size == 0:
+            continue
+        centre[j] = np.median(col)
+        mad = 1.4826 * np.median(np.abs(col - centre[j]))
+        iqr = (np.quantile(col, 0.75) - np.quantile(col, 0.25)) / 1.349
+        for s in (mad, iqr):
+            if np.isfinite(s) and s > 0:
+                scale[j] = s
+                break
+    return centre, scale
+
+
+def trim_radius2(d2: np.ndarray, n_features: int) -> float:
+    """Squared standardised distance beyond which a row is left out of the k-means sums:
+    TRIM x max(99th percentile of ``d2``, D)."""
+    q = float(np.quantile(d2, 0.99)) if d2.size else 0.0
+    return TRIM * max(q, float(n_features))
+
+
+def _sample_kmeans(Zs: np.ndarray, K: int, seed: int) -> np.ndarray:
+    """Centres (K, D) of scikit-learn's k-means (k-means++ seeding, Lloyd) on the sample: the
+    best of :data:`N_INIT` seeded starts, on one thread (the client shares the machine with
+    workers; OpenMP threads spinning against them made it 20x slower on 2 busy cores)."""
+    # scikit-learn takes seconds to import: only the client's start needs it, never a worker
+    from sklearn.cluster import KMeans  # noqa: PLC0415
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    rng = np.random.default_rng([int(seed), 17])
+    km = KMeans(
+        K,
+        init="k-means++",
+        n_init=N_INIT,
+        max_iter=SAMPLE_LLOYD_ITER,
+        random_state=int(rng.integers(2**31 - 1)),
+    )
+    with threadpool_limits(1):
+        return km.fit(Zs).cluster_centers_.astype(np.float64)
+
+
+#: ``sample_pass(fraction) -> (SampleMoments, valid rows)``; ``lloyd_pass(index, centres,
+#: col_mean, col_scale, d2_max) -> (KMeansSums, rows)``.
+SamplePass = Callable[[float], tuple[SampleMoments, int]]
+LloydPass = Callable[[int, np.ndarray, np.ndarray, np.ndarray, float], tuple[KMeansSums, int]]
+
+
+def kmeans_start(
+    sample_pass: SamplePass,
+    lloyd_pass: LloydPass,
+    n_rows: int,
+    n_components: int,
+    seed: int,
+    *,
+    max_iter: int = key("fit.kmeans_iter").default,
+    tol: float = key("fit.kmeans_tol").default,
+    sample_size: int | None = None,
+    reg_covar: float = key("fit.reg_covar").default,
+) -> tuple[Params, dict]:
+    """Initial parameters by k-means (module docstring) and how they were found (``info``).
+
+    Parameters
+    ----------
+    sample_pass, lloyd_pass : the passes over the rows (:data:`SamplePass`, :data:`LloydPass`).
+    n_rows : rows in all (sets the sampling fraction).  n_components : K.
+    seed : all randomness derives from it (and the units' ids).
+    max_iter : Lloyd passes over every row (0: the sample's clusters give the start).
+    tol : stop when no centre moves more than ``tol`` (robust standardised units).
+    sample_size : rows sampled for k-means (default :func:`default_sample_size`).
+    reg_covar : added to the diagonal of the covariances (data units).
+    """
+    K = int(n_components)
+    size = sample_size or default_sample_size(K)
+    fraction = min(1.0, size / max(int(n_rows), 1))
+    t0 = time.perf_counter()
+    mom, n_valid = sample_pass(fraction)
+    seconds = {"sample_pass": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    D = mom.mean.shape[0]
+    if np.any(mom.count == 0):
+        j = int(np.flatnonzero(mom.count == 0)[0])
+        raise ValueError(f"feature {j} has no observed value in the whole catalogue")
+    col_mean, col_scale = robust_scale(mom.sample, mom.mean)
+    Zs = standardise(mom.sample, col_mean, col_scale)
+    d2 = np.sum(Zs * Zs, axis=1)
+    keep = d2 <= trim_radius2(d2, D)
+    if int(keep.sum()) < K:
+        raise ValueError(
+            f"only {int(keep.sum())} rows sampled for k-means ({n_valid} valid rows in the "
+            f"catalogue) but n_components = {K}; use fewer components or a larger "
+            "fit.kmeans_sample"
+        )
+    Zs = Zs[keep]
+    centres = _sample_kmeans(Zs, K, seed)
+    d2_max = trim_radius2(np.sum((Zs - centres[assign(Zs, centres)]) ** 2, axis=1), D)
+    seconds["sample_kmeans"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sums, converged, n_pass = cluster_sums(Zs, centres, d2_max), False, 0
+    for n_pass in range(1, int(max_iter) + 1):
+        sums, rows = lloyd_pass(n_pass, centres, col_mean, col_scale, d2_max)
+        d = sums.delta / np.maximum(sums.count, 1.0)[:, None]  # (K, D) mean offset per cluster
+        new = np.where(sums.count[:, None] > 0, centres + d, centres)
+        shift = float(np.max(np.abs(new - centres)))
+        inertia = sums.inertia / max(rows, 1)
+        log.info(
+            "k-means pass %d: inertia per row %.6g, max centre shift %.3g", n_pass, inertia, shift
+        )
+        if shift <= tol:
+            converged = True
+            break
+        if n_pass < int(max_iter):
+            centres = new
+    seconds["lloyd_passes"] = time.perf_counter() - t0
+    params = _params_from_sums(sums, centres, col_mean, col_scale, reg_covar)
+    info = {
+        "method": "kmeans",
+        "passes": n_pass,
+        "converged": converged,
+        "inertia_per_row": float(sums.inertia / max(float(sums.count.sum()), 1.0)),
+        "sample_rows": int(Zs.shape[0]),
+        "sample_rows_trimmed": int((~keep).sum()),
+        "rows_trimmed": int(sums.trimmed),
+        "empty_clusters": [int(j) for j in np.flatnonzero(sums.count == 0)],
+        "seconds_by_step": seconds,
+        "column_centre": [float(x) for x in col_mean],
+        "column_scale": [float(x) for x in col_scale],
+    }
+    if not math.isfinite(info["inertia_per_row"]):
+        raise FloatingPointError("k-means produced a non-finite inertia; check the catalogue")
+    return params, info
+
+
+def _params_from_sums(
+    sums: KMeansSums,
+    centres: np.ndarray,
+    col_mean: np.ndarray,
+    col_scale: np.ndarray,
+    reg_covar: float,
+) -> Params:
+    """Weights, means and covariances (data units) of the clusters of the last Lloyd sums."""
+    K, D = centres.shape
+    count = sums.count
+    d = sums.delta / np.maximum(count, 1.0)[:, None]
+    means_z = centres + d
+    cov_z = sums.scatter / np.maximum(count, 1.0)[:, None, None] - d[:, :, None] * d[:, None, :]
+    few = count <= D  # too few rows for a covariance: use the unit sphere (standardised units)
+    cov_z[few] = np.eye(D)
+    cov_z = 0.5 * (cov_z + np.swapaxes(cov_z, 1, 2)) + 1e-6 * np.eye(D)[None]
+    weights = np.maximum(count, 1.0)
+    means = col_mean[None, :] + means_z * col_scale[None, :]
+    covs = cov_z * (col_scale[:, None] * col_scale[None, :])[None] + reg_covar * np.eye(D)[None]
+    return Params(weights / weights.sum(), means, covs)
+
+
+def array_passes(X: Any, seed: int) -> tuple[SamplePass, LloydPass]:
+    """The k-means passes over rows X (n, D) held in memory, as one unit of id 0: the start a
+    one-partition catalogue of the same rows gets on a cluster."""
+
+    def sample_pass(fraction: float) -> tuple[SampleMoments, int]:
+        return sample_moments(X, seed, fraction, 0), int(np.shape(X)[0])
+
+    def lloyd_pass(i: int, centres, col_mean, col_scale, d2_max) -> tuple[KMeansSums, int]:
+        return cluster_sums(standardise(X, col_mean, col_scale), centres, d2_max), int(
+            np.shape(X)[0]
+        )
+
+    return sample_pass, lloyd_pass
