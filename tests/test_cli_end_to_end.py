@@ -100,7 +100,7 @@ def job(tmp_path_factory, catalog):
 [catalog]
 path = "{catalog}"
 schema = "gaia_dr3"
-holdout_fraction = 0.125
+holdout_rows = 0.125
 
 [fit]
 n_components = {K}

@@ -62,9 +62,9 @@ def init_model(tmp_path_factory):
 
 
 def _config(catalog, **kw) -> FitConfig:
-    base = dict(catalog=catalog, n_components=K, schema=schema())
-    if method(kw.get("method", "em")).full_batch:  # iterations and tol are batch EM's
-        base |= dict(max_iter=10, tol=0.0)
+    base = dict(catalog=catalog, n_components=K, schema=schema(), tol=0.0)
+    if method(kw.get("method", "em")).full_batch:  # iterations are batch EM's
+        base |= dict(max_iter=10)
     return FitConfig(**(base | kw))
 
 
@@ -132,7 +132,7 @@ def test_xdgmm_and_distributed_fit_share_one_loop_and_agree(
     Xw, Sw = rows_as_written(*rows)
     lo, hi = np.nanmin(Xw, axis=0) - 1.0, np.nanmax(Xw, axis=0) + 1.0
     start = XDModel(
-        Params(0.98 * m0.weights, m0.means, m0.covariances), FEATURES, {}, Background(0.02, lo, hi)
+        Params(0.98 * m0.weights, m0.means, m0.covariances, Background(0.02, lo, hi)), FEATURES
     )
     start.save(tmp_path / "start.npz")
     model = fit_catalog(
@@ -394,7 +394,7 @@ def test_stratified_waves_on_the_cluster_equal_the_same_waves_in_memory(
     loop = FitLoop(
         rule,
         ArrayStatistics(Xw, Sw, ids=np.arange(1000, 1000 + len(Xw)), seed=3),
-        LoopSettings(epochs=2, strata=4, seed=3),
+        LoopSettings(epochs=2, strata=4, seed=3, tol=0.0),
     )
     ref = loop.run(loop.start(Params(start.weights, start.means, start.covariances))).params
     assert model.metadata["n_iter"] == 8

@@ -79,7 +79,7 @@ def test_training_curve_from_history(tmp_path, fitted):
             "epoch": e,
             "wave": w,
             "iteration": 3 * e + w,
-            "mean_loglike": -5.0 + 0.1 * w,
+            "wave_mean_loglike": -5.0 + 0.1 * w,
             "seconds": 0.2,
         }
         for e in range(2)
@@ -136,10 +136,10 @@ def test_batch_em_curve_counts_iterations_and_online_counts_waves(tmp_path, fitt
     n = len(history)
     assert n >= 3 and all(h["wave"] == 1 for h in history)
     plots.training_curve(history, tmp_path / "em.png", method="em")
-    plots.training_curve(history, tmp_path / "em2.png")  # inferred: no partitions named
+    plots.training_curve(history, tmp_path / "em2.png")  # inferred: no wave entries
     online = [
         {"iteration": 3 * e + w + 1, "epoch": e + 1, "wave": w + 1, "partitions": [w],
-         "mean_loglike": -5.0 + 0.1 * w, "seconds": 0.2}
+         "wave_mean_loglike": -5.0 + 0.1 * w, "seconds": 0.2}
         for e in range(2)
         for w in range(3)
     ]  # fmt: skip

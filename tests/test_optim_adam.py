@@ -85,12 +85,14 @@ def test_gradient_equals_finite_differences(data, background):
 
 def test_adam_through_the_loop_climbs_and_keeps_its_state(data):
     X, S, start = data
-    settings = LoopSettings(epochs=6, strata=5, seed=2)
+    settings = LoopSettings(epochs=6, strata=5, seed=2, tol=0.0)
     loop = FitLoop(Adam(0.05, adam_schedule(30)), ArrayStatistics(X, S, seed=2), settings)
     state = loop.run(loop.start(start))
-    assert state.iteration == 30 and [h["stratum"][1] for h in state.history] == [5] * 30
-    assert sorted(h["stratum"][0] for h in state.history[:5]) == [0, 1, 2, 3, 4]
-    steps = [h["step"] for h in state.history]
+    waves, final = state.history[:-1], state.history[-1]
+    assert final["final"] and final["mean_loglike"] == pytest.approx(_mean_ll(X, S, state.params))
+    assert state.iteration == 30 and [h["stratum"][1] for h in waves] == [5] * 30
+    assert sorted(h["stratum"][0] for h in waves[:5]) == [0, 1, 2, 3, 4]
+    steps = [h["step"] for h in waves]
     assert steps[:15] == [0.05] * 15 and steps[-1] == pytest.approx(0.05 / 2**5)
     assert _mean_ll(X, S, state.params) > _mean_ll(X, S, start) + 0.05
     assert {"scale", "theta.z", "m1.L", "m2.mu"} <= set(state.rule_state)

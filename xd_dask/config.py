@@ -326,8 +326,8 @@ KEYS: tuple[Key, ...] = (
       "these rows"),
     K("catalog.holdout_fraction", 0.0, "or hold out this fraction of WHOLE FILES (0 = none)",
       lo=0.0, hi=0.9,
-      doc="files are often sky regions (HEALPix order), so this holds out regions: fine for\n"
-      "comparing models, biased as an absolute score"),
+      doc="only for files written by `xd-dask shuffle`: files are often sky regions (HEALPix "
+      "order), and\nholding out regions is refused (use holdout_rows)"),
     # [fit] ---------------------------------------------------------------------------------
     K("fit.n_components", 16, "number of Gaussian components K", lo=1, flag="-k/--n-components"),
     K("fit.method", "em",
@@ -338,11 +338,15 @@ KEYS: tuple[Key, ...] = (
       "named\nin a warning, or refused when given as flags"),
     K("fit.max_iter", 200, "batch EM: at most this many iterations", lo=1, flag="--max-iter"),
     K("fit.tol", 1e-4,
-      "batch EM: converged when the mean log-likelihood per row changes by less (nats)",
+      "converged when the mean log-likelihood per row changes by less (nats): between two "
+      "iterations (batch EM) or two epochs (online EM, Adam)",
       lo=0.0, flag="--tol",
-      doc="0 = always max_iter iterations; a fit stopped by max_iter says how far from "
-      "converged it is (its last change against tol)"),
-    K("fit.epochs", 1, "online EM / Adam: passes over the catalogue", lo=1, flag="--epochs"),
+      doc="on waves the epoch's mean (every row once, at its wave's parameters) is compared; "
+      "0 = always\nmax_iter iterations / fit.epochs epochs; a fit stopped by its limit warns and "
+      "says how far from\nconverged it is (its last change against tol)"),
+    K("fit.epochs", 20,
+      "online EM / Adam: at most this many passes over the catalogue (fewer when converged)",
+      lo=1, flag="--epochs"),
     K("fit.waves", "auto",
       "online EM / Adam: how waves are drawn: 'strata', 'files' or 'auto'",
       choices=("auto", "files", "strata"), flag="--waves",

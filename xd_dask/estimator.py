@@ -39,13 +39,20 @@ from xd_dask.optim import (
 )
 from xd_dask.optim.background import confine
 from xd_dask.optim.init import moment_init
-from xd_dask.optim.kmeans import array_passes, kmeans_start
+from xd_dask.optim.kmeans import BACKGROUND_TRIM, array_passes, kmeans_start
 from xd_dask.optim.methods import STEP_KEYS, InapplicableSettingWarning, inapplicable
 from xd_dask.optim.splitmerge import SplitMerge, WaveSplitMerge, array_criteria
 from xd_dask.optim.strata import waves_per_epoch
 from xd_dask.params import Background, Params
 
-__all__ = ["XDGMM", "ConvergenceWarning", "InapplicableSettingWarning", "pack", "unpack"]
+__all__ = [
+    "XDGMM",
+    "ConvergenceWarning",
+    "InapplicableSettingWarning",
+    "OverparametrisedWarning",
+    "pack",
+    "unpack",
+]
 
 
 def _d(name: str) -> Any:
@@ -54,6 +61,10 @@ def _d(name: str) -> Any:
 
 
 _INIT, _SEED, _BACKGROUND = _d("fit.init"), _d("fit.seed"), _d("fit.background")
+
+
+class OverparametrisedWarning(UserWarning):
+    """The mixture has at least as many free parameters as there are rows."""
 
 
 def pack(X: Any, X_cov: Any) -> np.ndarray:
@@ -136,9 +147,10 @@ class XDGMM(DensityMixin, BaseEstimator):
     ----------
     params_ (:class:`xd_dask.params.Params`), weights_ (K,), means_ (K, D), covariances_
     (K, D, D), background_ (Background or None), converged_, n_iter_, history_ : one entry per
-    step ({"iteration" (1-based), "mean_loglike" (at the parameters before that step's update),
-    "rows", "seconds", "reseeded", ...}), lower_bound_ (the last mean_loglike), reseeded_ (list
-    of (iteration, component)), model_ (XDModel).
+    step ({"iteration" (1-based), "mean_loglike" (at the parameters before that step's update;
+    ``wave_mean_loglike`` on waves, whose last entry is the final pass's ``mean_loglike``), "rows",
+    "seconds", "reseeded", ...}), lower_bound_ (the mean log-likelihood of the final parameters
+    on every row), reseeded_ (list of (iteration, component)), model_ (XDModel).
     """
 
     def __init__(
@@ -212,6 +224,16 @@ class XDGMM(DensityMixin, BaseEstimator):
             raise ValueError(f"n_components must be a positive integer, got {K!r}")
         if K > X.shape[0]:
             raise ValueError(f"n_components={K} is larger than the number of rows ({X.shape[0]})")
+        D = X.shape[1]
+        p = Params(np.ones(K), np.zeros((K, D)), np.zeros((K, D, D))).n_free
+        if p >= X.shape[0]:  # the CLI refuses; in memory (known noise: even N = 1 is defined) warn
+            warnings.warn(
+                f"n_components={K} in {D} features has {p} free parameters, as many as or more "
+                f"than the {X.shape[0]} rows: the mixture can memorise them; use fewer "
+                "components or more rows",
+                OverparametrisedWarning,
+                stacklevel=3,
+            )
         for attr, name in self._KEYS.items():
             err = key(name).validate(getattr(self, attr))
             if err:
@@ -262,6 +284,7 @@ class XDGMM(DensityMixin, BaseEstimator):
                 self.n_components,
                 self._seed(),
                 reg_covar=self.reg_covar,
+                trim=BACKGROUND_TRIM if bg is not False else 0.0,
             )
         if bg is False:
             return start
@@ -307,7 +330,11 @@ class XDGMM(DensityMixin, BaseEstimator):
         else:
             strata = waves_per_epoch(X.shape[0], self.n_components, self.waves_per_epoch)
             settings = LoopSettings(
-                epochs=int(self.epochs), strata=strata, seed=seed, max_ll_drop=self.max_ll_drop
+                epochs=int(self.epochs),
+                strata=strata,
+                seed=seed,
+                tol=self.tol,
+                max_ll_drop=self.max_ll_drop,
             )
             planned = int(self.epochs) * strata
         loop = FitLoop(
@@ -325,7 +352,7 @@ class XDGMM(DensityMixin, BaseEstimator):
         self.background_ = p.background
         self.converged_ = bool(state.converged)
         self.history_ = state.history
-        self.n_iter_ = len(state.history)
+        self.n_iter_ = state.iteration
         self.lower_bound_ = state.history[-1]["mean_loglike"]
         self.reseeded_ = [(r["iteration"], j) for r in state.reseeded for j in r["components"]]
         self.model_ = XDModel(

@@ -90,6 +90,7 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     """Errors in what was asked for (exit 2), as opposed to failures while working (exit 1)."""
     from xd_dask.distributed import GPUUnavailableError  # noqa: PLC0415
     from xd_dask.distributed.checkpoint import CheckpointError  # noqa: PLC0415
+    from xd_dask.distributed.layout import LayoutError  # noqa: PLC0415
     from xd_dask.distributed.manifest import ManifestError  # noqa: PLC0415
     from xd_dask.io.schema import SchemaError  # noqa: PLC0415
     from xd_dask.jobs.config import ConfigError  # noqa: PLC0415
@@ -105,6 +106,7 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
         LockError,
         ManifestError,
         CheckpointError,
+        LayoutError,
         OutputError,
         FileExistsError,
     )

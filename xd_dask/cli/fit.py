@@ -18,6 +18,8 @@ from xd_dask.cli.app import (
     warn,
 )
 from xd_dask.cli.progress import Progress, compile_note, connected, summary
+from xd_dask.jobs.prepare import CHECKPOINT_DIR, fit_output, prepare_fit
+from xd_dask.jobs.runner import run_fit
 
 
 def catalogue_override(cfg: Any) -> Any:
@@ -48,12 +50,6 @@ def _same_as_job_files(cfg: Any) -> bool:
     return bool(own) and Path(own).resolve() == Path(cfg.catalog.path).resolve()
 
 
-def _schema_features(cfg: Any) -> int:
-    from xd_dask.jobs.runner import load_schema_checked  # noqa: PLC0415
-
-    return len(load_schema_checked(cfg.catalog.schema).features)
-
-
 @command(json_output=True)
 @click.argument("config", required=False, type=click.Path(dir_okay=False), metavar="[CONFIG.toml]")
 @key_options(*FIT_KEYS, *CLUSTER_KEYS)
@@ -74,26 +70,15 @@ def fit(config: str | None, overwrite: bool, log_format: str, verbose: int, **pa
     Writes model.npz, history.json, report.json, job.toml, plots and checkpoints/ into
     the output directory. Exit codes: 0 success, 1 fit failed, 2 usage/config/input error.
     """
-    from xd_dask.jobs.config import ConfigError  # noqa: PLC0415
-    from xd_dask.jobs.runner import (
-        CHECKPOINT_DIR,  # noqa: PLC0415
-        run_fit,  # noqa: PLC0415
-    )
-
     cfg = catalogue_override(load_job(config, params))
     cfg.check_inputs()
-    if (Path(cfg.output.dir) / CHECKPOINT_DIR).exists() and not overwrite:  # fail before a
-        # cluster starts; run_fit checks again (and deletes with --overwrite) under the lock
-        raise ConfigError(
-            f"{cfg.output.dir} already holds the checkpoints of a fit: continue it with "
-            f"`xd-dask resume {cfg.output.dir}`, or pass --overwrite, or choose another --out"
-        )
+    plan = prepare_fit(cfg, overwrite=overwrite)  # every refusal before a cluster starts
     progress = Progress(log_format)
     progress.emit("start", command="fit", config=cfg.non_default())
-    compile_note(cfg, progress, _schema_features(cfg))
-    with connected(cfg, progress, verbose) as client:
+    compile_note(cfg, progress, len(plan.schema.features))
+    with fit_output(plan, overwrite), connected(cfg, progress, verbose) as client:
         try:
-            outcome = run_fit(cfg, client, progress=progress, overwrite=overwrite)
+            outcome = run_fit(cfg, client, progress=progress, plan=plan)
         finally:
             progress.close()
     summary(progress, outcome.report, f"Fit finished: {outcome.out_dir}")
@@ -109,16 +94,18 @@ def resume(outdir: str, log_format: str, verbose: int, **params: Any) -> None:
     cluster can be chosen anew.
     """
     from xd_dask.jobs.config import ConfigError  # noqa: PLC0415
-    from xd_dask.jobs.runner import CHECKPOINT_DIR, run_fit  # noqa: PLC0415
 
-    job = Path(outdir) / "job.toml"
+    job = Path(outdir) / CHECKPOINT_DIR / "job.toml"
+    if not job.is_file():
+        job = Path(outdir) / "job.toml"  # written by xd-dask before the checkpoint held it
     if not job.is_file() or not (Path(outdir) / CHECKPOINT_DIR).is_dir():
         raise ConfigError(f"{outdir} is not the output directory of a checkpointed fit")
     cfg = load_job(job, params, {"output.dir": outdir})
+    plan = prepare_fit(cfg, outdir, resume=True)
     progress = Progress(log_format)
-    with connected(cfg, progress, verbose) as client:
+    with fit_output(plan), connected(cfg, progress, verbose) as client:
         try:
-            outcome = run_fit(cfg, client, progress=progress, out_dir=outdir, resume=True)
+            outcome = run_fit(cfg, client, progress=progress, plan=plan)
         finally:
             progress.close()
     summary(progress, outcome.report, f"Fit finished: {outdir}")
@@ -153,7 +140,7 @@ def demo(out: str, rows: int, log_format: str, verbose: int, **params: Any) -> N
     """
     from importlib import resources  # noqa: PLC0415
 
-    from xd_dask.jobs.runner import run_fit, score_sources  # noqa: PLC0415
+    from xd_dask.jobs.runner import score_sources  # noqa: PLC0415
     from xd_dask.model import XDModel  # noqa: PLC0415
 
     t0 = time.perf_counter()
@@ -178,10 +165,11 @@ def demo(out: str, rows: int, log_format: str, verbose: int, **params: Any) -> N
 
         progress.message(f"Making a synthetic Gaia-like catalogue of {n} rows in {directory}")
         make_catalog(directory, n_rows=n, n_partitions=parts, seed=s)
-    compile_note(cfg, progress, _schema_features(cfg))
-    with connected(cfg, progress, verbose) as client:
+    plan = prepare_fit(cfg, overwrite=True)
+    compile_note(cfg, progress, len(plan.schema.features))
+    with fit_output(plan, overwrite=True), connected(cfg, progress, verbose) as client:
         try:
-            outcome = run_fit(cfg, client, progress=progress, overwrite=True)
+            outcome = run_fit(cfg, client, progress=progress, plan=plan)
         finally:
             progress.close()
         report = dict(outcome.report)

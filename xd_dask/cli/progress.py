@@ -50,7 +50,8 @@ class Progress:
             if on_waves
             else f"iteration {ev['iteration']}"
         )
-        label = f"{where}  mean log-likelihood {ev['mean_loglike']:.6f}"
+        ll = ev["wave_mean_loglike"] if on_waves else ev["mean_loglike"]
+        label = f"{where}  mean log-likelihood {ll:.6f}"
         if self.tty:
             if self.bar is None:
                 self.bar = click.progressbar(
@@ -105,17 +106,19 @@ def table(rows: list[tuple[str, Any]]) -> str:
 
 
 def _converged(report: dict[str, Any]) -> str:
-    """'yes', or how far from converged a full-batch fit stopped."""
+    """'yes', or how far from converged a fit stopped."""
     if report.get("converged"):
         return "yes"
     last, tol = report.get("last_change"), report.get("tol")
-    full_batch = report.get("method") in method_names() and method(report["method"]).full_batch
-    if not full_batch or last is None:
-        return "no" if full_batch else "-"
+    if last is None:
+        return "no"
+    known = report.get("method") in method_names()
+    limit = "max_iter" if not known or method(report["method"]).full_batch else "fit.epochs"
+    per = "" if limit == "max_iter" else " per epoch"
     if not tol:
-        return f"no (tol = 0: ran max_iter; last change {last:.2g} nats/row)"
+        return f"no (tol = 0: ran {limit}; last change {last:.2g} nats/row{per})"
     return (
-        f"no: stopped at max_iter; last change {last:.2g} nats/row vs tol {tol:g} "
+        f"no: stopped at {limit}; last change {last:.2g} nats/row{per} vs tol {tol:g} "
         f"({abs(last) / tol:.3g} x tol)"
     )
 

@@ -8,8 +8,8 @@ Layout (format version 2)
 -------------------------
 header : format, format_version, config (FitConfig dict), manifest, rule (the update rule's name),
     position {iteration, epoch, wave, order}, random_state {seed, epoch, wave, epoch_order},
-    history, counts, epoch_counts, reseeded, converged, finished, info (init, wave_size, retries,
-    max_gathered_bytes).
+    history, counts, epoch_counts, epoch_sums, reseeded, converged, finished, info (init,
+    wave_size, retries, max_gathered_bytes).
 arrays : ``params.<name>`` the current parameters (weights, means, covariances and, with a
     background, background_weight / _lo / _hi); ``previous.<name>`` the parameters before the last
     update (the robust check's roll-back target; absent when unknown); ``rule.<name>`` the update
@@ -85,6 +85,7 @@ def save_checkpoint(
         "history": state.history,
         "counts": state.counts,
         "epoch_counts": state.epoch_counts,
+        "epoch_sums": state.epoch_sums,
         "reseeded": state.reseeded,
         "converged": state.converged,
         "finished": state.finished,
@@ -110,6 +111,7 @@ def _position_and_records(header: dict) -> dict[str, Any]:
         "history": header["history"],
         "counts": header["counts"],
         "epoch_counts": header["epoch_counts"],
+        "epoch_sums": header.get("epoch_sums", {}),
         "reseeded": header["reseeded"],
         "converged": bool(header["converged"]),
         "finished": bool(header["finished"]),

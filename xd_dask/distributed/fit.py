@@ -55,6 +55,7 @@ from xd_dask.optim import (
     method,
 )
 from xd_dask.optim.background import confine
+from xd_dask.optim.kmeans import BACKGROUND_TRIM
 from xd_dask.params import Background, Params
 from xd_dask.utils import atomic_path, get_logger
 
@@ -186,6 +187,7 @@ class _Fit:
                 wave_size=wave_size,
                 strata=strata,
                 seed=int(cfg.seed),
+                tol=float(cfg.tol),
                 max_ll_drop=float(cfg.max_ll_drop),
             )
             n_waves = strata or -(-len(self.manifest) // wave_size)
@@ -241,6 +243,7 @@ class _Fit:
                 tol=cfg.kmeans_tol,
                 sample_size=cfg.kmeans_sample,
                 reg_covar=cfg.reg_covar,
+                trim=BACKGROUND_TRIM if cfg.background else 0.0,
             )
             start, info = init.params, init.info
         else:

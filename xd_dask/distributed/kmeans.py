@@ -63,6 +63,7 @@ def kmeans_init(
     tol: float = key("fit.kmeans_tol").default,
     sample_size: int | None = None,
     reg_covar: float = key("fit.reg_covar").default,
+    trim: float = 0.0,
 ) -> tuple[KMeansInit, Any]:
     """Initial parameters by k-means over the partitions of ``runner``
     (:func:`xd_dask.optim.kmeans.kmeans_start`); returns the start and the sample pass's result
@@ -89,6 +90,7 @@ def kmeans_init(
         tol=tol,
         sample_size=sample_size,
         reg_covar=reg_covar,
+        trim=trim,
     )
     info["seconds"] = time.perf_counter() - t0
     return KMeansInit(params, info), passes["sample"]

@@ -353,14 +353,14 @@ def training_curve(
         online EM when the entries name their partitions or strata (waves do).
     """
     plt = _pyplot()
-    rows = [h for h in history if h.get("mean_loglike") is not None]
+    if method is None:
+        method = "online" if any("wave_mean_loglike" in h for h in history) else "em"
+    entry = fit_method(method)
+    ll_key = "mean_loglike" if entry.full_batch else "wave_mean_loglike"
+    rows = [h for h in history if h.get(ll_key) is not None and not h.get("final")]
     if not rows:
         raise ValueError("no training history to plot")
-    if method is None:
-        on_waves = any("partitions" in h or "stratum" in h for h in rows)
-        method = "online" if on_waves else "em"
-    entry = fit_method(method)
-    ll = np.array([float(h["mean_loglike"]) for h in rows])
+    ll = np.array([float(h[ll_key]) for h in rows])
     key = entry.step_noun
     if not entry.full_batch:  # waves restart each epoch: number them through the fit
         step = np.arange(1, len(rows) + 1, dtype=float)

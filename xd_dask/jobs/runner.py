@@ -9,21 +9,22 @@ directory, atomically:
 - ``history.json``: one entry per iteration (batch EM) or wave (online EM);
 - ``report.json``: what was fitted, how long it took, final and held-out log-likelihoods, files;
 - ``training_curve.png``, ``corner.png``, ``sky.png`` (``[output] plots``);
-- ``checkpoints/`` (``[output] checkpoint``; continue with ``xd-dask resume``).
+- ``checkpoints/`` (``[output] checkpoint``; the checkpoint and the job's configuration,
+  ``checkpoints/job.toml``; continue with ``xd-dask resume``).
+
+The fit is checked and listed first (:mod:`xd_dask.jobs.prepare`, before a cluster starts); a
+failed fit leaves none of these behind (an interrupted one keeps its checkpoints).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as _dt
 import json
 import logging
 import math
 import os
-import shutil
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,18 @@ from typing import Any
 import numpy as np
 
 from xd_dask.jobs.config import ConfigError, JobConfig
+from xd_dask.jobs.prepare import (
+    CHECKPOINT_DIR,
+    FitPlan,
+    HoldoutMismatchWarning,
+    _held_out_files,
+    check_holdout,
+    fit_output,
+    load_schema_checked,
+    manifest_of,
+    prepare_fit,
+)
 from xd_dask.model import XDModel
-from xd_dask.optim.methods import method as fit_method
 from xd_dask.utils import atomic_path, get_logger
 
 log = get_logger(__name__)
@@ -54,7 +65,6 @@ __all__ = [
 ]
 
 ProgressCallback = Callable[[dict[str, Any]], None]
-CHECKPOINT_DIR = "checkpoints"
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -78,36 +88,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 # --------------------------------------------------------------------------- config -> engine
-def _manifest(sources: str | Sequence[str], cfg: JobConfig, schema: Any = None) -> Any:
-    """The manifest of ``sources`` as the fit lists it (the schema's id column is checked)."""
-    from xd_dask.distributed import build_manifest  # noqa: PLC0415
-
-    schema = schema if schema is not None else load_schema_checked(cfg.catalog.schema)
-    return build_manifest(
-        sources,
-        max_rows_per_partition=cfg.catalog.max_rows_per_partition or None,
-        id_column=schema.id_column,
-    )
-
-
-def _held_out_files(cfg: JobConfig, manifest: Any) -> tuple[list[str], list[str]]:
-    """(training files, held-out files): the seeded choice of ``catalog.holdout_fraction``."""
-    cat = cfg.catalog
-    files = sorted({p.path for p in manifest})
-    if len(files) < 2:
-        raise ConfigError(
-            f"catalog.holdout_fraction = {cat.holdout_fraction} needs at least 2 files in "
-            f"{cat.path!r} (found {len(files)}); set catalog.holdout instead"
-        )
-    n_hold = min(len(files) - 1, max(1, round(cat.holdout_fraction * len(files))))
-    rng = np.random.default_rng([int(cfg.fit.seed), 7])
-    held = set(rng.choice(len(files), size=n_hold, replace=False).tolist())
-    train = [f for i, f in enumerate(files) if i not in held]
-    hold = [f for i, f in enumerate(files) if i in held]
-    log.info("holding out %d of %d files for scoring", len(hold), len(files))
-    return train, hold
-
-
 def split_catalog(cfg: JobConfig) -> tuple[str | list[str], str | list[str] | None]:
     """(training sources, held-out sources or None) from ``[catalog]``.
 
@@ -124,7 +104,8 @@ def split_catalog(cfg: JobConfig) -> tuple[str | list[str], str | list[str] | No
         return cat.path, cat.path
     if cat.holdout_fraction <= 0:
         return cat.path, None
-    return _held_out_files(cfg, _manifest(cat.path, cfg))
+    schema = load_schema_checked(cat.schema)
+    return _held_out_files(cfg, manifest_of(cat.path, cfg, schema))
 
 
 def heldout_split(cfg: JobConfig) -> tuple[float, str] | None:
@@ -158,59 +139,6 @@ def fit_config(
         return FitConfig.from_values(cfg.flat(), **run)
     except ValueError as exc:  # a StepSchedule rule the table cannot state (floor <= lambda0)
         raise ConfigError(str(exc)) from None
-
-
-def load_schema_checked(spec: str):
-    """The catalogue schema for ``catalog.schema``; a bad schema is a config error (exit 2)."""
-    from xd_dask.io.schema import SchemaError, load_schema  # noqa: PLC0415
-
-    try:
-        return load_schema(spec or None)
-    except SchemaError as exc:
-        raise ConfigError(f"catalog.schema: {exc}") from None
-
-
-def check_holdout(cfg: JobConfig, schema: Any, train: Any, holdout_manifest: Any) -> None:
-    """A separate held-out catalogue must be readable with the schema (else ConfigError) and
-    should look like the catalogue: files whose columns differ from the catalogue's give a
-    warning naming the difference (e.g. a demo job's synthetic held-out set scored against a
-    model of a real catalogue)."""
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
-    from xd_dask.io.reader import CatalogError, require_columns  # noqa: PLC0415
-
-    def columns(path: str) -> list[str]:
-        if "://" in path:  # remote: leave it to the read
-            return []
-        return list(pq.ParquetFile(path).schema_arrow.names)
-
-    held = holdout_manifest[0].path
-    held_cols = columns(held)
-    if held_cols:
-        try:
-            require_columns(held, held_cols, schema)
-        except CatalogError as exc:
-            raise ConfigError(f"catalog.holdout ({cfg.source('catalog.holdout')}): {exc}") from None
-    train_cols = columns(train[0].path)
-    if (
-        held_cols
-        and train_cols
-        and {c.lower() for c in held_cols} != {c.lower() for c in train_cols}
-    ):
-        only_h = sorted(set(held_cols) - set(train_cols))[:5]
-        only_t = sorted(set(train_cols) - set(held_cols))[:5]
-        warnings.warn(
-            f"the held-out catalogue {cfg.catalog.holdout!r} ({cfg.source('catalog.holdout')}) "
-            f"does not look like the catalogue {cfg.catalog.path!r}: its files have "
-            f"{len(held_cols)} columns against {len(train_cols)} (only in the held-out set: "
-            f"{only_h}; only in the catalogue: {only_t}); is it a sample of the same catalogue?",
-            HoldoutMismatchWarning,
-            stacklevel=2,
-        )
-
-
-class HoldoutMismatchWarning(UserWarning):
-    """A held-out catalogue does not look like a sample of the fitted catalogue."""
 
 
 @contextlib.contextmanager
@@ -434,9 +362,12 @@ def score_sources(
 
 
 def convergence(history: Sequence[dict[str, Any]], tol: float, converged: bool) -> dict:
-    """How far from converged a batch-EM fit stopped: the last change of the mean
-    log-likelihood per row (nats) against ``tol``."""
-    ll = [h["mean_loglike"] for h in history if h.get("mean_loglike") is not None]
+    """How far from converged a fit stopped: the last change of the mean log-likelihood per row
+    (nats; between iterations, or between epochs on waves) against ``tol``."""
+    epochs = [h["epoch_mean_loglike"] for h in history if "epoch_mean_loglike" in h]
+    ll = epochs or [
+        h["mean_loglike"] for h in history if h.get("mean_loglike") is not None and "final" not in h
+    ]
     last = ll[-1] - ll[-2] if len(ll) >= 2 else None
     return {"converged": bool(converged), "last_change": last, "tol": tol}
 
@@ -450,13 +381,15 @@ def run_fit(
     resume: bool = False,
     plots: bool | None = None,
     overwrite: bool = False,
+    plan: FitPlan | None = None,
 ) -> FitOutcome:
     """Run the job's fit on ``client`` and write its outputs (see the module docstring).
 
-    The output directory is locked for the whole run (:func:`xd_dask.locks.output_lock`: a
-    second fit or resume into it raises LockError naming this one); temporaries left there by
-    an interrupted run are removed first. A new fit into a directory that holds checkpoints is
-    refused (ConfigError), or with ``overwrite`` the checkpoints are deleted, under the lock.
+    Without ``plan`` the fit is checked first (:func:`xd_dask.jobs.prepare.prepare_fit`) and
+    its output directory held for the run (:func:`xd_dask.jobs.prepare.fit_output`: locked, a
+    second fit or resume into it raises LockError naming this one; checkpoints of an earlier fit
+    refused unless ``overwrite``; nothing of a failed run left behind). With ``plan`` (the CLI
+    checks before it starts a cluster) the caller holds ``fit_output(plan)``.
 
     Parameters
     ----------
@@ -468,68 +401,27 @@ def run_fit(
     plots : write plots (default ``output.plots``).
     overwrite : start afresh even if ``<out_dir>/checkpoints`` exists.
     """
-    from xd_dask.locks import output_lock  # noqa: PLC0415
-    from xd_dask.utils import remove_stale_temporaries  # noqa: PLC0415
-
-    out = Path(out_dir if out_dir is not None else cfg.output.dir)
-    with output_lock(out):
-        ckpt = out / CHECKPOINT_DIR
-        if not resume and ckpt.exists():
-            if not overwrite:
-                raise ConfigError(
-                    f"{out} already holds the checkpoints of a fit: continue it with "
-                    f"`xd-dask resume {out}`, or pass --overwrite, or choose another --out"
-                )
-            shutil.rmtree(ckpt)
-        for directory in (out, ckpt):
-            remove_stale_temporaries(directory)
-        return _run_fit(cfg, client, out, progress, resume, plots)
-
-
-def _sources(cfg: JobConfig, schema: Any) -> tuple[Any, Any, Any, Any, Any]:
-    """(training sources for the fit, their manifest, held-out manifest or None, held-out split,
-    a description of the held-out rows): each catalogue is listed once here."""
-    from xd_dask.distributed import Manifest  # noqa: PLC0415
-
-    cat = cfg.catalog
-    if cat.holdout_fraction > 0:
-        full = _manifest(cat.path, cfg, schema)
-        train, hold = _held_out_files(cfg, full)
-
-        def subset(files: list[str]) -> Manifest:  # partitions renumbered 0, 1, ...
-            parts = [p for p in full if p.path in set(files)]
-            return Manifest(
-                tuple(dataclasses.replace(p, pid=i) for i, p in enumerate(parts)), full.source
-            )
-
-        return train, subset(train), subset(hold), None, hold
-    manifest = _manifest(cat.path, cfg, schema)
-    if cat.holdout:
-        held = _manifest(cat.holdout, cfg, schema)
-        check_holdout(cfg, schema, manifest, held)
-        return cat.path, manifest, held, None, cat.holdout
-    if cat.holdout_rows > 0:
-        return cat.path, manifest, manifest, heldout_split(cfg), cat.path
-    return cat.path, manifest, None, None, None
+    if plan is not None:
+        return _run_fit(plan, client, progress, plots)
+    plan = prepare_fit(cfg, out_dir, resume=resume, overwrite=overwrite)
+    with fit_output(plan, overwrite):
+        return _run_fit(plan, client, progress, plots)
 
 
 def _run_fit(
-    cfg: JobConfig,
-    client: Any,
-    out: Path,
-    progress: ProgressCallback | None,
-    resume: bool,
-    plots: bool | None,
+    plan: FitPlan, client: Any, progress: ProgressCallback | None, plots: bool | None
 ) -> FitOutcome:
     from xd_dask.distributed import fit_catalog, resume_fit  # noqa: PLC0415
 
-    schema = load_schema_checked(cfg.catalog.schema)
-    train, manifest, holdout, split, held_desc = _sources(cfg, schema)
+    cfg, out, resume, schema = plan.cfg, plan.out, plan.resume, plan.schema
+    manifest, holdout, split, held_desc = plan.manifest, plan.holdout, plan.split, plan.held_desc
     ckpt = out / CHECKPOINT_DIR if (cfg.output.checkpoint or resume) else None
     report_html = out / "dask-report.html" if cfg.output.performance_report else None
-    fc = fit_config(cfg, catalog=train, checkpoint_dir=ckpt, performance_report=report_html)
-    with atomic_path(out / "job.toml") as tmp:
-        tmp.write_text(cfg.to_toml())
+    fc = fit_config(cfg, catalog=plan.train, checkpoint_dir=ckpt, performance_report=report_html)
+    if ckpt is not None and not resume:  # what `xd-dask resume` reads back
+        ckpt.mkdir(parents=True, exist_ok=True)
+        with atomic_path(ckpt / "job.toml") as tmp:
+            tmp.write_text(cfg.to_toml())
     started = _dt.datetime.now(_dt.timezone.utc)
     t0 = time.perf_counter()
     if resume:
@@ -545,6 +437,9 @@ def _run_fit(
         "heldout_split": split,
     }
     files = {"model": str(model.save(out / "model.npz"))}
+    with atomic_path(out / "job.toml") as tmp:
+        tmp.write_text(cfg.to_toml())
+    files["job"] = str(out / "job.toml")
     history = list(meta.get("history", []))
     files["history"] = str(write_json(out / "history.json", history))
     heldout = None
@@ -570,8 +465,7 @@ def _run_fit(
         files["performance_report"] = str(report_html)
     if ckpt is not None:
         files["checkpoints"] = str(ckpt)
-    full_batch = fit_method(fc.method).full_batch
-    conv = convergence(history, fc.tol, meta.get("converged")) if full_batch else {}
+    conv = convergence(history, fc.tol, meta.get("converged"))
     report = {
         "status": "ok",
         "started_utc": started.isoformat(timespec="seconds"),

@@ -8,7 +8,16 @@ Schedule: ``wave_size=None`` and ``strata=None`` is full batch (every unit in ev
 step per "iteration", at most ``max_steps``; converged when the mean log-likelihood changes by
 less than ``tol``); otherwise each epoch visits the units in a seeded order (:func:`epoch_order`),
 ``wave_size`` units per step, or, with ``strata=S``, S hash strata of the rows of every unit in
-a seeded order, one per step, for ``epochs`` epochs.
+a seeded order, one per step, for at most ``epochs`` epochs.
+
+Stopping on waves (DESIGN.md 4b): a wave's mean log-likelihood is over different rows each time
+and says little about convergence. An epoch visits every row once, so the epoch's summed wave
+log-likelihoods over its summed row weight (``epoch_mean_loglike``, each row scored at the
+parameters of its wave) estimates the mean log-likelihood of all rows; a fit on waves is
+converged when it changes by less than ``tol`` between two epochs. A fit that stops at its
+epoch limit first warns (:class:`ConvergenceWarning`) with the remaining change. At the end one
+full pass scores the FINAL parameters on every row: the last history entry (``"final": true``)
+holds that ``mean_loglike``; wave entries hold their own figure as ``wave_mean_loglike``.
 
 Per step the loop: asks the source for statistics at the current parameters; for full-batch
 monotone rules checks the change of the mean log-likelihood (:mod:`xd_dask.optim.robust`; a
@@ -154,7 +163,7 @@ class FitLoop:
         s = self.settings
         if s.full_batch:
             return state.converged or state.iteration >= self._max_steps
-        return state.epoch >= s.epochs
+        return state.converged or state.epoch >= s.epochs
 
     def _batch(self, state: LoopState) -> Batch:
         if self.settings.full_batch:
@@ -180,16 +189,46 @@ class FitLoop:
         while not self._done(state):
             self.step(state)
         s = self.settings
-        if s.full_batch and not state.converged and s.tol > 0:
-            warnings.warn(
-                f"{self.rule.name} did not converge in {s.max_steps} iterations (tol={s.tol}); "
-                "raise max_iter or tol",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
+        if not state.converged and s.tol > 0:
+            self._warn_unconverged(state)
+        if not s.full_batch:
+            self._final_pass(state)
         state.finished = True
         self._checkpoint(state)
         return state
+
+    def _warn_unconverged(self, state: LoopState) -> None:
+        s = self.settings
+        if s.full_batch:
+            text = f"in {s.max_steps} iterations (tol={s.tol}); raise max_iter or tol"
+        else:
+            means = [h["epoch_mean_loglike"] for h in state.history if "epoch_mean_loglike" in h]
+            change = abs(means[-1] - means[-2]) if len(means) > 1 else float("nan")
+            text = (
+                f"in {s.epochs} epochs: the epoch mean log-likelihood still changed by "
+                f"{change:.3g} nats/row in the last epoch ({change / s.tol:.3g} x tol = {s.tol:g});"
+                " raise fit.epochs"
+            )
+        warnings.warn(f"{self.rule.name} did not converge {text}", ConvergenceWarning, stacklevel=4)
+
+    def _final_pass(self, state: LoopState) -> None:
+        """One pass over every row at the final parameters (module docstring)."""
+        t0 = time.perf_counter()
+        batch = Batch(state.iteration + 1, state.epoch + 1, 0, extra=10**6)
+        res = self.source(state.params, batch)
+        stats = res.stats
+        ll = stats.ll / stats.W if stats.W > 0 else float("nan")
+        entry = {
+            "iteration": state.iteration,
+            "epoch": state.epoch,
+            "final": True,
+            "mean_loglike": ll,
+            "rows": int(res.counts.get("used", stats.n_rows)),
+            "seconds": time.perf_counter() - t0,
+        } | res.info
+        state.history.append(entry)
+        state.counts = add_counts({}, res.counts)
+        log.log(self.log_level, "final parameters: mean log-likelihood %.10g over every row", ll)
 
     def step(self, state: LoopState) -> None:
         """One step: statistics, checks, update, record."""
@@ -205,7 +244,9 @@ class FitLoop:
             rows = self.source.worst_rows(state.params, None, s.worst_rows)
             raise robust.nonfinite_error(self.rule.name, batch.iteration, ll, rows)
         after_move = bool(state.history and state.history[-1].get("moved"))
-        prev = state.history[-1]["mean_loglike"] if state.history and not after_move else None
+        prev = None
+        if state.history and not after_move:
+            prev = state.history[-1][self._ll_key]
         if s.full_batch and self.rule.monotone and prev is not None:
             if robust.is_catastrophic(prev, ll, s.max_ll_drop):
                 self._diverged(state, batch, prev, ll)
@@ -229,7 +270,7 @@ class FitLoop:
             "iteration": batch.iteration,
             "epoch": batch.epoch,
             "wave": batch.wave,
-            "mean_loglike": ll,
+            self._ll_key: ll,
             "step": self.rule.step_size(t),
             "rows": int(res.counts.get("used", stats.n_rows)),
         }
@@ -256,17 +297,43 @@ class FitLoop:
         if s.full_batch:
             state.counts = add_counts({}, res.counts)
         else:
-            state.epoch_counts = add_counts(state.epoch_counts, res.counts)
-            state.wave += 1
-            if state.wave == self.n_waves:  # epoch complete: next epoch, new seeded order
-                state.counts, state.epoch_counts = state.epoch_counts, {}
-                state.epoch, state.wave, state.order = state.epoch + 1, 0, []
+            self._wave_done(state, res.counts, stats, entry)
         entry["seconds"] = time.perf_counter() - t0
         state.history.append(entry)
         self._checkpoint(state)
         self._log(entry, prev)
         if self.progress is not None:
             self.progress(dict(entry, total=self.total))
+
+    @property
+    def _ll_key(self) -> str:
+        """The history's name for a step's mean log-likelihood (module docstring)."""
+        return "mean_loglike" if self.settings.full_batch else "wave_mean_loglike"
+
+    def _wave_done(self, state: LoopState, counts: dict, stats: SuffStats, entry: dict) -> None:
+        """Count a wave into its epoch; at the end of an epoch record the epoch mean
+        log-likelihood, test convergence, start the next epoch's seeded order."""
+        state.epoch_counts = add_counts(state.epoch_counts, counts)
+        sums = state.epoch_sums
+        sums["ll"] = float(sums.get("ll", 0.0)) + float(stats.ll)
+        sums["W"] = float(sums.get("W", 0.0)) + float(stats.W)
+        state.wave += 1
+        if state.wave < self.n_waves:
+            return
+        mean = sums["ll"] / sums["W"] if sums["W"] > 0 else float("nan")
+        before = [h["epoch_mean_loglike"] for h in state.history if "epoch_mean_loglike" in h]
+        entry["epoch_mean_loglike"] = mean
+        tol = self.settings.tol
+        state.converged = bool(before) and tol > 0 and abs(mean - before[-1]) < tol
+        log.log(
+            self.log_level,
+            "epoch %d: mean log-likelihood %.10g (change %.3g)",
+            state.epoch + 1,
+            mean,
+            mean - before[-1] if before else float("nan"),
+        )
+        state.counts, state.epoch_counts, state.epoch_sums = state.epoch_counts, {}, {}
+        state.epoch, state.wave, state.order = state.epoch + 1, 0, []
 
     def _stats_at(self, batch: Batch) -> Callable[[Params], SuffStats]:
         """``stats_at(params)``: statistics of ``batch``'s rows at other parameters, each call
@@ -300,7 +367,8 @@ class FitLoop:
     ) -> tuple[dict[str, np.ndarray], Update]:
         """The rule's update (only components ``partial`` when given), checked; a failure names
         the least likely rows."""
-        data = StepData(stats, batch, self._stats_at(batch), self._stats_full(batch))
+        epochs = tuple(h["epoch_mean_loglike"] for h in state.history if "epoch_mean_loglike" in h)
+        data = StepData(stats, batch, self._stats_at(batch), self._stats_full(batch), epochs)
         try:
             rule_state, upd = self.rule.step(state.rule_state, data, state.params, t)
             if partial is not None:
@@ -317,12 +385,13 @@ class FitLoop:
             if self.settings.full_batch
             else f"epoch {entry['epoch']} wave {entry['wave']} (t={entry['iteration']})"
         )
+        ll = entry[self._ll_key]
         log.log(
             self.log_level,
             "%s: mean log-likelihood %.10g (change %.3g), step %.4g, rows %d, %.3f s",
             where,
-            entry["mean_loglike"],
-            entry["mean_loglike"] - (float("nan") if prev is None else prev),
+            ll,
+            ll - (float("nan") if prev is None else prev),
             entry["step"],
             entry["rows"],
             entry["seconds"],

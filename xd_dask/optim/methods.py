@@ -38,8 +38,8 @@ __all__ = [
     "unregister",
 ]
 
-#: Keys of full-batch methods (the iteration limit and tolerance of batch EM).
-BATCH_KEYS = ("fit.max_iter", "fit.tol")
+#: Keys of full-batch methods (batch EM's iteration limit).
+BATCH_KEYS = ("fit.max_iter",)
 #: Keys of methods on waves: epochs, how waves are drawn, subsampling, split-and-merge on waves.
 WAVE_KEYS = (
     "fit.epochs",
@@ -164,6 +164,13 @@ def inapplicable(name: str, given: Iterable[str]) -> list[str]:
     return sorted(k for k in set(given) & specific_keys() if k not in entry.keys)
 
 
+def _adam(s: Settings, planned: int) -> Adam:
+    """Adam with a budget schedule (``fit.tol = 0``), else halving on plateaus of 10 tol."""
+    if s["fit.tol"] > 0:
+        return Adam(s["fit.learning_rate"], plateau=10.0 * s["fit.tol"])
+    return Adam(s["fit.learning_rate"], adam_schedule(planned))
+
+
 register(
     Method(
         "em",
@@ -188,6 +195,6 @@ register(
         "Adam",
         False,
         (*WAVE_KEYS, "fit.learning_rate"),
-        lambda s, n: Adam(s["fit.learning_rate"], adam_schedule(n)),
+        _adam,
     )
 )

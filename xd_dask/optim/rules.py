@@ -46,12 +46,15 @@ class StepData:
     batch : the step (:class:`xd_dask.optim.loop.Batch`): iteration, epoch, wave, rows.
     at : ``at(params) -> SuffStats`` of the same rows at other parameters (one more pass).
     full : ``full(params) -> SuffStats`` of every row at given parameters (a full pass).
+    epoch_means : the mean log-likelihoods of the epochs completed so far (waves; every row
+        once, at its wave's parameters): what a rule that adapts its step to progress reads.
     """
 
     stats: SuffStats
     batch: Any
     at: Callable[[Params], SuffStats]
     full: Callable[[Params], SuffStats]
+    epoch_means: tuple[float, ...] = ()
 
 
 class UpdateRule(Protocol):

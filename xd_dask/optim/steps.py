@@ -92,12 +92,14 @@ class LoopSettings:
     """How long and in what order a fit runs (defaults: the key table's).
 
     max_steps : full batch: at most this many iterations (``fit.max_iter``).
-    epochs : waves: at most this many passes over the units (``fit.epochs``).
+    epochs : waves: at most this many epochs, passes over the units (``fit.epochs``).
     wave_size : units per step (None: full batch).  seed : the epochs' orders derive from it.
     strata : waves are hash strata instead (None: waves of units): each epoch has ``strata``
         waves, wave w takes stratum ``order[w]`` of the rows of every unit (``wave_size`` is
         then ignored).
-    tol : full batch: converged when the mean log-likelihood changes by less (0: never).
+    tol : full batch: converged when the mean log-likelihood changes by less between two
+        iterations; waves: when the EPOCH mean log-likelihood (every row once, at the
+        parameters of its wave) changes by less between two epochs (0: never).
     max_ll_drop : robust rule (:mod:`xd_dask.optim.robust`), nats per row.
     worst_rows : rows named when a fit diverges.
     """
@@ -132,7 +134,8 @@ class LoopState:
     iteration : steps done.  epoch, wave : waves: the next wave is ``wave`` of ``epoch``
         (0-based); ``order`` the current epoch's unit order.
     counts : rows read / used / dropped per reason in the last complete pass over the data;
-        ``epoch_counts`` the same for the current, incomplete epoch.
+        ``epoch_counts`` the same for the current, incomplete epoch, and ``epoch_sums`` its
+        summed log-likelihood and row weight ``{"ll", "W"}`` (waves).
     history : one entry per step.  reseeded : ``{"iteration", "components"}`` records.
     info : the caller's bookkeeping (JSON), e.g. how the fit was initialised.
     """
@@ -149,6 +152,7 @@ class LoopState:
     history: list[dict] = field(default_factory=list)
     counts: dict = field(default_factory=dict)
     epoch_counts: dict = field(default_factory=dict)
+    epoch_sums: dict = field(default_factory=dict)
     reseeded: list[dict] = field(default_factory=list)
     converged: bool = False
     finished: bool = False
