@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import logging
 import os
@@ -102,6 +103,76 @@ def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = No
 
 class OutputError(ValueError):
     """An output path cannot be used as asked (it holds files this command did not write)."""
+
+
+class UnsafeFileError(OutputError):
+    """A file this tool would write (or execute, or unpickle) could have been planted: it is a
+    symbolic link, not a regular file, has other hard links, or belongs to another user."""
+
+
+def file_problem(st: os.stat_result, *, private: bool = False) -> str | None:
+    """Why the file ``st`` describes (an ``fstat`` of a descriptor opened with ``O_NOFOLLOW``)
+    may not be trusted, or None.
+
+    Refused: anything but a regular file, a file owned by another user (root included when
+    another user runs), a file with other hard links (writing it writes them), and with
+    ``private`` a file that group or others may write.
+    """
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"is owned by {_user(st.st_uid)}, not by this user ({_user(os.geteuid())})"
+    if st.st_nlink != 1:
+        return f"has {st.st_nlink} hard links (writing it would write the others)"
+    if private and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _user(uid: int) -> str:
+    try:
+        import pwd  # noqa: PLC0415
+
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def open_own_file(path: str | os.PathLike, flags: int, mode: int = 0o644, *, what: str = "") -> int:
+    """``os.open(path, flags | O_NOFOLLOW | O_CLOEXEC)``, the descriptor only if it is this
+    user's own regular file with a single link (:func:`file_problem`).
+
+    The final component is never followed (a symbolic link planted at ``path`` cannot make this
+    tool truncate or write the file it points to) and the check is made on the open descriptor,
+    so the file checked is the file used. ``O_NONBLOCK`` keeps a planted FIFO from blocking the
+    open; it is cleared again for regular files.
+
+    Raises
+    ------
+    UnsafeFileError
+        ``path`` is a symbolic link, or the file it names fails :func:`file_problem`; nothing has
+        been written. ``what`` says what the file is for in the message ("lock file").
+    """
+    path = os.fspath(path)
+    label = f"{what} {path}" if what else path
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFileError(
+                f"{label} is a symbolic link; refusing to open it (a link there could make "
+                "xd-dask overwrite the file it points to): remove it"
+            ) from None
+        raise
+    try:
+        problem = file_problem(os.fstat(fd))
+        if problem:
+            raise UnsafeFileError(f"{label} {problem}; refusing to use it: remove it")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @contextlib.contextmanager
