@@ -15,6 +15,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 #: Ending of every temporary this package writes beside an output (see :func:`atomic_path`).
 TMP_SUFFIX = ".tmp"
@@ -110,13 +111,15 @@ class UnsafeFileError(OutputError):
     symbolic link, not a regular file, has other hard links, or belongs to another user."""
 
 
-def file_problem(st: os.stat_result, *, private: bool = False) -> str | None:
+def file_problem(st: os.stat_result, *, private: bool = False, dir_mode: int = 0o777) -> str | None:
     """Why the file ``st`` describes (an ``fstat`` of a descriptor opened with ``O_NOFOLLOW``)
     may not be trusted, or None.
 
     Refused: anything but a regular file, a file owned by another user (root included when
     another user runs), a file with other hard links (writing it writes them), and with
-    ``private`` a file that group or others may write.
+    ``private`` a file that group or others may write, where they can reach it: a write bit
+    counts only if ``dir_mode`` (the mode of the directory holding the file) lets that class
+    search the directory.
     """
     if not stat.S_ISREG(st.st_mode):
         return "is not a regular file"
@@ -124,7 +127,9 @@ def file_problem(st: os.stat_result, *, private: bool = False) -> str | None:
         return f"is owned by {_user(st.st_uid)}, not by this user ({_user(os.geteuid())})"
     if st.st_nlink != 1:
         return f"has {st.st_nlink} hard links (writing it would write the others)"
-    if private and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    grp = st.st_mode & stat.S_IWGRP and dir_mode & stat.S_IXGRP
+    oth = st.st_mode & stat.S_IWOTH and dir_mode & stat.S_IXOTH
+    if private and (grp or oth):
         return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
     return None
 
@@ -254,9 +259,12 @@ def kernel_cache_dir(subdir: str | None = None) -> Path | None:
     regenerated when they are missing and are safe to delete.
 
     The modules in it are executed and Numba unpickles the compiled code beside them
-    (``__pycache__``), so the directory (and its ``__pycache__``) must be owned by the current
-    user and writable by nobody else; otherwise a warning says why and the kernels are compiled
-    in memory. New directories are created with mode 0700.
+    (``__pycache__``), so the directory and its ``__pycache__`` must be owned by the current
+    user and writable by nobody else, and every directory above them owned by this user or root
+    and writable by nobody else (or sticky, like ``/tmp``); otherwise a warning says why and the
+    kernels are compiled in memory. New directories (``__pycache__`` included) are created with
+    mode 0700. The files inside are checked one by one when a module is loaded
+    (:func:`load_generated_module`).
     """
     env = os.environ.get("XD_DASK_KERNEL_CACHE")
     if env is not None and env.strip().lower() in ("", "0", "off", "none", "false"):
@@ -268,13 +276,12 @@ def kernel_cache_dir(subdir: str | None = None) -> Path | None:
         base = base / "kernels"
     if subdir:
         base = base / subdir
-    try:
-        for path in [*reversed(base.parents), base]:
-            if not path.is_dir():
-                path.mkdir(mode=0o700, exist_ok=True)  # every directory made here is private
-    except OSError:
+    base = Path(os.path.abspath(base))
+    problem = _private_dirs(base)
+    if problem is None:
+        problem = _private_dirs(base / "__pycache__")
+    if problem == "":  # cannot be created: no cache, no warning
         return None
-    problem = _unsafe_dir(base) or _unsafe_dir(base / "__pycache__")
     if problem:
         _warn_once(
             f"kernel cache {base} not used: {problem}; compiling kernels in memory (fix: "
@@ -282,6 +289,18 @@ def kernel_cache_dir(subdir: str | None = None) -> Path | None:
         )
         return None
     return base if os.access(base, os.W_OK) else None
+
+
+def _private_dirs(path: Path) -> str | None:
+    """Make ``path`` and missing directories above it (mode 0700); why it is not safe to hold
+    code (:func:`_unsafe_dir`, :func:`_unsafe_ancestors`), "" if it cannot be made, or None."""
+    try:
+        for p in [*reversed(path.parents), path]:
+            if not p.is_dir():
+                p.mkdir(mode=0o700, exist_ok=True)  # every directory made here is private
+    except OSError:
+        return ""
+    return _unsafe_dir(path) or _unsafe_ancestors(path) or _unsafe_ancestors(path.resolve())
 
 
 _warned: set[str] = set()
@@ -301,18 +320,50 @@ def _unsafe_dir(path: Path) -> str | None:
         return None
     if not stat.S_ISDIR(st.st_mode):
         return f"{path} is not a directory"
-    if st.st_uid != os.getuid():
-        return f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    if st.st_uid != os.geteuid():
+        return f"{path} is owned by {_user(st.st_uid)}, not by this user ({_user(os.geteuid())})"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
     return None
 
 
+def _unsafe_ancestors(path: Path) -> str | None:
+    """Why another user could replace ``path`` by renaming one of the directories above it (a
+    directory that is not this user's or root's, or that others may write and is not sticky;
+    a symbolic link that is not this user's or root's), or None."""
+    for parent in path.parents:
+        try:
+            st = os.lstat(parent)
+        except OSError as exc:
+            return f"cannot check {parent}: {exc.strerror}"
+        if st.st_uid not in (0, os.geteuid()):
+            return f"{parent} (above it) is owned by {_user(st.st_uid)}"
+        if stat.S_ISLNK(st.st_mode) or st.st_mode & stat.S_ISVTX:
+            continue
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return f"{parent} (above it) is writable by group or others and not sticky"
+    return None
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Create ``path`` (which must not exist) with mode 0600 and write ``text``; never follows
+    a link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(path, flags, 0o600), "w") as fh:
+        fh.write(text)
+
+
+def _tmp_beside(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
+
+
 def write_once(path: Path, text: str) -> None:
     """Create ``path`` atomically unless another process already has (its mtime must not change
-    once Numba has indexed a generated module for its on-disk cache)."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
-    tmp.write_text(text)
+    once Numba has indexed a generated module for its on-disk cache). The file is private
+    (mode 0600)."""
+    tmp = _tmp_beside(path)
+    tmp.unlink(missing_ok=True)
+    _write_private(tmp, text)
     try:
         os.link(tmp, path)
     except FileExistsError:
@@ -323,42 +374,131 @@ def write_once(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _read_own(path: Path, limit: int) -> tuple[str | None, str | None]:
+    """(text of ``path`` or None if missing, why it cannot be trusted or None): opened with
+    ``O_NOFOLLOW``, checked on the descriptor (:func:`file_problem`, private), at most ``limit``
+    bytes read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return "", "is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+    with os.fdopen(fd, "rb") as fh:
+        dir_mode = os.stat(path.parent).st_mode
+        problem = file_problem(os.fstat(fd), private=True, dir_mode=dir_mode)
+        if problem:
+            return "", problem
+        data = fh.read(limit)
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return "", None
+
+
+def _replace_with(path: Path, source: str) -> None:
+    tmp = _tmp_beside(path)
+    tmp.unlink(missing_ok=True)
+    _write_private(tmp, source)
+    os.replace(tmp, path)
+
+
+def _numba_cache_files(path: Path, probe: Any) -> tuple[Path, list[Path]]:
+    """(the directory where Numba caches the functions of the module file ``path``, the files
+    there that belong to it: ``<stem>.*`` index, data and temporary files).
+
+    ``probe`` is a function whose code has ``path`` as its file name; Numba's own locator
+    (``__pycache__`` beside ``path``, or ``NUMBA_CACHE_DIR``) says where it looks.
+    """
+    from numba.core.caching import FunctionCache  # noqa: PLC0415
+
+    cache = Path(FunctionCache(probe).cache_path)
+    prefix = f"{path.stem}."
+    try:
+        names = [n for n in os.listdir(cache) if n.startswith(prefix)]
+    except FileNotFoundError:
+        names = []
+    return cache, [cache / n for n in sorted(names)]
+
+
+def check_numba_cache(path: Path, probe: Any) -> None:
+    """Discard every Numba cache file of module ``path`` that anyone else could have written.
+
+    Numba unpickles its index (``.nbi``) and data (``.nbc``) files: code in them runs. Each file
+    of this module (found with Numba's locator from ``probe``, a function compiled with ``path``
+    as its file name) is opened without following a link and checked on the descriptor
+    (:func:`file_problem`, private); a link, a file of another user, a file with another hard
+    link or one that group or others may write (where they can search the directory) is
+    deleted (with a warning), and Numba compiles and writes it afresh. The directory holding
+    them must pass the same checks as the kernel cache directory (:func:`kernel_cache_dir`).
+
+    Raises
+    ------
+    PermissionError
+        The Numba cache directory is not safe, or a bad file cannot be deleted: the caller
+        compiles in memory without the on-disk cache.
+    """
+    cache, files = _numba_cache_files(path, probe)
+    problem = _unsafe_dir(cache) or _unsafe_ancestors(cache)
+    if problem:
+        raise PermissionError(errno.EPERM, f"Numba cache directory not safe: {problem}")
+    for f in files:
+        _, why = _read_own(f, 0)
+        if why:
+            get_logger(__name__).warning(
+                "kernel cache file %s %s; anyone could have written it: discarding it (the "
+                "kernel is compiled again)",
+                f,
+                why,
+            )
+            try:
+                f.unlink()
+            except OSError as exc:
+                msg = f"{f} {why} and cannot be removed: {exc.strerror}"
+                raise PermissionError(errno.EPERM, msg) from None
+
+
 def load_generated_module(path: Path, name: str, namespace: dict, *, source: str) -> object:
     """Import generated code as module ``name`` with ``namespace`` pre-set, cached in ``path``.
 
     ``source`` is the exact text the caller generates for ``path``. The file is written when
     missing; a file whose text differs (planted by someone else, or written by a process that
-    ran other code under the same name) is never executed: it is replaced atomically with
-    ``source``. What is executed is ``source`` itself, compiled with ``path`` as its file name,
-    which Numba's on-disk cache keys on.
+    ran other code under the same name), a symbolic link, and a file that another user owns or
+    could have written are never executed: the file is replaced atomically with ``source``.
+    What is executed is ``source`` itself, compiled with ``path`` as its file name, which
+    Numba's on-disk cache keys on. Numba's cache files of the module are checked before it can
+    read them (:func:`check_numba_cache`).
 
     The module is registered in ``sys.modules`` because Numba re-imports it to rebuild code from
     its on-disk cache; a module that fails to execute is unregistered again.
+
+    Raises
+    ------
+    OSError
+        The cache cannot be used safely (a PermissionError from :func:`check_numba_cache`);
+        the caller compiles in memory.
     """
     module = sys.modules.get(name)
     if module is not None:
         return module
-    try:
-        found = path.read_text()
-    except FileNotFoundError:
-        found = None
-    except (OSError, UnicodeDecodeError):
-        found = ""
+    found, problem = _read_own(path, len(source.encode("utf-8")) + 1)
     if found is None:
         write_once(path, source)
-    elif found != source:
+    elif problem or found != source:
         get_logger(__name__).warning(
-            "%s does not hold the code this xd-dask generates for it; replacing it", path
+            "%s %s; replacing it",
+            path,
+            problem or "does not hold the code this xd-dask generates for it",
         )
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
-        tmp.write_text(source)
-        os.replace(tmp, path)  # a new mtime: Numba's index for the old file is stale now
+        _replace_with(path, source)  # new contents: Numba's index for the old file is stale
+    code = compile(source, str(path), "exec")
+    check_numba_cache(path, eval(compile("lambda: None", str(path), "eval")))
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     module.__dict__.update(namespace)
     sys.modules[name] = module
     try:
-        exec(compile(source, str(path), "exec"), module.__dict__)
+        exec(code, module.__dict__)
     except BaseException:
         sys.modules.pop(name, None)
         raise
