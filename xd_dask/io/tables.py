@@ -288,7 +288,7 @@ class TableSource:
     def _cds(self, chunk_rows: int, chunk_bytes: int) -> Iterator[pa.Table]:
         from astropy.io import ascii  # noqa: PLC0415
 
-        from xd_dask.io.cds import cds_layout, parse_lines  # noqa: PLC0415
+        from xd_dask.io.cds import cds_layout, check_lines, parse_lines  # noqa: PLC0415
 
         if self.readme is None:  # header and data in one file: astropy reads it whole
             with _quiet():
@@ -298,14 +298,19 @@ class TableSource:
         name = strip_compression(self.path.name)
         with _quiet():
             cols, schema = cds_layout(self.readme, name)
+        first = 1  # line number of the chunk's first line in the file
         with open_binary(self.path) as fh:
             while True:
                 raw = list(itertools.islice(fh, chunk_rows))
                 if not raw:
                     return
-                lines = [ln for ln in raw if ln.strip()]
+                keep = [i for i, ln in enumerate(raw) if ln.strip()]
+                lines = [raw[i] for i in keep]
+                numbers = np.asarray(keep, np.int64) + first
+                first += len(raw)
                 if not lines:
                     continue
+                check_lines(lines, numbers, cols, str(self.path))
                 table = parse_lines(lines, cols, schema)  # compiled; None: not plain numbers
                 if table is None:
                     # as ascii.read(format="cds") does: blank fields are null
@@ -313,9 +318,12 @@ class TableSource:
                         ascii.Cds, readme=str(self.readme), fill_values=[("", "0")]
                     )
                     reader.data.table_name = name  # the header: this file's ReadMe section
-                    text = [ln.decode("latin-1").rstrip("\r\n") for ln in lines]
-                    with _quiet():
-                        table = astropy_to_arrow(reader.read(text), self._skipped)
+                    try:  # decoded as astropy decodes a file it reads
+                        text = [ln.decode("utf-8").rstrip("\r\n") for ln in lines]
+                        with _quiet():
+                            table = astropy_to_arrow(reader.read(text), self._skipped)
+                    except ValueError as exc:
+                        raise _cds_error(self.path, lines, numbers, exc) from None
                 yield table
 
     def __post_init__(self) -> None:
@@ -325,6 +333,19 @@ class TableSource:
     def skipped(self) -> list[str]:
         """Multidimensional columns left out so far."""
         return sorted(self._skipped)
+
+
+def _cds_error(path: Path, lines: list[bytes], numbers: np.ndarray, exc: Exception) -> CatalogError:
+    """astropy's error for a chunk of CDS lines, naming the first line with a byte that is not
+    printable ASCII."""
+    text = " ".join(str(exc).split())
+    for ln, no in zip(lines, numbers, strict=True):
+        body = ln.rstrip(b"\r\n")
+        bad = [j for j, b in enumerate(body) if not 32 <= b <= 126]
+        if bad:
+            text += f" (line {int(no)}, byte {bad[0] + 1}: {body[bad[0]]:#04x}, not printable)"
+            return CatalogError(f"{path}: cannot read as cds: {text}", path=str(path), row=int(no))
+    return CatalogError(f"{path}: cannot read as cds: {text}", path=str(path))
 
 
 @contextlib.contextmanager
