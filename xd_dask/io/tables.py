@@ -224,19 +224,31 @@ class TableSource:
     # one generator per format -------------------------------------------------------------
     def _csv(self, chunk_rows: int, chunk_bytes: int) -> Iterator[pa.Table]:
         from astropy.io import ascii  # noqa: PLC0415
+        from astropy.io.ascii import InconsistentTableError  # noqa: PLC0415
 
+        with open_binary(self.path) as fh:
+            refuse_bom(str(self.path), fh.read(len(BOM)))
+        # astropy's fast CSV reader without its padding of short rows with empty fields
+        # (format "csv" is "fast_basic" with these options and fill_extra_cols = True)
         with _quiet():
             chunks = ascii.read(
                 str(self.path),
-                format="csv",
+                format="fast_basic",
+                delimiter=",",
+                comment=None,
                 guess=False,
                 fast_reader={"chunk_size": chunk_bytes, "chunk_generator": True},
             )
+        rows = 0
         while True:
-            with _quiet():
-                chunk = next(chunks, None)
+            try:
+                with _quiet():
+                    chunk = next(chunks, None)
+            except InconsistentTableError as exc:
+                raise _ragged(self.path, rows, exc) from None
             if chunk is None:
                 return
+            rows += len(chunk)
             yield astropy_to_arrow(chunk, self._skipped)
 
     def _ecsv(self, chunk_rows: int, chunk_bytes: int) -> Iterator[pa.Table]:
@@ -333,6 +345,36 @@ class TableSource:
     def skipped(self) -> list[str]:
         """Multidimensional columns left out so far."""
         return sorted(self._skipped)
+
+
+#: The UTF-8 byte-order mark.
+BOM = b"\xef\xbb\xbf"
+
+
+def refuse_bom(path: str, head: bytes) -> None:
+    """CatalogError when a text table starts with a UTF-8 byte-order mark (``head``: its first
+    bytes), which the readers would glue to the first column's name."""
+    if head.startswith(BOM):
+        raise CatalogError(
+            f"{path}: starts with a UTF-8 byte-order mark (bytes EF BB BF, as some spreadsheet "
+            "programs write), which would become part of the first column's name; save it "
+            f"without one (e.g. `sed -i '1s/^\\xEF\\xBB\\xBF//' {path}`)",
+            path=path,
+        )
+
+
+def _ragged(path: Path, rows_before: int, exc: Exception) -> CatalogError:
+    """A CatalogError for astropy's "inconsistent data columns" error in a CSV chunk, naming
+    the row in the whole file (astropy counts data lines from 0 in each chunk)."""
+    m = re.search(r"data line (\d+)", str(exc))
+    row = rows_before + int(m.group(1)) if m else None
+    where = f"row {row} (counting data rows from 0)" if row is not None else "a row"
+    return CatalogError(
+        f"{path}: {where} has a different number of fields than the header "
+        f"({' '.join(str(exc).split())}); a ragged row is not read as missing values: fix it",
+        path=str(path),
+        row=row,
+    )
 
 
 def _cds_error(path: Path, lines: list[bytes], numbers: np.ndarray, exc: Exception) -> CatalogError:
