@@ -85,7 +85,11 @@ class StoreError(RuntimeError):
 
 
 class CorruptLatestError(StoreError):
-    """``latest`` cannot be used; the message says why and how to repair the store."""
+    """``latest`` cannot be used: ``problem`` says why; the message adds how to repair it."""
+
+    def __init__(self, problem: str, root: Path) -> None:
+        super().__init__(f"{problem}; {repair_hint(root)}")
+        self.problem = problem
 
 
 def _run_key(name: str) -> tuple[str, int]:
@@ -273,7 +277,7 @@ class ModelStore:
         """
         problem = self._link_problem()
         if problem:
-            raise CorruptLatestError(f"{self.latest_link} {problem}; {repair_hint(self.root)}")
+            raise CorruptLatestError(f"{self.latest_link} {problem}", self.root)
         link = self.latest_link
         return link.resolve() if link.is_symlink() else None
 
@@ -299,7 +303,7 @@ class ModelStore:
         path = run / MODEL_FILE
         if not path.is_file():
             raise CorruptLatestError(
-                f"{self.latest_link} -> {run.name} has no {MODEL_FILE}; {repair_hint(self.root)}"
+                f"{self.latest_link} -> {run.name} has no {MODEL_FILE}", self.root
             )
         return path
 
@@ -316,8 +320,8 @@ class ModelStore:
             return XDModel.load(path)
         except ModelFileError as exc:
             raise CorruptLatestError(
-                f"{self.latest_link} -> {path.parent.name}: the model does not load ({exc}); "
-                f"{repair_hint(self.root)}"
+                f"{self.latest_link} -> {path.parent.name}: the model does not load ({exc})",
+                self.root,
             ) from None
 
     def promote(self, run: str | os.PathLike) -> None:
@@ -381,7 +385,7 @@ class ModelStore:
         try:
             self.latest_model()
         except CorruptLatestError as exc:
-            return str(exc).split("; repair the store")[0]
+            return exc.problem
         return None
 
     def _loadable(self, run: Path) -> str | None:
