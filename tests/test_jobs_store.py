@@ -52,7 +52,7 @@ def test_promote_moves_latest_atomically_and_refuses_runs_without_model(tmp_path
     np.testing.assert_array_equal(store.latest_model().means, _model(2).means)
     # no temporary links are left behind
     names = sorted(p.name for p in store.root.iterdir())
-    assert names == [".store.lock", "2024-05-01", "2024-05-02", "latest"]
+    assert names == [".store.json", ".store.lock", "2024-05-01", "2024-05-02", "latest"]
     with pytest.raises(StoreError, match="not a run directory"):
         store.promote(tmp_path)
 

@@ -9,6 +9,11 @@ The directories must be on a file system where ``flock`` works between all the p
 write there: local file systems; NFS (Linux emulates ``flock`` with NFS byte-range locks, which
 work across clients); Lustre only when mounted with ``-o flock``; many FUSE file systems ignore
 locks. On a file system without working locks, two writers are not detected.
+
+A lock file is opened without following a symbolic link and used only if it is the current
+user's own regular file with a single link (:func:`xd_dask.utils.open_own_file`): a link planted
+at ``out/.xd-dask.lock`` cannot make a run truncate the file it points to, and a lock file another
+user created is refused (:class:`~xd_dask.utils.UnsafeFileError`, naming the file), not written.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["OUTPUT_LOCK", "FileLock", "LockError", "is_locked", "output_lock"]
+from xd_dask.utils import UnsafeFileError, open_own_file
+
+__all__ = ["OUTPUT_LOCK", "FileLock", "LockError", "UnsafeFileError", "is_locked", "output_lock"]
 
 #: Name of the lock file inside an output directory (``fit``, ``resume``).
 OUTPUT_LOCK = ".xd-dask.lock"
@@ -35,10 +42,11 @@ class LockError(RuntimeError):
     """The lock is held by another process (the message names the holder)."""
 
 
-def _holder_text(path: Path) -> str:
-    """'pid 123 on host h (xd-dask fit ..., since ...)' from a lock file, or a placeholder."""
+def _holder_text(fd: int) -> str:
+    """'pid 123 on host h (xd-dask fit ..., since ...)' from an open lock file, or a
+    placeholder (at most 4 KiB are read)."""
     try:
-        info = json.loads(path.read_text() or "{}")
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
     except (OSError, ValueError):
         info = {}
     if not isinstance(info, dict) or "pid" not in info:
@@ -73,11 +81,14 @@ class FileLock:
         ------
         LockError
             Another process holds it (after ``timeout`` seconds), naming that process.
+        UnsafeFileError
+            The lock file is a symbolic link, not a regular file, has other hard links or belongs
+            to another user (nothing is written to it).
         """
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already locked by this object")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_own_file(self.path, os.O_RDWR | os.O_CREAT, 0o644, what="lock file")
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
@@ -90,7 +101,7 @@ class FileLock:
                         raise OSError(exc.errno, msg, str(self.path)) from None
                     if deadline is not None and time.monotonic() >= deadline:
                         raise LockError(
-                            f"{self.what} is in use by {_holder_text(self.path)} "
+                            f"{self.what} is in use by {_holder_text(fd)} "
                             f"(lock file {self.path}); wait for it to finish or choose another"
                         ) from None
                     time.sleep(0.05)
@@ -127,11 +138,18 @@ class FileLock:
 
 
 def is_locked(path: str | os.PathLike) -> bool:
-    """True when some process (this one included, through another descriptor) holds ``path``."""
+    """True when some process (this one included, through another descriptor) holds ``path``.
+
+    A symbolic link is not followed (and is not a lock anyone can hold: False).
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return False
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return False
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as exc:

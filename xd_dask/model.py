@@ -17,7 +17,7 @@ from numpy.lib import format as npformat
 
 from xd_dask import kernels
 from xd_dask.params import ARRAY_NAMES, Params
-from xd_dask.utils import atomic_path
+from xd_dask.utils import atomic_path, bounded_zip
 
 FORMAT_NAME = "xd-dask-model"
 FORMAT_VERSION = 1
@@ -145,7 +145,7 @@ def _check_header(path: Path, header: dict[str, Any]) -> tuple[int, int]:
 
 def _read_model_file(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
     """(header, metadata, arrays) of a model file, every member checked before it is read."""
-    with zipfile.ZipFile(path) as zf:
+    with bounded_zip(path, max_entries=16) as zf:  # a model file has at most 8 members
         z = _Members(path, zf)
         if "header" not in z:
             raise ModelFileError(f"{path}: not an xd-dask model file (no header)")

@@ -1,4 +1,4 @@
-"""Operations commands: nightly, render-job."""
+"""Operations commands: nightly, store repair, render-job."""
 
 from __future__ import annotations
 
@@ -15,13 +15,15 @@ from xd_dask.cli.app import (
     key_option,
     key_options,
     load_job,
+    main,
     set_option,
 )
 from xd_dask.cli.fit import catalogue_override
 from xd_dask.cli.progress import Progress, show_dashboard, table
+from xd_dask.jobs.store import StoreError
 
 
-@command(json_output=True)
+@command(json_output=True, usage=(StoreError,))
 @click.argument("config", type=click.Path(dir_okay=False), metavar="CONFIG.toml")
 @key_options(*FIT_KEYS, *CLUSTER_KEYS)
 @set_option
@@ -30,7 +32,8 @@ def nightly(config: str, log_format: str, **params: Any) -> None:
     """One nightly run: warm-start from latest, fit, gate on held-out log-likelihood, promote.
 
     Exits 0 when the new model became `latest`, 1 when the run failed or was rejected (the
-    message says why; `latest` is unchanged).
+    message says why; `latest` is unchanged), 2 when `latest` cannot be used (repair the store
+    with `xd-dask store repair STORE`).
     """
     from xd_dask.jobs.nightly import run_nightly  # noqa: PLC0415
 
@@ -52,6 +55,48 @@ def nightly(config: str, log_format: str, **params: Any) -> None:
         )
     if not result.promoted:
         fail(f"nightly run {result['run']} {result['status']}: {result['reason']}", EXIT_FAILURE)
+
+
+@main.group("store")
+def store_group() -> None:
+    """The nightly model store (runs and the `latest` link)."""
+
+
+@command("repair", group=store_group, json_output=True, usage=(StoreError,))
+@click.argument("store", type=click.Path(file_okay=False))
+@click.option(
+    "--to",
+    "to_run",
+    default=None,
+    metavar="RUN",
+    help="Point latest at this run (its model must load), e.g. to roll back.",
+)
+@click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
+def store_repair(store: str, to_run: str | None, dry_run: bool, log_format: str) -> None:
+    """Repair STORE's `latest` link without hand edits.
+
+    When `latest` cannot be used (not a link, dangling, or its run's model is missing or does
+    not load) it is pointed at the newest promoted run whose model loads (without one, it is
+    removed and the next nightly starts afresh). --to RUN points it at RUN instead. Exits 0
+    when `latest` is usable afterwards (or was already), 2 when the store or RUN cannot be used.
+    """
+    from xd_dask.jobs.store import ModelStore  # noqa: PLC0415
+
+    out = ModelStore(store).repair(to_run, dry_run=dry_run)
+    progress = Progress(log_format)
+    if progress.json:
+        progress.emit("store_repair", store=store, dry_run=dry_run, **out)
+        return
+    would = "would be " if dry_run else ""
+    text = {
+        "none": f"latest -> {out['latest']} is usable; nothing to repair",
+        "repointed": f"latest {would}pointed at {out['latest']} (was {out['previous']})",
+        "removed": f"latest {would}removed (no promoted run with a model that loads); the next "
+        "nightly starts cold",
+    }[out["action"]]
+    rows = [("store", store), ("problem", out["problem"] or "none")]
+    rows += [(f"skipped {run}", why) for run, why in out["skipped"].items()]
+    progress.message(text + "\n" + table(rows))
 
 
 @command("render-job")

@@ -36,7 +36,7 @@ import numpy as np
 
 from xd_dask.optim import LoopState, method
 from xd_dask.params import Params
-from xd_dask.utils import atomic_path
+from xd_dask.utils import atomic_path, read_npz
 
 __all__ = ["CHECKPOINT_NAME", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
@@ -146,9 +146,8 @@ def load_checkpoint(directory: str | Path) -> tuple[LoopState, dict[str, Any], d
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint here")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            header = json.loads(str(z["header"]))
-            arrays = {k: np.array(z[k]) for k in z.files if k != "header"}
+        arrays = read_npz(path, max_entries=64)  # sizes checked before anything is allocated
+        header = json.loads(str(arrays.pop("header")))
     except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({exc})") from None
     if header.get("format") != FORMAT_NAME:

@@ -14,10 +14,19 @@ tests compare crafted tables and the first hip2.dat records with astropy).
 
 Nulls follow astropy: a blank field is null; with ``?=V`` in the explanation a field equal to V is
 null too (``?=-``: ``-`` to ``----``).
+
+Checked against the ReadMe, beyond what astropy checks (:func:`cds_layout`, :func:`check_lines`):
+every byte range must run forwards and be as wide as its format (``F6.3``: 6 bytes); a data line
+may not end inside a numeric field (a line cut short would turn `` 0.10`` into 0.0) nor carry
+anything beyond the last byte the ReadMe describes. A chunk holding any byte that is not
+printable ASCII (a NUL, a tab, another control character, a non-ASCII byte) is never converted
+here: astropy reads it (decoded as UTF-8, as astropy reads files), so the result is astropy's,
+value for value or error for error.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +34,9 @@ import numba
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["CdsColumn", "cds_layout", "parse_lines"]
+from xd_dask.io.reader import CatalogError
+
+__all__ = ["CdsColumn", "cds_layout", "check_lines", "parse_lines"]
 
 _KIND_FLOAT, _KIND_INT, _KIND_STR = 0, 1, 2
 
@@ -45,7 +56,11 @@ class CdsColumn:
 
 def cds_layout(readme: str | Path, table_name: str) -> tuple[list[CdsColumn], pa.Schema]:
     """The columns of ``table_name`` described in ``readme`` (parsed by astropy), and the Arrow
-    schema of the data (with ``unit`` and ``description`` field metadata, as astropy gives)."""
+    schema of the data (with ``unit`` and ``description`` field metadata, as astropy gives).
+
+    Raises CatalogError naming the ReadMe and the column when a byte range runs backwards or
+    is not as wide as the column's format says (``17-12 F6.3``: astropy reads it as blank).
+    """
     from astropy.io import ascii  # noqa: PLC0415
     from astropy.io.ascii import core  # noqa: PLC0415
 
@@ -66,6 +81,7 @@ def cds_layout(readme: str | Path, table_name: str) -> tuple[list[CdsColumn], pa
             kind, typ = _KIND_FLOAT, pa.float64()
         else:
             kind, typ = _KIND_STR, pa.string()
+        _check_range(readme, table_name, c)
         unit = None if c.unit is None else c.unit.to_string()
         null_values = tuple(nulls.get(c.name, ()))
         out.append(CdsColumn(c.name, c.start, c.end, kind, unit, c.description, null_values))
@@ -74,6 +90,84 @@ def cds_layout(readme: str | Path, table_name: str) -> tuple[list[CdsColumn], pa
             meta["description"] = c.description
         fields.append(pa.field(c.name, typ, metadata=meta or None))
     return out, pa.schema(fields)
+
+
+def _check_range(readme: str | Path, table_name: str, col) -> None:
+    """CatalogError unless ``col``'s byte range runs forwards and has its format's width."""
+    where = f"{readme}: column {col.name!r} of {table_name}"
+    if not 0 <= col.start < col.end:
+        raise CatalogError(
+            f"{where}: bytes {col.start + 1}-{col.end} do not run forwards; fix the ReadMe",
+            path=str(readme),
+            column=col.name,
+        )
+    m = re.fullmatch(r"[A-Za-z](\d+)(\.\d+)?", str(col.raw_type))
+    if m and int(m.group(1)) != col.end - col.start:
+        raise CatalogError(
+            f"{where}: bytes {col.start + 1}-{col.end} are {col.end - col.start} wide but the "
+            f"format {col.raw_type} is {m.group(1)}; fix the ReadMe",
+            path=str(readme),
+            column=col.name,
+        )
+
+
+def _line_bytes(lines: list[bytes], chars: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths without the line end, all bytes of the lines without their ends, concatenated);
+    with ``chars`` a non-ASCII line counts UTF-8 characters (one byte each, as astropy counts
+    them in the fallback)."""
+    body = [ln.rstrip(b"\r\n") for ln in lines]
+    if chars:
+        body = [
+            b if b.isascii() else b.decode("utf-8", "replace").encode("ascii", "replace")
+            for b in body
+        ]
+    lengths = np.fromiter((len(b) for b in body), np.int64, len(body))
+    return lengths, np.frombuffer(b"".join(body), np.uint8)
+
+
+def printable(lines: list[bytes]) -> bool:
+    """Whether every byte of the lines (line ends aside) is printable ASCII (32-126): no NUL,
+    tab, DEL or other control character, and no byte of a multi-byte (UTF-8) character, whose
+    fields astropy counts in characters, not bytes."""
+    _, data = _line_bytes(lines)
+    return not bool(np.any((data < 32) | (data > 126)))
+
+
+def check_lines(lines: list[bytes], numbers: np.ndarray, cols: list[CdsColumn], path: str) -> None:
+    """Data lines against the ReadMe's layout; CatalogError naming the file, line and column.
+
+    ``numbers`` are the 1-based line numbers of ``lines`` in the file. Refused: a line that ends
+    inside a numeric field whose present bytes are not blank (a truncated line: astropy would
+    read `` 0.`` of `` 0.10`` as 0.0), and a line with non-blank bytes beyond the last byte the
+    ReadMe describes (the ReadMe does not describe this file). String fields may end early
+    (trailing blanks are often stripped).
+    """
+    lengths, data = _line_bytes(lines, chars=True)
+    width = max(c.end for c in cols)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    for i in np.flatnonzero(lengths > width):
+        extra = data[starts[i] + width : starts[i] + lengths[i]]
+        if np.any(extra != 32):
+            raise CatalogError(
+                f"{path}: line {int(numbers[i])} has {int(lengths[i])} bytes, beyond the "
+                f"{width} the ReadMe describes; is it the ReadMe of this file?",
+                path=path,
+                row=int(numbers[i]),
+            )
+    for c in cols:
+        if c.kind == _KIND_STR:
+            continue
+        for i in np.flatnonzero((lengths > c.start) & (lengths < c.end)):
+            field = data[starts[i] + c.start : starts[i] + lengths[i]]
+            if np.any(field != 32):
+                raise CatalogError(
+                    f"{path}: line {int(numbers[i])} ends at byte {int(lengths[i])}, inside "
+                    f"column {c.name!r} (bytes {c.start + 1}-{c.end}): the line is shorter "
+                    "than the ReadMe says (truncated?)",
+                    path=path,
+                    row=int(numbers[i]),
+                    column=c.name,
+                )
 
 
 @numba.njit(cache=True, nogil=True)
@@ -167,7 +261,10 @@ def _block(lines: list[bytes], width: int) -> np.ndarray:
 
 def parse_lines(lines: list[bytes], cols: list[CdsColumn], schema: pa.Schema) -> pa.Table | None:
     """The data lines (bytes, newline optional) as an Arrow table, or None if a field is not a
-    plain number the compiled pass converts exactly (read that chunk with astropy instead)."""
+    plain number the compiled pass converts exactly or a line holds a byte that is not printable
+    (read that chunk with astropy instead)."""
+    if not printable(lines):
+        return None
     width = max(c.end for c in cols)
     a = _block(lines, width)
     n = a.shape[0]

@@ -47,6 +47,7 @@ from xd_dask.io.tables import (
     guess_id_column,
     open_binary,
     open_table,
+    refuse_bom,
     strip_compression,
     table_stem,
 )
@@ -109,6 +110,7 @@ def read_ecsv_header(fh: BinaryIO, path: str) -> tuple[dict[str, Any], list[str]
     Returns (header dict, column names from the column-name line).
     """
     first = fh.readline()
+    refuse_bom(path, first)
     if not first.startswith(b"# %ECSV"):
         raise CatalogError(f"{path}: not an ECSV file (no '# %ECSV' first line)", path=path)
     lines = []
@@ -148,6 +150,10 @@ def ecsv_batches(
     (datatypes outside the simple ECSV types, e.g. multidimensional columns, are kept as strings).
     The schema's fields carry the header's ``unit`` and ``description`` as metadata; each batch
     must be cast to it (``pa.Table.from_batches([b]).cast(schema)``).
+
+    float32 (and float16) columns are parsed as float64 and narrowed once checked: a finite value
+    beyond float32's range (|x| > 3.4e38) raises CatalogError naming the file, the row and the
+    column instead of being stored as inf.
     """
     header, names = read_ecsv_header(fh, path_s)
     info = {c["name"]: c for c in header["datatype"]}
@@ -167,19 +173,48 @@ def ecsv_batches(
         meta = {k: str(info[name][k]) for k in ("unit", "description") if k in info[name]}
         fields.append(pa.field(name, types[name], metadata=meta or None))
     out_schema = pa.schema(fields)
+    narrow = [n for n in wanted if types[n] == pa.float32()]
     reader = pacsv.open_csv(
         fh,
         read_options=pacsv.ReadOptions(column_names=names, block_size=block_size),
         parse_options=pacsv.ParseOptions(delimiter=header.get("delimiter", " ")),
         convert_options=pacsv.ConvertOptions(
             include_columns=wanted,
-            column_types=types,
+            column_types={n: pa.float64() if n in narrow else t for n, t in types.items()},
             null_values=NULL_VALUES,
             strings_can_be_null=True,
             quoted_strings_can_be_null=True,
         ),
     )
-    return out_schema, iter(reader)
+    if not narrow:
+        return out_schema, iter(reader)
+    return out_schema, _narrowed(reader, narrow, path_s, _plain(out_schema))
+
+
+def _narrowed(
+    batches: Iterator[pa.RecordBatch], narrow: list[str], path_s: str, schema: pa.Schema
+) -> Iterator[pa.RecordBatch]:
+    """``batches`` with the float64 columns ``narrow`` cast to float32 (``schema``), after
+    checking that no finite value overflows float32 (CatalogError naming file, row, column)."""
+    biggest = float(np.finfo(np.float32).max)
+    rows = 0
+    for batch in batches:
+        for name in narrow:
+            values = batch.column(name).to_numpy(zero_copy_only=False)  # null -> NaN
+            bad = np.flatnonzero(np.isfinite(values) & (np.abs(values) > biggest))
+            if bad.size:
+                row = rows + int(bad[0])
+                raise CatalogError(
+                    f"{path_s}: row {row}: column {name!r} holds {values[bad[0]]:g}, beyond the "
+                    f"range of float32 (|x| <= {biggest:.4g}) that the ECSV header declares for "
+                    "it; it would be stored as inf. Declare the column float64",
+                    path=path_s,
+                    row=row,
+                    column=name,
+                )
+        rows += batch.num_rows
+        arrays = [batch.column(f.name).cast(f.type) for f in schema]
+        yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 def ingest_file(

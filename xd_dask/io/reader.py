@@ -8,6 +8,13 @@ id) and the column; ``"drop"`` removes it and counts it under its reason in
 :attr:`CatalogBlock.dropped`. Rows outside the schema's ``[selection]`` are not bad rows: under
 either policy they are removed and counted as ``not_selected``.
 
+Units: a value, error, flux-over-error or correlation column whose unit in the file (the ``unit``
+field metadata that ``xd-dask ingest`` keeps from FITS, VOTable, ECSV and CDS headers) is not the
+unit the schema gives it stops the read with :class:`CatalogError` naming the file, the column
+and both units (compared with ``astropy.units``: ``mas/yr`` and ``mas.yr**-1`` agree, ``deg``
+and ``rad`` do not). A column without a unit in the file, or without one in the schema, is not
+checked.
+
 Duplicate ids: a row whose id equals that of an earlier valid row among the rows read in one call
 (a file, or the row groups asked for) is bad with reason ``duplicate_id``; under ``"drop"`` the
 first occurrence is kept and the later ones are dropped and counted. (Duplicates across files are
@@ -16,8 +23,10 @@ the manifest's business.) Files sorted by id (Gaia bulk files) are checked in on
 
 from __future__ import annotations
 
+import functools
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -285,6 +294,89 @@ def require_columns(path_s: str, names: list[str], schema: CatalogSchema) -> dic
     return found
 
 
+# --------------------------------------------------------------------------- units
+def _schema_units(schema: CatalogSchema) -> Iterator[tuple[str, str, str]]:
+    """(column, unit the schema gives it, what it is) for every column with a known unit;
+    "" means dimensionless (flux-over-error and correlation columns)."""
+    p = schema.projection
+    if p is not None:
+        yield from ((c, p.angle_unit, "position") for c in (p.ra, p.dec))
+        for col in (p.parallax, p.parallax_error):
+            if col:
+                yield col, p.parallax_unit, "parallax (parallax_unit)"
+        for col in (p.pmra, p.pmdec, p.pmra_error, p.pmdec_error):
+            yield col, p.pm_unit, "proper motion (pm_unit)"
+        yield from ((c, "", "correlation") for c in p.correlations if c)
+        return
+    for name, col, unit, spec in zip(
+        schema.features, schema.columns, schema.units, schema.noise, strict=True
+    ):
+        if unit:
+            yield col, unit, f"feature {name!r}: unit"
+        if spec.kind == "error" and (spec.error_unit or unit):
+            yield spec.columns[0], spec.error_unit or unit, f"feature {name!r}: error_unit"
+        if spec.kind == "flux_over_error":
+            yield from ((c, "", f"feature {name!r}: flux_over_error") for c in spec.columns)
+    yield from ((c.column, "", "correlation") for c in schema.correlations)
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_unit(text: str) -> Any:
+    """An astropy unit from ``text`` in any of the formats tables use, or None."""
+    from astropy import units as u  # noqa: PLC0415
+
+    text = text.strip()
+    if text in ("", "-", "---"):
+        return u.dimensionless_unscaled
+    for fmt in (None, "cds", "fits", "vounit", "ogip"):
+        try:
+            return u.Unit(text, format=fmt, parse_strict="raise")
+        except (ValueError, TypeError):
+            continue
+    return None
+
+
+@functools.lru_cache(maxsize=512)
+def units_agree(file_unit: str, schema_unit: str) -> bool:
+    """Whether a column in ``file_unit`` holds numbers in ``schema_unit`` (astropy.units: the
+    same unit however spelt; text comparison when either cannot be parsed)."""
+    from astropy import units as u  # noqa: PLC0415
+
+    a, b = _parse_unit(file_unit), _parse_unit(schema_unit)
+    if a is None or b is None:
+        return " ".join(file_unit.split()) == " ".join(schema_unit.split())
+    try:
+        return math.isclose(a.to(b), 1.0, rel_tol=1e-9)
+    except u.UnitsError:
+        return False
+
+
+def check_units(
+    path_s: str, file_schema: pa.Schema, found: dict[str, str], schema: CatalogSchema
+) -> None:
+    """CatalogError when a column's unit in the file disagrees with the schema (module
+    docstring); ``found`` maps the schema's column names to the file's."""
+    actual = {k.lower(): v for k, v in found.items()}
+    for column, unit, what in _schema_units(schema):
+        name = actual.get(column.lower())
+        if name is None or file_schema.get_field_index(name) < 0:
+            continue
+        meta = file_schema.field(name).metadata or {}
+        file_unit = meta.get(b"unit", b"").decode("utf-8", "replace").strip()
+        if not file_unit or units_agree(file_unit, unit):
+            continue
+        said = repr(unit) if unit else "no unit (a pure number)"
+        raise CatalogError(
+            f"{path_s}: column {name!r} is in {file_unit!r} (the file's unit) but schema "
+            f"{schema.name!r} says {said} ({what}); the values would be taken in the wrong "
+            "unit. Fix the schema's unit (error_unit / error_scale for an error column), or the "
+            "file's",
+            path=path_s,
+            column=name,
+            reason="unit_mismatch",
+        )
+
+
 def read_partition(
     path: str | os.PathLike,
     schema: CatalogSchema | str | None = None,
@@ -314,7 +406,8 @@ def read_partition(
 
     Raises
     ------
-    CatalogError for an unreadable/truncated file, a missing column, or (on_bad="error") a bad row.
+    CatalogError for an unreadable/truncated file, a missing column, a column whose unit in the
+    file is not the schema's, or (on_bad="error") a bad row.
     """
     if on_bad not in ("error", "drop"):
         raise ValueError(f"on_bad must be 'error' or 'drop', got {on_bad!r}")
@@ -322,6 +415,7 @@ def read_partition(
     path_s = os.fspath(path)
     pf = open_parquet(path_s, filesystem)
     found = require_columns(path_s, pf.schema_arrow.names, schema)
+    check_units(path_s, pf.schema_arrow, found, schema)
     columns = [found[c] for c in schema.required_columns()]
     try:
         if row_groups is None:

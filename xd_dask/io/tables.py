@@ -224,19 +224,31 @@ class TableSource:
     # one generator per format -------------------------------------------------------------
     def _csv(self, chunk_rows: int, chunk_bytes: int) -> Iterator[pa.Table]:
         from astropy.io import ascii  # noqa: PLC0415
+        from astropy.io.ascii import InconsistentTableError  # noqa: PLC0415
 
+        with open_binary(self.path) as fh:
+            refuse_bom(str(self.path), fh.read(len(BOM)))
+        # astropy's fast CSV reader without its padding of short rows with empty fields
+        # (format "csv" is "fast_basic" with these options and fill_extra_cols = True)
         with _quiet():
             chunks = ascii.read(
                 str(self.path),
-                format="csv",
+                format="fast_basic",
+                delimiter=",",
+                comment=None,
                 guess=False,
                 fast_reader={"chunk_size": chunk_bytes, "chunk_generator": True},
             )
+        rows = 0
         while True:
-            with _quiet():
-                chunk = next(chunks, None)
+            try:
+                with _quiet():
+                    chunk = next(chunks, None)
+            except InconsistentTableError as exc:
+                raise _ragged(self.path, rows, exc) from None
             if chunk is None:
                 return
+            rows += len(chunk)
             yield astropy_to_arrow(chunk, self._skipped)
 
     def _ecsv(self, chunk_rows: int, chunk_bytes: int) -> Iterator[pa.Table]:
@@ -288,7 +300,7 @@ class TableSource:
     def _cds(self, chunk_rows: int, chunk_bytes: int) -> Iterator[pa.Table]:
         from astropy.io import ascii  # noqa: PLC0415
 
-        from xd_dask.io.cds import cds_layout, parse_lines  # noqa: PLC0415
+        from xd_dask.io.cds import cds_layout, check_lines, parse_lines  # noqa: PLC0415
 
         if self.readme is None:  # header and data in one file: astropy reads it whole
             with _quiet():
@@ -298,14 +310,19 @@ class TableSource:
         name = strip_compression(self.path.name)
         with _quiet():
             cols, schema = cds_layout(self.readme, name)
+        first = 1  # line number of the chunk's first line in the file
         with open_binary(self.path) as fh:
             while True:
                 raw = list(itertools.islice(fh, chunk_rows))
                 if not raw:
                     return
-                lines = [ln for ln in raw if ln.strip()]
+                keep = [i for i, ln in enumerate(raw) if ln.strip()]
+                lines = [raw[i] for i in keep]
+                numbers = np.asarray(keep, np.int64) + first
+                first += len(raw)
                 if not lines:
                     continue
+                check_lines(lines, numbers, cols, str(self.path))
                 table = parse_lines(lines, cols, schema)  # compiled; None: not plain numbers
                 if table is None:
                     # as ascii.read(format="cds") does: blank fields are null
@@ -313,9 +330,12 @@ class TableSource:
                         ascii.Cds, readme=str(self.readme), fill_values=[("", "0")]
                     )
                     reader.data.table_name = name  # the header: this file's ReadMe section
-                    text = [ln.decode("latin-1").rstrip("\r\n") for ln in lines]
-                    with _quiet():
-                        table = astropy_to_arrow(reader.read(text), self._skipped)
+                    try:  # decoded as astropy decodes a file it reads
+                        text = [ln.decode("utf-8").rstrip("\r\n") for ln in lines]
+                        with _quiet():
+                            table = astropy_to_arrow(reader.read(text), self._skipped)
+                    except ValueError as exc:
+                        raise _cds_error(self.path, lines, numbers, exc) from None
                 yield table
 
     def __post_init__(self) -> None:
@@ -325,6 +345,49 @@ class TableSource:
     def skipped(self) -> list[str]:
         """Multidimensional columns left out so far."""
         return sorted(self._skipped)
+
+
+#: The UTF-8 byte-order mark.
+BOM = b"\xef\xbb\xbf"
+
+
+def refuse_bom(path: str, head: bytes) -> None:
+    """CatalogError when a text table starts with a UTF-8 byte-order mark (``head``: its first
+    bytes), which the readers would glue to the first column's name."""
+    if head.startswith(BOM):
+        raise CatalogError(
+            f"{path}: starts with a UTF-8 byte-order mark (bytes EF BB BF, as some spreadsheet "
+            "programs write), which would become part of the first column's name; save it "
+            f"without one (e.g. `sed -i '1s/^\\xEF\\xBB\\xBF//' {path}`)",
+            path=path,
+        )
+
+
+def _ragged(path: Path, rows_before: int, exc: Exception) -> CatalogError:
+    """A CatalogError for astropy's "inconsistent data columns" error in a CSV chunk, naming
+    the row in the whole file (astropy counts data lines from 0 in each chunk)."""
+    m = re.search(r"data line (\d+)", str(exc))
+    row = rows_before + int(m.group(1)) if m else None
+    where = f"row {row} (counting data rows from 0)" if row is not None else "a row"
+    return CatalogError(
+        f"{path}: {where} has a different number of fields than the header "
+        f"({' '.join(str(exc).split())}); a ragged row is not read as missing values: fix it",
+        path=str(path),
+        row=row,
+    )
+
+
+def _cds_error(path: Path, lines: list[bytes], numbers: np.ndarray, exc: Exception) -> CatalogError:
+    """astropy's error for a chunk of CDS lines, naming the first line with a byte that is not
+    printable ASCII."""
+    text = " ".join(str(exc).split())
+    for ln, no in zip(lines, numbers, strict=True):
+        body = ln.rstrip(b"\r\n")
+        bad = [j for j, b in enumerate(body) if not 32 <= b <= 126]
+        if bad:
+            text += f" (line {int(no)}, byte {bad[0] + 1}: {body[bad[0]]:#04x}, not printable)"
+            return CatalogError(f"{path}: cannot read as cds: {text}", path=str(path), row=int(no))
+    return CatalogError(f"{path}: cannot read as cds: {text}", path=str(path))
 
 
 @contextlib.contextmanager

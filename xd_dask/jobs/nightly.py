@@ -16,7 +16,10 @@ One run (``xd-dask nightly jobs/nightly.toml``):
 6. prune: keep the last ``nightly.keep`` finished runs, ``latest``, every running run and every
    run newer than ``latest``.
 
-A failed or rejected run never touches ``latest``; its report says why.
+A failed or rejected run never touches ``latest``; its report says why. A ``latest`` that cannot
+be used (its model does not load, ...) stops the nightly before a run is made
+(:class:`~xd_dask.jobs.store.CorruptLatestError`, naming the repair command ``xd-dask store
+repair``); met at the gate, it fails the run and leaves ``latest`` alone.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from xd_dask.jobs.runner import (
     split_catalog,
     write_json,
 )
-from xd_dask.jobs.store import ModelStore
+from xd_dask.jobs.store import ModelStore, StoreError
 from xd_dask.model import XDModel
 from xd_dask.utils import get_logger
 
@@ -87,15 +90,16 @@ def _gate(
     run: Path,
     new_ll: float,
     margin: float,
-    score: Callable[[Path], float],
+    score: Callable[[XDModel], float],
 ) -> dict[str, Any]:
-    """Compare the new run with the CURRENT ``latest``, scored now with ``score(model path)``
-    on the new run's held-out rows (call under the store lock)."""
+    """Compare the new run with the CURRENT ``latest``, scored now with ``score(model)`` on the
+    new run's held-out rows (call under the store lock); CorruptLatestError when ``latest``
+    cannot be read."""
     current = store.latest_model_path()
     if current is None:
         return {"status": PROMOTED, "reason": "first model in the store", "previous": None}
     name = current.parent.name
-    old_ll = score(current)
+    old_ll = score(store.read_latest_model(current))
     out: dict[str, Any] = {"previous": name, "previous_heldout_mean_loglike": old_ll}
     if new_ll >= old_ll - margin:
         out["status"] = PROMOTED
@@ -156,6 +160,9 @@ def run_nightly(
     ------
     ConfigError
         The configuration cannot work (no held-out catalogue, missing catalogue); nothing is run.
+    CorruptLatestError
+        ``latest`` cannot be used (its model does not load, ...); nothing is run. The message
+        names the repair command.
     """
     if (
         not cfg.get("catalog.holdout")
@@ -170,7 +177,7 @@ def run_nightly(
     cfg.check_inputs()
     store = ModelStore(cfg.get("nightly.store"))
     prev_path = store.latest_model_path()
-    prev = XDModel.load(prev_path) if prev_path is not None else None
+    prev = store.read_latest_model(prev_path) if prev_path is not None else None
     run = store.new_run(now)
     try:
         result = _run(cfg, store, run, prev, prev_path, client, progress, on_client)
@@ -225,9 +232,9 @@ def _run(
             _training_curve(run)
             _, holdout = split_catalog(run_cfg)
 
-            def score(model_path: Path) -> float:
+            def score(model: XDModel) -> float:
                 return score_sources(
-                    XDModel.load(model_path), holdout, run_cfg, cl, split=heldout_split(run_cfg)
+                    model, holdout, run_cfg, cl, split=heldout_split(run_cfg)
                 ).mean_loglike
 
             with store.lock():  # held until latest has moved: no other run gates in between
@@ -236,7 +243,8 @@ def _run(
                 if result.status == PROMOTED:
                     store.promote(run)
     except Exception as exc:  # a failed night is recorded, never raised past the report
-        result.update(status=FAILED, reason=f"fit failed: {type(exc).__name__}: {exc}")
+        what = "store" if isinstance(exc, StoreError) else "fit failed"
+        result.update(status=FAILED, reason=f"{what}: {type(exc).__name__}: {exc}")
         result["traceback"] = traceback.format_exc(limit=20)
         log.error("nightly run %s failed: %s", run.name, exc)
         _write_report(run, report, result)
