@@ -20,8 +20,9 @@
 # Everything lives in $LOCAL_SLURM_DIR (default /tmp/xd-dask-slurm): slurm.conf, a munge key
 # and socket of its own (the system's munged and /etc/slurm are not touched), logs, spool. The
 # ports are free ones chosen when the daemons start (nothing listens on a fixed port). `start`
-# is idempotent: daemons that run are left alone, missing ones are started. Run as root (slurmd
-# starts jobs as their user) or as the only user who submits (SlurmUser = you).
+# is idempotent: when all four daemons run it does nothing; otherwise it stops what is left and
+# starts afresh (new ports, no jobs). Run as root (slurmd starts jobs as their user) or as the
+# only user who submits (SlurmUser = you). `stop` ends only the daemons named in $DIR/*.pid.
 set -euo pipefail
 
 DIR="${LOCAL_SLURM_DIR:-/tmp/xd-dask-slurm}"
@@ -30,8 +31,13 @@ NODES=(n1 n2)
 
 die() { echo "local-slurm: $*" >&2; exit 1; }
 
-alive() {  # alive PIDFILE: the process in PIDFILE runs
-    [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+alive() {  # alive PIDFILE: the daemon of PIDFILE (munged.pid, slurmd-n1.pid, ...) runs
+    local pid name
+    [ -s "$1" ] || return 1
+    pid="$(cat "$1")"
+    name="$(basename "$1" .pid)"
+    # the process must be that daemon: a stale pid file may name an unrelated process now
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "${name%%-*}" ]
 }
 
 pidfiles() {
@@ -81,6 +87,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 GresTypes=gpu
 MpiDefault=none
+MailProg=/bin/true
 SchedulerType=sched/backfill
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
@@ -159,6 +166,7 @@ cmd_stop() {
         kill "$pid" 2>/dev/null || true
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
         kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
+        rm -f "$f"
     done
     echo "local Slurm stopped (state and logs kept in $DIR)"
 }
