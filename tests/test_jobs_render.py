@@ -163,7 +163,7 @@ def test_kubernetes_manifest_parses_and_carries_resources():
     assert gpu["spec"]["worker"]["replicas"] == 2
     gc = gpu["spec"]["worker"]["spec"]["containers"][0]
     assert gc["args"][:3] == ["dask", "cuda", "worker"] and "GPU=1" in gc["args"]
-    assert gc["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gc["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
 def test_gpu_fit_with_cpu_workers_is_refused():

@@ -345,7 +345,9 @@ def _worker_container(cfg: JobConfig, gpu: bool) -> dict[str, Any]:
     limits: dict[str, Any] = {"cpu": str(cores), "memory": mem}
     if gpu:
         args += ["--resources", "GPU=1"]
-        limits["nvidia.com/gpu"] = 1
+        # a string: dask-kubernetes' CRDs type every resource quantity as a string, and the API
+        # server refuses the integer 1 there (tests/test_deploy_kubernetes.py)
+        limits["nvidia.com/gpu"] = "1"
     container: dict[str, Any] = {
         "name": "worker",
         "image": dep["gpu_image"] if gpu else dep["image"],
