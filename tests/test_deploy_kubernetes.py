@@ -24,14 +24,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 import yaml
 
 from xd_dask.jobs.config import load_config
 from xd_dask.jobs.render import render_job
 
+# the test extra installs them (kubernetes-validate brings jsonschema and referencing)
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
+jsonschema = pytest.importorskip("jsonschema")
+referencing = pytest.importorskip("referencing")
 
 REPO = Path(__file__).resolve().parents[1]
 #: The Kubernetes API version the manifests are validated against.
@@ -87,14 +89,14 @@ CRDS = _crd_validators()
 def _k8s_validator(kind: str) -> jsonschema.Validator:
     """kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True) for a core/v1 kind,
     with the 1.4 MB of definitions read once rather than per call."""
-    from kubernetes_validate.utils import all_versions, schema_contents  # noqa: PLC0415
-    from referencing import Registry, Resource  # noqa: PLC0415
-
-    (version,) = {v for v in all_versions() if v.rsplit(".", 1)[0] == KUBERNETES_VERSION}
+    utils = kubernetes_validate.utils
+    versions = {v for v in utils.all_versions() if v.rsplit(".", 1)[0] == KUBERNETES_VERSION}
+    (version,) = versions
     base = f"kubernetes-json-schema/v{version}-local-strict"
-    schema = schema_contents(f"{base}/{kind.lower()}-v1.json", version)
-    definitions = Resource.from_contents(schema_contents(f"{base}/_definitions.json", version))
-    registry = definitions @ (Resource.from_contents(schema) @ Registry())
+    schema = utils.schema_contents(f"{base}/{kind.lower()}-v1.json", version)
+    resource = referencing.Resource.from_contents
+    definitions = resource(utils.schema_contents(f"{base}/_definitions.json", version))
+    registry = definitions @ (resource(schema) @ referencing.Registry())
     return jsonschema.Draft202012Validator(schema, registry=registry)
 
 

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import dask
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -208,8 +209,7 @@ def test_shipped_jobqueue_yaml_has_every_key_dask_jobqueue_reads():
 def test_slurm_cluster_builds_from_the_shipped_config():
     """What `SLURMCluster(config_name=...)` reads with the shipped file as the user's config
     (no Slurm needed: the scheduler starts in this process, no job is submitted)."""
-    import dask
-    from dask_jobqueue import SLURMCluster
+    SLURMCluster = pytest.importorskip("dask_jobqueue").SLURMCluster
 
     shipped = yaml.safe_load(JOBQUEUE_YAML.read_text())["jobqueue"]
     options = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}

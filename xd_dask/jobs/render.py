@@ -31,6 +31,7 @@ kernel's OOM killer ends it.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import posixpath
 import re
@@ -132,8 +133,6 @@ STOP_TIMEOUT = 60
 
 async def _stop_heartbeat(dask_worker: Any) -> None:
     """Run on a worker: no more heartbeats, and the one in flight (if any) has its answer."""
-    import asyncio  # noqa: PLC0415
-
     dask_worker.periodic_callbacks["heartbeat"].stop()
     for _ in range(50):  # a heartbeat already sent ends within a round trip
         if not dask_worker.rpc.active:
@@ -144,8 +143,6 @@ async def _stop_heartbeat(dask_worker: Any) -> None:
 async def _terminate_nannies(dask_scheduler: Any, timeout: float) -> None:
     """Run on the scheduler: each nanny stops its worker process and exits; wait until every
     worker has left."""
-    import asyncio  # noqa: PLC0415
-
     # reply=False: the nanny closes the connection as it exits, before it could answer
     msg = {"op": "terminate", "reason": "job-end", "timeout": timeout, "reply": False}
     await dask_scheduler.broadcast(msg=msg, nanny=True)
