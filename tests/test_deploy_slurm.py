@@ -169,7 +169,7 @@ def test_rendered_job_runs_on_two_slurm_nodes_and_ends_cleanly(slurm, catalog, t
 @needs_slurm
 def test_rendered_gpu_job_passes_sbatch_test_only(slurm, catalog, tmp_path):
     """The GPU script is valid for a partition whose nodes declare `Gres=gpu` (local-slurm.sh's
-    `gpu`: /dev/null stands in for the device, so the job is validated, never started)."""
+    `gpu`: /dev/null stands in for the device, so the job is validated, not run)."""
     gpu = ["--set", "deploy.n_workers=0", "--set", "deploy.gpu_workers=1"]
     script = _render(tmp_path, catalog, *gpu, "--set", "deploy.slurm.gpu_partition=gpu")
     text = script.read_text()

@@ -12,8 +12,8 @@
 # Two nodes, because a rendered job is heterogeneous (the scheduler and the fit in component 0,
 # the workers in component 1, on the other node): n1 and n2, 1 CPU and 8000 MB each, both
 # 127.0.0.1 (`slurmd -N n1`, `slurmd -N n2`), in the default partition `debug` and in `gpu`,
-# whose nodes declare one `gpu` GRES without a device (enough for `sbatch --test-only` of a GPU
-# script; a real GPU job needs a real node). Memory is a consumable resource, as on production
+# whose nodes declare one `gpu` GRES with /dev/null for its device (enough for `sbatch
+# --test-only` of a GPU script; a job given that GPU runs, without a device). Memory is a consumable resource, as on production
 # clusters (CR_Core_Memory), so the scheduler refuses requests that could not run there; it is
 # not enforced (no cgroups here: proctrack/linuxproc, task/none).
 #
@@ -102,7 +102,7 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=n1,n2 MaxTime=INFINITE State=UP
 EOF
     # one GPU per node, /dev/null standing in for its device file (slurmd drops a GPU without
-    # a character device): the scheduler sees a GPU node, no job can use it
+    # a character device): the scheduler sees a GPU node; a job that gets it has no device
     printf 'Name=gpu File=/dev/null\n' > "$DIR/gres.conf"
     for n in "${NODES[@]}"; do mkdir -p "$DIR/spool/$n"; done
 }
