@@ -89,6 +89,8 @@ GresTypes=gpu
 MpiDefault=none
 MailProg=/bin/true
 SchedulerType=sched/backfill
+# heterogeneous jobs are started by the backfill scheduler only: every second, not every 30 s
+SchedulerParameters=bf_interval=1
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
