@@ -46,7 +46,7 @@ def test_slurm_cpu_script_has_resources_and_runs_the_same_config():
         "#SBATCH --ntasks=1",
         "#SBATCH --cpus-per-task=1",
         "#SBATCH --partition=cpu",
-        "#SBATCH --mem=5376M",
+        "#SBATCH --mem-per-cpu=5376M",
     ]
     # component 1: the workers
     assert lines[het + 1 : het + 5] == [
@@ -62,6 +62,11 @@ def test_slurm_cpu_script_has_resources_and_runs_the_same_config():
     )
     # 90 % of the 12 GiB Slurm grants each worker: Dask acts before the OOM killer does
     assert "--memory-limit 11059MiB" in text
+    # sbatch refuses --mem beside --mem-per-cpu (and --mem would reach the later components)
+    assert not re.search(r"^#SBATCH --mem=", text, re.M)
+    # a free port (two jobs' schedulers may share a node); the default interface
+    assert 'dask scheduler --scheduler-file "$SCHED_FILE" --port 0 --dashboard-address' in text
+    assert "--interface" not in text
     assert 'xd-dask fit "$JOB_TOML" --scheduler-file "$SCHED_FILE"' in text
     assert "dask-worker" not in text and "dask-scheduler" not in text
     embedded = _embedded_toml(text)
@@ -70,6 +75,37 @@ def test_slurm_cpu_script_has_resources_and_runs_the_same_config():
     assert embedded["cluster"]["scheduler_file"] == ""  # given on the command line instead
     if shutil.which("bash"):
         subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+
+
+def test_slurm_memory_per_cpu_interface_and_teardown():
+    """Component 0's memory is split over its cores; deploy.slurm.interface reaches the scheduler
+    and every worker; the EXIT trap stops the workers through their nannies and the scheduler,
+    then exits with the status the script had (the fit's)."""
+    over = dict(
+        BASE,
+        **{
+            "deploy.scheduler_cores": 3,
+            "deploy.gpu_workers": 1,
+            "deploy.slurm.interface": "ib0",
+            "deploy.slurm.dashboard_address": "none",
+        },
+    )
+    text = render_job(load_config(overrides=over, environ={}), "slurm")
+    lines = text.splitlines()
+    het = lines.index("#SBATCH hetjob")
+    # (4 GiB + 1280 MiB for the fit's plots) / 3 cores, rounded up
+    assert "#SBATCH --mem-per-cpu=1792M" in lines[:het]
+    assert sum(line.startswith("#SBATCH --mem-per-cpu=") for line in lines) == 3
+    assert "--port 0 --interface ib0 --no-dashboard &" in text
+    workers = [line for line in lines if line.startswith("srun ")]
+    assert len(workers) == 2 and all("--interface ib0 " in w for w in workers)
+    trap = text[text.index("stop_cluster() {") : text.index("trap stop_cluster EXIT")]
+    assert trap.index("local status=$?") < trap.index("stop_workers(c); c.shutdown()")
+    assert trap.rstrip().endswith('exit "$status"\n}')
+    assert text.index("trap stop_cluster EXIT") < text.index("dask scheduler --scheduler-file")
+    bad = dict(over, **{"deploy.slurm.interface": "ib0; touch MARK"})
+    with pytest.raises(ConfigError, match="deploy.slurm.interface"):
+        load_config(overrides=bad, environ={})
 
 
 def test_slurm_gpu_workers_make_a_heterogeneous_job():
@@ -127,7 +163,7 @@ def test_kubernetes_manifest_parses_and_carries_resources():
     assert gpu["spec"]["worker"]["replicas"] == 2
     gc = gpu["spec"]["worker"]["spec"]["containers"][0]
     assert gc["args"][:3] == ["dask", "cuda", "worker"] and "GPU=1" in gc["args"]
-    assert gc["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gc["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
 def test_gpu_fit_with_cpu_workers_is_refused():

@@ -35,7 +35,9 @@ for a in "$@"; do  # `dask scheduler --scheduler-file F`: write the scheduler fi
     then printf '{"address": "tcp://127.0.0.1:1"}' > "$a"; fi
     prev="$a"
 done
-if [ "$(basename "$0")" = xd-dask ]; then cp "$2" "$STUB_DIR/job.toml.seen"; fi
+if [ "$(basename "$0")" = xd-dask ]; then  # the fit: exits with $FIT_EXIT
+    cp "$2" "$STUB_DIR/job.toml.seen"; exit "${FIT_EXIT:-0}"
+fi
 exit 0
 """
 
@@ -108,12 +110,29 @@ def test_hostile_paths_reach_the_slurm_script_commands_intact(tmp_path):
     assert sorted(c[0] for c in srun) == ["--het-group=1", "--het-group=2"]
     assert all(c[c.index("--scheduler-file") + 1] == sched for c in srun)
     assert all(c[c.index("--memory-limit") + 1] == "9216MiB" for c in srun)  # 90 % of 10 GiB
-    (py,) = _calls(calls, "python")
-    assert py[0] == "-c" and py[2:] == [sched, "3"]
+    # waiting for the workers, then (the EXIT trap) stopping them and the scheduler
+    wait, stop = sorted(_calls(calls, "python"), key=lambda c: "stop_workers" in c[1])
+    assert wait[0] == "-c" and wait[2:] == [sched, "3"]
+    assert stop[0] == "-c" and "stop_workers(c); c.shutdown()" in stop[1] and stop[2:] == [sched]
     (fit,) = _calls(calls, "xd-dask")
     assert fit == ["fit", f"{submit}/fit.job_1-x-42.toml", "--scheduler-file", sched]
     seen = tomllib.loads((calls / "job.toml.seen").read_text())
     assert seen["catalog"]["path"] == catalog and seen["output"]["dir"] == out_dir
+
+
+def test_the_slurm_script_stops_the_cluster_and_exits_with_the_fits_code(tmp_path):
+    cfg = load_config(overrides={"catalog.path": "/data/gaia", "deploy.n_workers": 1}, environ={})
+    script = tmp_path / "fit.sbatch"
+    script.write_text(render_job(cfg, "slurm"))
+    calls, env = _stubs(tmp_path)
+    env |= {"SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_JOB_ID": "7", "FIT_EXIT": "3"}
+    proc = subprocess.run(
+        ["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 3, proc.stdout + proc.stderr  # the fit's exit code
+    assert len(_calls(calls, "xd-dask")) == 1
+    stops = [c for c in _calls(calls, "python") if "stop_workers" in c[1]]
+    assert [c[2:] for c in stops] == [[f"{tmp_path}/xd-dask-fit-7-scheduler.json"]]
 
 
 @pytest.mark.parametrize(

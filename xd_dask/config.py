@@ -124,6 +124,9 @@ _K8S_NAME = _chars(
 _IMAGE = _chars(
     r"[A-Za-z0-9][A-Za-z0-9._/:@+-]*", "an image reference", "A-Z a-z 0-9 . _ / : @ + -"
 )
+_INTERFACE = _chars(
+    r"[A-Za-z0-9._-]{1,15}", "a network interface name (A-Z a-z 0-9 . _ -)", "dask --interface"
+)
 _LISTEN = _chars(r"[A-Za-z0-9.\[\]:-]*:[0-9]{1,5}", "host:port or :port, or empty", "the dashboard")
 _ADDRESS = _chars(
     r"none|[A-Za-z0-9.\[\]:-]*:[0-9]{1,5}", "host:port, :port or 'none'", "a listening address"
@@ -506,6 +509,11 @@ KEYS: tuple[Key, ...] = (
       "the scheduler's dashboard on the batch node", check=_ADDRESS,
       doc="loopback: reach it with `ssh -L 8787:127.0.0.1:8787 <node>`; '0.0.0.0:8787' opens it "
       "to the\ncluster network; 'none' = no dashboard"),
+    K("deploy.slurm.interface", "",
+      "network interface of the scheduler and workers (empty: the node's address)",
+      check=_INTERFACE,
+      doc="dask's --interface, e.g. 'ib0' for InfiniBand; 'lo' keeps a one-machine test "
+      "cluster\n(deploy/slurm/local-slurm.sh) on loopback"),
     K("deploy.kubernetes.namespace", "default", "Kubernetes namespace", check=_K8S_NAME),
     K("deploy.kubernetes.volume_claim", "",
       "PersistentVolumeClaim with the catalogue and outputs (empty: none)", check=_K8S_NAME),

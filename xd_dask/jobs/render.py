@@ -9,7 +9,10 @@ scheduler and the workers.
   ``deploy.scheduler_memory``) runs the batch step: ``dask scheduler`` with a scheduler file and
   the client (``xd-dask fit``); the workers have their own components, started with ``srun
   --het-group=N``: CPU workers (``dask worker``) and GPU workers (``dask cuda worker --resources
-  GPU=1``).
+  GPU=1``). Every component asks ``--mem-per-cpu`` (sbatch refuses ``--mem`` beside it). When
+  the fit ends, :func:`stop_workers` stops the workers through their nannies and the scheduler
+  shuts down, so every step ends COMPLETED; the script's exit code is the fit's. Tested on a
+  real two-node Slurm (``deploy/slurm/local-slurm.sh``, ``tests/test_deploy_slurm.py``).
 - Kubernetes (dask-kubernetes operator): a ConfigMap holding the job file, a ``DaskJob`` whose
   runner pod runs ``xd-dask fit`` (the operator injects ``DASK_SCHEDULER_ADDRESS``) and whose
   cluster has the CPU worker group, and a ``DaskWorkerGroup`` of GPU workers joined to it.
@@ -28,6 +31,7 @@ kernel's OOM killer ends it.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import posixpath
 import re
@@ -36,7 +40,14 @@ from typing import Any
 
 from xd_dask.jobs.config import ConfigError, JobConfig
 
-__all__ = ["MEMORY_LIMIT_FRACTION", "TARGETS", "render_job", "render_kubernetes", "render_slurm"]
+__all__ = [
+    "MEMORY_LIMIT_FRACTION",
+    "TARGETS",
+    "render_job",
+    "render_kubernetes",
+    "render_slurm",
+    "stop_workers",
+]
 
 TARGETS = ("slurm", "kubernetes")
 _HEREDOC = "XD_DASK_JOB_TOML"
@@ -111,6 +122,56 @@ _WAIT_FOR_WORKERS = (
     'c = Client(scheduler_file=sys.argv[1], timeout="120s"); '
     "c.wait_for_workers(int(sys.argv[2]), timeout=600)"
 )
+_STOP_CLUSTER = (
+    "import sys; from distributed import Client; from xd_dask.jobs.render import stop_workers; "
+    'c = Client(scheduler_file=sys.argv[1], timeout="30s"); stop_workers(c); c.shutdown()'
+)
+#: Seconds the script waits for the scheduler and the worker steps to end before killing them
+#: (the stop itself may take 30 s more: :func:`stop_workers`).
+STOP_TIMEOUT = 60
+
+
+async def _stop_heartbeat(dask_worker: Any) -> None:
+    """Run on a worker: no more heartbeats, and the one in flight (if any) has its answer."""
+    dask_worker.periodic_callbacks["heartbeat"].stop()
+    for _ in range(50):  # a heartbeat already sent ends within a round trip
+        if not dask_worker.rpc.active:
+            return
+        await asyncio.sleep(0.1)
+
+
+async def _terminate_nannies(dask_scheduler: Any, timeout: float) -> None:
+    """Run on the scheduler: each nanny stops its worker process and exits; wait until every
+    worker has left."""
+    # reply=False: the nanny closes the connection as it exits, before it could answer
+    msg = {"op": "terminate", "reason": "job-end", "timeout": timeout, "reply": False}
+    await dask_scheduler.broadcast(msg=msg, nanny=True)
+    for _ in range(int(timeout * 10)):
+        if not dask_scheduler.workers:
+            return
+        await asyncio.sleep(0.1)
+
+
+def stop_workers(client: Any, timeout: float = 30) -> None:
+    """Stop every worker of ``client``'s cluster so that each exits 0 and logs no error.
+
+    The Slurm job scripts call this when the fit has ended, and then ``client.shutdown()``
+    (``dask scheduler`` exits 0 with no worker left to lose); ``deploy/slurm/jobqueue_fit.py``
+    calls it before its cluster cancels the worker jobs, which have ended by then.
+
+    1. Each worker stops its heartbeat and waits for the one in flight: a worker that closes
+       while a heartbeat is under way logs a ``CommClosedError`` traceback.
+    2. Each *nanny* is told to terminate: it stops its worker process through its stop queue
+       and exits, so ``dask worker`` returns 0 and its ``srun`` step completes. A worker told
+       to close by the scheduler instead (``retire_workers``, ``Client.shutdown``) closes
+       itself first and its process can race its nanny's stop queue ("Worker process died
+       unexpectedly"); killing ``srun`` ends the step as ``task 0: Killed``.
+
+    ``client`` is a :class:`distributed.Client`; ``timeout`` (seconds) bounds each nanny's wait
+    for its worker process and the wait for the workers to leave.
+    """
+    client.run(_stop_heartbeat)
+    client.run_on_scheduler(_terminate_nannies, timeout=timeout)
 
 
 def _sbatch_component(lines: list[str], n: int, cores: int, partition: str) -> None:
@@ -147,8 +208,12 @@ def render_slurm(cfg: JobConfig) -> str:
     if slurm["account"]:
         lines.append(f"#SBATCH --account={slurm['account']}")
     _sbatch_component(lines, 1, dep["scheduler_cores"], slurm["partition"])
-    # component 0 holds the scheduler and the fit process (which draws the plots' samples)
-    lines.append(f"#SBATCH --mem={_mib(dep['scheduler_memory']) + _runner_mib(run_cfg)}M")
+    # component 0 holds the scheduler and the fit process (which draws the plots' samples).
+    # Memory per CPU in every component: sbatch refuses --mem beside --mem-per-cpu (--mem would
+    # reach the later components of the job), and per node would be wrong for worker tasks that
+    # Slurm packs several to a node.
+    sched_mib = _mib(dep["scheduler_memory"]) + _runner_mib(run_cfg)
+    lines.append(f"#SBATCH --mem-per-cpu={math.ceil(sched_mib / dep['scheduler_cores'])}M")
     for comp in comps:
         lines.append("#SBATCH hetjob")
         _sbatch_component(lines, comp["n"], cores, comp["partition"])
@@ -165,6 +230,9 @@ def render_slurm(cfg: JobConfig) -> str:
         raise ConfigError(f"deploy.name {name!r} is not safe in a shell script")
     dash = slurm["dashboard_address"]
     dashboard = "--no-dashboard" if dash == "none" else f"--dashboard-address {shlex.quote(dash)}"
+    # the scheduler and the workers listen on this interface (dask --interface), e.g. ib0
+    interface = f" --interface {shlex.quote(slurm['interface'])}" if slurm["interface"] else ""
+    stop = f'timeout {STOP_TIMEOUT + 30} python -c {shlex.quote(_STOP_CLUSTER)} "$SCHED_FILE"'
     lines += [
         "",
         'RUN_DIR="${SLURM_SUBMIT_DIR:-$PWD}"',
@@ -178,12 +246,28 @@ def render_slurm(cfg: JobConfig) -> str:
         toml,
         _HEREDOC,
         "",
-        "cleanup() { kill $(jobs -p) 2>/dev/null || true; }",
-        "trap cleanup EXIT",
+        "# However this script ends, stop the cluster and keep the exit code (the fit's): each",
+        "# worker's nanny stops it (`dask worker` exits 0, so its srun step completes), then the",
+        "# scheduler shuts down (xd_dask.jobs.render.stop_workers says why in this order); what",
+        f"# has not ended {STOP_TIMEOUT} s later is killed.",
+        "stop_cluster() {",
+        "    local status=$?",
+        "    trap - EXIT",
+        "    set +e",
+        '    if [ -f "$SCHED_FILE" ]; then',
+        f"        {stop}",
+        "    fi",
+        f'    for _ in $(seq {STOP_TIMEOUT}); do [ -z "$(jobs -pr)" ] && break; sleep 1; done',
+        "    kill $(jobs -pr) 2>/dev/null",
+        "    wait",
+        '    exit "$status"',
+        "}",
+        "trap stop_cluster EXIT",
         "",
-        "# The scheduler runs here, in component 0, beside the fit; its dashboard address is",
+        "# The scheduler runs here, in component 0, beside the fit, on a free port (the workers",
+        "# and the fit find it in the scheduler file); its dashboard address is",
         "# deploy.slurm.dashboard_address. The workers' own HTTP servers listen on loopback.",
-        f'dask scheduler --scheduler-file "$SCHED_FILE" {dashboard} &',
+        f'dask scheduler --scheduler-file "$SCHED_FILE" --port 0{interface} {dashboard} &',
         'for _ in $(seq 120); do [ -f "$SCHED_FILE" ] && break; sleep 1; done',
         '[ -f "$SCHED_FILE" ] || { echo "dask scheduler did not start" >&2; exit 1; }',
         "",
@@ -191,7 +275,7 @@ def render_slurm(cfg: JobConfig) -> str:
     limit = shlex.quote(_dask_limit(dep["worker_memory"]))
     for group, comp in enumerate(comps, start=1):
         common = (
-            f'--scheduler-file "$SCHED_FILE" --memory-limit {limit} '
+            f'--scheduler-file "$SCHED_FILE"{interface} --memory-limit {limit} '
             '--local-directory "$LOCAL_DIR" --dashboard-address 127.0.0.1:0'
         )
         if comp["kind"] == "cpu":
@@ -258,7 +342,9 @@ def _worker_container(cfg: JobConfig, gpu: bool) -> dict[str, Any]:
     limits: dict[str, Any] = {"cpu": str(cores), "memory": mem}
     if gpu:
         args += ["--resources", "GPU=1"]
-        limits["nvidia.com/gpu"] = 1
+        # a string: dask-kubernetes' CRDs type every resource quantity as a string, and the API
+        # server refuses the integer 1 there (tests/test_deploy_kubernetes.py)
+        limits["nvidia.com/gpu"] = "1"
     container: dict[str, Any] = {
         "name": "worker",
         "image": dep["gpu_image"] if gpu else dep["image"],
