@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from xd_dask.dashboard.events import fit_run
 from xd_dask.jobs.config import ConfigError, JobConfig
 from xd_dask.model import XDModel
 from xd_dask.utils import atomic_path, get_logger
@@ -482,7 +483,10 @@ def run_fit(
             shutil.rmtree(ckpt)
         for directory in (out, ckpt):
             remove_stale_temporaries(directory)
-        return _run_fit(cfg, client, out, progress, resume, plots)
+        with fit_run(client, cfg.flat(), out, checkpoint=ckpt, resume=resume) as pub:
+            outcome = _run_fit(cfg, client, out, pub.wrap(progress), resume, plots)
+            pub.finished(outcome.report, outcome.model.metadata)
+        return outcome
 
 
 def _sources(cfg: JobConfig, schema: Any) -> tuple[Any, Any, Any, Any, Any]:
