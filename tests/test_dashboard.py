@@ -1,22 +1,17 @@
-"""The XD dashboard's parts without a browser: the Groups page fix on a real cluster, the
-scheduler-side state built from published events, the Prometheus collector, the publishing side.
+"""The XD dashboard's parts without a cluster: the Groups page's layout, the scheduler-side
+state built from published events, the Prometheus collector, the publishing side.
 
-The browser test of the page is tests/test_dashboard_browser.py; the scrape of ``/metrics`` on a
-``dask scheduler --preload`` cluster is tests/test_dashboard_metrics.py.
+The page and the Groups page on a real cluster and in a browser are tested in
+tests/test_dashboard_page.py; the scrape of ``/metrics`` on a ``dask scheduler --preload``
+cluster in tests/test_dashboard_metrics.py.
 """
 
 from __future__ import annotations
 
-import operator
-import uuid
-
-import dask
 import pytest
 
 from xd_dask.dashboard import events, groups
 from xd_dask.dashboard.state import XDState
-from xd_dask.distributed import connect
-from xd_dask.distributed.passes import tree_reduce
 
 
 # --------------------------------------------------------------------------- the Groups page
@@ -34,53 +29,6 @@ def test_ordered_groups_breaks_a_cycle_and_layout_never_looks_up_a_missing_group
     assert set(nodes) == set(deps)
     assert all(set(a["nstart"]) <= set(nodes) for a in arrows.values())
     assert len({(n["x"], n["y"]) for n in nodes.values()}) == len(nodes)  # no two on one spot
-
-
-def _total(*parts: int) -> int:
-    return sum(parts)
-
-
-def _groups_page(dask_scheduler):
-    """Lay out the scheduler's task groups as the Groups page does, with the installed method
-    and with the one it replaced: (node names, reduce left of estep?, upstream error)."""
-    from distributed.dashboard.components.scheduler import TaskGroupGraph
-
-    graph = TaskGroupGraph(dask_scheduler)
-    graph.update()
-    names = list(graph.nodes_source.data["name"])
-    x = dict(zip(names, graph.nodes_source.data["x"], strict=True))
-    try:
-        groups.UPSTREAM(graph)
-        error = None
-    except KeyError as exc:
-        error = str(exc)
-    return names, x, error
-
-
-@pytest.mark.cluster
-def test_groups_page_lays_out_a_pass_of_the_project_keys():
-    """A pass's map and reduce tasks, keyed as passes.py keys them, held in memory: the Groups
-    page (patched by the preload that connect() gives a local cluster) shows both groups, the
-    reduce right of the estep; the upstream layout fails on the same graph with the KeyError
-    of issue 21 when dask.order ignores its dependencies (the root cause)."""
-    client, cluster = connect(n_workers=2, dashboard_address="127.0.0.1:0")
-    try:
-        token = uuid.uuid4().hex[:12]
-        parts = [
-            client.submit(operator.add, i, 1, key=(f"xd-estep-{token}", 1, 0, i)) for i in range(6)
-        ]
-        root = tree_reduce(client, parts, 2, f"xd-reduce-{token}", ("estep", 1, 0), _total)
-        assert root.result() == sum(range(1, 7))
-        names, x, error = client.run_on_scheduler(_groups_page)
-        assert {"xd-estep", "xd-reduce"} <= set(names)
-        assert x["xd-reduce"] > x["xd-estep"]
-        order = dask.order.order({"a": 1, "b": 1}, dependencies={"a": set(), "b": {"a"}})
-        if order["b"] > order["a"]:
-            pytest.skip("dask.order honours dependencies= again: the upstream layout may work")
-        assert error is not None and f"xd-estep-{token}" in error
-    finally:
-        client.close()
-        cluster.close()
 
 
 # --------------------------------------------------------------------------- state and metrics

@@ -288,6 +288,7 @@ def nightly_run(client: Any, store: Any, run: Path, result: dict[str, Any]) -> I
         "previous",
         "margin",
         "started_utc",
+        "finished_utc",
     )
     with tagged(nightly=run.name):
         publish(client, "nightly", {"run": run.name, "status": "running", "store": str(store.root)})
@@ -300,6 +301,7 @@ def nightly_run(client: Any, store: Any, run: Path, result: dict[str, Any]) -> I
         else:
             night = {k: result.get(k) for k in keys}
         finally:
-            night["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+            if not night.get("finished_utc"):  # the report's time once it was written
+                night["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
             night |= {"run": run.name, "store": str(store.root)}
             publish(client, "nightly", night | {"history": store_history(store)})
