@@ -86,6 +86,34 @@ def test_state_folds_a_fit_its_workers_and_its_time_left():
     assert state.fits_ended == {"failed": 1}
 
 
+def test_state_memory_stays_bounded_over_a_long_fit(monkeypatch):
+    from xd_dask.dashboard import state as state_mod
+
+    monkeypatch.setattr(state_mod, "MAX_WEIGHT_POINTS", 50)
+    monkeypatch.setattr(state_mod, "KEPT_POINTS", 20)
+    state = XDState()
+    state.handle(events.TOPIC, {"kind": "fit-start", "fit": "long", "n_components": 2})
+    for i in range(1, 501):
+        state.handle(
+            events.TOPIC,
+            {
+                "kind": "progress",
+                "fit": "long",
+                "iteration": i,
+                "mean_loglike": -1.0,
+                "weights": [0.5, 0.5],
+            },
+        )
+    fit = state.current()
+    assert fit.iterations == len(fit.points) == 500
+    its = [it for it, _ in fit.weights]
+    assert len(its) <= 50 and its[-1] == 500 and its[0] <= 10 and its == sorted(its)
+    state.handle(events.TOPIC, {"kind": "fit-start", "fit": "next", "n_components": 2})
+    old = state.fits["long"]
+    assert old.iterations == 500 and len(old.points) == 20 and old.weights == []
+    assert old.points[-1]["iteration"] == 500
+
+
 def test_state_keeps_the_store_history_and_the_last_nightly():
     state = XDState()
     history = [

@@ -37,7 +37,7 @@ from bokeh.plotting import figure
 from distributed.dashboard.components import add_periodic_callback
 from distributed.dashboard.components.scheduler import BOKEH_THEME, env
 
-from xd_dask.dashboard.state import FitRecord, XDState, plugin_state
+from xd_dask.dashboard.state import FitRecord, XDState, plugin_state, thin
 
 __all__ = ["XDPage", "xd_doc"]
 
@@ -129,14 +129,6 @@ def _table(source: ColumnDataSource, columns: list[tuple[str, str]], height: int
     return DataTable(
         source=source, columns=cols, height=height, sizing_mode="stretch_width", index_position=None
     )
-
-
-def _thin(items: list, limit: int) -> list:
-    if len(items) <= limit:
-        return items
-    step = len(items) / limit
-    picked = [items[int(i * step)] for i in range(limit)]
-    return picked if picked[-1] is items[-1] else [*picked[:-1], items[-1]]
 
 
 class XDPage:
@@ -403,7 +395,9 @@ class XDPage:
         }
         self._workers_fig.x_range.factors = names
         last_pass = dict(end.get("dropped") or {})
-        reasons = sorted(set(fit.dropped) | set(last_pass))
+        reasons = sorted(
+            r for r in set(fit.dropped) | set(last_pass) if fit.dropped.get(r) or last_pass.get(r)
+        )
         s["dropped"].data = {
             "reason": reasons,
             "rows": [fit.dropped.get(r, 0) for r in reasons],
@@ -411,13 +405,13 @@ class XDPage:
         }
 
     def _update_weights(self, fit: FitRecord) -> None:
-        drawn = _thin(fit.weights, MAX_WEIGHT_DRAWN)
+        drawn = thin(fit.weights, MAX_WEIGHT_DRAWN)
         K = max((len(w) for _, w in drawn), default=0)
         its = [it for it, _ in drawn]
         palette = Category20_20
         self.sources["weights"].data = {
             "xs": [its] * K,
-            "ys": [[w[k] if k < len(w) else None for _, w in drawn] for k in range(K)],
+            "ys": [[float(w[k]) if k < len(w) else None for _, w in drawn] for k in range(K)],
             "component": list(range(K)),
             "color": [palette[k % len(palette)] for k in range(K)],
         }

@@ -2,8 +2,10 @@
 (:mod:`xd_dask.dashboard.events`) folded into plain records that the XD page and the Prometheus
 collector read. Pure Python: no Dask, no Bokeh.
 
-Memory is bounded: the last :data:`MAX_FITS` fits, :data:`MAX_POINTS` progress points and
-:data:`MAX_WEIGHT_POINTS` weight vectors per fit, :data:`MAX_RUNS` nightly runs.
+Memory is bounded: the last :data:`MAX_FITS` fits; the last :data:`MAX_POINTS` progress points
+of the current fit (the fit that started last) and :data:`MAX_WEIGHT_POINTS` weight vectors
+(float32, thinned evenly over the whole fit); earlier fits keep :data:`KEPT_POINTS` points,
+evenly thinned, and no weights; the last :data:`MAX_RUNS` nightly runs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from xd_dask.dashboard.events import TASK_TOPIC, TOPIC
 
 __all__ = ["MAX_FITS", "PLUGIN_NAME", "FitRecord", "WorkerMeter", "XDState", "plugin_state"]
@@ -24,7 +28,8 @@ PLUGIN_NAME = "xd-dask-dashboard"
 
 MAX_FITS = 20
 MAX_POINTS = 20_000
-MAX_WEIGHT_POINTS = 2_000
+MAX_WEIGHT_POINTS = 1_000
+KEPT_POINTS = 1_000
 MAX_SELECTS = 10
 MAX_RUNS = 200
 #: Steps whose mean duration estimates the time left.
@@ -65,7 +70,7 @@ class FitRecord:
     info: dict[str, Any]
     started: float
     points: list[dict[str, Any]] = field(default_factory=list)
-    weights: list[tuple[int, list[float]]] = field(default_factory=list)
+    weights: list[tuple[int, np.ndarray]] = field(default_factory=list)
     end: dict[str, Any] | None = None
     steps: int = 0
     workers: dict[str, WorkerMeter] = field(default_factory=dict)
@@ -129,8 +134,15 @@ class FitRecord:
         self.points.append(point)
         del self.points[:-MAX_POINTS]
         if msg.get("weights"):
-            self.weights.append((int(msg.get("iteration") or self.iterations), msg["weights"]))
-            del self.weights[:-MAX_WEIGHT_POINTS]
+            w = np.asarray(msg["weights"], dtype=np.float32)
+            self.weights.append((int(msg.get("iteration") or self.iterations), w))
+            if len(self.weights) > MAX_WEIGHT_POINTS:  # every other one, first and last kept
+                self.weights = [*self.weights[:-1:2], self.weights[-1]]
+
+    def shrink(self) -> None:
+        """Keep what a fit that is no longer current shows: KEPT_POINTS points, no weights."""
+        self.points = thin(self.points, KEPT_POINTS)
+        self.weights = []
 
     def add_task(self, msg: dict[str, Any]) -> None:
         meter = self.workers.setdefault(str(msg.get("worker")), WorkerMeter())
@@ -139,6 +151,15 @@ class FitRecord:
         self.rows_used += int(msg.get("rows") or 0)
         for reason, n in (msg.get("dropped") or {}).items():
             self.dropped[reason] = self.dropped.get(reason, 0) + int(n)
+
+
+def thin(items: list, limit: int) -> list:
+    """At most ``limit`` of ``items``, evenly spaced, the last one included."""
+    if len(items) <= limit:
+        return items
+    step = len(items) / limit
+    picked = [items[int(i * step)] for i in range(limit)]
+    return picked if picked[-1] is items[-1] else [*picked[:-1], items[-1]]
 
 
 def plugin_state(scheduler: Any) -> XDState | None:
@@ -242,6 +263,8 @@ class XDState:
     def _fit_start(self, msg: dict[str, Any], now: float) -> bool:
         fit_id = str(msg.get("fit"))
         info = {k: v for k, v in msg.items() if k not in ("kind", "v", "fit")}
+        for fit in self.fits.values():
+            fit.shrink()
         self.fits[fit_id] = FitRecord(fit_id, info, now)
         while len(self.fits) > MAX_FITS:
             old, _ = self.fits.popitem(last=False)
