@@ -12,6 +12,8 @@
 # address opens them to the network), SCHEDULER_PORT (8786; 0 = any free port),
 # DASHBOARD_ADDRESS (:8787 = port 8787 on SCHEDULER_HOST; host:port; "none" = no dashboard),
 # WORKER_MEMORY (memory limit per worker, default "auto").
+# The scheduler runs the preload xd_dask.dashboard.preload: the XD fit page at /xd on its
+# dashboard and the xd_dask_* metrics on /metrics (with prometheus_client installed).
 # Values are passed to the commands as arguments, never inside code: any CLUSTER_DIR works.
 set -euo pipefail
 
@@ -44,7 +46,8 @@ start() {
     local dash=(--dashboard-address "$DASHBOARD_ADDRESS")
     [ "$DASHBOARD_ADDRESS" = "none" ] && dash=(--no-dashboard)
     nohup "$DASK" scheduler --host "$SCHEDULER_HOST" --port "$SCHEDULER_PORT" \
-        --scheduler-file "$SCHED_FILE" "${dash[@]}" >"$CLUSTER_DIR/scheduler.log" 2>&1 &
+        --scheduler-file "$SCHED_FILE" "${dash[@]}" --preload xd_dask.dashboard.preload \
+        >"$CLUSTER_DIR/scheduler.log" 2>&1 &
     echo $! >"$CLUSTER_DIR/scheduler.pid"
     for _ in $(seq 120); do [ -s "$SCHED_FILE" ] && break; sleep 0.5; done
     if [ ! -s "$SCHED_FILE" ]; then

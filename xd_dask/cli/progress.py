@@ -156,10 +156,16 @@ def _dashboard(client: Any) -> str | None:
 
 
 def show_dashboard(client: Any, progress: Progress) -> None:
+    """The dashboard line: Dask's link and, when the scheduler serves it, the XD fit page's."""
+    from xd_dask.dashboard.links import page_link  # noqa: PLC0415 - loads distributed
+
     link = _dashboard(client)
+    xd = page_link(client) if link else None
+    page = f"  (XD fit page: {xd})" if xd else ""
     progress.message(
-        f"Dask dashboard: {link or 'none (the scheduler runs without a dashboard)'}",
+        f"Dask dashboard: {link or 'none (the scheduler runs without a dashboard)'}{page}",
         dashboard=link,
+        xd_page=xd,
     )
 
 

@@ -7,7 +7,9 @@ CuPy and dask-cuda are imported only when ``gpu=True``.
 A local cluster listens on the loopback interface only: its scheduler, workers and nannies on
 ``host`` (default 127.0.0.1), its dashboard on ``dashboard_address`` whose host defaults to the
 same (``":8787"`` means ``"127.0.0.1:8787"``). ``dashboard_address="0.0.0.0:8787"`` opens the
-dashboard to the network; ``host="0.0.0.0"`` opens the scheduler as well.
+dashboard to the network; ``host="0.0.0.0"`` opens the scheduler as well. Its scheduler runs the
+XD dashboard preload (:data:`xd_dask.dashboard.PRELOAD`: the XD page at ``/xd`` and the
+``xd_dask_*`` metrics on ``/metrics``); :func:`connect` logs the page's link.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 
 from distributed import Client
 
+from xd_dask.dashboard import PRELOAD
+from xd_dask.dashboard.links import page_link
 from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
@@ -81,6 +85,23 @@ def _loopback(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _with_preload(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Local-cluster keywords whose scheduler also runs the XD dashboard preload."""
+    out = dict(kwargs)
+    sched = dict(out.get("scheduler_kwargs") or {})
+    preload = sched.get("preload") or []
+    preload = [preload] if isinstance(preload, str) else list(preload)
+    sched["preload"] = preload if PRELOAD in preload else [*preload, PRELOAD]
+    out["scheduler_kwargs"] = sched
+    return out
+
+
+def _log_xd_page(client: Client) -> None:
+    link = page_link(client)
+    if link:
+        log.info("XD fit page: %s", link)
+
+
 def connect(
     scheduler_address: str | None = None,
     scheduler_file: str | None = None,
@@ -126,8 +147,9 @@ def connect(
                 client.close()
                 raise
         log.info("connected to %s; dashboard: %s", client.scheduler.address, client.dashboard_link)
+        _log_xd_page(client)
         return client, None
-    cluster_kwargs = _loopback(cluster_kwargs)
+    cluster_kwargs = _with_preload(_loopback(cluster_kwargs))
     if gpu:
         require_gpu()
         try:
@@ -156,4 +178,5 @@ def connect(
         threads_per_worker,
         client.dashboard_link,
     )
+    _log_xd_page(client)
     return client, cluster

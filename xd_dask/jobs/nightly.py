@@ -32,6 +32,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from xd_dask.dashboard.events import nightly_run
 from xd_dask.jobs.config import ConfigError, JobConfig
 from xd_dask.jobs.runner import (
     cluster_client,
@@ -223,7 +224,7 @@ def _run(
         nullcontext(client) if client is not None else cluster_client(run_cfg)
     )
     try:
-        with ctx as cl:
+        with ctx as cl, nightly_run(cl, store, run, result):  # publishes the verdict at the end
             if on_client is not None:
                 on_client(cl)
             outcome = run_fit(run_cfg, cl, progress=progress, out_dir=run)

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from xd_dask.dashboard.events import fit_run
 from xd_dask.jobs.config import ConfigError, JobConfig
 from xd_dask.jobs.prepare import (
     CHECKPOINT_DIR,
@@ -401,11 +402,15 @@ def run_fit(
     plots : write plots (default ``output.plots``).
     overwrite : start afresh even if ``<out_dir>/checkpoints`` exists.
     """
-    if plan is not None:
-        return _run_fit(plan, client, progress, plots)
-    plan = prepare_fit(cfg, out_dir, resume=resume, overwrite=overwrite)
-    with fit_output(plan, overwrite):
-        return _run_fit(plan, client, progress, plots)
+    if plan is None:
+        plan = prepare_fit(cfg, out_dir, resume=resume, overwrite=overwrite)
+        with fit_output(plan, overwrite):
+            return run_fit(cfg, client, progress=progress, plots=plots, plan=plan)
+    ckpt = plan.checkpoint_dir if (cfg.output.checkpoint or plan.resume) else None
+    with fit_run(client, cfg.flat(), plan.out, checkpoint=ckpt, resume=plan.resume) as pub:
+        outcome = _run_fit(plan, client, pub.wrap(progress), plots)
+        pub.finished(outcome.report, outcome.model.metadata)
+    return outcome
 
 
 def _run_fit(

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xd_dask.dashboard.events import selection
 from xd_dask.distributed.passes import shared_reads
 from xd_dask.jobs.config import ConfigError, JobConfig
 from xd_dask.jobs.runner import heldout_split, run_fit, score_sources, split_catalog, write_json
@@ -193,7 +194,11 @@ def run_select(
     cfg, heldout = _with_holdout(cfg)
     train, train_split = _train_side(cfg)
     rows: list[SelectRow] = []
-    with output_lock(out), shared_reads():  # every K reads the same persisted blocks and sample
+    with (
+        output_lock(out),
+        shared_reads(),  # every K reads the same persisted blocks and sample
+        selection(client, ks, criterion, heldout) as published,  # the XD page's Select tab
+    ):
         remove_stale_temporaries(out)
         for K in ks:
             cfg_k = cfg.replace({"fit.n_components": int(K)}, source="xd-dask select -k")
@@ -219,6 +224,7 @@ def run_select(
             )
             log.info("K = %d: %s", K, row)
             rows.append(row)
+            published.k(asdict(row))
             if on_k is not None:
                 on_k(row)
         if criterion == "heldout":
@@ -226,6 +232,7 @@ def run_select(
         else:
             best = min(rows, key=lambda r: (r.bic, r.n_components))
         outcome = SelectOutcome(rows, best.n_components, criterion, out, heldout)
+        published.chosen(best.n_components)
         chosen = XDModel.load(Path(best.out_dir) / "model.npz")
         chosen.metadata["select"] = outcome.to_dict()
         files = {"model": str(chosen.save(out / "model.npz"))}
