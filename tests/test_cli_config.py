@@ -83,11 +83,22 @@ def test_fit_refuses_to_overwrite_a_checkpointed_run(runner, tmp_path, catalog_d
     _assert_usage_error(res, "already holds the checkpoints", "xd-dask resume")
 
 
-def test_nightly_without_holdout_exits_2(runner, tmp_path, catalog_dir):
-    job = _job(tmp_path, f'[catalog]\npath = "{catalog_dir}"\n')
-    res = runner.invoke(main, ["nightly", job, "--store", str(tmp_path / "models")])
-    _assert_usage_error(res, "needs held-out rows", "catalog.holdout")
-    assert not (tmp_path / "models").exists()
+def test_nightly_without_holdout_holds_out_rows_by_id(tmp_path, catalog_dir):
+    """A nightly job that holds out nothing scores its gate on rows held out by id hash (from
+    every file), never whole (sky-ordered) files; the run's job.toml records it."""
+    from xd_dask.jobs.config import load_config
+    from xd_dask.jobs.nightly import DEFAULT_HOLDOUT_ROWS, run_nightly
+
+    job = _job(
+        tmp_path,
+        f'[catalog]\npath = "{catalog_dir}"\n[fit]\nn_components = 2\nmax_iter = 2\ntol = 0.0\n'
+        f'[nightly]\nstore = "{tmp_path / "models"}"\n[output]\nplots = false\n'
+        "[cluster]\nn_workers = 1\n",
+    )
+    result = run_nightly(load_config(job, {}, {}))
+    assert result.status == "promoted", result
+    run_cfg = load_config(tmp_path / "models" / "latest" / "job.toml", {}, {})
+    assert run_cfg.get("catalog.holdout_rows") == DEFAULT_HOLDOUT_ROWS
 
 
 @pytest.fixture

@@ -451,11 +451,11 @@ KEYS: tuple[Key, ...] = (
       flag="--threads-per-worker"),
     K("cluster.memory_limit", "auto", "local cluster: memory per worker ('auto', '4GiB', ...)",
       check=_memory),
-    K("cluster.dashboard_address", "127.0.0.1:8787",
-      "local cluster: its dashboard, on loopback like its scheduler and workers",
+    K("cluster.dashboard_address", "127.0.0.1:0",
+      "local cluster: its dashboard, on loopback like its scheduler and workers, on a free port",
       check=_LISTEN,
-      doc="'127.0.0.1:0' or ':0' = any free port; '0.0.0.0:8787' opens it to the network;\n"
-      "'' = no dashboard"),
+      doc="the link printed when the cluster starts is the one it bound; '127.0.0.1:8787' asks "
+      "for a\nfixed port; '0.0.0.0:8787' opens it to the network; '' = no dashboard"),
     K("cluster.gpu", False, "CuPy kernels on GPU workers (dask-cuda for a local cluster)",
       fit="gpu", flag="--gpu/--no-gpu"),
     # [output] ------------------------------------------------------------------------------
@@ -505,10 +505,11 @@ KEYS: tuple[Key, ...] = (
       "shell lines run first on every node (module load ..., source venv)",
       check=_text(multiline=True),
       doc="pasted into the script as they are: this is shell code"),
-    K("deploy.slurm.dashboard_address", "127.0.0.1:8787",
-      "the scheduler's dashboard on the batch node", check=_ADDRESS,
-      doc="loopback: reach it with `ssh -L 8787:127.0.0.1:8787 <node>`; '0.0.0.0:8787' opens it "
-      "to the\ncluster network; 'none' = no dashboard"),
+    K("deploy.slurm.dashboard_address", "127.0.0.1:0",
+      "the scheduler's dashboard on the batch node (a free port: the job log names it)",
+      check=_ADDRESS,
+      doc="loopback: reach it with `ssh -L 8787:127.0.0.1:<port> <node>`; '0.0.0.0:8787' opens "
+      "it to the\ncluster network; 'none' = no dashboard"),
     K("deploy.slurm.interface", "",
       "network interface of the scheduler and workers (empty: the node's address)",
       check=_INTERFACE,

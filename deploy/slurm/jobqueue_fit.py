@@ -34,6 +34,8 @@ def cluster_options(cfg: JobConfig, gpu: bool) -> dict[str, Any]:
     scheduler = dict(dask.config.get(f"jobqueue.{name}.scheduler-options", {}) or {})
     dash = slurm["dashboard_address"]
     scheduler |= {"dashboard": False} if dash == "none" else {"dashboard_address": dash}
+    # the XD fit page (/xd) and the xd_dask_* metrics (/metrics) on the scheduler
+    scheduler["preload"] = [*scheduler.get("preload", []), "xd_dask.dashboard.preload"]
     options: dict[str, Any] = {
         "config_name": name,
         "cores": dep["worker_cores"],

@@ -155,6 +155,8 @@ class FitPublisher:
 
     def progress(self, event: Mapping[str, Any]) -> None:
         ev = dict(event)
+        if "wave_mean_loglike" in ev:  # on waves the step's figure is its wave's
+            ev["mean_loglike"] = ev.pop("wave_mean_loglike")
         if ev.get("weights") is None:
             ev["weights"] = checkpoint_weights(self.checkpoint)
         ev["reseeded"] = list(ev.get("reseeded") or [])

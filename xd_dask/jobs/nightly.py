@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from xd_dask.dashboard.events import nightly_run
-from xd_dask.jobs.config import ConfigError, JobConfig
+from xd_dask.jobs.config import JobConfig
 from xd_dask.jobs.runner import (
     cluster_client,
     heldout_split,
@@ -48,6 +48,9 @@ from xd_dask.model import XDModel
 from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
+
+#: Row fraction the nightly gate holds out when the job holds out nothing (by id hash).
+DEFAULT_HOLDOUT_ROWS = 0.05
 
 __all__ = ["NightlyResult", "run_nightly"]
 
@@ -147,7 +150,8 @@ def run_nightly(
 
     Parameters
     ----------
-    cfg : the job configuration (``[nightly]`` and a held-out catalogue are required).
+    cfg : the job configuration (``[nightly]``; a job that holds out nothing gets
+        ``catalog.holdout_rows = DEFAULT_HOLDOUT_ROWS``: rows by id hash, from every file).
     client : a connected client; default: connect as ``[cluster]`` says.
     progress : per-iteration / per-wave callback (as :func:`run_fit`).
     on_client : called with the client once connected (e.g. to show the dashboard link).
@@ -160,7 +164,8 @@ def run_nightly(
     Raises
     ------
     ConfigError
-        The configuration cannot work (no held-out catalogue, missing catalogue); nothing is run.
+        The configuration cannot work (missing catalogue, whole held-out files of a sky-ordered
+        catalogue); nothing is run.
     CorruptLatestError
         ``latest`` cannot be used (its model does not load, ...); nothing is run. The message
         names the repair command.
@@ -169,11 +174,10 @@ def run_nightly(
         not cfg.get("catalog.holdout")
         and cfg.get("catalog.holdout_rows") <= 0
         and cfg.get("catalog.holdout_fraction") <= 0
-    ):
-        raise ConfigError(
-            "the nightly gate needs held-out rows: set catalog.holdout (a separate catalogue), "
-            "catalog.holdout_rows > 0 (a fraction of the rows) or catalog.holdout_fraction > 0 "
-            "(whole files)"
+    ):  # the gate needs held-out rows: by default a sample of rows by id hash, from every file
+        cfg = cfg.replace(
+            {"catalog.holdout_rows": DEFAULT_HOLDOUT_ROWS},
+            source="nightly default (no held-out set)",
         )
     cfg.check_inputs()
     store = ModelStore(cfg.get("nightly.store"))

@@ -28,7 +28,7 @@ import numpy as np
 
 from xd_dask.distributed.layout import detect_layout
 from xd_dask.distributed.manifest import Manifest, build_manifest
-from xd_dask.io.reader import CatalogError, require_columns
+from xd_dask.io.reader import CatalogError, check_units, require_columns
 from xd_dask.io.schema import SchemaError, load_schema
 from xd_dask.jobs.config import ConfigError, JobConfig
 from xd_dask.locks import OUTPUT_LOCK, output_lock
@@ -96,15 +96,17 @@ def manifest_of(sources: Any, cfg: JobConfig, schema: Any) -> Manifest:
 
 
 def _check_columns(manifest: Manifest, schema: Any, what: str) -> None:
-    """The schema's columns are in the first file (its footer): else a usage error naming the
-    file and the column, before any row is read."""
+    """The schema's columns are in the first file, in the schema's units (its footer): else a
+    usage error naming the file, the column (and both units), before any row is read. (A later
+    file that differs is named by the worker that reads it.)"""
     import pyarrow.parquet as pq  # noqa: PLC0415 - footers only
 
     path = manifest[0].path
     if "://" in path:
         return  # remote: the first read names it
+    arrow = pq.ParquetFile(path).schema_arrow
     try:
-        require_columns(path, list(pq.ParquetFile(path).schema_arrow.names), schema)
+        check_units(path, arrow, require_columns(path, list(arrow.names), schema), schema)
     except CatalogError as exc:
         raise SchemaError(f"{what}: {exc}") from None
 

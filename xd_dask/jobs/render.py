@@ -267,7 +267,9 @@ def render_slurm(cfg: JobConfig) -> str:
         "# The scheduler runs here, in component 0, beside the fit, on a free port (the workers",
         "# and the fit find it in the scheduler file); its dashboard address is",
         "# deploy.slurm.dashboard_address. The workers' own HTTP servers listen on loopback.",
-        f'dask scheduler --scheduler-file "$SCHED_FILE" --port 0{interface} {dashboard} &',
+        "# The preload serves the XD fit page (/xd) and the xd_dask_* metrics (/metrics).",
+        f'dask scheduler --scheduler-file "$SCHED_FILE" --port 0{interface} {dashboard} '
+        "--preload xd_dask.dashboard.preload &",
         'for _ in $(seq 120); do [ -f "$SCHED_FILE" ] && break; sleep 1; done',
         '[ -f "$SCHED_FILE" ] || { echo "dask scheduler did not start" >&2; exit 1; }',
         "",
@@ -408,7 +410,8 @@ def render_kubernetes(cfg: JobConfig) -> str:
         "name": "scheduler",
         "image": dep["image"],
         "imagePullPolicy": "IfNotPresent",
-        "args": ["dask", "scheduler"],
+        # the preload serves the XD fit page (/xd) and the xd_dask_* metrics (/metrics)
+        "args": ["dask", "scheduler", "--preload", "xd_dask.dashboard.preload"],
         "ports": [
             {"name": "tcp-comm", "containerPort": 8786, "protocol": "TCP"},
             {"name": "http-dashboard", "containerPort": 8787, "protocol": "TCP"},

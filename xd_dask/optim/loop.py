@@ -303,7 +303,8 @@ class FitLoop:
         self._checkpoint(state)
         self._log(entry, prev)
         if self.progress is not None:
-            self.progress(dict(entry, total=self.total))
+            weights = [float(w) for w in np.asarray(state.params.weights)]
+            self.progress(dict(entry, total=self.total, weights=weights))
 
     @property
     def _ll_key(self) -> str:
