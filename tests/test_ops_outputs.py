@@ -18,9 +18,10 @@ def test_a_write_error_names_the_output_and_leaves_nothing(tmp_path):
 import resource, signal, sys
 import numpy as np
 from xd_dask.model import XDModel
+from xd_dask.params import Params
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
-m = XDModel(np.full(100, 0.01), np.zeros((100, 7)), np.broadcast_to(np.eye(7), (100, 7, 7)))
+m = XDModel(Params(np.full(100, 0.01), np.zeros((100, 7)), np.broadcast_to(np.eye(7), (100, 7, 7))))
 try:
     m.save(sys.argv[1])
 except OSError as exc:

@@ -107,7 +107,8 @@ def test_posterior_and_per_row_score_refuse_planted_lock_links(catalog, cluster,
     _refused(proc, rows_link, victim)
     assert not (tmp_path / "rows").exists()
 
-    # the same commands succeed once the links are gone (and leave ordinary lock files)
+    # the same commands succeed once the links are gone (and remove their lock files: nothing of
+    # a run is left beside the output)
     post_link.unlink()
     proc = _xd(
         "posterior",
@@ -119,7 +120,7 @@ def test_posterior_and_per_row_score_refuse_planted_lock_links(catalog, cluster,
     )
     assert proc.returncode == 0, proc.stderr
     assert pq.read_table(tmp_path / "post").num_rows == 1000
-    assert post_link.is_file() and not post_link.is_symlink()
+    assert not post_link.exists() and not post_link.is_symlink()
 
 
 def test_a_lock_file_of_another_user_or_with_a_second_link_is_refused(tmp_path):

@@ -28,6 +28,7 @@ import pytest
 from numpy.lib import format as npformat
 
 from xd_dask.model import ModelFileError, XDModel
+from xd_dask.params import Params
 from xd_dask.utils import BoundedReadError, bounded_zip, read_npz
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ def _with_junk_entries(path: Path, n: int) -> None:
 
 def test_a_model_file_with_600k_directory_entries_is_refused_from_its_end(tmp_path):
     path = tmp_path / "model.npz"
-    XDModel(np.array([0.5, 0.5]), np.zeros((2, 3)), np.stack([np.eye(3)] * 2)).save(path)
+    XDModel(Params(np.array([0.5, 0.5]), np.zeros((2, 3)), np.stack([np.eye(3)] * 2))).save(path)
     _with_junk_entries(path, 600_000)
     # a valid zip: zipfile lists its 600,005 entries (in ~15 s; not repeated here)
     read0, t0 = _rchar(), time.perf_counter()

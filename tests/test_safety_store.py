@@ -25,6 +25,7 @@ from xd_dask.io import make_catalog
 from xd_dask.io.synthetic import TRUE_MODEL
 from xd_dask.jobs.store import ModelStore
 from xd_dask.model import XDModel
+from xd_dask.params import Params
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -33,7 +34,7 @@ DAY = dt.datetime(2026, 12, 7, 2, 0, 0, tzinfo=dt.timezone.utc)
 
 def _model(seed: int) -> XDModel:
     rng = np.random.default_rng(seed)
-    return XDModel(np.array([0.4, 0.6]), rng.normal(size=(2, 3)), np.stack([np.eye(3)] * 2))
+    return XDModel(Params(np.array([0.4, 0.6]), rng.normal(size=(2, 3)), np.stack([np.eye(3)] * 2)))
 
 
 def _night(store: ModelStore, seconds: int, status: str, keep: int = 1) -> Path:

@@ -22,6 +22,7 @@ from xd_dask.io import CatalogError, load_schema, read_partition
 from xd_dask.io.ingest import ingest_table
 from xd_dask.io.reader import units_agree
 from xd_dask.model import XDModel
+from xd_dask.params import Params
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -85,7 +86,7 @@ def test_score_stops_with_the_unit_mismatch(catalogue, cluster, tmp_path):
         'error = "x_err"\n'
     )
     model = tmp_path / "model.npz"
-    XDModel(np.array([1.0]), np.array([[3.0]]), np.array([[[1.0]]]), ["x"]).save(model)
+    XDModel(Params(np.array([1.0]), np.array([[3.0]]), np.array([[[1.0]]])), ["x"]).save(model)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(
         [str(BIN / "xd-dask"), "score", str(model), str(part.parent), "--schema", str(schema)]

@@ -63,11 +63,17 @@ class FileLock:
     ----------
     path : the lock file.
     what : what the lock protects, for messages ("output directory out/k16").
+    remove : delete the lock file when the lock is given up (while still held, so a process that
+        opened it meanwhile is refused as usual; a later one makes a new file). For locks beside
+        a user's output, which no later run needs: nothing of the run is left behind.
     """
 
-    def __init__(self, path: str | os.PathLike, what: str | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, what: str | None = None, *, remove: bool = False
+    ) -> None:
         self.path = Path(path)
         self.what = what or str(self.path)
+        self.remove = remove
         self._fd: int | None = None
 
     @property
@@ -126,6 +132,8 @@ class FileLock:
         fd, self._fd = self._fd, None
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
+            if self.remove:
+                self.path.unlink(missing_ok=True)
         os.close(fd)  # closing the descriptor releases the flock
 
     def __enter__(self) -> FileLock:

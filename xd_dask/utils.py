@@ -24,7 +24,9 @@ _TMP_RE = re.compile(r"^\..+\.tmp$")
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, suffix: str | None = None, make_parent: bool = True
+) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
     The temporary file lives in the same directory, so the final ``os.replace`` is atomic on POSIX
@@ -41,11 +43,13 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     suffix : str, optional
         Suffix for the temporary name (some writers, e.g. ``numpy.savez``, add an extension when
         it is missing; pass the target's suffix so they do not).
+    make_parent : create the parent directory when missing (False: it must exist).
     """
     target = Path(path)
     tmp: Path | None = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if make_parent:
+            target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(
             prefix=f".{target.name}.",
             suffix=(suffix if suffix is not None else target.suffix) + TMP_SUFFIX,
@@ -201,7 +205,9 @@ def atomic_dir(path: str | os.PathLike, owned: str) -> Iterator[Path]:
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(target.parent / f".{target.name}.lock", f"output directory {target}"):
+    with FileLock(
+        target.parent / f".{target.name}.lock", f"output directory {target}", remove=True
+    ):
         remove_stale_temporaries(target.parent, target.name)
         if target.exists() or target.is_symlink():
             if not target.is_dir() or target.is_symlink():

@@ -123,6 +123,13 @@ class PassStatistics:
         )
         return list(part.payload.rows)
 
+    def rows_of(self, params: Params, component: int, m: int) -> list[dict]:
+        """One ``xd-diagnose`` pass: the m rows most responsible to ``component``."""
+        self._diagnoses += 1
+        req = Diagnose(None, int(m), int(component))
+        part = self.runner.run("diagnose", (self._diagnoses,), diagnose, req, params=params)
+        return list(part.payload.rows)
+
 
 class _Fit:
     """One fit in progress (batch EM, online EM or Adam) on a client; ``plan`` the waves of an

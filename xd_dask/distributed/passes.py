@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from distributed import Client, Future, span
+from distributed import Client, Future, span, wait
 from distributed.scheduler import KilledWorker
 
 from xd_dask.config import key
@@ -55,6 +55,8 @@ BROADCAST_MAX_WORKERS = 16
 #: inside the tasks (no scatter round trip before the pass).
 INLINE_BYTES = 1 << 20
 
+#: After a failed pass, wait at most this long for its running tasks to end (see _settle).
+SETTLE_SECONDS = 300.0
 #: Persisted blocks and pass results shared between runners (None: no sharing), see shared_reads.
 _SHARED: dict[tuple, Any] | None = None
 
@@ -343,6 +345,7 @@ class PassRunner:
                     return self._gather(root)
             except RETRYABLE as exc:
                 if attempt >= self.max_retries:
+                    self._settle(futures)
                     raise
                 self.n_retries += 1
                 log.warning(
@@ -359,4 +362,18 @@ class PassRunner:
                         _SHARED.pop(self._share_key("blocks"), None)
                 time.sleep(0.5)
                 self._n_workers = len(self.client.nthreads())
+            except BaseException:
+                self._settle(futures)
+                raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _settle(self, futures: Sequence[Future]) -> None:
+        """After a failed pass: let its tasks that are running end (each writes at most its own
+        partition's file) before the caller removes what they write into, then cancel them; a
+        pass that failed leaves no task writing behind (bounded by :data:`SETTLE_SECONDS`)."""
+        if not futures:
+            return
+        with contextlib.suppress(Exception):
+            wait(futures, timeout=SETTLE_SECONDS)
+        with contextlib.suppress(Exception):
+            self.client.cancel(list(futures))

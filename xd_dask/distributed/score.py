@@ -61,10 +61,35 @@ class ScoreResult:
     files: list[str]
 
 
-def _as_manifest(manifest: Manifest | str | os.PathLike | Sequence[str], schema: Any) -> Manifest:
+#: Bytes of per-row output one posterior task holds at most (the partitions of a posterior pass
+#: are runs of row groups small enough): 1M rows in one file with responsibilities and top-3
+#: took 4 GiB in one task.
+POSTERIOR_TASK_BYTES = 256 << 20
+
+
+def posterior_rows_per_task(
+    n_features: int, n_components: int, groups: Sequence[str], top_k: int
+) -> int:
+    """Rows per posterior task so that its float64 outputs stay within
+    :data:`POSTERIOR_TASK_BYTES` (inputs and the kernel's work arrays are of the same order)."""
+    D, K = int(n_features), int(n_components)
+    tri = D * (D + 1) // 2
+    per_row = D + D * D  # the rows themselves (X, S)
+    per_row += D * ("mean" in groups) + tri * ("cov" in groups) + 2 * ("map" in groups)
+    per_row += K * ("resp" in groups) + int(top_k) * (2 + D + tri) + 2
+    return max(1024, POSTERIOR_TASK_BYTES // (8 * per_row))
+
+
+def _as_manifest(
+    manifest: Manifest | str | os.PathLike | Sequence[str],
+    schema: Any,
+    max_rows_per_partition: int | None = None,
+) -> Manifest:
     if isinstance(manifest, Manifest):
         return manifest
-    return build_manifest(manifest, id_column=schema.id_column)
+    return build_manifest(
+        manifest, max_rows_per_partition=max_rows_per_partition, id_column=schema.id_column
+    )
 
 
 def _check_features(model: XDModel, schema: Any) -> None:
@@ -182,6 +207,7 @@ def posterior_catalog(
     columns: tuple[str, ...] = ("mean", "cov", "map"),
     top_k: int = 0,
     backend: str = key("fit.backend").default,
+    max_rows_per_partition: int | None = None,
 ) -> list[str]:
     """Deconvolved per-row posteriors, written by the workers (``xd-posterior`` tasks).
 
@@ -200,9 +226,17 @@ def posterior_catalog(
     Returns
     -------
     The Parquet files, in manifest order.
+
+    Memory: files are split into runs of row groups of at most
+    :func:`posterior_rows_per_task` rows (or ``max_rows_per_partition``), one task each, so a
+    task's outputs stay within :data:`POSTERIOR_TASK_BYTES` whatever the file sizes (a file of
+    one huge row group cannot be split: rewrite it with smaller row groups).
     """
     schema = resolve_schema(schema)
-    manifest = _as_manifest(manifest, schema)
+    rows = posterior_rows_per_task(model.n_features, model.n_components, columns, top_k)
+    if max_rows_per_partition:
+        rows = min(rows, int(max_rows_per_partition))
+    manifest = _as_manifest(manifest, schema, rows)
     _check_features(model, schema)
     runner, opts = _runner(client, manifest, schema, on_bad, backend, gpu, dtype, fan_in, 1)
     out = Path(out_dir)

@@ -332,18 +332,17 @@ def estep(source: Partition | Block, opts: TaskOptions, params: Params, rows: Ro
 
 @dataclass
 class WorstRows:
-    """The (at most) ``m`` rows whose log-likelihood fell most between two parameter sets, as
-    dicts (file, row, id, ll_before, ll_after, component); adds up by keeping the top m
-    (largest drop first; ties by file and row, so the result does not depend on the tree)."""
+    """The (at most) ``m`` rows a diagnosis names, as dicts (file, row, id, ll_before, ll_after,
+    component, score); adds up by keeping the m of highest ``score`` (ties by file and row, so
+    the result does not depend on the tree)."""
 
     rows: list[dict]
     m: int
 
     def __add__(self, other: WorstRows) -> WorstRows:
         def key(r: dict) -> tuple:
-            after = r["ll_after"]
-            drop = -r["ll_before"] if after is None else r["ll_before"] - after
-            return (-np.inf if np.isnan(drop) else -drop, r["file"], r["row"])
+            score = r["score"]
+            return (-np.inf if np.isnan(score) else -score, r["file"], r["row"])
 
         rows = sorted(self.rows + other.rows, key=key)
         return WorstRows(rows[: max(self.m, other.m)], max(self.m, other.m))
@@ -352,10 +351,12 @@ class WorstRows:
 @dataclass(frozen=True)
 class Diagnose:
     """The ``m`` rows whose log-likelihood fell most from the task's parameters to ``after``
-    (None: the ``m`` least likely rows at the task's parameters)."""
+    (None: the ``m`` least likely rows at the task's parameters); with ``component`` the ``m``
+    rows most responsible to that component instead."""
 
     after: Params | None
     m: int
+    component: int | None = None
 
 
 def diagnose(
@@ -373,7 +374,14 @@ def diagnose(
         if req.after is not None:
             la = to_numpy(row_log_likelihood(X, S, req.after, R=R, check=False))
         logp = log_component_densities(X, S, params, R=R, check=False)
-    comp = np.argmax(to_numpy(logp), axis=1)
+    logp = to_numpy(logp)
+    comp = np.argmax(logp, axis=1)
+    if req.component is None:
+        picked = rank_row_drops(lb, la, int(req.m))
+        score = -lb if la is None else lb - la
+    else:
+        score = np.exp(logp[:, int(req.component)] - lb)  # its responsibility
+        picked = [int(i) for i in np.argsort(-score, kind="stable")[: int(req.m)]]
     found = [
         {
             "file": blk.path,
@@ -383,8 +391,9 @@ def diagnose(
             "ll_before": float(lb[i]),
             "ll_after": None if la is None else float(la[i]),
             "component": int(comp[i]),
+            "score": float(score[i]),
         }
-        for i in rank_row_drops(lb, la, int(req.m))
+        for i in picked
     ]
     return _partial(blk, WorstRows(found, int(req.m)), X.shape[0], t0)
 

@@ -34,10 +34,12 @@ def part_path(out_dir: str | os.PathLike, prefix: str, pid: int) -> str:
 
 
 def write_table(table: pa.Table | dict[str, Any], out_path: str) -> int:
-    """Write ``table`` (or its columns) to ``out_path`` atomically; returns the rows written."""
+    """Write ``table`` (or its columns) to ``out_path`` atomically; returns the rows written.
+
+    The directory must exist (the client makes it): a task that runs after its directory was
+    removed fails instead of leaving a stray file there."""
     table = table if isinstance(table, pa.Table) else pa.table(table)
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_path) as tmp:
+    with atomic_path(out_path, make_parent=False) as tmp:
         pq.write_table(table, tmp)
     return int(table.num_rows)
 

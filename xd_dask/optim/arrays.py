@@ -93,6 +93,20 @@ class ArrayStatistics:
             )
         )
 
+    def rows_of(self, params: Params, component: int, m: int) -> list[dict]:
+        """The ``m`` rows most responsible to ``component``."""
+        with np.errstate(all="ignore"):
+            ll = self._row_ll(params)
+            logp = np.asarray(
+                log_component_densities(self.X, self.X_cov, params, R=self.R, backend=self.backend)
+            )
+        r = np.exp(logp[:, int(component)] - ll)
+        comp = np.argmax(logp, axis=1)
+        return [
+            {"row": int(i), "ll_before": float(ll[i]), "ll_after": None, "component": int(comp[i])}
+            for i in np.argsort(-r, kind="stable")[: int(m)]
+        ]
+
     def worst_rows(self, before: Params, after: Params | None, m: int) -> list[dict]:
         """The ``m`` rows whose log-likelihood fell most from ``before`` to ``after`` (``after``
         None: the ``m`` least likely rows at ``before``)."""

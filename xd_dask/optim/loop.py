@@ -189,10 +189,16 @@ class FitLoop:
         while not self._done(state):
             self.step(state)
         s = self.settings
-        if not state.converged and s.tol > 0:
-            self._warn_unconverged(state)
         if not s.full_batch:
             self._final_pass(state)
+        last = state.history[-1] if state.history else {}
+        n_rows = int(state.counts.get("used", last.get("rows", 0)) or 0)
+        if last.get("mean_loglike") is not None:
+            robust.check_bulk(
+                self.rule.name, state.params, last["mean_loglike"], n_rows, self.source
+            )
+        if not state.converged and s.tol > 0:
+            self._warn_unconverged(state)
         state.finished = True
         self._checkpoint(state)
         return state

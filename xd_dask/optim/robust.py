@@ -33,7 +33,7 @@ from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["FitDivergedError", "check_params", "is_catastrophic"]
+__all__ = ["FitDivergedError", "check_bulk", "check_params", "is_catastrophic"]
 
 
 class FitDivergedError(FloatingPointError):
@@ -177,3 +177,84 @@ def diverged_error(
         lines += ["  " + describe_row(r) for r in rows]
     lines.append(REMEDY)
     return FitDivergedError("\n".join(lines), rows, components)
+
+
+# ----------------------------------------------------------------------------- the bulk
+#: A fit is refused when leaving out its few least likely rows (:data:`BULK_ROWS`) raises its
+#: mean log-likelihood per row by more than this (nats; a difference of log-densities, so it
+#: does not depend on the features' units): the "mean log-likelihood" then describes them.
+DOMINANT_SHIFT = 1.0
+#: ... rows named (and the least number of rows for the check to mean anything: 20 x this).
+BULK_ROWS = 5
+#: A component is "far outside the others" when its mean is more than this many standard
+#: deviations of the rest of the mixture (per feature) from the rest's mean ...
+FAR_SIGMAS = 30.0
+#: ... while it holds less than this share of the rows.
+FEW_ROWS_SHARE = 0.01
+
+
+def _far_components(params: Any, n_rows: int) -> list[tuple[int, float]]:
+    """(component, distance in standard deviations of the others) of the components that hold
+    a small share of the rows and sit far outside the rest of the mixture."""
+    w = np.asarray(params.weights, dtype=np.float64)
+    m = np.asarray(params.means, dtype=np.float64)
+    V = np.asarray(params.covariances, dtype=np.float64)
+    out = []
+    for j in range(w.shape[0]):
+        if w.shape[0] < 2 or w[j] * n_rows >= max(FEW_ROWS_SHARE * n_rows, 1.0) or w[j] > 0.5:
+            continue
+        others = np.arange(w.shape[0]) != j
+        wo = w[others] / w[others].sum()
+        mean = wo @ m[others]
+        var = np.einsum("k,kd->d", wo, np.diagonal(V[others], axis1=1, axis2=2)) + np.einsum(
+            "k,kd->d", wo, (m[others] - mean) ** 2
+        )
+        z = float(np.max(np.abs(m[j] - mean) / np.sqrt(np.maximum(var, 1e-300))))
+        if z > FAR_SIGMAS:
+            out.append((j, z))
+    return out
+
+
+def check_bulk(rule: str, params: Any, mean_ll: float, n_rows: int, source: Any) -> None:
+    """Refuse to call a fit converged when it describes a handful of rows, not the bulk:
+
+    - its mean log-likelihood is dominated by its :data:`BULK_ROWS` least likely rows (without
+      them it is higher by more than :data:`DOMINANT_SHIFT` nats per row: one row at 1e30 gives
+      a mean of -1.6e56);
+    - a component holds under :data:`FEW_ROWS_SHARE` of the rows and sits more than
+      :data:`FAR_SIGMAS` standard deviations of the other components away (ten rows at
+      (1e6, -1e6) take a component of their own and a real one is lost).
+
+    A background component (``params.background``) is what such rows are for: then only the
+    first check applies. Raises :class:`FitDivergedError` naming the rows (one diagnosis pass of
+    ``source``); a fit of fewer than 20 x BULK_ROWS rows is not checked.
+    """
+    if n_rows < 20 * BULK_ROWS or not math.isfinite(mean_ll):
+        return
+    total = mean_ll * n_rows
+    worst = source.worst_rows(params, None, BULK_ROWS)
+    low = sum(float(r["ll_before"]) for r in worst)
+    rest = (total - low) / (n_rows - len(worst))
+    if not math.isfinite(low) or rest - mean_ll > DOMINANT_SHIFT:
+        lines = [
+            f"{rule}: the fit's mean log-likelihood {mean_ll:.6g} is dominated by {len(worst)} of "
+            f"its {n_rows} rows (without them: {rest:.6g}): it does not describe the bulk",
+            "the least likely rows:",
+            *("  " + describe_row(r) for r in worst),
+            REMEDY,
+        ]
+        raise FitDivergedError("\n".join(lines), worst, {int(r["component"]) for r in worst})
+    if params.background is not None:
+        return
+    for j, z in _far_components(params, n_rows):
+        rows = source.rows_of(params, j, BULK_ROWS)
+        lines = [
+            f"{rule}: component {j} holds {params.weights[j] * n_rows:.3g} of {n_rows} rows and "
+            f"sits {z:.3g} standard deviations of the other components away (mean "
+            f"{np.array2string(np.asarray(params.means[j]), precision=4)}): it describes a "
+            "handful of rows far outside the others, not the bulk",
+            "the rows it holds most:",
+            *("  " + describe_row(r) for r in rows),
+            REMEDY,
+        ]
+        raise FitDivergedError("\n".join(lines), rows, {j})

@@ -7,7 +7,8 @@ the sufficient statistics of the rows of ``batch`` at ``params``; ``source.n_uni
 of units the data come in (partitions; 1 for arrays in memory) and ``source.worst_rows(before,
 after, m)`` names the ``m`` rows whose log-likelihood fell most between two parameter sets, or
 with ``after=None`` the ``m`` least likely rows at ``before`` (dicts: row, ll_before, ll_after,
-component, and file / id where known; used only when a fit diverges).
+component, and file / id where known; used only when a fit diverges), and
+``source.rows_of(params, j, m)`` the ``m`` rows most responsible to component j.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class StatisticsSource(Protocol):
     def __call__(self, params: Params, batch: Batch) -> BatchStats: ...
 
     def worst_rows(self, before: Params, after: Params | None, m: int) -> list[dict]: ...
+
+    def rows_of(self, params: Params, component: int, m: int) -> list[dict]: ...
 
 
 def _default(name: str) -> Any:
