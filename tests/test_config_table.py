@@ -6,13 +6,15 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import tomli_w
 from click.testing import CliRunner
 
 from xd_dask.cli import main
-from xd_dask.config import KEYS, Key, fit_keys, key
+from xd_dask.config import KEYS, Key, fit_keys, key, nest
 from xd_dask.distributed import FitConfig
 from xd_dask.jobs.config import ConfigError, load_config
 from xd_dask.jobs.runner import fit_config
+from xd_dask.optim.methods import InapplicableSettingWarning
 
 
 def _other_value(k: Key):
@@ -45,7 +47,7 @@ def test_fit_config_fields_are_the_table_keys_with_its_defaults():
     assert step == {k.leaf: k.default for k in KEYS if k.section == "fit.step"}
 
 
-def test_every_job_value_reaches_the_fit_config_unchanged():
+def test_every_job_value_reaches_the_fit_config_unchanged(tmp_path):
     names = [k.name for k in fit_keys() if k.job] + [
         k.name for k in KEYS if k.section == "fit.step"
     ]
@@ -53,7 +55,11 @@ def test_every_job_value_reaches_the_fit_config_unchanged():
     values["fit.method"] = "online"  # fit.subsample needs it
     values["catalog.holdout_rows"] = 0.25
     values["fit.step.floor"] = 0.01  # <= lambda0 (a StepSchedule rule)
-    cfg = load_config(overrides=values, environ={})
+    job = tmp_path / "job.toml"
+    job.write_text(tomli_w.dumps(nest(values)))
+    # keys of other methods from a job file: named in a warning (max_iter, learning_rate), kept
+    with pytest.warns(InapplicableSettingWarning, match="fit.learning_rate.*fit.max_iter"):
+        cfg = load_config(job, environ={})
     fc = fit_config(cfg, checkpoint_dir="ck")
     for name, value in values.items():
         k = key(name)

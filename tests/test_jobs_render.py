@@ -96,7 +96,7 @@ def test_slurm_memory_per_cpu_interface_and_teardown():
     # (4 GiB + 1280 MiB for the fit's plots) / 3 cores, rounded up
     assert "#SBATCH --mem-per-cpu=1792M" in lines[:het]
     assert sum(line.startswith("#SBATCH --mem-per-cpu=") for line in lines) == 3
-    assert "--port 0 --interface ib0 --no-dashboard &" in text
+    assert "--port 0 --interface ib0 --no-dashboard --preload xd_dask.dashboard.preload &" in text
     workers = [line for line in lines if line.startswith("srun ")]
     assert len(workers) == 2 and all("--interface ib0 " in w for w in workers)
     trap = text[text.index("stop_cluster() {") : text.index("trap stop_cluster EXIT")]
@@ -156,7 +156,7 @@ def test_kubernetes_manifest_parses_and_carries_resources():
     assert runner["resources"]["requests"]["memory"] == "1280Mi"
     assert {"name": "data", "mountPath": "/data"} in wc["volumeMounts"]
     sc = cluster["scheduler"]["spec"]["containers"][0]
-    assert sc["args"] == ["dask", "scheduler"]
+    assert sc["args"] == ["dask", "scheduler", "--preload", "xd_dask.dashboard.preload"]
     assert cluster["scheduler"]["service"]["selector"]["dask.org/cluster-name"] == "xdtest"
     # GPU workers join the job's cluster (named after the job)
     assert gpu["spec"]["cluster"] == "xdtest"

@@ -182,6 +182,19 @@ def _out_dir(out: Path, overwrite: bool) -> None:
             raise ShuffleError(f"{out} already exists; choose another OUT or --overwrite it")
 
 
+#: The default output row groups: at least this many in the catalogue (64 waves per epoch of
+#: fragments for 16 worker threads) ...
+MIN_ROW_GROUPS = 1024
+#: ... but no smaller than this many rows (Parquet reads stay efficient).
+MIN_ROW_GROUP_ROWS = 4096
+
+
+def default_row_group_size(n_rows: int, input_rows: int) -> int:
+    """Rows per output row group: the input's, or fewer so that the catalogue has at least
+    :data:`MIN_ROW_GROUPS` row groups (never under :data:`MIN_ROW_GROUP_ROWS`)."""
+    return int(max(MIN_ROW_GROUP_ROWS, min(int(input_rows), -(-int(n_rows) // MIN_ROW_GROUPS))))
+
+
 def shuffle_catalog(
     source: str | os.PathLike | list[str],
     out: str | os.PathLike,
@@ -206,7 +219,10 @@ def shuffle_catalog(
     client : a connected ``distributed.Client``.
     seed : the assignment of rows to files derives from it (and the ids).
     id_column : the row-id column to hash; None, or a column the files lack: row positions.
-    row_group_size : rows per output row group (default: the input's largest row group).
+    row_group_size : rows per output row group (default: the input's largest row group, but
+        small enough that the catalogue has :data:`MIN_ROW_GROUPS` of them: online EM and Adam
+        split files into runs of row groups so that an epoch makes its ``waves_per_epoch``
+        updates whatever the number of files).
     overwrite : replace an existing ``out``.
     chunk_rows : input rows per read task (runs of whole row groups).
 
@@ -268,7 +284,7 @@ def shuffle_catalog(
             _write_part,
             str(tmp),
             schema,
-            int(row_group_size or rg),
+            int(row_group_size or default_row_group_size(manifest.n_rows, rg)),
             codec,
             meta_kv,
             meta={"part": "int64", "rows": "int64"},

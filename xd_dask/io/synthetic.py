@@ -133,8 +133,35 @@ _RECORD = np.dtype(
 
 
 # --------------------------------------------------------------------------- the true mixture
-def true_mixture() -> XDModel:
-    """The generating mixture over (ra, dec, parallax, pmra, pmdec, bp_rp, phot_g_mean_mag)."""
+def star_clusters(n: int, seed: int) -> list[tuple]:
+    """``n`` compact, open-cluster-like components spread over the sky, in parallax, proper
+    motion and the colour-magnitude diagram (the structured mixture of many components that a
+    K = 64 / 128 benchmark needs): (name, weight, mean, sd, correlations) as in
+    :func:`true_mixture`; weights sum to 1 before scaling."""
+    rng = np.random.default_rng([int(seed), 29])
+    w = rng.uniform(0.5, 1.5, n)
+    out = []
+    for i in range(n):
+        plx = float(np.exp(rng.uniform(np.log(0.4), np.log(6.0))))
+        mean = (
+            float(rng.uniform(20.0, 340.0)),
+            float(np.degrees(np.arcsin(rng.uniform(-0.85, 0.85)))),
+            plx,
+            float(rng.normal(0.0, 15.0)),
+            float(rng.normal(0.0, 15.0)),
+            float(rng.uniform(0.5, 2.0)),
+            float(rng.uniform(12.0, 18.0)),
+        )
+        sd = (1.0, 1.0, 0.06 * plx, 0.6, 0.6, 0.3, 1.2)
+        out.append((f"cluster {i}", float(w[i] / w.sum()), mean, sd, {(5, 6): 0.85}))
+    return out
+
+
+def true_mixture(n_clusters: int = 0, seed: int = 0, cluster_weight: float = 0.3) -> XDModel:
+    """The generating mixture over (ra, dec, parallax, pmra, pmdec, bp_rp, phot_g_mean_mag): six
+    broad components (disc, halo, bulge, a cloud, two open clusters) and, with ``n_clusters``,
+    that many more compact clusters (:func:`star_clusters`, ``seed``) holding
+    ``cluster_weight`` of the stars together."""
     # name, weight, mean (7), sd (7), correlations {(i, j): r}
     comps = [
         (
@@ -180,6 +207,11 @@ def true_mixture() -> XDModel:
             {(5, 6): 0.85},
         ),
     ]
+    if n_clusters:
+        comps = [(c[0], c[1] * (1.0 - cluster_weight), *c[2:]) for c in comps]
+        comps += [
+            (c[0], c[1] * cluster_weight, *c[2:]) for c in star_clusters(n_clusters, seed)
+        ]
     weights, means, covs, trunc = [], [], [], []
     for _, w, m, sd, corr in comps:
         R = np.eye(7)
@@ -703,6 +735,7 @@ def make_catalog(
     compression: str = "snappy",
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    n_clusters: int = 0,
 ) -> dict[str, Any]:
     """Write a synthetic Gaia-DR3-like catalogue (see the module docstring) and its true model.
 
@@ -718,6 +751,8 @@ def make_catalog(
     compression : Parquet codec.
     overwrite : replace a catalogue already in ``out_dir``.
     progress : called as progress(rows_done, n_rows) during generation.
+    n_clusters : add this many compact star clusters to the generating mixture
+        (:func:`true_mixture`; 58 give a structured mixture of 64 components).
 
     Returns
     -------
@@ -731,7 +766,7 @@ def make_catalog(
     _check_out_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model = true_mixture()
+    model = true_mixture(n_clusters, seed)
     errors = ErrorModel(frac_two_param=frac_two_param, frac_missing_bp_rp=frac_missing_bp_rp)
     errors.two_param_centre, errors.bp_rp_centre  # noqa: B018 - validates the fractions
     bounds = partition_bounds(n_partitions, seed, model)

@@ -216,11 +216,13 @@ class JobConfig:
         self._check_method()
 
     def _check_method(self) -> None:
-        """Settings that the chosen fit.method does not use (the method table): an error when
-        given on the command line, a warning naming them when a job file or the environment
-        set them (a job file may be run with another --method)."""
+        """Settings that the chosen fit.method does not use (the method table), set to another
+        value than their default: an error when given on the command line, a warning naming
+        them when a job file or the environment set them (a job file may be run with another
+        --method)."""
         name = self.get("fit.method")
-        unused = inapplicable(name, self.sources)
+        given = [n for n in self.sources if n in _JOB_KEYS and self.get(n) != key(n).default]
+        unused = inapplicable(name, given)
         if not unused:
             return
         entry = method(name)
