@@ -109,19 +109,22 @@ def _fmt(pair) -> str:
     return "-" if pair is None else f"{pair[0]:+.5f} +- {pair[1]:.5f}"
 
 
-def print_table(title: str, rows: list[tuple[str, dict]]) -> None:
+def print_header(title: str) -> None:
     print(f"\n{title}")
     print(f"{'':44s} {'held-out':>11s} {'vs batch EM (nats/row)':>24s} "
-          f"{'vs generating model':>22s} {'steps':>6s} {'s':>7s}")  # fmt: skip
-    for label, r in rows:
-        if "refused" in r:
-            print(f"{label:44s} refused before reading a row: {r['refused']}")
-            continue
-        print(
-            f"{label:44s} {r['heldout']:11.5f} {_fmt(r.get('vs_batch')):>24s} "
-            f"{_fmt(r.get('vs_truth')):>22s} {r['steps']:6d} {r['wall_s']:7.1f}"
-            + ("" if r.get("converged") else "  (not converged)")
-        )
+          f"{'vs generating model':>22s} {'steps':>6s} {'s':>7s}", flush=True)  # fmt: skip
+
+
+def print_row(label: str, r: dict) -> None:
+    if "refused" in r:
+        print(f"{label:44s} refused before reading a row: {r['refused']}", flush=True)
+        return
+    print(
+        f"{label:44s} {r['heldout']:11.5f} {_fmt(r.get('vs_batch')):>24s} "
+        f"{_fmt(r.get('vs_truth')):>22s} {r['steps']:6d} {r['wall_s']:7.1f}"
+        + ("" if r.get("converged") else "  (not converged)"),
+        flush=True,
+    )
 
 
 def equal_passes(rows: dict[str, dict], batch_ll: float) -> None:
@@ -144,21 +147,24 @@ def run(client, catalogue: str, K: int, work: Path, small_memory_client=None,
 
     truth = XDModel.load(Path(catalogue) / "true_model.npz")
     _, truth_ll = heldout_rows(truth, catalogue, client, work)
-    batch = fit_and_score(client, catalogue, K, work, truth_ll, None, max_iter=5000, tol=1e-6)
     rows = {"generating model": {"heldout": float(truth_ll.mean()), "wall_s": 0.0, "steps": 0,
-                                 "converged": True},  # fmt: skip
-            "batch EM (tol 1e-6)": batch}
+                                 "converged": True}}  # fmt: skip
+    print_row("generating model", rows["generating model"])
+
+    def add(label: str, cl, cat: str, batch_ll, **kw) -> dict:
+        rows[label] = fit_and_score(cl, cat, K, work, truth_ll, batch_ll, **kw)
+        print_row(label, rows[label])
+        return rows[label]
+
+    batch = add("batch EM (tol 1e-6)", client, catalogue, None, max_iter=5000, tol=1e-6)
     for name, kw in (("online EM", {"method": "online"}), ("Adam", {"method": "adam"})):
-        rows[name] = fit_and_score(client, catalogue, K, work, truth_ll, batch["ll"], **kw)
+        add(name, client, catalogue, batch["ll"], **kw)
     if small_memory_client is not None:
         for name, kw in (("online EM", {"method": "online"}), ("Adam", {"method": "adam"})):
-            rows[f"{name}, out of memory"] = fit_and_score(
-                small_memory_client, catalogue, K, work, truth_ll, batch["ll"], **kw
-            )
+            add(f"{name}, out of memory", small_memory_client, catalogue, batch["ll"], **kw)
             if shuffled is not None:
-                rows[f"{name}, out of memory, shuffled files"] = fit_and_score(
-                    small_memory_client, shuffled, K, work, truth_ll, batch["ll"], **kw
-                )
+                add(f"{name}, out of memory, shuffled", small_memory_client, shuffled,
+                    batch["ll"], **kw)  # fmt: skip
     return rows
 
 
@@ -199,12 +205,11 @@ def main() -> None:
             small = Client(small_cl)
         try:
             for K in args.components:
-                rows = run(client, str(cat), K, work, small, shuffled and str(shuffled))
-                title = (
+                print_header(
                     f"K = {K}, {args.rows:,} rows in {args.partitions} sky-ordered files "
                     f"(true mixture: {6 + args.clusters} components), 15 % held out by id"
                 )
-                print_table(title, list(rows.items()))
+                rows = run(client, str(cat), K, work, small, shuffled and str(shuffled))
                 equal_passes(rows, rows["batch EM (tol 1e-6)"]["heldout"])
                 out[K] = {k: {x: y for x, y in v.items() if x != "ll"} for k, v in rows.items()}
         finally:
