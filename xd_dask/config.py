@@ -347,7 +347,7 @@ KEYS: tuple[Key, ...] = (
       doc="on waves the epoch's mean (every row once, at its wave's parameters) is compared; "
       "0 = always\nmax_iter iterations / fit.epochs epochs; a fit stopped by its limit warns and "
       "says how far from\nconverged it is (its last change against tol)"),
-    K("fit.epochs", 20,
+    K("fit.epochs", 200,
       "online EM / Adam: at most this many passes over the catalogue (fewer when converged)",
       lo=1, flag="--epochs"),
     K("fit.waves", "auto",
@@ -431,9 +431,14 @@ KEYS: tuple[Key, ...] = (
     K("fit.max_retries", 3, "re-runs of a pass after the cluster lost its tasks", lo=0,
       job=False),
     # [fit.step] ----------------------------------------------------------------------------
-    K("fit.step.kind", "power",
-      "'power': min(1, (t + t0)^-kappa); 'halving': lambda0, then halved",
-      choices=("power", "halving")),
+    K("fit.step.kind", "incremental",
+      "'incremental': each wave replaces its own share of the running estimate (Neal & Hinton "
+      "1998); 'power': min(1, (t + t0)^-kappa); 'halving': lambda0, then halved",
+      choices=("incremental", "power", "halving"),
+      doc="incremental: the waves are the same every epoch (in a new order), so after the first "
+      "epoch every\nupdate rests on every row (the newest statistics of each wave): no step "
+      "size, converges like\nbatch EM with waves_per_epoch updates per pass; power / halving: "
+      "stochastic approximation\n(Cappe & Moulines 2009), a fresh sample each wave"),
     K("fit.step.kappa", 0.6, "power: decay exponent", lo=0.5, hi=1.0, lo_open=True),
     K("fit.step.t0", 1.0, "power: offset of t", lo=1.0),
     K("fit.step.lambda0", 0.1, "halving: the constant step", lo=0.0, hi=1.0, lo_open=True),

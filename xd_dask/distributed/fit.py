@@ -105,10 +105,10 @@ class PassStatistics:
     def __call__(self, params: Params, batch: Batch) -> BatchStats:
         sub = None
         if self.subsample is not None:
-            sub = (self.subsample[0], self.subsample[1], batch.epoch - 1)
+            sub = (self.subsample[0], self.subsample[1], batch.drawn)
         stratum = None
         if batch.stratum is not None:
-            stratum = (*batch.stratum, self.seed, batch.epoch - 1)
+            stratum = (*batch.stratum, self.seed, batch.drawn)
         part = self.runner.run(
             "estep", batch.label, estep, Rows(sub, stratum), params=params, pids=batch.units
         )

@@ -49,9 +49,9 @@ def pass_moves(
         calls[0] += 1
         subsample = stratum = None
         if batch is not None and sub is not None:
-            subsample = (*sub, batch.epoch - 1)
+            subsample = (*sub, batch.drawn)
         if batch is not None and batch.stratum is not None:
-            stratum = (*batch.stratum, int(cfg.seed), batch.epoch - 1)
+            stratum = (*batch.stratum, int(cfg.seed), batch.drawn)
         part = runner.run(
             "moves",
             (calls[0],),

@@ -61,7 +61,7 @@ class ArrayStatistics:
             return None
         s, n_strata = batch.stratum
         keys = row_keys(self.ids)
-        return np.flatnonzero(stratum_of(keys, n_strata, self.seed, batch.epoch - 1) == s)
+        return np.flatnonzero(stratum_of(keys, n_strata, self.seed, batch.drawn) == s)
 
     def __call__(self, params: Params, batch: Batch) -> BatchStats:
         rows = self._rows(batch)

@@ -130,10 +130,17 @@ class FitLoop:
         return state
 
     @property
+    def _fixed(self) -> bool:
+        """The rule needs the same waves every epoch (incremental EM), in a new order."""
+        return bool(getattr(self.rule, "fixed_waves", False))
+
+    @property
     def _n_orderable(self) -> int:
-        """What an epoch's order permutes: the strata, or the units."""
+        """What an epoch's order permutes: the strata, the fixed waves of units, or the units."""
         s = self.settings
-        return int(s.strata) if s.strata is not None else self.source.n_units
+        if s.strata is not None:
+            return int(s.strata)
+        return self.n_waves if self._fixed else self.source.n_units
 
     def _checkpoint(self, state: LoopState) -> None:
         if self.checkpoint is not None:
@@ -170,10 +177,21 @@ class FitLoop:
             return Batch(state.iteration + 1, state.iteration + 1, 1, None)
         if not state.order:
             state.order = epoch_order(self.settings.seed, state.epoch, self._n_orderable)
+        fixed = {"draw": 0, "n_slots": self.n_waves} if self._fixed else {}
         if self.settings.strata is not None:
-            stratum = (int(state.order[state.wave]), int(self.settings.strata))
-            return Batch(state.iteration + 1, state.epoch + 1, state.wave + 1, None, stratum)
+            s = int(state.order[state.wave])
+            stratum = (s, int(self.settings.strata))
+            slot = {"slot": s} if fixed else {}
+            return Batch(
+                state.iteration + 1, state.epoch + 1, state.wave + 1, None, stratum, **fixed, **slot
+            )
         P = min(int(self.settings.wave_size), self.source.n_units)
+        if fixed:  # waves are fixed runs of a fixed unit order; the epoch orders the waves
+            g = int(state.order[state.wave])
+            units = epoch_order(self.settings.seed, 0, self.source.n_units)[g * P : (g + 1) * P]
+            return Batch(
+                state.iteration + 1, state.epoch + 1, state.wave + 1, units, **fixed, slot=g
+            )
         units = state.order[state.wave * P : (state.wave + 1) * P]
         return Batch(state.iteration + 1, state.epoch + 1, state.wave + 1, [int(u) for u in units])
 

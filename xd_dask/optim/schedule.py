@@ -25,6 +25,8 @@ class StepSchedule:
     kind="power": lambda_t = min(1, (t + t0)^-kappa), kappa in (0.5, 1] (Cappe & Moulines).
     kind="halving": lambda_t = lambda0 for t < hold, then halved every ``every`` waves, never below
     ``floor`` (the constant-then-halved schedule of Ritchie & Murray 2019).
+    kind="incremental": no schedule (incremental EM, :class:`xd_dask.optim.online.OnlineEM`);
+    lambda_t = 1 / (t + 1), the running average of the first epoch, is only nominal.
     """
 
     kind: str = _default("kind")
@@ -47,6 +49,8 @@ class StepSchedule:
     def __call__(self, t: int) -> float:
         if t < 0:
             raise ValueError("wave index must be >= 0")
+        if self.kind == "incremental":
+            return 1.0 / (t + 1.0)
         if self.kind == "power":
             return min(1.0, (t + self.t0) ** (-self.kappa))
         if t < self.hold:

@@ -38,9 +38,12 @@ class Batch:
     """The rows of one step: ``units`` (partition ids; None = every unit), its 1-based
     ``iteration`` (step counter t + 1), ``epoch`` and ``wave`` (1-based), and ``stratum``
     ``(s, S)``: only the rows of hash stratum s of S of each unit (None: all their rows; the
-    source decides which rows form a stratum, from the loop's seed and the epoch). ``extra`` > 0
+    source decides which rows form a stratum, from the loop's seed and ``draw``). ``extra`` > 0
     numbers a further pass over the same rows within the step (a rule or a move scoring other
-    parameters on them): it only changes the label."""
+    parameters on them): it only changes the label. ``draw`` is the epoch (0-based) whose strata
+    and subsamples the rows are drawn from: the current one, or always 0 for a rule that needs
+    the same waves every epoch (``fixed_waves``); ``slot`` (of ``n_slots``) then says which of
+    those fixed waves this is."""
 
     iteration: int
     epoch: int
@@ -48,6 +51,14 @@ class Batch:
     units: list[int] | None = None
     stratum: tuple[int, int] | None = None
     extra: int = 0
+    draw: int | None = None
+    slot: int | None = None
+    n_slots: int = 0
+
+    @property
+    def drawn(self) -> int:
+        """The epoch the rows are drawn from (``draw``, else the current one)."""
+        return self.epoch - 1 if self.draw is None else self.draw
 
     @property
     def full(self) -> bool:
