@@ -187,11 +187,12 @@ def kernels_cold(n_features: int, dtype: str = "float64") -> bool:
 
 @contextlib.contextmanager
 def connected(cfg: Any, progress: Progress, verbose: int = 0) -> Iterator[Any]:
-    """A client as ``[cluster]`` says; prints the dashboard link. Without ``-v`` a new local
-    cluster's workers do not print failed tasks' tracebacks (the error reaches the CLI)."""
+    """A client as ``[cluster]`` says; prints the dashboard link. Without ``-v``, and in JSON
+    mode (whose every line must be JSON), a new local cluster's workers do not print failed
+    tasks' tracebacks (the error reaches the CLI)."""
     from xd_dask.jobs.runner import cluster_client  # noqa: PLC0415
 
-    with cluster_client(cfg, quiet=verbose == 0) as client:
+    with cluster_client(cfg, quiet=verbose == 0 or progress.json) as client:
         show_dashboard(client, progress)
         yield client
 
