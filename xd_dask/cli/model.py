@@ -37,6 +37,16 @@ def _apply_config(model_path: str, catalogue: str | None, params: dict[str, Any]
     return model, cfg
 
 
+def _preflight(model: Any, cfg: Any, catalogue: str, out: str | None, prefix: str) -> Any:
+    """Everything ``score``/``posterior`` can check before a cluster starts
+    (:func:`xd_dask.jobs.prepare.prepare_apply`): schema and model, the catalogue's listing,
+    columns and units, the output directory ``out`` (free, holding only ``prefix`` parts)."""
+    from xd_dask.distributed.score import _OWNED  # noqa: PLC0415 - the parts' one pattern
+    from xd_dask.jobs.prepare import prepare_apply  # noqa: PLC0415
+
+    return prepare_apply(model, cfg, catalogue, out, _OWNED.format(prefix=prefix))
+
+
 def _dropped_text(dropped: dict[str, int]) -> str:
     bad = {k: v for k, v in (dropped or {}).items() if v}
     if not bad:
@@ -96,19 +106,21 @@ def score(
     """Mean log-likelihood per row of CATALOGUE under MODEL (held-out score).
 
     Bad rows stop the score naming file, row and column, or with --on-bad drop are left out
-    and counted per reason in the output.
+    and counted per reason in the output. The schema, the catalogue's columns and a --per-row
+    directory in use or holding other files are refused before a cluster starts (exit 2).
     """
     from xd_dask.distributed import score_catalog  # noqa: PLC0415
 
     mdl, cfg = _apply_config(model, catalogue, params, job)
     given = cfg.source("catalog.holdout_rows").startswith("command line")
     frac = cfg.catalog.holdout_rows if given else 0.0
+    plan = _preflight(mdl, cfg, catalogue, per_row, "score")
     progress = Progress(log_format)
     with connected(cfg, progress, verbose) as client:
         res = score_catalog(
             mdl,
-            catalogue,
-            cfg.catalog.schema,
+            plan.manifest,
+            plan.schema,
             client,
             out_dir=per_row,
             on_bad=cfg.catalog.on_bad,
@@ -176,7 +188,9 @@ def posterior(
     Each star's posterior is a mixture over the components: mean and cov are its moment-matched
     mean and covariance; --top-k writes the leading components' own posteriors. One output row
     per input row, with the catalogue's id column under its own name and a status column: "ok",
-    or (with --on-bad drop) the reason the row was dropped, its values null.
+    or (with --on-bad drop) the reason the row was dropped, its values null. The schema, the
+    catalogue's columns and an OUT in use or holding other files are refused before a cluster
+    starts (exit 2).
     """
     from xd_dask.distributed import posterior_catalog  # noqa: PLC0415
 
@@ -185,12 +199,13 @@ def posterior(
     if unknown:
         raise click.BadParameter(f"unknown column group(s) {unknown}", param_hint="--columns")
     mdl, cfg = _apply_config(model, catalogue, params, job)
+    plan = _preflight(mdl, cfg, catalogue, out, "posterior")
     progress = Progress(log_format)
     with connected(cfg, progress, verbose) as client:
         files = posterior_catalog(
             mdl,
-            catalogue,
-            cfg.catalog.schema,
+            plan.manifest,
+            plan.schema,
             client,
             out,
             on_bad=cfg.catalog.on_bad,

@@ -313,7 +313,7 @@ def prepare_apply(
             f"{list(schema.features)} of schema {schema.name!r} ({cfg.source('catalog.schema')})"
             "; give the schema the model was fitted with (--schema)"
         )
-    manifest = manifest_of(catalogue, cfg, schema)
+    manifest = build_manifest(catalogue, id_column=schema.id_column)  # one partition per file
     _check_columns(manifest, schema, "the catalogue")
     if out_dir is not None and owned is not None:
         check_output_dir(Path(out_dir), owned)
