@@ -245,13 +245,21 @@ def key_option(name: str, *, flag: str | None = None, help: str | None = None) -
     k = config_key(name)
     decls = (flag or k.flag or "--" + k.leaf.replace("_", "-")).split("/")
     allowed = f"{name}: {k.allowed()}" if k.type in (int, float) else name
-    text = help or f"{k.help} [{allowed}]"
+    text = help or f"{_cli_help(k.help)} [{allowed}]"
     if k.type is bool:
         flags = "/".join(decls) if len(decls) == 2 else decls[0]
         return click.option(flags, _param(name), default=None, help=text)
     ptype: Any = {int: click.INT, float: click.FLOAT}.get(k.type, click.STRING)
     metavar = "|".join(k.choices) if k.choices else None
     return click.option(*decls, _param(name), type=ptype, default=None, metavar=metavar, help=text)
+
+
+def _cli_help(text: str) -> str:
+    """A key's help as a flag's: a key the job needs is required of the flag only when neither
+    the job file nor the environment sets it (click's "(required)" would say otherwise)."""
+    if text.endswith(" (required)"):
+        return text.removesuffix(" (required)") + "; needed here unless the job file sets it"
+    return text
 
 
 def key_options(*names: str) -> Callable:

@@ -245,11 +245,12 @@ def sample(model: str, n: int, out: str, seed: int) -> None:
     click.echo(f"Wrote {n} samples to {out}")
 
 
-@command()
+@command(json_output=True)
 @_model_arg
-@click.option("--json", "as_json", is_flag=True, help="Print the model summary as JSON.")
-def info(model: str, as_json: bool) -> None:
-    """Describe a model file: K, features, weights, how it was fitted."""
+@click.option("--json", "as_json", is_flag=True, hidden=True, help="The same as --log-format json.")
+def info(model: str, as_json: bool, log_format: str) -> None:
+    """Describe a model file: K, features, weights, how it was fitted (--log-format json: one
+    JSON object, as every command's events)."""
     import numpy as np  # noqa: PLC0415
 
     mdl = _load_model(model)
@@ -268,7 +269,10 @@ def info(model: str, as_json: bool) -> None:
         "rows_used": meta.get("rows_used"),
         "catalogue": (meta.get("manifest") or {}).get("source"),
     }
-    if as_json:
+    if log_format == "json":  # an event, as every command's
+        Progress(log_format).emit("info", **summary)
+        return
+    if as_json:  # the older flag: the bare summary
         click.echo(json.dumps(jsonable(summary)))
         return
     click.echo(table(list(summary.items())))
