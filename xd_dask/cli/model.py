@@ -299,7 +299,9 @@ def info(model: str, as_json: bool, log_format: str) -> None:
 @click.option("--features", default=None, help="Comma-separated corner-plot features.")
 @key_option("plots.n_samples", flag="--n-samples")
 def plot(model: str, out: str, features: str | None, **params: Any) -> None:
-    """Plot MODEL: corner density vs data (units from the schema), sky density, training curve."""
+    """Plot MODEL: the deconvolved model against the observed rows of --catalog (corner.png,
+    axes in the schema's units), its density on the sky (sky.png, for RA and Dec features), the
+    training curve; a figure not drawn is named with the reason."""
     from xd_dask.jobs.runner import load_schema_checked, sample_rows, write_plots  # noqa: PLC0415
 
     extra = []
@@ -337,3 +339,5 @@ def plot(model: str, out: str, features: str | None, **params: Any) -> None:
     )
     for name, path in files.items():
         click.echo(f"{name}: {path}")
+    for name, why in getattr(files, "skipped", {}).items():
+        click.echo(f"not drawn: {name}: {why}")

@@ -143,7 +143,13 @@ def summary(progress: Progress, report: dict[str, Any], title: str) -> None:
     if any((report.get("heldout_dropped") or {}).values()):
         rows.insert(7, ("held-out rows dropped", report.get("heldout_dropped")))
     rows += [(name, path) for name, path in (report.get("files") or {}).items()]
+    rows += [(f"not drawn: {name}", why) for name, why in skipped_figures(report).items()]
     progress.message(f"{title}\n{table(rows)}")
+
+
+def skipped_figures(report: dict[str, Any]) -> dict[str, str]:
+    """{figure file: why it was not drawn} of a fit's report."""
+    return dict(report.get("figures_skipped") or {})
 
 
 def _dashboard(client: Any) -> str | None:
