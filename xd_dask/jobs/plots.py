@@ -238,6 +238,20 @@ def training_curve(
     return canvas.save(fig, path, dpi)
 
 
+def _ellipses(ax: Any, w: np.ndarray, mu: np.ndarray, cov: np.ndarray, ia: int, ib: int) -> None:
+    """The 1-sigma ellipse in features (ia, ib) of every component of weight >= 1 %."""
+    from matplotlib.patches import Ellipse  # noqa: PLC0415
+
+    for k in np.flatnonzero(w >= 0.01):
+        vals, vecs = np.linalg.eigh(cov[k][np.ix_([ia, ib], [ia, ib])])
+        angle = np.degrees(np.arctan2(vecs[1, 1], vecs[0, 1]))
+        width, height = 2 * np.sqrt(vals[1]), 2 * np.sqrt(vals[0])
+        ax.add_patch(
+            Ellipse((mu[k, ia], mu[k, ib]), width, height, angle=angle, fill=False, color="C3",
+                    lw=0.5 + 6 * w[k])
+        )  # fmt: skip
+
+
 def _density_label(model: XDModel, a: str, b: str, units: Sequence[str] | None) -> str:
     """The colour bar of a density in features (a, b): per unit of a times unit of b."""
     known = units is not None and len(units) == model.n_features
@@ -274,8 +288,6 @@ def density_planes(
     grid : points per axis of the density grid.
     """
     plt = canvas.pyplot()
-    from matplotlib.patches import Ellipse  # noqa: PLC0415
-
     names = list(model.feature_names)
     if pairs is None:
         first = names[:3]
@@ -308,21 +320,7 @@ def density_planes(
         mesh.set_rasterized(True)
         ax.contour(xs, ys, logd, levels=top - np.array([3, 2, 1, 0.5]), colors="k", linewidths=0.5)
         if ellipses:
-            for k in np.flatnonzero(w >= 0.01):
-                sub = cov[k][np.ix_([ia, ib], [ia, ib])]
-                vals, vecs = np.linalg.eigh(sub)
-                angle = np.degrees(np.arctan2(vecs[1, 1], vecs[0, 1]))
-                ax.add_patch(
-                    Ellipse(
-                        (mu[k, ia], mu[k, ib]),
-                        2 * np.sqrt(vals[1]),
-                        2 * np.sqrt(vals[0]),
-                        angle=angle,
-                        fill=False,
-                        color="C3",
-                        lw=0.5 + 6 * w[k],
-                    )
-                )
+            _ellipses(ax, w, mu, cov, ia, ib)
         ax.set_xlim(lims[a])
         ax.set_ylim(lims[b])
         ax.set_xlabel(label[a])
