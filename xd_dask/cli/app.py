@@ -138,11 +138,8 @@ class _Command(click.Command):
         except click.UsageError as exc:
             if not wants_json:
                 raise
-            token = logs._FORMAT.set("json")
-            try:
+            with logs.json_mode():
                 logs.emit_error(exc, exc.format_message(), exc.exit_code, False, 0)
-            finally:
-                logs._FORMAT.reset(token)
             raise click.exceptions.Exit(exc.exit_code) from None
 
 

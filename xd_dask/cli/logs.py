@@ -33,7 +33,7 @@ from typing import Any
 
 import click
 
-__all__ = ["command_logging", "emit_error", "is_json", "warn"]
+__all__ = ["command_logging", "emit_error", "is_json", "json_mode", "warn"]
 
 #: The current command's log format ("text" or "json").
 _FORMAT: contextvars.ContextVar[str] = contextvars.ContextVar("xd_dask_cli_format", default="text")
@@ -174,6 +174,16 @@ def error_lines(message: str) -> list[str]:
     lines = [ln.rstrip() for ln in message.splitlines() if ln.strip()]
     head = " ".join(lines[0].split())
     return [f"Error: {head}"] + [f"  {ln}" for ln in lines[1:]]
+
+
+@contextlib.contextmanager
+def json_mode() -> Iterator[None]:
+    """JSON mode for the block (a usage error found while parsing, before a command runs)."""
+    token = _FORMAT.set("json")
+    try:
+        yield
+    finally:
+        _FORMAT.reset(token)
 
 
 def emit_error(exc: BaseException, text: str, code: int, with_type: bool, verbose: int) -> None:
