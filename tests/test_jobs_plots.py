@@ -63,9 +63,9 @@ def test_corner_plot_draws_model_against_data(tmp_path, fitted):
 
 def test_sky_plot_puts_density_where_the_components_are(tmp_path, fitted):
     model, _, _ = fitted
-    _image(plots.sky_plot(model, tmp_path / "sky.png", n_samples=20000))
-    nosky = type(model)(model.weights, model.means, model.covariances, ["a", "b", "c"])
-    with pytest.raises(ValueError, match="needs features 'ra' and 'dec'"):
+    _image(plots.sky_plot(model, tmp_path / "sky.png"))
+    nosky = XDModel(model.params, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="no RA and Dec features"):
         plots.sky_plot(nosky, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
 
@@ -93,7 +93,12 @@ def test_training_curve_from_history(tmp_path, fitted):
 
 def test_default_features_skip_sky_positions(fitted):
     model, _, _ = fitted
-    assert plots.default_features(model) == ["parallax"]
+    five = XDModel(
+        Params([1.0], [np.arange(5.0)], [np.eye(5)]), ["RA_ICRS", "a", "DE_ICRS", "b", "c"]
+    )
+    assert plots.default_features(five) == ["a", "b", "c"]
+    # one feature besides ra, dec: a corner plot of all three (one panel could not be drawn)
+    assert plots.default_features(model) == ["ra", "dec", "parallax"]
 
 
 # ----------------------------------------------------------------------------- issue 11.7
@@ -103,14 +108,16 @@ GAIA = str(GAIA_DIR)
 @pytest.fixture
 def figures(monkeypatch):
     """The matplotlib figures the plot functions save (still written to disk)."""
+    from xd_dask.jobs import canvas
+
     saved = []
-    real = plots._save
+    real = canvas.save
 
     def save(fig, path, dpi):
         saved.append(fig)
         return real(fig, path, dpi)
 
-    monkeypatch.setattr(plots, "_save", save)
+    monkeypatch.setattr(canvas, "save", save)
     return saved
 
 
@@ -173,18 +180,141 @@ def test_sky_plot_of_a_half_degree_cone_is_not_a_blob(tmp_path, figures):
     cone = pq.read_table(f"{GAIA}/dr3_cone_ra45_dec0_r0.5.parquet", columns=["ra", "dec"])
     data = np.stack([cone["ra"].to_numpy(), cone["dec"].to_numpy()], axis=1)
     model = XDModel(Params([1.0], [[45.0, 0.0]], [np.diag([0.25**2, 0.25**2])]), ["ra", "dec"])
-    _image(plots.sky_plot(model, tmp_path / "sky.png", n_samples=40000, data=data))
+    _image(plots.sky_plot(model, tmp_path / "sky.png", data=data))
     ax = figures[-1].axes[0]
     assert ax.name != "mollweide"
     x0, x1 = ax.get_xlim()
     assert x0 > x1 and 0.9 < x0 - x1 < 1.5  # ra increases to the left, ~1.1 deg shown
     cells = ax.collections[0].get_array()
-    assert (~cells.mask).mean() > 0.5  # the samples fill the map
-    # on the all-sky map's 2 x 2 deg cells the same samples covered a few cells
+    assert (~cells.mask).mean() > 0.5  # the density fills the map
+    # on the all-sky map's 2 x 2 deg cells samples of it would cover a few cells
     v = model.sample(40000, random_state=0)
     h, _, _ = np.histogram2d(v[:, 0], v[:, 1], bins=(180, 90), range=((0, 360), (-90, 90)))
     assert (h > 0).sum() <= 6
     # a wide footprint keeps the all-sky projection
     wide = XDModel(Params([1.0], [[180.0, 0.0]], [np.diag([80.0**2, 30.0**2])]), ["ra", "dec"])
-    plots.sky_plot(wide, tmp_path / "wide.png", n_samples=20000)
+    plots.sky_plot(wide, tmp_path / "wide.png")
     assert figures[-1].axes[0].name == "mollweide"
+
+
+# ----------------------------------------------------------------------------- issue 21.4
+def test_corner_plot_says_what_it_draws(tmp_path, fitted, figures):
+    """The model's samples are noise-free, the rows carry their noise: the title and the legend
+    name both; without rows, only the model; a projected fit says why there are none."""
+    model, X, _ = fitted
+    kw = {"features": ["ra", "dec", "parallax"], "n_samples": 3000}
+    plots.corner_plot(model, tmp_path / "a.png", data=X, **kw)
+    title = figures[-1]._suptitle.get_text()
+    assert "Deconvolved model (K=2; 3,000 noise-free samples" in title
+    assert "3,000 observed rows (with their noise" in title and "vs data" not in title
+    legend = [t.get_text() for t in figures[-1].legends[0].get_texts()]
+    assert legend == [plots.MODEL_LABEL, plots.ROWS_LABEL]
+    plots.corner_plot(model, tmp_path / "b.png", note=plots.PROJECTED_NOTE, **kw)
+    title = figures[-1]._suptitle.get_text()
+    assert "observed rows (with" not in title and plots.PROJECTED_NOTE in title
+
+
+def _radian_model() -> XDModel:
+    """Hipparcos-like features: positions in radians (RArad, DErad), a parallax in mas."""
+    m = [[1.0, 0.3, 5.0], [4.0, -0.9, 2.0]]
+    V = [np.diag([0.05**2, 0.04**2, 1.0]), np.diag([0.2**2, 0.1**2, 0.5])]
+    return XDModel(Params([0.7, 0.3], m, V), ["RArad", "DErad", "Plx"])
+
+
+def test_sky_plot_of_positions_in_radians(tmp_path, figures):
+    """RArad/DErad in rad: the map is in degrees, says so, labels RA and Dec, and its peak is
+    where the heavier component is (1 rad, 0.3 rad = 57.3 deg, 17.2 deg)."""
+    model = _radian_model()
+    _image(plots.sky_plot(model, tmp_path / "sky.png", units=["rad", "rad", "mas"]))
+    fig = figures[-1]
+    ax = fig.axes[0]
+    assert ax.name == "mollweide"
+    assert ax.get_xlabel().startswith("RA [deg]") and ax.get_ylabel() == "Dec [deg]"
+    assert "RArad, DErad in rad converted to degrees" in ax.get_title()
+    cells = ax.collections[0].get_array()  # (180 dec, 360 lon) cells of 1 deg
+    i_dec, i_lon = np.unravel_index(np.argmax(cells.filled(-np.inf)), cells.shape)
+    ra = np.mod(-(i_lon + 0.5 - 180.0), 360.0)
+    assert abs(ra - np.degrees(1.0)) < 1.5 and abs(i_dec + 0.5 - 90 - np.degrees(0.3)) < 1.5
+    bar = fig.axes[-1]
+    assert "per sr" in bar.get_xlabel()  # the colour bar's unit
+    # without units, the names say radians
+    plots.sky_plot(model, tmp_path / "sky2.png")
+    assert "converted to degrees" in figures[-1].axes[0].get_title()
+
+
+def test_sky_density_is_a_density_on_the_sphere():
+    """Integrated over the sky the map's density is 1, also for a component across RA = 0
+    (wrapped), in degrees or radians alike."""
+    from xd_dask.jobs.sky import sky_axes, sky_density
+
+    ra, dec = np.meshgrid(np.arange(0.25, 360, 0.5), np.arange(-89.75, 90, 0.5))
+    cell = 0.5 * 0.5 * np.cos(np.radians(dec))  # solid angle of a cell, deg^2
+    for mean in ([2.0, 10.0], [180.0, -20.0]):
+        model = XDModel(Params([1.0], [mean], [np.diag([6.0**2, 4.0**2])]), ["ra", "dec"])
+        dens = sky_density(model, sky_axes(model.feature_names), ra.ravel(), dec.ravel())
+        assert (dens * cell.ravel()).sum() == pytest.approx(1.0, abs=1e-4)
+        rad = XDModel(Params([1.0], [np.radians(mean)], [np.diag(np.radians([6.0, 4.0]) ** 2)]),
+                      ["RArad", "DErad"])  # fmt: skip
+        dens_rad = sky_density(rad, sky_axes(rad.feature_names), ra.ravel(), dec.ravel())
+        np.testing.assert_allclose(dens_rad, dens, rtol=1e-9, atol=1e-300)
+
+
+def test_density_colour_bars_carry_units(tmp_path, figures):
+    model = XDModel(Params([0.5, 0.5], [[0.0, 0.0, 0.0], [20.0, -10.0, 5.0]],
+                           [np.eye(3) * 100.0, np.eye(3) * 50.0]), ["U", "V", "W"])  # fmt: skip
+    plots.density_planes(model, tmp_path / "planes.png", units=["km / s"] * 3)
+    bars = [ax.get_ylabel() for ax in figures[-1].axes if ax.get_label() == "<colorbar>"]
+    assert bars == ["log10 density [per (km / s)²]"] * 3
+
+
+class _Cfg:
+    """The [plots] and [fit] keys write_figures reads."""
+
+    def __init__(self, sky: bool = True) -> None:
+        from types import SimpleNamespace
+
+        self.plots = SimpleNamespace(features=[], n_samples=2000, dpi=60, sky=sky)
+        self.fit = SimpleNamespace(seed=0)
+
+
+def test_write_figures_names_what_it_did_not_draw(tmp_path, fitted):
+    model, X, history = fitted
+    uvw = XDModel(model.params, ["U", "V", "W"])
+    figs = plots.write_figures(uvw, [], tmp_path, _Cfg(), None)
+    assert set(figs) == {"corner"}
+    assert set(figs.skipped) == {"training_curve.png", "sky.png"}
+    assert "no RA and Dec features" in figs.skipped["sky.png"]
+    figs = plots.write_figures(_radian_model(), history, tmp_path, _Cfg(), None,
+                               units=["rad", "rad", "mas"])  # fmt: skip
+    assert set(figs) == {"corner", "sky", "training_curve"} and figs.skipped == {}
+    assert plots.write_figures(model, history, tmp_path, _Cfg(sky=False), X).skipped == {
+        "sky.png": "plots.sky = false"
+    }
+
+
+@pytest.mark.cluster
+def test_a_fits_summary_names_the_figures_not_drawn(tmp_path, cluster):
+    """A fit of features without RA and Dec: sky.png is not drawn, and its summary and
+    report.json say so."""
+    import json
+
+    from click.testing import CliRunner
+
+    from tests.distributed_data import make_rows, write_catalog
+    from xd_dask.cli import main
+
+    X, S = make_rows(1, 900)
+    write_catalog(tmp_path / "cat", X, S, 1)
+    schema = tmp_path / "s.toml"
+    assert CliRunner().invoke(main, ["schema", "init", str(tmp_path / "cat"), "-o", str(schema)])
+    res = CliRunner().invoke(
+        main,
+        ["fit", "--catalog", str(tmp_path / "cat"), "--schema", str(schema), "-k", "2",
+         "--max-iter", "3", "--tol", "0", "--out", str(tmp_path / "out"),
+         "--scheduler-address", cluster.scheduler_address],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("not drawn: sky.png"))
+    assert "no RA and Dec features" in line
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "sky.png" in report["figures_skipped"] and (tmp_path / "out" / "corner.png").is_file()

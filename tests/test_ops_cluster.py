@@ -159,8 +159,10 @@ def test_cluster_sh_listens_on_loopback_while_a_fit_runs(gaia, tmp_path):
     from xd_dask.jobs.runner import run_fit
 
     cdir = tmp_path / "dask-local"
+    # a port alone (":0", any free one) means that port on SCHEDULER_HOST, loopback by default;
+    # no test asks for a fixed port (cluster.sh's own default, :8787, may be taken)
     env = _env(CLUSTER_DIR=str(cdir), SCHEDULER_PORT="0", WORKER_MEMORY="1GiB")
-    env.pop("DASHBOARD_ADDRESS", None)  # the default: port 8787 (or any free one) on loopback
+    env["DASHBOARD_ADDRESS"] = ":0"
     script = REPO / "deploy" / "local" / "cluster.sh"
     subprocess.run(["bash", str(script), "start", "1", "1"], env=env, check=True, timeout=180)
     pids = []

@@ -3,8 +3,11 @@
 - :mod:`.app`: the ``main`` group, the one error handler and exit codes, options made from the
   configuration's key table;
 - :mod:`.fit`: fit, resume, demo;  :mod:`.model`: score, posterior, sample, info, plot;
-- :mod:`.ops`: nightly, render-job;  :mod:`.catalog`: make-catalog, ingest, schema init;
-- :mod:`.progress`: progress bars, summary tables, JSON events.
+- :mod:`.select`: select;  :mod:`.shuffle`: shuffle;
+- :mod:`.ops`: nightly, store repair, render-job;  :mod:`.catalog`: make-catalog, ingest, schema
+  init;
+- :mod:`.progress`: progress bars, summary tables, JSON events;  :mod:`.logs`: log records,
+  warnings and errors as text or JSON lines.
 """
 
 from __future__ import annotations

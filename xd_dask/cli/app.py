@@ -20,25 +20,24 @@ code  meaning
 A failure prints ``Error: <one line>`` on stderr; a library message of several lines (a
 diverged fit naming its rows) continues on indented lines below it. Python tracebacks and the
 "Compute Failed" blocks of a local cluster's workers are shown only with ``-v``. Warnings (e.g.
-non-convergence) are shown once each, one line, after the command.
+non-convergence) are shown once each, one line, when they happen. With ``--log-format json``
+every line is JSON: the error is an ``error`` event on stdout (same exit code), warnings and log
+records (Dask's too) are JSON records on stderr (:mod:`xd_dask.cli.logs`).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import functools
 import inspect
-import json
-import logging
+import re
 import sys
-import traceback
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import click
 
 from xd_dask import __version__
+from xd_dask.cli import logs
 from xd_dask.config import key as config_key
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -53,36 +52,6 @@ def main() -> None:
     Exit codes: 0 success; 2 usage, configuration or input that cannot be used as given;
     1 the work failed (-v shows tracebacks).
     """
-
-
-# --------------------------------------------------------------------------- logging
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "event": "log",
-                "time": _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc).isoformat(),
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "message": record.getMessage(),
-            }
-        )
-
-
-def _setup_logging(log_format: str, verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        _JsonFormatter() if log_format == "json" else logging.Formatter("%(levelname)s %(message)s")
-    )
-    pkg = logging.getLogger("xd_dask")
-    for h in list(pkg.handlers):
-        if getattr(h, "_xd_dask_cli", False):
-            pkg.removeHandler(h)
-    handler._xd_dask_cli = True  # type: ignore[attr-defined]
-    pkg.addHandler(handler)
-    pkg.setLevel(level)
-    pkg.propagate = False
 
 
 # --------------------------------------------------------------------------- errors
@@ -114,40 +83,70 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
 
 _LIBRARY_HINT = "Use on_bad='drop'"
 _CLI_HINT = 'Use --on-bad drop (job file: catalog.on_bad = "drop")'
+_DROP = 'or --on-bad drop (job file: catalog.on_bad = "drop")'
+_ZERO_ERROR = re.compile(r"column '([^']+)': noise covariance is not positive definite \(value 0")
+
+
+def message(exc: BaseException) -> str:
+    """The text of ``exc`` as the CLI shows it: the library's hints in the CLI's words, and a
+    zero error column named with its remedy, the schema's ``error_floor``."""
+    text = str(exc).replace(_LIBRARY_HINT, _CLI_HINT).strip() or type(exc).__name__
+    zero = _ZERO_ERROR.search(text)
+    if zero and getattr(exc, "reason", None) in (None, "not_positive_definite"):
+        text = text.replace(
+            _CLI_HINT,
+            f"A zero error: give the feature whose error column is {zero.group(1)!r} an "
+            "error_floor in the schema (in the error's unit, e.g. half its last digit: 0.0005 "
+            f"for errors given to 0.001; `xd-dask schema init` proposes one), {_DROP}",
+            1,
+        )
+    return text
 
 
 def error_lines(exc: BaseException, with_type: bool) -> list[str]:
     """The message of ``exc`` as printed: ``Error: <first line>`` then indented lines."""
-    text = str(exc).replace(_LIBRARY_HINT, _CLI_HINT).strip() or type(exc).__name__
-    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
-    head = " ".join(lines[0].split())
-    if with_type:
-        head = f"{type(exc).__name__}: {head}"
-    return [f"Error: {head}"] + [f"  {ln}" for ln in lines[1:]]
+    text = message(exc)
+    return logs.error_lines(f"{type(exc).__name__}: {text}" if with_type else text)
 
 
-def fail(message: str | BaseException, code: int = EXIT_FAILURE, *, with_type: bool = False):
-    """Print the error (see :func:`error_lines`) and exit with ``code``."""
-    exc = message if isinstance(message, BaseException) else Exception(message)
-    for line in error_lines(exc, with_type):
-        click.echo(line, err=True)
+def fail(
+    message_or_exc: str | BaseException,
+    code: int = EXIT_FAILURE,
+    *,
+    with_type: bool = False,
+    verbose: int = 0,
+):
+    """Report the error (``Error:`` lines, or the JSON error event) and exit with ``code``."""
+    exc = message_or_exc if isinstance(message_or_exc, BaseException) else Exception(message_or_exc)
+    logs.emit_error(exc, message(exc), code, with_type, verbose)
     sys.exit(code)
 
 
 def warn(text: str) -> None:
-    """A one-line warning on stderr, now."""
-    click.echo(f"Warning: {' '.join(text.split())}", err=True)
+    """A one-line warning, now (``Warning: ...`` on stderr, or a JSON log record)."""
+    logs.warn(text)
 
 
-def _show_warnings(caught: list[warnings.WarningMessage]) -> None:
-    seen = set()
-    for w in caught:
-        if issubclass(w.category, ResourceWarning | DeprecationWarning):
-            continue
-        text = f"{w.category.__name__}: {w.message}"
-        if text not in seen:
-            seen.add(text)
-            warn(text)
+class _Command(click.Command):
+    """A command whose usage errors (bad option values, missing arguments) are the JSON error
+    event when its arguments ask for ``--log-format json``."""
+
+    def make_context(self, info_name, args, parent=None, **extra):  # type: ignore[override]
+        wants_json = _asks_json(args)
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            if not wants_json:
+                raise
+            with logs.json_mode():
+                logs.emit_error(exc, exc.format_message(), exc.exit_code, False, 0)
+            raise click.exceptions.Exit(exc.exit_code) from None
+
+
+def _asks_json(args: Iterable[str]) -> bool:
+    args = list(args)
+    pairs = zip(args, args[1:], strict=False)
+    return "--log-format=json" in args or any(a == "--log-format" and b == "json" for a, b in pairs)
 
 
 def command(
@@ -178,19 +177,24 @@ def command(
 
         cmd = wrapper
         if json_output:
-            cmd = click.option(
-                "--log-format",
-                type=click.Choice(["text", "json"]),
-                default="text",
-                show_default=True,
-                help="json: one JSON object per event on stdout.",
-            )(cmd)
+            cmd = log_format_option(cmd)
         cmd = click.option(
             "-v", "--verbose", count=True, help="Log progress (-v) or debug (-vv); tracebacks."
         )(cmd)
-        return (group or main).command(name)(cmd)
+        return (group or main).command(name, cls=_Command)(cmd)
 
     return decorate
+
+
+#: ``--log-format text|json`` (every command that prints events has it).
+log_format_option = click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: every output line is a JSON object (events and errors on stdout, log records "
+    "and warnings on stderr).",
+)
 
 
 def run_handled(
@@ -199,32 +203,29 @@ def run_handled(
     log_format: str,
     usage: tuple[type[BaseException], ...] = (),
 ) -> Any:
-    """Run ``body`` under the one error handler (module docstring)."""
-    pkg = logging.getLogger("xd_dask")
-    saved = (list(pkg.handlers), pkg.level, pkg.propagate)
-    _setup_logging(log_format, verbose)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                return body()
-            finally:
-                _show_warnings(caught)
-    except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        if verbose:
-            traceback.print_exc(file=sys.stderr)
-        from xd_dask.io.reader import CatalogError  # noqa: PLC0415
+    """Run ``body`` under the one error handler (module docstring), with the command's
+    logging (:func:`xd_dask.cli.logs.command_logging`)."""
+    with logs.command_logging(log_format, verbose):
+        try:
+            return body()
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException as exc:
+            if not logs.is_json():
+                raise
+            fail(exc, exc.exit_code)
+        except Exception as exc:
+            _fail_with(exc, usage, verbose)
 
-        failed = isinstance(exc, CatalogError)
-        if isinstance(exc, _usage_errors() + usage) and not failed:
-            fail(exc, EXIT_USAGE)
-        fail(exc, EXIT_FAILURE, with_type=not failed)
-    finally:  # leave the process's logging as it was (the CLI may run inside a test)
-        pkg.handlers[:] = saved[0]
-        pkg.setLevel(saved[1])
-        pkg.propagate = saved[2]
+
+def _fail_with(exc: Exception, usage: tuple[type[BaseException], ...], verbose: int) -> None:
+    """Exit with the code of ``exc`` (module docstring), reporting it."""
+    from xd_dask.io.reader import CatalogError  # noqa: PLC0415
+
+    failed = isinstance(exc, CatalogError)
+    if isinstance(exc, _usage_errors() + usage) and not failed:
+        fail(exc, EXIT_USAGE, verbose=verbose)
+    fail(exc, EXIT_FAILURE, with_type=not failed, verbose=verbose)
 
 
 # --------------------------------------------------------------------------- options from keys
@@ -241,13 +242,21 @@ def key_option(name: str, *, flag: str | None = None, help: str | None = None) -
     k = config_key(name)
     decls = (flag or k.flag or "--" + k.leaf.replace("_", "-")).split("/")
     allowed = f"{name}: {k.allowed()}" if k.type in (int, float) else name
-    text = help or f"{k.help} [{allowed}]"
+    text = help or f"{_cli_help(k.help)} [{allowed}]"
     if k.type is bool:
         flags = "/".join(decls) if len(decls) == 2 else decls[0]
         return click.option(flags, _param(name), default=None, help=text)
     ptype: Any = {int: click.INT, float: click.FLOAT}.get(k.type, click.STRING)
     metavar = "|".join(k.choices) if k.choices else None
     return click.option(*decls, _param(name), type=ptype, default=None, metavar=metavar, help=text)
+
+
+def _cli_help(text: str) -> str:
+    """A key's help as a flag's: a key the job needs is required of the flag only when neither
+    the job file nor the environment sets it (click's "(required)" would say otherwise)."""
+    if text.endswith(" (required)"):
+        return text.removesuffix(" (required)") + "; needed here unless the job file sets it"
+    return text
 
 
 def key_options(*names: str) -> Callable:

@@ -122,6 +122,7 @@ def resume(outdir: str, log_format: str, verbose: int, **params: Any) -> None:
 )
 @click.option(
     "--rows",
+    "-n",
     type=click.IntRange(min=1000),
     default=100_000,
     show_default=True,

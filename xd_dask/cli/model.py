@@ -37,6 +37,16 @@ def _apply_config(model_path: str, catalogue: str | None, params: dict[str, Any]
     return model, cfg
 
 
+def _preflight(model: Any, cfg: Any, catalogue: str, out: str | None, prefix: str) -> Any:
+    """Everything ``score``/``posterior`` can check before a cluster starts
+    (:func:`xd_dask.jobs.prepare.prepare_apply`): schema and model, the catalogue's listing,
+    columns and units, the output directory ``out`` (free, holding only ``prefix`` parts)."""
+    from xd_dask.distributed.score import _OWNED  # noqa: PLC0415 - the parts' one pattern
+    from xd_dask.jobs.prepare import prepare_apply  # noqa: PLC0415
+
+    return prepare_apply(model, cfg, catalogue, out, _OWNED.format(prefix=prefix))
+
+
 def _dropped_text(dropped: dict[str, int]) -> str:
     bad = {k: v for k, v in (dropped or {}).items() if v}
     if not bad:
@@ -96,19 +106,21 @@ def score(
     """Mean log-likelihood per row of CATALOGUE under MODEL (held-out score).
 
     Bad rows stop the score naming file, row and column, or with --on-bad drop are left out
-    and counted per reason in the output.
+    and counted per reason in the output. The schema, the catalogue's columns and a --per-row
+    directory in use or holding other files are refused before a cluster starts (exit 2).
     """
     from xd_dask.distributed import score_catalog  # noqa: PLC0415
 
     mdl, cfg = _apply_config(model, catalogue, params, job)
     given = cfg.source("catalog.holdout_rows").startswith("command line")
     frac = cfg.catalog.holdout_rows if given else 0.0
+    plan = _preflight(mdl, cfg, catalogue, per_row, "score")
     progress = Progress(log_format)
     with connected(cfg, progress, verbose) as client:
         res = score_catalog(
             mdl,
-            catalogue,
-            cfg.catalog.schema,
+            plan.manifest,
+            plan.schema,
             client,
             out_dir=per_row,
             on_bad=cfg.catalog.on_bad,
@@ -176,7 +188,9 @@ def posterior(
     Each star's posterior is a mixture over the components: mean and cov are its moment-matched
     mean and covariance; --top-k writes the leading components' own posteriors. One output row
     per input row, with the catalogue's id column under its own name and a status column: "ok",
-    or (with --on-bad drop) the reason the row was dropped, its values null.
+    or (with --on-bad drop) the reason the row was dropped, its values null. The schema, the
+    catalogue's columns and an OUT in use or holding other files are refused before a cluster
+    starts (exit 2).
     """
     from xd_dask.distributed import posterior_catalog  # noqa: PLC0415
 
@@ -185,12 +199,13 @@ def posterior(
     if unknown:
         raise click.BadParameter(f"unknown column group(s) {unknown}", param_hint="--columns")
     mdl, cfg = _apply_config(model, catalogue, params, job)
+    plan = _preflight(mdl, cfg, catalogue, out, "posterior")
     progress = Progress(log_format)
     with connected(cfg, progress, verbose) as client:
         files = posterior_catalog(
             mdl,
-            catalogue,
-            cfg.catalog.schema,
+            plan.manifest,
+            plan.schema,
             client,
             out,
             on_bad=cfg.catalog.on_bad,
@@ -230,11 +245,12 @@ def sample(model: str, n: int, out: str, seed: int) -> None:
     click.echo(f"Wrote {n} samples to {out}")
 
 
-@command()
+@command(json_output=True)
 @_model_arg
-@click.option("--json", "as_json", is_flag=True, help="Print the model summary as JSON.")
-def info(model: str, as_json: bool) -> None:
-    """Describe a model file: K, features, weights, how it was fitted."""
+@click.option("--json", "as_json", is_flag=True, hidden=True, help="The same as --log-format json.")
+def info(model: str, as_json: bool, log_format: str) -> None:
+    """Describe a model file: K, features, weights, how it was fitted (--log-format json: one
+    JSON object, as every command's events)."""
     import numpy as np  # noqa: PLC0415
 
     mdl = _load_model(model)
@@ -253,7 +269,10 @@ def info(model: str, as_json: bool) -> None:
         "rows_used": meta.get("rows_used"),
         "catalogue": (meta.get("manifest") or {}).get("source"),
     }
-    if as_json:
+    if log_format == "json":  # an event, as every command's
+        Progress(log_format).emit("info", **summary)
+        return
+    if as_json:  # the older flag: the bare summary
         click.echo(json.dumps(jsonable(summary)))
         return
     click.echo(table(list(summary.items())))
@@ -280,7 +299,9 @@ def info(model: str, as_json: bool) -> None:
 @click.option("--features", default=None, help="Comma-separated corner-plot features.")
 @key_option("plots.n_samples", flag="--n-samples")
 def plot(model: str, out: str, features: str | None, **params: Any) -> None:
-    """Plot MODEL: corner density vs data (units from the schema), sky density, training curve."""
+    """Plot MODEL: the deconvolved model against the observed rows of --catalog (corner.png,
+    axes in the schema's units), its density on the sky (sky.png, for RA and Dec features), the
+    training curve; a figure not drawn is named with the reason."""
     from xd_dask.jobs.runner import load_schema_checked, sample_rows, write_plots  # noqa: PLC0415
 
     extra = []
@@ -318,3 +339,5 @@ def plot(model: str, out: str, features: str | None, **params: Any) -> None:
     )
     for name, path in files.items():
         click.echo(f"{name}: {path}")
+    for name, why in getattr(files, "skipped", {}).items():
+        click.echo(f"not drawn: {name}: {why}")

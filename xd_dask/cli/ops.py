@@ -99,23 +99,39 @@ def store_repair(store: str, to_run: str | None, dry_run: bool, log_format: str)
     progress.message(text + "\n" + table(rows))
 
 
+#: render-job's key options: a fit's, the fit's output directory as --out only (-o/--output is
+#: the file render-job itself writes, as -o is every command's own output).
+RENDER_KEYS = tuple(k for k in FIT_KEYS if k != "output.dir")
+
+
 @command("render-job")
 @click.option("--target", type=click.Choice(["slurm", "kubernetes"]), required=True)
 @click.argument("config", type=click.Path(dir_okay=False), metavar="CONFIG.toml")
-@key_options(*FIT_KEYS)
+@key_options(*RENDER_KEYS)
+@key_option("output.dir", flag="--out")
 @set_option
 @click.option(
+    "-o",
     "--output",
     "output_file",
     default=None,
-    type=click.Path(dir_okay=False),
-    help="Write to this file instead of stdout.",
+    type=click.Path(),
+    help="Write the script (Slurm) or manifests (Kubernetes) to this file instead of stdout "
+    "(the fit's own output directory is --out).",
 )
 def render_job_cmd(target: str, config: str, output_file: str | None, **params: Any) -> None:
     """Print the Slurm script or Kubernetes manifest for CONFIG.toml (a dry run)."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from xd_dask.jobs.config import ConfigError  # noqa: PLC0415
     from xd_dask.jobs.render import render_job  # noqa: PLC0415
     from xd_dask.utils import atomic_path  # noqa: PLC0415
 
+    if output_file and (Path(output_file).is_dir() or output_file.endswith("/")):
+        raise ConfigError(
+            f"-o/--output {output_file!r} is a directory: -o names the file render-job writes "
+            "(the script or manifests); give the fit's output directory with --out"
+        )
     text = render_job(load_job(config, params), target)
     if output_file:
         with atomic_path(output_file) as tmp:

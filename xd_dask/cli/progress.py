@@ -143,7 +143,13 @@ def summary(progress: Progress, report: dict[str, Any], title: str) -> None:
     if any((report.get("heldout_dropped") or {}).values()):
         rows.insert(7, ("held-out rows dropped", report.get("heldout_dropped")))
     rows += [(name, path) for name, path in (report.get("files") or {}).items()]
+    rows += [(f"not drawn: {name}", why) for name, why in skipped_figures(report).items()]
     progress.message(f"{title}\n{table(rows)}")
+
+
+def skipped_figures(report: dict[str, Any]) -> dict[str, str]:
+    """{figure file: why it was not drawn} of a fit's report."""
+    return dict(report.get("figures_skipped") or {})
 
 
 def _dashboard(client: Any) -> str | None:
@@ -187,11 +193,12 @@ def kernels_cold(n_features: int, dtype: str = "float64") -> bool:
 
 @contextlib.contextmanager
 def connected(cfg: Any, progress: Progress, verbose: int = 0) -> Iterator[Any]:
-    """A client as ``[cluster]`` says; prints the dashboard link. Without ``-v`` a new local
-    cluster's workers do not print failed tasks' tracebacks (the error reaches the CLI)."""
+    """A client as ``[cluster]`` says; prints the dashboard link. Without ``-v``, and in JSON
+    mode (whose every line must be JSON), a new local cluster's workers do not print failed
+    tasks' tracebacks (the error reaches the CLI)."""
     from xd_dask.jobs.runner import cluster_client  # noqa: PLC0415
 
-    with cluster_client(cfg, quiet=verbose == 0) as client:
+    with cluster_client(cfg, quiet=verbose == 0 or progress.json) as client:
         show_dashboard(client, progress)
         yield client
 

@@ -14,11 +14,15 @@ resume_fit(checkpoint_dir, client, progress_callback=None) -> XDModel
 score_catalog(model, manifest, schema, client, out_dir=None, ...) -> ScoreResult
 posterior_catalog(model, manifest, schema, client, out_dir, ...) -> list of files
 build_manifest(source, max_rows_per_partition=None) -> Manifest
+DaskXDGMM(n_components, ...).fit(X, X_cov, client=None)   XD on dask arrays X (n, D), X_cov
+                                                (n, D, D); the statistics of ChunkStatistics
 """
 
+from xd_dask.distributed.arrays import ChunkStatistics
 from xd_dask.distributed.checkpoint import CheckpointError, load_checkpoint
 from xd_dask.distributed.cluster import GPUUnavailableError, connect, worker_threads
 from xd_dask.distributed.config import FitConfig
+from xd_dask.distributed.estimator import DaskXDGMM
 from xd_dask.distributed.fit import ConvergenceWarning, fit_catalog, resume_fit
 from xd_dask.distributed.manifest import Manifest, ManifestError, Partition, build_manifest
 from xd_dask.distributed.score import ScoreResult, posterior_catalog, score_catalog
@@ -26,7 +30,9 @@ from xd_dask.distributed.tasks import PartitionError
 
 __all__ = [
     "CheckpointError",
+    "ChunkStatistics",
     "ConvergenceWarning",
+    "DaskXDGMM",
     "FitConfig",
     "GPUUnavailableError",
     "Manifest",

@@ -54,6 +54,7 @@ from xd_dask.io.tables import (
 from xd_dask.utils import atomic_path, get_logger
 
 __all__ = [
+    "find_readme",
     "ingest",
     "ingest_file",
     "ingest_inputs",
@@ -635,13 +636,57 @@ def ingest_inputs(
         if sch is not None:
             opts.setdefault("columns", sch.required_columns())
             opts.setdefault("id_column", sch.id_column)
-        written += ingest_table(
-            f,
-            out,
-            format=fmt,
-            overwrite=overwrite,
-            row_group_size=row_group_size,
-            compression=compression,
-            **opts,
-        )
+        if fmt == "cds" and opts.get("readme") is None:
+            opts["readme"] = find_readme(f)
+        try:
+            written += ingest_table(
+                f,
+                out,
+                format=fmt,
+                overwrite=overwrite,
+                row_group_size=row_group_size,
+                compression=compression,
+                **opts,
+            )
+        except CatalogError as exc:
+            raise _with_readme_hint(exc, f, fmt, opts.get("readme")) from None
     return written
+
+
+def find_readme(table: Path) -> Path | None:
+    """The CDS ReadMe of a fixed-width table: one beside it that describes it, else one
+    packaged with xd-dask (:mod:`xd_dask.data`: hip2.dat of Hipparcos I/311), else None."""
+    from xd_dask.data import packaged_readme  # noqa: PLC0415
+    from xd_dask.io.tables import _find_readme  # noqa: PLC0415 - the lookup beside the table
+
+    beside = _find_readme(table)
+    if beside is not None:
+        return beside
+    packaged = packaged_readme(table)
+    if packaged is not None:
+        log.info(
+            "%s: no ReadMe beside it; using the ReadMe packaged with xd-dask for %s (%s); give "
+            "--readme if this file is another table",
+            table,
+            table.name,
+            packaged.name,
+        )
+    return packaged
+
+
+def _with_readme_hint(
+    exc: CatalogError, table: Path, fmt: str, readme: Path | None
+) -> CatalogError:
+    """A CDS table read without a ReadMe fails in astropy's words; say what to give."""
+    if fmt != "cds" or readme is not None:
+        return exc
+    return CatalogError(
+        f"{exc} -- {table.name} looks like a CDS fixed-width table, whose columns are described "
+        "by a separate ReadMe, and none was found (beside the file, or packaged with xd-dask): "
+        "give it with --readme README (a VizieR catalogue's ReadMe is at "
+        "https://cdsarc.cds.unistra.fr/ftp/<catalogue>/ReadMe), or --format if it is not CDS",
+        path=exc.path,
+        row=exc.row,
+        column=exc.column,
+        reason=exc.reason,
+    )

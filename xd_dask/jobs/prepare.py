@@ -11,12 +11,18 @@ naming the first), stale temporaries removed, an old fit's checkpoints refused (
 ``overwrite``), and after a failure nothing of this run left behind: checkpoints of a fresh fit,
 and the directory itself when the run created it. (An interrupted run, Ctrl-C or a kill, keeps
 its checkpoints: ``xd-dask resume`` continues it.)
+
+The other commands that start a cluster check in the same way first: :func:`replan` (``xd-dask
+select``: the plan of each K from one listing), :func:`prepare_apply` (``score``, ``posterior``:
+schema, the model's features, listing, columns and units, the output directory) and
+:func:`check_unlocked` (a lock another run holds).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -31,21 +37,26 @@ from xd_dask.distributed.manifest import Manifest, build_manifest
 from xd_dask.io.reader import CatalogError, check_units, require_columns
 from xd_dask.io.schema import SchemaError, load_schema
 from xd_dask.jobs.config import ConfigError, JobConfig
-from xd_dask.locks import OUTPUT_LOCK, output_lock
+from xd_dask.locks import OUTPUT_LOCK, FileLock, is_locked, output_lock
 from xd_dask.params import Params
-from xd_dask.utils import get_logger, remove_stale_temporaries
+from xd_dask.utils import TMP_SUFFIX, OutputError, get_logger, remove_stale_temporaries
 
 log = get_logger(__name__)
 
 __all__ = [
     "CHECKPOINT_DIR",
+    "ApplyPlan",
     "FitPlan",
     "HoldoutMismatchWarning",
     "check_holdout",
+    "check_model_size",
+    "check_unlocked",
     "fit_output",
     "load_schema_checked",
     "manifest_of",
+    "prepare_apply",
     "prepare_fit",
+    "replan",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -225,6 +236,24 @@ def check_model_size(cfg: JobConfig, n_features: int, n_rows: int) -> None:
         raise ConfigError(f"fit.n_components = {K} is more than the {n_rows} training rows")
 
 
+def _check_checkpoints(out: Path, resume: bool, overwrite: bool) -> None:
+    """A resume needs the checkpoints of ``out``; a fresh fit refuses them unless
+    ``overwrite``."""
+    ckpt = out / CHECKPOINT_DIR
+    if resume and not ckpt.is_dir():
+        raise ConfigError(f"{out} is not the output directory of a checkpointed fit")
+    if not resume and ckpt.exists() and not overwrite:
+        raise ConfigError(
+            f"{out} already holds the checkpoints of a fit: continue it with "
+            f"`xd-dask resume {out}`, or pass --overwrite, or choose another --out"
+        )
+
+
+def _training_rows(manifest: Manifest, split: tuple[float, str] | None) -> int:
+    rows = manifest.n_rows
+    return rows if split is None else int(rows * (1.0 - split[0]))
+
+
 def prepare_fit(
     cfg: JobConfig,
     out_dir: str | Path | None = None,
@@ -234,22 +263,87 @@ def prepare_fit(
 ) -> FitPlan:
     """Check and list a fit before a cluster starts (module docstring); returns its plan."""
     out = Path(out_dir if out_dir is not None else cfg.output.dir)
-    ckpt = out / CHECKPOINT_DIR
-    if resume and not ckpt.is_dir():
-        raise ConfigError(f"{out} is not the output directory of a checkpointed fit")
-    if not resume and ckpt.exists() and not overwrite:
-        raise ConfigError(
-            f"{out} already holds the checkpoints of a fit: continue it with "
-            f"`xd-dask resume {out}`, or pass --overwrite, or choose another --out"
-        )
+    _check_checkpoints(out, resume, overwrite)
     schema = load_schema_checked(cfg.catalog.schema)
     train, manifest, holdout, split, held_desc = _sources(cfg, schema)
     if not resume:
-        rows = manifest.n_rows
-        if split is not None:
-            rows = int(rows * (1.0 - split[0]))
-        check_model_size(cfg, len(schema.features), rows)
+        check_model_size(cfg, len(schema.features), _training_rows(manifest, split))
     return FitPlan(cfg, out, schema, train, manifest, holdout, split, held_desc, resume)
+
+
+def replan(plan: FitPlan, cfg: JobConfig, out_dir: str | Path, *, overwrite: bool = False):
+    """The plan of ``plan``'s catalogue for the fit settings ``cfg`` (e.g. another K) into
+    ``out_dir``: the output's checkpoints, its lock and the model size are checked again, the
+    catalogue is not listed again (``xd-dask select`` plans every K before a cluster starts)."""
+    out = Path(out_dir)
+    _check_checkpoints(out, False, overwrite)
+    check_unlocked(out / OUTPUT_LOCK, f"output directory {out}")
+    check_model_size(cfg, len(plan.schema.features), _training_rows(plan.manifest, plan.split))
+    return dataclasses.replace(plan, cfg=cfg, out=out, resume=False)
+
+
+def check_unlocked(lock_file: Path, what: str) -> None:
+    """LockError naming the holder when another process holds ``lock_file`` (nothing is
+    created when it is free: the run takes the lock itself later)."""
+    if not is_locked(lock_file):
+        return
+    FileLock(lock_file, what).acquire(timeout=0).release()  # raises naming the holder
+
+
+@dataclass
+class ApplyPlan:
+    """A checked ``score`` or ``posterior`` run: the schema and the catalogue's partitions."""
+
+    schema: Any
+    manifest: Manifest
+
+
+def prepare_apply(
+    model: Any, cfg: JobConfig, catalogue: str, out_dir: str | Path | None, owned: str | None
+) -> ApplyPlan:
+    """Check a run that applies ``model`` to ``catalogue`` before a cluster starts: the schema
+    (``catalog.schema``) has the model's features, the catalogue lists, its first file has the
+    columns in the schema's units, and the output directory ``out_dir`` (files matching the
+    regular expression ``owned``) is free: not locked by another run, not a file, holding no
+    file the command did not write. Every refusal is a usage error (exit 2 in the CLI)."""
+    schema = load_schema_checked(cfg.catalog.schema)
+    if list(model.feature_names) != list(schema.features):
+        raise SchemaError(
+            f"the model's features {model.feature_names} differ from the features "
+            f"{list(schema.features)} of schema {schema.name!r} ({cfg.source('catalog.schema')})"
+            "; give the schema the model was fitted with (--schema)"
+        )
+    manifest = build_manifest(catalogue, id_column=schema.id_column)  # one partition per file
+    _check_columns(manifest, schema, "the catalogue")
+    if out_dir is not None and owned is not None:
+        check_output_dir(Path(out_dir), owned)
+    return ApplyPlan(schema, manifest)
+
+
+def check_output_dir(target: Path, owned: str) -> None:
+    """The checks :func:`xd_dask.utils.atomic_dir` makes when it starts, made early: its lock
+    (``.<name>.lock`` beside it) free, ``target`` a directory (or absent) holding only files
+    matching ``owned`` (and temporaries)."""
+    check_unlocked(target.parent / f".{target.name}.lock", f"output directory {target}")
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise OutputError(f"{target} exists and is not a directory; choose another output")
+    foreign = sorted(
+        e.name
+        for e in target.iterdir()
+        if not (re.fullmatch(owned, e.name) and e.is_file()) and not _temporary(e.name)
+    )
+    if foreign:
+        raise OutputError(
+            f"{target} holds files this command did not write (e.g. {foreign[0]!r}); refusing "
+            "to replace it: choose a new or empty output directory"
+        )
+
+
+def _temporary(name: str) -> bool:
+    """A temporary of an interrupted writer (``.<name>.<random>.tmp``, :mod:`xd_dask.utils`)."""
+    return name.startswith(".") and name.endswith(TMP_SUFFIX) and len(name) > len(TMP_SUFFIX) + 1
 
 
 @contextlib.contextmanager

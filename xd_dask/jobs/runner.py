@@ -262,61 +262,11 @@ def write_plots(
     units: Sequence[str] | None = None,
     projected: bool | None = None,
 ) -> dict[str, str]:
-    """The training curve, corner plot, (for ra/dec models) sky plot and (for models of projected
-    data) the density planes; returns {name: path}.
+    """The figures of a fit, {name: path}; ``.skipped`` names each figure not drawn and why
+    (:func:`xd_dask.jobs.plots.write_figures`)."""
+    from xd_dask.jobs.plots import write_figures  # noqa: PLC0415
 
-    units : the unit of each model feature (the schema's), shown on the corner plot's axes.
-    projected : the catalogue observes projections of the model's features (a schema
-        ``[projection]``): its rows are not drawn over the model, and ``planes.png`` shows the
-        deconvolved density in pairs of features (:func:`plots.density_planes`). Default: when
-        ``data`` has another number of columns than the model has features.
-    """
-    from xd_dask.jobs import plots  # noqa: PLC0415
-
-    pc = cfg.plots
-    files: dict[str, str] = {}
-    if projected is None:
-        projected = data is not None and np.ndim(data) == 2 and data.shape[1] != model.n_features
-    if projected:
-        data = None  # observed values (e.g. tangential velocities) are not in the model's space
-        files["planes"] = str(
-            plots.density_planes(model, out_dir / "planes.png", units=units, dpi=pc.dpi)
-        )
-    if history:
-        files["training_curve"] = str(
-            plots.training_curve(
-                history,
-                out_dir / "training_curve.png",
-                dpi=pc.dpi,
-                method=model.metadata.get("method"),
-            )
-        )
-    features = list(pc.features) or plots.default_features(model)
-    if len(features) >= 2:
-        files["corner"] = str(
-            plots.corner_plot(
-                model,
-                out_dir / "corner.png",
-                features=features,
-                data=data,
-                n_samples=pc.n_samples,
-                random_state=cfg.fit.seed,
-                dpi=pc.dpi,
-                units=units,
-            )
-        )
-    if pc.sky and {"ra", "dec"} <= set(model.feature_names):
-        files["sky"] = str(
-            plots.sky_plot(
-                model,
-                out_dir / "sky.png",
-                n_samples=pc.n_samples,
-                random_state=cfg.fit.seed,
-                dpi=pc.dpi,
-                data=data,
-            )
-        )
-    return files
+    return write_figures(model, history, out_dir, cfg, data, units=units, projected=projected)
 
 
 @dataclass
@@ -447,7 +397,7 @@ def _run_fit(
     files["job"] = str(out / "job.toml")
     history = list(meta.get("history", []))
     files["history"] = str(write_json(out / "history.json", history))
-    heldout = None
+    heldout, skipped = None, {}
     if holdout is not None:
         res = score_sources(model, holdout, cfg, client, split=split)
         heldout = {"mean_loglike": res.mean_loglike, "n_rows": res.n_rows, "dropped": res.dropped}
@@ -455,17 +405,12 @@ def _run_fit(
         data = sample_rows(
             client, manifest, schema, cfg.plots.max_rows, seed=cfg.fit.seed, on_bad="drop"
         )
-        files.update(
-            write_plots(
-                model,
-                history,
-                out,
-                cfg,
-                data.X,
-                units=schema.units,
-                projected=schema.projection is not None,
-            )
-        )
+        figures = write_plots(
+            model, history, out, cfg, data.X, units=schema.units,
+            projected=schema.projection is not None,
+        )  # fmt: skip
+        files.update(figures)
+        skipped = dict(getattr(figures, "skipped", {}))
     if report_html is not None:
         files["performance_report"] = str(report_html)
     if ckpt is not None:
@@ -494,6 +439,7 @@ def _run_fit(
         "dashboard": getattr(client, "dashboard_link", None),
         "job_file": str(cfg.job_file) if cfg.job_file else None,
         "files": files,
+        "figures_skipped": skipped,
         "versions": meta.get("versions"),
     }
     files["report"] = str(out / "report.json")
