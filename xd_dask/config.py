@@ -475,7 +475,8 @@ KEYS: tuple[Key, ...] = (
     K("plots.n_samples", 50000, "model samples drawn for the plots", lo=100),
     K("plots.max_rows", 50000, "catalogue rows drawn against the model (from a few partitions)",
       lo=0),
-    K("plots.sky", True, "sky density of samples, if the model has ra and dec"),
+    K("plots.sky", True,
+      "the model's density per solid angle on the sky, if the features include RA and Dec"),
     K("plots.dpi", 110, "resolution of the PNG files", lo=30),
     # [nightly] -----------------------------------------------------------------------------
     K("nightly.store", "models",
