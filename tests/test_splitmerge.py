@@ -18,6 +18,7 @@ from xd_dask.model import XDModel
 from xd_dask.optim import FitLoop, LoopSettings, OnlineEM
 from xd_dask.optim.adam import Adam
 from xd_dask.optim.arrays import ArrayStatistics
+from xd_dask.optim.loop import ConvergenceWarning
 from xd_dask.optim.splitmerge import (
     SplitMerge,
     WaveSplitMerge,
@@ -295,7 +296,8 @@ def test_stochastic_split_and_merge_on_waves_escapes(rows, rule):
     assert moves[0]["iteration"] == 4 + 2 + 1  # moved at wave 4, judged after 2 trial waves
     for mv in moves:  # judged on the same wave's rows, before and after
         assert (mv["ll_after"] - mv["ll_before"] > TOL) == mv["accepted"]
-    assert len(st.history) == 24  # the moves cost passes, not waves
+    waves = [h for h in st.history if not h.get("final")]
+    assert len(waves) == 24 and st.history[-1]["final"]  # the moves cost passes, not waves
 
 
 @pytest.mark.cluster
@@ -313,7 +315,10 @@ def test_cluster_online_split_and_merge_equals_in_memory(client, rows, catalogue
         tol=TOL,
         split_merge=True,
     )
-    model = fit_catalog(cfg, client)
+    # 6 epochs with moves tried in each (their trial waves count in the epoch means) do not
+    # settle: the fit says so
+    with pytest.warns(ConvergenceWarning, match="in 6 epochs"):
+        model = fit_catalog(cfg, client)
     assert model.metadata["waves"]["mode"] == "strata"
     Xw, Sw = rows_as_written(*rows)
     ref = _wave_fit(OnlineEM(), Xw, Sw, moves=True, ids=np.arange(1000, 1000 + N)).params
@@ -321,4 +326,4 @@ def test_cluster_online_split_and_merge_equals_in_memory(client, rows, catalogue
     np.testing.assert_allclose(model.means, ref.means, rtol=0, atol=1e-8)
     np.testing.assert_allclose(model.covariances, ref.covariances, rtol=1e-8, atol=1e-9)
     hist = model.metadata["history"]
-    assert [h["split_merge"] for h in hist].count("moved") == 3  # as in memory: 3 moves tried
+    assert [h.get("split_merge") for h in hist].count("moved") == 3  # as in memory: 3 moves tried
