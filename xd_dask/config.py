@@ -394,10 +394,11 @@ KEYS: tuple[Key, ...] = (
       "model whose components are degrees wide, not for per-star posteriors (`posterior` reads\n"
       "rows in float64 unless fit.dtype is set to float32)"),
     K("fit.background", False,
-      "add a uniform background (outlier) component over the padded bounding box of the "
-      "k-means sample",
-      doc="its weight is fitted, so a few absurd rows are absorbed instead of taking a "
-      "component of their own"),
+      "add a uniform background (outlier) component over the box of the k-means sample's rows",
+      doc="the box spans each column's values, at most 10 % beyond its 0.5-99.5 % range (a "
+      "spread of outliers sets it, one absurd row does not); its weight is fitted, so "
+      "outliers and a few absurd rows are absorbed instead of taking components of their own; "
+      "k-means then starts from the dense rows"),
     K("fit.background_weight", 0.001, "the background's starting weight",
       lo=0.0, hi=0.5, lo_open=True),
     K("fit.max_ll_drop", 0.1,
