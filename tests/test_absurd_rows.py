@@ -90,5 +90,9 @@ def test_the_cli_exits_nonzero_naming_the_rows_by_the_schemas_id_column(clean, t
     assert named and named <= set(range(4000, 4010)), text
     assert "part-0001.parquet" in text
     assert not (tmp_path / "out" / "model.npz").exists()
+    # the fit failed after converging: its checkpoints are kept for resume (a fit failing before
+    # its first step leaves nothing: test_cli_json)
+    assert (tmp_path / "out" / "checkpoints" / "checkpoint.npz").exists()
+    assert f"xd-dask resume {tmp_path / 'out'}" in text
     events = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
     assert not any(e.get("event") == "summary" for e in events)

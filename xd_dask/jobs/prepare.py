@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from xd_dask.distributed.checkpoint import CheckpointError, load_checkpoint
 from xd_dask.distributed.layout import detect_layout
 from xd_dask.distributed.manifest import Manifest, build_manifest
 from xd_dask.io.reader import CatalogError, check_units, require_columns
@@ -368,10 +369,30 @@ def fit_output(plan: FitPlan, overwrite: bool = False) -> Iterator[Path]:
             yield out
     except Exception:
         if fresh_checkpoints and ckpt.exists():
-            shutil.rmtree(ckpt, ignore_errors=True)
+            steps = _checkpointed_steps(ckpt)
+            if steps:
+                log.warning(
+                    "the fit failed after %d step(s); its checkpoints are kept in %s: continue "
+                    "it with `xd-dask resume %s` once the cause is fixed",
+                    steps,
+                    ckpt,
+                    out,
+                )
+            else:
+                shutil.rmtree(ckpt, ignore_errors=True)
         if created:
             _remove_if_only_lock(out)
         raise
+
+
+def _checkpointed_steps(ckpt: Path) -> int:
+    """Steps (iterations / waves) a fit's checkpoint holds; 0 when none or unreadable: a fit
+    that fails before its first step leaves nothing, one that fails later keeps what resume
+    needs (hours of a nightly fit are not thrown away with a lost cluster)."""
+    try:
+        return int(load_checkpoint(ckpt)[0].iteration)
+    except (CheckpointError, OSError):
+        return 0
 
 
 def _remove_if_only_lock(out: Path) -> None:
