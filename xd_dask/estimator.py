@@ -33,6 +33,8 @@ from xd_dask.optim import (
     ConvergenceWarning,
     FitLoop,
     LoopSettings,
+    LoopState,
+    Method,
     StepSchedule,
     initial_background,
     method,
@@ -263,18 +265,9 @@ class XDGMM(DensityMixin, BaseEstimator):
         bg = self.background
         D = X.shape[1] if R is None else np.shape(R)[2]
         if isinstance(self.init, XDModel):
-            model = self.init
-            if model.n_components != self.n_components or model.n_features != D:
-                raise ValueError(
-                    f"init model has K={model.n_components}, D={model.n_features}; "
-                    f"expected K={self.n_components}, D={D}"
-                )
-            if model.background is not None and bg is False:
-                raise ValueError("the init model has a background component: pass background=True")
-            start = model.params.astype(np.float64)
-            if model.background is not None and bg is True:
+            start = self._model_start(D)
+            if start.background is not None:
                 return start
-            start = start.replace(background=None)
         elif R is not None:
             start = moment_init(X, X_cov, R, self.n_components, self._seed(), self.reg_covar)
         else:
@@ -286,16 +279,78 @@ class XDGMM(DensityMixin, BaseEstimator):
                 reg_covar=self.reg_covar,
                 trim=BACKGROUND_TRIM if bg is not False else 0.0,
             )
-        if bg is False:
-            return start
         if bg is True:
             bg = initial_background(X, self.background_weight)
+        return self._add_background(start, bg)
+
+    def _model_start(self, n_features: int) -> Params:
+        """The start from an init model (checked against K and D); its background kept only
+        when ``background=True``."""
+        model = self.init
+        if model.n_components != self.n_components or model.n_features != n_features:
+            raise ValueError(
+                f"init model has K={model.n_components}, D={model.n_features}; "
+                f"expected K={self.n_components}, D={n_features}"
+            )
+        if model.background is not None and self.background is False:
+            raise ValueError("the init model has a background component: pass background=True")
+        start = model.params.astype(np.float64)
+        if model.background is not None and self.background is True:
+            return start
+        return start.replace(background=None)
+
+    def _add_background(self, start: Params, bg: bool | Background) -> Params:
+        """``start`` with the background ``bg`` (False: none); a k-means start's Gaussians are
+        confined to its box."""
+        if bg is False:
+            return start
         if not isinstance(bg, Background):
             raise ValueError(f"background must be True, False or a Background, got {bg!r}")
         m, V = start.means, start.covariances
         if not isinstance(self.init, XDModel):
             m, V, _ = confine(m, V, bg)
         return Params(start.weights * (1.0 - bg.weight), m, V, bg)
+
+    def _schedule(self, entry: Method, n_rows: int, seed: int) -> tuple[LoopSettings, int]:
+        """The loop's settings and its planned steps: full batches (max_iter), or epochs of
+        hash strata of the rows (waves_per_epoch's rule)."""
+        if entry.full_batch:
+            settings = LoopSettings(
+                max_steps=int(self.max_iter), tol=self.tol, seed=seed, max_ll_drop=self.max_ll_drop
+            )
+            return settings, int(self.max_iter)
+        strata = waves_per_epoch(n_rows, self.n_components, self.waves_per_epoch)
+        settings = LoopSettings(
+            epochs=int(self.epochs),
+            strata=strata,
+            seed=seed,
+            tol=self.tol,
+            max_ll_drop=self.max_ll_drop,
+        )
+        return settings, int(self.epochs) * strata
+
+    def _fitted(self, state: LoopState, entry: Method) -> None:
+        """The fitted attributes from the loop's final state."""
+        p = state.params
+        self.moves_ = state.info.get("split_merge", {}).get("moves", [])
+        self.params_ = p
+        self.weights_, self.means_, self.covariances_ = p.weights, p.means, p.covariances
+        self.background_ = p.background
+        self.converged_ = bool(state.converged)
+        self.history_ = state.history
+        self.n_iter_ = state.iteration
+        self.lower_bound_ = state.history[-1]["mean_loglike"]
+        self.reseeded_ = [(r["iteration"], j) for r in state.reseeded for j in r["components"]]
+        meta = {
+            "method": entry.name,
+            "history": state.history,
+            "converged": self.converged_,
+            "n_iter": self.n_iter_,
+            "reseeded": state.reseeded,
+            "reg_covar": self.reg_covar,
+            "reg_form": self.reg_form,
+        }
+        self.model_ = XDModel(p, metadata=meta)
 
     def fit(self, X: Any, X_cov: Any = None, weights: Any = None, R: Any = None) -> XDGMM:
         """Fit by the chosen method.
@@ -322,21 +377,7 @@ class XDGMM(DensityMixin, BaseEstimator):
         seed = self._seed()
         start = self._initial(X, X_cov, R)
         source = ArrayStatistics(X, X_cov, weights, R, self.backend, seed=seed)
-        if entry.full_batch:
-            settings = LoopSettings(
-                max_steps=int(self.max_iter), tol=self.tol, seed=seed, max_ll_drop=self.max_ll_drop
-            )
-            planned = int(self.max_iter)
-        else:
-            strata = waves_per_epoch(X.shape[0], self.n_components, self.waves_per_epoch)
-            settings = LoopSettings(
-                epochs=int(self.epochs),
-                strata=strata,
-                seed=seed,
-                tol=self.tol,
-                max_ll_drop=self.max_ll_drop,
-            )
-            planned = int(self.epochs) * strata
+        settings, planned = self._schedule(entry, X.shape[0], seed)
         loop = FitLoop(
             entry.rule(self._settings(), planned),
             source,
@@ -344,29 +385,7 @@ class XDGMM(DensityMixin, BaseEstimator):
             log_level=logging.DEBUG,
             moves=self._moves(source, entry.full_batch, settings),
         )
-        state = loop.run(loop.start(start))
-        self.moves_ = state.info.get("split_merge", {}).get("moves", [])
-        p = state.params
-        self.params_ = p
-        self.weights_, self.means_, self.covariances_ = p.weights, p.means, p.covariances
-        self.background_ = p.background
-        self.converged_ = bool(state.converged)
-        self.history_ = state.history
-        self.n_iter_ = state.iteration
-        self.lower_bound_ = state.history[-1]["mean_loglike"]
-        self.reseeded_ = [(r["iteration"], j) for r in state.reseeded for j in r["components"]]
-        self.model_ = XDModel(
-            p,
-            metadata={
-                "method": entry.name,
-                "history": state.history,
-                "converged": self.converged_,
-                "n_iter": self.n_iter_,
-                "reseeded": state.reseeded,
-                "reg_covar": self.reg_covar,
-                "reg_form": self.reg_form,
-            },
-        )
+        self._fitted(loop.run(loop.start(start)), entry)
         return self
 
     def _moves(self, source: ArrayStatistics, full_batch: bool, settings: LoopSettings):

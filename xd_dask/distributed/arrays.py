@@ -180,7 +180,7 @@ class ChunkStatistics:
     def __call__(self, params: Params, batch: Batch) -> BatchStats:
         stratum = None
         if batch.stratum is not None:
-            stratum = (*batch.stratum, self.seed, batch.epoch - 1)
+            stratum = (*batch.stratum, self.seed, batch.drawn)
         p, check = self._params(params), not self._checked
         stats, n = self._pass(
             "estep",

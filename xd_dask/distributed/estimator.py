@@ -28,10 +28,8 @@ from xd_dask import kernels
 from xd_dask.distributed.arrays import ChunkStatistics, aligned
 from xd_dask.estimator import XDGMM
 from xd_dask.model import XDModel
-from xd_dask.optim import FitLoop, LoopSettings, LoopState, Method, bounding_box, method
-from xd_dask.optim.background import confine
+from xd_dask.optim import FitLoop, bounding_box, method
 from xd_dask.optim.kmeans import BACKGROUND_TRIM, default_sample_size, kmeans_start
-from xd_dask.optim.strata import waves_per_epoch
 from xd_dask.params import Background, Params
 
 __all__ = ["DaskXDGMM"]
@@ -89,23 +87,6 @@ class DaskXDGMM(XDGMM):
         return self
 
     # ----------------------------------------------------------------- the fit
-    def _schedule(self, entry: Method, n_rows: int, seed: int) -> tuple[LoopSettings, int]:
-        """The loop's schedule as XDGMM's: full batches, or hash strata of the rows."""
-        if entry.full_batch:
-            settings = LoopSettings(
-                max_steps=int(self.max_iter), tol=self.tol, seed=seed, max_ll_drop=self.max_ll_drop
-            )
-            return settings, int(self.max_iter)
-        strata = waves_per_epoch(n_rows, self.n_components, self.waves_per_epoch)
-        settings = LoopSettings(
-            epochs=int(self.epochs),
-            strata=strata,
-            seed=seed,
-            tol=self.tol,
-            max_ll_drop=self.max_ll_drop,
-        )
-        return settings, int(self.epochs) * strata
-
     def _start(self, source: ChunkStatistics) -> Params:
         """The start: the init model, or k-means over the chunks; a background's box from the
         k-means sample (as a catalogue's)."""
@@ -124,56 +105,12 @@ class DaskXDGMM(XDGMM):
                 sample_pass, source.lloyd_pass, source.n_rows, self.n_components, self._seed(),
                 reg_covar=self.reg_covar, trim=BACKGROUND_TRIM if bg is not False else 0.0,
             )  # fmt: skip
-        if bg is False:
-            return start
         if bg is True:
             if "sample" not in seen:
                 size = default_sample_size(self.n_components)
                 sample_pass(min(1.0, size / max(source.n_rows, 1)))
             bg = Background(float(self.background_weight), *bounding_box(seen["sample"].sample))
-        if not isinstance(bg, Background):
-            raise ValueError(f"background must be True, False or a Background, got {bg!r}")
-        m, V = start.means, start.covariances
-        if not isinstance(self.init, XDModel):
-            m, V, _ = confine(m, V, bg)
-        return Params(start.weights * (1.0 - bg.weight), m, V, bg)
-
-    def _model_start(self, n_features: int) -> Params:
-        model = self.init
-        if model.n_components != self.n_components or model.n_features != n_features:
-            raise ValueError(
-                f"init model has K={model.n_components}, D={model.n_features}; "
-                f"expected K={self.n_components}, D={n_features}"
-            )
-        if model.background is not None and self.background is False:
-            raise ValueError("the init model has a background component: pass background=True")
-        start = model.params.astype(np.float64)
-        if model.background is not None and self.background is True:
-            return start
-        return start.replace(background=None)
-
-    def _fitted(self, state: LoopState, entry: Method) -> None:
-        """The fitted attributes (XDGMM's)."""
-        p = state.params
-        self.moves_ = []
-        self.params_ = p
-        self.weights_, self.means_, self.covariances_ = p.weights, p.means, p.covariances
-        self.background_ = p.background
-        self.converged_ = bool(state.converged)
-        self.history_ = state.history
-        self.n_iter_ = state.iteration
-        self.lower_bound_ = state.history[-1]["mean_loglike"]
-        self.reseeded_ = [(r["iteration"], j) for r in state.reseeded for j in r["components"]]
-        meta = {
-            "method": entry.name,
-            "history": state.history,
-            "converged": self.converged_,
-            "n_iter": self.n_iter_,
-            "reseeded": state.reseeded,
-            "reg_covar": self.reg_covar,
-            "reg_form": self.reg_form,
-        }
-        self.model_ = XDModel(p, metadata=meta)
+        return self._add_background(start, bg)
 
     # ----------------------------------------------------------------- using (lazy)
     def _per_chunk(self, func: Any, X: Any, X_cov: Any, tail: tuple, dtype: Any) -> Any:
