@@ -2,8 +2,9 @@
 
 For a fixed dimension ``d`` the per-pair algebra is placed inside a loop over the components of
 one block, so that the compiler vectorises ACROSS components (one SIMD lane = one component).
-Nothing here imports Numba; ``xd_dask.kernels._numba`` compiles the returned source and supplies
-the names it uses (``DT``, ``ONE``, ``_bits``, ``_log``, ``_rowexp``, ...).
+Nothing here imports Numba; ``xd_dask.kernels._numba`` compiles the returned source with the
+numeric constants of :func:`constants` and the runtime's functions (``_bits``, ``_log``,
+``_rowexp``, ... of ``xd_dask.kernels._numba_runtime``).
 
 Layout. Components are padded to ``Kp = n_blocks * B`` (``B`` lanes per block, a literal in the
 generated code). Every per-component array is a flat 1-d array of blocks, each block holding
@@ -30,9 +31,38 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
+
 from xd_dask.kernels.codegen import algebra as alg
 
-__all__ = ["layout", "logdet_bits", "stats_source", "logdens_source", "posterior_source"]
+__all__ = [
+    "constants",
+    "layout",
+    "logdens_source",
+    "logdet_bits",
+    "moves_source",
+    "posterior_source",
+    "stats_source",
+]
+
+
+def constants(fp32: bool) -> dict:
+    """The numeric globals the generated CPU code reads (Numba freezes them as constants): the
+    compute dtype ``DT`` and its ``ONE``, ``ZERO``, ``HALF``, ``LN2``; the bit layout of
+    :func:`logdet_bits` (``MSHIFT``, ``MMASK``, ``MONE``, ``EBIAS``); ``BG_OFF``."""
+    dt = np.float32 if fp32 else np.float64
+    return {
+        "DT": dt,
+        "ONE": dt(1.0),
+        "ZERO": dt(0.0),
+        "HALF": dt(0.5),
+        "LN2": dt(math.log(2.0)),
+        "MSHIFT": np.int32(23) if fp32 else 52,
+        "MMASK": np.int32(0x007FFFFF) if fp32 else 0x000FFFFFFFFFFFFF,
+        "MONE": np.int32(0x3F800000) if fp32 else 0x3FF0000000000000,
+        "EBIAS": 127 if fp32 else 1023,
+        "BG_OFF": alg.BG_OFF,
+    }
 
 
 def layout(d: int, du: int = 0, D: int = 0) -> dict[str, int]:
@@ -262,6 +292,61 @@ def logdens_source(d: int, B: int, fp32: bool, D: int = 0) -> str:
     src += [
         "        for k in range(K):",
         "            out[i, k] = ld[k]",
+        "    return 0.0",
+        "",
+    ]
+    return "\n".join(src)
+
+
+def moves_source(d: int, B: int, fp32: bool, D: int = 0) -> str:
+    """Source of ``kernel(x, S, rw, P, K, nl, r0, r1, lbg, logw, acc, RR, status)`` (with
+    projections ``kernel(x, S, R, rw, ...)``): the split-and-merge sums of rows ``r0 <= i <
+    r1`` (DESIGN.md 4c), added to the float64 arrays ``acc`` (term t of :data:`.algebra.
+    MOVE_SUMS` for component k at ``t * K + k``) and ``RR`` (K * K, entry (j, k) at ``j * K +
+    k``: sum_i w_i r_ij r_ik, lower triangle j >= k only). ``logw`` (K,) float64 holds the
+    packed log weights (finite), ``lbg`` the background as in :func:`stats_source`.
+
+    Per row: the log-density pass, the responsibilities (log-sum-exp with the background), then
+    over the components whose w_i r_ij is not zero (flushed, see ``_rowexp``) the table's
+    terms, and the products of those components' responsibilities (the rows of RR a row
+    touches: few where components are separated, all where they overlap).
+    """
+    args = "x, S, R, rw" if D else "x, S, rw"
+    src = _header(f"{args}, P, K, nl, r0, r1, lbg, logw, acc, RR, status", d, B, 0, D)
+    src += ["    lp = np.empty(Kp)", "    rr = np.empty(Kp)", "    nz = np.empty(Kp, np.int64)"]
+    src += ["    for i in range(r0, r1):"]
+    src += _pair_pass(d, B, layout(d)["n_scr"], False, 0, D)
+    src += [
+        "        wi = rw[i]",
+        "        if wi <= 0.0:",
+        "            continue",
+        "        for k in range(Kp):",
+        "            lp[k] = float(ld[k])",
+        "        mx = _rowmax(ld, Kp)",
+        "        if lbg > BG_OFF:",
+        "            mx = max(mx, DT(lbg))",
+        "        tot = _rowexp(ld, mx, Kp)",
+        "        if lbg > BG_OFF:",
+        "            tot += math.exp(lbg - float(mx))",
+        "        lse = float(mx) + math.log(tot)",
+        "        lw = math.log(wi)",
+        "        m = 0",
+        "        for k in range(K):",
+        "            e = float(ld[k])",
+        "            if e > 0.0:",
+        "                r = e / tot",
+        "                wr = wi * r",
+        "                lr = lp[k] - lse",
+        "                logn = lp[k] - logw[k]",
+        *_indent(alg.move_terms("acc", "k", "K"), 16),
+        "                rr[m] = r",
+        "                nz[m] = k",
+        "                m += 1",
+        "        for a in range(m):",
+        "            wa = wi * rr[a]",
+        "            row = nz[a] * K",
+        "            for b in range(a + 1):",
+        "                RR[row + nz[b]] += wa * rr[b]",
         "    return 0.0",
         "",
     ]
