@@ -6,6 +6,8 @@
   2-4c) - and the constants every emitter's code shares (``PAD_LOGW``, ``BG_OFF``).
 - :mod:`.emit_numba`: the Numba CPU emitter (SIMD lane = component, lane blocks).
 - :mod:`.emit_cuda`: the numba.cuda emitter (thread = component or pair or row).
+- :mod:`.rows`: the catalogue row builder's pass (classify a row, build its S, check that it
+  is positive definite with the algebra's LDL^T), vectorised across rows.
 
 Each emitter says which numeric constants its code reads (``constants(fp32)``); the runtime
 modules (:mod:`.._numba_runtime`, :mod:`.._cuda`) add only functions. Nothing here imports
@@ -16,9 +18,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xd_dask.kernels.codegen import algebra, emit_cuda, emit_numba
+from xd_dask.kernels.codegen import algebra, emit_cuda, emit_numba, rows
 
-__all__ = ["algebra", "emit_cuda", "emit_numba", "source_files"]
+__all__ = ["algebra", "emit_cuda", "emit_numba", "rows", "source_files"]
 
 
 def source_files() -> list[str]:
