@@ -33,10 +33,13 @@ import numpy as np
 from xd_dask.kernels import registry
 from xd_dask.kernels._common import (
     NotPositiveDefiniteError,
+    Pattern,
+    array_namespace,
     missingness_patterns,
-    pattern_blocks,
-    prepare,
+    packed_index,
+    to_numpy,
 )
+from xd_dask.kernels._validate import check_inputs
 from xd_dask.params import Params
 
 __all__ = ["Block", "Call", "Kernel", "reference_ns_per_pair", "run"]
@@ -174,6 +177,67 @@ def run(
             _record_reference(kernel.name, time.perf_counter() - t0, x.shape[0] * K)
         kernel.fold(acc, block, res)
     return kernel.finish(acc)
+
+
+# --------------------------------------------------------------------------- preparation
+def prepare(X: Any, X_cov: Any, params: Params, R: Any, row_weights: Any, check: bool):
+    """Validate, cast parameters (:class:`xd_dask.params.Params`) to float64 and centre the
+    data; returns the pieces per call."""
+    xp = array_namespace(X, X_cov)
+    if X.dtype not in (xp.float32, xp.float64):
+        X = xp.asarray(X, dtype=xp.float64)
+    if X_cov.dtype != X.dtype:
+        X_cov = xp.asarray(X_cov, dtype=X.dtype)
+    weights = np.asarray(to_numpy(params.weights), dtype=np.float64)
+    means = np.asarray(to_numpy(params.means), dtype=np.float64)
+    covariances = np.asarray(to_numpy(params.covariances), dtype=np.float64)
+    if check:
+        check_inputs(X, X_cov, weights, means, covariances, row_weights, R)
+    if np.any(weights < 0) or not np.all(np.isfinite(weights)):
+        raise ValueError("mixture weights must be finite and non-negative")
+    with np.errstate(divide="ignore"):
+        log_weights = np.log(weights)
+    # Centre: x_i - R_i c and m_j - c with c the mixture mean (exact translation invariance).
+    c = weights @ means / max(weights.sum(), np.finfo(float).tiny)  # (D,)
+    c_x = xp.asarray(c, dtype=xp.float64)
+    if R is None:
+        # one float64 temporary (the cast happens inside the subtraction), then X's dtype
+        Xc = xp.asarray(xp.subtract(X, c_x[None, :], dtype=xp.float64), dtype=X.dtype)
+    else:
+        Rc = xp.einsum("nid,d->ni", xp.asarray(R, dtype=xp.float64), c_x)
+        Xc = xp.asarray(xp.asarray(X, dtype=xp.float64) - Rc, dtype=X.dtype)
+    return xp, Xc, X_cov, log_weights, means - c[None, :], covariances, c
+
+
+def pattern_blocks(xp: Any, Xc: Any, X_cov: Any, R: Any, pat: Pattern):
+    """The observed sub-vectors / sub-blocks of one pattern's rows, with as few copies as possible:
+    none when the pattern is every row with every field, one gather otherwise (fresh large arrays
+    are expensive to fault in, so chained fancy indexing costs more than the kernel itself)."""
+    n, D = Xc.shape
+    all_rows = len(pat.rows) == n  # patterns partition the rows, so this means rows == arange(n)
+    all_fields = len(pat.observed) == D
+    packed = X_cov.ndim == 2  # (n, D (D + 1) / 2) lower triangles: S comes back packed too
+    if all_rows and all_fields:
+        x, S, Rp = Xc, X_cov, R
+    else:
+        rows = xp.asarray(pat.rows)
+        if all_fields:
+            x, S = Xc[rows], X_cov[rows]
+            Rp = None if R is None else R[rows]
+        else:
+            o = xp.asarray(pat.observed)
+            x = Xc[rows[:, None], o[None, :]]
+            if packed:
+                S = X_cov[rows[:, None], xp.asarray(packed_index(pat.observed))[None, :]]
+            else:
+                S = X_cov[rows[:, None, None], o[None, :, None], o[None, None, :]]
+            Rp = None if R is None else R[rows][:, o, :]
+    if Rp is not None:
+        Rp = xp.asarray(Rp, dtype=Xc.dtype)
+    if xp is np:
+        x = np.ascontiguousarray(x)
+        S = np.ascontiguousarray(S)
+    return x, S, Rp
 
 
 # --------------------------------------------------------------------------- auto: by cost
