@@ -39,12 +39,19 @@ from numba import njit, types
 from xd_dask.kernels import codegen
 from xd_dask.kernels._common import NotPositiveDefiniteError, stats_from_sums
 from xd_dask.kernels._numba_runtime import FM_STRICT, namespace
-from xd_dask.kernels.codegen import algebra, emit_numba
+from xd_dask.kernels.codegen import algebra, emit_numba, emit_numba_posterior
 from xd_dask.kernels.codegen.algebra import BG_OFF, PAD_LOGW
 from xd_dask.kernels.packing import param_matrix
+from xd_dask.locks import FileLock, LockError
 from xd_dask.utils import kernel_cache_dir, load_generated_module, write_once
 
-__all__ = ["pattern_logdens_numba", "pattern_moves_numba", "pattern_stats_numba", "readiness"]
+__all__ = [
+    "pattern_logdens_numba",
+    "pattern_moves_numba",
+    "pattern_stats_numba",
+    "readiness",
+    "warm",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,29 +66,23 @@ MIN_ROWS_PER_THREAD = 64
 # --------------------------------------------------------------------------- compilation
 def _signature(kind: str, fp32: bool, proj: bool = False):
     dt = types.float32 if fp32 else types.float64
-    i64 = types.int64
+    i64, f64 = types.int64, types.float64
     x, S, P = types.Array(dt, 2, "C"), types.Array(dt, 3, "C"), types.Array(dt, 1, "C")
-    xS = (x, S, S) if proj else (x, S)  # R (n, d, D) has S's type
-    f64v, i64v = types.Array(types.float64, 1, "C"), types.Array(i64, 1, "C")
+    f64v, i64v = types.Array(f64, 1, "C"), types.Array(i64, 1, "C")
     if kind == "stats":
-        # x, S, [R,] rw, P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum -> ll
-        return types.float64(*xS, f64v, P, i64, i64, i64, i64, i64, f64v, i64v, types.float64, f64v)
-    if kind == "moves":
-        # x, S, [R,] rw, P, K, nl, r0, r1, lbg, logw, acc, RR, status
-        return types.float64(*xS, f64v, P, i64, i64, i64, i64, types.float64, f64v, f64v, f64v,
-                             i64v)  # fmt: skip
-    if kind.startswith("posterior"):
-        f64 = types.float64
-        f64m, f64t = types.Array(f64, 2, "C"), types.Array(f64, 3, "C")
-        # x, S, xorig, rows, cols, c0, P, K, nl, r0, r1, lbg, topk, tau,
-        # mean, cov, mapc, mapr, bgr, resp, tidx, tresp, tmean, tcov, tight, status
-        return f64(
-            x, S, types.Array(dt, 2, "A"), i64v, i64v, f64v, P, i64, i64, i64, i64, f64, i64, f64,
-            f64m, f64t, i64v, f64v, f64v, f64m, types.Array(i64, 2, "C"), f64m, f64t,
-            types.Array(f64, 4, "C"), f64v, i64v,
-        )  # fmt: skip
-    # x, S, [R,] P, K, nl, r0, r1, out, status
-    return types.float64(*xS, P, i64, i64, i64, i64, types.Array(dt, 2, "C"), i64v)
+        xS = (x, S, S) if proj else (x, S)  # R (n, d, D) has S's type
+        # x, S, [R,] rw, P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum, mode, out,
+        # logw, macc, RR -> ll
+        return f64(*xS, f64v, P, i64, i64, i64, i64, i64, f64v, i64v, f64, f64v, i64,
+                   types.Array(dt, 2, "C"), f64v, f64v, f64v)  # fmt: skip
+    f64m, f64t = types.Array(f64, 2, "C"), types.Array(f64, 3, "C")
+    # posterior: x, S, xorig, rows, cols, c0, P, K, nl, r0, r1, lbg, topk, tau,
+    # mean, cov, mapc, mapr, bgr, resp, tidx, tresp, tmean, tcov, tight, status
+    return f64(
+        x, S, types.Array(dt, 2, "A"), i64v, i64v, f64v, P, i64, i64, i64, i64, f64, i64, f64,
+        f64m, f64t, i64v, f64v, f64v, f64m, types.Array(i64, 2, "C"), f64m, f64t,
+        types.Array(f64, 4, "C"), f64v, i64v,
+    )  # fmt: skip
 
 
 _cache: dict[tuple[str, int, bool, int, int], object] = {}
@@ -180,15 +181,14 @@ def _load_source(stem: str, fp32: bool, src: str):
 
 
 def _source(kind: str, d: int, du: int, fp32: bool, D: int = 0) -> str:
-    """Generated source of a kernel (``du``: unobserved fields, posterior only; ``D``: the
-    dimension of projected parameters, not for the posterior)."""
+    """Generated source of a kernel: "stats" (the statistics pass, whose modes also give the
+    log densities and the split-and-merge sums; ``D``: the dimension of projected
+    parameters), "posterior" or "posterior_top" (``du``: unobserved fields)."""
     if kind == "stats":
         return emit_numba.stats_source(d, LANE_BLOCK, fp32, D)
-    if kind == "logdens":
-        return emit_numba.logdens_source(d, LANE_BLOCK, fp32, D)
-    if kind == "moves":
-        return emit_numba.moves_source(d, LANE_BLOCK, fp32, D)
-    return emit_numba.posterior_source(d, du, LANE_BLOCK, fp32, topk=kind == "posterior_top")
+    return emit_numba_posterior.posterior_source(
+        d, du, LANE_BLOCK, fp32, topk=kind == "posterior_top"
+    )
 
 
 def _kernel(kind: str, d: int, fp32: bool, du: int = 0, D: int = 0):
@@ -224,6 +224,41 @@ def _kernel(kind: str, d: int, fp32: bool, du: int = 0, D: int = 0):
             )  # fmt: skip
             _cache[key] = fn
     return fn
+
+
+def warm(keys) -> None:
+    """Make the variants ``keys`` ((kind, d, fp32, du, D) tuples) ready, each compiled once
+    across the processes that share the kernel cache (a cluster's workers): a variant another
+    process is compiling (its lock file held) is taken up after the others, by then from disk.
+    Two workers that need the same four variants compile two each, in parallel."""
+    todo = [k for k in dict.fromkeys(keys) if k not in _cache]
+    cache = _cache_dir()
+    deferred = []
+    for key in todo:
+        if cache is None:
+            _kernel(*key)
+            continue
+        lock = FileLock(cache / f".{cache_stem(*key)}.lock", f"compiling {key}")
+        try:
+            lock.acquire(timeout=0.0)
+        except (LockError, OSError):
+            deferred.append(key)
+            continue
+        try:
+            _kernel(*key)
+        finally:
+            lock.release()
+    for key in deferred:
+        lock = FileLock(cache / f".{cache_stem(*key)}.lock", f"compiling {key}")
+        try:
+            lock.acquire(timeout=None)  # the other process's compile ends: load it from disk
+        except OSError:  # no working flock here: compile (or load) without waiting
+            _kernel(*key)
+            continue
+        try:
+            _kernel(*key)
+        finally:
+            lock.release()
 
 
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked child makes its own
@@ -376,21 +411,41 @@ def pattern_stats_numba(
     P = _pack(log_weights, means, covs, x.dtype)
     nt = _n_threads(n)
     acc64 = np.zeros((nt, P.size // lay["n_par"] * lay["n_acc"]))
-    status = np.full((nt, 2), -1, dtype=np.int64)
     bgsum = np.zeros((nt, 1))
+    ll = _pass(emit_numba.MODE_STATS, x, S, R, rw, P, K, nt, log_background,
+               acc64=acc64, bgsum=bgsum)  # fmt: skip
+    n_j, a, C = _unpack_acc(acc64, Dp, K)
+    return n_j, a, C, float(np.sum(ll)), float(rw.sum()), float(bgsum.sum())
+
+
+def _pass(mode, x, S, R, rw, P, K, nt, log_background=None, *, acc64=None, bgsum=None,
+          out=None, logw=None, macc=None, RR=None) -> list:  # fmt: skip
+    """Run the statistics-pass kernel in ``mode`` over the rows on ``nt`` threads (arrays a
+    mode does not use are passed empty; per-thread arrays have a leading thread axis)."""
+    n, d = x.shape
+    D = 0 if R is None else R.shape[-1]
+    fn = _kernel("stats", d, x.dtype == np.float32, 0, D)
+    none64, none_dt = np.zeros((nt, 0)), np.zeros((0, 0), dtype=x.dtype)
+    acc64 = none64 if acc64 is None else acc64
+    bgsum = none64 if bgsum is None else bgsum
+    macc = none64 if macc is None else macc
+    RR = none64 if RR is None else RR
+    out = none_dt if out is None else out
+    logw = np.zeros(0) if logw is None else logw
+    rw = np.ones(n) if rw is None else rw
+    status = np.full((nt, 2), -1, dtype=np.int64)
     lbg = _background_arg(log_background)
-    fn = _kernel("stats", d, fp32, 0, D)
     rows = (x, S) if R is None else (x, S, R)
 
     def body(t, r0, r1):
         return fn(
-            *rows, rw, P, K, LANE_BLOCK, r0, r1, FLUSH_ROWS, acc64[t], status[t], lbg, bgsum[t]
-        )
+            *rows, rw, P, K, LANE_BLOCK, r0, r1, FLUSH_ROWS, acc64[t], status[t], lbg, bgsum[t],
+            mode, out, logw, macc[t], RR[t],
+        )  # fmt: skip
 
-    ll = _run_blocks(body, n, nt)
+    res = _run_blocks(body, n, nt)
     _raise_if_bad(status)
-    n_j, a, C = _unpack_acc(acc64, Dp, K)
-    return n_j, a, C, float(np.sum(ll)), float(rw.sum()), float(bgsum.sum())
+    return res
 
 
 def _background_arg(log_background: float | None) -> float:
@@ -417,24 +472,14 @@ def pattern_logdens_numba(
     Shapes and dtypes as in :func:`pattern_stats_numba`; returns an (n, K) float64 array.
     Raises :class:`NotPositiveDefiniteError` like :func:`pattern_stats_numba`.
     """
-    x, S, R, fp32 = _check(x, S, means, R)
-    n, d = x.shape
+    x, S, R, _ = _check(x, S, means, R)
+    n = x.shape[0]
     K = means.shape[0]
     out = np.empty((n, K), dtype=x.dtype)
     if n == 0:
         return out.astype(np.float64)
     P = _pack(log_weights, means, covs, x.dtype)
-    nt = _n_threads(n)
-    status = np.full((nt, 2), -1, dtype=np.int64)
-    D = 0 if R is None else means.shape[1]
-    fn = _kernel("logdens", d, fp32, 0, D)
-    rows = (x, S) if R is None else (x, S, R)
-
-    def body(t, r0, r1):
-        return fn(*rows, P, K, LANE_BLOCK, r0, r1, out, status[t])
-
-    _run_blocks(body, n, nt)
-    _raise_if_bad(status)
+    _pass(emit_numba.MODE_LOGDENS, x, S, R, None, P, K, _n_threads(n), out=out)
     out = out.astype(np.float64, copy=False)
     out[:, np.isneginf(log_weights)] = -np.inf  # computed with a finite stand-in, see _pack
     return out
@@ -458,10 +503,9 @@ def pattern_moves_numba(
     RR : (K, K) float64, sum_i rw_i r_ij r_ik (symmetric).
     sums : (len(MOVE_SUMS), K) float64, the terms of :data:`.codegen.algebra.MOVE_SUMS`.
     """
-    x, S, R, fp32 = _check(x, S, means, R)
-    n, d = x.shape
+    x, S, R, _ = _check(x, S, means, R)
+    n = x.shape[0]
     K = means.shape[0]
-    D = 0 if R is None else means.shape[1]
     rw = np.ascontiguousarray(rw, dtype=np.float64)
     if rw.shape != (n,):
         raise ValueError(f"rw has shape {rw.shape}, expected ({n},)")
@@ -473,16 +517,8 @@ def pattern_moves_numba(
     nt = _n_threads(n)
     acc = np.zeros((nt, n_terms * K))
     RR = np.zeros((nt, K * K))
-    status = np.full((nt, 2), -1, dtype=np.int64)
-    lbg = _background_arg(log_background)
-    fn = _kernel("moves", d, fp32, 0, D)
-    rows = (x, S) if R is None else (x, S, R)
-
-    def body(t, r0, r1):
-        return fn(*rows, rw, P, K, LANE_BLOCK, r0, r1, lbg, logw, acc[t], RR[t], status[t])
-
-    _run_blocks(body, n, nt)
-    _raise_if_bad(status)
+    _pass(emit_numba.MODE_MOVES, x, S, R, rw, P, K, nt, log_background, logw=logw, macc=acc,
+          RR=RR)  # fmt: skip
     low = RR.sum(axis=0).reshape(K, K)  # lower triangle
     return low + np.tril(low, -1).T, acc.sum(axis=0).reshape(n_terms, K)
 

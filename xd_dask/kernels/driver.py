@@ -9,6 +9,11 @@ result into the call's output through the kernel's :class:`Kernel` description. 
 therefore a :class:`Kernel` (how its output is made) plus one function per backend (the
 registry's per-pattern contract, :mod:`.registry`); no kernel has a loop of its own.
 
+Compilation. An implementation that compiles per variant may carry ``warm(shapes)``: the driver
+hands it every pattern's (d, float32?, D) before the loop, so that the variants a call needs are
+compiled together, once across the processes sharing a kernel cache (see
+:func:`xd_dask.kernels._numba.warm`).
+
 ``backend="auto"`` and compilation. For a kernel with ``cost_choice`` (the posterior: a one-off
 call per row, where compiling can cost more than the whole call), an implementation that
 reports :func:`readiness` is used when it is loaded or cached on disk, or once the reference's
@@ -149,7 +154,12 @@ def run(
     rw = None if row_weights is None else xp.asarray(row_weights, dtype=xp.float64)
     x0 = X if X.dtype in (xp.float32, xp.float64) else xp.asarray(X, dtype=xp.float64)
     background = params.background
-    for pat in missingness_patterns(Xc):
+    patterns = missingness_patterns(Xc)
+    warm = getattr(registry.implementation(kernel.name, name), "warm", None)
+    if warm is not None and not (backend == "auto" and kernel.cost_choice):
+        fp32 = Xc.dtype == xp.float32
+        warm([(len(p.observed), fp32, 0 if R is None else D) for p in patterns])
+    for pat in patterns:
         x, S, Rp = pattern_blocks(xp, Xc, X_cov, R, pat)
         o = pat.observed
         if R is None:

@@ -4,7 +4,9 @@
   (row, component) pair or one row - T = V + S, LDL^T, log det, u = T^-1 w, T^-1, the
   statistics' terms, the split-and-merge sums' terms and the posterior's terms (DESIGN.md
   2-4c) - and the constants every emitter's code shares (``PAD_LOGW``, ``BG_OFF``).
-- :mod:`.emit_numba`: the Numba CPU emitter (SIMD lane = component, lane blocks).
+- :mod:`.emit_numba`, :mod:`.emit_numba_posterior`: the Numba CPU emitter (SIMD lane =
+  component, lane blocks): the statistics pass (also log densities and split-and-merge sums)
+  and the posterior.
 - :mod:`.emit_cuda`: the numba.cuda emitter (thread = component or pair or row).
 - :mod:`.rows`: the catalogue row builder's pass (classify a row, build its S, check that it
   is positive definite with the algebra's LDL^T), vectorised across rows.
@@ -18,9 +20,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xd_dask.kernels.codegen import algebra, emit_cuda, emit_numba, rows
+from xd_dask.kernels.codegen import algebra, emit_cuda, emit_numba, emit_numba_posterior, rows
 
-__all__ = ["algebra", "emit_cuda", "emit_numba", "rows", "source_files"]
+__all__ = ["algebra", "emit_cuda", "emit_numba", "emit_numba_posterior", "rows", "source_files"]
 
 
 def source_files() -> list[str]:
