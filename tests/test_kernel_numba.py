@@ -261,7 +261,7 @@ out = _numba.pattern_logdens_numba(x, S, np.log([0.5, 0.5]), np.array([[0.0], [1
 want = np.log(0.5) - 0.5 * (np.log(2 * np.pi * np.array([1.5, 2.5]))
                             + (x - np.array([0.0, 1.0])) ** 2 / np.array([1.5, 2.5]))
 assert np.allclose(out, want, rtol=1e-12), (out, want)
-print(_numba._kernel("stats", 1, False).stats.cache_hits.most_common(1))
+print(_numba._kernel("dens", 1, False).stats.cache_hits.most_common(1))
 """
 
 
@@ -280,11 +280,11 @@ def _run_child(env_update):
 
 def test_kernel_disk_cache(tmp_path):
     """Generated kernels are compiled once and then loaded from the cache by new processes (the
-    log densities come from the statistics pass's kernel: one variant per (d, dtype))."""
+    log densities come from the densities kernel, which also gives the split-and-merge sums)."""
     cache = tmp_path / "kernels"
     first = _run_child({"XD_DASK_KERNEL_CACHE": str(cache)})
     assert first == "[]"  # compiled, nothing loaded
-    assert [p.name.split("_f64")[0] for p in cache.glob("xdk_*.py")] == ["xdk_stats_d1"]
+    assert [p.name.split("_f64")[0] for p in cache.glob("xdk_*.py")] == ["xdk_dens_d1"]
     assert list((cache / "__pycache__").glob("*.nbi"))
     second = _run_child({"XD_DASK_KERNEL_CACHE": str(cache)})
     assert second.endswith(", 1)]")  # one cache hit
@@ -328,7 +328,7 @@ def test_background_off_is_bit_identical():
 _WARM = """
 import sys
 from xd_dask.kernels import _numba
-keys = [("stats", 1, False, 0, 0), ("stats", 2, False, 0, 0)]
+keys = [("dens", 1, False, 0, 0), ("dens", 2, False, 0, 0)]
 _numba.warm(keys if sys.argv[1] == "0" else keys[::-1])
 print(*(int(not _numba._cache[k].stats.cache_hits) for k in keys))
 """

@@ -28,33 +28,41 @@ def _rows_params(b):
     return b.x, b.S, _ones(b), b.log_weights, b.means, b.covs
 
 
-def _numba_pass(run):
-    """A compiled CPU kernel on the statistics pass (stats, logdens, moves: one variant per
-    (d, dtype, D)); ``run.warm(shapes)`` compiles a call's variants once across processes."""
+def _numba_pass(run, kind: str):
+    """A compiled CPU kernel, one variant per (d, dtype, D) of ``kind`` ("stats"; "dens" for
+    log densities and moves); ``run.warm(shapes)`` compiles a call's variants once across the
+    processes sharing the kernel cache."""
     from xd_dask.kernels import _numba  # noqa: PLC0415 - lazy
 
-    run.warm = lambda shapes: _numba.warm([("stats", d, fp32, 0, D) for d, fp32, D in shapes])
+    run.warm = lambda shapes: _numba.warm([(kind, d, fp32, 0, D) for d, fp32, D in shapes])
     return run
 
 
 def _numba_stats():
     from xd_dask.kernels._numba import pattern_stats_numba  # noqa: PLC0415 - lazy
 
-    return _numba_pass(lambda b: pattern_stats_numba(*_rows_params(b), b.log_background, b.R))
+    def run(b):
+        return pattern_stats_numba(*_rows_params(b), b.log_background, b.R)
+
+    return _numba_pass(run, "stats")
 
 
 def _numba_logdens():
     from xd_dask.kernels._numba import pattern_logdens_numba  # noqa: PLC0415 - lazy
 
-    return _numba_pass(
-        lambda b: pattern_logdens_numba(b.x, b.S, b.log_weights, b.means, b.covs, b.R)
-    )
+    def run(b):
+        return pattern_logdens_numba(b.x, b.S, b.log_weights, b.means, b.covs, b.R)
+
+    return _numba_pass(run, "dens")
 
 
 def _numba_moves():
     from xd_dask.kernels._numba import pattern_moves_numba  # noqa: PLC0415 - lazy
 
-    return _numba_pass(lambda b: pattern_moves_numba(*_rows_params(b), b.log_background, b.R))
+    def run(b):
+        return pattern_moves_numba(*_rows_params(b), b.log_background, b.R)
+
+    return _numba_pass(run, "dens")
 
 
 def _numba_posterior():

@@ -69,12 +69,14 @@ def _signature(kind: str, fp32: bool, proj: bool = False):
     i64, f64 = types.int64, types.float64
     x, S, P = types.Array(dt, 2, "C"), types.Array(dt, 3, "C"), types.Array(dt, 1, "C")
     f64v, i64v = types.Array(f64, 1, "C"), types.Array(i64, 1, "C")
+    xS = (x, S, S) if proj else (x, S)  # R (n, d, D) has S's type
     if kind == "stats":
-        xS = (x, S, S) if proj else (x, S)  # R (n, d, D) has S's type
-        # x, S, [R,] rw, P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum, mode, out,
-        # logw, macc, RR -> ll
-        return f64(*xS, f64v, P, i64, i64, i64, i64, i64, f64v, i64v, f64, f64v, i64,
-                   types.Array(dt, 2, "C"), f64v, f64v, f64v)  # fmt: skip
+        # x, S, [R,] rw, P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum -> ll
+        return f64(*xS, f64v, P, i64, i64, i64, i64, i64, f64v, i64v, f64, f64v)
+    if kind == "dens":
+        # x, S, [R,] rw, P, K, nl, r0, r1, lbg, mode, out, logw, macc, RR, status
+        return f64(*xS, f64v, P, i64, i64, i64, i64, f64, i64, types.Array(dt, 2, "C"), f64v,
+                   f64v, f64v, i64v)  # fmt: skip
     f64m, f64t = types.Array(f64, 2, "C"), types.Array(f64, 3, "C")
     # posterior: x, S, xorig, rows, cols, c0, P, K, nl, r0, r1, lbg, topk, tau,
     # mean, cov, mapc, mapr, bgr, resp, tidx, tresp, tmean, tcov, tight, status
@@ -181,11 +183,13 @@ def _load_source(stem: str, fp32: bool, src: str):
 
 
 def _source(kind: str, d: int, du: int, fp32: bool, D: int = 0) -> str:
-    """Generated source of a kernel: "stats" (the statistics pass, whose modes also give the
-    log densities and the split-and-merge sums; ``D``: the dimension of projected
+    """Generated source of a kernel: "stats" (the statistics pass), "dens" (the densities pass:
+    log densities or split-and-merge sums; ``D`` for both: the dimension of projected
     parameters), "posterior" or "posterior_top" (``du``: unobserved fields)."""
     if kind == "stats":
         return emit_numba.stats_source(d, LANE_BLOCK, fp32, D)
+    if kind == "dens":
+        return emit_numba.densities_source(d, LANE_BLOCK, fp32, D)
     return emit_numba_posterior.posterior_source(
         d, du, LANE_BLOCK, fp32, topk=kind == "posterior_top"
     )
@@ -411,26 +415,35 @@ def pattern_stats_numba(
     P = _pack(log_weights, means, covs, x.dtype)
     nt = _n_threads(n)
     acc64 = np.zeros((nt, P.size // lay["n_par"] * lay["n_acc"]))
+    status = np.full((nt, 2), -1, dtype=np.int64)
     bgsum = np.zeros((nt, 1))
-    ll = _pass(emit_numba.MODE_STATS, x, S, R, rw, P, K, nt, log_background,
-               acc64=acc64, bgsum=bgsum)  # fmt: skip
+    lbg = _background_arg(log_background)
+    fn = _kernel("stats", d, fp32, 0, D)
+    rows = (x, S) if R is None else (x, S, R)
+
+    def body(t, r0, r1):
+        return fn(
+            *rows, rw, P, K, LANE_BLOCK, r0, r1, FLUSH_ROWS, acc64[t], status[t], lbg, bgsum[t]
+        )
+
+    ll = _run_blocks(body, n, nt)
+    _raise_if_bad(status)
     n_j, a, C = _unpack_acc(acc64, Dp, K)
     return n_j, a, C, float(np.sum(ll)), float(rw.sum()), float(bgsum.sum())
 
 
-def _pass(mode, x, S, R, rw, P, K, nt, log_background=None, *, acc64=None, bgsum=None,
-          out=None, logw=None, macc=None, RR=None) -> list:  # fmt: skip
-    """Run the statistics-pass kernel in ``mode`` over the rows on ``nt`` threads (arrays a
-    mode does not use are passed empty; per-thread arrays have a leading thread axis)."""
+def _densities(mode, x, S, R, rw, P, K, log_background=None, *, out=None, logw=None,
+               macc=None, RR=None) -> None:  # fmt: skip
+    """Run the densities kernel in ``mode`` over the rows on the threads (arrays a mode does
+    not use are passed empty; ``macc`` and ``RR``, when given, have a leading thread axis)."""
     n, d = x.shape
+    nt = _n_threads(n) if macc is None else macc.shape[0]
     D = 0 if R is None else R.shape[-1]
-    fn = _kernel("stats", d, x.dtype == np.float32, 0, D)
-    none64, none_dt = np.zeros((nt, 0)), np.zeros((0, 0), dtype=x.dtype)
-    acc64 = none64 if acc64 is None else acc64
-    bgsum = none64 if bgsum is None else bgsum
+    fn = _kernel("dens", d, x.dtype == np.float32, 0, D)
+    none64 = np.zeros((nt, 0))
     macc = none64 if macc is None else macc
     RR = none64 if RR is None else RR
-    out = none_dt if out is None else out
+    out = np.zeros((0, 0), dtype=x.dtype) if out is None else out
     logw = np.zeros(0) if logw is None else logw
     rw = np.ones(n) if rw is None else rw
     status = np.full((nt, 2), -1, dtype=np.int64)
@@ -438,14 +451,11 @@ def _pass(mode, x, S, R, rw, P, K, nt, log_background=None, *, acc64=None, bgsum
     rows = (x, S) if R is None else (x, S, R)
 
     def body(t, r0, r1):
-        return fn(
-            *rows, rw, P, K, LANE_BLOCK, r0, r1, FLUSH_ROWS, acc64[t], status[t], lbg, bgsum[t],
-            mode, out, logw, macc[t], RR[t],
-        )  # fmt: skip
+        return fn(*rows, rw, P, K, LANE_BLOCK, r0, r1, lbg, mode, out, logw, macc[t], RR[t],
+                  status[t])  # fmt: skip
 
-    res = _run_blocks(body, n, nt)
+    _run_blocks(body, n, nt)
     _raise_if_bad(status)
-    return res
 
 
 def _background_arg(log_background: float | None) -> float:
@@ -479,7 +489,7 @@ def pattern_logdens_numba(
     if n == 0:
         return out.astype(np.float64)
     P = _pack(log_weights, means, covs, x.dtype)
-    _pass(emit_numba.MODE_LOGDENS, x, S, R, None, P, K, _n_threads(n), out=out)
+    _densities(emit_numba.MODE_LOGDENS, x, S, R, None, P, K, out=out)
     out = out.astype(np.float64, copy=False)
     out[:, np.isneginf(log_weights)] = -np.inf  # computed with a finite stand-in, see _pack
     return out
@@ -517,8 +527,8 @@ def pattern_moves_numba(
     nt = _n_threads(n)
     acc = np.zeros((nt, n_terms * K))
     RR = np.zeros((nt, K * K))
-    _pass(emit_numba.MODE_MOVES, x, S, R, rw, P, K, nt, log_background, logw=logw, macc=acc,
-          RR=RR)  # fmt: skip
+    _densities(emit_numba.MODE_MOVES, x, S, R, rw, P, K, log_background, logw=logw, macc=acc,
+               RR=RR)  # fmt: skip
     low = RR.sum(axis=0).reshape(K, K)  # lower triangle
     return low + np.tril(low, -1).T, acc.sum(axis=0).reshape(n_terms, K)
 

@@ -20,11 +20,10 @@ with a literal bound LLVM unrolls them into scalar code instead of vectorising.
     the responsibilities) are kept in a separate contiguous (Kp,) array ``ld``.
 ``acc`` accumulator blocks, ``n_acc`` rows: ``n_j``, ``a_j`` (``d``), packed ``C_j`` (``npk``).
 
-Kernels: the statistics pass (:func:`stats_source`), whose ``mode`` argument also makes it the
-log-density and the split-and-merge kernel (one compiled variant per (d, dtype[, D]) for the
-three, so a fit compiles a third of what it did), and the posterior
-(:mod:`.emit_numba_posterior`, whose per-row sums over components are lane accumulators summed
-across lanes once per row).
+Kernels: the statistics pass (:func:`stats_source`); the densities pass
+(:func:`densities_source`), whose ``mode`` gives the log densities or the split-and-merge sums
+from one compiled variant per (d, dtype[, D]); the posterior (:mod:`.emit_numba_posterior`,
+whose per-row sums over components are lane accumulators summed across lanes once per row).
 
 CPU-only choices a GPU emitter leaves behind: the lane-block layout, the bit-cast log-determinant
 (:func:`logdet_bits`), the polynomial exp/log, the serial row max/exp, the scratch arrays.
@@ -42,8 +41,8 @@ from xd_dask.kernels.codegen import algebra as alg
 __all__ = [
     "MODE_LOGDENS",
     "MODE_MOVES",
-    "MODE_STATS",
     "constants",
+    "densities_source",
     "layout",
     "logdet_bits",
     "stats_source",
@@ -200,52 +199,38 @@ def _header(name_args: str, d: int, B: int, du: int = 0, D: int = 0) -> list[str
     ]
 
 
-#: The statistics pass's modes (its ``mode`` argument): one compiled kernel per (d, dtype[, D])
-#: serves the statistics, the log densities and the split-and-merge sums of its rows.
-MODE_STATS, MODE_LOGDENS, MODE_MOVES = 0, 1, 2
+#: The modes of the densities kernel (:func:`densities_source`, its ``mode`` argument): one
+#: compiled kernel per (d, dtype[, D]) gives the log densities and the split-and-merge sums.
+MODE_LOGDENS, MODE_MOVES = 1, 2
 
-STATS_ARGS = "P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum, mode, out, logw, macc, RR"
+STATS_ARGS = "P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum"
+DENS_ARGS = "P, K, nl, r0, r1, lbg, mode, out, logw, macc, RR, status"
 
 
 def stats_source(d: int, B: int, fp32: bool, D: int = 0) -> str:
-    """Source of ``kernel(x, S, rw, P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum,
-    mode, out, logw, macc, RR) -> ll``; with projections (``D``), ``kernel(x, S, R, rw, ...)``,
-    ``R`` (n, d, D) in the compute dtype, D-dimensional parameters and accumulators.
+    """Source of ``kernel(x, S, rw, P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum)
+    -> ll``; with projections (``D``), ``kernel(x, S, R, rw, ...)``, ``R`` (n, d, D) in the
+    compute dtype, D-dimensional parameters and accumulators (R^T u, R^T (u u^T - T^-1) R).
 
-    Rows ``r0 <= i < r1``; per row the pair pass (log densities, u = T^-1 w, T^-1), then by
-    ``mode``:
+    Handles rows ``r0 <= i < r1``: adds their sums to the float64 accumulator blocks ``acc64``
+    and returns their weighted log-likelihood. At a non-positive pivot it writes the first
+    offending (row, component) to ``status`` and stops. In float32 the sums are kept in float32
+    for at most ``flush_rows`` rows at a time, then added into ``acc64``.
 
-    - ``MODE_STATS``: adds the rows' sufficient statistics (n_j, a_j = R^T u, C_j = R^T (u u^T
-      - T^-1) R) to the float64 accumulator blocks ``acc64`` and returns their weighted
-      log-likelihood; in float32 the sums are kept in float32 for at most ``flush_rows`` rows at
-      a time, then added into ``acc64``. ``lbg`` (float64) is the log density of a uniform
-      background component including its weight (DESIGN.md 4d), the same for every row of the
-      pattern; it joins each row's normalisation and ``bgsum[0]`` accumulates the rows'
-      weighted background responsibilities. ``lbg <= BG_OFF`` switches it off (that code path
-      is then skipped: results are bit-identical to a kernel without it).
-    - ``MODE_LOGDENS``: ``out[i, j] = log alpha_j + log N_ij`` (``out`` (n, K), compute dtype).
-    - ``MODE_MOVES``: the split-and-merge sums (:func:`_moves_row`) into ``macc`` and ``RR``,
-      ``logw`` (K,) the finite log weights.
-
-    Arrays a mode does not use may be empty. At a non-positive pivot the kernel writes the
-    first offending (row, component) to ``status`` and stops.
+    ``lbg`` (float64) is the log density of a uniform background component including its
+    weight (DESIGN.md 4d), the same for every row of the pattern; it joins each row's
+    normalisation and ``bgsum[0]`` accumulates the rows' weighted background responsibilities.
+    ``lbg <= BG_OFF`` switches the background off (the code path is then skipped, so results
+    are bit-identical to a kernel without it).
     """
     lay = layout(d, 0, D)
     nS, nA = lay["n_scr"], lay["n_acc"]
     args = "x, S, R, rw" if D else "x, S, rw"
     src = _header(f"{args}, {STATS_ARGS}", d, B, 0, D)
     src += [f"    acc = np.zeros(nblk * {nA * B}, DT)" if fp32 else "    acc = acc64"]
-    src += ["    lp = np.empty(Kp)", "    rr = np.empty(Kp)", "    nz = np.empty(Kp, np.int64)"]
     src += ["    llsum = 0.0", "    cnt = 0", "    for i in range(r0, r1):"]
     src += _pair_pass(d, B, nS, True, 0, D)
     src += [
-        f"        if mode == {MODE_LOGDENS}:",
-        "            for k in range(K):",
-        "                out[i, k] = ld[k]",
-        "            continue",
-        f"        if mode == {MODE_MOVES}:",
-        *_indent(_moves_row(), 12),
-        "            continue",
         "        mx = _rowmax(ld, Kp)",
         "        if lbg > BG_OFF:",
         "            mx = max(mx, DT(lbg))",
@@ -281,6 +266,35 @@ def stats_source(d: int, B: int, fp32: bool, D: int = 0) -> str:
         )
         src.append(" " * 16 + f"ab[{slot * B} + l] += r * {expr}")
     return "\n".join(src + _stats_tail(fp32))
+
+
+def densities_source(d: int, B: int, fp32: bool, D: int = 0) -> str:
+    """Source of ``kernel(x, S, rw, P, K, nl, r0, r1, lbg, mode, out, logw, macc, RR, status)``
+    (with projections ``kernel(x, S, R, rw, ...)``): the log-density pair pass of rows
+    ``r0 <= i < r1``, then by ``mode``
+
+    - ``MODE_LOGDENS``: ``out[i, j] = log alpha_j + log N_ij`` (``out`` (n, K), compute dtype);
+    - ``MODE_MOVES``: the split-and-merge sums (:func:`_moves_row`) into ``macc`` and ``RR``,
+      ``logw`` (K,) the finite log weights, ``lbg`` the background as in :func:`stats_source`.
+
+    Arrays a mode does not use may be empty. At a non-positive pivot it writes the first
+    offending (row, component) to ``status`` and stops.
+    """
+    args = "x, S, R, rw" if D else "x, S, rw"
+    src = _header(f"{args}, {DENS_ARGS}", d, B, 0, D)
+    src += ["    lp = np.empty(Kp)", "    rr = np.empty(Kp)", "    nz = np.empty(Kp, np.int64)"]
+    src += ["    for i in range(r0, r1):"]
+    src += _pair_pass(d, B, layout(d)["n_scr"], False, 0, D)
+    src += [
+        f"        if mode == {MODE_LOGDENS}:",
+        "            for k in range(K):",
+        "                out[i, k] = ld[k]",
+        "            continue",
+        *_indent(_moves_row(), 8),
+        "    return 0.0",
+        "",
+    ]
+    return "\n".join(src)
 
 
 def _moves_row() -> list[str]:
