@@ -13,39 +13,29 @@ posterior's wrapper is :mod:`._numba_posterior`):
 With projections ``R`` (n, d, D) the parameters are D-dimensional and the statistics come back
 in the D-space (one more kernel variant per (d, D), generated from the same algebra).
 
-Compile cost. :func:`readiness` says what a variant costs before it can run: nothing when it
-is loaded, a load when Numba's on-disk cache holds it, else a compile, estimated from the
-compile times measured in this process (per generated line; a prior measured on this machine
-class until the first compile).
+Compilation, the on-disk cache, the compile-cost estimate and the cross-process warm-up are in
+:mod:`._numba_compile`.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
 import math
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import llvmlite.binding as llvm
 import numba
 import numpy as np
-from numba import njit, types
 
-from xd_dask.kernels import codegen
 from xd_dask.kernels._common import NotPositiveDefiniteError, stats_from_sums
-from xd_dask.kernels._numba_runtime import FM_STRICT, namespace
-from xd_dask.kernels.codegen import algebra, emit_numba, emit_numba_posterior
+from xd_dask.kernels._numba_compile import LANE_BLOCK, _kernel, on_disk, readiness, warm
+from xd_dask.kernels.codegen import algebra, emit_numba
 from xd_dask.kernels.codegen.algebra import BG_OFF, PAD_LOGW
 from xd_dask.kernels.packing import param_matrix
-from xd_dask.locks import FileLock, LockError
-from xd_dask.utils import kernel_cache_dir, load_generated_module, write_once
 
 __all__ = [
+    "LANE_BLOCK",
+    "on_disk",
     "pattern_logdens_numba",
     "pattern_moves_numba",
     "pattern_stats_numba",
@@ -53,216 +43,10 @@ __all__ = [
     "warm",
 ]
 
-logger = logging.getLogger(__name__)
-
-#: Components are padded to a multiple of this (one or two SIMD vectors of lanes).
-LANE_BLOCK = 16
 #: float32 sums are flushed into float64 after at most this many rows per thread.
 FLUSH_ROWS = 2048
 #: Fewest rows worth giving a thread of its own.
 MIN_ROWS_PER_THREAD = 64
-
-
-# --------------------------------------------------------------------------- compilation
-def _signature(kind: str, fp32: bool, proj: bool = False):
-    dt = types.float32 if fp32 else types.float64
-    i64, f64 = types.int64, types.float64
-    x, S, P = types.Array(dt, 2, "C"), types.Array(dt, 3, "C"), types.Array(dt, 1, "C")
-    f64v, i64v = types.Array(f64, 1, "C"), types.Array(i64, 1, "C")
-    xS = (x, S, S) if proj else (x, S)  # R (n, d, D) has S's type
-    if kind == "stats":
-        # x, S, [R,] rw, P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum -> ll
-        return f64(*xS, f64v, P, i64, i64, i64, i64, i64, f64v, i64v, f64, f64v)
-    if kind == "dens":
-        # x, S, [R,] rw, P, K, nl, r0, r1, lbg, mode, out, logw, macc, RR, status
-        return f64(*xS, f64v, P, i64, i64, i64, i64, f64, i64, types.Array(dt, 2, "C"), f64v,
-                   f64v, f64v, i64v)  # fmt: skip
-    f64m, f64t = types.Array(f64, 2, "C"), types.Array(f64, 3, "C")
-    # posterior: x, S, xorig, rows, cols, c0, P, K, nl, r0, r1, lbg, topk, tau,
-    # mean, cov, mapc, mapr, bgr, resp, tidx, tresp, tmean, tcov, tight, status
-    return f64(
-        x, S, types.Array(dt, 2, "A"), i64v, i64v, f64v, P, i64, i64, i64, i64, f64, i64, f64,
-        f64m, f64t, i64v, f64v, f64v, f64m, types.Array(i64, 2, "C"), f64m, f64t,
-        types.Array(f64, 4, "C"), f64v, i64v,
-    )  # fmt: skip
-
-
-_cache: dict[tuple[str, int, bool, int, int], object] = {}
-_cache_lock = threading.Lock()
-_llvm_tuned = False
-#: Seconds per generated source line of a cold compile, and of a load from the on-disk cache,
-#: before this process has measured one (2 vCPU machine class, numba 0.6x: the d = 7 float64
-#: statistics kernel, ~600 lines, compiles in ~4 s; posteriors ~2x that).
-COMPILE_PRIOR_S_PER_LINE = 7e-3
-LOAD_PRIOR_S = 0.3
-_measured: dict[str, float] = {}  # "compile" -> s per line, "load" -> s
-
-
-def _tune_llvm() -> None:
-    """Raise LLVM's budget for merging the loop vectoriser's runtime alias checks.
-
-    The lane loops read ~d^2/2 parameter addresses and write as many scratch addresses; LLVM
-    merges them into a few checks only within a budget of 100 comparisons, which d >= 9 exceeds,
-    and the loop then stays scalar (5-15x slower at d = 12). The option is process-wide but only
-    lets the vectoriser spend more compile time merging checks. It is set for the LLVM versions
-    known to have it (an unknown option would make LLVM exit the process).
-    """
-    global _llvm_tuned
-    if not _llvm_tuned:
-        if 14 <= llvm.llvm_version_info[0] <= 22:
-            llvm.set_option("", "-memory-check-merge-threshold=10000")
-        else:  # pragma: no cover - depends on the installed llvmlite
-            logger.warning(
-                "LLVM %s: not raising memory-check-merge-threshold; the compiled XD kernel may "
-                "not vectorise for d >= 9",
-                ".".join(map(str, llvm.llvm_version_info)),
-            )
-        _llvm_tuned = True
-
-
-def _cache_dir() -> Path | None:
-    """See :func:`xd_dask.utils.kernel_cache_dir`."""
-    return kernel_cache_dir(None)
-
-
-@functools.cache
-def _source_tag() -> str:
-    """Hash of everything the generated code depends on (stale cache files are never used):
-    this module, the runtime helpers, every module of the code generator, Numba's version."""
-    h = hashlib.sha256()
-    runtime = Path(__file__).with_name("_numba_runtime.py")
-    for path in (Path(__file__), runtime, *map(Path, codegen.source_files())):
-        h.update(path.read_bytes())
-    h.update(f"{numba.__version__} {LANE_BLOCK}".encode())
-    return h.hexdigest()[:16]
-
-
-def cache_stem(kind: str, d: int, fp32: bool, du: int = 0, D: int = 0) -> str:
-    """File stem of a variant in the kernel cache (``xdk_<kind>[_u<du>][_R<D>]_d<d>_<dtype>_
-    <source tag>``; Numba's index beside it is ``__pycache__/<stem>.*.nbi``)."""
-    name = f"{kind}_u{du}" if kind.startswith("posterior") else kind
-    name += f"_R{D}" if D else ""
-    return f"xdk_{name}_d{d}_{'f32' if fp32 else 'f64'}_{_source_tag()}"
-
-
-def on_disk(kind: str, d: int, fp32: bool, du: int = 0, D: int = 0) -> bool:
-    """Whether Numba's on-disk cache holds the compiled variant."""
-    cache = _cache_dir()
-    stem = cache_stem(kind, d, fp32, du, D)
-    return cache is not None and any((cache / "__pycache__").glob(f"{stem}.*.nbi"))
-
-
-def readiness(kind: str, d: int, fp32: bool, du: int = 0, D: int = 0) -> tuple[tuple, float]:
-    """(variant key, estimated seconds before it can run): 0 when loaded in this process, a
-    load when on disk, else a compile (module docstring)."""
-    key = (kind, d, fp32, du, D)
-    if key in _cache:
-        return key, 0.0
-    if on_disk(*key):
-        return key, _measured.get("load", LOAD_PRIOR_S)
-    lines = _source(kind, d, du, fp32, D).count("\n")
-    return key, lines * _measured.get("compile", COMPILE_PRIOR_S_PER_LINE)
-
-
-def _load_source(stem: str, fp32: bool, src: str):
-    """The generated ``kernel`` function, from a cached module file if possible."""
-    ns = namespace(fp32)
-    cache = _cache_dir()
-    if cache is not None:
-        path = cache / f"{stem}.py"
-        text = "# generated by xd_dask.kernels._numba; safe to delete\n" + src
-        try:
-            if not path.exists():
-                write_once(path, text)
-            module = load_generated_module(path, f"_xd_dask_generated_{stem}", ns, source=text)
-            return module.kernel, True
-        except OSError as exc:
-            logger.warning("kernel cache %s not usable (%s); compiling in memory", cache, exc)
-    exec(compile(src, f"<xd_dask generated {stem}>", "exec"), ns)
-    return ns["kernel"], False
-
-
-def _source(kind: str, d: int, du: int, fp32: bool, D: int = 0) -> str:
-    """Generated source of a kernel: "stats" (the statistics pass), "dens" (the densities pass:
-    log densities or split-and-merge sums; ``D`` for both: the dimension of projected
-    parameters), "posterior" or "posterior_top" (``du``: unobserved fields)."""
-    if kind == "stats":
-        return emit_numba.stats_source(d, LANE_BLOCK, fp32, D)
-    if kind == "dens":
-        return emit_numba.densities_source(d, LANE_BLOCK, fp32, D)
-    return emit_numba_posterior.posterior_source(
-        d, du, LANE_BLOCK, fp32, topk=kind == "posterior_top"
-    )
-
-
-def _kernel(kind: str, d: int, fp32: bool, du: int = 0, D: int = 0):
-    """Compiled kernel for (kind, d, dtype[, du | D]): generated and compiled on first use, then
-    kept in memory and (see :func:`_cache_dir`) in Numba's on-disk cache."""
-    key = (kind, d, fp32, du, D)
-    fn = _cache.get(key)
-    if fn is not None:
-        return fn
-    with _cache_lock:
-        fn = _cache.get(key)
-        if fn is None:
-            _tune_llvm()
-            src = _source(kind, d, du, fp32, D)
-            py_func, cached = _load_source(cache_stem(*key), fp32, src)
-            t0 = time.perf_counter()
-            fn = njit(
-                _signature(kind, fp32, bool(D)),
-                fastmath=FM_STRICT,
-                error_model="numpy",
-                nogil=True,
-                cache=cached,
-            )(py_func)
-            seconds = time.perf_counter() - t0
-            loaded = bool(fn.stats.cache_hits)
-            _measured["load" if loaded else "compile"] = (
-                seconds if loaded else seconds / max(1, src.count("\n"))
-            )
-            logger.debug(
-                "XD %s kernel d=%d %s ready in %.1f s (%s)", kind, d,
-                "float32" if fp32 else "float64", seconds,
-                "from disk cache" if loaded else "compiled",
-            )  # fmt: skip
-            _cache[key] = fn
-    return fn
-
-
-def warm(keys) -> None:
-    """Make the variants ``keys`` ((kind, d, fp32, du, D) tuples) ready, each compiled once
-    across the processes that share the kernel cache (a cluster's workers): a variant another
-    process is compiling (its lock file held) is taken up after the others, by then from disk.
-    Two workers that need the same four variants compile two each, in parallel."""
-    todo = [k for k in dict.fromkeys(keys) if k not in _cache]
-    cache = _cache_dir()
-    deferred = []
-    for key in todo:
-        if cache is None:
-            _kernel(*key)
-            continue
-        lock = FileLock(cache / f".{cache_stem(*key)}.lock", f"compiling {key}")
-        try:
-            lock.acquire(timeout=0.0)
-        except (LockError, OSError):
-            deferred.append(key)
-            continue
-        try:
-            _kernel(*key)
-        finally:
-            lock.release()
-    for key in deferred:
-        lock = FileLock(cache / f".{cache_stem(*key)}.lock", f"compiling {key}")
-        try:
-            lock.acquire(timeout=None)  # the other process's compile ends: load it from disk
-        except OSError:  # no working flock here: compile (or load) without waiting
-            _kernel(*key)
-            continue
-        try:
-            _kernel(*key)
-        finally:
-            lock.release()
 
 
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked child makes its own
