@@ -9,7 +9,9 @@ estimated here). On a device, in under ~5 minutes:
 2. ns per (row x component) pair of one statistics pass (D = 7, K = 64 and 256, float32 and
    float64) of the generated CUDA kernel (fused for K <= 256) on device-resident rows, timed with
    CUDA events (best of 5, compilation excluded), beside one CPU core of the same host running
-   the compiled CPU kernel on the same rows (``numba.set_num_threads(1)``);
+   the compiled CPU kernel on the same rows (``numba.set_num_threads(1)``), and the
+   split-and-merge sums (the ``moves`` kernel, which GPU workers now run) on the same device
+   rows;
 3. one batch-EM iteration on a ``LocalCUDACluster`` over a generated 10 M-row catalogue
    (D = 3, K = 16, float32 rows, persisted on the device): wall time of the iteration.
 
@@ -60,12 +62,13 @@ def kernel_table() -> None:
     import numba
 
     from benchmarks.bench_kernel import make_data
-    from xd_dask.kernels._cuda import pack_lower, pattern_stats_cuda
+    from xd_dask.kernels._cuda import pack_lower, pattern_moves_cuda, pattern_stats_cuda
     from xd_dask.kernels._numba import pattern_stats_numba
 
     D = 7
     print(f"\nstatistics pass, D = {D}: ns per pair (best of 5; CPU: 1 core, same rows)")
-    print(f"{'K':>4} {'dtype':>7} {'rows':>9} | {'GPU':>8} | {'CPU 1 core':>10} {'ratio':>7}")
+    print(f"{'K':>4} {'dtype':>7} {'rows':>9} | {'GPU':>8} | {'CPU 1 core':>10} {'ratio':>7} | "
+          f"{'moves GPU':>9}")  # fmt: skip
     numba.set_num_threads(1)
     for K in (64, 256):
         n = 400_000_000 // K // 8  # ~5e7 pairs on the device
@@ -74,16 +77,8 @@ def kernel_table() -> None:
             xd = cupy.asarray(x.astype(dt))
             Sd = pack_lower(cupy.asarray(S.astype(dt)))
             rwd = cupy.asarray(rw)
-            pattern_stats_cuda(xd[:1000], Sd[:1000], rwd[:1000], lw, m, V)  # compile
-            best = np.inf
-            for _ in range(5):
-                start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-                start.record()
-                pattern_stats_cuda(xd, Sd, rwd, lw, m, V)
-                stop.record()
-                stop.synchronize()
-                best = min(best, cupy.cuda.get_elapsed_time(start, stop) * 1e-3)
-            ns_gpu = best / (n * K) * 1e9
+            ns_gpu = _device_ns(pattern_stats_cuda, (xd, Sd, rwd, lw, m, V), n * K, 5)
+            ns_moves = _device_ns(pattern_moves_cuda, (xd, Sd, rwd, lw, m, V), n * K, 3)
             nc = min(n, 2_000_000 // K)
             xc, Sc = x[:nc].astype(dt), S[:nc].astype(dt)
             pattern_stats_numba(xc[:100], Sc[:100], rw[:100], lw, m, V)
@@ -94,9 +89,27 @@ def kernel_table() -> None:
                 t_cpu = min(t_cpu, time.perf_counter() - t0)
             ns_cpu = t_cpu / (nc * K) * 1e9
             print(f"{K:>4} {np.dtype(dt).name:>7} {n:>9} | {ns_gpu:>8.3f} | {ns_cpu:>10.2f} "
-                  f"{ns_cpu / ns_gpu:>6.0f}x")  # fmt: skip
+                  f"{ns_cpu / ns_gpu:>6.0f}x | {ns_moves:>9.3f}")  # fmt: skip
             del xd, Sd
             cupy.get_default_memory_pool().free_all_blocks()
+
+
+def _device_ns(fn, args, pairs: int, repeats: int) -> float:
+    """ns per pair of ``fn(*args)`` on the device, CUDA events, best of ``repeats`` (the first
+    call, on 1000 rows, compiles)."""
+    import cupy
+
+    fn(*(a[:1000] if hasattr(a, "shape") and a.shape[0] == args[0].shape[0] else a
+         for a in args))  # fmt: skip
+    best = np.inf
+    for _ in range(repeats):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn(*args)
+        stop.record()
+        stop.synchronize()
+        best = min(best, cupy.cuda.get_elapsed_time(start, stop) * 1e-3)
+    return best / pairs * 1e9
 
 
 def cluster_iteration(n_rows: int) -> None:

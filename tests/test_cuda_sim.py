@@ -25,7 +25,7 @@ from xd_dask.params import Params
 
 pytest.importorskip("numba.cuda")
 
-GROUPS = ("stats", "projected", "dispatch", "nonpd")
+GROUPS = ("stats", "projected", "dispatch", "nonpd", "moves")
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -130,6 +130,7 @@ def _register_sim_backend():
     registry.register("stats", "cudasim", _builtin._cuda_stats)
     registry.register("logdens", "cudasim", _builtin._cuda_logdens)
     registry.register("posterior", "cudasim", _builtin._cuda_posterior)
+    registry.register("moves", "cudasim", _builtin._cuda_moves)
 
 
 def _missing_problem(seed, n, D, K, missing, dt):
@@ -179,6 +180,39 @@ def _dispatch_cases():
     ref = posterior(X, S, Params(w, m, V, bg), backend="reference", summary=True)
     for f in ("mean", "cov", "background_resp", "map_resp"):
         np.testing.assert_allclose(getattr(got, f), getattr(ref, f), rtol=1e-9, atol=1e-12)
+
+
+def _moves_cases():
+    """The split-and-merge sums on the device against the per-pair loop and the CPU kernel:
+    missing fields, row weights and a background through the driver (packed noise), the two
+    ways rows are chunked, projections, float32."""
+    from tests.test_kernel_moves import loop_moves
+    from tests.test_kernel_projected import problem
+    from xd_dask.kernels import Background, move_sums
+    from xd_dask.kernels._cuda import pack_lower, pattern_moves_cuda
+    from xd_dask.kernels._numba import pattern_moves_numba
+
+    _register_sim_backend()
+    rng = np.random.default_rng(7)
+    for dt in (np.float64, np.float32):
+        X, S, w, m, V = _missing_problem(8, 40, 3, 4, 0.3, dt)
+        rw = rng.uniform(0.5, 2.0, X.shape[0])
+        bg = Background(0.1, (-20.0,) * 3, (20.0,) * 3)
+        p = Params(0.9 * w, m, V, bg)
+        got = move_sums(X, pack_lower(S), p, row_weights=rw, backend="cudasim")
+        want = loop_moves(X.astype(float), S.astype(float), 0.9 * w, m, V, rw,
+                          lbg=lambda o: np.log(0.1) - o.sum() * np.log(40.0))  # fmt: skip
+        e = _err((got.RR, got["n"], got["flogf"], got["flogp"]), want)
+        assert e <= TOL[dt] * 5, (dt, e)
+        print(f"moves dispatch {np.dtype(dt).name}: loop {e:.1e}")
+    x, S, R, rw, w, m, V = problem(36, 2, 3, 5, seed=11)
+    lw = np.log(w)
+    for launch in ({"threads": 8}, {"threads": 4, "chunk_pairs": 40}):  # one chunk, several
+        got = pattern_moves_cuda(x, S, rw, lw, m, V, -6.0, R, **launch)
+        cpu = pattern_moves_numba(x, S, rw, lw, m, V, -6.0, R)
+        e = _err(got, cpu)
+        assert e <= 1e-10, (launch, e)
+        print(f"moves projected {launch}: cpu {e:.1e}")
 
 
 def _nonpd_cases():
@@ -307,7 +341,7 @@ def main(group: str) -> None:
     _check_shared_arrays()
     _cuda.POISON = True  # an output slot no thread wrote reads as NaN (status: an error)
     {"stats": _stats_cases, "projected": _projected_cases, "dispatch": _dispatch_cases,
-     "nonpd": _nonpd_cases}[group]()  # fmt: skip
+     "nonpd": _nonpd_cases, "moves": _moves_cases}[group]()  # fmt: skip
     print(f"{group}: ok")
 
 

@@ -136,6 +136,50 @@ def test_plain_schema_same_machinery():
     assert r.X_cov[2, 1, 1] == pytest.approx(0.09)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "error"), [(np.float32, 1e-25), (np.float64, 1e-160), (np.float64, 0.0)]
+)
+def test_a_variance_that_underflows_is_not_positive_definite(dtype, error):
+    """An error whose square is below the dtype's smallest normal number (1e-50 in float32,
+    1e-320 in float64, or exactly 0) leaves S singular on that field: the row is
+    not_positive_definite (S cannot be factorised), not not_representable (the values are
+    representable; a variance that overflows is, and stays, not_representable), and the
+    column named is the error's."""
+    from xd_dask.io.rows import BAD_REASONS
+
+    t = pa.table(
+        {
+            "x": [1.0, 2.0, 3.0],
+            "y": [3.0, 4.0, 5.0],
+            "ex": [0.1, error, 0.3],
+            "ey": [0.5, 0.4, 1e30 if dtype == np.float32 else 1e200],  # row 2 overflows
+        }
+    )
+    sch = plain_schema(["x", "y"], ["ex", "ey"])
+    r = build_covariance(t, sch, dtype=dtype)
+    assert r.reason.tolist() == [0, BAD_REASONS.index("not_positive_definite"),
+                                 BAD_REASONS.index("not_representable")]  # fmt: skip
+    assert r.columns[r.bad_column[1]] == "ex" and r.columns[r.bad_column[2]] == "ey"
+
+
+def test_the_row_pass_is_generated_by_the_kernels_code_generator():
+    """The schema row builder's code generator lives in kernels/codegen/rows.py and checks
+    positive definiteness with the algebra's LDL^T (the kernels' pivots D_j, no square root):
+    a correlation matrix whose second pivot is 1 - rho^2 <= PIVOT_TOL is rejected."""
+    from xd_dask.io import covariance
+    from xd_dask.io.rows import BAD_REASONS
+    from xd_dask.kernels.codegen import rows
+
+    sch = plain_schema(["x", "y"], ["ex", "ey"], {("x", "y"): "rxy"})
+    src = rows.source(covariance._plan(sch), False, covariance._ROW_LAYOUT)
+    assert "D1 = 1.0 - e1_0 * l1_0" in src and "iD1 = 1.0 / (D1 if D1 > 1e-12 else 1.0)" in src
+    rho = [0.5, 1.0 - 1e-13, -1.0]
+    t = pa.table({"x": [1.0] * 3, "y": [2.0] * 3, "ex": [1.0] * 3, "ey": [2.0] * 3, "rxy": rho})
+    r = build_covariance(t, sch)
+    pd = BAD_REASONS.index("not_positive_definite")
+    assert r.reason.tolist() == [0, pd, pd]
+
+
 def _reference_S(row: dict) -> tuple[np.ndarray, np.ndarray]:
     """Per-row reference straight from the Gaia DR3 data-model definitions."""
 

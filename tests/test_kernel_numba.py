@@ -261,7 +261,7 @@ out = _numba.pattern_logdens_numba(x, S, np.log([0.5, 0.5]), np.array([[0.0], [1
 want = np.log(0.5) - 0.5 * (np.log(2 * np.pi * np.array([1.5, 2.5]))
                             + (x - np.array([0.0, 1.0])) ** 2 / np.array([1.5, 2.5]))
 assert np.allclose(out, want, rtol=1e-12), (out, want)
-print(_numba._kernel("logdens", 1, False).stats.cache_hits.most_common(1))
+print(_numba._kernel("dens", 1, False).stats.cache_hits.most_common(1))
 """
 
 
@@ -279,11 +279,12 @@ def _run_child(env_update):
 
 
 def test_kernel_disk_cache(tmp_path):
-    """Generated kernels are compiled once and then loaded from the cache by new processes."""
+    """Generated kernels are compiled once and then loaded from the cache by new processes (the
+    log densities come from the densities kernel, which also gives the split-and-merge sums)."""
     cache = tmp_path / "kernels"
     first = _run_child({"XD_DASK_KERNEL_CACHE": str(cache)})
     assert first == "[]"  # compiled, nothing loaded
-    assert len(list(cache.glob("xdk_logdens_d1_f64_*.py"))) == 1
+    assert [p.name.split("_f64")[0] for p in cache.glob("xdk_*.py")] == ["xdk_dens_d1"]
     assert list((cache / "__pycache__").glob("*.nbi"))
     second = _run_child({"XD_DASK_KERNEL_CACHE": str(cache)})
     assert second.endswith(", 1)]")  # one cache hit
@@ -322,3 +323,32 @@ def test_background_off_is_bit_identical():
     off = pattern_stats_numba(x, S, rw, lw, m, V, None)
     for g, w in zip(plain, off, strict=True):
         assert np.array_equal(np.asarray(g), np.asarray(w))
+
+
+_WARM = """
+import sys
+from xd_dask.kernels import _numba
+keys = [("dens", 1, False, 0, 0), ("dens", 2, False, 0, 0)]
+_numba.warm(keys if sys.argv[1] == "0" else keys[::-1])
+print(*(int(not _numba._kernel(*k).stats.cache_hits) for k in keys))
+"""
+
+
+def test_processes_sharing_a_cache_compile_each_variant_once(tmp_path):
+    """Two processes (a cluster's workers) warming the same variants at the same time: each
+    variant is compiled by one of them and loaded from disk by the other."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XD_DASK_KERNEL_CACHE=str(tmp_path / "kernels"))
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _WARM, str(k)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for k in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    compiled = [list(map(int, out.split())) for out, _ in outs]
+    assert [a + b for a, b in zip(*compiled, strict=True)] == [1, 1], compiled
+

@@ -14,8 +14,8 @@ import pytest
 
 from tests.mixtures import draw_noisy, random_params
 from tests.posterior_refs import textbook_posterior
-from xd_dask.kernels import Background, posterior, registry, responsibilities
-from xd_dask.kernels._numba_posterior import ESCALATE
+from xd_dask.kernels import Background, driver, posterior, registry, responsibilities
+from xd_dask.kernels._posterior import ESCALATE
 from xd_dask.params import Params
 
 BACKENDS = ["numba", "reference"]
@@ -220,20 +220,21 @@ def test_backend_choice_and_registry(monkeypatch):
     R = np.broadcast_to(np.eye(3), (10, 3, 3))
     assert registry.resolve("posterior", "auto", X, None) == "numba"
     assert registry.resolve("posterior", "auto", X, R) == "reference"
-    monkeypatch.setenv(registry.ENV_VAR, "reference")
-    assert registry.resolve("posterior", "auto", X, None) == "reference"
+    # the kernels read no environment: a backend is named by the caller (fit.backend)
+    monkeypatch.setenv("XD_DASK_BACKEND", "reference")
+    assert registry.resolve("posterior", "auto", X, None) == "numba"
     with pytest.raises(ValueError, match="does not take projections"):
         posterior(X, S, Params(w, m, V), R=R, backend="numba")
     with pytest.raises(ValueError, match="backend must be one of"):
         posterior(X, S, Params(w, m, V), backend="gpu")
     with pytest.raises(ValueError, match="top_k needs summary"):
         posterior(X, S, Params(w, m, V), top_k=2)
-    # A new backend is one registration away, with no change to the dispatcher.
+    # A new backend is one registration away, with no change to the driver.
     calls = []
 
     def spy():
         ref = registry.implementation("posterior", "reference")
-        return lambda job: calls.append(len(job.rows)) or ref(job)
+        return lambda block: calls.append(len(block.rows)) or ref(block)
 
     monkeypatch.setitem(
         registry._BACKENDS, "spy", registry.Backend("spy", frozenset({"numpy"}), False)
@@ -242,15 +243,42 @@ def test_backend_choice_and_registry(monkeypatch):
     mean, _ = posterior(X, S, Params(w, m, V), backend="spy")
     assert sorted(calls) == [3, 7]  # one call per missingness pattern
     np.testing.assert_array_equal(mean, posterior(X, S, Params(w, m, V), backend="reference")[0])
-    # "auto" sends small patterns to the reference while the compiled kernel is not loaded
-    monkeypatch.delenv(registry.ENV_VAR)
-    for compiled, want in ((False, []), (True, [3, 7])):
+
+
+def test_auto_weighs_compiling_against_the_reference(monkeypatch):
+    """"auto" runs a pattern on the reference while the reference's estimated time stays below
+    what the compiled variant needs before it can run (0 once loaded), accumulated per variant:
+    a call too small to amortise a compile never pays for one, and a long series of small calls
+    compiles once the time spent on the reference reaches the compile time."""
+    X, S, w, m, V = _problem(2, seed=16, n=10)  # patterns of 3 and 7 rows, K = 2
+    monkeypatch.setattr(driver, "_rent", {})
+    monkeypatch.setattr(driver, "_ref_rate", {"posterior": 1e-3})  # 1 ms per pair
+    calls = []
+
+    def spy(seconds):
+        ref = registry.implementation("posterior", "reference")
+        run = lambda block: calls.append(len(block.rows)) or ref(block)  # noqa: E731
+        run.readiness = lambda block: (len(block.rows), seconds)
+        return run
+
+    for seconds, want in ((0.0, [3, 7]), (1.0, []), (0.01, [7])):
         calls.clear()
-        run = spy()
-        run.ready = lambda job, compiled=compiled: compiled
-        monkeypatch.setitem(registry._LOADED, ("posterior", "numba"), run)
+        driver._rent.clear()
+        monkeypatch.setitem(registry._LOADED, ("posterior", "numba"), spy(seconds))
+        mean, _ = posterior(X, S, Params(w, m, V))  # 6 ms and 14 ms on the reference
+        assert sorted(calls) == want, seconds
+        np.testing.assert_allclose(mean, posterior(X, S, Params(w, m, V), backend="reference")[0])
+    # the rent adds up per variant: at 20 ms, the 7-row pattern (14 ms a call) compiles at its
+    # second call, the 3-row one (6 ms) at its fourth
+    driver._rent.clear()
+    monkeypatch.setitem(registry._LOADED, ("posterior", "numba"), spy(0.02))
+    rounds = []
+    for _ in range(4):
+        calls.clear()
         posterior(X, S, Params(w, m, V))
-        assert sorted(calls) == want
+        rounds.append(sorted(calls))
+    assert rounds == [[], [7], [7], [3, 7]]
+    assert posterior(X, S, Params(w, m, V), backend="numba")[0].shape == (10, 3)
 
 
 def test_reference_posterior_is_array_namespace_code():

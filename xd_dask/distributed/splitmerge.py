@@ -24,10 +24,9 @@ __all__ = ["moves_task", "pass_moves"]
 
 def moves_task(source: Any, opts: TaskOptions, params: Params, rows: Rows) -> Partial:
     """The split-and-merge criteria's sums over the ``rows`` of one partition (``xd-moves``);
-    the block's projections ``R`` are used when it has them."""
+    the block's projections ``R`` are used when it has them. On GPU workers the rows stay on
+    the device and the ``"moves"`` kernel runs there (only the K x K + 3 K sums come back)."""
     t0 = time.perf_counter()
-    if opts.gpu:
-        raise ValueError("split-and-merge runs on CPU workers only (cluster.gpu = false)")
     blk = _block(source, opts)
     X, S, R, _ = selected(blk, opts, rows)
     ms = move_stats(X, S, params, R=R, backend=opts.backend, check=False)
@@ -40,8 +39,6 @@ def pass_moves(
     """The split-and-merge controller of a fit (``cfg``: FitConfig; ``n_waves`` per epoch on
     waves) whose criteria run as one ``xd-moves`` pass of ``runner``
     (:class:`xd_dask.distributed.passes.PassRunner`) over every row, or over a wave's rows."""
-    if cfg.gpu:
-        raise ValueError("fit.split_merge runs on CPU workers only (cluster.gpu = false)")
     calls = [0]
     sub = None if cfg.subsample is None else (float(cfg.subsample), int(cfg.seed))
 

@@ -10,13 +10,17 @@ Conventions
   looks at the observed block). Its error, flux-over-error and correlation columns are not needed.
 - An observed value must lie in the schema's ``[min, max]`` (if given) and an error column's value
   in ``[error_min, error_max]``; a value or 1-sigma error whose square overflows the working dtype
-  (or a variance that underflows it) is bad whatever the schema says, because float32 S would hold
-  inf or 0 there. ``error_floor`` is added to the diagonal of S (an independent noise term).
+  is bad whatever the schema says (``not_representable``: float32 S would hold inf there), and a
+  variance that underflows it leaves S singular (``not_positive_definite``).
+  ``error_floor`` is added to the diagonal of S (an independent noise term).
 - Every observed feature needs a finite, non-negative error (or positive flux-over-error); every
   correlation between two observed features must be finite and in [-1, 1]; S restricted to the
   observed features must be positive definite. This is checked on the correlation matrix (scale
-  free: S = diag(sigma) C diag(sigma) is PD iff all sigma > 0 and C is PD) with a Cholesky
-  factorisation whose pivots must exceed ``PIVOT_TOL``.
+  free: S = diag(sigma) C diag(sigma) is PD iff all sigma > 0 and C is PD) with an LDL^T
+  factorisation (the kernels' algebra) whose pivots must exceed ``PIVOT_TOL``.
+
+The pass is generated per schema by :mod:`xd_dask.kernels.codegen.rows`; this module plans it
+from the schema, compiles and caches it, and runs it over Arrow record batches.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ from xd_dask.io.staging import BLOCK_STRIDE as _S
 from xd_dask.io.staging import batch_buffers
 from xd_dask.io.staging import stage_block as _stage
 from xd_dask.io.tangential import build_tangential
+from xd_dask.kernels import codegen
+from xd_dask.kernels.codegen.rows import RowLayout
+from xd_dask.kernels.codegen.rows import source as rows_source
 from xd_dask.utils import get_logger, kernel_cache_dir, load_generated_module, write_once
 
 log = get_logger(__name__)
@@ -165,178 +172,8 @@ def _plan(schema: CatalogSchema) -> _Plan:
 
 
 # --------------------------------------------------------------------------- compiled row pass
-# For one schema the row computation (classify, S, LDL^T check of the correlation matrix) is
-# generated as straight-line scalar code in a loop over the rows of a block, with every index,
-# scale and floor a literal. The loop reads one flat array and writes one flat array, and has no
-# branches (conditional expressions become selects), so LLVM vectorises it ACROSS ROWS.
-# A generic loop over features and pairs was measured 5-10x slower.
-def _kernel_source(plan: _Plan, nan_is_null: bool) -> str:
-    D = len(plan.val_col)
-    ncol = len(plan.columns)
-    B = _S  # row stride of the flat blocks
-    out: list[str] = []
-    emit = out.append
-    ind = " " * 8
-
-    def IN(row: int) -> str:
-        return f"IN[{row * B} + i]"
-
-    def flag(cond: str, code: int, col: int) -> None:
-        emit(f"{ind}t = ({cond}) & (r == 0.0)")
-        emit(f"{ind}r = {float(code)!r} if t else r")
-        emit(f"{ind}bc = {float(col)!r} if t else bc")
-
-    def fin(x: str) -> str:  # finite test without a call: inf - inf and nan - nan are nan
-        return f"(({x}) - ({x}) == 0.0)"
-
-    def outside(x: str, lo: float, hi: float) -> str | None:  # None when unbounded
-        tests = [f"({x} {op} {v!r})" for op, v in (("<", lo), (">", hi)) if math.isfinite(v)]
-        return "(" + " | ".join(tests) + ")" if tests else None
-
-    # vlim: largest |value| or sigma whose square is finite in the working dtype; wlim, wtiny:
-    # the largest finite and the smallest normal variance (runtime arguments: one kernel serves
-    # float32 and float64).
-    emit('@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")')
-    emit("def compute(m, IN, OUT, vlim, wlim, wtiny):")
-    emit("    for i in range(m):")
-    emit(f"{ind}r = 0.0")
-    emit(f"{ind}bc = -1.0")
-    for k in range(ncol):
-        emit(f"{ind}c{k} = {IN(k)}")
-    # values: null -> missing field; NaN/inf that is not a null -> bad row
-    for j in range(D):
-        c = int(plan.val_col[j])
-        nl = f"({IN(ncol + j)} < 0.5)"
-        if nan_is_null:
-            nl = f"({nl} | (c{c} != c{c}))"
-        emit(f"{ind}nl{j} = {nl}")
-        emit(f"{ind}ob{j} = (not nl{j}) & {fin(f'c{c}')}")
-        flag(f"(not nl{j}) & (not {fin(f'c{c}')})", 1, c)
-        bad = outside(f"c{c}", float(plan.val_lo[j]), float(plan.val_hi[j]))
-        if bad:
-            flag(f"ob{j} & {bad}", 8, c)
-        flag(f"ob{j} & (abs(c{c}) > vlim)", 10, c)
-        emit(f"{ind}OUT[{j * B} + i] = c{c} if ob{j} else np.nan")
-    flag("not (" + " | ".join(f"ob{j}" for j in range(D)) + ")", 6, -1)
-    # variances (nulls were staged as NaN, so one finiteness test covers null and NaN/inf)
-    for j in range(D):
-        kind = int(plan.kind[j])
-        floor = float(plan.floor[j])
-        if kind == 0:
-            e = int(plan.err_col[j])
-            scale = float(plan.err_scale[j])
-            slot = int(plan.cos_slot[j])
-            if slot >= 0:
-                cf = int(plan.cos_feat[j])
-                emit(f"{ind}s{j} = c{e} * {scale!r} / {IN(ncol + D + slot)}")
-                if floor > 0:
-                    emit(f"{ind}f{j} = {floor * scale!r} / {IN(ncol + D + slot)}")
-                flag(f"ob{j} & (not ob{cf})", 2, int(plan.val_col[cf]))
-            else:
-                emit(f"{ind}s{j} = c{e} * {scale!r}")
-                if floor > 0:
-                    emit(f"{ind}f{j} = {floor * scale!r}")
-            emit(f"{ind}w{j} = s{j} * s{j}")
-            flag(f"ob{j} & (not {fin(f'c{e}')})", 2, e)
-            flag(f"ob{j} & (c{e} < 0.0)", 3, e)
-            bad = outside(f"c{e}", float(plan.err_lo[j]), float(plan.err_hi[j]))
-            if bad:
-                flag(f"ob{j} & {bad}", 9, e)
-            col = e
-        elif kind == 1:
-            terms = []
-            start, count = int(plan.foe_start[j]), int(plan.foe_count[j])
-            for t in range(start, start + count):
-                f = int(plan.foe_cols[t])
-                emit(f"{ind}q{t} = {MAG_PER_LN_FLUX!r} / c{f}")
-                terms.append(f"q{t} * q{t} + {float(plan.foe_floor2[t])!r}")
-                flag(f"ob{j} & (not {fin(f'c{f}')})", 2, f)
-                flag(f"ob{j} & (c{f} <= 0.0)", 3, f)
-            emit(f"{ind}w{j} = " + " + ".join(terms))
-            col = -1
-        else:
-            emit(f"{ind}w{j} = {float(plan.const_var[j])!r}")
-            col = -1
-        if kind != 0 and floor > 0:
-            emit(f"{ind}f{j} = {floor!r}")
-        # wd: the diagonal of S, the catalogue variance plus the floor (an independent term)
-        emit(f"{ind}wd{j} = w{j} + f{j} * f{j}" if floor > 0 else f"{ind}wd{j} = w{j}")
-        flag(f"ob{j} & (wd{j} > wlim)", 10, col)
-        flag(f"ob{j} & (not {fin(f'w{j}')})", 2, col)
-        flag(f"ob{j} & (wd{j} > 0.0) & (wd{j} < wtiny)", 10, col)
-        flag(f"ob{j} & (wd{j} <= 0.0)", 5, col)
-        emit(f"{ind}w{j} = w{j} if ob{j} else 0.0")
-        emit(f"{ind}wd{j} = wd{j} if ob{j} else 0.0")
-        emit(f"{ind}g{j} = math.sqrt(w{j})")
-    # correlations
-    for p in range(len(plan.corr_a)):
-        a, b, c = int(plan.corr_a[p]), int(plan.corr_b[p]), int(plan.corr_col[p])
-        emit(f"{ind}bo{p} = ob{a} & ob{b}")
-        emit(f"{ind}gd{p} = abs(c{c}) <= 1.0")
-        flag(f"bo{p} & (not gd{p})", 4, c)
-        emit(f"{ind}rho{p} = c{c} if (bo{p} & gd{p}) else 0.0")
-    # positive definiteness: LDL^T of the correlation matrix of the correlated features
-    chol = [j for j in range(D) if plan.chol_pos[j] >= 0]
-    M = len(chol)
-    tol = repr(PIVOT_TOL)
-
-    def entry(p: int, q: int) -> str:
-        pi = int(plan.pair_index[chol[p], chol[q]])
-        return f"rho{pi}" if pi >= 0 else "0.0"
-
-    if M > 1:
-        for p in range(M):
-            for q in range(p):
-                sub = "".join(f" - l{p}_{t} * l{q}_{t} * d{t}" for t in range(q))
-                emit(f"{ind}l{p}_{q} = ({entry(p, q)}{sub}) * id{q}")
-            sub = "".join(f" - l{p}_{t} * l{p}_{t} * d{t}" for t in range(p))
-            emit(f"{ind}d{p} = 1.0{sub}")
-            flag(f"not (d{p} > {tol})", 5, -1)
-            emit(f"{ind}id{p} = 1.0 / (d{p} if d{p} > {tol} else 1.0)")
-    # S, packed lower triangle (a >= b) at OUT rows D + a(a+1)/2 + b
-    for a in range(D):
-        for b in range(a + 1):
-            row = D + a * (a + 1) // 2 + b
-            if a == b:
-                val = f"wd{a}"
-            else:
-                pi = int(plan.pair_index[a, b])
-                val = f"rho{pi} * g{a} * g{b}" if pi >= 0 else "0.0"
-            emit(f"{ind}OUT[{row * B} + i] = {val}")
-    npk = D * (D + 1) // 2
-    emit(f"{ind}OUT[{(D + npk) * B} + i] = r")
-    emit(f"{ind}OUT[{(D + npk + 1) * B} + i] = bc")
-    emit("    return 0")
-    emit("")
-    # scatter the block into the row-major outputs
-    emit('@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")')
-    emit("def scatter(o, m, OUT, X, X_cov, reason, bad_column):")
-    emit("    for i in range(m):")
-    for j in range(D):
-        emit(f"{ind}X[o + i, {j}] = OUT[{j * B} + i]")
-    for a in range(D):
-        for b in range(D):
-            hi, lo = max(a, b), min(a, b)
-            row = D + hi * (hi + 1) // 2 + lo
-            emit(f"{ind}X_cov[o + i, {a}, {b}] = OUT[{row * B} + i]")
-    emit(f"{ind}reason[o + i] = np.int8(OUT[{(D + npk) * B} + i])")
-    emit(f"{ind}bad_column[o + i] = np.int16(OUT[{(D + npk + 1) * B} + i])")
-    emit("    return 0")
-    emit("")
-    n_in = ncol + D + max(len(plan.cos_feats), 1)
-    n_out = D + npk + 2
-    emit('@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")')
-    emit("def build(start, n, addr, is_f32, vaddr, voff, val_col, cosv, lim, X, X_cov, reason,")
-    emit("          bad_column):")
-    emit(f"    IN = np.zeros({n_in * B})")
-    emit(f"    OUT = np.zeros({n_out * B})")
-    emit(f"    for b0 in range(0, n, {_B}):")
-    emit(f"        m = min({_B}, n - b0)")
-    emit("        _stage(b0, m, addr, is_f32, vaddr, voff, val_col, cosv, IN)")
-    emit("        compute(m, IN, OUT, lim[0], lim[1], lim[2])")
-    emit("        scatter(start + b0, m, OUT, X, X_cov, reason, bad_column)")
-    emit("    return 0")
-    return "\n".join(out) + "\n"
+#: What the generated pass (:mod:`xd_dask.kernels.codegen.rows`) must know of this layer.
+_ROW_LAYOUT = RowLayout(BAD_REASONS, _S, _B, PIVOT_TOL, MAG_PER_LN_FLUX)
 
 
 _kernels: dict[CatalogSchema, Any] = {}
@@ -354,10 +191,11 @@ def _load_generated(src: str, title: str) -> Any:
     ns: dict[str, Any] = {"np": np, "math": math, "numba": numba, "_stage": _stage}
     cache = _cache_dir()
     if cache is not None:
-        # the stem hashes the generated source, this module, the one defining _stage, and Numba
+        # the stem hashes the generated source, this module, the one defining _stage, the code
+        # generator and Numba
         h = hashlib.sha256(src.encode())
-        h.update(Path(__file__).read_bytes())
-        h.update(Path(staging.__file__).read_bytes())
+        for path in (__file__, staging.__file__, *codegen.source_files()):
+            h.update(Path(path).read_bytes())
         h.update(numba.__version__.encode())
         stem = f"xdio_{h.hexdigest()[:20]}"
         path = cache / f"{stem}.py"
@@ -390,7 +228,7 @@ def _kernel(schema: CatalogSchema):
         with _kernels_lock:
             fn = _kernels.get(schema)
             if fn is None:
-                src = _kernel_source(_plan(schema), schema.nan_is_null)
+                src = rows_source(_plan(schema), schema.nan_is_null, _ROW_LAYOUT)
                 fn = _load_generated(src, f"schema {schema.name}")
                 _kernels[schema] = fn
     return fn

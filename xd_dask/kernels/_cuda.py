@@ -14,7 +14,8 @@ packed lower triangles (n, d (d + 1) / 2), the layout the kernels read.
 - log densities: thread per pair;
 - posterior: thread per row, without projections and without top-k (those go to the reference,
   which runs on CuPy arrays too); rows whose posterior is much tighter than their noise are
-  recomputed as on the CPU (:mod:`._numba_posterior`).
+  recomputed as on the CPU (:func:`xd_dask.kernels._posterior.escalate`);
+- split-and-merge sums: the two-pass log densities, then a GEMM and array expressions.
 
 A non-positive-definite T_ij raises :class:`NotPositiveDefiniteError` for the first (row,
 component) in row-major order, from the per-(block, component) status the kernels write.
@@ -34,11 +35,17 @@ from xd_dask.kernels._common import (
     stats_from_sums,
     to_numpy,
 )
+from xd_dask.kernels._posterior import ESCALATE, escalate
 from xd_dask.kernels.codegen import algebra, emit_cuda
+from xd_dask.kernels.codegen.algebra import BG_OFF, PAD_LOGW
+from xd_dask.kernels.packing import param_matrix
+from xd_dask.kernels.reference import move_sums_from_logdens
+from xd_dask.kernels.reference_posterior import pattern_posterior_ref
 
 __all__ = [
     "pack_lower",
     "pattern_logdens_cuda",
+    "pattern_moves_cuda",
     "pattern_posterior_cuda",
     "pattern_stats_cuda",
     "source",
@@ -56,13 +63,23 @@ THREADS = 128
 #: At most this many (row, component) pairs per chunk of the two-pass statistics (bounds the
 #: (rows, K) log-density buffer and keeps i K + j within 32 bits).
 CHUNK_PAIRS = 1 << 26
-_PAD_LOGW = -1.0e30
-BG_OFF = -1.0e29
 #: When true, the buffers the kernels must fill completely start as NaN (integer status: -2,
 #: which no kernel writes) instead of uninitialised memory, so a slot no thread wrote is named
 #: by the result (NaN statistics, or an error from the status check) rather than read as
 #: whatever was there. Off on devices (cost); the simulator tests turn it on.
 POISON = False
+
+#: One representative (kind, d, fp32, D, du, block) of each kernel kind, compiled to PTX by
+#: tests/test_cuda_ptx.py beside its register sweep of the fused statistics (d = 1..10): a new
+#: kernel adds its line here (and its source to :func:`source`, its types to :func:`signature`).
+PTX_SAMPLES = (
+    ("logdens", 7, True, 0, 0, 0),
+    ("stats_given", 7, True, 0, 0, 0),
+    ("row_lse", 0, True, 0, 0, 0),
+    ("stats", 2, True, 3, 0, 64),
+    ("logdens", 2, False, 3, 0, 0),
+    ("posterior", 3, True, 0, 2, 0),
+)
 
 _cache: dict[tuple, Any] = {}
 _lock = threading.Lock()
@@ -75,19 +92,8 @@ def _cuda():
 
 
 def namespace(fp32: bool) -> dict:
-    """Globals of the generated kernels (numba freezes them as compile-time constants)."""
-    dt = np.float32 if fp32 else np.float64
-    return {
-        "cuda": _cuda(),
-        "math": math,
-        "DT": dt,
-        "ONE": dt(1.0),
-        "ZERO": dt(0.0),
-        "HALF": dt(0.5),
-        "LN2": dt(math.log(2.0)),
-        "NEG": dt(_PAD_LOGW),
-        "BG_OFF": BG_OFF,
-    }
+    """Globals of the generated kernels: ``cuda``, ``math`` and the emitter's constants."""
+    return {"cuda": _cuda(), "math": math} | emit_cuda.constants(fp32)
 
 
 def source(kind: str, d: int, D: int = 0, du: int = 0, block: int = 0) -> str:
@@ -174,16 +180,9 @@ def pack_lower(S: Any) -> Any:
     return xp.ascontiguousarray(S[:, xp.asarray(r), xp.asarray(c)])
 
 
-def _pack_params(log_weights, means, covs, xp, dtype) -> Any:
-    """(n_par, K) parameter rows of :func:`.algebra.param_rows` in ``dtype`` on ``xp``."""
-    K, D = means.shape
-    lay = algebra.param_rows(D)
-    P = np.empty((lay["n"], K))
-    P[:D] = np.asarray(means, np.float64).T
-    r, c = np.tril_indices(D)
-    P[D : D + algebra.npk(D)] = np.asarray(covs, np.float64)[:, r, c].T
-    P[lay["logw"]] = np.maximum(np.asarray(log_weights, np.float64), _PAD_LOGW)
-    return xp.asarray(P.astype(dtype))
+def _pack_params(log_weights, means, covs, xp, dtype, obs=None, unobs=None) -> Any:
+    """(n_par, K) parameter rows (:func:`.packing.param_matrix`) in ``dtype`` on ``xp``."""
+    return xp.asarray(param_matrix(log_weights, means, covs, obs, unobs).astype(dtype))
 
 
 def _background_arg(log_background: float | None) -> float:
@@ -343,54 +342,71 @@ def pattern_logdens_cuda(
     return out
 
 
-# --------------------------------------------------------------------------- posterior
-def _pack_posterior(job, xp, dtype) -> Any:
-    """(n_par, K) posterior parameter rows (:func:`.algebra.param_rows` (d, du))."""
-    from xd_dask.kernels.reference_posterior import conditional_blocks  # noqa: PLC0415
-
-    d = job.x.shape[1]
-    obs, unobs = job.cols[:d], job.cols[d:]
-    du = len(unobs)
-    means, covs = np.asarray(job.means), np.asarray(job.covs)
-    K = means.shape[0]
-    lay = algebra.param_rows(d, du)
-    P = np.empty((lay["n"], K))
-    nb = lay["logw"] + 1
-    P[:nb] = to_numpy(_pack_params(job.log_weights, means[:, obs], covs[np.ix_(range(K), obs, obs)],
-                                   np, np.float64))  # fmt: skip
-    if du:
-        m_u, V_uo, G, C = conditional_blocks(means, covs, obs, unobs)
-        P[lay["mu"] : lay["mu"] + du] = m_u.T
-        P[lay["vuo"] : lay["vuo"] + du * d] = V_uo.reshape(K, -1).T
-        P[lay["g"] : lay["g"] + du * d] = G.reshape(K, -1).T
-        r, c = np.tril_indices(du)
-        P[lay["cu"] :] = C[:, r, c].T
-    return xp.asarray(P.astype(dtype))
-
-
-def _run_posterior(job, threads: int = THREADS) -> Any:
-    """The posterior kernel on ``job`` in its dtype; returns the pattern rows (host indices)
-    whose posterior is tighter than the escalation threshold of that dtype."""
-    from xd_dask.kernels._numba_posterior import ESCALATE  # noqa: PLC0415
-
-    xp = array_namespace(job.x)
-    x = xp.ascontiguousarray(job.x)
-    n, d = x.shape
-    K = job.means.shape[0]
-    du = len(job.cols) - d
+# --------------------------------------------------------------------------- moves
+def pattern_moves_cuda(
+    x: Any,
+    S: Any,
+    rw: Any,
+    log_weights: np.ndarray,
+    means: np.ndarray,
+    covs: np.ndarray,
+    log_background: float | None = None,
+    R: Any = None,
+    *,
+    threads: int = THREADS,
+    chunk_pairs: int = CHUNK_PAIRS,
+) -> tuple[Any, Any]:
+    """The split-and-merge sums of one missingness pattern on the device (the contract of
+    :func:`xd_dask.kernels._numba.pattern_moves_numba`): per chunk of rows, the log densities
+    (thread per pair) and the rows' totals with the background (thread per row) as in the
+    two-pass statistics, then RR = r^T (w r) (a GEMM) and the terms of
+    :data:`.codegen.algebra.MOVE_SUMS` as array expressions, in float64. Returns (RR, sums)."""
+    xp = array_namespace(x)
     fp32 = x.dtype == np.float32
-    S = pack_lower(xp.asarray(job.S, dtype=x.dtype))
-    P = _pack_posterior(job, xp, x.dtype)
-    out = job.out
+    n = x.shape[0]
+    K = means.shape[0]
+    rows, D = _rows_args(x, S, R)
+    rw = xp.ascontiguousarray(xp.asarray(rw, dtype=xp.float64))
+    P = _pack_params(log_weights, means, covs, xp, x.dtype)
+    logw = np.maximum(np.asarray(log_weights, dtype=np.float64), PAD_LOGW)
+    lbg = _background_arg(log_background)
+    stream = _stream(x)
+    RR = xp.zeros((K, K), dtype=xp.float64)
+    sums = xp.zeros((len(algebra.MOVE_SUMS), K), dtype=xp.float64)
+    step = max(1, chunk_pairs // K)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        sub = tuple(a[s:e] for a in rows)
+        ld, lse = _logdens_chunk(sub, P, K, fp32, D, lbg, threads, stream, s)
+        RRc, sc = move_sums_from_logdens(ld, lse, rw[s:e], xp.asarray(logw))
+        RR += RRc
+        sums += sc
+    return RR, sums
+
+
+# --------------------------------------------------------------------------- posterior
+def _run_posterior(block, threads: int = THREADS) -> Any:
+    """The posterior kernel on ``block`` in its dtype; returns the pattern rows (host indices)
+    whose posterior is tighter than the escalation threshold of that dtype."""
+    xp = array_namespace(block.x)
+    x = xp.ascontiguousarray(block.x)
+    n, d = x.shape
+    K = block.means.shape[0]
+    du = len(block.cols) - d
+    fp32 = x.dtype == np.float32
+    S = pack_lower(xp.asarray(block.S, dtype=x.dtype))
+    P = _pack_params(block.log_weights, block.means, block.covs, xp, x.dtype, block.cols[:d],
+                     block.cols[d:])  # fmt: skip
+    out = block.out
     resp = out.resp if out.resp is not None else xp.empty((0, K), dtype=xp.float64)
-    rows = xp.ascontiguousarray(xp.asarray(job.rows, dtype=xp.int64))
-    cols = xp.asarray(np.ascontiguousarray(job.cols, dtype=np.int64))
-    c0 = xp.asarray(np.ascontiguousarray(job.centre, dtype=np.float64))
+    rows = xp.ascontiguousarray(xp.asarray(block.rows, dtype=xp.int64))
+    cols = xp.asarray(np.ascontiguousarray(block.cols, dtype=np.int64))
+    c0 = xp.asarray(np.ascontiguousarray(block.centre, dtype=np.float64))
     status = xp.full(K, n, dtype=xp.int64)
     tight = _buffer(xp, n, xp.float64)
     fn = kernel("posterior", d, fp32, du=du)
     fn[-(-n // threads), threads, _stream(x)](
-        x, S, job.x0, rows, cols, c0, P, K, _background_arg(job.log_background),
+        x, S, block.x0, rows, cols, c0, P, K, _background_arg(block.log_background),
         ESCALATE[np.dtype(x.dtype)], out.mean, out.cov, out.map_component, out.map_resp,
         out.background_resp, resp, tight, status,
     )  # fmt: skip
@@ -398,20 +414,17 @@ def _run_posterior(job, threads: int = THREADS) -> Any:
     return np.flatnonzero(to_numpy(tight) > 0.0)
 
 
-def pattern_posterior_cuda(job, threads: int = THREADS) -> None:
+def pattern_posterior_cuda(block, threads: int = THREADS) -> None:
     """Posterior of one missingness pattern on the device (the registry's ``"posterior"``
     contract); projections and top-k run on the reference (array-namespace, on the same
     arrays). Rows much tighter than their noise are recomputed like the CPU kernel's."""
-    from xd_dask.kernels._numba_posterior import _escalate  # noqa: PLC0415
-    from xd_dask.kernels.reference_posterior import pattern_posterior_ref  # noqa: PLC0415
-
-    if job.R is not None or job.top_k:
-        pattern_posterior_ref(job)
+    if block.R is not None or block.top_k:
+        pattern_posterior_ref(block)
         return
-    if job.x.shape[0] == 0:
+    if block.x.shape[0] == 0:
         return
-    idx = _run_posterior(job, threads)
-    if idx.size and job.x.dtype == np.float32:
-        idx = idx[_escalate(lambda sub: _run_posterior(sub, threads), job, idx)]
+    idx = _run_posterior(block, threads)
+    if idx.size and block.x.dtype == np.float32:
+        idx = idx[escalate(lambda sub: _run_posterior(sub, threads), block, idx)]
     if idx.size:
-        _escalate(pattern_posterior_ref, job, idx)
+        escalate(pattern_posterior_ref, block, idx)

@@ -8,28 +8,24 @@ mean and covariance and, optionally, the most probable components' own Gaussians
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
-from xd_dask.kernels import registry
-from xd_dask.kernels._common import (
-    NotPositiveDefiniteError,
-    missingness_patterns,
-    pattern_blocks,
-    prepare,
-    to_numpy,
-)
+from xd_dask.kernels import driver
+from xd_dask.kernels._common import NotPositiveDefiniteError, array_namespace, to_numpy
 from xd_dask.params import Params
 
-__all__ = ["COMPILE_MIN_PAIRS", "PosteriorJob", "PosteriorSummary", "posterior"]
+__all__ = ["ESCALATE", "POSTERIOR", "PosteriorSummary", "escalate", "posterior"]
 
-#: With ``backend="auto"``, a pattern of fewer (row, component) pairs than this runs on the
-#: reference unless the compiled kernel it needs is already loaded in this process: compiling
-#: one (per observed/unobserved field count and dtype) takes ~10 s, the reference ~2 us per pair.
-#: An implementation declares this through a ``ready(job)`` attribute (see .registry).
-COMPILE_MIN_PAIRS = 1 << 20
+#: Recompute a row when posterior variance / noise variance < this in an observed field (the
+#: compiled kernels' B = S - S T^-1 S cancels there, relative error ~eps / q): float32 rows by
+#: the float64 kernel (q = 0.05 bounds the float32 error near 1e-6), float64 rows by the
+#: reference's Joseph form (q = 1e-8 bounds the float64 error near 1e-8). The kernels flag such
+#: rows; :func:`escalate` recomputes them (every compiled backend, CPU and GPU).
+ESCALATE = {np.dtype(np.float32): 0.05, np.dtype(np.float64): 1e-8}
 
 
 @dataclass
@@ -84,35 +80,19 @@ class PosteriorSummary:
         )
 
 
-@dataclass
-class PosteriorJob:
-    """One missingness pattern's posterior call (the registry's ``"posterior"`` argument).
+def _begin(call: driver.Call) -> PosteriorSummary:
+    call.options["top_k"] = top_k = min(int(call.options.get("top_k", 0)), call.K)
+    with_resp = bool(call.options.get("return_resp", False))
+    return PosteriorSummary.allocate(call.xp, call.n, call.K, call.D, top_k, with_resp)
 
-    x : (n, d) centred observed values (compute dtype); S : (n, d, d) their noise.
-    log_weights : (K,) float64; means (K, D), covs (K, D, D): FULL centred parameters (float64).
-    R : (n, d, D) projections or None. Without R, the pattern observes fields ``cols[:d]`` and
-        not ``cols[d:]`` (local order: observed first); with R, ``cols`` = arange(D).
-    rows : (n,) the pattern's rows in the outputs; x0 : (N, D), the caller's values in x's dtype
-        (the posterior mean of an observed field is x0 minus a small shift, so it keeps the
-        input's precision); centre : (D,) float64 in local order, the centring constant.
-    log_background : the background's log density on these fields (weight included) or None.
-    top_k, chunk_bytes; out : the :class:`PosteriorSummary` to write (rows ``rows``).
-    """
 
-    x: Any
-    S: Any
-    log_weights: np.ndarray
-    means: np.ndarray
-    covs: np.ndarray
-    R: Any
-    rows: Any
-    cols: np.ndarray
-    x0: Any
-    centre: np.ndarray
-    log_background: float | None
-    top_k: int
-    chunk_bytes: int | None
-    out: PosteriorSummary
+def _fold(out: PosteriorSummary, block: driver.Block, result: Any) -> None:
+    """Nothing to add: the implementations write ``block.out`` at the pattern's rows."""
+
+
+#: The posterior kernel (full parameters: the unobserved fields' posteriors come through V;
+#: ``backend="auto"`` weighs compiling against the reference, see :mod:`.driver`).
+POSTERIOR = driver.Kernel("posterior", _begin, _fold, full_params=True, cost_choice=True)
 
 
 def posterior(
@@ -149,8 +129,8 @@ def posterior(
     summary : return a :class:`PosteriorSummary` instead of a tuple.
     return_resp : also return the (n, K) responsibilities.
     backend : "auto" or a registered backend. "auto" runs the compiled kernel on NumPy input
-        without R, except for patterns smaller than :data:`COMPILE_MIN_PAIRS` whose kernel is not
-        compiled yet (they run on the reference).
+        without R when it is loaded or cached on disk, or when the reference would cost more
+        than compiling it (measured; see :mod:`xd_dask.kernels.driver`).
     chunk_bytes, check : as in :func:`xd_dask.kernels.compute_stats`.
 
     Returns
@@ -158,57 +138,52 @@ def posterior(
     ``(mean (n, D), cov (n, D, D))``, plus ``resp (n, K)`` with ``return_resp``; or a
     :class:`PosteriorSummary` with ``summary``.
     """
-    top_k = int(top_k)
-    if top_k < 0:
+    if int(top_k) < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     if top_k and not summary:
         raise ValueError("top_k needs summary=True (the top-k posteriors are summary fields)")
-    name = registry.resolve("posterior", backend, X, R)
-    fn = registry.implementation("posterior", name)
-    ready = getattr(fn, "ready", None) if backend == "auto" and not registry.forced() else None
-    xp, Xc, X_cov, log_weights, m, V, c = prepare(X, X_cov, params, R, None, check)
-    background = params.background
-    n = X.shape[0]
-    K, D = m.shape
-    top_k = min(top_k, K)
-    out = PosteriorSummary.allocate(xp, n, K, D, top_k, return_resp)
-    x0 = X if X.dtype in (xp.float32, xp.float64) else xp.asarray(X, dtype=xp.float64)
-    for pat in missingness_patterns(Xc):
-        x, S, Rp = pattern_blocks(xp, Xc, X_cov, R, pat)
-        if R is None:
-            cols = np.concatenate([pat.observed, np.setdiff1d(np.arange(D), pat.observed)])
-        else:
-            cols = np.arange(D)
-        job = PosteriorJob(
-            x,
-            S,
-            log_weights,
-            m,
-            V,
-            Rp,
-            pat.rows,
-            cols,
-            x0,
-            c[cols],
-            None if background is None else background.log_density(pat.observed),
-            top_k,
-            chunk_bytes,
-            out,
-        )
-        run, run_name = fn, name
-        if ready is not None and len(pat.rows) * K < COMPILE_MIN_PAIRS and not ready(job):
-            run, run_name = registry.implementation("posterior", "reference"), "reference"
-        job.S = registry.noise_for(run_name, job.S)
-        try:
-            run(job)
-        except NotPositiveDefiniteError as err:
-            raise NotPositiveDefiniteError(int(pat.rows[err.row]), err.component) from None
-    if background is None:
+    out = driver.run(
+        POSTERIOR, X, X_cov, params, R=R, backend=backend, chunk_bytes=chunk_bytes, check=check,
+        top_k=top_k, return_resp=return_resp,
+    )  # fmt: skip
+    if params.background is None:
         out.background_resp = None
-    if not top_k:
+    if not out.top_component.shape[1]:
         out.top_component = out.top_resp = out.top_mean = out.top_cov = None
     if summary:
         return out
     if return_resp:
         return out.mean, out.cov, out.resp
     return out.mean, out.cov
+
+
+def escalate(run: Any, block: driver.Block, idx: Any) -> Any:
+    """Recompute the pattern rows ``idx`` (host indices) with ``run`` (a per-pattern posterior
+    implementation) in float64 and store them into ``block.out``; returns ``run``'s result.
+
+    x is centred anew from the caller's values (the float32 centred x carries the rounding of
+    x - c, which the posterior mean of a prior-dominated row inherits one to one); the rows go
+    through a small output of their own."""
+    xp = array_namespace(block.x)  # NumPy, or CuPy for the GPU kernel's rows
+    idx_x = xp.asarray(idx)
+    rows = xp.asarray(block.rows)[idx_x]
+    d, k, (K, D) = block.x.shape[1], len(idx), block.means.shape
+    x0 = xp.asarray(block.x0[rows], dtype=xp.float64)  # (k, D)
+    out = PosteriorSummary.allocate(xp, k, K, D, block.top_k, block.out.resp is not None)
+    sub = dataclasses.replace(
+        block,
+        x=xp.ascontiguousarray(x0[:, xp.asarray(block.cols[:d])] - xp.asarray(block.centre[:d])),
+        S=xp.ascontiguousarray(block.S[idx_x], dtype=xp.float64),
+        rows=xp.arange(k),
+        x0=x0,
+        out=out,
+    )
+    try:
+        res = run(sub)
+    except NotPositiveDefiniteError as err:
+        raise NotPositiveDefiniteError(int(idx[err.row]), err.component) from None
+    for f in dataclasses.fields(out):
+        part, whole = getattr(out, f.name), getattr(block.out, f.name)
+        if part is not None and whole is not None:
+            whole[rows] = part
+    return res

@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 
 from xd_dask.kernels._common import NotPositiveDefiniteError, array_namespace
+from xd_dask.kernels.codegen import algebra
+from xd_dask.kernels.codegen.algebra import PAD_LOGW
 
 #: Default bound on the per-chunk working set of the reference kernel (bytes).
 DEFAULT_CHUNK_BYTES = 128 * 2**20
@@ -182,3 +184,64 @@ def pattern_stats_ref(
             C += xp.einsum("nk,nid,nkij,nje->kde", wr, R64, G, R64, optimize=True)
         ll += float(xp.sum(rw[s:e] * lse))
     return nj, a, C, ll, float(xp.sum(rw)), n_bg
+
+
+def move_sums_from_logdens(ld, lse, rw, log_weights):
+    """The split-and-merge sums of rows from their log densities (DESIGN.md 4c).
+
+    Parameters
+    ----------
+    ld : (n, K) log alpha_j + log N_ij, finite (a zero weight as its stand-in ``PAD_LOGW``).
+    lse : (n,) float64 log p(x_i), the background included.
+    rw : (n,) row weights or None (all 1).  log_weights : (K,) the finite log weights of ld.
+
+    Returns
+    -------
+    RR : (K, K) sum_i w_i r_ij r_ik;  sums : (len(MOVE_SUMS), K), the table's terms evaluated
+    on arrays; float64, in the namespace of ``ld``.
+    """
+    xp = array_namespace(ld)
+    f64 = xp.float64
+    ld = xp.asarray(ld, dtype=f64)
+    w = xp.ones(ld.shape[0], dtype=f64) if rw is None else xp.asarray(rw, dtype=f64)
+    lr = ld - lse[:, None]
+    r = xp.exp(lr)
+    wr = w[:, None] * r
+    ok = wr > 0.0
+    names = {
+        "lr": xp.where(ok, lr, 0.0),
+        "lw": xp.log(xp.where(w > 0.0, w, 1.0))[:, None],
+        "logn": xp.where(ok, ld - xp.asarray(log_weights, dtype=f64)[None, :], 0.0),
+    }
+    scope = {"__builtins__": {}, "log": xp.log, "exp": xp.exp}
+    terms = [eval(f, scope, names) for _, f in algebra.MOVE_SUMS]  # the table's own expressions
+    sums = [xp.sum(xp.where(ok, wr * t, 0.0), axis=0) for t in terms]
+    RR = r.T @ wr
+    return 0.5 * (RR + RR.T), xp.stack(sums)  # exactly symmetric, like the compiled kernel's
+
+
+def pattern_moves_ref(
+    x, S, rw, log_weights, means, covs, R=None, chunk_bytes=None, log_background=None
+):
+    """The split-and-merge sums (:func:`move_sums_from_logdens`) of one missingness pattern;
+    arguments as in :func:`pattern_stats_ref` (``rw`` may be None). Returns (RR, sums)."""
+    xp = array_namespace(x, S)
+    f64 = xp.float64
+    lw = xp.maximum(xp.asarray(log_weights, dtype=f64), PAD_LOGW)  # finite, like the kernels'
+    n, d = x.shape
+    K, Dp = means.shape
+    RR = xp.zeros((K, K), dtype=f64)
+    sums = xp.zeros((len(algebra.MOVE_SUMS), K), dtype=f64)
+    step = chunk_rows(K, max(d, Dp), x.dtype.itemsize, chunk_bytes)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        Rc = None if R is None else R[s:e]
+        ld = pattern_logdens_ref(x[s:e], S[s:e], lw, means, covs, Rc, chunk_bytes)
+        lse = _logsumexp_rows(ld)
+        if log_background is not None:
+            lse = xp.logaddexp(lse, float(log_background))
+        RRc, sc = move_sums_from_logdens(ld, lse, None if rw is None else rw[s:e], lw)
+        RR += RRc
+        sums += sc
+    return RR, sums
+

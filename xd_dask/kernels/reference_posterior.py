@@ -182,9 +182,9 @@ def _moments_projected(x, S, R, lw, means, covs, s0):
 
 
 def pattern_posterior_ref(job) -> None:
-    """Posterior of one missingness pattern (see :class:`xd_dask.kernels._posterior.PosteriorJob`
-    for the inputs); writes the job's outputs at its rows. Computed in float64 in chunks of
-    ``job.chunk_bytes``."""
+    """Posterior of one missingness pattern (``job``: a :class:`xd_dask.kernels.driver.Block`
+    with full parameters); writes the outputs ``job.out`` at its rows. Computed in float64 in
+    chunks of ``job.chunk_bytes``."""
     xp = array_namespace(job.x, job.S)
     f64 = xp.float64
     x = xp.asarray(job.x, dtype=f64)

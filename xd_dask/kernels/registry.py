@@ -2,28 +2,32 @@
 
 A backend declares which array namespaces it takes (``"numpy"``, ``"cupy"``) and whether it
 takes projections ``R`` (a kernel may narrow that: the compiled statistics take R, the compiled
-posterior does not); it registers one implementation per kernel it has. The dispatcher in
-:mod:`xd_dask.kernels` asks :func:`resolve` for a backend and :func:`implementation` for the
-function, so adding a backend (a numba.cuda one, say) is one :func:`register_backend` call and
-one :func:`register` per kernel, with no edit to the dispatcher.
+posterior does not); it registers one implementation per kernel it has. The driver
+(:mod:`xd_dask.kernels.driver`) asks :func:`resolve` for a backend and :func:`implementation`
+for the function, so adding a backend is one :func:`register_backend` call and one
+:func:`register` per kernel, with no edit to the driver.
 
-Per-pattern call signatures (one missingness pattern; see :mod:`.reference`):
+Every implementation takes ONE missingness pattern as a :class:`xd_dask.kernels.driver.Block`
+and returns that pattern's result (what the kernel's :class:`~xd_dask.kernels.driver.Kernel`
+folds into the call's output):
 
-``"stats"``      ``fn(x, S, rw, log_weights, means, covs, R, log_background, chunk_bytes)``
-                 -> ``(n_j, a, C, ll, W, n_bg)``
-``"logdens"``    ``fn(x, S, log_weights, means, covs, R, chunk_bytes)`` -> (n, K) float64
-``"posterior"``  ``fn(job)`` with a :class:`xd_dask.kernels._posterior.PosteriorJob`; writes the
-                 job's output arrays at the pattern's rows. An implementation that compiles on
-                 first use may carry ``fn.ready(job) -> bool`` (compiled already?): "auto" then
-                 sends small patterns to the reference instead of compiling.
+``"stats"``      ``(n_j, a, C, ll, W, n_bg)`` (see :func:`xd_dask.kernels.compute_stats`)
+``"logdens"``    (n, K) float64 log alpha_j + log N_ij
+``"moves"``      :class:`xd_dask.kernels.moves.MoveSums` (split-and-merge criteria's sums)
+``"posterior"``  None: writes ``block.out`` at the pattern's rows
 
-Without ``R`` the stats and logdens kernels get the observed sub-vectors/sub-blocks of the
-parameters; with ``R`` (and always for the posterior) the full ones.
+An implementation that compiles on first use may carry ``fn.readiness(block) -> (key,
+seconds)``: the seconds it needs before it can run (0 when loaded); with ``backend="auto"``
+the driver then weighs them against the reference's measured cost (kernels whose
+:class:`~xd_dask.kernels.driver.Kernel` has ``cost_choice``).
+
+The backend is always named by the caller (``"auto"`` or a registered name): the kernels read
+no environment. Which backend a fit uses is configuration (``fit.backend``, environment
+variable ``XD_DASK_FIT__BACKEND``).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,19 +37,15 @@ import numpy as np
 from xd_dask.kernels._common import array_namespace, unpack_lower
 
 __all__ = [
-    "ENV_VAR",
     "Backend",
+    "backend_choices",
     "backend_names",
-    "forced",
     "implementation",
     "noise_for",
     "register",
     "register_backend",
     "resolve",
 ]
-
-#: Environment variable that forces a backend wherever it applies ("auto" = no preference).
-ENV_VAR = "XD_DASK_BACKEND"
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,11 @@ def backend_names() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
+def backend_choices() -> tuple[str, ...]:
+    """The values ``fit.backend`` accepts: "auto" and every registered backend."""
+    return ("auto", *backend_names())
+
+
 def implementation(kernel: str, backend: str) -> Callable[..., Any]:
     """The registered function of ``kernel`` for ``backend``."""
     key = (kernel, backend)
@@ -125,29 +130,17 @@ def implementation(kernel: str, backend: str) -> Callable[..., Any]:
     return fn
 
 
-def forced() -> str | None:
-    """The backend ``XD_DASK_BACKEND`` names (None for unset or "auto")."""
-    env = os.environ.get(ENV_VAR, "auto").strip().lower()
-    return None if env in ("", "auto") else env
-
-
 def resolve(kernel: str, backend: str, X: Any, R: Any) -> str:
     """The backend that runs ``kernel`` on these inputs.
 
-    ``"auto"`` honours the environment variable ``XD_DASK_BACKEND`` (a backend name, which
-    then runs wherever it can: "reference" forces the portable kernel everywhere), else picks
-    the first registered backend that takes the inputs' namespace and projections and has the
-    kernel. A named backend that cannot take the inputs is an error.
+    ``"auto"`` picks the first registered backend that takes the inputs' namespace and
+    projections and has the kernel. A named backend that cannot take the inputs is an error.
     """
-    names = ("auto", *_BACKENDS)
+    names = backend_choices()
     if backend not in names:
         raise ValueError(f"backend must be one of {names}, got {backend!r}")
     namespace = "numpy" if array_namespace(X) is np else "cupy"
     has_R = R is not None
-
-    def fits(name: str) -> bool:
-        return _accepts(kernel, name, namespace, has_R) and (kernel, name) in _IMPLS
-
     if backend != "auto":
         if not _accepts(kernel, backend, namespace, has_R):
             what = "projections R" if has_R and namespace == "numpy" else f"{namespace} inputs"
@@ -155,17 +148,7 @@ def resolve(kernel: str, backend: str, X: Any, R: Any) -> str:
         if (kernel, backend) not in _IMPLS:
             raise ValueError(f"backend {backend!r} has no {kernel!r} kernel")
         return backend
-    env = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if env not in names:
-        raise ValueError(f"{ENV_VAR} must be one of {names}, got {env!r}")
-    if env != "auto" and fits(env):
-        return env
     for name in _BACKENDS:
-        if fits(name):
+        if _accepts(kernel, name, namespace, has_R) and (kernel, name) in _IMPLS:
             return name
     raise ValueError(f"no backend runs the {kernel!r} kernel on {namespace} inputs")
-
-
-def backend_choices() -> tuple[str, ...]:
-    """The values ``fit.backend`` accepts: "auto" and every registered backend."""
-    return ("auto", *backend_names())

@@ -70,7 +70,7 @@ from typing import Any
 import numpy as np
 
 from xd_dask.config import key
-from xd_dask.kernels import background_row_log_density, log_component_densities
+from xd_dask.kernels import background_row_log_density, log_component_densities, move_sums
 from xd_dask.kernels._common import to_numpy
 from xd_dask.optim.batch import batch_update
 from xd_dask.optim.collapse import split_component
@@ -183,28 +183,30 @@ def move_stats(
     check: bool = True,
 ) -> MoveStats:
     """The criteria's sums over the rows ``X`` (n, d), ``X_cov`` (n, d, d) (optional row weights
-    (n,), projections R (n, d, D)) at ``params`` (a background takes its share of every row)."""
-    K = params.weights.shape[0]
-    if X.shape[0] == 0:
-        return MoveStats.zeros(K)
+    (n,), projections R (n, d, D)) at ``params`` (a background takes its share of every row):
+    the ``"moves"`` kernel (:func:`xd_dask.kernels.move_sums`, compiled on CPU and GPU), and the
+    moments along each component's principal axis (:func:`axis_moments`), which need the
+    responsibilities themselves (a second pass over the rows' log densities)."""
+    ms = move_sums(X, X_cov, params, row_weights=row_weights, R=R, backend=backend, check=check)
+    wr = _weighted_responsibilities(X, X_cov, params, row_weights, R, backend)
+    ax = axis_moments(X, X_cov, params, R, wr)
+    return MoveStats(ms.RR, ms["n"], ms["flogf"], ms["flogp"], ms.n_rows, ax)
+
+
+def _weighted_responsibilities(
+    X: Any, X_cov: Any, params: Params, row_weights: Any, R: Any, backend: str
+) -> np.ndarray:
+    """(n, K) w_i r_ij at ``params`` (the background takes its share of every row)."""
     logp = to_numpy(
-        log_component_densities(X, X_cov, params, R=R, backend=backend, check=check)
+        log_component_densities(X, X_cov, params, R=R, backend=backend, check=False)
     )  # (n, K) log alpha_j + log N_ij
     total = np.logaddexp.reduce(logp, axis=1)
     bg = params.background
     if bg is not None and bg.weight > 0:
         total = np.logaddexp(total, to_numpy(background_row_log_density(bg, X)))
-    with np.errstate(divide="ignore"):
-        log_alpha = np.log(np.asarray(params.weights, dtype=np.float64))
-    log_r = logp - total[:, None]
-    r = np.exp(log_r)
+    r = np.exp(logp - total[:, None])
     w = np.ones(r.shape[0]) if row_weights is None else np.asarray(row_weights, np.float64)
-    wr = w[:, None] * r
-    log_wr = log_r + np.log(np.where(w > 0, w, 1.0))[:, None]
-    flogf = np.sum(np.where(wr > 0, wr * log_wr, 0.0), axis=0)
-    flogp = np.sum(np.where(wr > 0, wr * (logp - log_alpha[None, :]), 0.0), axis=0)
-    ax = axis_moments(X, X_cov, params, R, wr)
-    return MoveStats(r.T @ wr, wr.sum(axis=0), flogf, flogp, int(r.shape[0]), ax)
+    return w[:, None] * r
 
 
 def merge_criterion(ms: MoveStats) -> np.ndarray:

@@ -54,8 +54,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 __all__ = [
+    "BG_OFF",
+    "PAD_LOGW",
     "tri",
     "npk",
+    "ldlt",
     "param_rows",
     "projection",
     "pair_logdens",
@@ -66,9 +69,19 @@ __all__ = [
     "posterior_cov_terms",
     "posterior_row",
     "component_posterior",
+    "MOVE_SUMS",
+    "move_terms",
 ]
 
 Par = Callable[[int], str]
+
+#: Log weight of padding components and the finite stand-in of a zero weight (log 0) in the
+#: packed parameters: their responsibilities flush to exactly zero (the fast-math code assumes
+#: no infinities).
+PAD_LOGW = -1.0e30
+#: A background log density (the ``lbg`` argument of the generated kernels) at or below this
+#: means "no background component"; callers pass ``2 * BG_OFF`` for none.
+BG_OFF = -1.0e29
 
 
 def tri(a: int, b: int) -> int:
@@ -127,6 +140,32 @@ def projection(d: int, D: int, par: Par) -> list[str]:
     return out
 
 
+def ldlt(
+    d: int, entry: Callable[[int, int], str], recip: Callable[[str], str] | None = None
+) -> list[str]:
+    """LDL^T of the symmetric d x d matrix whose entry (a, b), a >= b, is the expression
+    ``entry(a, b)``: T = L D L^T with unit lower L. Defines the pivots ``D{j}``, their
+    reciprocals ``iD{j}`` (``recip(pivot)``, default ``ONE / pivot``), ``e{i}_{j}`` = L_ij D_j
+    and ``l{i}_{j}`` = L_ij (i > j). No square roots; log det T = sum_j log D_j, and T is
+    positive definite iff every pivot is > 0."""
+    recip = recip or (lambda p: f"ONE / {p}")
+    out: list[str] = []
+    emit = out.append
+    for j in range(d):
+        expr = entry(j, j)
+        for k in range(j):
+            expr += f" - e{j}_{k} * l{j}_{k}"
+        emit(f"D{j} = {expr}")
+        emit(f"iD{j} = {recip(f'D{j}')}")
+        for i in range(j + 1, d):
+            expr = entry(i, j)
+            for k in range(j):
+                expr += f" - e{i}_{k} * l{j}_{k}"
+            emit(f"e{i}_{j} = {expr}")
+            emit(f"l{i}_{j} = e{i}_{j} * iD{j}")
+    return out
+
+
 def pair_logdens(
     d: int, par: Par, logdet: Callable[[list[str]], tuple[list[str], str]], D: int = 0
 ) -> list[str]:
@@ -152,19 +191,7 @@ def pair_logdens(
     for a in range(d):
         for b in range(a + 1):
             emit(f"t{a}_{b} = {cov(a, b)} + s{a}_{b}")
-    # LDL^T: T = L D L^T with unit lower L; e{i}_{k} = L_ik D_k.
-    for j in range(d):
-        expr = f"t{j}_{j}"
-        for k in range(j):
-            expr += f" - e{j}_{k} * l{j}_{k}"
-        emit(f"D{j} = {expr}")
-        emit(f"iD{j} = ONE / D{j}")
-        for i in range(j + 1, d):
-            expr = f"t{i}_{j}"
-            for k in range(j):
-                expr += f" - e{i}_{k} * l{j}_{k}"
-            emit(f"e{i}_{j} = {expr}")
-            emit(f"l{i}_{j} = e{i}_{j} * iD{j}")
+    out += ldlt(d, lambda a, b: f"t{a}_{b}")
     # Non-positive pivot flag: an indicator sum, so NaN in later pivots cannot hide a bad one.
     emit("bad = " + " + ".join(f"(ONE if D{j} <= ZERO else ZERO)" for j in range(d)))
     ld_lines, ld_expr = logdet([f"D{j}" for j in range(d)])
@@ -240,6 +267,28 @@ def stats_terms_projected(d: int, D: int) -> tuple[list[str], list[tuple[int, st
             expr = " + ".join(f"R{a}_{e} * GR{a}_{f}" for a in range(d))
             out.append((1 + D + tri(e, f), f"({expr})"))
     return lines, out
+
+
+# --------------------------------------------------------------------------- moves
+#: The split-and-merge criteria's per-component sums over rows (DESIGN.md 4c), beside the
+#: K x K sum_i w_i r_ij r_ik that every backend accumulates: (name, f) for
+#: sum_i w_i r_ij f_ij over the pairs with w_i r_ij > 0, where f is an expression in the
+#: per-pair float64 names ``lr`` = log r_ij (the background in the normalisation), ``lw`` =
+#: log w_i and ``logn`` = log N(x_i | R_i m_j, T_ij). Every backend evaluates this table (the
+#: emitters generate it, the reference evaluates it on arrays), so a further sum is one entry
+#: here (plus where its result is used).
+MOVE_SUMS: tuple[tuple[str, str], ...] = (
+    ("n", "1.0"),  # sum w r
+    ("flogf", "lr + lw"),  # sum w r log(w r)
+    ("flogp", "logn"),  # sum w r log N
+)
+
+
+def move_terms(acc: str, k: str, n_comp: str) -> list[str]:
+    """Statements adding each :data:`MOVE_SUMS` term of component ``k`` (with ``wr`` = w_i r_ij
+    and the names of the table in scope) to the float64 array ``acc`` (term t of component k at
+    ``t * n_comp + k``)."""
+    return [f"{acc}[{t} * {n_comp} + {k}] += wr * ({f})" for t, (_, f) in enumerate(MOVE_SUMS)]
 
 
 # --------------------------------------------------------------------------- posterior

@@ -5,8 +5,8 @@ parameters are read from a (n_par, Kp) array ``P[q, j]`` (rows of :func:`.algebr
 re-read per row: preloading them all spills registers in float64 at d = 7), the pair's values
 live in registers, the log-determinant comes from ``math.frexp`` (one ``log`` per pair, no
 overflow), and the statistics are summed in float64 registers. Nothing here imports numba;
-:mod:`xd_dask.kernels._cuda` compiles the source with the names it uses (``cuda``, ``math``,
-``DT``, ``ONE``, ``ZERO``, ``HALF``, ``LN2``, ``NEG``, ``BG_OFF``).
+:mod:`xd_dask.kernels._cuda` compiles the source with ``cuda``, ``math`` and the numeric
+constants of :func:`constants`.
 
 Row inputs: ``x`` (n, d) centred values, ``S`` (n, npk(d)) the noise covariances as PACKED lower
 triangles (entry (a, b), a >= b, at column :func:`.algebra.tri`), ``R`` (n, d, D) with
@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from xd_dask.kernels.codegen import algebra as alg
 
 __all__ = [
+    "constants",
     "logdet_frexp",
     "logdens_source",
     "n_acc",
@@ -41,6 +44,22 @@ __all__ = [
     "stats_fused_source",
     "stats_given_source",
 ]
+
+
+def constants(fp32: bool) -> dict:
+    """The numeric globals the generated GPU code reads (numba freezes them as compile-time
+    constants): the compute dtype ``DT`` and its ``ONE``, ``ZERO``, ``HALF``, ``LN2``, ``NEG``
+    (the padding log weight) and ``BG_OFF``."""
+    dt = np.float32 if fp32 else np.float64
+    return {
+        "DT": dt,
+        "ONE": dt(1.0),
+        "ZERO": dt(0.0),
+        "HALF": dt(0.5),
+        "LN2": dt(math.log(2.0)),
+        "NEG": dt(alg.PAD_LOGW),
+        "BG_OFF": alg.BG_OFF,
+    }
 
 
 def n_acc(d: int, D: int = 0) -> int:

@@ -2,8 +2,9 @@
 
 For a fixed dimension ``d`` the per-pair algebra is placed inside a loop over the components of
 one block, so that the compiler vectorises ACROSS components (one SIMD lane = one component).
-Nothing here imports Numba; ``xd_dask.kernels._numba`` compiles the returned source and supplies
-the names it uses (``DT``, ``ONE``, ``_bits``, ``_log``, ``_rowexp``, ...).
+Nothing here imports Numba; ``xd_dask.kernels._numba`` compiles the returned source with the
+numeric constants of :func:`constants` and the runtime's functions (``_bits``, ``_log``,
+``_rowexp``, ... of ``xd_dask.kernels._numba_runtime``).
 
 Layout. Components are padded to ``Kp = n_blocks * B`` (``B`` lanes per block, a literal in the
 generated code). Every per-component array is a flat 1-d array of blocks, each block holding
@@ -18,8 +19,11 @@ with a literal bound LLVM unrolls them into scalar code instead of vectorising.
     non-positive-pivot flag and, for the posterior, ``b_u`` (``du``). The log densities (then
     the responsibilities) are kept in a separate contiguous (Kp,) array ``ld``.
 ``acc`` accumulator blocks, ``n_acc`` rows: ``n_j``, ``a_j`` (``d``), packed ``C_j`` (``npk``).
-The posterior's per-row sums over components are lane accumulators (one row of ``B`` per term),
-summed across lanes once per row.
+
+Kernels: the statistics pass (:func:`stats_source`); the densities pass
+(:func:`densities_source`), whose ``mode`` gives the log densities or the split-and-merge sums
+from one compiled variant per (d, dtype[, D]); the posterior (:mod:`.emit_numba_posterior`,
+whose per-row sums over components are lane accumulators summed across lanes once per row).
 
 CPU-only choices a GPU emitter leaves behind: the lane-block layout, the bit-cast log-determinant
 (:func:`logdet_bits`), the polynomial exp/log, the serial row max/exp, the scratch arrays.
@@ -30,9 +34,38 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
+
 from xd_dask.kernels.codegen import algebra as alg
 
-__all__ = ["layout", "logdet_bits", "stats_source", "logdens_source", "posterior_source"]
+__all__ = [
+    "MODE_LOGDENS",
+    "MODE_MOVES",
+    "constants",
+    "densities_source",
+    "layout",
+    "logdet_bits",
+    "stats_source",
+]
+
+
+def constants(fp32: bool) -> dict:
+    """The numeric globals the generated CPU code reads (Numba freezes them as constants): the
+    compute dtype ``DT`` and its ``ONE``, ``ZERO``, ``HALF``, ``LN2``; the bit layout of
+    :func:`logdet_bits` (``MSHIFT``, ``MMASK``, ``MONE``, ``EBIAS``); ``BG_OFF``."""
+    dt = np.float32 if fp32 else np.float64
+    return {
+        "DT": dt,
+        "ONE": dt(1.0),
+        "ZERO": dt(0.0),
+        "HALF": dt(0.5),
+        "LN2": dt(math.log(2.0)),
+        "MSHIFT": np.int32(23) if fp32 else 52,
+        "MMASK": np.int32(0x007FFFFF) if fp32 else 0x000FFFFFFFFFFFFF,
+        "MONE": np.int32(0x3F800000) if fp32 else 0x3FF0000000000000,
+        "EBIAS": 127 if fp32 else 1023,
+        "BG_OFF": alg.BG_OFF,
+    }
 
 
 def layout(d: int, du: int = 0, D: int = 0) -> dict[str, int]:
@@ -166,6 +199,14 @@ def _header(name_args: str, d: int, B: int, du: int = 0, D: int = 0) -> list[str
     ]
 
 
+#: The modes of the densities kernel (:func:`densities_source`, its ``mode`` argument): one
+#: compiled kernel per (d, dtype[, D]) gives the log densities and the split-and-merge sums.
+MODE_LOGDENS, MODE_MOVES = 1, 2
+
+STATS_ARGS = "P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum"
+DENS_ARGS = "P, K, nl, r0, r1, lbg, mode, out, logw, macc, RR, status"
+
+
 def stats_source(d: int, B: int, fp32: bool, D: int = 0) -> str:
     """Source of ``kernel(x, S, rw, P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum)
     -> ll``; with projections (``D``), ``kernel(x, S, R, rw, ...)``, ``R`` (n, d, D) in the
@@ -185,7 +226,7 @@ def stats_source(d: int, B: int, fp32: bool, D: int = 0) -> str:
     lay = layout(d, 0, D)
     nS, nA = lay["n_scr"], lay["n_acc"]
     args = "x, S, R, rw" if D else "x, S, rw"
-    src = _header(f"{args}, P, K, nl, r0, r1, flush_rows, acc64, status, lbg, bgsum", d, B, 0, D)
+    src = _header(f"{args}, {STATS_ARGS}", d, B, 0, D)
     src += [f"    acc = np.zeros(nblk * {nA * B}, DT)" if fp32 else "    acc = acc64"]
     src += ["    llsum = 0.0", "    cnt = 0", "    for i in range(r0, r1):"]
     src += _pair_pass(d, B, nS, True, 0, D)
@@ -227,6 +268,75 @@ def stats_source(d: int, B: int, fp32: bool, D: int = 0) -> str:
     return "\n".join(src + _stats_tail(fp32))
 
 
+def densities_source(d: int, B: int, fp32: bool, D: int = 0) -> str:
+    """Source of ``kernel(x, S, rw, P, K, nl, r0, r1, lbg, mode, out, logw, macc, RR, status)``
+    (with projections ``kernel(x, S, R, rw, ...)``): the log-density pair pass of rows
+    ``r0 <= i < r1``, then by ``mode``
+
+    - ``MODE_LOGDENS``: ``out[i, j] = log alpha_j + log N_ij`` (``out`` (n, K), compute dtype);
+    - ``MODE_MOVES``: the split-and-merge sums (:func:`_moves_row`) into ``macc`` and ``RR``,
+      ``logw`` (K,) the finite log weights, ``lbg`` the background as in :func:`stats_source`.
+
+    Arrays a mode does not use may be empty. At a non-positive pivot it writes the first
+    offending (row, component) to ``status`` and stops.
+    """
+    args = "x, S, R, rw" if D else "x, S, rw"
+    src = _header(f"{args}, {DENS_ARGS}", d, B, 0, D)
+    src += ["    lp = np.empty(Kp)", "    rr = np.empty(Kp)", "    nz = np.empty(Kp, np.int64)"]
+    src += ["    for i in range(r0, r1):"]
+    src += _pair_pass(d, B, layout(d)["n_scr"], False, 0, D)
+    src += [
+        f"        if mode == {MODE_LOGDENS}:",
+        "            for k in range(K):",
+        "                out[i, k] = ld[k]",
+        "            continue",
+        *_indent(_moves_row(), 8),
+        "    return 0.0",
+        "",
+    ]
+    return "\n".join(src)
+
+
+def _moves_row() -> list[str]:
+    """The split-and-merge sums of row i (DESIGN.md 4c), after its pair pass: the
+    responsibilities (log-sum-exp with the background), then over the components whose
+    w_i r_ij is not zero (flushed, see ``_rowexp``) the terms of :data:`.algebra.MOVE_SUMS`
+    (``macc``, term t of component k at ``t * K + k``) and the products of those components'
+    responsibilities (``RR`` (K * K), sum_i w_i r_ij r_ik at ``j * K + k``, lower triangle
+    j >= k only: the rows of RR a row touches, few where components are separated)."""
+    return [
+        "wi = rw[i]",
+        "if wi > 0.0:",
+        "    for k in range(Kp):",
+        "        lp[k] = float(ld[k])",
+        "    mx = _rowmax(ld, Kp)",
+        "    if lbg > BG_OFF:",
+        "        mx = max(mx, DT(lbg))",
+        "    tot = _rowexp(ld, mx, Kp)",
+        "    if lbg > BG_OFF:",
+        "        tot += math.exp(lbg - float(mx))",
+        "    lse = float(mx) + math.log(tot)",
+        "    lw = math.log(wi)",
+        "    m = 0",
+        "    for k in range(K):",
+        "        e = float(ld[k])",
+        "        if e > 0.0:",
+        "            r = e / tot",
+        "            wr = wi * r",
+        "            lr = lp[k] - lse",
+        "            logn = lp[k] - logw[k]",
+        *_indent(alg.move_terms("macc", "k", "K"), 12),
+        "            rr[m] = r",
+        "            nz[m] = k",
+        "            m += 1",
+        "    for a in range(m):",
+        "        wa = wi * rr[a]",
+        "        row = nz[a] * K",
+        "        for b in range(a + 1):",
+        "            RR[row + nz[b]] += wa * rr[b]",
+    ]
+
+
 def _projected_terms(d: int, B: int, D: int) -> list[str]:
     """The accumulation of one lane's D-space statistics terms (projections): u and T^-1 from
     the scratch block, then :func:`.algebra.stats_terms_projected`."""
@@ -248,263 +358,3 @@ def _stats_tail(fp32: bool) -> list[str]:
             "    _flush(acc, acc64)",
         ]
     return src + ["    return llsum", ""]
-
-
-def logdens_source(d: int, B: int, fp32: bool, D: int = 0) -> str:
-    """Source of ``kernel(x, S, P, K, nl, r0, r1, out, status)``: ``out[i, j] = log a_j + log N_ij``
-    for rows ``r0 <= i < r1`` (stops at a non-positive pivot, see :func:`stats_source`); with
-    projections (``D``) ``kernel(x, S, R, P, ...)``.
-    """
-    args = "x, S, R, P" if D else "x, S, P"
-    src = _header(f"{args}, K, nl, r0, r1, out, status", d, B, 0, D)
-    src += ["    for i in range(r0, r1):"]
-    src += _pair_pass(d, B, layout(d)["n_scr"], False, 0, D)
-    src += [
-        "        for k in range(K):",
-        "            out[i, k] = ld[k]",
-        "    return 0.0",
-        "",
-    ]
-    return "\n".join(src)
-
-
-POSTERIOR_ARGS = (
-    "x, S, xorig, rows, cols, c0, P, K, nl, r0, r1, lbg, topk, tau, "
-    "mean, cov, mapc, mapr, bgr, resp, tidx, tresp, tmean, tcov, tight, status"
-)
-
-
-def _accumulate(terms: list[tuple[str, str]], acc: str, B: int, op: str) -> list[str]:
-    return [f"{acc}[{t * B} + l] {op} r * ({expr})" for t, (_, expr) in enumerate(terms)]
-
-
-def _write_cov(D: int, dst: str, src, ind: str) -> list[str]:
-    """Store the local lower-triangle entries ``src(p, q)`` (p >= q) into both triangles of
-    ``dst`` at the global columns ``c_{p}``."""
-    lines = []
-    for p in range(D):
-        for q in range(p + 1):
-            lines.append(ind + f"{dst}c_{p}, c_{q}] = {src(p, q)}")
-            if p != q:
-                lines.append(ind + f"{dst}c_{q}, c_{p}] = {src(p, q)}")
-    return lines
-
-
-def _tightness(d: int, var, noise) -> list[str]:
-    """``tq = 1.0`` if some observed field has ``var(a) < tau * noise(a)``: a posterior far
-    tighter than the noise, where B = S - S T^-1 S cancels (see ``_numba_posterior``). Without
-    division (zero-noise fields have var = 0 and never count)."""
-    return [f"tq = 1.0 if {var(a)} < tau * {noise(a)} else tq" for a in range(d)]
-
-
-def _lane_tree(B: int, arr: str, base: str, name: str) -> list[str]:
-    """``{name}0`` = the float64 sum of ``arr[base:base + B]`` as an explicit balanced tree:
-    straight-line, so the SLP vectoriser turns it into a few vector adds (a reduction loop of
-    B = 16 trips is left scalar by the loop vectoriser, and costs ~13 ns per pair at K = 16)."""
-    h = B // 2
-    lines = [
-        f"{name}{k} = float({arr}[{base} + {k}]) + float({arr}[{base} + {k + h}])" for k in range(h)
-    ]
-    while h > 1:
-        h //= 2
-        lines += [f"{name}{k} = {name}{k} + {name}{k + h}" for k in range(h)]
-    return lines
-
-
-#: Rows per batch of the vectorised row finalisation (SIMD lane = row).
-ROW_BATCH = 32
-
-
-def posterior_source(d: int, du: int, B: int, fp32: bool, topk: bool = False) -> str:
-    """Source of ``kernel(x, S, xorig, rows, cols, c0, P, K, nl, r0, r1, lbg, topk, tau, mean,
-    cov, mapc, mapr, bgr, resp, tidx, tresp, tmean, tcov, tight, status)``: per-row posteriors
-    of one missingness pattern (``d`` observed fields, ``du`` unobserved), DESIGN.md 4a.
-
-    Row ``i`` (``r0 <= i < r1``) of the pattern is row ``rows[i]`` of the outputs; local field
-    ``p`` (observed first, then unobserved) is column ``cols[p]``. ``x`` (n, d) and ``S`` are the
-    centred observed values in the compute dtype, ``xorig`` (N, D) the caller's values (same
-    dtype; the posterior mean of an observed field is ``xorig - S ubar``, in float64), ``c0``
-    (D,) the centre in local order (added to the unobserved means). Writes, in float64:
-    ``mean`` (N, D), ``cov`` (N, D, D), the most probable component ``mapc`` and its
-    responsibility ``mapr``, the
-    background responsibility ``bgr`` (0 when ``lbg <= BG_OFF``), all responsibilities into
-    ``resp`` (N, K) unless it has no rows, for the ``topk`` most probable components their
-    index, responsibility, mean and covariance (``tidx``, ``tresp``, ``tmean``, ``tcov``; only
-    in the variant generated with ``topk``, whose scalar code doubles the compile time), and
-    per pattern row ``tight[i]`` = 1.0 when an observed field's posterior variance (mixture or
-    top-k) is below ``tau`` times its noise variance, else 0.0. Responsibilities include the
-    background in their normalisation; the mean and covariance are those of the Gaussian part
-    (the mixture given "not background").
-
-    Per row: the pair pass (as in the statistics kernel), the responsibilities, ONE pass over
-    the components accumulating the terms of :func:`.algebra.posterior_cov_terms` in lane
-    accumulators (the first block assigns), and the top-k components. Every ``ROW_BATCH`` rows,
-    the lane sums (an explicit tree, read long after the stores: summing right after the
-    vector stores stalls on store forwarding) and the finalisation
-    :func:`.algebra.posterior_row`, vectorised across the rows (SIMD lane = row), then the
-    stores into the outputs.
-    """
-    D = d + du
-    lay = layout(d, du)
-    RB = ROW_BATCH
-    cov_lines, cov_terms = alg.posterior_cov_terms(d, du, _lane(B))
-    nT = len(cov_terms)
-    nO = d + du + alg.npk(D) + 1  # per batch row: shift, bbu, cov (local lower), tightness
-    src = _header(POSTERIOR_ARGS, d, B, du)
-    src += [
-        f"    accb = np.empty({RB * nT * B}, DT)",
-        f"    rb = np.empty({nT * RB})",
-        f"    sv = np.empty({alg.npk(d) * RB})",
-        f"    ur = np.empty({D * RB})",
-        f"    ob = np.empty({nO * RB})",
-        f"    bi = np.empty({RB}, np.int64)",
-        "    tmp = np.empty(Kp, DT)",
-        "    want_resp = resp.shape[0] > 0",
-    ]
-    src += [f"    c_{p} = cols[{p}]" for p in range(D)]
-    src += [
-        "    i0 = r0",
-        "    while i0 < r1:",
-        f"        i1 = min(i0 + {RB}, r1)",
-        "        nb = 0",
-        "        for i in range(i0, i1):",
-        "            ri = rows[i]",
-    ]
-    src += _indent(_pair_pass(d, B, lay["n_scr"], True, du), 4)
-    src += _indent(_post_responsibilities(d, du, B, lay), 12)
-    src += _indent(_post_components(d, du, B, lay, cov_lines, cov_terms), 12)
-    src += _indent(_post_topk(d, du, B, lay) if topk else ["tight[i] = 0.0"], 12)
-    src += _indent(_post_batch(d, du, B, cov_terms, nO), 8)
-    src += [
-        "        if status[0] >= 0:",
-        "            break",
-        "        i0 = i1",
-        "    return 0.0",
-        "",
-    ]
-    return "\n".join(src)
-
-
-def _lane_at(k: str, B: int, lay: dict[str, int]) -> list[str]:
-    """Scalar access to component ``k``: its lane ``lk`` and its blocks' offsets ``pk``, ``sk``."""
-    return [
-        f"lk = {k} % {B}",
-        f"pk = ({k} // {B}) * {lay['n_par'] * B}",
-        f"sk = ({k} // {B}) * {lay['n_scr'] * B}",
-    ]
-
-
-def _post_responsibilities(d: int, du: int, B: int, lay: dict[str, int]) -> list[str]:
-    """The row's responsibilities (in ``ld``), its most probable component and the shift
-    ``uref``/``buref`` (its u and b_u)."""
-    src = [
-        "mx = _rowmax(ld, Kp)",
-        "kmax = _first_at(ld, mx, K)",
-        "tot = _rowexp(ld, mx, Kp)",
-        "g, rbg = _bg_split(tot, float(mx), lbg)",
-        "cr = DT(1.0 / tot)",
-        "for k in range(Kp):",
-        "    ld[k] *= cr",
-        "mapc[ri] = kmax",
-        "mapr[ri] = float(ld[kmax]) * g",
-        "bgr[ri] = rbg",
-        "if want_resp:",
-        "    for k in range(K):",
-        "        resp[ri, k] = float(ld[k]) * g",
-    ]
-    src += _lane_at("kmax", B, lay)
-    src += [f"uref{a} = scr[sk + {a * B} + lk]" for a in range(d)]
-    src += alg.posterior_bu(d, du, lambda q: f"P[pk + {q * B} + lk]", "uref", "buref")
-    return src
-
-
-def _post_components(d, du, B, lay, cov_lines, cov_terms) -> list[str]:
-    """One pass over the components: the row's lane accumulators (slot ``nb`` of the batch;
-    the first block assigns), then the row's S and shift into the batch."""
-    nP, nS, nT, RB = lay["n_par"], lay["n_scr"], len(cov_terms), ROW_BATCH
-    src = [
-        "for blk in range(nblk):",
-        f"    pb = P[blk * {nP * B}:(blk + 1) * {nP * B}]",
-        f"    sb = scr[blk * {nS * B}:(blk + 1) * {nS * B}]",
-        f"    lb = ld[blk * {B}:(blk + 1) * {B}]",
-        f"    acc = accb[nb * {nT * B}:(nb + 1) * {nT * B}]",
-    ]
-    body = ["r = lb[l]"] + _scratch_loads(d, B) + cov_lines
-    src += ["    if blk == 0:", "        for l in range(nl):"]
-    src += _indent(body + _accumulate(cov_terms, "acc", B, "="), 12)
-    src += ["    else:", "        for l in range(nl):"]
-    src += _indent(body + _accumulate(cov_terms, "acc", B, "+="), 12)
-    src += [
-        f"sv[{alg.tri(a, b) * RB} + nb] = float(s{a}_{b})" for a in range(d) for b in range(a + 1)
-    ]
-    src += [f"ur[{a * RB} + nb] = float(uref{a})" for a in range(d)]
-    src += [f"ur[{(d + c) * RB} + nb] = float(buref{c})" for c in range(du)]
-    src += ["bi[nb] = i", "nb += 1"]
-    return src
-
-
-def _post_topk(d: int, du: int, B: int, lay: dict[str, int]) -> list[str]:
-    """The ``topk`` most probable components' own posteriors (scalar code, per row), and the
-    row's tightness over them (``tight[i]``)."""
-    src = [
-        "tq = 0.0",
-        "if topk > 0:",
-        "    for k in range(Kp):",
-        "        tmp[k] = ld[k]",
-        "    for t in range(topk):",
-        "        k = _argmax(tmp, K)",
-        "        tmp[k] = -ONE",
-        "        tidx[ri, t] = k",
-        "        tresp[ri, t] = float(ld[k]) * g",
-    ]
-    body = _lane_at("k", B, lay)
-    body += [f"S{a}_{b} = float(s{a}_{b})" for a in range(d) for b in range(a + 1)]
-    body += [f"u{a} = scr[sk + {a * B} + lk]" for a in range(d)]
-    body += [
-        f"ti{a}_{b} = scr[sk + {(d + alg.tri(a, b)) * B} + lk]"
-        for a in range(d)
-        for b in range(a + 1)
-    ]
-    body += alg.component_posterior(d, du, lambda q: f"P[pk + {q * B} + lk]")
-    body += [f"tmean[ri, t, c_{a}] = float(xorig[ri, c_{a}]) - shift{a}" for a in range(d)]
-    body += [f"tmean[ri, t, c_{d + c}] = bu{c} + c0[{d + c}]" for c in range(du)]
-    body += _write_cov(d + du, "tcov[ri, t, ", lambda p, q: f"cov{p}_{q}", "")
-    body += _tightness(d, lambda a: f"cov{a}_{a}", lambda a: f"S{a}_{a}")
-    return src + _indent(body, 8) + ["tight[i] = tq"]
-
-
-def _post_batch(d: int, du: int, B: int, cov_terms, nO: int) -> list[str]:
-    """The batch's lane sums, its finalisation vectorised across rows, and the stores."""
-    RB, nT, D = ROW_BATCH, len(cov_terms), d + du
-    src = [
-        "for ib in range(nb):",
-        f"    for t in range({nT}):",
-        f"        q0 = (ib * {nT} + t) * {B}",
-    ]
-    src += _indent(_lane_tree(B, "accb", "q0", "h"), 8)
-    src += [f"        rb[t * {RB} + ib] = h0"]
-    fin = [f"acc_{name} = rb[{t * RB} + ib]" for t, (name, _) in enumerate(cov_terms)]
-    fin += [f"S{a}_{b} = sv[{alg.tri(a, b) * RB} + ib]" for a in range(d) for b in range(a + 1)]
-    fin += [f"UREF{a} = ur[{a * RB} + ib]" for a in range(d)]
-    fin += [f"BUREF{c} = ur[{(d + c) * RB} + ib]" for c in range(du)]
-    fin += alg.posterior_row(d, du)
-    fin += [f"ob[{a * RB} + ib] = shift{a}" for a in range(d)]
-    fin += [f"ob[{(d + c) * RB} + ib] = bbu{c}" for c in range(du)]
-    fin += [
-        f"ob[{(d + du + alg.tri(p, q)) * RB} + ib] = cov{p}_{q}"
-        for p in range(D)
-        for q in range(p + 1)
-    ]
-    fin += ["tq = 0.0", *_tightness(d, lambda a: f"cov{a}_{a}", lambda a: f"S{a}_{a}")]
-    fin += [f"ob[{(nO - 1) * RB} + ib] = tq"]
-    src += ["for ib in range(nb):"] + _indent(fin, 4)
-
-    def obv(p: int, q: int) -> str:
-        return f"ob[{(d + du + alg.tri(p, q)) * RB} + ib]"
-
-    out = ["i = bi[ib]", "ri = rows[i]"]
-    out += [f"mean[ri, c_{a}] = float(xorig[ri, c_{a}]) - ob[{a * RB} + ib]" for a in range(d)]
-    out += [f"mean[ri, c_{d + c}] = ob[{(d + c) * RB} + ib] + c0[{d + c}]" for c in range(du)]
-    out += _write_cov(D, "cov[ri, ", obv, "")
-    out += [f"tight[i] = max(tight[i], ob[{(nO - 1) * RB} + ib])"]
-    return src + ["for ib in range(nb):"] + _indent(out, 4)
