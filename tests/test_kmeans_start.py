@@ -1,0 +1,96 @@
+"""The k-means start made cheap (issue 20) without making it worse: Lloyd steps against a naive
+loop, several starts at once equal to each alone, k-means++ seeds, the optimum scikit-learn's
+k-means finds, components in an order a row more does not change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xd_dask.optim.kmeans import (
+    array_passes,
+    kmeans_plusplus,
+    kmeans_start,
+    lloyd,
+    sample_kmeans,
+)
+
+CENTRES = np.array([[0.0, 0.0, 0.0], [6.0, 0.0, 1.0], [0.0, 6.0, -1.0], [5.0, 5.0, 5.0]])
+
+
+def _blobs(n: int, seed: int = 0, sd: float = 1.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return CENTRES[rng.integers(0, len(CENTRES), n)] + sd * rng.normal(size=(n, 3))
+
+
+def _naive_lloyd(Z: np.ndarray, centres: np.ndarray, steps: int) -> np.ndarray:
+    """Lloyd steps row by row (no empty clusters in these tests)."""
+    c = centres.copy()
+    for _ in range(steps):
+        sums, counts = np.zeros_like(c), np.zeros(len(c))
+        for z in Z:
+            k = int(np.argmin([np.sum((z - ck) ** 2) for ck in c]))
+            sums[k] += z
+            counts[k] += 1
+        c = sums / counts[:, None]
+    return c
+
+
+def test_lloyd_steps_equal_a_naive_loop():
+    Z = _blobs(400, sd=1.5)
+    start = Z[[0, 1, 2, 3]][None]  # (1, K, D)
+    for steps in (1, 2, 5):
+        got, cost = lloyd(Z, start, tol=-1.0, max_iter=steps)
+        ref = _naive_lloyd(Z, start[0], steps)
+        np.testing.assert_allclose(got[0], ref, rtol=1e-12, atol=1e-12)
+        d2 = np.min(np.sum((Z[:, None, :] - ref[None]) ** 2, axis=2), axis=1)
+        assert cost[0] == pytest.approx(d2.sum(), rel=1e-12)
+
+
+@pytest.mark.parametrize("trim", [0.0, 0.2])
+def test_starts_run_together_equal_each_run_alone(trim):
+    Z = _blobs(1500, seed=1, sd=1.2)
+    rng = np.random.default_rng(3)
+    starts = kmeans_plusplus(Z, 4, 6, rng)  # (6, 4, 3)
+    together, cost = lloyd(Z, starts, tol=1e-10, trim=trim)
+    for s in range(len(starts)):
+        alone, cost_s = lloyd(Z, starts[s : s + 1], tol=1e-10, trim=trim)
+        np.testing.assert_allclose(together[s], alone[0], rtol=1e-12, atol=1e-12)
+        assert cost[s] == pytest.approx(cost_s[0], rel=1e-12)
+
+
+def test_kmeans_plusplus_seeds_are_rows_one_per_separated_cluster():
+    Z = _blobs(2000, seed=2, sd=0.3)
+    seeds = kmeans_plusplus(Z, 4, 10, np.random.default_rng(5))
+    assert seeds.shape == (10, 4, 3)
+    rows = {tuple(r) for r in Z}
+    for start in seeds:
+        assert all(tuple(s) in rows for s in start)
+        nearest = np.argmin(np.sum((start[:, None] - CENTRES[None]) ** 2, axis=2), axis=1)
+        assert sorted(nearest) == [0, 1, 2, 3]  # far-apart clusters: one seed each
+    again = kmeans_plusplus(Z, 4, 10, np.random.default_rng(5))
+    np.testing.assert_array_equal(seeds, again)
+
+
+@pytest.mark.parametrize("n", [3000, 30_000])  # the subset is the sample / a part of it
+def test_sample_kmeans_finds_scikit_learns_optimum(n):
+    from sklearn.cluster import KMeans
+
+    Z = _blobs(n, seed=4, sd=1.3)
+    ours = sample_kmeans(Z, 4, seed=7)
+    km = KMeans(4, n_init=10, random_state=0).fit(Z)
+    ref = km.cluster_centers_
+    order = np.argmin(np.sum((ours[:, None] - ref[None]) ** 2, axis=2), axis=1)
+    assert sorted(order) == [0, 1, 2, 3]
+    # the same optimum, each stopped at scikit-learn's tolerance (centre shifts <= 0.01 here)
+    np.testing.assert_allclose(ours, ref[order], atol=0.02)
+    inertia = np.sum(np.min(np.sum((Z[:, None] - ours[None]) ** 2, axis=2), axis=1))
+    assert inertia <= km.inertia_ * (1 + 1e-4)
+    np.testing.assert_array_equal(ours, ours[np.lexsort(ours.T[::-1])])  # sorted by coordinate
+
+
+def test_a_row_more_changes_neither_the_clusters_nor_their_order():
+    X = _blobs(6000, seed=6, sd=1.5)
+    a, _ = kmeans_start(*array_passes(X, 2), len(X), 4, 2, sample_size=4000)
+    b, _ = kmeans_start(*array_passes(X[:-1], 2), len(X) - 1, 4, 2, sample_size=4000)
+    np.testing.assert_allclose(a.means, b.means, atol=0.1)
