@@ -1,6 +1,7 @@
 """The k-means start made cheap (issue 20) without making it worse: Lloyd steps against a naive
 loop, several starts at once equal to each alone, k-means++ seeds, the optimum scikit-learn's
-k-means finds, components in an order a row more does not change."""
+k-means finds, the passes over every row done on the client (the same start) when the sample is
+every row, components in an order a row more does not change."""
 
 from __future__ import annotations
 
@@ -87,6 +88,32 @@ def test_sample_kmeans_finds_scikit_learns_optimum(n):
     inertia = np.sum(np.min(np.sum((Z[:, None] - ours[None]) ** 2, axis=2), axis=1))
     assert inertia <= km.inertia_ * (1 + 1e-4)
     np.testing.assert_array_equal(ours, ours[np.lexsort(ours.T[::-1])])  # sorted by coordinate
+
+
+def test_the_start_reads_the_rows_once_when_the_sample_is_every_row():
+    """A table of up to ``sample_size`` rows: the sample pass brings every row to the client,
+    which runs the Lloyd passes itself; the start equals the one whose pass reads them again."""
+    X = _blobs(5000, seed=5)
+    X[::97, 1] = np.nan  # missing fields: imputed by the centre in k-means
+    sample, lloyd_pass = array_passes(X, 3)
+    calls = []
+
+    def counted(*a):
+        calls.append(a[0])
+        return lloyd_pass(*a)
+
+    local, info = kmeans_start(sample, counted, len(X), 4, 3, max_iter=3, tol=0.0)
+    assert calls == [] and info["passes"] == 3 and info["passes_on_sample"]
+
+    def not_every_row(fraction):  # the same sample, claimed to be part of the rows
+        mom, n = sample(fraction)
+        return mom, n + 1
+
+    passes, info2 = kmeans_start(not_every_row, counted, len(X), 4, 3, max_iter=3, tol=0.0)
+    assert calls == [1, 2, 3] and not info2["passes_on_sample"]
+    np.testing.assert_allclose(local.means, passes.means, rtol=1e-12)
+    np.testing.assert_allclose(local.covariances, passes.covariances, rtol=1e-12)
+    np.testing.assert_allclose(local.weights, passes.weights, rtol=1e-12)
 
 
 def test_a_row_more_changes_neither_the_clusters_nor_their_order():

@@ -11,7 +11,9 @@
    Lloyd steps on the whole sample).
 3. ``max_iter`` Lloyd passes over every row (default ``fit.kmeans_iter``): per-cluster counts, sums
    and scatter matrices centred on the current centres (:func:`cluster_sums`, O(K D^2) per unit),
-   leaving out rows farther from every centre than the trim radius (counted).
+   leaving out rows farther from every centre than the trim radius (counted). When the sample is
+   every row (a table of up to ``sample_size`` rows) the client already holds them: the passes run
+   there, and the start reads the rows once.
 4. Weights, means and covariances from the last pass's clusters.
 
 With a background component (DESIGN.md 4d) the start must not spend components on the outliers
@@ -447,8 +449,8 @@ def kmeans_start(
         j = int(np.flatnonzero(mom.count == 0)[0])
         raise ValueError(f"feature {j} has no observed value in the whole catalogue")
     col_mean, col_scale = robust_scale(mom.sample, mom.mean)
-    Zs = standardise(mom.sample, col_mean, col_scale)
-    d2 = np.sum(Zs * Zs, axis=1)
+    Z_sample = standardise(mom.sample, col_mean, col_scale)
+    d2 = np.einsum("ij,ij->i", Z_sample, Z_sample)
     keep = d2 <= trim_radius2(d2, D)
     if int(keep.sum()) < K:
         raise ValueError(
@@ -456,7 +458,7 @@ def kmeans_start(
             f"catalogue) but n_components = {K}; use fewer components or a larger "
             "fit.kmeans_sample"
         )
-    Zs = Zs[keep]
+    Zs = Z_sample[keep]
     if np.unique(Zs, axis=0).shape[0] < K:
         raise ValueError(
             f"the k-means sample holds fewer distinct rows than n_components = {K}; use fewer "
@@ -467,9 +469,15 @@ def kmeans_start(
     d2_max = float(np.quantile(d2, 1.0 - trim)) if trim > 0 else trim_radius2(d2, D)
     seconds["sample_kmeans"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    # the sample is every valid row: the passes over every row need not read them again
+    every_row = fraction >= 1.0 and mom.sample.shape[0] == n_valid
+    Z_all = Z_sample if every_row else None
     sums, converged, n_pass = cluster_sums(Zs, centres, d2_max), False, 0
     for n_pass in range(1, int(max_iter) + 1):
-        sums, rows = lloyd_pass(n_pass, centres, col_mean, col_scale, d2_max)
+        if Z_all is not None:
+            sums, rows = cluster_sums(Z_all, centres, d2_max), n_valid
+        else:
+            sums, rows = lloyd_pass(n_pass, centres, col_mean, col_scale, d2_max)
         d = sums.delta / np.maximum(sums.count, 1.0)[:, None]  # (K, D) mean offset per cluster
         new = np.where(sums.count[:, None] > 0, centres + d, centres)
         shift = float(np.max(np.abs(new - centres)))
@@ -487,6 +495,7 @@ def kmeans_start(
     info = {
         "method": "kmeans",
         "passes": n_pass,
+        "passes_on_sample": bool(every_row and n_pass),
         "converged": converged,
         "inertia_per_row": float(sums.inertia / max(float(sums.count.sum()), 1.0)),
         "sample_rows": int(Zs.shape[0]),
