@@ -1,7 +1,8 @@
 """The k-means start made cheap (issue 20) without making it worse: Lloyd steps against a naive
 loop, several starts at once equal to each alone, k-means++ seeds, the optimum scikit-learn's
 k-means finds, the passes over every row done on the client (the same start) when the sample is
-every row, components in an order a row more does not change."""
+every row, components in an order a row more does not change, the per-row sums against direct
+ones."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import pytest
 
 from xd_dask.optim.kmeans import (
     array_passes,
+    cluster_sums,
     kmeans_plusplus,
     kmeans_start,
     lloyd,
     sample_kmeans,
+    sample_moments,
 )
 
 CENTRES = np.array([[0.0, 0.0, 0.0], [6.0, 0.0, 1.0], [0.0, 6.0, -1.0], [5.0, 5.0, 5.0]])
@@ -121,3 +124,25 @@ def test_a_row_more_changes_neither_the_clusters_nor_their_order():
     a, _ = kmeans_start(*array_passes(X, 2), len(X), 4, 2, sample_size=4000)
     b, _ = kmeans_start(*array_passes(X[:-1], 2), len(X) - 1, 4, 2, sample_size=4000)
     np.testing.assert_allclose(a.means, b.means, atol=0.1)
+
+
+def test_sample_moments_with_missing_values_equal_nan_moments():
+    X = _blobs(3000, seed=8)
+    X[np.random.default_rng(0).random(X.shape) < 0.2] = np.nan
+    mom = sample_moments(X, 1, 0.5, 0)
+    np.testing.assert_allclose(mom.count, np.sum(~np.isnan(X), axis=0))
+    np.testing.assert_allclose(mom.mean, np.nanmean(X, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(mom.m2 / mom.count, np.nanvar(X, axis=0), rtol=1e-10)
+    assert not np.isnan(mom.m2).any()
+
+
+def test_lloyd_sums_of_many_clusters_and_one():
+    Z = _blobs(2000, seed=9)
+    for K in (1, 40):
+        c = Z[:K]
+        got = cluster_sums(Z, c)
+        labels = np.argmin(np.sum((Z[:, None] - c[None]) ** 2, axis=2), axis=1)
+        for k in range(K):
+            dz = Z[labels == k] - c[k]
+            assert got.count[k] == len(dz)
+            np.testing.assert_allclose(got.scatter[k], dz.T @ dz, atol=1e-9)

@@ -28,6 +28,11 @@ centre; this imputation is used for the initialisation only, never in EM. The pa
 as functions (:func:`kmeans_start`): arrays in memory compute them directly
 (:func:`array_passes`), a catalogue on a cluster maps them over its partitions
 (:mod:`xd_dask.distributed.kmeans`), so the same rows give the same start.
+
+Cost (``benchmarks/bench_start.py``): the start must cost no more than two EM iterations at any
+size. Large catalogues: two reads of the rows (the sample pass, one Lloyd pass) and per-row work
+well below the EM kernel's (vectorised sums, no per-row Python). Small tables: one read, and
+k-means on the client in tens of milliseconds (NumPy only: scikit-learn takes seconds to import).
 """
 
 from __future__ import annotations
@@ -114,11 +119,24 @@ def sample_moments(X: Any, seed: int, fraction: float, unit: int) -> SampleMomen
     """Column moments of the rows X (n, D; NaN = missing) of unit ``unit`` and a seeded
     Bernoulli(``fraction``) sample of them."""
     X = to_numpy(X).astype(np.float64, copy=False)
-    count = (~np.isnan(X)).sum(axis=0).astype(np.float64)
-    mean = np.where(count > 0, np.nansum(X, axis=0) / np.maximum(count, 1), 0.0)
-    m2 = np.nansum((X - mean) ** 2, axis=0) if X.shape[0] else np.zeros(X.shape[1])
+    n, D = X.shape
+    if not n:
+        count = mean = m2 = np.zeros(D)
+    else:  # column sums as products with a vector of ones (BLAS): a few ns per value
+        ones = np.ones(n)
+        missing = np.isnan(X)
+        if missing.any():
+            count = n - ones @ missing.astype(np.float64)
+            mean = np.where(count > 0, ones @ np.where(missing, 0.0, X) / np.maximum(count, 1), 0.0)
+            dev = X - mean
+            dev[missing] = 0.0
+        else:
+            count = np.full(D, float(n))
+            mean = ones @ X / n
+            dev = X - mean
+        m2 = np.einsum("ij,ij->j", dev, dev)
     rng = np.random.default_rng([int(seed), 13, int(unit)])
-    return SampleMoments(count, mean, m2, X[rng.random(X.shape[0]) < fraction])
+    return SampleMoments(count, mean, m2, X[rng.random(n) < fraction])
 
 
 @dataclass
@@ -144,46 +162,62 @@ class KMeansSums:
 def standardise(X: Any, col_mean: np.ndarray, col_scale: np.ndarray) -> Any:
     """(X - mean) / scale with missing fields imputed by the column mean (i.e. 0); k-means only."""
     xp = array_namespace(X)
-    Z = (xp.asarray(X, dtype=xp.float64) - xp.asarray(col_mean)) / xp.asarray(col_scale)
-    return xp.where(xp.isnan(Z), 0.0, Z)
+    Z = xp.asarray(X, dtype=xp.float64) - xp.asarray(col_mean)  # a new array: edited in place
+    Z /= xp.asarray(col_scale)
+    nan = xp.isnan(Z)
+    if bool(xp.any(nan)):
+        Z[nan] = 0.0
+    return Z
 
 
-def assign(Z: Any, centres: Any, chunk_elems: int = 1 << 22) -> Any:
-    """(n,) index of the nearest centre for each row of Z (n, D); bounded working memory."""
+def assign(Z: Any, centres: Any, chunk_elems: int | None = None) -> Any:
+    """(n,) index of the nearest centre for each row of Z (n, D), as int64, in chunks of
+    ``chunk_elems`` distances (default: a block that stays in a CPU's cache, 2^16; 2^22 on a
+    GPU)."""
     xp = array_namespace(Z)
-    c = xp.asarray(centres)
+    c = xp.asarray(centres, dtype=xp.float64)
     K = c.shape[0]
     c2 = xp.sum(c * c, axis=1)
+    cT = -2.0 * c.T  # (D, K)
+    if chunk_elems is None:
+        chunk_elems = 1 << 16 if xp is np else 1 << 22
     step = max(1, chunk_elems // max(K, 1))
     out = xp.empty(Z.shape[0], dtype=xp.int64)
     for s in range(0, Z.shape[0], step):
-        z = Z[s : s + step]
-        d2 = c2[None, :] - 2.0 * (z @ c.T)  # (m, K), |z|^2 dropped (same for every centre)
+        d2 = Z[s : s + step] @ cT  # (m, K): |c|^2 - 2 z.c, |z|^2 dropped (same for every centre)
+        d2 += c2
         out[s : s + step] = xp.argmin(d2, axis=1)
     return out
 
 
 def cluster_sums(Z: Any, centres: np.ndarray, d2_max: float = math.inf) -> KMeansSums:
     """Lloyd sums of rows Z (n, D; standardised) about their nearest centres (K, D): per-cluster
-    counts, offsets and scatter (one matmul per cluster, rows grouped by sorting); rows farther
-    than sqrt(``d2_max``) from every centre are left out and counted as trimmed."""
+    counts, offsets and scatter; rows farther than sqrt(``d2_max``) from every centre are left out
+    and counted as trimmed. The offsets are grouped by cluster with a radix sort of the labels,
+    so that each cluster is one contiguous block: a few array operations per cluster, none per
+    row."""
     xp = array_namespace(Z)
     K, D = centres.shape
-    labels = assign(Z, centres)
-    diff = Z - xp.asarray(centres)[labels]  # (n, D)
-    far = xp.sum(diff * diff, axis=1) > d2_max
-    n_far = int(xp.sum(far))
+    c = xp.asarray(centres, dtype=xp.float64)
+    labels = assign(Z, c)
+    diff = Z - xp.take(c, labels, axis=0)  # (n, D)
+    d2 = xp.einsum("ij,ij->i", diff, diff)  # (n,) squared distance to the nearest centre
+    far = d2 > d2_max
+    n_far = int(xp.count_nonzero(far))
     if n_far:
-        labels, diff = labels[~far], diff[~far]
-    order = xp.argsort(labels, kind="stable")  # rows grouped by cluster
-    diff, bounds = diff[order], to_numpy(xp.searchsorted(labels[order], xp.arange(K + 1)))
+        keep = ~far
+        labels, diff, d2 = labels[keep], diff[keep], d2[keep]
+    small = labels.astype(xp.int16 if K < 2**15 else xp.int32)  # radix-sortable
+    diff = xp.take(diff, xp.argsort(small, kind="stable"), axis=0)  # grouped by cluster
+    count = to_numpy(xp.bincount(labels, minlength=K)).astype(np.float64)
+    bounds = np.concatenate([[0], np.cumsum(count)]).astype(np.int64)
     delta, scatter = np.zeros((K, D)), np.zeros((K, D, D))
     for k in range(K):
-        dk = diff[int(bounds[k]) : int(bounds[k + 1])]  # (n_k, D)
-        delta[k] = to_numpy(xp.sum(dk, axis=0))
-        scatter[k] = to_numpy(dk.T @ dk)
-    count = np.diff(bounds).astype(np.float64)
-    return KMeansSums(count, delta, scatter, float(xp.sum(diff * diff)), n_far)
+        if bounds[k + 1] > bounds[k]:
+            dk = diff[int(bounds[k]) : int(bounds[k + 1])]  # (n_k, D)
+            delta[k] = to_numpy(xp.sum(dk, axis=0))
+            scatter[k] = to_numpy(dk.T @ dk)
+    return KMeansSums(count, delta, scatter, float(xp.sum(d2)), n_far)
 
 
 # ----------------------------------------------------------------------------- the start
