@@ -2,7 +2,7 @@
 loop, several starts at once equal to each alone, k-means++ seeds, the optimum scikit-learn's
 k-means finds, the passes over every row done on the client (the same start) when the sample is
 every row, components in an order a row more does not change, the per-row sums against direct
-ones."""
+ones; a local cluster's workers forked from a fork server that loaded what they need."""
 
 from __future__ import annotations
 
@@ -146,3 +146,37 @@ def test_lloyd_sums_of_many_clusters_and_one():
             dz = Z[labels == k] - c[k]
             assert got.count[k] == len(dz)
             np.testing.assert_allclose(got.scatter[k], dz.T @ dz, atol=1e-9)
+
+
+@pytest.mark.cluster
+def test_local_workers_are_forked_with_the_worker_modules_loaded():
+    """connect()'s local cluster: every worker has xd-dask's worker modules and Numba's CPU
+    target loaded before its first task, and Dask's environment for a new worker."""
+    from xd_dask.distributed import connect
+    from xd_dask.distributed.cluster import fork_server_method
+
+    if fork_server_method() is None:
+        pytest.skip("no fork server on this platform")
+
+    def state():
+        import os
+        import sys
+
+        return (
+            "xd_dask.distributed.tasks" in sys.modules,
+            "xd_dask.distributed.worker_preload" in sys.modules,
+            os.environ.get("OMP_NUM_THREADS"),
+            os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+        )
+
+    client, cluster = connect(n_workers=2, dashboard_address=None)
+    try:
+        seen = client.run(state)
+        assert len(seen) == 2
+        assert all(s == (True, True, "1", "65536") for s in seen.values()), seen
+        X = _blobs(2000, seed=10)
+        futures = client.map(sample_moments, [X[:1000], X[1000:]], seed=1, fraction=1.0, unit=0)
+        assert sum(f.result().sample.shape[0] for f in futures) == 2000
+    finally:
+        client.close()
+        cluster.close()
