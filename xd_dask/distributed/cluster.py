@@ -10,13 +10,30 @@ same (``":8787"`` means ``"127.0.0.1:8787"``). ``dashboard_address="0.0.0.0:8787
 dashboard to the network; ``host="0.0.0.0"`` opens the scheduler as well. Its scheduler runs the
 XD dashboard preload (:data:`xd_dask.dashboard.PRELOAD`: the XD page at ``/xd`` and the
 ``xd_dask_*`` metrics on ``/metrics``); :func:`connect` logs the page's link.
+
+Start time (``benchmarks/bench_start.py`` prints it). Dask starts each worker process by
+"spawn": a fresh interpreter that imports ``distributed`` (and re-runs the client's ``__main__``
+module's imports, the whole CLI for ``xd-dask``), then, at its first task, NumPy, pandas,
+pyarrow, Numba and xd-dask's worker modules. A local cluster here starts its workers from a
+fork server instead (Dask's ``distributed.worker.multiprocessing-method = "forkserver"``, the
+method Dask's own test suite uses): one process imports those modules once (:data:`WORKER_MODULES`)
+and forks every worker from itself, each starting with them loaded. It is started first, with
+the environment Dask gives a new worker (``distributed.nanny.pre-spawn-environ``: one BLAS/OpenMP
+thread, malloc trimming), so its imports run while the scheduler starts in this process. What is
+left is Dask's own: the scheduler with its dashboard (Bokeh), each worker's start and
+registration. Where ``forkserver`` is unavailable (Windows), or with ``gpu=True``
+(``LocalCUDACluster``: CUDA does not survive a fork), workers start as Dask's configuration says.
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
+from collections.abc import Iterator
 from typing import Any
 
+import dask
 from distributed import Client
 
 from xd_dask.dashboard import PRELOAD
@@ -29,6 +46,22 @@ __all__ = ["GPUUnavailableError", "check_gpu_workers", "connect", "worker_thread
 
 LOOPBACK = "127.0.0.1"
 DASHBOARD_PORT = 8787
+#: How a new local cluster (CPU) starts its workers (module docstring); None: as Dask's
+#: configuration says (``distributed.worker.multiprocessing-method``, "spawn" by default).
+START_METHOD: str | None = "forkserver"
+#: What the fork server imports before it forks workers: Dask's own fork-server list
+#: (distributed, its dependencies, NumPy, pandas) and what every xd-dask worker needs at its first
+#: task (:mod:`xd_dask.distributed.worker_preload`: the worker modules, Numba's CPU target).
+WORKER_MODULES = (
+    "distributed",
+    "dask",
+    "cloudpickle",
+    "msgpack",
+    "numpy",
+    "pandas",
+    "scipy.linalg",
+    "xd_dask.distributed.worker_preload",
+)
 
 
 class GPUUnavailableError(RuntimeError):
@@ -94,6 +127,38 @@ def _with_preload(kwargs: dict[str, Any]) -> dict[str, Any]:
     sched["preload"] = preload if PRELOAD in preload else [*preload, PRELOAD]
     out["scheduler_kwargs"] = sched
     return out
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` updated with ``values`` inside the block, restored after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def fork_server_method() -> str | None:
+    """Start the fork server that local workers are forked from (:data:`WORKER_MODULES`
+    imported, Dask's pre-spawn environment) unless it runs already; return the start method
+    for Dask's ``distributed.worker.multiprocessing-method`` ("forkserver"), or None where there
+    is none (:data:`START_METHOD` None, no fork server on this platform)."""
+    if START_METHOD != "forkserver" or "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    from multiprocessing import forkserver  # noqa: PLC0415
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(WORKER_MODULES))
+    env = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
+    with _environ({str(k): str(v) for k, v in env.items()}):
+        forkserver.ensure_running()  # returns at once: the server imports while we go on
+    return "forkserver"
 
 
 def _log_xd_page(client: Client) -> None:
@@ -164,12 +229,15 @@ def connect(
 
         if n_workers is None:
             n_workers = max(1, (os.cpu_count() or 1) // max(1, threads_per_worker))
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=threads_per_worker,
-            processes=True,
-            **cluster_kwargs,
-        )
+        method = fork_server_method()
+        config = {} if method is None else {"distributed.worker.multiprocessing-method": method}
+        with dask.config.set(config):
+            cluster = LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=threads_per_worker,
+                processes=True,
+                **cluster_kwargs,
+            )
     client = Client(cluster)
     log.info(
         "started %s with %d workers x %d threads; dashboard: %s",

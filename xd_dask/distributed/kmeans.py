@@ -3,9 +3,11 @@ the partitions) and, for PROJECTED catalogues, the method of moments (:mod:`xd_d
 
 k-means: one ``xd-kmeans-sample`` pass (column moments and a seeded sample of every partition),
 k-means on the client, then ``max_iter`` Lloyd passes (``xd-kmeans``). Cost: the sample pass and
-one Lloyd pass read the catalogue twice and run no EM kernel (``benchmarks/bench_fit.py`` prints
-the cost against the fit's iterations). The result is deterministic for a fixed seed and
-partitioning, and equals the start of an in-memory fit of a one-partition catalogue of the rows.
+one Lloyd pass read the catalogue twice and run no EM kernel; a catalogue of at most
+``sample_size`` rows is read once (the sample is every row: the client runs the Lloyd passes on
+it). ``benchmarks/bench_start.py`` prints the cost against the fit's iterations at several sizes.
+The result is deterministic for a fixed seed and partitioning, and equals the start of an
+in-memory fit of a one-partition catalogue of the rows.
 
 Method of moments: two ``xd-moments`` passes of small sums (the mean, then the dispersion
 tensor's normal equations about it), the same start as an in-memory fit of the same rows.

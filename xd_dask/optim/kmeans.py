@@ -6,11 +6,14 @@
 2. On the client: a ROBUST centre and scale per column from the sample (median and 1.4826 x MAD;
    the interquartile range, then 1, where the MAD is 0), so that one absurd row (a parallax of
    1e30 mas) neither sets the scale nor loses the other rows to rounding; sample rows far outside
-   the bulk (:func:`trim_radius2`) are left out; scikit-learn's k-means (k-means++ seeding, the
-   best of :data:`N_INIT` seeded starts) on the sample.
+   the bulk (:func:`trim_radius2`) are left out; k-means on the sample (:func:`sample_kmeans`:
+   the best of :data:`N_INIT` seeded k-means++ starts, compared on a subset of the sample, then
+   Lloyd steps on the whole sample).
 3. ``max_iter`` Lloyd passes over every row (default ``fit.kmeans_iter``): per-cluster counts, sums
    and scatter matrices centred on the current centres (:func:`cluster_sums`, O(K D^2) per unit),
-   leaving out rows farther from every centre than the trim radius (counted).
+   leaving out rows farther from every centre than the trim radius (counted). When the sample is
+   every row (a table of up to ``sample_size`` rows) the client already holds them: the passes run
+   there, and the start reads the rows once.
 4. Weights, means and covariances from the last pass's clusters.
 
 With a background component (DESIGN.md 4d) the start must not spend components on the outliers
@@ -25,13 +28,19 @@ centre; this imputation is used for the initialisation only, never in EM. The pa
 as functions (:func:`kmeans_start`): arrays in memory compute them directly
 (:func:`array_passes`), a catalogue on a cluster maps them over its partitions
 (:mod:`xd_dask.distributed.kmeans`), so the same rows give the same start.
+
+Cost (``benchmarks/bench_start.py``): the start must cost no more than two EM iterations at any
+size. Large catalogues: two reads of the rows (the sample pass, one Lloyd pass) and per-row work
+well below the EM kernel's (vectorised sums, no per-row Python). Small tables: one read, and
+k-means on the client in tens of milliseconds (NumPy only: scikit-learn takes seconds to import).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,17 +60,29 @@ __all__ = [
     "assign",
     "cluster_sums",
     "default_sample_size",
+    "kmeans_plusplus",
     "kmeans_start",
+    "lloyd",
     "robust_scale",
+    "sample_kmeans",
     "sample_moments",
     "standardise",
     "trim_radius2",
 ]
 
-#: Seeded k-means++ starts on the sample (scikit-learn's KMeans); the lowest inertia is kept.
+#: Seeded k-means++ starts on the sample; the lowest inertia is kept.
 N_INIT = 10
 #: Lloyd iterations on the sample (at most).
 SAMPLE_LLOYD_ITER = 100
+#: The starts run to convergence on this many rows of the sample (at least
+#: :data:`SELECT_ROWS_PER_CENTRE` per centre), not on all of it (:func:`sample_kmeans`).
+SELECT_ROWS = 2048
+SELECT_ROWS_PER_CENTRE = 32
+#: The starts of lowest cost on the whole sample that Lloyd steps then refine there.
+N_REFINE = 3
+#: Lloyd steps on the sample stop when the centres move by at most this (summed squared shift,
+#: relative to the mean column variance: scikit-learn's ``tol``).
+SAMPLE_TOL = 1e-4
 #: Rows whose squared standardised distance exceeds TRIM x the sample's 99th percentile (or D)
 #: are left out of the k-means sums (absurd rows; EM still sees them).
 TRIM = 100.0
@@ -98,11 +119,24 @@ def sample_moments(X: Any, seed: int, fraction: float, unit: int) -> SampleMomen
     """Column moments of the rows X (n, D; NaN = missing) of unit ``unit`` and a seeded
     Bernoulli(``fraction``) sample of them."""
     X = to_numpy(X).astype(np.float64, copy=False)
-    count = (~np.isnan(X)).sum(axis=0).astype(np.float64)
-    mean = np.where(count > 0, np.nansum(X, axis=0) / np.maximum(count, 1), 0.0)
-    m2 = np.nansum((X - mean) ** 2, axis=0) if X.shape[0] else np.zeros(X.shape[1])
+    n, D = X.shape
+    if not n:
+        count = mean = m2 = np.zeros(D)
+    else:  # column sums as products with a vector of ones (BLAS): a few ns per value
+        ones = np.ones(n)
+        missing = np.isnan(X)
+        if missing.any():
+            count = n - ones @ missing.astype(np.float64)
+            mean = np.where(count > 0, ones @ np.where(missing, 0.0, X) / np.maximum(count, 1), 0.0)
+            dev = X - mean
+            dev[missing] = 0.0
+        else:
+            count = np.full(D, float(n))
+            mean = ones @ X / n
+            dev = X - mean
+        m2 = np.einsum("ij,ij->j", dev, dev)
     rng = np.random.default_rng([int(seed), 13, int(unit)])
-    return SampleMoments(count, mean, m2, X[rng.random(X.shape[0]) < fraction])
+    return SampleMoments(count, mean, m2, X[rng.random(n) < fraction])
 
 
 @dataclass
@@ -128,46 +162,62 @@ class KMeansSums:
 def standardise(X: Any, col_mean: np.ndarray, col_scale: np.ndarray) -> Any:
     """(X - mean) / scale with missing fields imputed by the column mean (i.e. 0); k-means only."""
     xp = array_namespace(X)
-    Z = (xp.asarray(X, dtype=xp.float64) - xp.asarray(col_mean)) / xp.asarray(col_scale)
-    return xp.where(xp.isnan(Z), 0.0, Z)
+    Z = xp.asarray(X, dtype=xp.float64) - xp.asarray(col_mean)  # a new array: edited in place
+    Z /= xp.asarray(col_scale)
+    nan = xp.isnan(Z)
+    if bool(xp.any(nan)):
+        Z[nan] = 0.0
+    return Z
 
 
-def assign(Z: Any, centres: Any, chunk_elems: int = 1 << 22) -> Any:
-    """(n,) index of the nearest centre for each row of Z (n, D); bounded working memory."""
+def assign(Z: Any, centres: Any, chunk_elems: int | None = None) -> Any:
+    """(n,) index of the nearest centre for each row of Z (n, D), as int64, in chunks of
+    ``chunk_elems`` distances (default: a block that stays in a CPU's cache, 2^16; 2^22 on a
+    GPU)."""
     xp = array_namespace(Z)
-    c = xp.asarray(centres)
+    c = xp.asarray(centres, dtype=xp.float64)
     K = c.shape[0]
     c2 = xp.sum(c * c, axis=1)
+    cT = -2.0 * c.T  # (D, K)
+    if chunk_elems is None:
+        chunk_elems = 1 << 16 if xp is np else 1 << 22
     step = max(1, chunk_elems // max(K, 1))
     out = xp.empty(Z.shape[0], dtype=xp.int64)
     for s in range(0, Z.shape[0], step):
-        z = Z[s : s + step]
-        d2 = c2[None, :] - 2.0 * (z @ c.T)  # (m, K), |z|^2 dropped (same for every centre)
+        d2 = Z[s : s + step] @ cT  # (m, K): |c|^2 - 2 z.c, |z|^2 dropped (same for every centre)
+        d2 += c2
         out[s : s + step] = xp.argmin(d2, axis=1)
     return out
 
 
 def cluster_sums(Z: Any, centres: np.ndarray, d2_max: float = math.inf) -> KMeansSums:
     """Lloyd sums of rows Z (n, D; standardised) about their nearest centres (K, D): per-cluster
-    counts, offsets and scatter (one matmul per cluster, rows grouped by sorting); rows farther
-    than sqrt(``d2_max``) from every centre are left out and counted as trimmed."""
+    counts, offsets and scatter; rows farther than sqrt(``d2_max``) from every centre are left out
+    and counted as trimmed. The offsets are grouped by cluster with a radix sort of the labels,
+    so that each cluster is one contiguous block: a few array operations per cluster, none per
+    row."""
     xp = array_namespace(Z)
     K, D = centres.shape
-    labels = assign(Z, centres)
-    diff = Z - xp.asarray(centres)[labels]  # (n, D)
-    far = xp.sum(diff * diff, axis=1) > d2_max
-    n_far = int(xp.sum(far))
+    c = xp.asarray(centres, dtype=xp.float64)
+    labels = assign(Z, c)
+    diff = Z - xp.take(c, labels, axis=0)  # (n, D)
+    d2 = xp.einsum("ij,ij->i", diff, diff)  # (n,) squared distance to the nearest centre
+    far = d2 > d2_max
+    n_far = int(xp.count_nonzero(far))
     if n_far:
-        labels, diff = labels[~far], diff[~far]
-    order = xp.argsort(labels, kind="stable")  # rows grouped by cluster
-    diff, bounds = diff[order], to_numpy(xp.searchsorted(labels[order], xp.arange(K + 1)))
+        keep = ~far
+        labels, diff, d2 = labels[keep], diff[keep], d2[keep]
+    small = labels.astype(xp.int16 if K < 2**15 else xp.int32)  # radix-sortable
+    diff = xp.take(diff, xp.argsort(small, kind="stable"), axis=0)  # grouped by cluster
+    count = to_numpy(xp.bincount(labels, minlength=K)).astype(np.float64)
+    bounds = np.concatenate([[0], np.cumsum(count)]).astype(np.int64)
     delta, scatter = np.zeros((K, D)), np.zeros((K, D, D))
     for k in range(K):
-        dk = diff[int(bounds[k]) : int(bounds[k + 1])]  # (n_k, D)
-        delta[k] = to_numpy(xp.sum(dk, axis=0))
-        scatter[k] = to_numpy(dk.T @ dk)
-    count = np.diff(bounds).astype(np.float64)
-    return KMeansSums(count, delta, scatter, float(xp.sum(diff * diff)), n_far)
+        if bounds[k + 1] > bounds[k]:
+            dk = diff[int(bounds[k]) : int(bounds[k + 1])]  # (n_k, D)
+            delta[k] = to_numpy(xp.sum(dk, axis=0))
+            scatter[k] = to_numpy(dk.T @ dk)
+    return KMeansSums(count, delta, scatter, float(xp.sum(d2)), n_far)
 
 
 # ----------------------------------------------------------------------------- the start
@@ -217,55 +267,175 @@ def _dense_rows(Zs: np.ndarray, trim: float, rng: np.random.Generator) -> np.nda
     return sub[kth <= np.quantile(kth, 1.0 - trim)]
 
 
-def _trimmed_kmeans(Zs: np.ndarray, K: int, seed: int, trim: float) -> np.ndarray:
-    """Centres (K, D) of trimmed k-means on the sample: k-means++ seeds among the dense rows
-    (:func:`_dense_rows`), Lloyd steps on the rows nearest their centres (the fraction ``trim``
-    farthest left out), the lowest trimmed inertia of :data:`N_INIT` seeded starts."""
-    from sklearn.cluster import kmeans_plusplus  # noqa: PLC0415 - see _sample_kmeans
-
-    rng = np.random.default_rng([int(seed), 19])
-    dense = _dense_rows(Zs, trim, rng)
-    if dense.shape[0] < K:
-        dense = Zs
-    n_keep = max(K, int(np.ceil((1.0 - trim) * Zs.shape[0])))
-    best, best_cost = None, np.inf
-    for _ in range(N_INIT):
-        centres, _ = kmeans_plusplus(dense, K, random_state=int(rng.integers(2**31 - 1)))
-        for _ in range(SAMPLE_LLOYD_ITER):
-            labels = assign(Zs, centres)
-            d2 = np.sum((Zs - centres[labels]) ** 2, axis=1)
-            kept = np.argpartition(d2, n_keep - 1)[:n_keep]
-            counts = np.bincount(labels[kept], minlength=K)
-            sums = np.zeros_like(centres)
-            np.add.at(sums, labels[kept], Zs[kept])
-            new = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centres)
-            if np.allclose(new, centres, rtol=0.0, atol=1e-8):
-                break
-            centres = new
-        cost = float(np.sum(np.partition(d2, n_keep - 1)[:n_keep]))
-        if cost < best_cost:
-            best, best_cost = centres, cost
-    return best
+def _sqdist(Z: np.ndarray, z2: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """(n, m) squared distances of the rows Z (n, D; ``z2`` their squared norms) to C (m, D)."""
+    d2 = Z @ (-2.0 * C.T)
+    d2 += z2[:, None]
+    d2 += np.einsum("ij,ij->i", C, C)[None, :]
+    return np.maximum(d2, 0.0, out=d2)
 
 
-def _sample_kmeans(Zs: np.ndarray, K: int, seed: int) -> np.ndarray:
-    """Centres (K, D) of scikit-learn's k-means (k-means++ seeding, Lloyd) on the sample: the
-    best of :data:`N_INIT` seeded starts, on one thread (the client shares the machine with
-    workers; OpenMP threads spinning against them made it 20x slower on 2 busy cores)."""
-    # scikit-learn takes seconds to import: only the client's start needs it, never a worker
-    from sklearn.cluster import KMeans  # noqa: PLC0415
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+def kmeans_plusplus(Z: np.ndarray, K: int, n_starts: int, rng: np.random.Generator) -> np.ndarray:
+    """``n_starts`` independent sets of K seeds (n_starts, K, D) among the rows of Z (n, D) by
+    greedy k-means++ (Arthur & Vassilvitskii 2007, with scikit-learn's 2 + log K candidates per
+    seed): each next seed is the candidate, drawn with probability proportional to the squared
+    distance to the nearest seed so far, that leaves the lowest summed squared distance. The
+    starts advance together (one array operation per seed for all of them)."""
+    n, D = Z.shape
+    S, trials = int(n_starts), 2 + int(np.log(K))
+    z2 = np.einsum("ij,ij->i", Z, Z)
+    seeds = np.empty((S, K, D))
+    seeds[:, 0] = Z[rng.integers(n, size=S)]
+    closest = _sqdist(Z, z2, seeds[:, 0])  # (n, S): to the nearest seed of each start
+    cols = np.arange(S)
+    for k in range(1, K):
+        cum = np.cumsum(closest, axis=0)  # (n, S)
+        total = cum[-1]
+        u = rng.random((S, trials)) * total[:, None]
+        cand = np.stack([np.searchsorted(cum[:, j], u[j]) for j in range(S)])  # (S, trials)
+        anywhere = rng.integers(n, size=cand.shape)  # when every row sits on a seed already
+        flat = np.where(total[:, None] > 0, np.minimum(cand, n - 1), anywhere).ravel()
+        d2 = _sqdist(Z, z2, Z[flat]).reshape(n, S, trials)  # to every candidate
+        np.minimum(d2, closest[:, :, None], out=d2)
+        best = np.argmin(d2.sum(axis=0), axis=1)  # (S,)
+        pick = flat.reshape(S, trials)[cols, best]
+        seeds[:, k] = Z[pick]
+        closest = d2[:, cols, best]
+    return seeds
 
-    rng = np.random.default_rng([int(seed), 17])
-    km = KMeans(
-        K,
-        init="k-means++",
-        n_init=N_INIT,
-        max_iter=SAMPLE_LLOYD_ITER,
-        random_state=int(rng.integers(2**31 - 1)),
-    )
-    with threadpool_limits(1):
-        return km.fit(Zs).cluster_centers_.astype(np.float64)
+
+#: Distances held at once by :func:`lloyd` (rows x starts x K), so that a step stays in cache.
+LLOYD_BLOCK = 1 << 14
+
+
+def _nearest(Z: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (n, S), squared distances (n, S)) of the rows Z (n, D) to the nearest of the K
+    centres of each of S sets (S, K, D)."""
+    S, K, D = centres.shape
+    n = Z.shape[0]
+    C = centres.reshape(S * K, D)
+    cT, c2 = -2.0 * C.T, np.einsum("ij,ij->i", C, C)
+    labels, d2 = np.empty((n, S), dtype=np.int64), np.empty((n, S))
+    step = max(1, LLOYD_BLOCK // (S * K))
+    first = np.arange(min(step, n) * S).reshape(-1, S) * K  # flat index of each (row, set)'s k=0
+    for a in range(0, n, step):
+        z = Z[a : a + step]
+        d = z @ cT  # (m, S K)
+        d += c2
+        lab = np.argmin(d.reshape(z.shape[0], S, K), axis=2)  # (m, S)
+        labels[a : a + step] = lab
+        d2[a : a + step] = np.take(d, first[: z.shape[0]] + lab)
+    d2 += np.einsum("ij,ij->i", Z, Z)[:, None]
+    return labels, np.maximum(d2, 0.0, out=d2)
+
+
+def lloyd(
+    Z: np.ndarray,
+    centres: np.ndarray,
+    tol: float,
+    *,
+    trim: float = 0.0,
+    max_iter: int = SAMPLE_LLOYD_ITER,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd steps on the rows Z (n, D) for S sets of K centres (S, K, D) at once; returns
+    (centres (S, K, D), cost (S,)): each set's summed squared distance of the rows to their
+    nearest centre.
+
+    Without ``trim`` (plain k-means) an empty cluster takes the row farthest from its centre
+    (as scikit-learn's). With ``trim`` (trimmed k-means, module docstring) every step leaves out
+    of each set's means the fraction ``trim`` of rows farthest from their centres (and of its
+    cost); an empty cluster keeps its centre. Stops when no set's centres move by more than
+    ``tol`` (summed squared shift), at most ``max_iter`` steps (0: the cost of ``centres``).
+    """
+    S, K, D = centres.shape
+    n = Z.shape[0]
+    n_keep = max(K, int(np.ceil((1.0 - trim) * n)))
+    offset = (np.arange(S) * K)[None, :]  # (1, S): bins of set s are s K .. s K + K - 1
+    Zrep = None
+    for _ in range(int(max_iter)):
+        labels, d2 = _nearest(Z, centres)
+        bins = labels + offset
+        if trim > 0:  # the n_keep nearest rows of each set
+            far = np.argpartition(d2, n_keep - 1, axis=0)[n_keep:]  # (n - n_keep, S)
+            bins[far, np.arange(S)[None, :]] = S * K  # a bin past the last: left out
+        flat = bins.ravel()
+        if Zrep is None:  # (n S, D): row i once per set, in the order of flat
+            Zrep = np.repeat(Z, S, axis=0)
+        counts = np.bincount(flat, minlength=S * K + 1)[: S * K].astype(np.float64)
+        sums = np.stack(
+            [np.bincount(flat, weights=Zrep[:, j], minlength=S * K + 1)[: S * K] for j in range(D)],
+            axis=1,
+        )
+        new = (sums / np.maximum(counts, 1.0)[:, None]).reshape(S, K, D)
+        empty = (counts == 0).reshape(S, K)
+        if empty.any():
+            new[empty] = centres[empty]
+            if trim <= 0:
+                for s_, k_ in zip(*np.nonzero(empty), strict=True):  # farthest rows first
+                    i = int(np.argmax(d2[:, s_]))
+                    new[s_, k_], d2[i, s_] = Z[i], -1.0
+        shift = np.sum((new - centres) ** 2, axis=(1, 2))  # (S,)
+        centres = new
+        if np.all(shift <= tol):
+            break
+    _, d2 = _nearest(Z, centres)
+    if trim > 0:
+        d2 = np.partition(d2, n_keep - 1, axis=0)[:n_keep]
+    return centres, np.sum(d2, axis=0)
+
+
+def sample_kmeans(Zs: np.ndarray, K: int, seed: int, trim: float = 0.0) -> np.ndarray:
+    """Centres (K, D) of k-means on the sample Zs (n, D; standardised): the lowest cost of
+    :data:`N_INIT` seeded k-means++ starts (:func:`kmeans_plusplus`). The starts run by Lloyd
+    steps (:func:`lloyd`, all at once) on a seeded subset of ``max(SELECT_ROWS,
+    SELECT_ROWS_PER_CENTRE K)`` rows (the whole sample if smaller); the :data:`N_REFINE` of
+    them with the lowest cost on the whole sample continue there. Lloyd stops when the centres
+    move by at most :data:`SAMPLE_TOL` x the mean column variance (scikit-learn's rule).
+    Measured on 200,000 Gaia-like rows, 24 seeds each, K = 8 and 16: the start's mean
+    log-likelihood equals that of scikit-learn's best of 10 full runs (within its seed-to-seed
+    spread), at a third to a half of its CPU time and without its seconds of import. The centres
+    come sorted by their coordinates (the first, then the next), so that a few rows more or less
+    in the sample change neither the clusters nor their order.
+
+    With ``trim`` (trimmed k-means, module docstring) the seeds are drawn among the dense rows
+    (:func:`_dense_rows`) and the Lloyd steps leave out the farthest rows. NumPy on one BLAS
+    thread: the client shares the machine with workers (threads spinning against them made
+    k-means on 2 busy cores 20x slower).
+    """
+    rng = np.random.default_rng([int(seed), 19 if trim > 0 else 17])
+    n = Zs.shape[0]
+    m = max(SELECT_ROWS, SELECT_ROWS_PER_CENTRE * int(K))
+    with _one_blas_thread():
+        tol = SAMPLE_TOL * float(np.mean(np.var(Zs, axis=0)))
+        sub = Zs if m >= n else Zs[np.sort(rng.choice(n, m, replace=False))]
+        seeds_from = sub
+        if trim > 0:
+            seeds_from = _dense_rows(Zs, trim, rng)
+            if seeds_from.shape[0] < K:
+                seeds_from = Zs
+        centres, cost = lloyd(sub, kmeans_plusplus(seeds_from, K, N_INIT, rng), tol, trim=trim)
+        if sub is not Zs:  # the best few on the whole sample, refined there
+            cost = lloyd(Zs, centres, tol, trim=trim, max_iter=0)[1]
+            best = centres[np.argsort(cost, kind="stable")[:N_REFINE]]
+            centres, cost = lloyd(Zs, best, tol, trim=trim)
+    best = centres[int(np.argmin(cost))]
+    return best[np.lexsort(best.T[::-1])]
+
+
+_BLAS: Any = None
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """BLAS on one thread inside the block (threadpoolctl's controller, made once: finding the
+    loaded libraries costs milliseconds)."""
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController  # noqa: PLC0415 - the client's start only
+
+        _BLAS = ThreadpoolController()
+    with _BLAS.limit(limits=1, user_api="blas"):
+        yield
 
 
 #: ``sample_pass(fraction) -> (SampleMoments, valid rows)``; ``lloyd_pass(index, centres,
@@ -313,8 +483,8 @@ def kmeans_start(
         j = int(np.flatnonzero(mom.count == 0)[0])
         raise ValueError(f"feature {j} has no observed value in the whole catalogue")
     col_mean, col_scale = robust_scale(mom.sample, mom.mean)
-    Zs = standardise(mom.sample, col_mean, col_scale)
-    d2 = np.sum(Zs * Zs, axis=1)
+    Z_sample = standardise(mom.sample, col_mean, col_scale)
+    d2 = np.einsum("ij,ij->i", Z_sample, Z_sample)
     keep = d2 <= trim_radius2(d2, D)
     if int(keep.sum()) < K:
         raise ValueError(
@@ -322,24 +492,26 @@ def kmeans_start(
             f"catalogue) but n_components = {K}; use fewer components or a larger "
             "fit.kmeans_sample"
         )
-    Zs = Zs[keep]
+    Zs = Z_sample[keep]
     if np.unique(Zs, axis=0).shape[0] < K:
         raise ValueError(
             f"the k-means sample holds fewer distinct rows than n_components = {K}; use fewer "
             "components"
         )
-    if trim > 0:
-        centres = _trimmed_kmeans(Zs, K, seed, trim)
-        d2 = np.sum((Zs - centres[assign(Zs, centres)]) ** 2, axis=1)
-        d2_max = float(np.quantile(d2, 1.0 - trim))
-    else:
-        centres = _sample_kmeans(Zs, K, seed)
-        d2_max = trim_radius2(np.sum((Zs - centres[assign(Zs, centres)]) ** 2, axis=1), D)
+    centres = sample_kmeans(Zs, K, seed, trim)
+    d2 = _nearest(Zs, centres[None])[1][:, 0]
+    d2_max = float(np.quantile(d2, 1.0 - trim)) if trim > 0 else trim_radius2(d2, D)
     seconds["sample_kmeans"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    # the sample is every valid row: the passes over every row need not read them again
+    every_row = fraction >= 1.0 and mom.sample.shape[0] == n_valid
+    Z_all = Z_sample if every_row else None
     sums, converged, n_pass = cluster_sums(Zs, centres, d2_max), False, 0
     for n_pass in range(1, int(max_iter) + 1):
-        sums, rows = lloyd_pass(n_pass, centres, col_mean, col_scale, d2_max)
+        if Z_all is not None:
+            sums, rows = cluster_sums(Z_all, centres, d2_max), n_valid
+        else:
+            sums, rows = lloyd_pass(n_pass, centres, col_mean, col_scale, d2_max)
         d = sums.delta / np.maximum(sums.count, 1.0)[:, None]  # (K, D) mean offset per cluster
         new = np.where(sums.count[:, None] > 0, centres + d, centres)
         shift = float(np.max(np.abs(new - centres)))
@@ -357,6 +529,7 @@ def kmeans_start(
     info = {
         "method": "kmeans",
         "passes": n_pass,
+        "passes_on_sample": bool(every_row and n_pass),
         "converged": converged,
         "inertia_per_row": float(sums.inertia / max(float(sums.count.sum()), 1.0)),
         "sample_rows": int(Zs.shape[0]),
