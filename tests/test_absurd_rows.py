@@ -74,9 +74,7 @@ def test_the_cli_exits_nonzero_naming_the_rows_by_the_schemas_id_column(clean, t
     schema = tmp_path / "plain.toml"
     schema.write_text(
         'name = "plain3"\nid_column = "source_id"\n'
-        + "".join(
-            f'[[feature]]\nname = "x{i}"\nerror = "x{i}_error"\n' for i in range(3)
-        )
+        + "".join(f'[[feature]]\nname = "x{i}"\nerror = "x{i}_error"\n' for i in range(3))
     )
     res = CliRunner().invoke(
         main,

@@ -343,12 +343,16 @@ def test_processes_sharing_a_cache_compile_each_variant_once(tmp_path):
 
     env = dict(os.environ, XD_DASK_KERNEL_CACHE=str(tmp_path / "kernels"))
     procs = [
-        subprocess.Popen([sys.executable, "-c", _WARM, str(k)], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, "-c", _WARM, str(k)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
         for k in range(2)
     ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
     compiled = [list(map(int, out.split())) for out, _ in outs]
     assert [a + b for a, b in zip(*compiled, strict=True)] == [1, 1], compiled
-

@@ -246,7 +246,7 @@ def test_backend_choice_and_registry(monkeypatch):
 
 
 def test_auto_weighs_compiling_against_the_reference(monkeypatch):
-    """"auto" runs a pattern on the reference while the reference's estimated time stays below
+    """ "auto" runs a pattern on the reference while the reference's estimated time stays below
     what the compiled variant needs before it can run (0 once loaded), accumulated per variant:
     a call too small to amortise a compile never pays for one, and a long series of small calls
     compiles once the time spent on the reference reaches the compile time."""

@@ -142,3 +142,36 @@ def test_a_lock_file_of_another_user_or_with_a_second_link_is_refused(tmp_path):
         FileLock(fifo).acquire()  # and does not block opening it
     lock.symlink_to(victim)
     assert not is_locked(lock)
+
+
+def test_a_removed_lock_file_is_not_locked_twice(tmp_path):
+    """A waiter that locks the file its holder removed on release retries on the file that is
+    there now: never two holders (a new holder on the new file refuses the waiter)."""
+    import threading
+    import time
+
+    from xd_dask.locks import LockError
+
+    path = tmp_path / ".out.lock"
+    first = FileLock(path, "output", remove=True).acquire()
+    waiter = FileLock(path, "output", remove=True)
+    got = threading.Event()
+    t = threading.Thread(target=lambda: (waiter.acquire(timeout=20.0), got.set()), daemon=True)
+    t.start()
+    time.sleep(0.3)  # the waiter polls a descriptor of the first file
+    first.release()  # removes the file
+    try:
+        third = FileLock(path, "output", remove=True).acquire()  # a new file
+    except LockError:  # the waiter was quicker, on the new file: still one holder
+        assert got.wait(5.0) and waiter.held
+        waiter.release()
+        return
+    try:
+        assert not got.wait(1.0)  # the waiter did not keep the removed file's lock
+        assert not waiter.held
+    finally:
+        third.release()
+    t.join(20.0)
+    assert got.is_set() and waiter.held  # then it takes the new file's lock
+    waiter.release()
+    assert not path.exists()

@@ -111,6 +111,8 @@ class FileLock:
                             f"(lock file {self.path}); wait for it to finish or choose another"
                         ) from None
                     time.sleep(0.05)
+            if self.remove and not _same_file(fd, self.path):
+                raise _Stale  # the holder removed the file as it let go: lock the new one
             info = {
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
@@ -119,6 +121,10 @@ class FileLock:
             }
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        except _Stale:
+            os.close(fd)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return self.acquire(left)
         except BaseException:
             os.close(fd)
             raise
@@ -126,7 +132,7 @@ class FileLock:
         return self
 
     def release(self) -> None:
-        """Give the lock up (the lock file stays; it is reused by the next holder)."""
+        """Give the lock up (the lock file stays for the next holder unless ``remove``)."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
@@ -179,3 +185,16 @@ def output_lock(directory: str | os.PathLike) -> Iterator[FileLock]:
     directory.mkdir(parents=True, exist_ok=True)
     with FileLock(directory / OUTPUT_LOCK, f"output directory {directory}") as lock:
         yield lock
+
+
+class _Stale(Exception):
+    """The locked file was removed by its previous holder (:meth:`FileLock.acquire` retries)."""
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open ``fd`` is the file at ``path`` now (not one removed meanwhile)."""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)

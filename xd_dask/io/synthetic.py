@@ -209,9 +209,7 @@ def true_mixture(n_clusters: int = 0, seed: int = 0, cluster_weight: float = 0.3
     ]
     if n_clusters:
         comps = [(c[0], c[1] * (1.0 - cluster_weight), *c[2:]) for c in comps]
-        comps += [
-            (c[0], c[1] * cluster_weight, *c[2:]) for c in star_clusters(n_clusters, seed)
-        ]
+        comps += [(c[0], c[1] * cluster_weight, *c[2:]) for c in star_clusters(n_clusters, seed)]
     weights, means, covs, trunc = [], [], [], []
     for _, w, m, sd, corr in comps:
         R = np.eye(7)

@@ -264,6 +264,7 @@ def prepare_fit(
 ) -> FitPlan:
     """Check and list a fit before a cluster starts (module docstring); returns its plan."""
     out = Path(out_dir if out_dir is not None else cfg.output.dir)
+    check_unlocked(out / OUTPUT_LOCK, f"output directory {out}")  # a running fit first
     _check_checkpoints(out, resume, overwrite)
     schema = load_schema_checked(cfg.catalog.schema)
     train, manifest, holdout, split, held_desc = _sources(cfg, schema)
@@ -277,8 +278,8 @@ def replan(plan: FitPlan, cfg: JobConfig, out_dir: str | Path, *, overwrite: boo
     ``out_dir``: the output's checkpoints, its lock and the model size are checked again, the
     catalogue is not listed again (``xd-dask select`` plans every K before a cluster starts)."""
     out = Path(out_dir)
-    _check_checkpoints(out, False, overwrite)
     check_unlocked(out / OUTPUT_LOCK, f"output directory {out}")
+    _check_checkpoints(out, False, overwrite)
     check_model_size(cfg, len(plan.schema.features), _training_rows(plan.manifest, plan.split))
     return dataclasses.replace(plan, cfg=cfg, out=out, resume=False)
 

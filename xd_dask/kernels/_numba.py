@@ -315,4 +315,3 @@ def pattern_moves_numba(
                RR=RR)  # fmt: skip
     low = RR.sum(axis=0).reshape(K, K)  # lower triangle
     return low + np.tril(low, -1).T, acc.sum(axis=0).reshape(n_terms, K)
-

@@ -243,4 +243,3 @@ def warm(keys) -> None:
 def kernel(kind: str, d: int, fp32: bool, du: int = 0, D: int = 0):
     """The compiled kernel of a variant (see :func:`_kernel`)."""
     return _kernel(kind, d, fp32, du, D)
-

@@ -244,4 +244,3 @@ def pattern_moves_ref(
         RR += RRc
         sums += sc
     return RR, sums
-

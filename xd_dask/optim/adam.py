@@ -31,7 +31,12 @@ steps, then halved every tenth of them (measured on a 60 000-row make-catalog ca
 0.44 %). With a tolerance the rate follows the fit's progress instead (``plateau``): h counts the
 epochs whose mean log-likelihood (every row once) rose by less than ``plateau``; Adam's step is
 about the learning rate whatever the gradient, so only a smaller rate lets the fit settle within
-the tolerance (rule state ``lr_scale``, ``epochs_seen``).
+the tolerance (rule state ``lr_scale``, ``epochs_seen``). Such a fit is not converged while
+the rate is still at its start: at a constant rate Adam's parameters keep moving by about the rate
+(a noise floor), and the epoch mean log-likelihood stops changing long before the fit is where
+batch EM ends (measured: 2.5 M rows, K = 16, 64 strata per epoch, default rate: flat within 3e-4
+per epoch from epoch 1 on, at 0.0080 nats/row below converged batch EM). :meth:`Adam.settled`
+therefore holds the stop until the rate has been halved ``SETTLED_HALVINGS`` times.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ BETA1 = 0.9
 BETA2 = 0.999
 EPS = 1e-8
 _BLOCKS = ("z", "mu", "L")
+SETTLED_HALVINGS = 3  # plateaus before a tolerance may stop a fit (module docstring)
 
 
 def mixture_scale(params: Params) -> np.ndarray:
@@ -168,6 +174,14 @@ class Adam:
         if self.schedule is None:
             return self.learning_rate
         return self.learning_rate * self.schedule(t) / self.schedule(0)
+
+    def settled(self, state: dict[str, np.ndarray]) -> bool:
+        """Whether the loop's tolerance may stop the fit: with plateau halving, only after the
+        rate was halved ``SETTLED_HALVINGS`` times (module docstring); a scheduled rate has no
+        say (the budget ends the fit)."""
+        if self.plateau <= 0:
+            return True
+        return float(state.get("lr_scale", 1.0)) <= 0.5**SETTLED_HALVINGS
 
     def init(self, params: Params) -> dict[str, np.ndarray]:
         scale = mixture_scale(params)

@@ -134,6 +134,12 @@ class FitLoop:
         """The rule needs the same waves every epoch (incremental EM), in a new order."""
         return bool(getattr(self.rule, "fixed_waves", False))
 
+    def _settled(self, state: LoopState) -> bool:
+        """The rule's own say on stopping (optional ``settled(rule_state)``; Adam: its rate has
+        decayed): a flat epoch mean is not convergence while the rule's steps stay large."""
+        settled = getattr(self.rule, "settled", None)
+        return True if settled is None else bool(settled(state.rule_state))
+
     @property
     def _n_orderable(self) -> int:
         """What an epoch's order permutes: the strata, the fixed waves of units, or the units."""
@@ -230,9 +236,12 @@ class FitLoop:
             change = abs(means[-1] - means[-2]) if len(means) > 1 else float("nan")
             text = (
                 f"in {s.epochs} epochs: the epoch mean log-likelihood still changed by "
-                f"{change:.3g} nats/row in the last epoch ({change / s.tol:.3g} x tol = {s.tol:g});"
-                " raise fit.epochs"
+                f"{change:.3g} nats/row in the last epoch ({change / s.tol:.3g} x tol = {s.tol:g})"
             )
+            if change < s.tol and not self._settled(state):
+                text += ", but the rule's step size had not yet decayed (its steps still move"
+                text += " the parameters by about the rate)"
+            text += "; raise fit.epochs"
         warnings.warn(f"{self.rule.name} did not converge {text}", ConvergenceWarning, stacklevel=4)
 
     def _final_pass(self, state: LoopState) -> None:
@@ -349,7 +358,9 @@ class FitLoop:
         before = [h["epoch_mean_loglike"] for h in state.history if "epoch_mean_loglike" in h]
         entry["epoch_mean_loglike"] = mean
         tol = self.settings.tol
-        state.converged = bool(before) and tol > 0 and abs(mean - before[-1]) < tol
+        state.converged = (
+            bool(before) and tol > 0 and abs(mean - before[-1]) < tol and self._settled(state)
+        )
         log.log(
             self.log_level,
             "epoch %d: mean log-likelihood %.10g (change %.3g)",

@@ -59,7 +59,11 @@ class StepData:
 
 class UpdateRule(Protocol):
     """``name`` (stored in checkpoints); ``monotone``: a full-batch step never lowers the
-    log-likelihood (switches the loop's drop check on)."""
+    log-likelihood (switches the loop's drop check on).
+
+    Optional members the loop asks for when present: ``fixed_waves`` (the rule needs the same
+    waves every epoch, incremental EM) and ``settled(state) -> bool`` (whether the tolerance may
+    stop a fit on waves yet; Adam: only after its rate decayed)."""
 
     name: str
     monotone: bool
