@@ -17,15 +17,17 @@ like Gaia's bulk files; default 10 million rows in 40 files, D = 7, K = 16), pri
 3. k-means initialisation cost in batch-iteration equivalents (against the streamed iterations of
    the same fit): the default (k-means on a bounded sample + one pass) and the former default
    (10 Lloyd passes seeded from 2000 rows), with the mean log-likelihood of the start each gives;
-4. unless ``--skip-comparison``: held-out (20 % by source-id hash) log-likelihood against wall
-   time for batch EM on the sky-ordered files, ``xd-dask shuffle`` (its time), online EM and
-   Adam with their defaults on the shuffled copy (waves of row-group fragments), and online EM
-   on waves of the sky-ordered files (biased: the case issue 9 fixes);
+4. unless ``--skip-comparison``: the table of ``benchmarks/gaps.py`` on this catalogue: held-out
+   (15 % by source-id hash) mean log-likelihood per row of converged batch EM (tol 1e-6), online
+   EM and Adam at their defaults, in cluster memory and (``--out-of-memory``, per worker) out of
+   it on the sky-ordered files (refused) and on a shuffled copy; differences in nats/row with
+   paired standard errors against batch EM and the generating model; Adam against online EM at
+   equal passes;
 5. a projection of one pass over 1.8 billion rows at K = 256 from the measured cost per pair.
 
 Usage: python benchmarks/bench_fit.py [--rows N] [--partitions P] [--components K]
        [--iterations I] [--workers W] [--memory-limit 5GiB] [--data-dir DIR] [--json OUT]
-Small check: python benchmarks/bench_fit.py --rows 300000 --partitions 12 --batch-iter 5
+Small check: python benchmarks/bench_fit.py --rows 300000 --partitions 12 --out-of-memory ''
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ import pyarrow.parquet as pq
 from xd_dask.params import Params
 
 D = 7
-HOLDOUT = 0.2
 
 
 def warm_start(X: np.ndarray, K: int, features, seed: int = 1):
@@ -121,84 +122,30 @@ def _best_iteration(model, skip_first: bool) -> tuple[float, float]:
     return best["seconds"], best["task_seconds"]
 
 
-class Snapshots:
-    """A progress callback that keeps (wall seconds, step, parameters) every ``every`` steps
-    (read from the fit's checkpoint, written just before the callback)."""
+def compare_methods(client, cat: Path, K: int, args, root: Path, cluster_kw: dict) -> dict:
+    """Section 4: :func:`gaps.run` on this catalogue (held-out nats/row with paired standard
+    errors against converged batch EM and the generating model; out of memory too unless
+    ``--out-of-memory ''``)."""
+    from distributed import Client, LocalCluster
+    from gaps import equal_passes, print_header, run
 
-    def __init__(self, checkpoint_dir: Path, every: int) -> None:
-        self.dir, self.every = checkpoint_dir, max(1, int(every))
-        self.t0 = time.perf_counter()
-        self.points: list[tuple[float, int, object]] = []
-
-    def __call__(self, event: dict) -> None:
-        from xd_dask.distributed import load_checkpoint
-
-        if event["iteration"] % self.every == 0 or event["iteration"] == event["total"]:
-            state = load_checkpoint(self.dir)[0]
-            self.points.append((time.perf_counter() - self.t0, event["iteration"], state.params))
-
-
-def compare_methods(client, sky: Path, K: int, args, root: Path, features) -> list[dict]:
-    """Section 4: held-out log-likelihood against wall time for each method."""
-    from xd_dask.distributed import FitConfig, fit_catalog, score_catalog
     from xd_dask.distributed.shuffle import shuffle_catalog
-    from xd_dask.model import XDModel
 
-    base = dict(n_components=K, schema="gaia_dr3", seed=1, holdout_rows=HOLDOUT)
-    t0 = time.perf_counter()
-    shuffled = root / f"{sky.name}-shuffled"
-    if not shuffled.exists():
-        shuffle_catalog(sky, shuffled, len(list(sky.glob("*.parquet"))), client, seed=3)
-    t_shuffle = time.perf_counter() - t0
-    runs = [
-        ("batch EM, sky-ordered files", sky, dict(max_iter=args.batch_iter, tol=1e-6), 0),
-        ("online EM, shuffled (defaults)", shuffled, dict(method="online", epochs=3), t_shuffle),
-        ("Adam, shuffled (defaults)", shuffled, dict(method="adam", epochs=5), t_shuffle),
-        (
-            "online EM, waves of sky-ordered files",
-            sky,
-            dict(method="online", epochs=3, waves="files"),
-            0,
-        ),
-    ]
-    out = []
-    for label, cat, kw, extra in runs:
-        ck = Path(tempfile.mkdtemp(prefix="ck-", dir=root))
-        every = 4 if kw.get("method") is None else 16
-        snaps = Snapshots(ck, every)
-        cfg = FitConfig(catalog=str(cat), checkpoint_dir=str(ck), **base, **kw)
-        model = fit_catalog(cfg, client, snaps)
-        wall = time.perf_counter() - snaps.t0
-        md = model.metadata
-        if not snaps.points or snaps.points[-1][1] != md["n_iter"]:
-            snaps.points.append((wall, md["n_iter"], None))
-        curve = []
-        for t, step, params in snaps.points:
-            m = (
-                model
-                if params is None
-                else XDModel(
-                    Params(params.weights, params.means, params.covariances, params.background),
-                    features,
-                    {},
-                )
-            )
-            ll = score_catalog(m, str(sky), "gaia_dr3", client, split=(HOLDOUT, "holdout"))
-            curve.append((t, step, ll.mean_loglike))
-        out.append(
-            {
-                "method": label,
-                "wall_s": wall,
-                "shuffle_s": extra,
-                "steps": md["n_iter"],
-                "waves": md.get("waves"),
-                "init_s": md["init"].get("seconds"),
-                "curve": curve,
-                "final_heldout": curve[-1][2],
-            }
-        )
-        print(f"  {label}: {md['n_iter']} steps in {wall:.1f} s, held-out {curve[-1][2]:.5f}")
-    return out
+    work = root / "gaps-work"
+    work.mkdir(exist_ok=True)
+    print_header(f"K = {K}, {args.rows:,} rows in {args.partitions} sky-ordered files, 15 % held "
+                 "out by id")  # fmt: skip
+    if not args.out_of_memory:
+        rows = run(client, str(cat), K, work)
+    else:
+        shuffled = root / f"{cat.name}-shuffled"
+        if not shuffled.exists():
+            shuffle_catalog(cat, shuffled, args.partitions, client, seed=3)
+        kw = dict(cluster_kw, memory_limit=args.out_of_memory)
+        with LocalCluster(**kw) as small_cl, Client(small_cl) as small:
+            rows = run(client, str(cat), K, work, small, str(shuffled))
+    equal_passes(rows, rows["batch EM (tol 1e-6)"]["heldout"])
+    return {k: {a: b for a, b in v.items() if a != "ll"} for k, v in rows.items()}
 
 
 def main() -> None:
@@ -210,7 +157,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--memory-limit", default="5GiB", help="per worker")
     ap.add_argument("--baseline-rows", type=int, default=2_500_000)
-    ap.add_argument("--batch-iter", type=int, default=40, help="batch EM iterations (section 4)")
+    ap.add_argument("--out-of-memory", default="1GiB", help="section 4: memory per worker of "
+                    "the out-of-memory runs ('' to skip them)")  # fmt: skip
     ap.add_argument("--skip-persist", action="store_true")
     ap.add_argument("--skip-comparison", action="store_true")
     ap.add_argument("--data-dir", default=None, help="catalogue cache (default: a temp dir)")
@@ -255,14 +203,9 @@ def main() -> None:
     res["ceiling_s"] = ceiling
 
     warm = dict(catalog=str(cat), n_components=K, schema=schema, tol=0.0, init=str(model_path))
+    cluster_kw = dict(n_workers=W, threads_per_worker=1, processes=True, dashboard_address=":0")
     with (
-        LocalCluster(
-            n_workers=W,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",
-            memory_limit=args.memory_limit,
-        ) as cluster,
+        LocalCluster(**cluster_kw, memory_limit=args.memory_limit) as cluster,
         Client(cluster) as client,
     ):
         fit_catalog(FitConfig(**warm, max_iter=2), client)  # compile in every worker
@@ -298,8 +241,7 @@ def main() -> None:
             }
         res["kmeans"] = kmeans
         if not args.skip_comparison:
-            print("\ncomparison (held-out log-likelihood against wall time):")
-            res["comparison"] = compare_methods(client, cat, K, args, root, features)
+            res["comparison"] = compare_methods(client, cat, K, args, root, cluster_kw)
     res["load_average_end"] = os.getloadavg()[0]
     _report(res, args, sizes)
     if args.json:
@@ -349,18 +291,6 @@ def _report(res: dict, args, sizes: list[int]) -> None:
             f"{km['iteration_s']:.2f} s; start {km['start_mean_loglike']:.5f}; by step "
             + ", ".join(f"{k} {v:.1f} s" for k, v in (km["by_step"] or {}).items())
         )
-    for run in res.get("comparison", []):
-        extra = f" + shuffle {run['shuffle_s']:.0f} s" if run["shuffle_s"] else ""
-        print(f"\n{run['method']}: {run['steps']} steps, {run['wall_s']:.1f} s{extra}")
-        print(f"  {'wall s':>8s} {'step':>6s} {'held-out ll':>12s}")
-        for tw, step, ll in run["curve"]:
-            print(f"  {tw:8.1f} {step:6d} {ll:12.5f}")
-    if res.get("comparison"):
-        ref = res["comparison"][0]["final_heldout"]
-        print("\nfinal held-out log-likelihood, gap to batch EM:")
-        for run in res["comparison"]:
-            gap = 100 * (ref - run["final_heldout"]) / abs(ref)
-            print(f"  {run['method']:40s} {run['final_heldout']:.5f}  {gap:6.3f} %")
     print(
         f"1-min load average {res['load_average_start']:.2f} at start, "
         f"{res['load_average_end']:.2f} at end (well above {W} means a busy machine: rerun)"

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from xd_dask.config import defaults_toml, job_keys, markdown_table
+from xd_dask.config import job_keys
+from xd_dask.config_docs import defaults_toml, markdown_table
 from xd_dask.jobs.config import (
     ConfigError,
     _flatten,

@@ -21,19 +21,18 @@ equal to a key's ``unset`` (``0``, ``0.0`` or ``""``: TOML has no null) means "n
 automatic"; FitConfig sees None for it. Keys with ``job=False`` are FitConfig fields that a job
 file cannot set (engine settings with a fixed default).
 
-This module imports nothing from the package (every layer may use it).
+This module imports nothing from the package but :mod:`xd_dask.config_key` (the key type), so
+every layer may use it; :mod:`xd_dask.config_docs` writes the generated files.
 """
 
 from __future__ import annotations
 
-import importlib
-import math
 import re
 import sys
-import textwrap
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
+
+from xd_dask.config_key import Check, K, Key, Provided, row_dtype
 
 __all__ = [
     "KEYS",
@@ -44,14 +43,11 @@ __all__ = [
     "Section",
     "cross_key_errors",
     "defaults",
-    "defaults_toml",
     "fit_keys",
     "key",
-    "markdown_table",
     "nest",
+    "row_dtype",
 ]
-
-Check = Callable[[Any], str | None]  # an extra check: returns an error text, or None
 
 
 # --------------------------------------------------------------------------- extra checks
@@ -131,164 +127,6 @@ _LISTEN = _chars(r"[A-Za-z0-9.\[\]:-]*:[0-9]{1,5}", "host:port or :port, or empt
 _ADDRESS = _chars(
     r"none|[A-Za-z0-9.\[\]:-]*:[0-9]{1,5}", "host:port, :port or 'none'", "a listening address"
 )
-
-
-# --------------------------------------------------------------------------- the key type
-_UNSET_DEFAULT = object()
-
-
-@dataclass(frozen=True)
-class Provided:
-    """Choices that a registry elsewhere in the package provides: ``function`` of ``module``
-    returns them (the method table gives ``fit.method``'s, the kernel registry ``fit.backend``'s).
-    Read when first needed, so this module imports nothing from the package."""
-
-    module: str
-    function: str
-
-    def names(self) -> tuple[str, ...]:
-        return tuple(getattr(importlib.import_module(self.module), self.function)())
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
-
-    def __contains__(self, value: object) -> bool:
-        return value in self.names()
-
-    def __len__(self) -> int:
-        return len(self.names())
-
-
-@dataclass(frozen=True)
-class Key:
-    """One setting.
-
-    Parameters
-    ----------
-    name : dotted name, ``section.key`` (``fit.step.kappa``: section ``fit.step``).
-    default : the default; its type (bool, int, float, str, list of str) is the key's type.
-    help : one line (command-line help; the comment beside the key in job.toml).
-    lo, hi, lo_open, hi_open : numeric range (closed unless open).
-    choices : the allowed strings (a tuple, or :class:`Provided` by a registry).
-    check : a further check of a string value (returns an error text or None).
-    unset : the value that means "not set / automatic" where FitConfig takes None for it.
-    fit : the FitConfig field: "" = the last part of the name for ``fit.*`` keys (none for
-        others), a name, or None (not a FitConfig field).
-    flag : command-line flag(s), e.g. ``"-k/--n-components"`` (None: only ``--set``).
-    doc : further lines of documentation for job.toml.
-    job : False for FitConfig-only keys (engine settings a job file does not set).
-    """
-
-    name: str
-    default: Any
-    help: str
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-    choices: tuple[str, ...] | Provided | None = None
-    check: Check | None = None
-    unset: Any = _UNSET_DEFAULT
-    fit: str | None = ""
-    flag: str | None = None
-    doc: str = ""
-    job: bool = True
-
-    @property
-    def section(self) -> str:
-        return self.name.rsplit(".", 1)[0]
-
-    @property
-    def leaf(self) -> str:
-        return self.name.rsplit(".", 1)[1]
-
-    @property
-    def type(self) -> type:
-        return type(self.default)
-
-    @property
-    def has_unset(self) -> bool:
-        return self.unset is not _UNSET_DEFAULT
-
-    @property
-    def field(self) -> str | None:
-        """The FitConfig field this key fills (None: not a FitConfig field)."""
-        if self.fit is None:
-            return None
-        if self.fit:
-            return self.fit
-        if self.section == "fit":
-            return self.leaf
-        return None
-
-    def allowed(self) -> str:
-        """The allowed values in words, e.g. ``integer >= 1``, ``number in (0, 0.5]``."""
-        t = self.type
-        if t is bool:
-            return "true or false"
-        if t is list:
-            return "list of names"
-        if self.choices:
-            return "one of " + ", ".join(repr(c) for c in self.choices)
-        if t is str:
-            return "string"
-        what = "integer" if t is int else "number"
-        lo, hi = self.lo, self.hi
-        if lo is not None and hi is not None:
-            left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
-            return f"{what} in {left}{lo:g}, {hi:g}{right}"
-        if lo is not None:
-            return f"{what} {'>' if self.lo_open else '>='} {lo:g}"
-        if hi is not None:
-            return f"{what} {'<' if self.hi_open else '<='} {hi:g}"
-        return what
-
-    def validate(self, v: Any) -> str | None:
-        """An error text (``must be ...``) for a bad value, None for a good one."""
-        t = self.type
-        if t is bool:
-            return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
-        if t is list:
-            if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
-                return f"must be a list of names, got {v!r}"
-            return None
-        if t is str:
-            if not isinstance(v, str):
-                return f"must be a string, got {v!r}"
-            if self.choices is not None and v not in self.choices:
-                return f"must be one of {', '.join(repr(c) for c in self.choices)}, got {v!r}"
-            return self.check(v) if self.check is not None else None
-        if t is int and (isinstance(v, bool) or not isinstance(v, int)):
-            return f"must be an integer, got {v!r}"
-        if t is float and (
-            isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
-        ):
-            return f"must be a finite number, got {v!r}"
-        if self.has_unset and v == self.unset:
-            return None
-        lo, hi = self.lo, self.hi
-        both = f" ({self.allowed()})" if lo is not None and hi is not None else ""
-        if lo is not None and (v <= lo if self.lo_open else v < lo):
-            return f"must be {'>' if self.lo_open else '>='} {lo:g}{both}, got {v:g}"
-        if hi is not None and (v >= hi if self.hi_open else v > hi):
-            return f"must be {'<' if self.hi_open else '<='} {hi:g}{both}, got {v:g}"
-        return None
-
-    def typed(self, v: Any) -> Any:
-        """The value in the key's type (an integer given for a float key becomes a float)."""
-        return float(v) if self.type is float and not isinstance(v, bool) else v
-
-
-def K(name: str, default: Any, help: str, **kw: Any) -> Key:  # noqa: N802 - reads as a table
-    return Key(name, default, help, **kw)
-
-
-def row_dtype(dtype: str, gpu: bool) -> str:
-    """The row precision a ``fit.dtype`` value means: "auto" is "float32" on GPU workers (device
-    memory and fp32 throughput; statistics still sum in float64) and "float64" on CPU workers."""
-    if dtype == "auto":
-        return "float32" if gpu else "float64"
-    return dtype
 
 
 # --------------------------------------------------------------------------- the table
@@ -643,106 +481,12 @@ class Section(Mapping[str, Any]):
         return f"Section({self._name!r}, {dict(self._data)!r})"
 
 
-# --------------------------------------------------------------------------- job.toml
-_HEADER = """\
-# xd-dask job configuration: the packaged defaults (every key that a job file may set).
-# GENERATED from the key table in xd_dask/config.py (`python -m xd_dask.config`): edit the table.
-#
-# Precedence, highest first:
-#   1. command-line flags (`-k 64`, or `--set fit.n_components=64` for any key)
-#   2. environment variables XD_DASK_<SECTION>__<KEY> (double underscore between levels), e.g.
-#      XD_DASK_FIT__N_COMPONENTS=64, XD_DASK_FIT__STEP__KAPPA=0.7, XD_DASK_CLUSTER__GPU=true;
-#      values are read as TOML values ("true", "3", "[\\"a\\", \\"b\\"]"), else as plain strings
-#   3. the job file given on the command line (TOML, same layout as this file)
-#   4. this file
-# Unknown keys and bad values are errors that name the key and where it was set. Relative paths
-# are relative to the current working directory. An empty string (or 0 where the comment says
-# so) means "not set". [brackets]: the allowed values; (flag): the command-line flag.
-"""
-_COLUMN = 29
-_WIDTH = 100
-_NBSP = "\u00a0"
-
-
-def _toml_value(v: Any) -> str:
-    import tomli_w  # noqa: PLC0415
-
-    return tomli_w.dumps({"v": v})[4:].strip()
-
-
-def _key_lines(k: Key) -> list[str]:
-    bits = [k.help]
-    if k.type in (int, float) or k.choices:
-        bits.append(f"[{k.allowed()}]".replace(" ", _NBSP))  # never broken across lines
-    if k.flag:
-        bits.append(f"({k.flag})")
-    if k.doc:
-        bits.append("- " + " ".join(k.doc.split()))
-    left = f"{k.leaf} = {_toml_value(k.default)}"
-    if len(left) >= _COLUMN - 1:
-        lines, width = [left], _WIDTH - _COLUMN - 2
-        body = textwrap.wrap(" ".join(bits), width)
-    else:
-        first = textwrap.wrap(" ".join(bits), _WIDTH - _COLUMN - 2)
-        lines = [f"{left.ljust(_COLUMN)}# {first[0]}"]
-        body = first[1:]
-    lines += [" " * _COLUMN + f"# {line}" for line in body]
-    return [line.replace(_NBSP, " ") for line in lines]
-
-
-def defaults_toml() -> str:
-    """The text of ``xd_dask/defaults/job.toml``: every job key, its default and its help."""
-    out = [_HEADER.rstrip("\n")]
-    current = None
-    for k in job_keys():
-        if k.section != current:
-            current = k.section
-            head = f"[{current}]"
-            note = SECTIONS.get(current, "")
-            out += ["", f"{head.ljust(_COLUMN)}# {note}" if note else head]
-        out += _key_lines(k)
-    return "\n".join(out) + "\n"
-
-
-def markdown_table(section: str) -> str:
-    """The keys of ``section`` as a Markdown table (key, default, allowed values, flag, meaning),
-    as the README shows them."""
-    rows = ["| key | default | allowed | flag | meaning |", "|---|---|---|---|---|"]
-    for k in job_keys():
-        if k.section != section:
-            continue
-        allowed = k.allowed() if k.type in (int, float) or k.choices else ""
-        flag = f"`{k.flag}`" if k.flag else ""
-        text = k.help + (f"; {' '.join(k.doc.split())}" if k.doc else "")
-        rows.append(f"| `{k.leaf}` | `{_toml_value(k.default)}` | {allowed} | {flag} | {text} |")
-    return "\n".join(rows) + "\n"
-
-
-def write_generated(readme: str | None = None) -> list[str]:
-    """Rewrite the files generated from the table: ``xd_dask/defaults/job.toml`` and, when
-    ``readme`` (README.md of a source checkout) is given, its table of [fit] keys."""
-    from pathlib import Path  # noqa: PLC0415
-
-    job = Path(__file__).parent / "defaults" / "job.toml"
-    job.write_text(defaults_toml(), encoding="utf-8")
-    written = [str(job)]
-    if readme:
-        lines = Path(readme).read_text(encoding="utf-8").splitlines(keepends=True)
-        head = markdown_table("fit").splitlines(keepends=True)[0]
-        start = lines.index(head)
-        end = start
-        while end < len(lines) and lines[end].startswith("|"):
-            end += 1
-        lines[start:end] = markdown_table("fit").splitlines(keepends=True)
-        Path(readme).write_text("".join(lines), encoding="utf-8")
-        written.append(str(readme))
-    return written
-
-
 if __name__ == "__main__":
     # python -m xd_dask.config                    job.toml's text on stdout
     # python -m xd_dask.config --markdown fit     a section's keys as a Markdown table
     # python -m xd_dask.config --write README.md  rewrite job.toml and README's [fit] table
+    from xd_dask.config_docs import defaults_toml, markdown_table, write_generated
+
     if sys.argv[1:2] == ["--markdown"]:
         sys.stdout.write(markdown_table(sys.argv[2]))
     elif sys.argv[1:2] == ["--write"]:
