@@ -9,15 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xd_dask.optim.kmeans import (
-    array_passes,
-    cluster_sums,
-    kmeans_plusplus,
-    kmeans_start,
-    lloyd,
-    sample_kmeans,
-    sample_moments,
-)
+from xd_dask.optim.kmeans import array_passes, cluster_sums, kmeans_start, sample_moments
+from xd_dask.optim.kmeans_sample import kmeans_plusplus, lloyd, sample_kmeans
 
 CENTRES = np.array([[0.0, 0.0, 0.0], [6.0, 0.0, 1.0], [0.0, 6.0, -1.0], [5.0, 5.0, 5.0]])
 

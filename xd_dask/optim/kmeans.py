@@ -7,7 +7,7 @@
    the interquartile range, then 1, where the MAD is 0), so that one absurd row (a parallax of
    1e30 mas) neither sets the scale nor loses the other rows to rounding; sample rows far outside
    the bulk (:func:`trim_radius2`) are left out; k-means on the sample (:func:`sample_kmeans`:
-   the best of :data:`N_INIT` seeded k-means++ starts, compared on a subset of the sample, then
+   the best of :data:`~xd_dask.optim.kmeans_sample.N_INIT` seeded k-means++ starts, compared on a subset of the sample, then
    Lloyd steps on the whole sample).
 3. ``max_iter`` Lloyd passes over every row (default ``fit.kmeans_iter``): per-cluster counts, sums
    and scatter matrices centred on the current centres (:func:`cluster_sums`, O(K D^2) per unit),
@@ -37,10 +37,9 @@ k-means on the client in tens of milliseconds (NumPy only: scikit-learn takes se
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +47,7 @@ import numpy as np
 
 from xd_dask.config import key
 from xd_dask.kernels._common import array_namespace, to_numpy
+from xd_dask.optim.kmeans_sample import nearest, sample_kmeans
 from xd_dask.params import Params
 from xd_dask.utils import get_logger
 
@@ -60,29 +60,13 @@ __all__ = [
     "assign",
     "cluster_sums",
     "default_sample_size",
-    "kmeans_plusplus",
     "kmeans_start",
-    "lloyd",
     "robust_scale",
-    "sample_kmeans",
     "sample_moments",
     "standardise",
     "trim_radius2",
 ]
 
-#: Seeded k-means++ starts on the sample; the lowest inertia is kept.
-N_INIT = 10
-#: Lloyd iterations on the sample (at most).
-SAMPLE_LLOYD_ITER = 100
-#: The starts run to convergence on this many rows of the sample (at least
-#: :data:`SELECT_ROWS_PER_CENTRE` per centre), not on all of it (:func:`sample_kmeans`).
-SELECT_ROWS = 2048
-SELECT_ROWS_PER_CENTRE = 32
-#: The starts of lowest cost on the whole sample that Lloyd steps then refine there.
-N_REFINE = 3
-#: Lloyd steps on the sample stop when the centres move by at most this (summed squared shift,
-#: relative to the mean column variance: scikit-learn's ``tol``).
-SAMPLE_TOL = 1e-4
 #: Rows whose squared standardised distance exceeds TRIM x the sample's 99th percentile (or D)
 #: are left out of the k-means sums (absurd rows; EM still sees them).
 TRIM = 100.0
@@ -249,195 +233,6 @@ def trim_radius2(d2: np.ndarray, n_features: int) -> float:
     return TRIM * max(q, float(n_features))
 
 
-#: Rows of the sample whose density decides where trimmed k-means may put its seeds.
-SEED_ROWS = 2000
-#: The density proxy: distance to the SEED_NEIGHBOUR-th nearest of the seed rows.
-SEED_NEIGHBOUR = 10
-
-
-def _dense_rows(Zs: np.ndarray, trim: float, rng: np.random.Generator) -> np.ndarray:
-    """The densest (1 - ``trim``) of a random subset of the sample's rows (distance to their
-    :data:`SEED_NEIGHBOUR`-th nearest neighbour in the subset): where seeds may go. k-means++
-    alone picks far rows first, i.e. the outliers a background is for."""
-    sub = Zs[rng.choice(Zs.shape[0], min(SEED_ROWS, Zs.shape[0]), replace=False)]
-    sq = np.sum(sub * sub, axis=1)
-    d2 = sq[:, None] + sq[None, :] - 2.0 * (sub @ sub.T)  # (m, m)
-    k = min(SEED_NEIGHBOUR, sub.shape[0] - 1)
-    kth = np.partition(d2, k, axis=1)[:, k]
-    return sub[kth <= np.quantile(kth, 1.0 - trim)]
-
-
-def _sqdist(Z: np.ndarray, z2: np.ndarray, C: np.ndarray) -> np.ndarray:
-    """(n, m) squared distances of the rows Z (n, D; ``z2`` their squared norms) to C (m, D)."""
-    d2 = Z @ (-2.0 * C.T)
-    d2 += z2[:, None]
-    d2 += np.einsum("ij,ij->i", C, C)[None, :]
-    return np.maximum(d2, 0.0, out=d2)
-
-
-def kmeans_plusplus(Z: np.ndarray, K: int, n_starts: int, rng: np.random.Generator) -> np.ndarray:
-    """``n_starts`` independent sets of K seeds (n_starts, K, D) among the rows of Z (n, D) by
-    greedy k-means++ (Arthur & Vassilvitskii 2007, with scikit-learn's 2 + log K candidates per
-    seed): each next seed is the candidate, drawn with probability proportional to the squared
-    distance to the nearest seed so far, that leaves the lowest summed squared distance. The
-    starts advance together (one array operation per seed for all of them)."""
-    n, D = Z.shape
-    S, trials = int(n_starts), 2 + int(np.log(K))
-    z2 = np.einsum("ij,ij->i", Z, Z)
-    seeds = np.empty((S, K, D))
-    seeds[:, 0] = Z[rng.integers(n, size=S)]
-    closest = _sqdist(Z, z2, seeds[:, 0])  # (n, S): to the nearest seed of each start
-    cols = np.arange(S)
-    for k in range(1, K):
-        cum = np.cumsum(closest, axis=0)  # (n, S)
-        total = cum[-1]
-        u = rng.random((S, trials)) * total[:, None]
-        cand = np.stack([np.searchsorted(cum[:, j], u[j]) for j in range(S)])  # (S, trials)
-        anywhere = rng.integers(n, size=cand.shape)  # when every row sits on a seed already
-        flat = np.where(total[:, None] > 0, np.minimum(cand, n - 1), anywhere).ravel()
-        d2 = _sqdist(Z, z2, Z[flat]).reshape(n, S, trials)  # to every candidate
-        np.minimum(d2, closest[:, :, None], out=d2)
-        best = np.argmin(d2.sum(axis=0), axis=1)  # (S,)
-        pick = flat.reshape(S, trials)[cols, best]
-        seeds[:, k] = Z[pick]
-        closest = d2[:, cols, best]
-    return seeds
-
-
-#: Distances held at once by :func:`lloyd` (rows x starts x K), so that a step stays in cache.
-LLOYD_BLOCK = 1 << 14
-
-
-def _nearest(Z: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(labels (n, S), squared distances (n, S)) of the rows Z (n, D) to the nearest of the K
-    centres of each of S sets (S, K, D)."""
-    S, K, D = centres.shape
-    n = Z.shape[0]
-    C = centres.reshape(S * K, D)
-    cT, c2 = -2.0 * C.T, np.einsum("ij,ij->i", C, C)
-    labels, d2 = np.empty((n, S), dtype=np.int64), np.empty((n, S))
-    step = max(1, LLOYD_BLOCK // (S * K))
-    first = np.arange(min(step, n) * S).reshape(-1, S) * K  # flat index of each (row, set)'s k=0
-    for a in range(0, n, step):
-        z = Z[a : a + step]
-        d = z @ cT  # (m, S K)
-        d += c2
-        lab = np.argmin(d.reshape(z.shape[0], S, K), axis=2)  # (m, S)
-        labels[a : a + step] = lab
-        d2[a : a + step] = np.take(d, first[: z.shape[0]] + lab)
-    d2 += np.einsum("ij,ij->i", Z, Z)[:, None]
-    return labels, np.maximum(d2, 0.0, out=d2)
-
-
-def lloyd(
-    Z: np.ndarray,
-    centres: np.ndarray,
-    tol: float,
-    *,
-    trim: float = 0.0,
-    max_iter: int = SAMPLE_LLOYD_ITER,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd steps on the rows Z (n, D) for S sets of K centres (S, K, D) at once; returns
-    (centres (S, K, D), cost (S,)): each set's summed squared distance of the rows to their
-    nearest centre.
-
-    Without ``trim`` (plain k-means) an empty cluster takes the row farthest from its centre
-    (as scikit-learn's). With ``trim`` (trimmed k-means, module docstring) every step leaves out
-    of each set's means the fraction ``trim`` of rows farthest from their centres (and of its
-    cost); an empty cluster keeps its centre. Stops when no set's centres move by more than
-    ``tol`` (summed squared shift), at most ``max_iter`` steps (0: the cost of ``centres``).
-    """
-    S, K, D = centres.shape
-    n = Z.shape[0]
-    n_keep = max(K, int(np.ceil((1.0 - trim) * n)))
-    offset = (np.arange(S) * K)[None, :]  # (1, S): bins of set s are s K .. s K + K - 1
-    Zrep = None
-    for _ in range(int(max_iter)):
-        labels, d2 = _nearest(Z, centres)
-        bins = labels + offset
-        if trim > 0:  # the n_keep nearest rows of each set
-            far = np.argpartition(d2, n_keep - 1, axis=0)[n_keep:]  # (n - n_keep, S)
-            bins[far, np.arange(S)[None, :]] = S * K  # a bin past the last: left out
-        flat = bins.ravel()
-        if Zrep is None:  # (n S, D): row i once per set, in the order of flat
-            Zrep = np.repeat(Z, S, axis=0)
-        counts = np.bincount(flat, minlength=S * K + 1)[: S * K].astype(np.float64)
-        sums = np.stack(
-            [np.bincount(flat, weights=Zrep[:, j], minlength=S * K + 1)[: S * K] for j in range(D)],
-            axis=1,
-        )
-        new = (sums / np.maximum(counts, 1.0)[:, None]).reshape(S, K, D)
-        empty = (counts == 0).reshape(S, K)
-        if empty.any():
-            new[empty] = centres[empty]
-            if trim <= 0:
-                for s_, k_ in zip(*np.nonzero(empty), strict=True):  # farthest rows first
-                    i = int(np.argmax(d2[:, s_]))
-                    new[s_, k_], d2[i, s_] = Z[i], -1.0
-        shift = np.sum((new - centres) ** 2, axis=(1, 2))  # (S,)
-        centres = new
-        if np.all(shift <= tol):
-            break
-    _, d2 = _nearest(Z, centres)
-    if trim > 0:
-        d2 = np.partition(d2, n_keep - 1, axis=0)[:n_keep]
-    return centres, np.sum(d2, axis=0)
-
-
-def sample_kmeans(Zs: np.ndarray, K: int, seed: int, trim: float = 0.0) -> np.ndarray:
-    """Centres (K, D) of k-means on the sample Zs (n, D; standardised): the lowest cost of
-    :data:`N_INIT` seeded k-means++ starts (:func:`kmeans_plusplus`). The starts run by Lloyd
-    steps (:func:`lloyd`, all at once) on a seeded subset of ``max(SELECT_ROWS,
-    SELECT_ROWS_PER_CENTRE K)`` rows (the whole sample if smaller); the :data:`N_REFINE` of
-    them with the lowest cost on the whole sample continue there. Lloyd stops when the centres
-    move by at most :data:`SAMPLE_TOL` x the mean column variance (scikit-learn's rule).
-    Measured on 200,000 Gaia-like rows, 24 seeds each, K = 8 and 16: the start's mean
-    log-likelihood equals that of scikit-learn's best of 10 full runs (within its seed-to-seed
-    spread), at a third to a half of its CPU time and without its seconds of import. The centres
-    come sorted by their coordinates (the first, then the next), so that a few rows more or less
-    in the sample change neither the clusters nor their order.
-
-    With ``trim`` (trimmed k-means, module docstring) the seeds are drawn among the dense rows
-    (:func:`_dense_rows`) and the Lloyd steps leave out the farthest rows. NumPy on one BLAS
-    thread: the client shares the machine with workers (threads spinning against them made
-    k-means on 2 busy cores 20x slower).
-    """
-    rng = np.random.default_rng([int(seed), 19 if trim > 0 else 17])
-    n = Zs.shape[0]
-    m = max(SELECT_ROWS, SELECT_ROWS_PER_CENTRE * int(K))
-    with _one_blas_thread():
-        tol = SAMPLE_TOL * float(np.mean(np.var(Zs, axis=0)))
-        sub = Zs if m >= n else Zs[np.sort(rng.choice(n, m, replace=False))]
-        seeds_from = sub
-        if trim > 0:
-            seeds_from = _dense_rows(Zs, trim, rng)
-            if seeds_from.shape[0] < K:
-                seeds_from = Zs
-        centres, cost = lloyd(sub, kmeans_plusplus(seeds_from, K, N_INIT, rng), tol, trim=trim)
-        if sub is not Zs:  # the best few on the whole sample, refined there
-            cost = lloyd(Zs, centres, tol, trim=trim, max_iter=0)[1]
-            best = centres[np.argsort(cost, kind="stable")[:N_REFINE]]
-            centres, cost = lloyd(Zs, best, tol, trim=trim)
-    best = centres[int(np.argmin(cost))]
-    return best[np.lexsort(best.T[::-1])]
-
-
-_BLAS: Any = None
-
-
-@contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
-    """BLAS on one thread inside the block (threadpoolctl's controller, made once: finding the
-    loaded libraries costs milliseconds)."""
-    global _BLAS
-    if _BLAS is None:
-        from threadpoolctl import ThreadpoolController  # noqa: PLC0415 - the client's start only
-
-        _BLAS = ThreadpoolController()
-    with _BLAS.limit(limits=1, user_api="blas"):
-        yield
-
-
 #: ``sample_pass(fraction) -> (SampleMoments, valid rows)``; ``lloyd_pass(index, centres,
 #: col_mean, col_scale, d2_max) -> (KMeansSums, rows)``.
 SamplePass = Callable[[float], tuple[SampleMoments, int]]
@@ -499,7 +294,7 @@ def kmeans_start(
             "components"
         )
     centres = sample_kmeans(Zs, K, seed, trim)
-    d2 = _nearest(Zs, centres[None])[1][:, 0]
+    d2 = nearest(Zs, centres[None])[1][:, 0]
     d2_max = float(np.quantile(d2, 1.0 - trim)) if trim > 0 else trim_radius2(d2, D)
     seconds["sample_kmeans"] = time.perf_counter() - t0
     t0 = time.perf_counter()
