@@ -70,9 +70,9 @@ def single_process(files, schema, model, threads: int, repeats: int = 2) -> dict
     from xd_dask.kernels import compute_stats
 
     numba.set_num_threads(1)
-    p = (model.weights, model.means, model.covariances)
+    p = Params(model.weights, model.means, model.covariances)
     warm = read_partition(str(files[0]), schema)
-    compute_stats(warm.X[:2000], warm.X_cov[:2000], *p, check=False)  # compile
+    compute_stats(warm.X[:2000], warm.X_cov[:2000], p, check=False)  # compile
     t_stream, t_read = [], []
     for _ in range(repeats):
         t0, tr = time.perf_counter(), 0.0
@@ -80,7 +80,7 @@ def single_process(files, schema, model, threads: int, repeats: int = 2) -> dict
             t1 = time.perf_counter()
             blk = read_partition(str(f), schema)
             tr += time.perf_counter() - t1
-            compute_stats(blk.X, blk.X_cov, *p, check=False)
+            compute_stats(blk.X, blk.X_cov, p, check=False)
             del blk
         t_stream.append(time.perf_counter() - t0)
         t_read.append(tr)
@@ -89,7 +89,7 @@ def single_process(files, schema, model, threads: int, repeats: int = 2) -> dict
     def memory_pass() -> float:
         t0 = time.perf_counter()
         for b in blocks:
-            compute_stats(b.X, b.X_cov, *p, check=False)
+            compute_stats(b.X, b.X_cov, p, check=False)
         return time.perf_counter() - t0
 
     t_mem = min(memory_pass() for _ in range(repeats))

@@ -148,13 +148,13 @@ def main() -> None:
     # ---- one statistics pass at K components on the same rows (first partition)
     blk = blocks[0]
     model = _model_k(K)
-    params = (model.weights, model.means, model.covariances)
-    compute_stats(blk.X[:2000], blk.X_cov[:2000], *params)  # compile / load
-    t_stats, _, _ = _best(lambda: compute_stats(blk.X, blk.X_cov, *params, check=False), R)
+    params = model.params
+    compute_stats(blk.X[:2000], blk.X_cov[:2000], params)  # compile / load
+    t_stats, _, _ = _best(lambda: compute_stats(blk.X, blk.X_cov, params, check=False), R)
     ns_stats = 1e9 * t_stats / blk.n_rows
     Xf, Sf = blk.X.astype(np.float32), blk.X_cov.astype(np.float32)
-    compute_stats(Xf[:2000], Sf[:2000], *params)
-    t_stats32, _, _ = _best(lambda: compute_stats(Xf, Sf, *params, check=False), R)
+    compute_stats(Xf[:2000], Sf[:2000], params)
+    t_stats32, _, _ = _best(lambda: compute_stats(Xf, Sf, params, check=False), R)
     ns_stats32 = 1e9 * t_stats32 / blk.n_rows
     res.update(
         ns_per_row_stats64=ns_stats,

@@ -7,8 +7,8 @@
    the interquartile range, then 1, where the MAD is 0), so that one absurd row (a parallax of
    1e30 mas) neither sets the scale nor loses the other rows to rounding; sample rows far outside
    the bulk (:func:`trim_radius2`) are left out; k-means on the sample (:func:`sample_kmeans`:
-   the best of :data:`~xd_dask.optim.kmeans_sample.N_INIT` seeded k-means++ starts, compared on a subset of the sample, then
-   Lloyd steps on the whole sample).
+   the best of :data:`~xd_dask.optim.kmeans_sample.N_INIT` seeded k-means++ starts, compared on a
+   subset of the sample, then Lloyd steps on the whole sample).
 3. ``max_iter`` Lloyd passes over every row (default ``fit.kmeans_iter``): per-cluster counts, sums
    and scatter matrices centred on the current centres (:func:`cluster_sums`, O(K D^2) per unit),
    leaving out rows farther from every centre than the trim radius (counted). When the sample is
