@@ -193,8 +193,10 @@ KEYS: tuple[Key, ...] = (
       choices=("auto", "files", "strata"), flag="--waves",
       doc="strata: a hash stratum of the rows of every partition, a sample whatever the file\n"
       "layout (streamed: each epoch reads the catalogue waves_per_epoch times); files: waves of\n"
-      "partitions, a sample only after `xd-dask shuffle`; auto: strata when the catalogue is or\n"
-      "fits in cluster memory, else files (with a warning when files are sky regions)"),
+      "partitions, a sample only after `xd-dask shuffle` (refused on sky-ordered files); auto:\n"
+      "strata when the catalogue is or fits in cluster memory, else files when they are\n"
+      "shuffled; a catalogue that fits in neither way is refused before a row is read, naming\n"
+      "`xd-dask shuffle`"),
     K("fit.waves_per_epoch", 0,
       "online EM / Adam: updates per epoch; 0 = 64 (fewer when a wave would hold under 100 "
       "rows per component)",
