@@ -30,7 +30,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -39,7 +38,13 @@ import pyarrow.parquet as pq
 
 from xd_dask.config import key
 from xd_dask.io.covariance import build_covariance
-from xd_dask.io.rows import BAD_REASONS, REASON_TEXT, BuildResult, resolve_columns
+from xd_dask.io.rows import (
+    BAD_REASONS,
+    REASON_TEXT,
+    BuildResult,
+    later_duplicates,
+    resolve_columns,
+)
 from xd_dask.io.schema import CatalogSchema, load_schema
 from xd_dask.utils import get_logger
 
@@ -227,44 +232,6 @@ def _reason_text(reason: str, column: str, schema: CatalogSchema, dtype: np.dtyp
     return text
 
 
-@numba.njit(cache=True, nogil=True)
-def _mark_later_duplicates(ids, valid, out):  # pragma: no cover - compiled
-    """out[i] = True where valid row i repeats the id of an earlier valid row (hash set with
-    Fibonacci hashing and linear probing, load factor <= 1/2)."""
-    n = ids.shape[0]
-    bits = 1
-    while (1 << bits) < 2 * n:
-        bits += 1
-    mask = (1 << bits) - 1
-    keys = np.empty(1 << bits, np.int64)
-    used = np.zeros(1 << bits, np.bool_)
-    shift = np.uint64(64 - bits)
-    mult = np.uint64(11400714819323198485)
-    for i in range(n):
-        if not valid[i]:
-            continue
-        k = ids[i]
-        h = np.int64((np.uint64(k) * mult) >> shift)
-        while used[h] and keys[h] != k:
-            h = (h + 1) & mask
-        if used[h]:
-            out[i] = True
-        else:
-            used[h] = True
-            keys[h] = k
-    return 0
-
-
-def _later_duplicates(ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Indices of the valid rows whose id is the id of an earlier valid row (the first is kept)."""
-    v = ids[valid] if not valid.all() else ids
-    if v.size < 2 or bool(np.all(v[1:] > v[:-1])):  # strictly increasing: no duplicates
-        return np.zeros(0, np.int64)
-    out = np.zeros(ids.shape[0], np.bool_)
-    _mark_later_duplicates(np.ascontiguousarray(ids, np.int64), valid, out)
-    return np.flatnonzero(out)
-
-
 def _file_rows(pf: pq.ParquetFile, row_groups: Sequence[int] | None) -> np.ndarray:
     """(n,) file row number of each row read (all row groups, or the selected ones in order)."""
     sizes = np.array([pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
@@ -426,7 +393,7 @@ def read_partition(
     if null_ids is not None:
         result.reason[null_ids & (result.reason == 0)] = _MISSING_ID
     if schema.id_column:
-        result.reason[_later_duplicates(ids, result.reason == 0)] = _DUPLICATE_ID
+        result.reason[later_duplicates(ids, result.reason == 0)] = _DUPLICATE_ID
     dropped = empty_counts()
     bad_rows = np.flatnonzero(result.reason)
     if bad_rows.size:
