@@ -21,7 +21,7 @@ CHUNK = 10_000  # small chunks so the test crosses several chunk boundaries
 @pytest.fixture(scope="module")
 def small_chunks():
     mp = pytest.MonkeyPatch()
-    mp.setattr(syn, "CHUNK_ROWS", CHUNK)
+    mp.setattr(syn.rows, "CHUNK_ROWS", CHUNK)  # where generate_chunk and make_catalog read it
     yield
     mp.undo()
 

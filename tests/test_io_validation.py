@@ -263,7 +263,7 @@ def test_every_real_gaia_row_passes_the_packaged_ranges(dtype):
 
 
 def test_duplicate_finder_equals_a_pairwise_loop():
-    from xd_dask.io.reader import _later_duplicates  # noqa: PLC0415
+    from xd_dask.io.rows import later_duplicates as _later_duplicates  # noqa: PLC0415
 
     rng = np.random.default_rng(8)
     for n, span in ((0, 1), (1, 1), (200, 50), (300, 10**18), (257, 3)):

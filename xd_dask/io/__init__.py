@@ -18,8 +18,10 @@ Public entry points::
 """
 
 from xd_dask.io.covariance import BAD_REASONS, BuildResult, build_covariance
+from xd_dask.io.ingest import ingest, ingest_table
 from xd_dask.io.reader import CatalogBlock, CatalogError, empty_counts, read_partition
 from xd_dask.io.schema import CatalogSchema, SchemaError, load_schema, plain_schema
+from xd_dask.io.schema_init import schema_init
 
 __all__ = [
     "BAD_REASONS",
@@ -40,21 +42,11 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # ingest and the generator load lazily (they pull in more code)
-    if name == "ingest":
-        from xd_dask.io.ingest import ingest  # noqa: PLC0415
-
-        return ingest
-    if name == "ingest_table":
-        from xd_dask.io.ingest import ingest_table  # noqa: PLC0415
-
-        return ingest_table
-    if name == "schema_init":
-        from xd_dask.io.schema_init import schema_init  # noqa: PLC0415
-
-        return schema_init
+def __getattr__(name: str):
+    """The generator loads on first use: its Numba kernels and scipy.stats take ~2 s to import,
+    which every ``import xd_dask.io`` would otherwise pay."""
     if name == "make_catalog":
-        from xd_dask.io.synthetic import make_catalog  # noqa: PLC0415
+        from xd_dask.io.synthetic import make_catalog  # noqa: PLC0415 - ~2 s import, see above
 
         return make_catalog
     raise AttributeError(f"module 'xd_dask.io' has no attribute {name!r}")

@@ -61,8 +61,8 @@ def cds_layout(readme: str | Path, table_name: str) -> tuple[list[CdsColumn], pa
     Raises CatalogError naming the ReadMe and the column when a byte range runs backwards or
     is not as wide as the column's format says (``17-12 F6.3``: astropy reads it as blank).
     """
-    from astropy.io import ascii  # noqa: PLC0415
-    from astropy.io.ascii import core  # noqa: PLC0415
+    from astropy.io import ascii  # noqa: PLC0415 - astropy: slow import
+    from astropy.io.ascii import core  # noqa: PLC0415 - astropy: slow import
 
     reader = ascii.get_reader(ascii.Cds, readme=str(readme))
     reader.data.table_name = table_name

@@ -5,10 +5,8 @@ Gaia bulk files (gzip ECSV, ``GaiaSource_XXXXXX-YYYYYY.csv.gz``): one output fil
 groups while the input is streamed (memory is bounded by the CSV block and the row-group size,
 not by the file), atomically (a failed or interrupted conversion leaves no partial output).
 
-ECSV (https://github.com/astropy/astropy-APEs/blob/main/APE6.rst): a YAML header, each line
-prefixed by ``#``, declaring the delimiter and each column's name, datatype, unit and description,
-then the column-name line and the data. Gaia writes nulls as empty fields, ``null`` (bulk files)
-or ``nan`` (archive query results); all three become nulls, i.e. missing fields for the reader.
+ECSV is read by :mod:`xd_dask.io.ecsv` (Gaia's nulls, empty, ``null`` or ``nan``, become
+missing fields for the reader).
 
 Any table (FITS, VOTable, CSV, ECSV, CDS; read by :mod:`xd_dask.io.tables`):
 ``<out_dir>/<stem>-00000.parquet``, ``-00001``, ... of at most ``rows_per_file`` rows each, in row
@@ -22,32 +20,30 @@ starts a new part. The parts appear only when all are written: a failure leaves 
 
 from __future__ import annotations
 
-import bz2
-import contextlib
 import gzip
 import os
-import re
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-import yaml
 
+from xd_dask.io.ecsv import NULL_VALUES, ecsv_batches, plain_schema, read_ecsv_header
+from xd_dask.io.parts import ParquetParts, existing_parts
 from xd_dask.io.reader import CatalogError, require_columns
 from xd_dask.io.schema import CatalogSchema, load_schema
 from xd_dask.io.tables import (
     ROW_INDEX,
     TABLE_SUFFIXES,
+    TableSource,
     detect_format,
+    find_readme,
     guess_id_column,
     open_binary,
     open_table,
-    refuse_bom,
     strip_compression,
     table_stem,
 )
@@ -67,33 +63,7 @@ __all__ = [
 
 log = get_logger(__name__)
 
-#: Strings read as nulls.
-NULL_VALUES = ["", "null", "NULL", "nan", "NaN", "NAN"]
 _SUFFIXES = (".csv.gz", ".ecsv.gz", ".csv.bz2", ".ecsv.bz2", ".csv", ".ecsv")
-_ECSV_TYPES = {
-    "bool": pa.bool_(),
-    "int8": pa.int8(),
-    "int16": pa.int16(),
-    "int32": pa.int32(),
-    "int64": pa.int64(),
-    "uint8": pa.uint8(),
-    "uint16": pa.uint16(),
-    "uint32": pa.uint32(),
-    "uint64": pa.uint64(),
-    "float16": pa.float32(),
-    "float32": pa.float32(),
-    "float64": pa.float64(),
-    "string": pa.string(),
-}
-
-
-def _open(path: Path) -> BinaryIO:
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    if name.endswith(".bz2"):
-        return bz2.open(path, "rb")  # type: ignore[return-value]
-    return open(path, "rb")
 
 
 def output_name(path: str | os.PathLike) -> str:
@@ -103,119 +73,6 @@ def output_name(path: str | os.PathLike) -> str:
         if name.lower().endswith(suf):
             return name[: -len(suf)] + ".parquet"
     return Path(name).stem + ".parquet"
-
-
-def read_ecsv_header(fh: BinaryIO, path: str) -> tuple[dict[str, Any], list[str]]:
-    """Parse the ECSV header of an open file; leave ``fh`` at the first data line.
-
-    Returns (header dict, column names from the column-name line).
-    """
-    first = fh.readline()
-    refuse_bom(path, first)
-    if not first.startswith(b"# %ECSV"):
-        raise CatalogError(f"{path}: not an ECSV file (no '# %ECSV' first line)", path=path)
-    lines = []
-    while True:
-        line = fh.readline()
-        if not line:
-            raise CatalogError(f"{path}: ECSV header without data (truncated file?)", path=path)
-        if not line.startswith(b"#"):
-            names_line = line
-            break
-        text = line[1:].decode("utf-8")
-        lines.append(text[1:] if text.startswith(" ") else text)
-    if lines and lines[0].strip() == "---":
-        lines = lines[1:]
-    try:
-        header = yaml.safe_load("".join(lines)) or {}
-    except yaml.YAMLError as exc:
-        raise CatalogError(f"{path}: malformed ECSV YAML header: {exc}", path=path) from None
-    if not isinstance(header, dict) or "datatype" not in header:
-        raise CatalogError(f"{path}: ECSV header has no 'datatype' list", path=path)
-    delim = header.get("delimiter", " ")
-    names = [n.strip().strip('"') for n in names_line.decode("utf-8").rstrip("\r\n").split(delim)]
-    declared = [c.get("name") for c in header["datatype"]]
-    if names != declared:
-        raise CatalogError(
-            f"{path}: ECSV column-name line does not match the header's datatype list", path=path
-        )
-    return header, names
-
-
-def ecsv_batches(
-    fh: BinaryIO, path_s: str, columns: list[str] | None = None, block_size: int = 8 << 20
-) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
-    """Stream an ECSV file open at its start: (output schema, record batches).
-
-    ``columns`` are the columns to keep (as spelled in the file), or None for every column
-    (datatypes outside the simple ECSV types, e.g. multidimensional columns, are kept as strings).
-    The schema's fields carry the header's ``unit`` and ``description`` as metadata; each batch
-    must be cast to it (``pa.Table.from_batches([b]).cast(schema)``).
-
-    float32 (and float16) columns are parsed as float64 and narrowed once checked: a finite value
-    beyond float32's range (|x| > 3.4e38) raises CatalogError naming the file, the row and the
-    column instead of being stored as inf.
-    """
-    header, names = read_ecsv_header(fh, path_s)
-    info = {c["name"]: c for c in header["datatype"]}
-    wanted = names if columns is None else columns
-    types, fields = {}, []
-    for name in wanted:
-        dt = str(info[name].get("datatype", "string"))
-        if "subtype" in info[name] or dt not in _ECSV_TYPES:
-            if columns is not None:
-                raise CatalogError(
-                    f"{path_s}: column {name!r} has unsupported ECSV datatype {dt!r}",
-                    path=path_s,
-                    column=name,
-                )
-            dt = "string"
-        types[name] = _ECSV_TYPES[dt]
-        meta = {k: str(info[name][k]) for k in ("unit", "description") if k in info[name]}
-        fields.append(pa.field(name, types[name], metadata=meta or None))
-    out_schema = pa.schema(fields)
-    narrow = [n for n in wanted if types[n] == pa.float32()]
-    reader = pacsv.open_csv(
-        fh,
-        read_options=pacsv.ReadOptions(column_names=names, block_size=block_size),
-        parse_options=pacsv.ParseOptions(delimiter=header.get("delimiter", " ")),
-        convert_options=pacsv.ConvertOptions(
-            include_columns=wanted,
-            column_types={n: pa.float64() if n in narrow else t for n, t in types.items()},
-            null_values=NULL_VALUES,
-            strings_can_be_null=True,
-            quoted_strings_can_be_null=True,
-        ),
-    )
-    if not narrow:
-        return out_schema, iter(reader)
-    return out_schema, _narrowed(reader, narrow, path_s, _plain(out_schema))
-
-
-def _narrowed(
-    batches: Iterator[pa.RecordBatch], narrow: list[str], path_s: str, schema: pa.Schema
-) -> Iterator[pa.RecordBatch]:
-    """``batches`` with the float64 columns ``narrow`` cast to float32 (``schema``), after
-    checking that no finite value overflows float32 (CatalogError naming file, row, column)."""
-    biggest = float(np.finfo(np.float32).max)
-    rows = 0
-    for batch in batches:
-        for name in narrow:
-            values = batch.column(name).to_numpy(zero_copy_only=False)  # null -> NaN
-            bad = np.flatnonzero(np.isfinite(values) & (np.abs(values) > biggest))
-            if bad.size:
-                row = rows + int(bad[0])
-                raise CatalogError(
-                    f"{path_s}: row {row}: column {name!r} holds {values[bad[0]]:g}, beyond the "
-                    f"range of float32 (|x| <= {biggest:.4g}) that the ECSV header declares for "
-                    "it; it would be stored as inf. Declare the column float64",
-                    path=path_s,
-                    row=row,
-                    column=name,
-                )
-        rows += batch.num_rows
-        arrays = [batch.column(f.name).cast(f.type) for f in schema]
-        yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 def ingest_file(
@@ -238,7 +95,7 @@ def ingest_file(
     if not src.is_file():
         raise CatalogError(f"{path_s}: no such file", path=path_s)
     try:
-        with _open(src) as fh:
+        with open_binary(src) as fh:
             header_pos = fh.tell()
             _, names = read_ecsv_header(fh, path_s)
             found = require_columns(path_s, names, schema)
@@ -246,25 +103,8 @@ def ingest_file(
             fh.seek(header_pos)
             out_schema, batches = ecsv_batches(fh, path_s, wanted, block_size)
             out_schema = out_schema.with_metadata({b"source": src.name.encode()})
-            n_rows = 0
             with atomic_path(target, suffix=".parquet") as tmp:
-                with pq.ParquetWriter(
-                    tmp, out_schema, compression=compression, use_dictionary=False
-                ) as writer:
-                    pending: list[pa.RecordBatch] = []
-                    n_pending = 0
-                    for batch in batches:
-                        pending.append(batch)
-                        n_pending += batch.num_rows
-                        if n_pending >= row_group_size:
-                            table = pa.Table.from_batches(pending).cast(out_schema)
-                            writer.write_table(table, row_group_size=row_group_size)
-                            n_rows += table.num_rows
-                            pending, n_pending = [], 0
-                    if pending or n_rows == 0:
-                        table = pa.Table.from_batches(pending, schema=_plain(out_schema))
-                        writer.write_table(table.cast(out_schema), row_group_size=row_group_size)
-                        n_rows += table.num_rows
+                n_rows = _write_row_groups(tmp, out_schema, batches, row_group_size, compression)
                 os.chmod(tmp, 0o644)
     except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
         if isinstance(exc, FileExistsError):
@@ -278,9 +118,31 @@ def ingest_file(
     return target
 
 
-def _plain(schema: pa.Schema) -> pa.Schema:
-    """``schema`` without field metadata (the type of the batches the CSV reader yields)."""
-    return pa.schema([pa.field(f.name, f.type) for f in schema])
+def _write_row_groups(
+    path: Path,
+    schema: pa.Schema,
+    batches: Iterator[pa.RecordBatch],
+    row_group_size: int,
+    compression: str,
+) -> int:
+    """Write ``batches`` (cast to ``schema``) to ``path`` in row groups; returns the rows."""
+    n_rows = 0
+    with pq.ParquetWriter(path, schema, compression=compression, use_dictionary=False) as writer:
+        pending: list[pa.RecordBatch] = []
+        n_pending = 0
+        for batch in batches:
+            pending.append(batch)
+            n_pending += batch.num_rows
+            if n_pending >= row_group_size:
+                table = pa.Table.from_batches(pending).cast(schema)
+                writer.write_table(table, row_group_size=row_group_size)
+                n_rows += table.num_rows
+                pending, n_pending = [], 0
+        if pending or n_rows == 0:
+            table = pa.Table.from_batches(pending, schema=plain_schema(schema))
+            writer.write_table(table.cast(schema), row_group_size=row_group_size)
+            n_rows += table.num_rows
+    return n_rows
 
 
 def _expand(inputs: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Path]:
@@ -352,84 +214,6 @@ def ingest(
 
 
 # --------------------------------------------------------------------------- any table
-class _Parts:
-    """Parquet parts ``<stem>-NNNNN.parquet`` of at most ``rows_per_file`` rows in row groups of
-    ``row_group_size`` rows (the last of a part smaller), each written to a temporary file
-    (:func:`xd_dask.utils.atomic_path`) renamed into place only when every part has been written
-    (:meth:`commit`); :meth:`abort` removes them."""
-
-    def __init__(
-        self, out_dir: Path, stem: str, rows_per_file: int, row_group_size: int, compression: str
-    ) -> None:
-        self.out_dir, self.stem = out_dir, stem
-        self.rows_per_file, self.row_group_size = rows_per_file, row_group_size
-        self.compression = None if compression == "none" else compression
-        self.stack = contextlib.ExitStack()
-        self.paths: list[Path] = []
-        self.writer: pq.ParquetWriter | None = None
-        self.schema: pa.Schema | None = None
-        self.pending: list[pa.Table] = []  # rows of the current part not yet in a row group
-        self.in_part = 0
-        self.n_rows = 0
-
-    def _flush(self, whole: bool) -> None:
-        """Write the pending rows as full row groups (and, if ``whole``, the remainder)."""
-        n = sum(t.num_rows for t in self.pending)
-        k = n if whole else n - n % self.row_group_size
-        if k == 0 or self.writer is None:
-            return
-        rows = pa.concat_tables(self.pending)
-        self.writer.write_table(rows.slice(0, k), row_group_size=self.row_group_size)
-        self.pending = [rows.slice(k)] if k < n else []
-
-    def _new_part(self, schema: pa.Schema) -> None:
-        if self.writer is not None:
-            self._flush(whole=True)
-            self.writer.close()
-        target = self.out_dir / f"{self.stem}-{len(self.paths):05d}.parquet"
-        tmp = self.stack.enter_context(atomic_path(target, suffix=".parquet"))
-        self.writer = pq.ParquetWriter(tmp, schema, compression=self.compression)
-        self.paths.append(target)
-        self.schema, self.in_part = schema, 0
-
-    def write(self, table: pa.Table) -> None:
-        if self.schema is not None and not table.schema.equals(self.schema):
-            try:
-                table = table.cast(self.schema)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                log.info("%s: column types change at row %d: new part", self.stem, self.n_rows)
-                self._new_part(table.schema)
-        while table.num_rows:
-            if self.writer is None or self.in_part >= self.rows_per_file:
-                self._new_part(self.schema or table.schema)
-            take = min(table.num_rows, self.rows_per_file - self.in_part)
-            self.pending.append(table.slice(0, take))
-            self._flush(whole=False)
-            table = table.slice(take)
-            self.in_part += take
-            self.n_rows += take
-
-    def commit(self) -> list[Path]:
-        if self.writer is not None:
-            self._flush(whole=True)
-            self.writer.close()
-        self.stack.close()  # renames every temporary part onto its name
-        return self.paths
-
-    def abort(self, exc: BaseException) -> None:
-        if self.writer is not None:
-            with contextlib.suppress(Exception):
-                self.writer.close()
-        self.stack.__exit__(type(exc), exc, exc.__traceback__)  # removes the temporary parts
-
-
-def _existing_parts(out_dir: Path, stem: str) -> list[Path]:
-    pattern = re.compile(rf"{re.escape(stem)}-\d{{5}}\.parquet")
-    if not out_dir.is_dir():
-        return []
-    return sorted(p for p in out_dir.iterdir() if pattern.fullmatch(p.name))
-
-
 def _select(table: pa.Table, columns: Sequence[str] | None, path: str) -> pa.Table:
     if columns is None:
         return table
@@ -489,45 +273,21 @@ def ingest_table(
     src = open_table(path, format, readme=readme, hdu=hdu)
     out = Path(out_dir)
     stem = table_stem(src.path)
-    old = _existing_parts(out, stem)
+    old = existing_parts(out, stem)
     if old and not overwrite:
         raise FileExistsError(
             f"{old[0]} exists; pass overwrite=True (--overwrite) to replace {stem}-*.parquet"
         )
     out.mkdir(parents=True, exist_ok=True)
-    parts = _Parts(out, stem, rows_per_file, row_group_size, compression)
+    parts = ParquetParts(out, stem, rows_per_file, row_group_size, compression)
     path_s = str(src.path)
-    id_name: str | None = id_column
-    keep: list[str] | None = None
-    first = True
     try:
-        for table in src.batches(chunk_rows=chunk_rows, chunk_bytes=chunk_bytes):
-            if first:
-                first = False
-                if id_name is None:
-                    id_name = guess_id_column(table.schema)
-                if columns is not None:
-                    keep = list(columns)
-                    if id_name and id_name.lower() not in {c.lower() for c in keep}:
-                        keep.insert(0, id_name)
-                if id_name is not None:
-                    _select(table, [id_name], path_s)  # the id column must exist
-            table = _select(table, keep, path_s)
-            if id_name is None:
-                idx = pa.array(np.arange(parts.n_rows, parts.n_rows + table.num_rows))
-                table = table.add_column(0, ROW_INDEX, idx)
-            parts.write(table)
+        id_name = _copy_batches(src, parts, columns, id_column, chunk_rows, chunk_bytes)
         written = parts.commit()
     except BaseException as exc:
         parts.abort(exc)
-        if isinstance(exc, (CatalogError, FileExistsError, MemoryError, KeyboardInterrupt)):
-            raise
-        readable = (OSError, EOFError, zlib.error, ValueError, TypeError, IndexError, KeyError)
-        if isinstance(exc, (*readable, pa.ArrowException)):
-            raise CatalogError(
-                f"{path_s}: cannot read as {src.format}: {' '.join(str(exc).split())}",
-                path=path_s,
-            ) from None
+        if _is_unreadable(exc):
+            raise _as_catalog_error(exc, src) from None
         raise
     if not written:
         raise CatalogError(f"{path_s}: the table has no rows", path=path_s)
@@ -547,6 +307,58 @@ def ingest_table(
         id_name or ROW_INDEX,
     )
     return written
+
+
+def _copy_batches(
+    src: TableSource,
+    parts: ParquetParts,
+    columns: Sequence[str] | None,
+    id_column: str | None,
+    chunk_rows: int,
+    chunk_bytes: int,
+) -> str | None:
+    """Write the table's batches to ``parts``: the ``columns`` asked for and the id column
+    (``id_column``, a guessed one, or a new ``row_index``). Returns the id column's name, or
+    None for ``row_index``."""
+    path_s = str(src.path)
+    id_name: str | None = id_column
+    keep: list[str] | None = None
+    first = True
+    for table in src.batches(chunk_rows=chunk_rows, chunk_bytes=chunk_bytes):
+        if first:
+            first = False
+            if id_name is None:
+                id_name = guess_id_column(table.schema)
+            if columns is not None:
+                keep = list(columns)
+                if id_name and id_name.lower() not in {c.lower() for c in keep}:
+                    keep.insert(0, id_name)
+            if id_name is not None:
+                _select(table, [id_name], path_s)  # the id column must exist
+        table = _select(table, keep, path_s)
+        if id_name is None:
+            idx = pa.array(np.arange(parts.n_rows, parts.n_rows + table.num_rows))
+            table = table.add_column(0, ROW_INDEX, idx)
+        parts.write(table)
+    return id_name
+
+
+_UNREADABLE = (OSError, EOFError, zlib.error, ValueError, TypeError, IndexError, KeyError)
+
+
+def _is_unreadable(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while converting a table, means the file cannot be read as its
+    format (then it becomes a CatalogError); errors of ours and interruptions pass through."""
+    if isinstance(exc, (CatalogError, FileExistsError, MemoryError, KeyboardInterrupt)):
+        return False
+    return isinstance(exc, (*_UNREADABLE, pa.ArrowException))
+
+
+def _as_catalog_error(exc: BaseException, src: TableSource) -> CatalogError:
+    path_s = str(src.path)
+    return CatalogError(
+        f"{path_s}: cannot read as {src.format}: {' '.join(str(exc).split())}", path=path_s
+    )
 
 
 def _gaia_ecsv(path: Path, schema: Any) -> bool:
@@ -627,7 +439,7 @@ def ingest_inputs(
                 compression=compression,
             )
             continue
-        old = _existing_parts(out, table_stem(f))
+        old = existing_parts(out, table_stem(f))
         if skip_existing and old and not overwrite:
             log.info("ingest: %s-*.parquet exist, skipped", out / table_stem(f))
             written += old
@@ -651,27 +463,6 @@ def ingest_inputs(
         except CatalogError as exc:
             raise _with_readme_hint(exc, f, fmt, opts.get("readme")) from None
     return written
-
-
-def find_readme(table: Path) -> Path | None:
-    """The CDS ReadMe of a fixed-width table: one beside it that describes it, else one
-    packaged with xd-dask (:mod:`xd_dask.data`: hip2.dat of Hipparcos I/311), else None."""
-    from xd_dask.data import packaged_readme  # noqa: PLC0415
-    from xd_dask.io.tables import _find_readme  # noqa: PLC0415 - the lookup beside the table
-
-    beside = _find_readme(table)
-    if beside is not None:
-        return beside
-    packaged = packaged_readme(table)
-    if packaged is not None:
-        log.info(
-            "%s: no ReadMe beside it; using the ReadMe packaged with xd-dask for %s (%s); give "
-            "--readme if this file is another table",
-            table,
-            table.name,
-            packaged.name,
-        )
-    return packaged
 
 
 def _with_readme_hint(

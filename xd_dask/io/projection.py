@@ -259,6 +259,34 @@ def _unit(
     return u
 
 
+def _noise_columns(
+    p: Mapping[str, Any], where: str
+) -> tuple[str | None, tuple[str | None, ...], tuple[str, ...]]:
+    """(parallax error column or None, the 3 correlation columns or None, the 15 weight-matrix
+    columns or ()) of a ``[projection]`` table: correlations or a weight matrix, not both."""
+    plx_err = _column(p, "parallax_error", where, required=False)
+    corrs = tuple(_column(p, k, where, required=False) for k in _CORR_KEYS)
+    if not plx_err and (corrs[0] or corrs[1]):
+        raise ProjectionError(
+            f"{where}: 'parallax_pmra_corr'/'parallax_pmdec_corr' need 'parallax_error'"
+        )
+    weights: tuple[str, ...] = ()
+    if "weight_matrix" in p:
+        if any(corrs):
+            raise ProjectionError(f"{where}: give correlation columns or 'weight_matrix', not both")
+        wm = p["weight_matrix"]
+        if (
+            not isinstance(wm, (list, tuple))
+            or len(wm) != 15
+            or not all(isinstance(c, str) and c for c in wm)
+        ):
+            raise ProjectionError(
+                f"{where}: 'weight_matrix' must list the 15 columns U1..U15 (I/311 order)"
+            )
+        weights = tuple(wm)
+    return plx_err, corrs, weights
+
+
 def parse_projection(p: Any, source: str = "<dict>") -> ProjectionSpec:
     """Check and parse a ``[projection]`` table.
 
@@ -304,26 +332,7 @@ def parse_projection(p: Any, source: str = "<dict>") -> ProjectionSpec:
     if unit != "km/s":
         raise ProjectionError(f"{where}: 'unit' must be 'km/s' (got {p.get('unit')!r})")
     cols = {k: _column(p, k, where) for k in _COLUMN_KEYS}
-    plx_err = _column(p, "parallax_error", where, required=False)
-    corrs = tuple(_column(p, k, where, required=False) for k in _CORR_KEYS)
-    if not plx_err and (corrs[0] or corrs[1]):
-        raise ProjectionError(
-            f"{where}: 'parallax_pmra_corr'/'parallax_pmdec_corr' need 'parallax_error'"
-        )
-    weights: tuple[str, ...] = ()
-    if "weight_matrix" in p:
-        if any(corrs):
-            raise ProjectionError(f"{where}: give correlation columns or 'weight_matrix', not both")
-        wm = p["weight_matrix"]
-        if (
-            not isinstance(wm, (list, tuple))
-            or len(wm) != 15
-            or not all(isinstance(c, str) and c for c in wm)
-        ):
-            raise ProjectionError(
-                f"{where}: 'weight_matrix' must list the 15 columns U1..U15 (I/311 order)"
-            )
-        weights = tuple(wm)
+    plx_err, corrs, weights = _noise_columns(p, where)
     description = p.get("description", "")
     if not isinstance(description, str):
         raise ProjectionError(f"{where}: 'description' must be a string")

@@ -30,15 +30,21 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from xd_dask.config import key
 from xd_dask.io.covariance import build_covariance
-from xd_dask.io.rows import BAD_REASONS, REASON_TEXT, BuildResult, resolve_columns
+from xd_dask.io.rows import (
+    BAD_REASONS,
+    REASON_TEXT,
+    BuildResult,
+    later_duplicates,
+    resolve_columns,
+)
 from xd_dask.io.schema import CatalogSchema, load_schema
 from xd_dask.utils import get_logger
 
@@ -113,8 +119,6 @@ def _open_source(path: str, filesystem: Any):
     """An input file object for ``path`` (local, pyarrow FileSystem, or fsspec filesystem)."""
     if filesystem is None:
         return path
-    import pyarrow.fs as pafs  # noqa: PLC0415
-
     if not isinstance(filesystem, pafs.FileSystem):
         filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(filesystem))
     return filesystem.open_input_file(path)
@@ -228,44 +232,6 @@ def _reason_text(reason: str, column: str, schema: CatalogSchema, dtype: np.dtyp
     return text
 
 
-@numba.njit(cache=True, nogil=True)
-def _mark_later_duplicates(ids, valid, out):  # pragma: no cover - compiled
-    """out[i] = True where valid row i repeats the id of an earlier valid row (hash set with
-    Fibonacci hashing and linear probing, load factor <= 1/2)."""
-    n = ids.shape[0]
-    bits = 1
-    while (1 << bits) < 2 * n:
-        bits += 1
-    mask = (1 << bits) - 1
-    keys = np.empty(1 << bits, np.int64)
-    used = np.zeros(1 << bits, np.bool_)
-    shift = np.uint64(64 - bits)
-    mult = np.uint64(11400714819323198485)
-    for i in range(n):
-        if not valid[i]:
-            continue
-        k = ids[i]
-        h = np.int64((np.uint64(k) * mult) >> shift)
-        while used[h] and keys[h] != k:
-            h = (h + 1) & mask
-        if used[h]:
-            out[i] = True
-        else:
-            used[h] = True
-            keys[h] = k
-    return 0
-
-
-def _later_duplicates(ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Indices of the valid rows whose id is the id of an earlier valid row (the first is kept)."""
-    v = ids[valid] if not valid.all() else ids
-    if v.size < 2 or bool(np.all(v[1:] > v[:-1])):  # strictly increasing: no duplicates
-        return np.zeros(0, np.int64)
-    out = np.zeros(ids.shape[0], np.bool_)
-    _mark_later_duplicates(np.ascontiguousarray(ids, np.int64), valid, out)
-    return np.flatnonzero(out)
-
-
 def _file_rows(pf: pq.ParquetFile, row_groups: Sequence[int] | None) -> np.ndarray:
     """(n,) file row number of each row read (all row groups, or the selected ones in order)."""
     sizes = np.array([pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
@@ -323,7 +289,7 @@ def _schema_units(schema: CatalogSchema) -> Iterator[tuple[str, str, str]]:
 @functools.lru_cache(maxsize=512)
 def _parse_unit(text: str) -> Any:
     """An astropy unit from ``text`` in any of the formats tables use, or None."""
-    from astropy import units as u  # noqa: PLC0415
+    from astropy import units as u  # noqa: PLC0415 - astropy: slow import, only for units
 
     text = text.strip()
     if text in ("", "-", "---"):
@@ -340,7 +306,7 @@ def _parse_unit(text: str) -> Any:
 def units_agree(file_unit: str, schema_unit: str) -> bool:
     """Whether a column in ``file_unit`` holds numbers in ``schema_unit`` (astropy.units: the
     same unit however spelt; text comparison when either cannot be parsed)."""
-    from astropy import units as u  # noqa: PLC0415
+    from astropy import units as u  # noqa: PLC0415 - astropy: slow import, only for units
 
     a, b = _parse_unit(file_unit), _parse_unit(schema_unit)
     if a is None or b is None:
@@ -417,48 +383,17 @@ def read_partition(
     found = require_columns(path_s, pf.schema_arrow.names, schema)
     check_units(path_s, pf.schema_arrow, found, schema)
     columns = [found[c] for c in schema.required_columns()]
-    try:
-        if row_groups is None:
-            table = pf.read(columns=columns, use_threads=use_threads)
-        else:
-            row_groups = [int(g) for g in row_groups]
-            bad = [g for g in row_groups if not 0 <= g < pf.num_row_groups]
-            if bad:
-                raise CatalogError(
-                    f"{path_s}: row group(s) {bad} out of range (file has {pf.num_row_groups})",
-                    path=path_s,
-                )
-            table = pf.read_row_groups(row_groups, columns=columns, use_threads=use_threads)
-    except CatalogError:
-        raise
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise CatalogError(
-            f"{path_s}: cannot read columns (truncated or corrupt file?): {exc}", path=path_s
-        ) from None
+    table, row_groups = _read_columns(pf, path_s, columns, row_groups, use_threads)
     n = table.num_rows
-    if schema.id_column:
-        id_col = table.column(found[schema.id_column])
-        if not (pa.types.is_integer(id_col.type)):
-            raise CatalogError(
-                f"{path_s}: id column {found[schema.id_column]!r} has type {id_col.type}, "
-                "expected an integer",
-                path=path_s,
-                column=found[schema.id_column],
-            )
-        null_id = id_col.null_count > 0
-        ids = pc.fill_null(id_col, 0).to_numpy().astype(np.int64, copy=False)
-    else:
-        null_id = False
-        ids = _file_rows(pf, row_groups)
+    ids, null_ids = _row_ids(pf, path_s, table, found, schema, row_groups)
     try:
         result = build_covariance(table, schema, dtype=dtype)
     except TypeError as exc:
         raise CatalogError(f"{path_s}: {exc}", path=path_s) from None
-    if null_id:
-        isnull = pc.is_null(id_col).to_numpy(zero_copy_only=False)
-        result.reason[isnull & (result.reason == 0)] = _MISSING_ID
+    if null_ids is not None:
+        result.reason[null_ids & (result.reason == 0)] = _MISSING_ID
     if schema.id_column:
-        result.reason[_later_duplicates(ids, result.reason == 0)] = _DUPLICATE_ID
+        result.reason[later_duplicates(ids, result.reason == 0)] = _DUPLICATE_ID
     dropped = empty_counts()
     bad_rows = np.flatnonzero(result.reason)
     if bad_rows.size:
@@ -486,3 +421,58 @@ def read_partition(
     else:
         X, X_cov, R = result.X, result.X_cov, result.R
     return CatalogBlock(X=X, X_cov=X_cov, ids=ids, n_read=n, dropped=dropped, path=path_s, R=R)
+
+
+def _read_columns(
+    pf: pq.ParquetFile,
+    path_s: str,
+    columns: list[str],
+    row_groups: Sequence[int] | None,
+    use_threads: bool,
+) -> tuple[pa.Table, list[int] | None]:
+    """(the ``columns`` of the file or of its ``row_groups``, the row groups as ints);
+    CatalogError if unreadable."""
+    try:
+        if row_groups is None:
+            return pf.read(columns=columns, use_threads=use_threads), None
+        row_groups = [int(g) for g in row_groups]
+        bad = [g for g in row_groups if not 0 <= g < pf.num_row_groups]
+        if bad:
+            raise CatalogError(
+                f"{path_s}: row group(s) {bad} out of range (file has {pf.num_row_groups})",
+                path=path_s,
+            )
+        table = pf.read_row_groups(row_groups, columns=columns, use_threads=use_threads)
+        return table, row_groups
+    except CatalogError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise CatalogError(
+            f"{path_s}: cannot read columns (truncated or corrupt file?): {exc}", path=path_s
+        ) from None
+
+
+def _row_ids(
+    pf: pq.ParquetFile,
+    path_s: str,
+    table: pa.Table,
+    found: dict[str, str],
+    schema: CatalogSchema,
+    row_groups: list[int] | None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(ids (n,) int64, mask of null ids or None): the id column (nulls as 0), else the rows'
+    numbers in the file."""
+    if not schema.id_column:
+        return _file_rows(pf, row_groups), None
+    id_col = table.column(found[schema.id_column])
+    if not (pa.types.is_integer(id_col.type)):
+        raise CatalogError(
+            f"{path_s}: id column {found[schema.id_column]!r} has type {id_col.type}, "
+            "expected an integer",
+            path=path_s,
+            column=found[schema.id_column],
+        )
+    ids = pc.fill_null(id_col, 0).to_numpy().astype(np.int64, copy=False)
+    if id_col.null_count == 0:
+        return ids, None
+    return ids, pc.is_null(id_col).to_numpy(zero_copy_only=False)

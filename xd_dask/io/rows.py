@@ -1,5 +1,5 @@
 """What every row builder shares: the bad-row reasons, the build result, dtype limits, memory
-checks and case-insensitive column matching.
+checks, case-insensitive column matching and the finder of duplicate ids.
 
 Two builders turn catalogue columns into per-row arrays: :mod:`xd_dask.io.covariance` (X and S
 from value, error and correlation columns) and :mod:`xd_dask.io.tangential` (projected
@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
 import pyarrow as pa
 
@@ -27,6 +28,7 @@ __all__ = [
     "available_memory",
     "check_allocation",
     "dtype_limits",
+    "later_duplicates",
     "resolve_columns",
 ]
 
@@ -162,3 +164,41 @@ def resolve_columns(available: list[str], wanted: list[str]) -> tuple[dict[str, 
         else:
             missing.append(w)
     return found, missing
+
+
+@numba.njit(cache=True, nogil=True)
+def _mark_later_duplicates(ids, valid, out):  # pragma: no cover - compiled
+    """out[i] = True where valid row i repeats the id of an earlier valid row (hash set with
+    Fibonacci hashing and linear probing, load factor <= 1/2)."""
+    n = ids.shape[0]
+    bits = 1
+    while (1 << bits) < 2 * n:
+        bits += 1
+    mask = (1 << bits) - 1
+    keys = np.empty(1 << bits, np.int64)
+    used = np.zeros(1 << bits, np.bool_)
+    shift = np.uint64(64 - bits)
+    mult = np.uint64(11400714819323198485)
+    for i in range(n):
+        if not valid[i]:
+            continue
+        k = ids[i]
+        h = np.int64((np.uint64(k) * mult) >> shift)
+        while used[h] and keys[h] != k:
+            h = (h + 1) & mask
+        if used[h]:
+            out[i] = True
+        else:
+            used[h] = True
+            keys[h] = k
+    return 0
+
+
+def later_duplicates(ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Indices of the valid rows whose id is the id of an earlier valid row (the first is kept)."""
+    v = ids[valid] if not valid.all() else ids
+    if v.size < 2 or bool(np.all(v[1:] > v[:-1])):  # strictly increasing: no duplicates
+        return np.zeros(0, np.int64)
+    out = np.zeros(ids.shape[0], np.bool_)
+    _mark_later_duplicates(np.ascontiguousarray(ids, np.int64), valid, out)
+    return np.flatnonzero(out)

@@ -102,6 +102,15 @@ from pathlib import Path
 from typing import Any
 
 from xd_dask.io.projection import ProjectionError, ProjectionSpec, parse_projection
+from xd_dask.io.schema_parse import (
+    Correlation,
+    NoiseSpec,
+    SchemaError,
+    check_divide_by_cos,
+    parse_correlations,
+    parse_feature,
+    unit_scale,
+)
 from xd_dask.io.selection import Selection, SelectionError, parse_selection
 
 try:  # Python >= 3.11
@@ -119,72 +128,12 @@ __all__ = [
     "load_schema",
     "plain_schema",
     "packaged_schemas",
+    "schema_from_dict",
+    "unit_scale",
 ]
 
 #: 2.5 / ln(10): d(mag) = MAG_PER_LN_FLUX * d(flux) / flux.
 MAG_PER_LN_FLUX = 2.5 / math.log(10.0)
-
-# Conversion factors to degrees; used to derive error_scale from error_unit -> unit.
-_ANGLE_IN_DEG = {
-    "deg": 1.0,
-    "arcmin": 1.0 / 60.0,
-    "arcsec": 1.0 / 3600.0,
-    "mas": 1.0 / 3.6e6,
-    "uas": 1.0 / 3.6e9,
-    "rad": 180.0 / math.pi,
-}
-_PM_IN_MAS_PER_YR = {"mas/yr": 1.0, "arcsec/yr": 1e3, "uas/yr": 1e-3}
-_UNIT_ALIASES = {
-    "degree": "deg",
-    "degrees": "deg",
-    "mas.yr**-1": "mas/yr",
-    "mas yr-1": "mas/yr",
-    "mas.yr-1": "mas/yr",
-    "mas / yr": "mas/yr",
-    "arcsec.yr**-1": "arcsec/yr",
-    "µas": "uas",
-    "uas.yr**-1": "uas/yr",
-}
-
-
-class SchemaError(ValueError):
-    """A catalogue schema is malformed (the message names the schema source and the key)."""
-
-
-@dataclass(frozen=True)
-class NoiseSpec:
-    """How one feature's noise variance is obtained from a row.
-
-    kind : "error" | "flux_over_error" | "variance".
-    columns : the error column (kind "error") or the flux-over-error columns.
-    scale : multiplies the error column to give the error in feature units (kind "error").
-    divide_by_cos : feature name (in degrees) whose cosine divides the error (Gaia alpha*).
-    mag_floors : zero-point term per flux-over-error column, in mag.
-    variance : the constant variance (kind "variance").
-    error_unit : unit of the error column (kind "error").
-    error_range : inclusive (min, max) of the error column's value, in ``error_unit`` (kind
-        "error"; unbounded by default).
-    floor : 1-sigma noise floor added in quadrature, in the error's unit (``error_unit`` for kind
-        "error", the feature unit otherwise).
-    """
-
-    kind: str
-    columns: tuple[str, ...] = ()
-    scale: float = 1.0
-    divide_by_cos: str | None = None
-    mag_floors: tuple[float, ...] = ()
-    variance: float = 0.0
-    error_unit: str = ""
-    error_range: tuple[float, float] = (-math.inf, math.inf)
-    floor: float = 0.0
-
-
-@dataclass(frozen=True)
-class Correlation:
-    """A correlation-coefficient column coupling two features."""
-
-    features: tuple[str, str]
-    column: str
 
 
 @dataclass(frozen=True)
@@ -321,48 +270,6 @@ class CatalogSchema:
 
 
 # --------------------------------------------------------------------------- parsing
-def _norm_unit(unit: str) -> str:
-    u = unit.strip()
-    return _UNIT_ALIASES.get(u, _UNIT_ALIASES.get(u.lower(), u))
-
-
-def unit_scale(from_unit: str, to_unit: str) -> float | None:
-    """Factor converting a quantity in ``from_unit`` to ``to_unit``; None when unknown."""
-    a, b = _norm_unit(from_unit), _norm_unit(to_unit)
-    if a == b:
-        return 1.0
-    for table in (_ANGLE_IN_DEG, _PM_IN_MAS_PER_YR):
-        if a in table and b in table:
-            return table[a] / table[b]
-    return None
-
-
-def _as_str_list(value: Any, where: str) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-        raise SchemaError(f"{where}: expected a column name or a list of column names")
-    return list(value)
-
-
-_FEATURE_KEYS = {
-    "name",
-    "column",
-    "unit",
-    "description",
-    "error",
-    "error_unit",
-    "error_scale",
-    "error_divide_by_cos",
-    "flux_over_error",
-    "mag_floor",
-    "variance",
-    "min",
-    "max",
-    "error_min",
-    "error_max",
-    "error_floor",
-}
 _TOP_KEYS = {
     "name",
     "description",
@@ -374,130 +281,6 @@ _TOP_KEYS = {
     "selection",
     "extends",
 }
-
-
-def _number(f: Mapping[str, Any], key: str, where: str, default: float) -> float:
-    """``f[key]`` as a float (``default`` when absent); NaN, booleans and strings are errors."""
-    if key not in f:
-        return default
-    v = f[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-        raise SchemaError(f"{where}: {key!r} must be a number")
-    return float(v)
-
-
-def _parse_bounds(f: Mapping[str, Any], keys: tuple[str, str], where: str) -> tuple[float, float]:
-    lo = _number(f, keys[0], where, -math.inf)
-    hi = _number(f, keys[1], where, math.inf)
-    if not lo <= hi:
-        raise SchemaError(f"{where}: {keys[0]} ({lo!r}) is above {keys[1]} ({hi!r})")
-    return lo, hi
-
-
-def _parse_feature(
-    f: Any, i: int, src: str
-) -> tuple[str, str, str, NoiseSpec, tuple[float, float]]:
-    where = f"{src}: feature[{i}]"
-    if not isinstance(f, Mapping):
-        raise SchemaError(f"{where}: expected a table")
-    unknown = set(f) - _FEATURE_KEYS
-    if unknown:
-        raise SchemaError(f"{where}: unknown key(s) {sorted(unknown)}")
-    name = f.get("name")
-    if not isinstance(name, str) or not name:
-        raise SchemaError(f"{where}: 'name' (a non-empty string) is required")
-    where = f"{src}: feature {name!r}"
-    column = f.get("column", name)
-    if not isinstance(column, str) or not column:
-        raise SchemaError(f"{where}: 'column' must be a non-empty string")
-    unit = str(f.get("unit", ""))
-    kinds = [k for k in ("error", "flux_over_error", "variance") if k in f]
-    if len(kinds) != 1:
-        raise SchemaError(
-            f"{where}: give exactly one of 'error', 'flux_over_error', 'variance' (got {kinds})"
-        )
-    kind = kinds[0]
-    extras = {
-        "error": {"error_unit", "error_scale", "error_divide_by_cos"},
-        "flux_over_error": {"mag_floor"},
-        "variance": set(),
-    }
-    for other, keys in extras.items():
-        if other != kind and keys & set(f):
-            raise SchemaError(f"{where}: {sorted(keys & set(f))} only apply to '{other}' noise")
-    value_range = _parse_bounds(f, ("min", "max"), where)
-    if kind != "error" and ({"error_min", "error_max"} & set(f)):
-        raise SchemaError(
-            f"{where}: 'error_min'/'error_max' bound an error column, so they need 'error' noise"
-        )
-    error_range = _parse_bounds(f, ("error_min", "error_max"), where)
-    if "error_min" in f and error_range[0] < 0:
-        raise SchemaError(f"{where}: 'error_min' must be >= 0")
-    floor = _number(f, "error_floor", where, 0.0)
-    if not (floor >= 0 and math.isfinite(floor)):
-        raise SchemaError(f"{where}: 'error_floor' must be a non-negative finite number")
-    if kind == "error":
-        col = f["error"]
-        if not isinstance(col, str) or not col:
-            raise SchemaError(f"{where}: 'error' must be a column name")
-        err_unit = str(f.get("error_unit", unit))
-        derived = unit_scale(err_unit, unit) if err_unit and unit else None
-        if "error_scale" in f:
-            scale = f["error_scale"]
-            if not isinstance(scale, (int, float)) or not (scale > 0 and math.isfinite(scale)):
-                raise SchemaError(f"{where}: 'error_scale' must be a positive number")
-            if derived is not None and not math.isclose(scale, derived, rel_tol=1e-9):
-                raise SchemaError(
-                    f"{where}: error_scale {scale!r} contradicts error_unit {err_unit!r} -> unit "
-                    f"{unit!r} (expected {derived!r}); fix one of them"
-                )
-        elif derived is None and err_unit and unit:
-            raise SchemaError(
-                f"{where}: cannot convert error_unit {err_unit!r} to unit {unit!r}; "
-                "give 'error_scale' explicitly"
-            )
-        else:
-            scale = 1.0 if derived is None else derived
-        cos_of = f.get("error_divide_by_cos")
-        if cos_of is not None and (not isinstance(cos_of, str) or not cos_of):
-            raise SchemaError(f"{where}: 'error_divide_by_cos' must be a feature name")
-        spec = NoiseSpec(
-            "error",
-            (col,),
-            scale=float(scale),
-            divide_by_cos=cos_of,
-            error_unit=err_unit,
-            error_range=error_range,
-            floor=floor,
-        )
-    elif kind == "flux_over_error":
-        cols = _as_str_list(f["flux_over_error"], f"{where}: flux_over_error")
-        floors = f.get("mag_floor", [0.0] * len(cols))
-        if isinstance(floors, (int, float)):
-            floors = [floors]
-        if len(floors) != len(cols) or not all(
-            isinstance(x, (int, float)) and x >= 0 and math.isfinite(x) for x in floors
-        ):
-            raise SchemaError(
-                f"{where}: 'mag_floor' needs one non-negative number per flux_over_error column"
-            )
-        if unit and _norm_unit(unit) != "mag":
-            raise SchemaError(f"{where}: flux_over_error noise gives magnitudes; unit is {unit!r}")
-        spec = NoiseSpec(
-            "flux_over_error",
-            tuple(cols),
-            mag_floors=tuple(float(x) for x in floors),
-            floor=floor,
-        )
-    else:
-        var = f["variance"]
-        if not isinstance(var, (int, float)) or not (var > 0 and math.isfinite(var)):
-            raise SchemaError(
-                f"{where}: 'variance' must be a positive finite number (a floor variance keeps "
-                "the noise covariance positive definite)"
-            )
-        spec = NoiseSpec("variance", (), variance=float(var), floor=floor)
-    return name, column, unit, spec, value_range
 
 
 def _extended(d: Mapping[str, Any], source: str, depth: int = 0) -> dict[str, Any]:
@@ -526,6 +309,35 @@ def schema_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> CatalogSch
         raise SchemaError(f"{source}: unknown key(s) {sorted(unknown)}")
     if "extends" in d:
         d = _extended(d, source)
+    common = _top_level(d, source)
+    if "projection" in d:
+        return _projection_schema(d, source, common)
+    feats = d.get("feature")
+    if not isinstance(feats, Sequence) or not feats:
+        raise SchemaError(f"{source}: at least one [[feature]] is required")
+    parsed = [parse_feature(f, i, source) for i, f in enumerate(feats)]
+    names = tuple(p[0] for p in parsed)
+    if len({n.lower() for n in names}) != len(names):
+        raise SchemaError(f"{source}: duplicate feature names in {names}")
+    units = tuple(p[2] for p in parsed)
+    noise = tuple(p[3] for p in parsed)
+    check_divide_by_cos(names, units, noise, source)
+    corrs = parse_correlations(d.get("correlation", []), names, source)
+    ranges = tuple(p[4] for p in parsed)
+    return CatalogSchema(
+        features=names,
+        units=units,
+        columns=tuple(p[1] for p in parsed),
+        noise=noise,
+        correlations=corrs,
+        value_ranges=ranges if any(r != (-math.inf, math.inf) for r in ranges) else (),
+        **common,
+    )
+
+
+def _top_level(d: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The keyword arguments of :class:`CatalogSchema` that every schema has: name, id_column,
+    nan_is_null, description, selection."""
     selection = None
     if "selection" in d:
         try:
@@ -539,84 +351,31 @@ def schema_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> CatalogSch
     nan_is_null = d.get("nan_is_null", False)
     if not isinstance(nan_is_null, bool):
         raise SchemaError(f"{source}: 'nan_is_null' must be true or false")
-    description = d.get("description", "")
-    if "projection" in d:
-        if d.get("feature") or d.get("correlation"):
-            raise SchemaError(
-                f"{source}: a schema with [projection] takes no [[feature]] or [[correlation]] "
-                "tables (the projection defines the observed values and their noise)"
-            )
-        try:
-            spec = parse_projection(d["projection"], source)
-        except ProjectionError as exc:
-            raise SchemaError(str(exc)) from None
-        return CatalogSchema(
-            name=str(name),
-            features=spec.features,
-            units=(spec.unit,) * len(spec.features),
-            id_column=id_column,
-            nan_is_null=nan_is_null,
-            description=str(description),
-            projection=spec,
-            selection=selection,
+    return {
+        "name": str(name),
+        "id_column": id_column,
+        "nan_is_null": nan_is_null,
+        "description": str(d.get("description", "")),
+        "selection": selection,
+    }
+
+
+def _projection_schema(d: Mapping[str, Any], source: str, common: dict[str, Any]) -> CatalogSchema:
+    """A schema whose ``[projection]`` defines the observed values and their noise."""
+    if d.get("feature") or d.get("correlation"):
+        raise SchemaError(
+            f"{source}: a schema with [projection] takes no [[feature]] or [[correlation]] "
+            "tables (the projection defines the observed values and their noise)"
         )
-    feats = d.get("feature")
-    if not isinstance(feats, Sequence) or not feats:
-        raise SchemaError(f"{source}: at least one [[feature]] is required")
-    parsed = [_parse_feature(f, i, source) for i, f in enumerate(feats)]
-    names = tuple(p[0] for p in parsed)
-    if len({n.lower() for n in names}) != len(names):
-        raise SchemaError(f"{source}: duplicate feature names in {names}")
-    units = tuple(p[2] for p in parsed)
-    for n, (_, _, _, spec, _) in zip(names, parsed, strict=True):
-        if spec.divide_by_cos is not None:
-            if spec.divide_by_cos not in names:
-                raise SchemaError(
-                    f"{source}: feature {n!r}: error_divide_by_cos {spec.divide_by_cos!r} "
-                    "is not a feature"
-                )
-            u = _norm_unit(units[names.index(spec.divide_by_cos)])
-            if u != "deg":
-                raise SchemaError(
-                    f"{source}: feature {n!r}: error_divide_by_cos needs a feature in deg, "
-                    f"{spec.divide_by_cos!r} is in {u!r}"
-                )
-    corrs = []
-    seen_pairs: set[frozenset[str]] = set()
-    for i, c in enumerate(d.get("correlation", []) or []):
-        where = f"{source}: correlation[{i}]"
-        if not isinstance(c, Mapping) or set(c) - {"features", "column"}:
-            raise SchemaError(f"{where}: expected a table with 'features' and 'column' only")
-        fs = c.get("features")
-        col = c.get("column")
-        if (
-            not isinstance(fs, Sequence)
-            or isinstance(fs, str)
-            or len(fs) != 2
-            or fs[0] == fs[1]
-            or any(x not in names for x in fs)
-        ):
-            raise SchemaError(f"{where}: 'features' must name two different features of {names}")
-        if not isinstance(col, str) or not col:
-            raise SchemaError(f"{where}: 'column' must be a column name")
-        pair = frozenset(fs)
-        if pair in seen_pairs:
-            raise SchemaError(f"{where}: features {list(fs)} are already correlated")
-        seen_pairs.add(pair)
-        corrs.append(Correlation((str(fs[0]), str(fs[1])), col))
-    ranges = tuple(p[4] for p in parsed)
+    try:
+        spec = parse_projection(d["projection"], source)
+    except ProjectionError as exc:
+        raise SchemaError(str(exc)) from None
     return CatalogSchema(
-        name=str(name),
-        features=names,
-        units=units,
-        id_column=id_column,
-        columns=tuple(p[1] for p in parsed),
-        noise=tuple(p[3] for p in parsed),
-        correlations=tuple(corrs),
-        nan_is_null=nan_is_null,
-        description=str(description),
-        value_ranges=ranges if any(r != (-math.inf, math.inf) for r in ranges) else (),
-        selection=selection,
+        features=spec.features,
+        units=(spec.unit,) * len(spec.features),
+        projection=spec,
+        **common,
     )
 
 

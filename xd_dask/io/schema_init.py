@@ -22,12 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xd_dask.io.reader import CatalogError
 from xd_dask.io.schema import schema_from_dict, unit_scale
-from xd_dask.io.tables import ROW_INDEX, guess_id_column, open_table
+from xd_dask.io.tables import ROW_INDEX, detect_format, find_readme, guess_id_column, open_table
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 __all__ = [
     "ColumnInfo",
@@ -88,10 +94,7 @@ def _is_parquet(p: Path, format: str) -> bool:
 
 def _source(p: Path, format: str, readme: Any, hdu: Any):
     """The table source of a non-Parquet table; a CDS table without ``readme`` gets the one
-    beside it or packaged with xd-dask (:func:`xd_dask.io.ingest.find_readme`)."""
-    from xd_dask.io.ingest import find_readme  # noqa: PLC0415
-    from xd_dask.io.tables import detect_format  # noqa: PLC0415
-
+    beside it or packaged with xd-dask (:func:`xd_dask.io.tables.find_readme`)."""
     fmt = detect_format(p) if format == "auto" else format
     if fmt == "cds" and readme is None and p.is_file():
         readme = find_readme(p)
@@ -144,8 +147,6 @@ def count_zero_errors(
 ) -> ZeroErrors:
     """Rows whose error is exactly 0 in each of the error ``columns`` (the first ``max_rows``
     rows of the table), and the smallest non-zero |error| of each."""
-    import numpy as np  # noqa: PLC0415
-
     counts = {c: [0, np.inf] for c in columns}
     rows, complete = 0, True
     if not columns:
@@ -196,7 +197,7 @@ def _corr_pair(name: str, features: list[str]) -> tuple[str, str] | None:
 
 def _astropy_scale(err_unit: str, unit: str) -> float | None:
     """The factor from ``err_unit`` to ``unit`` by astropy's unit conversion, or None."""
-    from astropy import units as u  # noqa: PLC0415
+    from astropy import units as u  # noqa: PLC0415 - astropy: slow import
 
     try:
         return float(u.Unit(err_unit).to(u.Unit(unit)))
@@ -417,11 +418,6 @@ def _wrap(names: list[str], prefix: str, width: int = 96) -> list[str]:
 
 def _check(text: str, source: str) -> None:
     """The starter must load as written (so that editing starts from a valid schema)."""
-    try:
-        import tomllib  # noqa: PLC0415
-    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]  # noqa: PLC0415
-
     schema_from_dict(tomllib.loads(text), f"starter schema for {source or 'table'}")
 
 

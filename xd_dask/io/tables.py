@@ -44,6 +44,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from xd_dask.data import packaged_readme
+from xd_dask.io.cds import cds_layout, check_lines, parse_lines
+from xd_dask.io.ecsv import BOM, ecsv_batches, refuse_bom
 from xd_dask.io.reader import CatalogError
 from xd_dask.utils import get_logger
 
@@ -53,9 +56,11 @@ __all__ = [
     "TableSource",
     "astropy_to_arrow",
     "detect_format",
+    "find_readme",
     "guess_id_column",
     "open_table",
     "open_binary",
+    "readme_beside",
     "strip_compression",
     "table_stem",
 ]
@@ -223,8 +228,7 @@ class TableSource:
 
     # one generator per format -------------------------------------------------------------
     def _csv(self, chunk_rows: int, chunk_bytes: int) -> Iterator[pa.Table]:
-        from astropy.io import ascii  # noqa: PLC0415
-        from astropy.io.ascii import InconsistentTableError  # noqa: PLC0415
+        from astropy.io import ascii  # noqa: PLC0415 - astropy: slow import
 
         with open_binary(self.path) as fh:
             refuse_bom(str(self.path), fh.read(len(BOM)))
@@ -244,7 +248,7 @@ class TableSource:
             try:
                 with _quiet():
                     chunk = next(chunks, None)
-            except InconsistentTableError as exc:
+            except ascii.InconsistentTableError as exc:
                 raise _ragged(self.path, rows, exc) from None
             if chunk is None:
                 return
@@ -252,16 +256,14 @@ class TableSource:
             yield astropy_to_arrow(chunk, self._skipped)
 
     def _ecsv(self, chunk_rows: int, chunk_bytes: int) -> Iterator[pa.Table]:
-        from xd_dask.io.ingest import ecsv_batches  # noqa: PLC0415
-
         with open_binary(self.path) as fh:
             schema, batches = ecsv_batches(fh, str(self.path), None, min(chunk_bytes, 8 << 20))
             for b in batches:
                 yield pa.Table.from_batches([b]).cast(schema)
 
     def _fits(self, chunk_rows: int, chunk_bytes: int) -> Iterator[pa.Table]:
-        from astropy.io import fits  # noqa: PLC0415
-        from astropy.table import Table  # noqa: PLC0415
+        from astropy.io import fits  # noqa: PLC0415 - astropy: slow import
+        from astropy.table import Table  # noqa: PLC0415 - astropy: slow import
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -290,7 +292,7 @@ class TableSource:
             del table
 
     def _votable(self, chunk_rows: int, chunk_bytes: int) -> Iterator[pa.Table]:
-        from astropy.io.votable import parse  # noqa: PLC0415
+        from astropy.io.votable import parse  # noqa: PLC0415 - astropy: slow import
 
         with _quiet():
             table = parse(str(self.path)).get_first_table().to_table(use_names_over_ids=True)
@@ -298,9 +300,7 @@ class TableSource:
             yield astropy_to_arrow(table[start : start + chunk_rows], self._skipped)
 
     def _cds(self, chunk_rows: int, chunk_bytes: int) -> Iterator[pa.Table]:
-        from astropy.io import ascii  # noqa: PLC0415
-
-        from xd_dask.io.cds import cds_layout, check_lines, parse_lines  # noqa: PLC0415
+        from astropy.io import ascii  # noqa: PLC0415 - astropy: slow import
 
         if self.readme is None:  # header and data in one file: astropy reads it whole
             with _quiet():
@@ -347,22 +347,6 @@ class TableSource:
         return sorted(self._skipped)
 
 
-#: The UTF-8 byte-order mark.
-BOM = b"\xef\xbb\xbf"
-
-
-def refuse_bom(path: str, head: bytes) -> None:
-    """CatalogError when a text table starts with a UTF-8 byte-order mark (``head``: its first
-    bytes), which the readers would glue to the first column's name."""
-    if head.startswith(BOM):
-        raise CatalogError(
-            f"{path}: starts with a UTF-8 byte-order mark (bytes EF BB BF, as some spreadsheet "
-            "programs write), which would become part of the first column's name; save it "
-            f"without one (e.g. `sed -i '1s/^\\xEF\\xBB\\xBF//' {path}`)",
-            path=path,
-        )
-
-
 def _ragged(path: Path, rows_before: int, exc: Exception) -> CatalogError:
     """A CatalogError for astropy's "inconsistent data columns" error in a CSV chunk, naming
     the row in the whole file (astropy counts data lines from 0 in each chunk)."""
@@ -393,14 +377,14 @@ def _cds_error(path: Path, lines: list[bytes], numbers: np.ndarray, exc: Excepti
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence astropy's warnings (e.g. a unit it does not know, kept as text) while reading."""
-    from astropy.utils.exceptions import AstropyWarning  # noqa: PLC0415
+    from astropy.utils.exceptions import AstropyWarning  # noqa: PLC0415 - astropy: slow import
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AstropyWarning)
         yield
 
 
-def _find_readme(path: Path) -> Path | None:
+def readme_beside(path: Path) -> Path | None:
     """The ReadMe beside a CDS data file that describes it, if any."""
     for name in ("ReadMe", "README", "readme", "ReadMe.txt"):
         cand = path.parent / name
@@ -410,6 +394,24 @@ def _find_readme(path: Path) -> Path | None:
             if re.search(pattern, text):
                 return cand
     return None
+
+
+def find_readme(table: Path) -> Path | None:
+    """The CDS ReadMe of a fixed-width table: one beside it that describes it, else one
+    packaged with xd-dask (:mod:`xd_dask.data`: hip2.dat of Hipparcos I/311), else None."""
+    beside = readme_beside(table)
+    if beside is not None:
+        return beside
+    packaged = packaged_readme(table)
+    if packaged is not None:
+        log.info(
+            "%s: no ReadMe beside it; using the ReadMe packaged with xd-dask for %s (%s); give "
+            "--readme if this file is another table",
+            table,
+            table.name,
+            packaged.name,
+        )
+    return packaged
 
 
 def open_table(
@@ -432,7 +434,7 @@ def open_table(
     if rm is not None and not rm.is_file():
         raise CatalogError(f"{rm}: no such ReadMe file", path=str(rm))
     if fmt == "cds" and rm is None:
-        rm = _find_readme(p)
+        rm = readme_beside(p)
     if rm is not None and fmt != "cds":
         raise ValueError(f"{p}: a ReadMe only applies to CDS tables (format is {fmt})")
     return TableSource(p, fmt, rm, hdu)

@@ -67,6 +67,115 @@ def _first_bad(r, bc, cond, code, col):
     return r, bc
 
 
+# The steps of _block_rows, inlined into it; each passes on the row's first failure (r, bc).
+_step = numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+
+
+@_step
+def _check_values(IN, i, o, ov, c, codes, nan_null, ang):  # pragma: no cover - compiled
+    """(r, bc) after the checks of the 5 values: valid, finite, |dec| <= 90 deg, parallax > 0."""
+    B = BLOCK_STRIDE
+    r = 0
+    bc = -1
+    for k in range(5):
+        r, bc = _first_bad(r, bc, IN[ov + k * B + i] < 0.5, codes[0], c[k])
+    for k in range(5):
+        v = IN[o[k] + i]
+        bad = codes[0] if nan_null and v != v else codes[1]
+        r, bc = _first_bad(r, bc, not _fin(v), bad, c[k])
+    de, w = IN[o[_DEC] + i], IN[o[_PLX] + i]
+    r, bc = _first_bad(r, bc, abs(de * ang) > _HALF_PI, codes[2], c[_DEC])
+    r, bc = _first_bad(r, bc, not w > 0.0, codes[3], c[_PLX])
+    return r, bc
+
+
+@_step
+def _check_errors(r, bc, IN, i, o, c, codes, has_ex):  # pragma: no cover - compiled
+    """(r, bc, sigma(pmra), sigma(pmdec), sigma(parallax) or 0): errors finite and >= 0."""
+    sa, sd = IN[o[_EPMRA] + i], IN[o[_EPMDEC] + i]
+    sw = IN[o[_EPLX] + i] if has_ex else 0.0
+    for k, e in ((_EPMRA, sa), (_EPMDEC, sd), (_EPLX, sw)):
+        r, bc = _first_bad(r, bc, not _fin(e), codes[4], c[k])
+        r, bc = _first_bad(r, bc, e < 0.0, codes[5], c[k])
+    return r, bc, sa, sd, sw
+
+
+@_step
+def _weight_correlations(r, bc, IN, i, o, c, codes, wmode):  # pragma: no cover - compiled
+    """(r, bc, rho(plx, pmra), rho(plx, pmdec), rho(pmra, pmdec)) from the trailing block T of
+    the weight matrix: C' = T^-1 T^-T up to column scaling (wmode 6: full block, 3: pm only)."""
+    bw = 11
+    rpa = 0.0
+    rpd = 0.0
+    for k in range(bw, bw + wmode):
+        r, bc = _first_bad(r, bc, not _fin(IN[o[k] + i]), codes[6], c[k])
+    if wmode == 6:
+        t22, t23, t33 = IN[o[bw] + i], IN[o[bw + 1] + i], IN[o[bw + 2] + i]
+        t24, t34, t44 = IN[o[bw + 3] + i], IN[o[bw + 4] + i], IN[o[bw + 5] + i]
+        r, bc = _first_bad(r, bc, not t22 > 0.0, codes[7], c[bw])
+        r, bc = _first_bad(r, bc, not t33 > 0.0, codes[7], c[bw + 2])
+        r, bc = _first_bad(r, bc, not t44 > 0.0, codes[7], c[bw + 5])
+    else:
+        t22, t23, t24 = 1.0, 0.0, 0.0
+        t33, t34, t44 = IN[o[bw] + i], IN[o[bw + 1] + i], IN[o[bw + 2] + i]
+        r, bc = _first_bad(r, bc, not t33 > 0.0, codes[7], c[bw])
+        r, bc = _first_bad(r, bc, not t44 > 0.0, codes[7], c[bw + 2])
+    v22 = 1.0 / t22
+    v33 = 1.0 / t33
+    v44 = 1.0 / t44
+    v23 = -t23 * v33 * v22
+    v34 = -t34 * v44 * v33
+    v24 = -(t23 * v34 + t24 * v44) * v22
+    c22 = v22 * v22 + v23 * v23 + v24 * v24
+    c23 = v23 * v33 + v24 * v34
+    c24 = v24 * v44
+    c33 = v33 * v33 + v34 * v34
+    c34 = v34 * v44
+    c44 = v44 * v44
+    if wmode == 6:
+        rpa = c23 / math.sqrt(c22 * c33)
+        rpd = c24 / math.sqrt(c22 * c44)
+    rad = c34 / math.sqrt(c33 * c44)
+    return r, bc, rpa, rpd, rad
+
+
+@_step
+def _correlations(r, bc, IN, i, o, c, codes, wmode, has_ex):  # pragma: no cover - compiled
+    """(r, bc, rho(plx, pmra), rho(plx, pmdec), rho(pmra, pmdec)): from the correlation columns
+    (absent: 0) or the weight matrix; their matrix (of (plx, pmra, pmdec), or of (pmra, pmdec)
+    without a parallax error) must be positive definite."""
+    if wmode == 0:
+        rpa = IN[o[_CPA] + i] if c[_CPA] >= 0 else 0.0
+        rpd = IN[o[_CPD] + i] if c[_CPD] >= 0 else 0.0
+        rad = IN[o[_CAD] + i] if c[_CAD] >= 0 else 0.0
+        for k, rho in ((_CPA, rpa), (_CPD, rpd), (_CAD, rad)):
+            r, bc = _first_bad(r, bc, not abs(rho) <= 1.0, codes[6], c[k])
+    else:
+        r, bc, rpa, rpd, rad = _weight_correlations(r, bc, IN, i, o, c, codes, wmode)
+    if has_ex:
+        d1 = 1.0 - rpa * rpa
+        l21 = (rad - rpd * rpa) / (d1 if d1 > PIVOT_TOL else 1.0)
+        d2 = 1.0 - rpd * rpd - l21 * l21 * d1
+    else:
+        d1 = 1.0 - rad * rad
+        d2 = 1.0
+    r, bc = _first_bad(r, bc, not (d1 > PIVOT_TOL and d2 > PIVOT_TOL), codes[7], -1)
+    return r, bc, rpa, rpd, rad
+
+
+@_step
+def _write_triad(R, j0, A, ra, de, ang):  # pragma: no cover - compiled
+    """R[j0]: the normal-triad rows p, q (ICRS) at (ra, dec) rotated by A."""
+    a = ra * ang
+    d = de * ang
+    sin_a, cos_a = math.sin(a), math.cos(a)
+    sin_d, cos_d = math.sin(d), math.cos(d)
+    qx, qy, qz = -sin_d * cos_a, -sin_d * sin_a, cos_d
+    for j in range(3):
+        R[j0, 0, j] = -A[j, 0] * sin_a + A[j, 1] * cos_a
+        R[j0, 1, j] = A[j, 0] * qx + A[j, 1] * qy + A[j, 2] * qz
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _block_rows(  # pragma: no cover - compiled
     m, IN, ncol, c, codes, opts, A, lim, X, S, R, reason, bad_column, o0
@@ -89,73 +198,12 @@ def _block_rows(  # pragma: no cover - compiled
     for k in range(_N_ROLES):
         o[k] = max(c[k], 0) * B
     ov = ncol * B  # validity of the value columns
-    bw = 11
     for i in range(m):
-        r = 0
-        bc = -1
-        for k in range(5):
-            r, bc = _first_bad(r, bc, IN[ov + k * B + i] < 0.5, codes[0], c[k])
+        r, bc = _check_values(IN, i, o, ov, c, codes, nan_null, ang)
         ra, de, w = IN[o[_RA] + i], IN[o[_DEC] + i], IN[o[_PLX] + i]
         ma, md = IN[o[_PMRA] + i], IN[o[_PMDEC] + i]
-        for k in range(5):
-            v = IN[o[k] + i]
-            bad = codes[0] if nan_null and v != v else codes[1]
-            r, bc = _first_bad(r, bc, not _fin(v), bad, c[k])
-        r, bc = _first_bad(r, bc, abs(de * ang) > _HALF_PI, codes[2], c[_DEC])
-        r, bc = _first_bad(r, bc, not w > 0.0, codes[3], c[_PLX])
-        sa, sd = IN[o[_EPMRA] + i], IN[o[_EPMDEC] + i]
-        sw = IN[o[_EPLX] + i] if has_ex else 0.0
-        for k, e in ((_EPMRA, sa), (_EPMDEC, sd), (_EPLX, sw)):
-            r, bc = _first_bad(r, bc, not _fin(e), codes[4], c[k])
-            r, bc = _first_bad(r, bc, e < 0.0, codes[5], c[k])
-        rpa = 0.0
-        rpd = 0.0
-        rad = 0.0
-        if wmode == 0:  # correlation columns (absent: 0)
-            rpa = IN[o[_CPA] + i] if c[_CPA] >= 0 else 0.0
-            rpd = IN[o[_CPD] + i] if c[_CPD] >= 0 else 0.0
-            rad = IN[o[_CAD] + i] if c[_CAD] >= 0 else 0.0
-            for k, rho in ((_CPA, rpa), (_CPD, rpd), (_CAD, rad)):
-                r, bc = _first_bad(r, bc, not abs(rho) <= 1.0, codes[6], c[k])
-        else:  # the trailing block T of the weight matrix: C' = T^-1 T^-T up to column scaling
-            for k in range(bw, bw + wmode):
-                r, bc = _first_bad(r, bc, not _fin(IN[o[k] + i]), codes[6], c[k])
-            if wmode == 6:
-                t22, t23, t33 = IN[o[bw] + i], IN[o[bw + 1] + i], IN[o[bw + 2] + i]
-                t24, t34, t44 = IN[o[bw + 3] + i], IN[o[bw + 4] + i], IN[o[bw + 5] + i]
-                r, bc = _first_bad(r, bc, not t22 > 0.0, codes[7], c[bw])
-                r, bc = _first_bad(r, bc, not t33 > 0.0, codes[7], c[bw + 2])
-                r, bc = _first_bad(r, bc, not t44 > 0.0, codes[7], c[bw + 5])
-            else:
-                t22, t23, t24 = 1.0, 0.0, 0.0
-                t33, t34, t44 = IN[o[bw] + i], IN[o[bw + 1] + i], IN[o[bw + 2] + i]
-                r, bc = _first_bad(r, bc, not t33 > 0.0, codes[7], c[bw])
-                r, bc = _first_bad(r, bc, not t44 > 0.0, codes[7], c[bw + 2])
-            v22 = 1.0 / t22
-            v33 = 1.0 / t33
-            v44 = 1.0 / t44
-            v23 = -t23 * v33 * v22
-            v34 = -t34 * v44 * v33
-            v24 = -(t23 * v34 + t24 * v44) * v22
-            c22 = v22 * v22 + v23 * v23 + v24 * v24
-            c23 = v23 * v33 + v24 * v34
-            c24 = v24 * v44
-            c33 = v33 * v33 + v34 * v34
-            c34 = v34 * v44
-            c44 = v44 * v44
-            if wmode == 6:
-                rpa = c23 / math.sqrt(c22 * c33)
-                rpd = c24 / math.sqrt(c22 * c44)
-            rad = c34 / math.sqrt(c33 * c44)
-        # the correlation matrix of (parallax, pmra, pmdec), or of (pmra, pmdec), must be PD
-        if has_ex:
-            d1 = 1.0 - rpa * rpa
-            l21 = (rad - rpd * rpa) / (d1 if d1 > PIVOT_TOL else 1.0)
-            d2 = 1.0 - rpd * rpd - l21 * l21 * d1
-        else:
-            d1 = 1.0 - rad * rad
-            d2 = 1.0
-        r, bc = _first_bad(r, bc, not (d1 > PIVOT_TOL and d2 > PIVOT_TOL), codes[7], -1)
+        r, bc, sa, sd, sw = _check_errors(r, bc, IN, i, o, c, codes, has_ex)
+        r, bc, rpa, rpd, rad = _correlations(r, bc, IN, i, o, c, codes, wmode, has_ex)
         # x = K mu / varpi; S = J C J^T, J = (K / varpi) [[-mu_a / varpi, 1, 0], [-mu_d / varpi,
         # 0, 1]] over (varpi, mu_a*, mu_d); e = sigma(varpi) / varpi
         x0 = kv * ma / w
@@ -170,16 +218,8 @@ def _block_rows(  # pragma: no cover - compiled
         r, bc = _first_bad(r, bc, not pd, codes[7], -1)
         ok = abs(x0) <= vlim and abs(x1) <= vlim and wtiny <= s00 <= wlim and wtiny <= s11 <= wlim
         r, bc = _first_bad(r, bc, not ok, codes[8], -1)
-        # R: the normal-triad rows p, q (ICRS) rotated by A
-        a = ra * ang
-        d = de * ang
-        sin_a, cos_a = math.sin(a), math.cos(a)
-        sin_d, cos_d = math.sin(d), math.cos(d)
-        qx, qy, qz = -sin_d * cos_a, -sin_d * sin_a, cos_d
         j0 = o0 + i
-        for j in range(3):
-            R[j0, 0, j] = -A[j, 0] * sin_a + A[j, 1] * cos_a
-            R[j0, 1, j] = A[j, 0] * qx + A[j, 1] * qy + A[j, 2] * qz
+        _write_triad(R, j0, A, ra, de, ang)
         X[j0, 0] = x0
         X[j0, 1] = x1
         S[j0, 0, 0] = s00
