@@ -137,14 +137,18 @@ def test_plain_schema_same_machinery():
 
 
 @pytest.mark.parametrize(
-    ("dtype", "error"), [(np.float32, 1e-25), (np.float64, 1e-160), (np.float64, 0.0)]
+    ("dtype", "error", "reason"),
+    [
+        (np.float32, 1e-25, "not_representable"),
+        (np.float64, 1e-160, "not_representable"),
+        (np.float64, 0.0, "not_positive_definite"),
+    ],
 )
-def test_a_variance_that_underflows_is_not_positive_definite(dtype, error):
+def test_a_variance_that_underflows_is_not_representable(dtype, error, reason):
     """An error whose square is below the dtype's smallest normal number (1e-50 in float32,
-    1e-320 in float64, or exactly 0) leaves S singular on that field: the row is
-    not_positive_definite (S cannot be factorised), not not_representable (the values are
-    representable; a variance that overflows is, and stays, not_representable), and the
-    column named is the error's."""
+    1e-320 in float64) is the working dtype's limit, like a square that overflows:
+    not_representable (issue 19: it was reported as not_positive_definite); an error of exactly
+    0 leaves S singular: not_positive_definite. The column named is the error's."""
     from xd_dask.io.rows import BAD_REASONS
 
     t = pa.table(
@@ -157,7 +161,7 @@ def test_a_variance_that_underflows_is_not_positive_definite(dtype, error):
     )
     sch = plain_schema(["x", "y"], ["ex", "ey"])
     r = build_covariance(t, sch, dtype=dtype)
-    assert r.reason.tolist() == [0, BAD_REASONS.index("not_positive_definite"),
+    assert r.reason.tolist() == [0, BAD_REASONS.index(reason),
                                  BAD_REASONS.index("not_representable")]  # fmt: skip
     assert r.columns[r.bad_column[1]] == "ex" and r.columns[r.bad_column[2]] == "ey"
 

@@ -78,7 +78,8 @@ def test_units_agree_by_value_not_by_spelling():
 
 @pytest.mark.cluster
 def test_score_stops_with_the_unit_mismatch(catalogue, cluster, tmp_path):
-    """The command line: exit 1 (a bad input met while reading), one Error line naming it."""
+    """The command line: exit 2 (the units are read from the Parquet footers before the cluster
+    is used, like every check of the schema against the catalogue), one Error line naming it."""
     part, _ = catalogue
     schema = tmp_path / "mag.toml"
     schema.write_text(
@@ -96,5 +97,5 @@ def test_score_stops_with_the_unit_mismatch(catalogue, cluster, tmp_path):
         env=env,
         timeout=300,
     )
-    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "column 'x' is in 'rad' (the file's unit) but schema 'mag' says 'mag'" in proc.stderr

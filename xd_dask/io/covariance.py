@@ -10,8 +10,8 @@ Conventions
   looks at the observed block). Its error, flux-over-error and correlation columns are not needed.
 - An observed value must lie in the schema's ``[min, max]`` (if given) and an error column's value
   in ``[error_min, error_max]``; a value or 1-sigma error whose square overflows the working dtype
-  is bad whatever the schema says (``not_representable``: float32 S would hold inf there), and a
-  variance that underflows it leaves S singular (``not_positive_definite``).
+  is bad whatever the schema says (``not_representable``: float32 S would hold inf there), and so
+  is a variance that underflows it (S would be singular there).
   ``error_floor`` is added to the diagonal of S (an independent noise term).
 - Every observed feature needs a finite, non-negative error (or positive flux-over-error); every
   correlation between two observed features must be finite and in [-1, 1]; S restricted to the

@@ -40,14 +40,13 @@ BAD_REASONS: tuple[str, ...] = (
     "nonfinite_error",  # an observed feature's error (or flux-over-error) is null/NaN/inf
     "negative_error",  # error < 0, or flux-over-error <= 0
     "bad_correlation",  # correlation of two observed features is null/non-finite or |c| > 1
-    "not_positive_definite",  # S on the observed features is not positive definite (a variance
-    # that underflows the working dtype leaves it singular)
+    "not_positive_definite",  # S on the observed features is not positive definite
     "no_observed_fields",  # every feature of the row is missing
     "missing_id",  # the id column is null
     "value_out_of_range",  # an observed value is outside the schema's [min, max]
     "error_out_of_range",  # an observed feature's error is outside [error_min, error_max]
     "not_representable",  # a value or 1-sigma error whose square overflows the working dtype
-    # (|x| > ~1.8e19 in float32)
+    # (|x| > ~1.8e19 in float32), or a variance that underflows it (below ~1.2e-38 in float32)
     "duplicate_id",  # the id of an earlier row of the same partition (the first is kept)
     "missing_input",  # a column a projection is built from is null (or NaN with nan_is_null)
     "nonpositive_parallax",  # a projection divides by the parallax: it must be > 0
@@ -59,13 +58,13 @@ REASON_TEXT = {
     "nonfinite_error": "error is null or not finite while the feature is observed",
     "negative_error": "negative error (or non-positive flux-over-error)",
     "bad_correlation": "correlation is null/not finite or outside [-1, 1]",
-    "not_positive_definite": "noise covariance is not positive definite (or a variance underflows "
-    "the working dtype)",
+    "not_positive_definite": "noise covariance is not positive definite",
     "no_observed_fields": "every feature is missing",
     "missing_id": "row id is null",
     "value_out_of_range": "value outside the schema's range",
     "error_out_of_range": "error outside the schema's range",
-    "not_representable": "not representable in the working dtype (its square overflows)",
+    "not_representable": "not representable in the working dtype (its square overflows, or a "
+    "variance underflows)",
     "duplicate_id": "duplicate id",
     "missing_input": "null value in a column the projection needs (a projected row cannot have "
     "missing fields)",

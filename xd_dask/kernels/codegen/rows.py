@@ -130,8 +130,9 @@ def _error_variance(w: _Writer, plan: Any, j: int) -> int:
 
 def _variances(w: _Writer, plan: Any) -> None:
     """Per feature the diagonal of S (``wd{j}``, the floor included) and ``g{j}`` = sqrt of
-    the catalogue variance. A variance above the dtype's largest is not representable; one
-    below its smallest normal number (it underflows: S is singular there) is not positive
+    the catalogue variance. A variance above the dtype's largest, or below its smallest normal
+    number (it underflows), is not representable in the working dtype (issue 19: an underflow is
+    the dtype's limit, not a property of the star's noise); zero or negative is not positive
     definite."""
     for j in range(len(plan.val_col)):
         kind = int(plan.kind[j])
@@ -157,7 +158,7 @@ def _variances(w: _Writer, plan: Any) -> None:
         w.emit(f"wd{j} = w{j} + f{j} * f{j}" if floor > 0 else f"wd{j} = w{j}")
         w.flag(f"ob{j} & (wd{j} > wlim)", "not_representable", col)
         w.flag(f"ob{j} & (not {_fin(f'w{j}')})", "nonfinite_error", col)
-        w.flag(f"ob{j} & (wd{j} > 0.0) & (wd{j} < wtiny)", "not_positive_definite", col)
+        w.flag(f"ob{j} & (wd{j} > 0.0) & (wd{j} < wtiny)", "not_representable", col)
         w.flag(f"ob{j} & (wd{j} <= 0.0)", "not_positive_definite", col)
         w.emit(f"w{j} = w{j} if ob{j} else 0.0")
         w.emit(f"wd{j} = wd{j} if ob{j} else 0.0")
