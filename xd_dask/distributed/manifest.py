@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from xd_dask.utils import atomic_path, get_logger
+from xd_dask.outputs import atomic_path
+from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
 

@@ -50,7 +50,8 @@ from xd_dask.distributed.manifest import (
     build_manifest,
 )
 from xd_dask.distributed.split import row_keys, salted
-from xd_dask.utils import atomic_dir, get_logger
+from xd_dask.outputs import atomic_dir
+from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
 
