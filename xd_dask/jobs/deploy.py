@@ -43,8 +43,8 @@ def dask_limit(text: str) -> str:
 def runner_mib(cfg: JobConfig) -> int:
     """Memory of the fit process (MiB, a multiple of 256): it draws ``plots.n_samples`` model
     samples and shows ``plots.max_rows`` catalogue rows (see :data:`SAMPLE_BYTES`)."""
-    # heavy (the cluster modules); kept off the job scripts' stop step, which imports render
-    from xd_dask.jobs.prepare import load_schema_checked  # noqa: PLC0415
+    # the job scripts' stop step imports render (and so this module): keep its imports light
+    from xd_dask.jobs.prepare import load_schema_checked  # noqa: PLC0415 - heavy, see above
 
     d = len(load_schema_checked(cfg.get("catalog.schema")).features)
     plots = cfg["plots"]
