@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from xd_dask.utils import UnsafeFileError, open_own_file
+from xd_dask.fsutil import UnsafeFileError, open_own_file
 
 __all__ = ["OUTPUT_LOCK", "FileLock", "LockError", "UnsafeFileError", "is_locked", "output_lock"]
 

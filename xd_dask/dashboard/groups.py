@@ -102,7 +102,7 @@ def install() -> bool:
     """Replace ``TaskGroupGraph.update_layout`` in this process (idempotent); False when the
     dashboard (bokeh) is not importable."""
     try:
-        from distributed.dashboard.components.scheduler import (  # noqa: PLC0415
+        from distributed.dashboard.components.scheduler import (  # noqa: PLC0415 - needs bokeh
             TaskGroupGraph,
         )
     except ImportError:

@@ -171,94 +171,14 @@ class XDPage:
     # ------------------------------------------------------------------ layout
     def _fit_panel(self):
         s = self.sources
-        ll = _figure("Mean log-likelihood per row", "nats / row", name="xd-loglike-figure")
-        ll.xaxis.axis_label = "iteration / wave"
-        ll.line("iteration", "mean_loglike", source=s["loglike"], line_width=2)
-        ll.scatter("iteration", "mean_loglike", source=s["loglike"], size=4)
-        ll.scatter(
-            "iteration",
-            "value",
-            source=s["heldout"],
-            marker="star",
-            size=14,
-            color="#d62728",
-            legend_label="held-out",
-        )
-        ll.scatter(
-            "iteration",
-            "mean_loglike",
-            source=s["moves"],
-            marker="triangle",
-            size=11,
-            color="#9467bd",
-            legend_label="split-and-merge move",
-        )
-        ll.legend.location = "bottom_right"
-        ll.add_tools(
-            HoverTool(
-                tooltips=[
-                    ("step", "@iteration"),
-                    ("ll", "@mean_loglike{0.000000}"),
-                    ("rows", "@rows"),
-                    ("seconds", "@seconds{0.00}"),
-                ]
-            )
-        )
+        ll = _loglike_figure(s)
         step = _figure("Step size", "step", x_range=ll.x_range)
         step.line("iteration", "step", source=s["loglike"], line_width=2, color="#ff7f0e")
         weights = _figure("Component weights", "weight", x_range=ll.x_range)
         weights.multi_line("xs", "ys", source=s["weights"], color="color", line_width=1.5)
         weights.add_tools(HoverTool(tooltips=[("component", "@component")]))
-        workers = figure(
-            title="Rows per task second, per worker",
-            height=260,
-            x_range=FactorRange(),
-            sizing_mode="stretch_width",
-            tools="save",
-        )
-        workers.vbar(x="worker", top="rows_per_second", source=s["workers"], width=0.8)
-        workers.xaxis.major_label_orientation = math.pi / 8
-        workers.add_tools(
-            HoverTool(
-                tooltips=[
-                    ("worker", "@worker"),
-                    ("rows/s", "@rows_per_second{0,0}"),
-                    ("ns per pair", "@ns_per_pair{0.0}"),
-                ]
-            )
-        )
-        self._workers_fig = workers
-        worker_table = _table(
-            s["workers"],
-            [
-                ("worker", "worker"),
-                ("tasks", "xd-estep tasks"),
-                ("rows", "rows"),
-                ("rows_per_second", "rows / task s"),
-                ("ns_per_pair", "ns / (row, component)"),
-            ],
-        )
-        dropped = _table(
-            s["dropped"],
-            [
-                ("reason", "rows dropped: reason"),
-                ("rows", "in all passes so far"),
-                ("last_pass", "in the last full pass"),
-            ],
-            height=120,
-        )
-        moves = _table(
-            s["move-table"],
-            [
-                ("iteration", "iteration"),
-                ("merge", "merge"),
-                ("split", "split"),
-                ("ll_before", "ll before"),
-                ("ll_after", "ll after"),
-                ("verdict", "verdict"),
-            ],
-            height=140,
-        )
+        self._workers_fig = workers = _workers_figure(s)
+        worker_table, dropped, moves = _fit_tables(s)
         return column(
             self.summary,
             row(ll, step, sizing_mode="stretch_width"),
@@ -452,6 +372,103 @@ class XDPage:
             "color": [VERDICT_COLOURS.get(str(r.get("status")), "#7f7f7f") for r in runs],
         }
         self._nightly_fig.x_range.factors = [str(r.get("run")) for r in runs]
+
+
+def _loglike_figure(s: dict[str, ColumnDataSource]):
+    """Mean log-likelihood per row against iteration / wave, held-out scores and moves marked."""
+    ll = _figure("Mean log-likelihood per row", "nats / row", name="xd-loglike-figure")
+    ll.xaxis.axis_label = "iteration / wave"
+    ll.line("iteration", "mean_loglike", source=s["loglike"], line_width=2)
+    ll.scatter("iteration", "mean_loglike", source=s["loglike"], size=4)
+    ll.scatter(
+        "iteration",
+        "value",
+        source=s["heldout"],
+        marker="star",
+        size=14,
+        color="#d62728",
+        legend_label="held-out",
+    )
+    ll.scatter(
+        "iteration",
+        "mean_loglike",
+        source=s["moves"],
+        marker="triangle",
+        size=11,
+        color="#9467bd",
+        legend_label="split-and-merge move",
+    )
+    ll.legend.location = "bottom_right"
+    ll.add_tools(
+        HoverTool(
+            tooltips=[
+                ("step", "@iteration"),
+                ("ll", "@mean_loglike{0.000000}"),
+                ("rows", "@rows"),
+                ("seconds", "@seconds{0.00}"),
+            ]
+        )
+    )
+    return ll
+
+
+def _workers_figure(s: dict[str, ColumnDataSource]):
+    """Rows per task second of each worker (bars)."""
+    workers = figure(
+        title="Rows per task second, per worker",
+        height=260,
+        x_range=FactorRange(),
+        sizing_mode="stretch_width",
+        tools="save",
+    )
+    workers.vbar(x="worker", top="rows_per_second", source=s["workers"], width=0.8)
+    workers.xaxis.major_label_orientation = math.pi / 8
+    workers.add_tools(
+        HoverTool(
+            tooltips=[
+                ("worker", "@worker"),
+                ("rows/s", "@rows_per_second{0,0}"),
+                ("ns per pair", "@ns_per_pair{0.0}"),
+            ]
+        )
+    )
+    return workers
+
+
+def _fit_tables(s: dict[str, ColumnDataSource]) -> tuple[Any, Any, Any]:
+    """(per-worker throughput, rows dropped by reason, split-and-merge moves) tables."""
+    worker_table = _table(
+        s["workers"],
+        [
+            ("worker", "worker"),
+            ("tasks", "xd-estep tasks"),
+            ("rows", "rows"),
+            ("rows_per_second", "rows / task s"),
+            ("ns_per_pair", "ns / (row, component)"),
+        ],
+    )
+    dropped = _table(
+        s["dropped"],
+        [
+            ("reason", "rows dropped: reason"),
+            ("rows", "in all passes so far"),
+            ("last_pass", "in the last full pass"),
+        ],
+        height=120,
+    )
+    moves = _table(
+        s["move-table"],
+        [
+            ("iteration", "iteration"),
+            ("merge", "merge"),
+            ("split", "split"),
+            ("ll_before", "ll before"),
+            ("ll_after", "ll after"),
+            ("verdict", "verdict"),
+        ],
+        height=140,
+    )
+    return worker_table, dropped, moves
 
 
 def _verdict(move: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
+from tornado.ioloop import IOLoop
 
 from xd_dask.dashboard import groups, metrics
 from xd_dask.dashboard.state import PLUGIN_NAME, XDState, plugin_state
@@ -78,8 +79,7 @@ def serve_page(scheduler: Any) -> str | None:
     if dask_app is None:
         return None
     from distributed.dashboard.core import BokehApplication  # noqa: PLC0415 - needs bokeh
-    from distributed.dashboard.scheduler import template_variables  # noqa: PLC0415
-    from tornado.ioloop import IOLoop  # noqa: PLC0415
+    from distributed.dashboard.scheduler import template_variables  # noqa: PLC0415 - bokeh
 
     from xd_dask.dashboard.page import xd_doc  # noqa: PLC0415 - bokeh only with a dashboard
 

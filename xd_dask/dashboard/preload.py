@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from distributed import Scheduler
+
 from xd_dask.dashboard.plugin import PLUGIN_NAME, XDDashboardPlugin
 from xd_dask.utils import get_logger
 
@@ -26,8 +28,6 @@ __all__ = ["dask_setup"]
 
 def dask_setup(server: Any) -> None:
     """Add the XD plugin to ``server`` (a scheduler; other servers are left alone)."""
-    from distributed import Scheduler  # noqa: PLC0415 - the scheduler module is heavy
-
     if not isinstance(server, Scheduler):
         log.warning("xd_dask.dashboard.preload is a scheduler preload; ignored on %s", server)
         return

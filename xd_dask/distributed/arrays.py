@@ -48,7 +48,7 @@ def aligned(X: Any, X_cov: Any, weights: Any = None) -> tuple[Any, Any, Any]:
 
     ValueError for shapes that are not (n, D), (n, D, D), (n,), or rows of unknown size.
     """
-    import dask.array as da  # noqa: PLC0415
+    import dask.array as da  # noqa: PLC0415 - heavy; off the CLI's start-up path
 
     X = X if isinstance(X, da.Array) else da.from_array(np.asarray(X))
     X_cov = X_cov if isinstance(X_cov, da.Array) else da.from_array(np.asarray(X_cov))

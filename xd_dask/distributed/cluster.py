@@ -34,10 +34,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import dask
-from distributed import Client
+from distributed import Client, LocalCluster
 
 from xd_dask.dashboard import PRELOAD
 from xd_dask.dashboard.links import page_link
+from xd_dask.distributed.gpu import GPUUnavailableError, device_info, require_gpu
 from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
@@ -64,34 +65,11 @@ WORKER_MODULES = (
 )
 
 
-class GPUUnavailableError(RuntimeError):
-    """``gpu=True`` was asked for but CuPy, dask-cuda or a CUDA device is missing."""
-
-
-def require_gpu() -> Any:
-    """Import CuPy and check that a CUDA device is usable; return the cupy module."""
-    try:
-        import cupy  # noqa: PLC0415 - lazy on purpose
-    except ImportError as exc:
-        raise GPUUnavailableError(
-            f"gpu=True needs CuPy (pip install 'xd-dask[gpu]'): {exc}"
-        ) from None
-    if not cupy.is_available():
-        raise GPUUnavailableError("gpu=True but CuPy finds no usable CUDA device")
-    return cupy
-
-
-def _worker_gpu_info() -> dict[str, Any]:
-    from xd_dask.distributed.gpu import device_info  # noqa: PLC0415
-
-    return device_info()
-
-
 def check_gpu_workers(client: Client) -> dict[str, dict[str, Any]]:
     """Check that every worker of ``client`` can run the GPU kernels (CuPy, a CUDA device and
     numba.cuda, see :func:`xd_dask.distributed.gpu.device_info`); return each worker's device
     info, or raise GPUUnavailableError naming the workers that cannot, with their reasons."""
-    infos = client.run(_worker_gpu_info)
+    infos = client.run(device_info)
     if not infos:
         raise GPUUnavailableError("gpu=True but the cluster has no workers")
     bad = {w: i["reason"] for w, i in sorted(infos.items()) if not i["ok"]}
@@ -151,7 +129,7 @@ def fork_server_method() -> str | None:
     is none (:data:`START_METHOD` None, no fork server on this platform)."""
     if START_METHOD != "forkserver" or "forkserver" not in multiprocessing.get_all_start_methods():
         return None
-    from multiprocessing import forkserver  # noqa: PLC0415
+    from multiprocessing import forkserver  # noqa: PLC0415 - POSIX only: where it exists
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(WORKER_MODULES))
@@ -200,44 +178,12 @@ def connect(
     if address is None and scheduler_file is None:
         address = os.environ.get("DASK_SCHEDULER_ADDRESS") or None
     if address is not None or scheduler_file is not None:
-        client = (
-            Client(address, scheduler_file=scheduler_file)
-            if address
-            else Client(scheduler_file=scheduler_file)
-        )
-        if gpu:
-            try:
-                check_gpu_workers(client)
-            except GPUUnavailableError:
-                client.close()
-                raise
-        log.info("connected to %s; dashboard: %s", client.scheduler.address, client.dashboard_link)
-        _log_xd_page(client)
-        return client, None
+        return _connect_running(address, scheduler_file, gpu), None
     cluster_kwargs = _with_preload(_loopback(cluster_kwargs))
     if gpu:
-        require_gpu()
-        try:
-            from dask_cuda import LocalCUDACluster  # noqa: PLC0415
-        except ImportError as exc:
-            raise GPUUnavailableError(f"gpu=True needs dask-cuda: {exc}") from None
-        cluster = LocalCUDACluster(
-            n_workers=n_workers, threads_per_worker=threads_per_worker, **cluster_kwargs
-        )
+        cluster = _start_local_cuda(n_workers, threads_per_worker, cluster_kwargs)
     else:
-        from distributed import LocalCluster  # noqa: PLC0415
-
-        if n_workers is None:
-            n_workers = max(1, (os.cpu_count() or 1) // max(1, threads_per_worker))
-        method = fork_server_method()
-        config = {} if method is None else {"distributed.worker.multiprocessing-method": method}
-        with dask.config.set(config):
-            cluster = LocalCluster(
-                n_workers=n_workers,
-                threads_per_worker=threads_per_worker,
-                processes=True,
-                **cluster_kwargs,
-            )
+        cluster = _start_local_cpu(n_workers, threads_per_worker, cluster_kwargs)
     client = Client(cluster)
     log.info(
         "started %s with %d workers x %d threads; dashboard: %s",
@@ -248,3 +194,52 @@ def connect(
     )
     _log_xd_page(client)
     return client, cluster
+
+
+def _connect_running(address: str | None, scheduler_file: str | None, gpu: bool) -> Client:
+    """A client of the running scheduler at ``address`` (else the one ``scheduler_file`` names);
+    with ``gpu`` its workers are checked (:func:`check_gpu_workers`; closed if they fail)."""
+    client = (
+        Client(address, scheduler_file=scheduler_file)
+        if address
+        else Client(scheduler_file=scheduler_file)
+    )
+    if gpu:
+        try:
+            check_gpu_workers(client)
+        except GPUUnavailableError:
+            client.close()
+            raise
+    log.info("connected to %s; dashboard: %s", client.scheduler.address, client.dashboard_link)
+    _log_xd_page(client)
+    return client
+
+
+def _start_local_cuda(
+    n_workers: int | None, threads_per_worker: int, kwargs: dict[str, Any]
+) -> Any:
+    """A new ``dask_cuda.LocalCUDACluster`` (CuPy and a device checked first)."""
+    require_gpu()
+    try:
+        from dask_cuda import LocalCUDACluster  # noqa: PLC0415 - optional (xd-dask[gpu])
+    except ImportError as exc:
+        raise GPUUnavailableError(f"gpu=True needs dask-cuda: {exc}") from None
+    return LocalCUDACluster(n_workers=n_workers, threads_per_worker=threads_per_worker, **kwargs)
+
+
+def _start_local_cpu(
+    n_workers: int | None, threads_per_worker: int, kwargs: dict[str, Any]
+) -> LocalCluster:
+    """A new ``LocalCluster`` of worker processes (default: one per core / threads_per_worker),
+    forked from the fork server where there is one (:func:`fork_server_method`)."""
+    if n_workers is None:
+        n_workers = max(1, (os.cpu_count() or 1) // max(1, threads_per_worker))
+    method = fork_server_method()
+    config = {} if method is None else {"distributed.worker.multiprocessing-method": method}
+    with dask.config.set(config):
+        return LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            processes=True,
+            **kwargs,
+        )

@@ -24,7 +24,24 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["device_info", "to_device"]
+__all__ = ["GPUUnavailableError", "device_info", "require_gpu", "to_device"]
+
+
+class GPUUnavailableError(RuntimeError):
+    """``gpu=True`` was asked for but CuPy, dask-cuda or a CUDA device is missing."""
+
+
+def require_gpu() -> Any:
+    """Import CuPy and check that a CUDA device is usable; return the cupy module."""
+    try:
+        import cupy  # noqa: PLC0415 - optional dependency, imported only when a GPU is asked for
+    except ImportError as exc:
+        raise GPUUnavailableError(
+            f"gpu=True needs CuPy (pip install 'xd-dask[gpu]'): {exc}"
+        ) from None
+    if not cupy.is_available():
+        raise GPUUnavailableError("gpu=True but CuPy finds no usable CUDA device")
+    return cupy
 
 
 def to_device(X: np.ndarray, X_cov: np.ndarray, R: np.ndarray | None = None,
@@ -43,8 +60,6 @@ def to_device(X: np.ndarray, X_cov: np.ndarray, R: np.ndarray | None = None,
     ``dtype``, copied on CuPy's current stream.
     """
     if xp is None:
-        from xd_dask.distributed.cluster import require_gpu  # noqa: PLC0415
-
         xp = require_gpu()
     dtype = np.dtype(X.dtype if dtype is None else dtype)
     n, D = X.shape
@@ -59,7 +74,7 @@ def device_info() -> dict[str, Any]:
     ``reason`` when not, and the device's ``name`` and ``compute_capability``. Never raises."""
     info: dict[str, Any] = {"ok": False, "reason": ""}
     try:
-        import cupy  # noqa: PLC0415
+        import cupy  # noqa: PLC0415 - optional dependency, only on a worker asked about its GPU
     except ImportError as exc:
         info["reason"] = f"CuPy is not installed (pip install 'xd-dask[gpu]'): {exc}"
         return info
@@ -75,7 +90,7 @@ def device_info() -> dict[str, Any]:
         info["reason"] = f"CUDA device query failed: {exc}"
         return info
     try:
-        from numba import cuda  # noqa: PLC0415
+        from numba import cuda  # noqa: PLC0415 - numba-cuda is optional (xd-dask[gpu])
 
         if not cuda.is_available():
             info["reason"] = "numba.cuda finds no device (install numba-cuda: xd-dask[gpu])"

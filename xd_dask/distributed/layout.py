@@ -49,9 +49,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from xd_dask.config import row_dtype
-from xd_dask.distributed.manifest import Manifest, _open
+from xd_dask.distributed.catalog_files import open_file
+from xd_dask.distributed.manifest import Manifest
 from xd_dask.optim.strata import waves_per_epoch
 from xd_dask.utils import get_logger
 
@@ -100,9 +102,7 @@ class Layout:
 
 def _footer(path: str) -> tuple[dict | None, dict[str, tuple[float, float]] | None]:
     """(shuffle metadata, {column: (min, max)} of ra / dec from row-group statistics)."""
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
-    with _open(path) as fh:
+    with open_file(path) as fh:
         md = pq.ParquetFile(fh).metadata
     kv = md.metadata or {}
     shuffle = json.loads(kv[SHUFFLE_KEY]) if SHUFFLE_KEY in kv else None
@@ -244,57 +244,13 @@ def plan_waves(
         of at most ``rows`` rows (waves of files without ``max_rows_per_partition``).
     """
     N = manifest.n_rows
-    K = int(cfg.n_components)
-    S = waves_per_epoch(N, K, cfg.waves_per_epoch)
+    S = waves_per_epoch(N, int(cfg.n_components), cfg.waves_per_epoch)
     need = catalogue_bytes(N, n_features, row_dtype(cfg.dtype, cfg.gpu), n_observed)
-    fits = memory is not None and not cfg.gpu and need <= AUTO_PERSIST_FRACTION * memory
-    mode, persist = cfg.waves, bool(cfg.persist)
-    reason = f"fit.waves = {mode!r}"
-    if mode == "auto":
-        if persist or (fits and cfg.wave_size is None):
-            mode, reason = "strata", "strata are samples whatever the layout"
-        elif layout.kind == "shuffled" or cfg.wave_size is not None:
-            mode = "files"
-            reason = (
-                "wave_size is set"
-                if cfg.wave_size is not None
-                else f"the catalogue's arrays ({need / 2**30:.1f} GiB) do not fit in memory "
-                "and its files are shuffled"
-            )
-        else:
-            raise LayoutError(out_of_memory_message(manifest.source, layout, need, memory, S))
-    if mode == "files" and layout.kind == "sky-ordered":
-        raise LayoutError(unshuffled_message(manifest.source, layout, S))
-    if mode == "strata" and not persist and fits:
-        persist = True
-        reason += (
-            f"; the catalogue's arrays ({need / 2**20:.0f} MiB) fit in the cluster's memory: "
-            "held there, strata cost no I/O"
-        )
+    mode, persist, reason = _wave_mode(cfg, manifest, layout, need, memory, S)
     fragment_rows = None
     wave_size = 0
     if mode == "files":
-        if cfg.max_rows_per_partition is None and split is not None:
-            fragment_rows = max(1, -(-N // (S * max(threads, 1))))
-            if max(p.n_rows for p in manifest) > fragment_rows:  # else nothing to split
-                manifest = split(fragment_rows)
-        units = len(manifest)
-        wave_size = min(int(cfg.wave_size or max(threads, units // S)), units)
-        updates = -(-units // wave_size)
-        if updates < S and cfg.wave_size is None:
-            log.warning(
-                "online fit on %s: an epoch makes %d updates, not fit.waves_per_epoch = %d: the "
-                "%d partitions cannot be split further (one row group each) and each wave needs "
-                "%d of them (a task per worker thread). Re-shuffle into more files (`xd-dask "
-                "shuffle %s OUT --partitions %d`), or set fit.waves = 'strata'",
-                manifest.source,
-                updates,
-                S,
-                units,
-                wave_size,
-                manifest.source,
-                S * max(threads, 1),
-            )
+        manifest, fragment_rows, wave_size = _file_waves(cfg, manifest, S, threads, split)
     elif not persist:
         log.warning(
             "fit.waves = 'strata' on a streamed catalogue: every wave reads every partition, so "
@@ -320,6 +276,75 @@ def plan_waves(
     log.info("waves: %s", plan)
     log.info("each epoch: %s", describe_epoch(plan, manifest))
     return plan, manifest
+
+
+def _wave_mode(
+    cfg: Any, manifest: Manifest, layout: Layout, need: int, memory: int | None, S: int
+) -> tuple[str, bool, str]:
+    """(mode "files" or "strata", persist, the reason logged) for ``fit.waves`` and
+    ``fit.persist``: "auto" picks strata when the catalogue's arrays (``need`` bytes) fit in
+    the cluster's ``memory``, files when they are shuffled; LayoutError when neither."""
+    fits = memory is not None and not cfg.gpu and need <= AUTO_PERSIST_FRACTION * memory
+    mode, persist = cfg.waves, bool(cfg.persist)
+    reason = f"fit.waves = {mode!r}"
+    if mode == "auto":
+        if persist or (fits and cfg.wave_size is None):
+            mode, reason = "strata", "strata are samples whatever the layout"
+        elif layout.kind == "shuffled" or cfg.wave_size is not None:
+            mode = "files"
+            reason = (
+                "wave_size is set"
+                if cfg.wave_size is not None
+                else f"the catalogue's arrays ({need / 2**30:.1f} GiB) do not fit in memory "
+                "and its files are shuffled"
+            )
+        else:
+            raise LayoutError(out_of_memory_message(manifest.source, layout, need, memory, S))
+    if mode == "files" and layout.kind == "sky-ordered":
+        raise LayoutError(unshuffled_message(manifest.source, layout, S))
+    if mode == "strata" and not persist and fits:
+        persist = True
+        reason += (
+            f"; the catalogue's arrays ({need / 2**20:.0f} MiB) fit in the cluster's memory: "
+            "held there, strata cost no I/O"
+        )
+    return mode, persist, reason
+
+
+def _file_waves(
+    cfg: Any,
+    manifest: Manifest,
+    S: int,
+    threads: int,
+    split: Callable[[int], Manifest] | None,
+) -> tuple[Manifest, int | None, int]:
+    """(manifest, fragment_rows, wave_size) of waves of files: files split into runs of row
+    groups so that an epoch makes ``S`` updates of a task per worker thread (a warning when
+    the partitions cannot be split that far)."""
+    N = manifest.n_rows
+    fragment_rows = None
+    if cfg.max_rows_per_partition is None and split is not None:
+        fragment_rows = max(1, -(-N // (S * max(threads, 1))))
+        if max(p.n_rows for p in manifest) > fragment_rows:  # else nothing to split
+            manifest = split(fragment_rows)
+    units = len(manifest)
+    wave_size = min(int(cfg.wave_size or max(threads, units // S)), units)
+    updates = -(-units // wave_size)
+    if updates < S and cfg.wave_size is None:
+        log.warning(
+            "online fit on %s: an epoch makes %d updates, not fit.waves_per_epoch = %d: the "
+            "%d partitions cannot be split further (one row group each) and each wave needs "
+            "%d of them (a task per worker thread). Re-shuffle into more files (`xd-dask "
+            "shuffle %s OUT --partitions %d`), or set fit.waves = 'strata'",
+            manifest.source,
+            updates,
+            S,
+            units,
+            wave_size,
+            manifest.source,
+            S * max(threads, 1),
+        )
+    return manifest, fragment_rows, wave_size
 
 
 def describe_epoch(plan: WavePlan, manifest: Manifest) -> str:

@@ -40,17 +40,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from xd_dask.distributed.catalog_files import DUPLICATE_FREE_KEY, open_file
 from xd_dask.distributed.layout import SHUFFLE_KEY
-from xd_dask.distributed.manifest import (
-    DUPLICATE_FREE_KEY,
-    Manifest,
-    Partition,
-    _open,
-    build_manifest,
-)
+from xd_dask.distributed.manifest import Manifest, Partition, build_manifest
 from xd_dask.distributed.split import row_keys, salted
-from xd_dask.utils import atomic_dir, get_logger
+from xd_dask.outputs import atomic_dir
+from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
 
@@ -83,11 +82,9 @@ class ShuffleResult:
 def _input_schema(manifest: Manifest) -> tuple[Any, int, str]:
     """(Arrow schema, largest row group, compression) of the input; every file must have the
     first file's schema."""
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
     schema, rg, codec, first = None, 1, "snappy", None
     for path in sorted({p.path for p in manifest}):
-        with _open(path) as fh:
+        with open_file(path) as fh:
             pf = pq.ParquetFile(fh)
             s, md = pf.schema_arrow, pf.metadata
         if schema is None:
@@ -107,11 +104,7 @@ def _read_run(
     part: Partition, file_index: int, first_row: int, id_column: str | None, seed: int
 ) -> Any:
     """One input run as a pandas DataFrame (Arrow-backed columns) plus the key and position."""
-    import pandas as pd  # noqa: PLC0415
-    import pyarrow as pa  # noqa: PLC0415
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
-    with _open(part.path) as fh:
+    with open_file(part.path) as fh:
         pf = pq.ParquetFile(fh)
         groups = part.row_groups if part.row_groups is not None else range(pf.num_row_groups)
         table = pf.read_row_groups(list(groups))
@@ -136,10 +129,6 @@ def _write_part(
     partition_info: dict | None = None,
 ) -> Any:
     """Sort one output partition by (key, position), write it with the input's schema."""
-    import pandas as pd  # noqa: PLC0415
-    import pyarrow as pa  # noqa: PLC0415
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
     i = int(partition_info["number"]) if partition_info else 0
     df = df.sort_values([_KEY, _POS], kind="stable").drop(columns=[_KEY, _POS])
     table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
@@ -230,8 +219,6 @@ def shuffle_catalog(
     -------
     ShuffleResult
     """
-    import dask.dataframe as dd  # noqa: PLC0415
-
     t0 = time.perf_counter()
     if int(n_partitions) < 1:
         raise ShuffleError(f"--partitions must be >= 1, got {n_partitions}")
@@ -245,40 +232,10 @@ def shuffle_catalog(
         raise ShuffleError(f"OUT {out} holds input files ({inside[0]}); choose another OUT")
     schema, rg, codec = _input_schema(manifest)
     key_col = _id_column(manifest, schema, id_column)
-    files = sorted({p.path for p in manifest})
-    file_index = {p: i for i, p in enumerate(files)}
-    first_row, offsets = {}, {}
-    for p in manifest:
-        first_row[p.pid] = offsets.get(p.path, 0)
-        offsets[p.path] = first_row[p.pid] + p.n_rows
-    token = hashlib.sha256(
-        json.dumps([manifest.fingerprint, int(seed), int(n_partitions)]).encode()
-    ).hexdigest()[:32]
-    meta_kv = {
-        SHUFFLE_KEY: json.dumps(
-            {
-                "token": token,
-                "seed": int(seed),
-                "partitions": int(n_partitions),
-                "key": key_col or "row position",
-                "rows": manifest.n_rows,
-            },
-            sort_keys=True,
-        ).encode(),
-        DUPLICATE_FREE_KEY: token.encode(),
-    }
-    meta = _read_run(manifest[0], 0, 0, key_col, seed).iloc[:0]
-    ddf = dd.from_map(
-        _read_run,
-        list(manifest),
-        [file_index[p.path] for p in manifest],
-        [first_row[p.pid] for p in manifest],
-        args=(key_col, int(seed)),
-        meta=meta,
-        label="xd-shuffle-read",
-        enforce_metadata=False,
+    token, meta_kv = _shuffle_metadata(manifest, int(seed), int(n_partitions), key_col)
+    shuffled = _keyed_rows(manifest, key_col, int(seed)).shuffle(
+        on=_KEY, npartitions=int(n_partitions), ignore_index=True
     )
-    shuffled = ddf.shuffle(on=_KEY, npartitions=int(n_partitions), ignore_index=True)
     with atomic_dir(out, owned=r"part-\d{5}\.parquet") as tmp:
         written = shuffled.map_partitions(
             _write_part,
@@ -304,3 +261,51 @@ def shuffle_catalog(
         seconds,
     )
     return ShuffleResult(out, paths, rows, key_col or "row position", token, seconds)
+
+
+def _shuffle_metadata(
+    manifest: Manifest, seed: int, n_partitions: int, key_col: str | None
+) -> tuple[str, dict[bytes, bytes]]:
+    """(token, key-value metadata of every output file): the token derives from the input's
+    fingerprint, the seed and the number of files."""
+    token = hashlib.sha256(
+        json.dumps([manifest.fingerprint, seed, n_partitions]).encode()
+    ).hexdigest()[:32]
+    meta_kv = {
+        SHUFFLE_KEY: json.dumps(
+            {
+                "token": token,
+                "seed": seed,
+                "partitions": n_partitions,
+                "key": key_col or "row position",
+                "rows": manifest.n_rows,
+            },
+            sort_keys=True,
+        ).encode(),
+        DUPLICATE_FREE_KEY: token.encode(),
+    }
+    return token, meta_kv
+
+
+def _keyed_rows(manifest: Manifest, key_col: str | None, seed: int) -> Any:
+    """The input as a Dask DataFrame, one task per run (:func:`_read_run`: each row with its
+    key and its position, file index << 40 + row in the file)."""
+    import dask.dataframe as dd  # noqa: PLC0415 - heavy; off the CLI's start-up path
+
+    files = sorted({p.path for p in manifest})
+    file_index = {p: i for i, p in enumerate(files)}
+    first_row, offsets = {}, {}
+    for p in manifest:
+        first_row[p.pid] = offsets.get(p.path, 0)
+        offsets[p.path] = first_row[p.pid] + p.n_rows
+    meta = _read_run(manifest[0], 0, 0, key_col, seed).iloc[:0]
+    return dd.from_map(
+        _read_run,
+        list(manifest),
+        [file_index[p.path] for p in manifest],
+        [first_row[p.pid] for p in manifest],
+        args=(key_col, seed),
+        meta=meta,
+        label="xd-shuffle-read",
+        enforce_metadata=False,
+    )

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from xd_dask.utils import atomic_path, get_logger
+from xd_dask.outputs import atomic_path
+from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
 
@@ -23,7 +24,7 @@ def pyplot():
     import matplotlib  # noqa: PLC0415 - plotting is optional at import time
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - after the backend is chosen
 
     return plt
 
@@ -43,8 +44,8 @@ def save(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
 
 def cmap(name: str, start: float = 0.2) -> Any:
     """``name`` from ``start`` up (its lowest colour clearly tinted), masked cells white."""
-    import matplotlib  # noqa: PLC0415
-    from matplotlib.colors import ListedColormap  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415 - plotting is optional at import time
+    from matplotlib.colors import ListedColormap  # noqa: PLC0415 - as above
 
     base = matplotlib.colormaps[name]
     out = ListedColormap(base(np.linspace(start, 1.0, 256)), name=f"{name}_from_{start:g}")

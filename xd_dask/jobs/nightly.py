@@ -34,6 +34,7 @@ from typing import Any
 
 from xd_dask.dashboard.events import nightly_run
 from xd_dask.jobs.config import JobConfig
+from xd_dask.jobs.plots import training_curve
 from xd_dask.jobs.runner import (
     cluster_client,
     heldout_split,
@@ -129,8 +130,6 @@ def _write_report(run: Path, report: dict[str, Any], result: NightlyResult) -> N
 def _training_curve(run: Path) -> None:
     history_path = run / "history.json"
     if history_path.is_file() and not (run / "training_curve.png").is_file():
-        from xd_dask.jobs.plots import training_curve  # noqa: PLC0415
-
         training_curve(json.loads(history_path.read_text()), run / "training_curve.png")
 
 

@@ -240,7 +240,7 @@ def training_curve(
 
 def _ellipses(ax: Any, w: np.ndarray, mu: np.ndarray, cov: np.ndarray, ia: int, ib: int) -> None:
     """The 1-sigma ellipse in features (ia, ib) of every component of weight >= 1 %."""
-    from matplotlib.patches import Ellipse  # noqa: PLC0415
+    from matplotlib.patches import Ellipse  # noqa: PLC0415 - matplotlib only when plotting
 
     for k in np.flatnonzero(w >= 0.01):
         vals, vecs = np.linalg.eigh(cov[k][np.ix_([ia, ib], [ia, ib])])

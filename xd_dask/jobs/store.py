@@ -52,7 +52,8 @@ from typing import Any
 
 from xd_dask.locks import FileLock, is_locked
 from xd_dask.model import ModelFileError, XDModel
-from xd_dask.utils import atomic_path, get_logger
+from xd_dask.outputs import atomic_path
+from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
 
