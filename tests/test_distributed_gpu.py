@@ -123,6 +123,7 @@ def test_auto_row_dtype_is_float32_on_gpu_workers_only(tmp_path, monkeypatch, dt
     (the same code path); the rows equal the float64 rows rounded once."""
     import xd_dask.distributed.gpu as gpu_mod
     from xd_dask.distributed import build_manifest
+    from xd_dask.config import row_dtype
     from xd_dask.distributed.tasks import TaskOptions, read_block
 
     real = gpu_mod.to_device
@@ -130,7 +131,7 @@ def test_auto_row_dtype_is_float32_on_gpu_workers_only(tmp_path, monkeypatch, dt
     X, S = make_rows(seed=3, n=40)
     write_catalog(tmp_path / "cat", X, S, 1)
     part = build_manifest(str(tmp_path / "cat"))[0]
-    blk = read_block(part, TaskOptions(schema(), dtype=dtype, gpu=gpu))
+    blk = read_block(part, TaskOptions(schema(), dtype=row_dtype(dtype, gpu), gpu=gpu))
     assert blk.X.dtype == want
     ref = read_block(part, TaskOptions(schema(), dtype="float64"))
     np.testing.assert_array_equal(blk.X, ref.X.astype(want))

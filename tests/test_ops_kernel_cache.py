@@ -22,12 +22,13 @@ KERNEL_RUN = textwrap.dedent(
     """
     import numpy as np
     from xd_dask.kernels import row_log_likelihood
+    from xd_dask.params import Params
     rng = np.random.default_rng(0)
     X = rng.normal(size=(50, 2))
     S = np.broadcast_to(np.eye(2) * 0.1, (50, 2, 2)).copy()
-    w, m, V = np.array([0.5, 0.5]), rng.normal(size=(2, 2)), np.stack([np.eye(2)] * 2)
-    a = row_log_likelihood(X, S, w, m, V, backend="numba")
-    b = row_log_likelihood(X, S, w, m, V, backend="reference")
+    p = Params(np.array([0.5, 0.5]), rng.normal(size=(2, 2)), np.stack([np.eye(2)] * 2))
+    a = row_log_likelihood(X, S, p, backend="numba")
+    b = row_log_likelihood(X, S, p, backend="reference")
     print(float(np.abs(a - b).max()))
     """
 )

@@ -20,7 +20,13 @@ from numba.core.caching import FunctionCache
 from xd_dask.fsutil import read_own, unsafe_ancestors, unsafe_dir, write_private
 from xd_dask.outputs import TMP_SUFFIX
 
-__all__ = ["check_numba_cache", "kernel_cache_dir", "load_generated_module", "write_once"]
+__all__ = [
+    "check_numba_cache",
+    "kernel_cache_dir",
+    "load_generated_module",
+    "numba_cache_ok",
+    "write_once",
+]
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +171,20 @@ def check_numba_cache(path: Path, probe: Any) -> None:
             except OSError as exc:
                 msg = f"{f} {why} and cannot be removed: {exc.strerror}"
                 raise PermissionError(errno.EPERM, msg) from None
+
+
+def numba_cache_ok(module_file: str) -> bool:
+    """Whether the package's own ``numba.njit(cache=True)`` functions of ``module_file`` may use
+    Numba's on-disk cache: :func:`check_numba_cache` passes (the directory Numba's locator
+    picks, ``NUMBA_CACHE_DIR`` or ``__pycache__``, is safe; files others could have written are
+    discarded). Otherwise they compile in memory (a warning says why)."""
+    path = Path(module_file)
+    try:
+        check_numba_cache(path, eval(compile("lambda: None", str(path), "eval")))
+    except OSError as exc:
+        log.warning("%s; compiling %s's kernels in memory", exc.strerror or exc, path.name)
+        return False
+    return True
 
 
 def load_generated_module(path: Path, name: str, namespace: dict, *, source: str) -> object:

@@ -34,7 +34,10 @@ import numba
 import numpy as np
 import pyarrow as pa
 
+from xd_dask.codecache import numba_cache_ok
 from xd_dask.io.reader import CatalogError
+
+_CACHE = numba_cache_ok(__file__)  # Numba's on-disk cache only where no one else writes
 
 __all__ = ["CdsColumn", "cds_layout", "check_lines", "parse_lines"]
 
@@ -170,7 +173,7 @@ def check_lines(lines: list[bytes], numbers: np.ndarray, cols: list[CdsColumn], 
                 )
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def _parse(a, starts, ends, kinds, fvals, ivals, null):  # pragma: no cover - compiled
     """Parse every numeric field of the (n, width) byte block ``a``; 0, or -1 to decline."""
     pow10 = np.empty(23)

@@ -13,6 +13,10 @@ import math
 import numba
 import numpy as np
 
+from xd_dask.codecache import numba_cache_ok
+
+_CACHE = numba_cache_ok(__file__)  # Numba's on-disk cache only where no one else writes
+
 __all__ = ["ang2pix_nest", "healpix_from_source_id", "n_pixels", "GAIA_LEVEL"]
 
 #: HEALPix level encoded in Gaia source_id.
@@ -101,7 +105,7 @@ def ang2pix_nest(level: int, ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndar
     return (face << (2 * level)) + _spread_bits(ix) + (_spread_bits(iy) << 1)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@numba.njit(cache=_CACHE, nogil=True, inline="always")
 def _spread_one(v):
     out = 0
     for k in range(30):
@@ -109,7 +113,7 @@ def _spread_one(v):
     return out
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def ang2pix_nest_one(level, ra_deg, dec_deg):
     """Scalar (compiled) twin of :func:`ang2pix_nest` for use inside Numba loops."""
     nside = 1 << level

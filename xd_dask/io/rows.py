@@ -19,6 +19,10 @@ import numba
 import numpy as np
 import pyarrow as pa
 
+from xd_dask.codecache import numba_cache_ok
+
+_CACHE = numba_cache_ok(__file__)  # Numba's on-disk cache only where no one else writes
+
 __all__ = [
     "BAD_REASONS",
     "PIVOT_TOL",
@@ -165,7 +169,7 @@ def resolve_columns(available: list[str], wanted: list[str]) -> tuple[dict[str, 
     return found, missing
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def _mark_later_duplicates(ids, valid, out):  # pragma: no cover - compiled
     """out[i] = True where valid row i repeats the id of an earlier valid row (hash set with
     Fibonacci hashing and linear probing, load factor <= 1/2)."""

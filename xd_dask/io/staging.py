@@ -17,6 +17,10 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from xd_dask.codecache import numba_cache_ok
+
+_CACHE = numba_cache_ok(__file__)  # Numba's on-disk cache only where no one else writes
+
 __all__ = ["BLOCK_ROWS", "BLOCK_STRIDE", "batch_buffers", "column_buffers", "stage_block"]
 
 
@@ -56,7 +60,7 @@ BLOCK_ROWS = 1024
 BLOCK_STRIDE = BLOCK_ROWS + 8
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=_CACHE, inline="always")
 def _valid_rows(va, off, m, out, base):
     """out[base + i] = 1.0 if bit off + i of the validity bitmap at address va is set, else 0.0
     (a byte at a time when the bitmap is byte-aligned, so the inner loop vectorises)."""
@@ -74,7 +78,7 @@ def _valid_rows(va, off, m, out, base):
         out[base + i] = np.float64((_load_u8(va, j >> 3) >> (j & 7)) & 1)
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def stage_block(b0, m, addr, is_f32, vaddr, voff, val_col, cosv, IN):
     """Copy rows b0..b0+m of every column into the flat block ``IN`` (row k at k * BLOCK_STRIDE).
 

@@ -20,6 +20,7 @@ from typing import Any
 import numba
 import numpy as np
 
+from xd_dask.codecache import numba_cache_ok
 from xd_dask.io.projection import ProjectionSpec
 from xd_dask.io.rows import (
     BAD_REASONS,
@@ -31,6 +32,8 @@ from xd_dask.io.rows import (
     resolve_columns,
 )
 from xd_dask.io.staging import BLOCK_ROWS, BLOCK_STRIDE, batch_buffers, stage_block
+
+_CACHE = numba_cache_ok(__file__)  # Numba's on-disk cache only where no one else writes
 
 __all__ = ["build_tangential"]
 
@@ -54,12 +57,12 @@ _VALUE_ROLES = ("ra", "dec", "parallax", "pmra", "pmdec")
 _N_ROLES = 11 + 6  # then the weight-matrix block t22, t23, t33, t24, t34, t44 (or t33, t34, t44)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@numba.njit(cache=_CACHE, nogil=True, inline="always")
 def _fin(x):
     return x - x == 0.0
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@numba.njit(cache=_CACHE, nogil=True, inline="always")
 def _first_bad(r, bc, cond, code, col):
     """(code, col) if the row is still valid and ``cond`` holds, else (r, bc) unchanged."""
     if r == 0 and cond:
@@ -68,7 +71,7 @@ def _first_bad(r, bc, cond, code, col):
 
 
 # The steps of _block_rows, inlined into it; each passes on the row's first failure (r, bc).
-_step = numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+_step = numba.njit(cache=_CACHE, nogil=True, error_model="numpy", inline="always")
 
 
 @_step
@@ -176,7 +179,7 @@ def _write_triad(R, j0, A, ra, de, ang):  # pragma: no cover - compiled
         R[j0, 1, j] = A[j, 0] * qx + A[j, 1] * qy + A[j, 2] * qz
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _block_rows(  # pragma: no cover - compiled
     m, IN, ncol, c, codes, opts, A, lim, X, S, R, reason, bad_column, o0
 ):
@@ -231,7 +234,7 @@ def _block_rows(  # pragma: no cover - compiled
     return 0
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _build(  # pragma: no cover - compiled
     n, addr, is_f32, vaddr, voff, c, codes, opts, A, lim, X, S, R, reason, bad_column, start
 ):

@@ -22,14 +22,17 @@ from typing import Any
 import numba
 import numpy as np
 
+from xd_dask.codecache import numba_cache_ok
 from xd_dask.kernels._common import array_namespace, to_numpy, unpack_lower
+
+_CACHE = numba_cache_ok(__file__)  # Numba's on-disk cache only where no one else writes
 
 __all__ = ["check_inputs"]
 
 _NONFINITE, _NEGATIVE, _ASYMMETRIC, _INDEFINITE = range(4)
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _scan(X, S, sym_tol, psd_tol, first, where):  # pragma: no cover - compiled
     """For each check, the first row that fails it (``first[c]``, -1 if none) and the entry
     (``where[c]`` = (i, j)), over each row's observed fields (X not NaN)."""

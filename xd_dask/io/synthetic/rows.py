@@ -29,6 +29,7 @@ import numba
 import numpy as np
 from scipy.stats import gamma
 
+from xd_dask.codecache import numba_cache_ok
 from xd_dask.io.healpix import ang2pix_nest_one, n_pixels
 from xd_dask.io.schema import MAG_PER_LN_FLUX
 from xd_dask.io.synthetic.columns import (
@@ -52,6 +53,8 @@ from xd_dask.io.synthetic.columns import (
 )
 from xd_dask.io.synthetic.model import DELTA, true_mixture
 from xd_dask.model import XDModel
+
+_CACHE = numba_cache_ok(__file__)  # Numba's on-disk cache only where no one else writes
 
 __all__ = ["CHUNK_ROWS", "PARTITION_LEVEL", "ErrorModel", "generate_chunk"]
 
@@ -124,7 +127,7 @@ _RP_OFFSET = 10.0 ** (0.2 * -0.65)  # RP ~ G - 0.65
 _ASTRO_RATIOS = (0.80, 0.70, 1.0, 1.10, 0.95)  # sigma of ra, dec, plx, pmra, pmdec / sigma_plx
 
 # The steps of _gen_rows, inlined into it (each draws from rng in the order a seed fixes).
-_step = numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+_step = numba.njit(cache=_CACHE, nogil=True, error_model="numpy", inline="always")
 
 
 @_step
@@ -310,7 +313,7 @@ def _write_aux(aux, i, v, sig, M, dn, r01, var_g, var_c, two, nobp):
     aux[i, 25] = 1.0 if nobp else 0.0
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _gen_rows(
     rng, n, row0, cum, means, chol, m_table, c2, w2, cb, wb, bounds, rec, part, aux, want_aux
 ):

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from xd_dask.codecache import numba_cache_ok
 from xd_dask.io.healpix import ang2pix_nest, n_pixels
 from xd_dask.io.synthetic import rows
 from xd_dask.io.synthetic.columns import COLOUR, GAIA_COLUMNS, RECORD, SCHEMA, SOLVED, VALUE
@@ -29,6 +30,8 @@ from xd_dask.io.synthetic.model import draw_true, true_mixture
 from xd_dask.io.synthetic.rows import PARTITION_LEVEL, ErrorModel, chunk_args, chunk_rng
 from xd_dask.model import XDModel
 from xd_dask.utils import atomic_path, get_logger
+
+_CACHE = numba_cache_ok(__file__)  # Numba's on-disk cache only where no one else writes
 
 __all__ = ["FORMAT", "MANIFEST", "TRUE_MODEL", "make_catalog", "partition_bounds", "partition_name"]
 
@@ -67,7 +70,7 @@ def partition_name(first: int, last: int) -> str:
 
 
 # --------------------------------------------------------------------------- records -> Arrow
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def _group_by_partition(rec, part, n_partitions, out, counts):
     """Stable counting sort of rec[:n] by part into out; counts[p] = rows of partition p."""
     n = part.shape[0]
@@ -85,7 +88,7 @@ def _group_by_partition(rec, part, n_partitions, out, counts):
     return 0
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def _records_to_columns(w64, w32, w16, i64, i32, i16, o64, o32, o16):
     """Transpose records read as words (w64 (n, r/8), w32 (n, r/4), w16 (n, r/2)) into column
     rows: o64[k] = w64[:, i64[k]], and likewise for 4- and 2-byte fields. One pass over the
