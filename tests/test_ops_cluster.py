@@ -293,3 +293,31 @@ def test_posterior_refuses_a_foreign_directory_and_a_second_writer(plain, client
     np.testing.assert_equal(
         len(posterior_catalog(model, cat, schema(), client, tmp_path / "post")), 3
     )
+
+
+def test_a_local_cluster_asks_for_no_fixed_dashboard_port():
+    """connect()'s default dashboard is a free port on loopback (the key table's
+    cluster.dashboard_address), so another dashboard on 8787 costs nothing: no "Port 8787 is
+    already in use" warning (an error under this suite's filterwarnings), a link that is real."""
+    import socket
+
+    from xd_dask.distributed import connect
+
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 8787))  # taken by this test, or by someone else already
+        holder.listen()
+    except OSError:
+        pass
+    try:
+        client, cluster = connect(n_workers=1)
+        try:
+            link = cluster.dashboard_link
+            port = int(re.search(r":(\d+)/status", link).group(1))
+            assert port not in (8787, 0) and link.startswith("http://127.0.0.1:")
+            assert client.scheduler_info()["services"]["dashboard"] == port
+        finally:
+            client.close()
+            cluster.close()
+    finally:
+        holder.close()

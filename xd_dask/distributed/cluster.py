@@ -6,7 +6,9 @@ CuPy and dask-cuda are imported only when ``gpu=True``.
 
 A local cluster listens on the loopback interface only: its scheduler, workers and nannies on
 ``host`` (default 127.0.0.1), its dashboard on ``dashboard_address`` whose host defaults to the
-same (``":8787"`` means ``"127.0.0.1:8787"``). ``dashboard_address="0.0.0.0:8787"`` opens the
+same (``":8787"`` means ``"127.0.0.1:8787"``; the default, ``cluster.dashboard_address`` of the key
+table, is a free port on loopback: no default asks for a fixed port, the logged link is the one
+bound). ``dashboard_address="0.0.0.0:8787"`` opens the
 dashboard to the network; ``host="0.0.0.0"`` opens the scheduler as well. Its scheduler runs the
 XD dashboard preload (:data:`xd_dask.dashboard.PRELOAD`: the XD page at ``/xd`` and the
 ``xd_dask_*`` metrics on ``/metrics``); :func:`connect` logs the page's link.
@@ -36,6 +38,7 @@ from typing import Any
 import dask
 from distributed import Client, LocalCluster
 
+from xd_dask.config import key
 from xd_dask.dashboard import PRELOAD
 from xd_dask.dashboard.links import page_link
 from xd_dask.distributed.gpu import GPUUnavailableError, device_info, require_gpu
@@ -46,7 +49,8 @@ log = get_logger(__name__)
 __all__ = ["GPUUnavailableError", "check_gpu_workers", "connect", "worker_threads"]
 
 LOOPBACK = "127.0.0.1"
-DASHBOARD_PORT = 8787
+#: A new local cluster's dashboard unless given (the key table's default: a free port).
+DASHBOARD_ADDRESS: str = key("cluster.dashboard_address").default
 #: How a new local cluster (CPU) starts its workers (module docstring); None: as Dask's
 #: configuration says (``distributed.worker.multiprocessing-method``, "spawn" by default).
 START_METHOD: str | None = "forkserver"
@@ -88,11 +92,13 @@ def _loopback(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Local-cluster keywords with every listener on ``host`` (127.0.0.1 unless given)."""
     out = dict(kwargs)
     host = out.setdefault("host", LOOPBACK)
-    dash = out.get("dashboard_address", f":{DASHBOARD_PORT}")
+    dash = out.get("dashboard_address", DASHBOARD_ADDRESS)
     if not dash:
         out["dashboard_address"] = None  # no dashboard
     elif str(dash).startswith(":"):
         out["dashboard_address"] = f"{host}{dash}"
+    else:
+        out["dashboard_address"] = str(dash)
     return out
 
 
@@ -166,8 +172,8 @@ def connect(
     gpu : start ``dask_cuda.LocalCUDACluster`` (local), or check that the given workers have a GPU.
     **cluster_kwargs : passed to the local cluster (e.g. ``memory_limit``); ``host`` (default
         "127.0.0.1") is where its scheduler and workers listen, ``dashboard_address`` (default
-        "127.0.0.1:8787"; a port without a host means that port on ``host``; "" or None: no
-        dashboard) where its dashboard does.
+        ``cluster.dashboard_address``: a free port on loopback; a port without a host means that
+        port on ``host``; "" or None: no dashboard) where its dashboard does.
 
     Returns
     -------
