@@ -122,8 +122,8 @@ def test_auto_row_dtype_is_float32_on_gpu_workers_only(tmp_path, monkeypatch, dt
     float64; an explicit dtype wins. The device layout is built with NumPy standing in for CuPy
     (the same code path); the rows equal the float64 rows rounded once."""
     import xd_dask.distributed.gpu as gpu_mod
-    from xd_dask.distributed import build_manifest
     from xd_dask.config import row_dtype
+    from xd_dask.distributed import build_manifest
     from xd_dask.distributed.tasks import TaskOptions, read_block
 
     real = gpu_mod.to_device
