@@ -273,6 +273,8 @@ def test_fit_online_json_events(job, scheduler_file, tmp_path):
             "json",
             "--set",
             "output.plots=false",
+            "--set",
+            "fit.step.kind=power",  # a decreasing step (the default, incremental EM, has none)
         ],
     )
     assert res.exit_code == 0, res.output

@@ -172,9 +172,9 @@ def _train_side(cfg: JobConfig) -> tuple[Any, tuple[float, str] | None]:
 def select_plot(rows: Sequence[SelectRow], chosen: int, criterion: str, path: Any, dpi=110):
     """Held-out mean log-likelihood and BIC against K (two panels, the chosen K marked),
     written atomically to ``path`` (PNG)."""
-    from xd_dask.jobs.plots import _pyplot, _save  # noqa: PLC0415 - the plots' one writer
+    from xd_dask.jobs import canvas  # noqa: PLC0415 - matplotlib: a heavy import for the CLI
 
-    plt = _pyplot()
+    plt = canvas.pyplot()
     ks = [r.n_components for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
     panels = (
@@ -188,7 +188,7 @@ def select_plot(rows: Sequence[SelectRow], chosen: int, criterion: str, path: An
         ax.set_ylabel(label)
         ax.set_xticks(ks)
         ax.legend(fontsize=8)
-    return _save(fig, path, dpi)
+    return canvas.save(fig, path, dpi)
 
 
 @dataclass
