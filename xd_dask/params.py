@@ -225,7 +225,11 @@ class Params:
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any]) -> Params:
-        """The inverse of :meth:`to_arrays` (ValueError on an incomplete background)."""
+        """The inverse of :meth:`to_arrays` (ValueError on a missing array or an incomplete
+        background)."""
+        missing = [k for k in ("weights", "means", "covariances") if k not in arrays]
+        if missing:
+            raise ValueError("; ".join(f"no {k} array" for k in missing))
         present = [k in arrays for k in _BACKGROUND]
         if any(present) and not all(present):
             raise ValueError("incomplete background component")
