@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from xd_dask.config import key
-from xd_dask.kernels import background_row_log_density, log_component_densities, move_sums
+from xd_dask.kernels import move_sums, responsibilities
 from xd_dask.kernels._common import to_numpy
 from xd_dask.params import Params
 
@@ -156,14 +156,7 @@ def _weighted_responsibilities(
     X: Any, X_cov: Any, params: Params, row_weights: Any, R: Any, backend: str
 ) -> np.ndarray:
     """(n, K) w_i r_ij at ``params`` (the background takes its share of every row)."""
-    logp = to_numpy(
-        log_component_densities(X, X_cov, params, R=R, backend=backend, check=False)
-    )  # (n, K) log alpha_j + log N_ij
-    total = np.logaddexp.reduce(logp, axis=1)
-    bg = params.background
-    if bg is not None and bg.weight > 0:
-        total = np.logaddexp(total, to_numpy(background_row_log_density(bg, X)))
-    r = np.exp(logp - total[:, None])
+    r = np.asarray(to_numpy(responsibilities(X, X_cov, params, R=R, backend=backend, check=False)))
     w = np.ones(r.shape[0]) if row_weights is None else np.asarray(row_weights, np.float64)
     return w[:, None] * r
 
