@@ -10,13 +10,13 @@ observations: X, S and the projection R). Both classify every row with a code of
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numba
 import numpy as np
+import psutil
 import pyarrow as pa
 
 from xd_dask.codecache import numba_cache_ok
@@ -109,17 +109,11 @@ def dtype_limits(dtype: Any) -> np.ndarray:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux MemAvailable), or None if unknown."""
+    """Bytes of memory available to new allocations (psutil, as distributed measures it: Linux
+    MemAvailable), or None if unknown."""
     try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+        return int(psutil.virtual_memory().available)
+    except (OSError, RuntimeError, AttributeError):
         return None
 
 
