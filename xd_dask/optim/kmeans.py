@@ -273,6 +273,45 @@ def kmeans_start(
     mom, n_valid = sample_pass(fraction)
     seconds = {"sample_pass": time.perf_counter() - t0}
     t0 = time.perf_counter()
+    col_mean, col_scale, Zs, n_trimmed = _kmeans_sample(mom, n_valid, K)
+    D = Zs.shape[1]
+    centres = sample_kmeans(Zs, K, seed, trim)
+    d2 = nearest(Zs, centres[None])[1][:, 0]
+    d2_max = float(np.quantile(d2, 1.0 - trim)) if trim > 0 else trim_radius2(d2, D)
+    seconds["sample_kmeans"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    # the sample is every valid row: the passes over every row need not read them again
+    every_row = fraction >= 1.0 and mom.sample.shape[0] == n_valid
+    Z_all = standardise(mom.sample, col_mean, col_scale) if every_row else None
+    passes = _LloydPasses(lloyd_pass, Z_all, n_valid, col_mean, col_scale, d2_max)
+    centres, sums, converged, n_pass = passes.run(Zs, centres, int(max_iter), tol)
+    seconds["lloyd_passes"] = time.perf_counter() - t0
+    params = _params_from_sums(sums, centres, col_mean, col_scale, reg_covar)
+    info = {
+        "method": "kmeans",
+        "passes": n_pass,
+        "passes_on_sample": bool(every_row and n_pass),
+        "converged": converged,
+        "inertia_per_row": float(sums.inertia / max(float(sums.count.sum()), 1.0)),
+        "sample_rows": int(Zs.shape[0]),
+        "sample_rows_trimmed": n_trimmed,
+        "trim": float(trim),
+        "rows_trimmed": int(sums.trimmed),
+        "empty_clusters": [int(j) for j in np.flatnonzero(sums.count == 0)],
+        "seconds_by_step": seconds,
+        "column_centre": [float(x) for x in col_mean],
+        "column_scale": [float(x) for x in col_scale],
+    }
+    if not math.isfinite(info["inertia_per_row"]):
+        raise FloatingPointError("k-means produced a non-finite inertia; check the catalogue")
+    return params, info
+
+
+def _kmeans_sample(
+    mom: SampleMoments, n_valid: int, K: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(column centre, column scale, the standardised sample rows within the bulk, rows
+    trimmed): the rows k-means runs on (module docstring, step 2)."""
     D = mom.mean.shape[0]
     if np.any(mom.count == 0):
         j = int(np.flatnonzero(mom.count == 0)[0])
@@ -293,52 +332,49 @@ def kmeans_start(
             f"the k-means sample holds fewer distinct rows than n_components = {K}; use fewer "
             "components"
         )
-    centres = sample_kmeans(Zs, K, seed, trim)
-    d2 = nearest(Zs, centres[None])[1][:, 0]
-    d2_max = float(np.quantile(d2, 1.0 - trim)) if trim > 0 else trim_radius2(d2, D)
-    seconds["sample_kmeans"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    # the sample is every valid row: the passes over every row need not read them again
-    every_row = fraction >= 1.0 and mom.sample.shape[0] == n_valid
-    Z_all = Z_sample if every_row else None
-    sums, converged, n_pass = cluster_sums(Zs, centres, d2_max), False, 0
-    for n_pass in range(1, int(max_iter) + 1):
-        if Z_all is not None:
-            sums, rows = cluster_sums(Z_all, centres, d2_max), n_valid
-        else:
-            sums, rows = lloyd_pass(n_pass, centres, col_mean, col_scale, d2_max)
-        d = sums.delta / np.maximum(sums.count, 1.0)[:, None]  # (K, D) mean offset per cluster
-        new = np.where(sums.count[:, None] > 0, centres + d, centres)
-        shift = float(np.max(np.abs(new - centres)))
-        inertia = sums.inertia / max(rows, 1)
-        log.info(
-            "k-means pass %d: inertia per row %.6g, max centre shift %.3g", n_pass, inertia, shift
-        )
-        if shift <= tol:
-            converged = True
-            break
-        if n_pass < int(max_iter):
-            centres = new
-    seconds["lloyd_passes"] = time.perf_counter() - t0
-    params = _params_from_sums(sums, centres, col_mean, col_scale, reg_covar)
-    info = {
-        "method": "kmeans",
-        "passes": n_pass,
-        "passes_on_sample": bool(every_row and n_pass),
-        "converged": converged,
-        "inertia_per_row": float(sums.inertia / max(float(sums.count.sum()), 1.0)),
-        "sample_rows": int(Zs.shape[0]),
-        "sample_rows_trimmed": int((~keep).sum()),
-        "trim": float(trim),
-        "rows_trimmed": int(sums.trimmed),
-        "empty_clusters": [int(j) for j in np.flatnonzero(sums.count == 0)],
-        "seconds_by_step": seconds,
-        "column_centre": [float(x) for x in col_mean],
-        "column_scale": [float(x) for x in col_scale],
-    }
-    if not math.isfinite(info["inertia_per_row"]):
-        raise FloatingPointError("k-means produced a non-finite inertia; check the catalogue")
-    return params, info
+    return col_mean, col_scale, Zs, int((~keep).sum())
+
+
+@dataclass
+class _LloydPasses:
+    """Lloyd passes over every row (module docstring, step 3): on the sample itself when it is
+    every valid row (``Z_all``), else through ``lloyd_pass``."""
+
+    lloyd_pass: LloydPass
+    Z_all: np.ndarray | None
+    n_valid: int
+    col_mean: np.ndarray
+    col_scale: np.ndarray
+    d2_max: float
+
+    def sums(self, n_pass: int, centres: np.ndarray) -> tuple[KMeansSums, int]:
+        if self.Z_all is not None:
+            return cluster_sums(self.Z_all, centres, self.d2_max), self.n_valid
+        return self.lloyd_pass(n_pass, centres, self.col_mean, self.col_scale, self.d2_max)
+
+    def run(
+        self, Zs: np.ndarray, centres: np.ndarray, max_iter: int, tol: float
+    ) -> tuple[np.ndarray, KMeansSums, bool, int]:
+        """(centres, their last sums, converged, passes made)."""
+        sums, converged, n_pass = cluster_sums(Zs, centres, self.d2_max), False, 0
+        for n_pass in range(1, max_iter + 1):
+            sums, rows = self.sums(n_pass, centres)
+            d = sums.delta / np.maximum(sums.count, 1.0)[:, None]  # (K, D) mean offset per cluster
+            new = np.where(sums.count[:, None] > 0, centres + d, centres)
+            shift = float(np.max(np.abs(new - centres)))
+            inertia = sums.inertia / max(rows, 1)
+            log.info(
+                "k-means pass %d: inertia per row %.6g, max centre shift %.3g",
+                n_pass,
+                inertia,
+                shift,
+            )
+            if shift <= tol:
+                converged = True
+                break
+            if n_pass < max_iter:
+                centres = new
+        return centres, sums, converged, n_pass
 
 
 def _params_from_sums(
