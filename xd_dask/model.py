@@ -16,6 +16,7 @@ import numpy as np
 from numpy.lib import format as npformat
 
 from xd_dask import kernels
+from xd_dask.npz import read_npy_header
 from xd_dask.params import ARRAY_NAMES, Params
 from xd_dask.utils import atomic_path, bounded_zip
 
@@ -71,14 +72,7 @@ class _Members:
         if info.compress_type != zipfile.ZIP_STORED:
             raise ModelFileError(f"{where} is compressed; xd-dask writes uncompressed .npz files")
         with self.zf.open(info) as fh:
-            version = npformat.read_magic(fh)
-            if version == (1, 0):
-                got_shape, fortran, dtype = npformat.read_array_header_1_0(fh)
-            elif version == (2, 0):
-                got_shape, fortran, dtype = npformat.read_array_header_2_0(fh)
-            else:
-                raise ModelFileError(f"{where} has .npy format version {version}")
-            offset = fh.tell()
+            got_shape, fortran, dtype, offset = read_npy_header(fh, where, ModelFileError)
         if dtype.hasobject or dtype.kind != kind or (kind == "f" and dtype.itemsize not in (4, 8)):
             raise ModelFileError(f"{where} has dtype {dtype}; expected {_KINDS[kind]}")
         want = () if shape is None else shape

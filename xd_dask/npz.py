@@ -17,6 +17,7 @@ __all__ = [
     "MAX_INFLATED_BYTES",
     "BoundedReadError",
     "bounded_zip",
+    "read_npy_header",
     "read_npz",
 ]
 
@@ -32,6 +33,19 @@ _EOCD64 = struct.Struct("<4sQ2H2L4Q")  # zip64 end of central directory record (
 DIRECTORY_BYTES_PER_ENTRY = 1024
 #: Largest uncompressed size all compressed members of a zip may declare together.
 MAX_INFLATED_BYTES = 256 << 20
+
+
+def read_npy_header(fh: Any, where: str, error: type[Exception]) -> tuple[tuple, bool, Any, int]:
+    """(shape, fortran order, dtype, offset of the data) of the ``.npy`` member open in ``fh``
+    (format 1.0 or 2.0; any other version raises ``error`` naming ``where``)."""
+    version = npformat.read_magic(fh)
+    if version == (1, 0):
+        shape, fortran, dtype = npformat.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, fortran, dtype = npformat.read_array_header_2_0(fh)
+    else:
+        raise error(f"{where} has .npy format version {version}")
+    return shape, fortran, dtype, fh.tell()
 
 
 def _zip_directory_size(fh: Any, size: int) -> tuple[int, int]:
@@ -152,14 +166,7 @@ def read_npz(
             if not info.filename.endswith(".npy"):
                 raise BoundedReadError(f"{where} is not a .npy array")
             with zf.open(info) as fh:
-                version = npformat.read_magic(fh)
-                if version == (1, 0):
-                    shape, _, dtype = npformat.read_array_header_1_0(fh)
-                elif version == (2, 0):
-                    shape, _, dtype = npformat.read_array_header_2_0(fh)
-                else:
-                    raise BoundedReadError(f"{where} has .npy format version {version}")
-                offset = fh.tell()
+                shape, _, dtype, offset = read_npy_header(fh, where, BoundedReadError)
             if dtype.hasobject:
                 raise BoundedReadError(f"{where} holds Python objects ({dtype})")
             nbytes = dtype.itemsize
