@@ -51,11 +51,15 @@ Posterior (DESIGN.md 4a, R = I on the observed fields o, d of them; du unobserve
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+
+import numpy as np
 
 __all__ = [
     "BG_OFF",
     "PAD_LOGW",
+    "scalar_constants",
     "tri",
     "npk",
     "ldlt",
@@ -82,6 +86,21 @@ PAD_LOGW = -1.0e30
 #: A background log density (the ``lbg`` argument of the generated kernels) at or below this
 #: means "no background component"; callers pass ``2 * BG_OFF`` for none.
 BG_OFF = -1.0e29
+
+
+def scalar_constants(fp32: bool) -> dict:
+    """The numeric globals every emitter's generated code reads (frozen as compile-time
+    constants): the compute dtype ``DT`` and its ``ONE``, ``ZERO``, ``HALF``, ``LN2``, and
+    ``BG_OFF``."""
+    dt = np.float32 if fp32 else np.float64
+    return {
+        "DT": dt,
+        "ONE": dt(1.0),
+        "ZERO": dt(0.0),
+        "HALF": dt(0.5),
+        "LN2": dt(math.log(2.0)),
+        "BG_OFF": BG_OFF,
+    }
 
 
 def tri(a: int, b: int) -> int:

@@ -51,15 +51,7 @@ def constants(fp32: bool) -> dict:
     constants): the compute dtype ``DT`` and its ``ONE``, ``ZERO``, ``HALF``, ``LN2``, ``NEG``
     (the padding log weight) and ``BG_OFF``."""
     dt = np.float32 if fp32 else np.float64
-    return {
-        "DT": dt,
-        "ONE": dt(1.0),
-        "ZERO": dt(0.0),
-        "HALF": dt(0.5),
-        "LN2": dt(math.log(2.0)),
-        "NEG": dt(alg.PAD_LOGW),
-        "BG_OFF": alg.BG_OFF,
-    }
+    return {**alg.scalar_constants(fp32), "NEG": dt(alg.PAD_LOGW)}
 
 
 def n_acc(d: int, D: int = 0) -> int:

@@ -53,18 +53,12 @@ def constants(fp32: bool) -> dict:
     """The numeric globals the generated CPU code reads (Numba freezes them as constants): the
     compute dtype ``DT`` and its ``ONE``, ``ZERO``, ``HALF``, ``LN2``; the bit layout of
     :func:`logdet_bits` (``MSHIFT``, ``MMASK``, ``MONE``, ``EBIAS``); ``BG_OFF``."""
-    dt = np.float32 if fp32 else np.float64
     return {
-        "DT": dt,
-        "ONE": dt(1.0),
-        "ZERO": dt(0.0),
-        "HALF": dt(0.5),
-        "LN2": dt(math.log(2.0)),
+        **alg.scalar_constants(fp32),
         "MSHIFT": np.int32(23) if fp32 else 52,
         "MMASK": np.int32(0x007FFFFF) if fp32 else 0x000FFFFFFFFFFFFF,
         "MONE": np.int32(0x3F800000) if fp32 else 0x3FF0000000000000,
         "EBIAS": 127 if fp32 else 1023,
-        "BG_OFF": alg.BG_OFF,
     }
 
 
