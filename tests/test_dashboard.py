@@ -143,6 +143,21 @@ def test_state_keeps_the_store_history_and_the_last_nightly():
     assert [r.get("latest") for r in state.runs.values()] == [True, False, False]
 
 
+def test_of_two_nightlies_finished_in_the_same_second_the_later_is_the_last():
+    """Finish times are whole seconds: a rejected run that ends in the second its promoted
+    predecessor ended is still the last run (it was the newest-first tie that the metrics
+    test met once starting a fit got fast)."""
+    state = XDState()
+    same = "2024-05-01T03:00:00+00:00"
+    for run, status in (("2024-05-01.1", "promoted"), ("2024-05-01.2", "rejected")):
+        state.handle(events.TOPIC, {"kind": "nightly", "run": run, "status": "running"})
+        state.handle(
+            events.TOPIC, {"kind": "nightly", "run": run, "status": status, "finished_utc": same}
+        )
+    assert state.last_run()["run"] == "2024-05-01.2"
+    assert state.last_run()["status"] == "rejected"
+
+
 def test_collector_reports_the_published_values():
     prometheus_client = pytest.importorskip("prometheus_client")
     from xd_dask.dashboard.metrics import XDCollector

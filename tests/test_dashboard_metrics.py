@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.request
 from pathlib import Path
 
@@ -117,6 +118,18 @@ def scrape(client) -> dict[tuple[str, tuple], float]:
     }
 
 
+def scrape_when(client, sample: tuple[str, tuple], value: float, timeout: float = 30.0):
+    """scrape() once ``sample`` has ``value``: events reach the scheduler asynchronously
+    (``Client.log_event`` returns before the scheduler has them), as they reach a Prometheus
+    server. Returns the last scrape, which the caller's assertions then check in full."""
+    deadline = time.monotonic() + timeout
+    m = scrape(client)
+    while m.get(sample) != value and time.monotonic() < deadline:
+        time.sleep(0.1)
+        m = scrape(client)
+    return m
+
+
 def test_fit_metrics_equal_what_the_fit_reported(client, catalog, tmp_path):
     cfg = _job(tmp_path / "job.toml", catalog, tmp_path / "store", K=2)
     outcome = run_fit(cfg, client, out_dir=tmp_path / "out")
@@ -150,7 +163,7 @@ def test_nightly_metrics_follow_the_gate(client, catalog, tmp_path):
     night = dt.datetime(2024, 5, 1, 2, 0, tzinfo=dt.timezone.utc)
     first = run_nightly(_job(tmp_path / "a.toml", catalog, store, K=3), client=client, now=night)
     assert first.status == "promoted", first["reason"]
-    m = scrape(client)
+    m = scrape_when(client, ("xd_dask_nightly_last_promoted", ()), 1.0)
     assert m["xd_dask_nightly_last_verdict", (("verdict", "promoted"),)] == 1
     assert m["xd_dask_nightly_last_promoted", ()] == 1
     second = run_nightly(
@@ -159,7 +172,7 @@ def test_nightly_metrics_follow_the_gate(client, catalog, tmp_path):
         now=night + dt.timedelta(days=1),
     )
     assert second.status == "rejected", second["reason"]
-    m = scrape(client)
+    m = scrape_when(client, ("xd_dask_nightly_last_verdict", (("verdict", "rejected"),)), 1.0)
     assert m["xd_dask_nightly_last_verdict", (("verdict", "rejected"),)] == 1
     assert m["xd_dask_nightly_last_verdict", (("verdict", "promoted"),)] == 0
     assert m["xd_dask_nightly_last_promoted", ()] == 0

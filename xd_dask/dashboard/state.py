@@ -210,9 +210,14 @@ class XDState:
         return next(reversed(self.selects.values()), None)
 
     def last_run(self) -> dict[str, Any] | None:
-        """The nightly run that finished last (by its finish time)."""
-        done = [r for r in self.runs.values() if utc_seconds(r.get("finished_utc"))]
-        return max(done, key=lambda r: utc_seconds(r["finished_utc"]), default=None)
+        """The nightly run that finished last (by its finish time; finish times are whole
+        seconds, so of two runs finished in the same second the one that started later)."""
+        done = [
+            (utc_seconds(r.get("finished_utc")), order, r)
+            for order, r in enumerate(self.runs.values())
+            if utc_seconds(r.get("finished_utc"))
+        ]
+        return max(done, key=lambda t: t[:2], default=(None, None, None))[2]
 
     def last_success(self) -> float | None:
         """Unix time the latest nightly that ran to its gate finished."""
