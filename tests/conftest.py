@@ -1,14 +1,25 @@
-"""Shared fixtures: a real two-process Dask cluster on 127.0.0.1 (one per test module)."""
+"""Shared fixtures: a real two-process Dask cluster on 127.0.0.1 (one per test module).
+
+Its workers are forked from the fork server that ``xd_dask.distributed.connect`` uses for local
+clusters (:func:`xd_dask.distributed.cluster.fork_server_method`: one server per test session,
+with the worker modules and Numba's CPU target loaded once), as the CLI's clusters are; a
+cluster then starts in ~0.2 s instead of ~0.6 s plus each worker's imports at its first task.
+"""
 
 from __future__ import annotations
 
+import dask
 import pytest
 from distributed import Client, LocalCluster
+
+from xd_dask.distributed.cluster import fork_server_method
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    with LocalCluster(
+    method = fork_server_method()
+    config = {} if method is None else {"distributed.worker.multiprocessing-method": method}
+    with dask.config.set(config), LocalCluster(
         n_workers=2,
         threads_per_worker=1,
         processes=True,
