@@ -19,13 +19,16 @@ from xd_dask.distributed.cluster import fork_server_method
 def cluster():
     method = fork_server_method()
     config = {} if method is None else {"distributed.worker.multiprocessing-method": method}
-    with dask.config.set(config), LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=":0",
-    ) as cl:
+    with (
+        dask.config.set(config),
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=":0",
+        ) as cl,
+    ):
         yield cl
 
 

@@ -321,3 +321,40 @@ def test_a_local_cluster_asks_for_no_fixed_dashboard_port():
             cluster.close()
     finally:
         holder.close()
+
+
+@pytest.mark.cluster
+def test_a_local_cluster_without_a_dashboard_needs_no_fixed_port():
+    """connect(dashboard_address=None): no dashboard, and the scheduler's HTTP server (health,
+    /metrics) on a free loopback port -- Dask's own None binds 8787, so a second cluster on the
+    machine (another user's, a parallel test) made the start fail. 8787 is held here while the
+    cluster starts."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from xd_dask.distributed import connect
+
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+    try:
+        held.bind(("127.0.0.1", 8787))
+        held.listen(1)
+    except OSError:  # taken already: the condition under test holds anyway
+        pass
+    try:
+        client, cluster = connect(n_workers=1, dashboard_address=None)
+        try:
+            assert client.submit(sum, [1, 2]).result() == 3
+            port = cluster.scheduler.http_server.port
+            assert port != 8787
+            base = f"http://127.0.0.1:{port}"
+            assert urllib.request.urlopen(f"{base}/health", timeout=30).read() == b"ok"
+            with pytest.raises(urllib.error.HTTPError) as no_page:
+                urllib.request.urlopen(f"{base}/status", timeout=30)
+            assert no_page.value.code == 404  # no dashboard was asked for
+        finally:
+            client.close()
+            cluster.close()
+    finally:
+        held.close()

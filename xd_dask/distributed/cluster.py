@@ -93,8 +93,10 @@ def _loopback(kwargs: dict[str, Any]) -> dict[str, Any]:
     out = dict(kwargs)
     host = out.setdefault("host", LOOPBACK)
     dash = out.get("dashboard_address", DASHBOARD_ADDRESS)
-    if not dash:
-        out["dashboard_address"] = None  # no dashboard
+    if not dash:  # no dashboard; the scheduler's HTTP server (health, /metrics) listens anyway:
+        # on a free port (Dask's None would bind its default 8787, failing when that is taken)
+        out["dashboard_address"] = f"{host}:0"
+        out["scheduler_kwargs"] = {**(out.get("scheduler_kwargs") or {}), "dashboard": False}
     elif str(dash).startswith(":"):
         out["dashboard_address"] = f"{host}{dash}"
     else:
