@@ -47,7 +47,7 @@ def device_or_exit():
 
 
 def run_tests() -> None:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-n", "0", "-p", "no:cacheprovider",
            "tests/test_gpu.py", "tests/test_distributed_gpu.py"]  # fmt: skip
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)

@@ -373,6 +373,7 @@ def test_nightly_promotes_warm_starts_and_guards_latest(job, catalog, scheduler_
     assert not (runs[-1] / "model.npz").exists()
 
 
+@pytest.mark.slow
 def test_deploy_local_run_job_script(job, tmp_path):
     """deploy/local/run-job.sh: starts its own scheduler + workers, fits, stops them."""
     cdir = tmp_path / "cluster"

@@ -142,6 +142,7 @@ def _assert_clean_log(log: str) -> None:
         assert bad not in log, f"{bad!r} in the job log:\n{log[-4000:]}"
 
 
+@pytest.mark.slow
 @needs_slurm
 def test_rendered_job_runs_on_two_slurm_nodes_and_ends_cleanly(slurm, catalog, tmp_path):
     script = _render(tmp_path, catalog)

@@ -76,6 +76,7 @@ def _gap(model, batch, X, S) -> float:
     return (ref - float(np.mean(model.log_density(X, S)))) / abs(ref)
 
 
+@pytest.mark.slow
 def test_online_em_defaults_on_healpix_files_land_within_half_a_percent(
     client, sky, rows, batch, caplog
 ):
@@ -135,6 +136,7 @@ def test_shuffle_output_does_not_depend_on_the_number_of_workers(sky, shuffled, 
     assert [digest(f) for f in alone.files] == [digest(f) for f in shuffled.files]
 
 
+@pytest.mark.slow
 def test_online_em_defaults_after_shuffle_land_within_half_a_percent(client, shuffled, rows, batch):
     X, S, _, _ = rows
     online = _fit(shuffled.out, client, method="online")
@@ -142,6 +144,7 @@ def test_online_em_defaults_after_shuffle_land_within_half_a_percent(client, shu
     assert abs(_gap(online, batch, X, S)) <= GAP
 
 
+@pytest.mark.slow
 def test_adam_reaches_batch_em_held_out_loglike_at_its_defaults(client, sky, rows, batch):
     X, S, _, ho = rows
     adam = _fit(sky, client, method="adam")

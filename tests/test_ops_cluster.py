@@ -157,6 +157,7 @@ def test_a_running_fit_listens_on_loopback_and_locks_its_output(gaia, cluster, t
                 first.wait()
 
 
+@pytest.mark.slow
 def test_cluster_sh_listens_on_loopback_while_a_fit_runs(gaia, tmp_path):
     from distributed import Client
 

@@ -114,6 +114,7 @@ def nightly_job(tmp_path_factory):
     return job, XDModel.load(root / "catalog" / TRUE_MODEL)
 
 
+@pytest.mark.slow
 @pytest.mark.cluster
 def test_a_corrupt_latest_is_reported_and_repaired_by_a_command(nightly_job, cluster, tmp_path):
     job, truth = nightly_job

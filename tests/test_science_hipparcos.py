@@ -71,6 +71,7 @@ def hip2(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_hipparcos_velocities_job_end_to_end(hip2, tmp_path, client):
     from xd_dask.distributed import posterior_catalog  # noqa: PLC0415
     from xd_dask.jobs.runner import run_fit  # noqa: PLC0415
