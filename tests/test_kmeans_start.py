@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from xd_dask.optim.kmeans import array_passes, cluster_sums, kmeans_start, sample_moments
-from xd_dask.optim.kmeans_sample import kmeans_plusplus, lloyd, sample_kmeans
+from xd_dask.optim.kmeans_sample import LOOP_KD, kmeans_plusplus, lloyd, nearest, sample_kmeans
 
 CENTRES = np.array([[0.0, 0.0, 0.0], [6.0, 0.0, 1.0], [0.0, 6.0, -1.0], [5.0, 5.0, 5.0]])
 
@@ -42,6 +42,22 @@ def test_lloyd_steps_equal_a_naive_loop():
         np.testing.assert_allclose(got[0], ref, rtol=1e-12, atol=1e-12)
         d2 = np.min(np.sum((Z[:, None, :] - ref[None]) ** 2, axis=2), axis=1)
         assert cost[0] == pytest.approx(d2.sum(), rel=1e-12)
+
+
+@pytest.mark.parametrize(("K", "D"), [(3, 3), (8, 8), (16, 7), (40, 5)])
+def test_nearest_equals_a_direct_computation_on_both_paths(K, D):
+    """Compiled loops (K D <= LOOP_KD) and blocked BLAS products (above): the same labels and
+    squared distances as every distance taken directly, at Gaia-like offsets (degrees around
+    a large mean, where |z|^2 - 2 z.c + |c|^2 cancels)."""
+    rng = np.random.default_rng(K * D)
+    S, n = 3, 3000
+    Z = 200.0 + rng.normal(size=(n, D))
+    C = 200.0 + rng.normal(size=(S, K, D))
+    labels, d2 = nearest(Z, C)
+    ref = np.sum((Z[:, None, None, :] - C[None]) ** 2, axis=3)  # (n, S, K)
+    np.testing.assert_array_equal(labels, np.argmin(ref, axis=2))
+    tol = 1e-12 if K * D <= LOOP_KD else 1e-9  # the expansion loses ~|z|^2 eps
+    np.testing.assert_allclose(d2, np.min(ref, axis=2), rtol=tol, atol=tol * 200.0**2)
 
 
 @pytest.mark.parametrize("trim", [0.0, 0.2])

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +43,7 @@ from xd_dask.config import key
 from xd_dask.dashboard import PRELOAD
 from xd_dask.dashboard.links import page_link
 from xd_dask.distributed.gpu import GPUUnavailableError, device_info, require_gpu
+from xd_dask.optim.kmeans_sample import warm_up
 from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
@@ -185,6 +187,7 @@ def connect(
     address = scheduler_address
     if address is None and scheduler_file is None:
         address = os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+    _warm_client_loops()
     if address is not None or scheduler_file is not None:
         return _connect_running(address, scheduler_file, gpu), None
     cluster_kwargs = _with_preload(_loopback(cluster_kwargs))
@@ -202,6 +205,14 @@ def connect(
     )
     _log_xd_page(client)
     return client, cluster
+
+
+def _warm_client_loops() -> None:
+    """Load the client's compiled k-means loops in a thread while the cluster starts or the
+    client connects (:func:`xd_dask.optim.kmeans_sample.warm_up`: ~0.35 s of Numba set-up that
+    a small table's start would otherwise wait for). Not a daemon: interpreter exit waits for
+    it rather than stopping it inside the compiler."""
+    threading.Thread(target=warm_up, name="xd-dask-warm-up").start()
 
 
 def _connect_running(address: str | None, scheduler_file: str | None, gpu: bool) -> Client:
