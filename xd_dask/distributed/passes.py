@@ -302,36 +302,8 @@ class PassRunner:
             futures: list[Future] = []
             try:
                 with span(span_name):
-                    n_tasks = len(self.groups()) if grouped else len(pids)
-                    params_f = None if params is None else self._share(params, n_tasks)
-                    srcs = self.sources(pids)
-                    key_name = f"xd-{name}-{self.token}"
-                    if grouped:
-                        for g in self.groups():
-                            futures.append(
-                                self.client.submit(
-                                    map_combine,
-                                    func,
-                                    [srcs[p] for p in g],
-                                    self.opts,
-                                    params_f,
-                                    request,
-                                    key=(key_name, *label, attempt, g[0]),
-                                    workers=self._home.get(g[0]),
-                                    allow_other_workers=True,
-                                )
-                            )
-                    for pid, src in zip(pids, srcs, strict=True) if not grouped else ():
-                        futures.append(
-                            self.client.submit(
-                                func,
-                                src,
-                                self.opts,
-                                params_f,
-                                request,
-                                key=(key_name, *label, attempt, pid),
-                            )
-                        )
+                    key = (f"xd-{name}-{self.token}", *label, attempt)
+                    self._submit(futures, key, func, request, params, pids, grouped)
                     if grouped and 1 < len(futures) <= self.fan_in:
                         # the root would combine these in this order: do it here, one hop less
                         return combine(*self._gather(futures))
@@ -366,6 +338,44 @@ class PassRunner:
                 self._settle(futures)
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _submit(
+        self,
+        futures: list[Future],
+        key: tuple,
+        func: Callable[..., Partial],
+        request: Any,
+        params: Params | None,
+        pids: list[int],
+        grouped: bool,
+    ) -> None:
+        """Submit one attempt of a pass, appending to ``futures`` as it goes (so that a failure
+        part-way leaves :meth:`_settle` every task already submitted): one task per group of
+        partitions (``grouped``), else one per partition of ``pids``; keys ``(*key, first
+        partition)``."""
+        n_tasks = len(self.groups()) if grouped else len(pids)
+        params_f = None if params is None else self._share(params, n_tasks)
+        srcs = self.sources(pids)
+        if grouped:
+            for g in self.groups():
+                futures.append(
+                    self.client.submit(
+                        map_combine,
+                        func,
+                        [srcs[p] for p in g],
+                        self.opts,
+                        params_f,
+                        request,
+                        key=(*key, g[0]),
+                        workers=self._home.get(g[0]),
+                        allow_other_workers=True,
+                    )
+                )
+            return
+        for pid, src in zip(pids, srcs, strict=True):
+            futures.append(
+                self.client.submit(func, src, self.opts, params_f, request, key=(*key, pid))
+            )
 
     def _settle(self, futures: Sequence[Future]) -> None:
         """After a failed pass: let its tasks that are running end (each writes at most its own

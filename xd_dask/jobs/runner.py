@@ -416,7 +416,30 @@ def _run_fit(
     if ckpt is not None:
         files["checkpoints"] = str(ckpt)
     conv = convergence(history, fc.tol, meta.get("converged"))
-    report = {
+    report = _fit_report(
+        model, cfg, client, started=started, fit_seconds=fit_seconds, conv=conv,
+        heldout=heldout, files=files, skipped=skipped,
+    )  # fmt: skip
+    files["report"] = str(out / "report.json")
+    write_json(out / "report.json", report)
+    return FitOutcome(model, out, report, files)
+
+
+def _fit_report(
+    model: Any,
+    cfg: Any,
+    client: Any,
+    *,
+    started: _dt.datetime,
+    fit_seconds: float,
+    conv: dict,
+    heldout: dict | None,
+    files: dict,
+    skipped: dict,
+) -> dict:
+    """report.json of a finished fit: what ran, how it converged, the held-out score, files."""
+    meta = model.metadata
+    return {
         "status": "ok",
         "started_utc": started.isoformat(timespec="seconds"),
         "fit_seconds": fit_seconds,
@@ -442,6 +465,3 @@ def _run_fit(
         "figures_skipped": skipped,
         "versions": meta.get("versions"),
     }
-    files["report"] = str(out / "report.json")
-    write_json(out / "report.json", report)
-    return FitOutcome(model, out, report, files)
