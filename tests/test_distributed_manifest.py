@@ -12,18 +12,8 @@ from tests.mixtures import known_mixture_3d
 from xd_dask.distributed import FitConfig, Manifest, ManifestError, build_manifest
 from xd_dask.distributed.checkpoint import load_checkpoint, save_checkpoint
 from xd_dask.distributed.passes import tree_reduce
-from xd_dask.distributed.tasks import (
-    Block,
-    LloydRequest,
-    Partial,
-    Rows,
-    SampleRequest,
-    TaskOptions,
-    combine,
-    estep,
-    kmeans_lloyd,
-    kmeans_sample,
-)
+from xd_dask.distributed.start_tasks import LloydRequest, SampleRequest, kmeans_lloyd, kmeans_sample
+from xd_dask.distributed.tasks import Block, Partial, Rows, TaskOptions, combine, estep
 from xd_dask.kernels import compute_stats
 from xd_dask.optim import LoopState
 from xd_dask.optim.kmeans import KMeansSums, SampleMoments

@@ -22,17 +22,16 @@ from xd_dask.cli import main
 from xd_dask.distributed import FitConfig, build_manifest, fit_catalog, resume_fit, score_catalog
 from xd_dask.distributed.gpu import to_device
 from xd_dask.distributed.split import row_keys, side_mask, stratum_of
+from xd_dask.distributed.start_tasks import MomentRequest, moments
 from xd_dask.distributed.tasks import (
     Block,
     Diagnose,
-    MomentRequest,
     Rows,
     ScoreRequest,
     TaskOptions,
     diagnose,
     estep,
     loglike,
-    moments,
     read_block,
 )
 from xd_dask.estimator import XDGMM

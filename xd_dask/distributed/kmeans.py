@@ -23,7 +23,7 @@ import numpy as np
 
 from xd_dask.config import key
 from xd_dask.distributed.passes import PassRunner
-from xd_dask.distributed.tasks import (
+from xd_dask.distributed.start_tasks import (
     LloydRequest,
     MomentRequest,
     SampleRequest,
