@@ -3,7 +3,7 @@
 dask-ml's convention: ``X`` a dask array (n, D) of values (NaN = missing) and ``X_cov`` (n, D, D)
 of noise covariances, chunked along the rows (any chunks: they are aligned, X_cov and the row
 weights to X's row chunks, the columns whole). :class:`ChunkStatistics` is the fitting loop's
-statistics source over them, as :class:`xd_dask.distributed.fit.PassStatistics` is over Parquet
+statistics source over them, as :class:`xd_dask.distributed.passes.PassStatistics` is over Parquet
 partitions: the chunks are held in worker memory (computed once, like dask-ml's estimators persist
 their input), the parameters are scattered to the workers once per pass, one task per chunk
 computes :func:`xd_dask.kernels.compute_stats` on it, and the partial statistics are tree-reduced

@@ -39,13 +39,11 @@ from xd_dask.distributed.config import FitConfig, resolve_schema
 from xd_dask.distributed.kmeans import default_sample_size, kmeans_init, moment_init, sample_pass
 from xd_dask.distributed.layout import WavePlan, detect_layout, plan_waves
 from xd_dask.distributed.manifest import Manifest, build_manifest, check_unchanged
-from xd_dask.distributed.passes import PassRunner
+from xd_dask.distributed.passes import PassRunner, PassStatistics
 from xd_dask.distributed.splitmerge import pass_moves
-from xd_dask.distributed.tasks import Diagnose, Partial, Rows, TaskOptions, diagnose, estep
+from xd_dask.distributed.tasks import Partial, TaskOptions
 from xd_dask.model import XDModel
 from xd_dask.optim import (
-    Batch,
-    BatchStats,
     ConvergenceWarning,
     FitLoop,
     LoopSettings,
@@ -79,56 +77,6 @@ def _versions() -> dict[str, str]:
     out = {k: v for k, v in info["packages"].items() if v is not None}
     out["python"] = str(info["host"].get("python", "")).split()[0]
     return out
-
-
-def _counts(part: Partial) -> dict:
-    return {"read": part.n_read, "used": part.n_used, "dropped": dict(part.dropped)}
-
-
-class PassStatistics:
-    """The loop's statistics source for a catalogue: one ``xd-estep`` pass (map over the batch's
-    partitions + tree-reduce) per batch, through the fit's :class:`PassRunner`.
-
-    subsample : online EM, (fraction, seed): keep a seeded fraction of each partition's rows.
-    seed : the hash strata of stratified waves derive from it (and the epoch).
-    """
-
-    def __init__(
-        self, runner: PassRunner, subsample: tuple[float, int] | None = None, seed: int = 0
-    ) -> None:
-        self.runner = runner
-        self.subsample = subsample
-        self.seed = int(seed)
-        self.n_units = len(runner.manifest)
-        self._diagnoses = 0
-
-    def __call__(self, params: Params, batch: Batch) -> BatchStats:
-        sub = None
-        if self.subsample is not None:
-            sub = (self.subsample[0], self.subsample[1], batch.drawn)
-        stratum = None
-        if batch.stratum is not None:
-            stratum = (*batch.stratum, self.seed, batch.drawn)
-        part = self.runner.run(
-            "estep", batch.label, estep, Rows(sub, stratum), params=params, pids=batch.units
-        )
-        return BatchStats(part.payload, _counts(part), {"task_seconds": part.seconds})
-
-    def worst_rows(self, before: Params, after: Params | None, m: int) -> list[dict]:
-        """One ``xd-diagnose`` pass: the m rows (file, row, id) that lost most (``after``
-        None: the m least likely rows at ``before``)."""
-        self._diagnoses += 1
-        part = self.runner.run(
-            "diagnose", (self._diagnoses,), diagnose, Diagnose(after, int(m)), params=before
-        )
-        return list(part.payload.rows)
-
-    def rows_of(self, params: Params, component: int, m: int) -> list[dict]:
-        """One ``xd-diagnose`` pass: the m rows most responsible to ``component``."""
-        self._diagnoses += 1
-        req = Diagnose(None, int(m), int(component))
-        part = self.runner.run("diagnose", (self._diagnoses,), diagnose, req, params=params)
-        return list(part.payload.rows)
 
 
 class _Fit:

@@ -17,7 +17,8 @@ order), at most fan_in results of O(K D^2).
 
 Every task has the signature of :mod:`xd_dask.distributed.tasks`: ``task(source, opts, params,
 request)``; the parameters travel once per pass (scattered when large), the request (a small
-frozen object) inside each task.
+frozen object) inside each task. :class:`PassStatistics` is the fit loop's statistics source
+made of such passes (``xd-estep``, and ``xd-diagnose`` for the rows a warning names).
 """
 
 from __future__ import annotations
@@ -37,13 +38,23 @@ from distributed.scheduler import KilledWorker
 from xd_dask.config import key
 from xd_dask.distributed.manifest import Manifest
 from xd_dask.distributed.plugins import ensure_worker_setup
-from xd_dask.distributed.tasks import Partial, TaskOptions, combine, read_block
+from xd_dask.distributed.tasks import (
+    Diagnose,
+    Partial,
+    Rows,
+    TaskOptions,
+    combine,
+    diagnose,
+    estep,
+    read_block,
+)
+from xd_dask.optim import Batch, BatchStats
 from xd_dask.params import Params
 from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["PassRunner", "shared_reads", "tree_reduce"]
+__all__ = ["PassRunner", "PassStatistics", "shared_reads", "tree_reduce"]
 
 #: Errors that mean "the cluster lost work", not "the data are bad": the pass is run again.
 RETRYABLE = (KilledWorker, concurrent.futures.CancelledError)
@@ -387,3 +398,53 @@ class PassRunner:
             wait(futures, timeout=SETTLE_SECONDS)
         with contextlib.suppress(Exception):
             self.client.cancel(list(futures))
+
+
+def _counts(part: Partial) -> dict:
+    return {"read": part.n_read, "used": part.n_used, "dropped": dict(part.dropped)}
+
+
+class PassStatistics:
+    """The loop's statistics source for a catalogue: one ``xd-estep`` pass (map over the batch's
+    partitions + tree-reduce) per batch, through the fit's :class:`PassRunner`.
+
+    subsample : online EM, (fraction, seed): keep a seeded fraction of each partition's rows.
+    seed : the hash strata of stratified waves derive from it (and the epoch).
+    """
+
+    def __init__(
+        self, runner: PassRunner, subsample: tuple[float, int] | None = None, seed: int = 0
+    ) -> None:
+        self.runner = runner
+        self.subsample = subsample
+        self.seed = int(seed)
+        self.n_units = len(runner.manifest)
+        self._diagnoses = 0
+
+    def __call__(self, params: Params, batch: Batch) -> BatchStats:
+        sub = None
+        if self.subsample is not None:
+            sub = (self.subsample[0], self.subsample[1], batch.drawn)
+        stratum = None
+        if batch.stratum is not None:
+            stratum = (*batch.stratum, self.seed, batch.drawn)
+        part = self.runner.run(
+            "estep", batch.label, estep, Rows(sub, stratum), params=params, pids=batch.units
+        )
+        return BatchStats(part.payload, _counts(part), {"task_seconds": part.seconds})
+
+    def worst_rows(self, before: Params, after: Params | None, m: int) -> list[dict]:
+        """One ``xd-diagnose`` pass: the m rows (file, row, id) that lost most (``after``
+        None: the m least likely rows at ``before``)."""
+        self._diagnoses += 1
+        part = self.runner.run(
+            "diagnose", (self._diagnoses,), diagnose, Diagnose(after, int(m)), params=before
+        )
+        return list(part.payload.rows)
+
+    def rows_of(self, params: Params, component: int, m: int) -> list[dict]:
+        """One ``xd-diagnose`` pass: the m rows most responsible to ``component``."""
+        self._diagnoses += 1
+        req = Diagnose(None, int(m), int(component))
+        part = self.runner.run("diagnose", (self._diagnoses,), diagnose, req, params=params)
+        return list(part.payload.rows)
