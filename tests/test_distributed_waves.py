@@ -14,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 
+from tests.clusters import local_cluster
 from xd_dask.distributed import FitConfig, build_manifest, fit_catalog
 from xd_dask.distributed.layout import SHUFFLE_KEY, LayoutError, detect_layout
 from xd_dask.distributed.manifest import DUPLICATE_FREE_KEY
@@ -118,16 +119,7 @@ def test_shuffle_keeps_every_row_once_and_records_itself(client, sky, shuffled):
 
 
 def test_shuffle_output_does_not_depend_on_the_number_of_workers(sky, shuffled, tmp_path):
-    with (
-        LocalCluster(
-            n_workers=1,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=":0",
-        ) as cl,
-        Client(cl) as one,
-    ):
+    with local_cluster(1) as cl, Client(cl) as one:
         alone = shuffle_catalog(sky, tmp_path / "one", 24, one, seed=5)
 
     def digest(f):

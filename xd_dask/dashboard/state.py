@@ -212,12 +212,10 @@ class XDState:
     def last_run(self) -> dict[str, Any] | None:
         """The nightly run that finished last (by its finish time; finish times are whole
         seconds, so of two runs finished in the same second the one that started later)."""
-        done = [
-            (utc_seconds(r.get("finished_utc")), order, r)
-            for order, r in enumerate(self.runs.values())
-            if utc_seconds(r.get("finished_utc"))
-        ]
-        return max(done, key=lambda t: t[:2], default=(None, None, None))[2]
+        runs = list(self.runs.values())
+        ends = [(utc_seconds(r.get("finished_utc")), i) for i, r in enumerate(runs)]
+        finished = [end for end in ends if end[0]]
+        return runs[max(finished)[1]] if finished else None
 
     def last_success(self) -> float | None:
         """Unix time the latest nightly that ran to its gate finished."""

@@ -57,24 +57,4 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
 
 
-__all__ = [
-    "CheckpointError",
-    "ChunkStatistics",
-    "ConvergenceWarning",
-    "DaskXDGMM",
-    "FitConfig",
-    "GPUUnavailableError",
-    "Manifest",
-    "ManifestError",
-    "Partition",
-    "PartitionError",
-    "ScoreResult",
-    "build_manifest",
-    "connect",
-    "fit_catalog",
-    "load_checkpoint",
-    "posterior_catalog",
-    "resume_fit",
-    "score_catalog",
-    "worker_threads",
-]
+__all__ = sorted(_EXPORTS)

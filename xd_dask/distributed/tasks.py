@@ -390,7 +390,6 @@ def diagnose(
     return _partial(blk, WorstRows(found, int(req.m)), X.shape[0], t0)
 
 
-# ----------------------------------------------------------------------------- starts
 # ----------------------------------------------------------------------------- scoring
 @dataclass
 class LogLikeSum:
