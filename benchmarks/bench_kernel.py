@@ -326,9 +326,11 @@ def _children(keys, mode: str, cache: str, n: int) -> list[dict]:
 def compile_table() -> None:
     """Cold and warm compilation of what a D = 7 fit of Gaia-like rows needs (issue 20)."""
     keys = [[kind, d, False, 0, 0] for d in (7, 6, 4, 3) for kind in ("stats", "dens")]
-    print("\n5. compilation of a D = 7 fit's CPU kernels (statistics and densities passes for "
-          "d = 7, 6, 4, 3 observed fields, float64; the densities pass gives the log densities "
-          "and the split-and-merge sums), wall seconds")
+    print(
+        "\n5. compilation of a D = 7 fit's CPU kernels (statistics and densities passes for "
+        "d = 7, 6, 4, 3 observed fields, float64; the densities pass gives the log densities "
+        "and the split-and-merge sums), wall seconds"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         cold = _children(keys, "each", os.path.join(tmp, "a"), 1)[0]
         warm = _children(keys, "each", os.path.join(tmp, "a"), 1)[0]

@@ -403,12 +403,13 @@ def test_deploy_local_run_job_script(job, tmp_path):
     assert "2 workers x 1 threads" in proc.stdout and "Fit finished" in proc.stdout
     assert XDModel.load(tmp_path / "out" / "model.npz").metadata["n_iter"] == 2
     assert not (cdir / "scheduler.pid").exists()  # the cluster was stopped
-    # a configuration error comes through as the script's exit code
+    # a configuration error comes through as the script's exit code, before a cluster starts
     proc = subprocess.run(
         ["bash", str(REPO / "deploy" / "local" / "run-job.sh"), str(job), "1", "--", "-k", "0"],
-        env=env,
+        env=env | {"CLUSTER_DIR": str(tmp_path / "cluster2")},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 2 and "fit.n_components must be >= 1" in proc.stderr
+    assert not (tmp_path / "cluster2").exists()

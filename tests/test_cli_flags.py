@@ -98,3 +98,30 @@ def test_shuffle_json_event(catalogue, cluster, tmp_path):
     events = [json.loads(line) for line in res.stdout.splitlines()]
     done = events[-1]
     assert done["event"] == "shuffle" and sum(done["rows"]) == 600 and len(done["files"]) == 3
+
+
+def test_fit_check_checks_the_job_and_starts_nothing(tmp_path):
+    """`fit --check` (run by deploy/local/run-job.sh and the rendered Slurm job before their
+    clusters start): exit 0 with what would run, exit 2 with the reason, no output written
+    and no cluster: the scheduler address given is never contacted."""
+    cat = tmp_path / "gaia"
+    made = CliRunner().invoke(
+        main, ["make-catalog", str(cat), "--rows", "2000", "--partitions", "3", "--seed", "2"]
+    )
+    assert made.exit_code == 0, made.output
+    out = tmp_path / "out"
+    args = ["fit", "--catalog", str(cat), "--out", str(out), "--check"]
+    args += ["--scheduler-address", "tcp://127.0.0.1:9"]  # nothing listens there
+    res = CliRunner().invoke(main, [*args, "-k", "3", "--holdout-rows", "0.2"])
+    assert res.exit_code == 0, res.output
+    assert "Job checked: em fit, K = 3, 7 features, 2000 rows in 3 partitions" in res.output
+    assert "No cluster was started" in res.output and not out.exists()
+    res = CliRunner().invoke(main, [*args, "--method", "adam", "--log-format", "json"])
+    (event,) = [json.loads(line) for line in res.stdout.splitlines()][-1:]
+    assert res.exit_code == 0 and event["event"] == "checked", res.output
+    assert (event["method"], event["rows"], event["partitions"]) == ("adam", 2000, 3)
+    res = CliRunner().invoke(main, [*args, "-k", "0"])
+    assert res.exit_code == 2 and "fit.n_components must be >= 1" in res.output
+    (out / "checkpoints").mkdir(parents=True)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and f"xd-dask resume {out}" in res.output

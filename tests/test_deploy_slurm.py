@@ -168,6 +168,25 @@ def test_rendered_job_runs_on_two_slurm_nodes_and_ends_cleanly(slurm, catalog, t
 
 
 @needs_slurm
+def test_rendered_job_checks_the_job_before_any_cluster_process_starts(slurm, catalog, tmp_path):
+    """A catalogue gone between render-job and the job's start: the job ends with the fit's
+    exit code 2 naming it, before a scheduler or a worker started."""
+    gone = tmp_path / "gaia"
+    shutil.copytree(catalog, gone)
+    script = _render(tmp_path, gone)
+    shutil.rmtree(gone)
+    sub = _sbatch(["--parsable", str(script)], slurm, tmp_path)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().split(";")[0]
+    comps = _wait(job_id, slurm)
+    log = (tmp_path / f"xd-dask-fit-{job_id}.log").read_text()
+    assert comps[0]["ExitCode"] == "2:0", (comps, log)
+    assert str(gone) in log, log
+    assert "scheduler" not in log.lower() and "worker" not in log.lower(), log
+    assert not list(tmp_path.glob("*scheduler.json"))
+
+
+@needs_slurm
 def test_rendered_gpu_job_passes_sbatch_test_only(slurm, catalog, tmp_path):
     """The GPU script is valid for a partition whose nodes declare `Gres=gpu` (local-slurm.sh's
     `gpu`: /dev/null stands in for the device, so the job is validated, not run)."""

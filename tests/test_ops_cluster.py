@@ -161,6 +161,7 @@ def test_a_running_fit_listens_on_loopback_and_locks_its_output(gaia, cluster, t
 def test_cluster_sh_listens_on_loopback_while_a_fit_runs(gaia, tmp_path):
     from distributed import Client
 
+    from xd_dask.cli.progress import _dashboard
     from xd_dask.jobs.config import load_config
     from xd_dask.jobs.runner import run_fit
 
@@ -185,6 +186,7 @@ def test_cluster_sh_listens_on_loopback_while_a_fit_runs(gaia, tmp_path):
                 out_dir=tmp_path / "out",
             )
             dashboard = client.dashboard_link
+            assert _dashboard(client) == dashboard
         assert len(seen) == 3
         sockets = set().union(*seen)
         assert len(sockets) >= 4, sockets  # scheduler, dashboard, nanny, worker
@@ -194,6 +196,38 @@ def test_cluster_sh_listens_on_loopback_while_a_fit_runs(gaia, tmp_path):
     finally:
         subprocess.run(["bash", str(script), "stop"], env=env, timeout=60, capture_output=True)
         for pid in pids:  # only the processes cluster.sh started for this test
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_cluster_sh_without_a_dashboard_listens_on_loopback_and_is_not_shown_one(tmp_path):
+    """DASHBOARD_ADDRESS=none: the scheduler's HTTP server (/health, /metrics) listens on
+    loopback on a free port, not on Dask's default 0.0.0.0:8787, and the fit's dashboard line
+    says there is none (Dask's client would show a link to that server's 404 /status)."""
+    from distributed import Client
+
+    from xd_dask.cli.progress import _dashboard
+
+    cdir = tmp_path / "dask-local"
+    env = _env(CLUSTER_DIR=str(cdir), SCHEDULER_PORT="0", WORKER_MEMORY="1GiB")
+    env["DASHBOARD_ADDRESS"] = "none"
+    script = REPO / "deploy" / "local" / "cluster.sh"
+    subprocess.run(["bash", str(script), "start", "1", "1"], env=env, check=True, timeout=180)
+    pids = []
+    try:
+        for name in ("scheduler.pid", "workers.pid"):
+            pids += [int(x) for x in (cdir / name).read_text().split()]
+        sockets = _listening(pids)
+        assert len(sockets) >= 4, sockets  # scheduler, its HTTP server, nanny, worker
+        assert {ip for ip, _ in sockets} == {"127.0.0.1"}, sockets
+        assert ("127.0.0.1", 8787) not in sockets
+        with Client(scheduler_file=str(cdir / "scheduler.json")) as client:
+            assert _dashboard(client) is None
+    finally:
+        subprocess.run(["bash", str(script), "stop"], env=env, timeout=60, capture_output=True)
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

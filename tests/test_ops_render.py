@@ -10,6 +10,7 @@ byte for byte. Values that go into #SBATCH lines or Kubernetes names unquoted ar
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -35,8 +36,10 @@ for a in "$@"; do  # `dask scheduler --scheduler-file F`: write the scheduler fi
     then printf '{"address": "tcp://127.0.0.1:1"}' > "$a"; fi
     prev="$a"
 done
-if [ "$(basename "$0")" = xd-dask ]; then  # the fit: exits with $FIT_EXIT
-    cp "$2" "$STUB_DIR/job.toml.seen"; exit "${FIT_EXIT:-0}"
+if [ "$(basename "$0")" = xd-dask ]; then  # the check: $CHECK_EXIT, the fit: $FIT_EXIT
+    cp "$2" "$STUB_DIR/job.toml.seen"
+    [ "${3:-}" = --check ] && exit "${CHECK_EXIT:-0}"
+    exit "${FIT_EXIT:-0}"
 fi
 exit 0
 """
@@ -114,7 +117,8 @@ def test_hostile_paths_reach_the_slurm_script_commands_intact(tmp_path):
     wait, stop = sorted(_calls(calls, "python"), key=lambda c: "stop_workers" in c[1])
     assert wait[0] == "-c" and wait[2:] == [sched, "3"]
     assert stop[0] == "-c" and "stop_workers(c); c.shutdown()" in stop[1] and stop[2:] == [sched]
-    (fit,) = _calls(calls, "xd-dask")
+    check, fit = sorted(_calls(calls, "xd-dask"), key=len)  # the check before any process
+    assert check == ["fit", f"{submit}/fit.job_1-x-42.toml", "--check"]
     assert fit == ["fit", f"{submit}/fit.job_1-x-42.toml", "--scheduler-file", sched]
     seen = tomllib.loads((calls / "job.toml.seen").read_text())
     assert seen["catalog"]["path"] == catalog and seen["output"]["dir"] == out_dir
@@ -130,9 +134,22 @@ def test_the_slurm_script_stops_the_cluster_and_exits_with_the_fits_code(tmp_pat
         ["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 3, proc.stdout + proc.stderr  # the fit's exit code
-    assert len(_calls(calls, "xd-dask")) == 1
+    assert len(_calls(calls, "xd-dask")) == 2  # the check, then the fit
     stops = [c for c in _calls(calls, "python") if "stop_workers" in c[1]]
     assert [c[2:] for c in stops] == [[f"{tmp_path}/xd-dask-fit-7-scheduler.json"]]
+    # a job the check refuses ends with its exit code before any cluster process starts
+    shutil.rmtree(calls)
+    calls.mkdir()
+    proc = subprocess.run(
+        ["bash", str(script)],
+        env=env | {"CHECK_EXIT": "2"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert [p.name.split(".")[1] for p in calls.glob("call.*")] == ["xd-dask"]
 
 
 @pytest.mark.parametrize(

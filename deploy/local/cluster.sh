@@ -44,12 +44,14 @@ start() {
     fi
     rm -f "$SCHED_FILE" "$CLUSTER_DIR"/*.pid
     local dash=(--dashboard-address "$DASHBOARD_ADDRESS")
-    [ "$DASHBOARD_ADDRESS" = "none" ] && dash=(--no-dashboard)
+    # without a dashboard the scheduler still serves /health and /metrics: on SCHEDULER_HOST,
+    # on a free port (Dask's default would be port 8787 on every interface)
+    [ "$DASHBOARD_ADDRESS" = "none" ] && dash=(--no-dashboard --dashboard-address "$SCHEDULER_HOST:0")
     nohup "$DASK" scheduler --host "$SCHEDULER_HOST" --port "$SCHEDULER_PORT" \
         --scheduler-file "$SCHED_FILE" "${dash[@]}" --preload xd_dask.dashboard.preload \
         >"$CLUSTER_DIR/scheduler.log" 2>&1 &
     echo $! >"$CLUSTER_DIR/scheduler.pid"
-    for _ in $(seq 120); do [ -s "$SCHED_FILE" ] && break; sleep 0.5; done
+    for _ in $(seq 600); do [ -s "$SCHED_FILE" ] && break; sleep 0.1; done
     if [ ! -s "$SCHED_FILE" ]; then
         echo "dask scheduler did not start; see $CLUSTER_DIR/scheduler.log" >&2
         stop
@@ -76,18 +78,26 @@ with Client(scheduler_file=sys.argv[1], timeout="30s") as c:
     echo "scheduler file: $SCHED_FILE ($n workers x $threads threads)"
 }
 
-stop() {
-    local pids=()
-    [ -f "$CLUSTER_DIR/workers.pid" ] && mapfile -t pids <"$CLUSTER_DIR/workers.pid"
-    [ -f "$CLUSTER_DIR/scheduler.pid" ] && pids+=("$(cat "$CLUSTER_DIR/scheduler.pid")")
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+# Each of the processes $@ asked to end (TERM), then waited for (10 s), then killed.
+end() {
+    [ $# -gt 0 ] || return 0
+    for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
     for _ in $(seq 40); do
         local alive=0
-        for pid in "${pids[@]}"; do alive "$pid" && alive=1; done
-        [ "$alive" = 0 ] && break
+        for pid in "$@"; do alive "$pid" && alive=1; done
+        [ "$alive" = 0 ] && return 0
         sleep 0.25
     done
-    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    for pid in "$@"; do kill -KILL "$pid" 2>/dev/null || true; done
+}
+
+# The workers first, then the scheduler: a worker whose scheduler vanished first waits 8 s
+# for its process before its nanny kills it (the Slurm script stops them in this order too).
+stop() {
+    local workers=()
+    [ -f "$CLUSTER_DIR/workers.pid" ] && mapfile -t workers <"$CLUSTER_DIR/workers.pid"
+    end "${workers[@]}"
+    [ -f "$CLUSTER_DIR/scheduler.pid" ] && end "$(cat "$CLUSTER_DIR/scheduler.pid")"
     rm -f "$CLUSTER_DIR/workers.pid" "$CLUSTER_DIR/scheduler.pid" "$SCHED_FILE"
 }
 

@@ -59,7 +59,15 @@ def _same_as_job_files(cfg: Any) -> bool:
     is_flag=True,
     help="Start afresh even if the output directory holds a checkpoint.",
 )
-def fit(config: str | None, overwrite: bool, log_format: str, verbose: int, **params: Any) -> None:
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Check the job (configuration, catalogue, output directory) and exit without "
+    "starting or joining a cluster: 0 when the fit would start, 2 with the reason when not.",
+)
+def fit(
+    config: str | None, overwrite: bool, check: bool, log_format: str, verbose: int, **params: Any
+) -> None:
     """Fit an XD mixture to a catalogue, as CONFIG.toml and the flags say.
 
     \b
@@ -74,6 +82,9 @@ def fit(config: str | None, overwrite: bool, log_format: str, verbose: int, **pa
     cfg.check_inputs()
     plan = prepare_fit(cfg, overwrite=overwrite)  # every refusal before a cluster starts
     progress = Progress(log_format)
+    if check:
+        _checked(plan, progress)
+        return
     progress.emit("start", command="fit", config=cfg.non_default())
     compile_note(cfg, progress, len(plan.schema.features))
     with fit_output(plan, overwrite), connected(cfg, progress, verbose) as client:
@@ -82,6 +93,30 @@ def fit(config: str | None, overwrite: bool, log_format: str, verbose: int, **pa
         finally:
             progress.close()
     summary(progress, outcome.report, f"Fit finished: {outcome.out_dir}")
+
+
+def _checked(plan: Any, progress: Progress) -> None:
+    """What ``fit --check`` reports: the fit that would run; nothing was started."""
+    fit_cfg, rows, parts = plan.cfg.fit, plan.manifest.n_rows, len(plan.manifest)
+    held = plan.held_desc or "none"
+    if progress.json:
+        progress.emit(
+            "checked",
+            command="fit",
+            method=fit_cfg.method,
+            n_components=fit_cfg.n_components,
+            features=list(plan.schema.features),
+            rows=rows,
+            partitions=parts,
+            holdout=held,
+            out_dir=str(plan.out),
+        )
+        return
+    progress.message(
+        f"Job checked: {fit_cfg.method} fit, K = {fit_cfg.n_components}, "
+        f"{len(plan.schema.features)} features, {rows} rows in {parts} partitions, held out: "
+        f"{held}, output {plan.out}. No cluster was started."
+    )
 
 
 @command(json_output=True)

@@ -154,11 +154,16 @@ def skipped_figures(report: dict[str, Any]) -> dict[str, str]:
 
 def _dashboard(client: Any) -> str | None:
     """The dashboard link, or None when the scheduler runs without a dashboard."""
+    from xd_dask.dashboard.plugin import serves_dashboard  # noqa: PLC0415 - loads distributed
+
     try:
-        services = client.scheduler_info().get("services", {})
-    except Exception:  # an old or unusual scheduler: trust the client's guess
-        return client.dashboard_link
-    return client.dashboard_link if "dashboard" in services else None
+        served = client.run_on_scheduler(serves_dashboard)
+    except Exception:  # noqa: BLE001 - a scheduler without xd-dask: ask for its HTTP server
+        try:
+            served = "dashboard" in client.scheduler_info().get("services", {})
+        except Exception:  # noqa: BLE001 - an old or unusual scheduler: the client's guess
+            served = True
+    return client.dashboard_link if served else None
 
 
 def show_dashboard(client: Any, progress: Progress) -> None:

@@ -73,6 +73,13 @@ def _dask_bokeh_app(scheduler: Any) -> Any:
     return next((a for a in apps if isinstance(a, BokehTornado)), None)
 
 
+def serves_dashboard(dask_scheduler: Any) -> bool:
+    """Whether this scheduler serves Dask's dashboard pages (``Client.run_on_scheduler``): a
+    scheduler started without one still has an HTTP server (/health, /metrics) that Dask's
+    client takes for a dashboard."""
+    return _dask_bokeh_app(dask_scheduler) is not None
+
+
 def serve_page(scheduler: Any) -> str | None:
     """Serve the XD page beside the dashboard's pages; its path, or None without a dashboard."""
     dask_app = _dask_bokeh_app(scheduler)

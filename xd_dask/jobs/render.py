@@ -205,7 +205,13 @@ def _sbatch_header(cfg: JobConfig, run_cfg: JobConfig, comps: list[dict[str, Any
 def _scheduler_lines(name: str, toml: str, dash: str, interface: str) -> list[str]:
     """The job file written out, the stop-on-exit trap, and the scheduler started in
     component 0 (``dash``: deploy.slurm.dashboard_address)."""
-    dashboard = "--no-dashboard" if dash == "none" else f"--dashboard-address {shlex.quote(dash)}"
+    # without a dashboard the scheduler still serves /health and /metrics: on loopback, on a
+    # free port (Dask's default would be port 8787 on every interface)
+    dashboard = (
+        "--no-dashboard --dashboard-address 127.0.0.1:0"
+        if dash == "none"
+        else f"--dashboard-address {shlex.quote(dash)}"
+    )
     stop = f'timeout {STOP_TIMEOUT + 30} python -c {shlex.quote(_STOP_CLUSTER)} "$SCHED_FILE"'
     return [
         "",
@@ -219,6 +225,10 @@ def _scheduler_lines(name: str, toml: str, dash: str, interface: str) -> list[st
         f"cat > \"$JOB_TOML\" <<'{_HEREDOC}'",
         toml,
         _HEREDOC,
+        "",
+        "# The job is checked before any cluster process starts: a configuration, catalogue or",
+        "# output-directory error ends the job here with exit 2, costing no worker time.",
+        'xd-dask fit "$JOB_TOML" --check',
         "",
         "# However this script ends, stop the cluster and keep the exit code (the fit's): each",
         "# worker's nanny stops it (`dask worker` exits 0, so its srun step completes), then the",
