@@ -108,6 +108,27 @@ def test_estep_subsample_is_seeded_per_epoch_and_partition(rows):
     assert 0.4 * len(X) < a.n_used < 0.6 * len(X)
 
 
+def test_a_blocks_strata_follow_the_epoch_seed_and_count(rows):
+    """A persisted block keeps one epoch's strata (the waves of an epoch reuse them): each wave
+    uses exactly the rows of its stratum, recomputed when the epoch, seed or count changes;
+    the strata of an epoch partition the rows."""
+    from xd_dask.distributed.split import row_keys, stratum_of
+
+    X, S = rows
+    w, m, V = known_mixture_3d()
+    blk, opts, p = _block(X, S, 4), TaskOptions(schema=None), Params(w, m, V)
+    for n_strata, seed, epoch in [(5, 1, 0), (5, 1, 1), (5, 2, 1), (3, 2, 1), (5, 1, 0)]:
+        want = stratum_of(row_keys(blk.ids, 4), n_strata, seed, epoch)
+        used = [estep(blk, opts, p, Rows(stratum=(s, n_strata, seed, epoch))) for s in range(5)]
+        counts = [u.n_used for u in used[:n_strata]]
+        assert counts == [int(np.sum(want == s)) for s in range(n_strata)], (n_strata, epoch)
+        assert sum(counts) == len(X)
+        s = int(np.argmax(counts))
+        ref = compute_stats(X[want == s], S[want == s], p)
+        assert used[s].payload.ll == pytest.approx(ref.ll, rel=1e-12)
+    np.testing.assert_array_equal(blk.strata(4, 5, 1, 0), want)
+
+
 def test_sample_moments_merge_equals_global_moments(rows):
     X, _ = rows
     opts = TaskOptions(schema=None)

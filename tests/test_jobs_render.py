@@ -96,7 +96,10 @@ def test_slurm_memory_per_cpu_interface_and_teardown():
     # (4 GiB + 1280 MiB for the fit's plots) / 3 cores, rounded up
     assert "#SBATCH --mem-per-cpu=1792M" in lines[:het]
     assert sum(line.startswith("#SBATCH --mem-per-cpu=") for line in lines) == 3
-    assert "--port 0 --interface ib0 --no-dashboard --preload xd_dask.dashboard.preload &" in text
+    assert (
+        "--port 0 --interface ib0 --no-dashboard --dashboard-address 127.0.0.1:0 "
+        "--preload xd_dask.dashboard.preload &"
+    ) in text  # the HTTP server (/health, /metrics) on loopback, not 0.0.0.0:8787
     workers = [line for line in lines if line.startswith("srun ")]
     assert len(workers) == 2 and all("--interface ib0 " in w for w in workers)
     trap = text[text.index("stop_cluster() {") : text.index("trap stop_cluster EXIT")]

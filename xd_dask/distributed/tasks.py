@@ -120,17 +120,32 @@ class Block:
     dropped: dict[str, int]
     R: Any = None  # (n, d, D) projections, or None
     row_groups: tuple[int, ...] | None = None
+    # the rows' hash strata of the epoch last asked for: ((unit, S, seed, epoch), (n,) int32)
+    _strata: tuple[tuple, np.ndarray] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def n_rows(self) -> int:
         return int(self.X.shape[0])
+
+    def strata(self, unit: int | None, n_strata: int, seed: int, epoch: int) -> np.ndarray:
+        """(n,) the stratum of each row in an epoch (:func:`xd_dask.distributed.split.
+        stratum_of` of the ids' hash keys), computed once per epoch: a persisted block serves
+        the epoch's waves from it."""
+        key = (unit, n_strata, seed, epoch)
+        if self._strata is None or self._strata[0] != key:
+            strata = stratum_of(row_keys(self.ids, unit), n_strata, seed, epoch)
+            self._strata = (key, strata.astype(np.int32))
+        return self._strata[1]
 
 
 @sizeof.register(Block)
 def _sizeof_block(blk: Block) -> int:
     """Bytes a persisted block holds, so the worker's memory manager can account for it."""
     R_bytes = 0 if blk.R is None else int(blk.R.nbytes)
-    return int(blk.X.nbytes + blk.X_cov.nbytes + blk.ids.nbytes) + R_bytes + 256
+    strata = 0 if blk._strata is None else int(blk._strata[1].nbytes)
+    return int(blk.X.nbytes + blk.X_cov.nbytes + blk.ids.nbytes) + R_bytes + strata + 256
 
 
 @dataclass
@@ -280,8 +295,7 @@ class Rows:
         if self.stratum is not None:
             s, n_strata, seed, epoch = (int(x) for x in self.stratum)
             unit = None if getattr(opts.schema, "id_column", None) else blk.pid
-            keys = row_keys(blk.ids, unit)
-            rows = np.flatnonzero(stratum_of(keys, n_strata, seed, epoch) == s)
+            rows = np.flatnonzero(blk.strata(unit, n_strata, seed, epoch) == s)
             out = rows if out is None else np.intersect1d(out, rows, assume_unique=True)
         return out
 

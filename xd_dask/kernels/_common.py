@@ -3,6 +3,7 @@ packed-triangle layout."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -117,12 +118,21 @@ def packed_index(observed: np.ndarray) -> np.ndarray:
     return np.array([o[a] * (o[a] + 1) // 2 + o[b] for a in range(len(o)) for b in range(a + 1)])
 
 
+@functools.cache
+def tril(d: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.tril_indices(d)``, made once per ``d`` (read-only): the kernels' packing needs
+    them on every call."""
+    r, c = np.tril_indices(d)
+    r.flags.writeable = c.flags.writeable = False
+    return r, c
+
+
 def stats_from_sums(tot: np.ndarray, K: int, D: int):
     """(1 + D + D (D + 1) / 2, K) float64 sums (n_j, a_j, packed lower C_j) -> n_j (K,),
     a (K, D), C (K, D, D) symmetric: the compiled kernels' accumulator rows."""
     n_j = tot[0].copy()
     a = np.ascontiguousarray(tot[1 : 1 + D].T)
-    r, c = np.tril_indices(D)
+    r, c = tril(D)
     C = np.empty((K, D, D))
     C[:, r, c] = tot[1 + D :].T
     C[:, c, r] = tot[1 + D :].T
@@ -136,7 +146,7 @@ def unpack_lower(Sp: Any) -> Any:
     d = int(round((np.sqrt(8 * k + 1) - 1) / 2))
     if d * (d + 1) // 2 != k:
         raise ValueError(f"{k} columns are not a packed lower triangle")
-    r, c = np.tril_indices(d)
+    r, c = tril(d)
     S = xp.empty((n, d, d), dtype=Sp.dtype)
     S[:, xp.asarray(r), xp.asarray(c)] = Sp
     S[:, xp.asarray(c), xp.asarray(r)] = Sp

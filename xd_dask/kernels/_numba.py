@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 
-from xd_dask.kernels._common import NotPositiveDefiniteError, stats_from_sums
+from xd_dask.kernels._common import NotPositiveDefiniteError, stats_from_sums, tril
 from xd_dask.kernels._numba_compile import LANE_BLOCK, _kernel, on_disk, readiness, warm
 from xd_dask.kernels.codegen import algebra, emit_numba
 from xd_dask.kernels.codegen.algebra import BG_OFF, PAD_LOGW
@@ -105,7 +105,7 @@ def _pack(log_weights, means, covs, dtype, obs=None, unobs=None) -> np.ndarray:
     nblk = -(-K // B)
     Pp = np.zeros((n_par, nblk * B))
     Pp[:, :K] = P
-    rows, cols = np.tril_indices(d)
+    rows, cols = tril(d)
     Pp[d + np.flatnonzero(rows == cols), K:] = 1.0  # padding: V = I
     Pp[d + len(rows), K:] = PAD_LOGW
     # (n_par, nblk, B) -> (nblk, n_par, B), flattened

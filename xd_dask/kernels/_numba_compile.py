@@ -211,6 +211,8 @@ def warm(keys) -> None:
     process is compiling (its lock file held) is taken up after the others, by then from disk.
     Two workers that need the same four variants compile two each, in parallel."""
     todo = [k for k in dict.fromkeys(keys) if k not in _cache]
+    if not todo:  # every call of a warm process: no file-system checks
+        return
     cache = _cache_dir()
     deferred = []
     for key in todo:

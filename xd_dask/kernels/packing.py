@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from xd_dask.kernels._common import tril
 from xd_dask.kernels.codegen import algebra
 from xd_dask.kernels.reference_posterior import conditional_blocks
 
@@ -35,7 +36,7 @@ def param_matrix(log_weights, means, covs, obs=None, unobs=None) -> np.ndarray:
     lay = algebra.param_rows(d, du)
     P = np.empty((lay["n"], K))
     P[:d] = means[:, obs].T
-    r, c = np.tril_indices(d)
+    r, c = tril(d)
     P[lay["cov"] : lay["cov"] + algebra.npk(d)] = covs[np.ix_(np.arange(K), obs, obs)][:, r, c].T
     P[lay["logw"]] = np.maximum(np.asarray(log_weights, dtype=np.float64), algebra.PAD_LOGW)
     if du:
@@ -43,6 +44,6 @@ def param_matrix(log_weights, means, covs, obs=None, unobs=None) -> np.ndarray:
         P[lay["mu"] : lay["mu"] + du] = m_u.T
         P[lay["vuo"] : lay["vuo"] + du * d] = V_uo.reshape(K, -1).T
         P[lay["g"] : lay["g"] + du * d] = G.reshape(K, -1).T
-        ru, cu = np.tril_indices(du)
+        ru, cu = tril(du)
         P[lay["cu"] :] = C[:, ru, cu].T
     return P
