@@ -129,6 +129,33 @@ def test_a_blocks_strata_follow_the_epoch_seed_and_count(rows):
     np.testing.assert_array_equal(blk.strata(4, 5, 1, 0), want)
 
 
+def test_a_wave_over_a_group_of_blocks_is_one_kernel_call_with_the_same_sums(rows):
+    """estep over a group (map_combine: estep_stacked) stacks a wave's rows of every block:
+    the sums and the bookkeeping equal those of the blocks one by one, a full pass goes block
+    by block, and a pair that is not positive definite is named by ITS file, id and row."""
+    from xd_dask.distributed.passes import map_combine
+    from xd_dask.distributed.tasks import PartitionError
+
+    X, S = rows
+    w, m, V = known_mixture_3d()
+    opts, p = TaskOptions(schema=None), Params(w, m, V)
+    blocks = [_block(X[i::3], S[i::3], i) for i in range(3)]
+    blocks[1].dropped = {"nan": 2}
+    for req in (Rows(stratum=(1, 4, 3, 0)), Rows(subsample=(0.3, 1, 2)), Rows()):
+        got = map_combine(estep, blocks, opts, p, req)
+        want = combine(*(estep(b, opts, p, req) for b in blocks))
+        assert (got.n_partitions, got.n_read, got.n_used) == (3, len(X), want.n_used)
+        assert got.dropped == {"nan": 2} and 0 < got.n_used
+        assert got.payload.ll == pytest.approx(want.payload.ll, rel=1e-13)
+        np.testing.assert_allclose(got.payload.C, want.payload.C, rtol=1e-12, atol=1e-12)
+    req = Rows(stratum=(1, 4, 3, 0))
+    bad = int(blocks[2].strata(2, 4, 3, 0).tolist().index(1))  # a row of block 2 in the wave
+    blocks[2].X_cov = blocks[2].X_cov.copy()
+    blocks[2].X_cov[bad] = -np.eye(3)
+    with pytest.raises(PartitionError, match=rf"p2\.parquet: row {bad + 7} \(row {bad} of"):
+        map_combine(estep, blocks, opts, p, req)
+
+
 def test_sample_moments_merge_equals_global_moments(rows):
     X, _ = rows
     opts = TaskOptions(schema=None)

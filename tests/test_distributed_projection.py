@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from tests.distributed_data import make_rows
 from xd_dask.cli import main
 from xd_dask.distributed import FitConfig, build_manifest, fit_catalog, resume_fit, score_catalog
+from xd_dask.distributed.apply_tasks import ScoreRequest, loglike
 from xd_dask.distributed.gpu import to_device
 from xd_dask.distributed.split import row_keys, side_mask, stratum_of
 from xd_dask.distributed.start_tasks import MomentRequest, moments
@@ -27,11 +28,9 @@ from xd_dask.distributed.tasks import (
     Block,
     Diagnose,
     Rows,
-    ScoreRequest,
     TaskOptions,
     diagnose,
     estep,
-    loglike,
     read_block,
 )
 from xd_dask.estimator import XDGMM

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.mixtures import draw_noisy, random_params
-from xd_dask.distributed.tasks import Block, PosteriorRequest, TaskOptions, posterior_write
+from xd_dask.distributed.apply_tasks import PosteriorRequest, posterior_write
+from xd_dask.distributed.tasks import Block, TaskOptions
 from xd_dask.io import plain_schema
 from xd_dask.io.writers import part_path
 from xd_dask.kernels import Background, posterior

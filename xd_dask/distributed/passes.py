@@ -94,7 +94,12 @@ def _digest(obj: Any) -> str | None:
 
 
 def map_combine(func: Callable[..., Partial], sources: Sequence[Any], *args: Any) -> Partial:
-    """``combine(func(s, *args) for s in sources)`` in order: one task over a group of blocks."""
+    """``combine(func(s, *args) for s in sources)`` in order: one task over a group of blocks
+    (or ``func.stacked(sources, *args)``, a task function's own way over a group, e.g.
+    :func:`xd_dask.distributed.tasks.estep_stacked`)."""
+    stacked = getattr(func, "stacked", None)
+    if stacked is not None:
+        return stacked(sources, *args)
     return combine(*(func(src, *args) for src in sources))
 
 

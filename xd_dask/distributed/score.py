@@ -21,18 +21,18 @@ from typing import Any
 from distributed import Client
 
 from xd_dask.config import key, row_dtype
+from xd_dask.distributed.apply_tasks import (
+    PosteriorRequest,
+    ScoreRequest,
+    loglike,
+    posterior_write,
+)
 from xd_dask.distributed.cluster import check_gpu_workers
 from xd_dask.distributed.config import resolve_schema
 from xd_dask.distributed.manifest import Manifest, build_manifest
 from xd_dask.distributed.passes import PassRunner
 from xd_dask.distributed.split import SIDES
-from xd_dask.distributed.tasks import (
-    PosteriorRequest,
-    ScoreRequest,
-    TaskOptions,
-    loglike,
-    posterior_write,
-)
+from xd_dask.distributed.tasks import TaskOptions
 from xd_dask.io import SchemaError
 from xd_dask.io.writers import part_path
 from xd_dask.model import XDModel
@@ -215,7 +215,7 @@ def posterior_catalog(
     the schema's id column under its own name (``row`` without one), ``mean_<f>``,
     ``cov_<f>_<g>`` (lower triangle), ``component``, ``component_prob`` (``columns`` and
     ``top_k`` choose more or fewer, and a model with a background component adds
-    ``background_resp``: see :func:`xd_dask.distributed.tasks.posterior_write`) and ``status``
+    ``background_resp``: see :func:`xd_dask.distributed.apply_tasks.posterior_write`) and ``status``
     ("ok", or the reason ``on_bad="drop"`` dropped the row; its values are then null).
     ``_SUCCESS.json`` (files, rows written, valid rows, dropped counts) is written last. The
     files are written into a fresh directory beside ``out_dir`` which then replaces it

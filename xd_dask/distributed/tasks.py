@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,13 +31,11 @@ from xd_dask.config import key
 from xd_dask.distributed.manifest import Partition
 from xd_dask.distributed.split import row_keys, side_mask, stratum_of
 from xd_dask.io import read_partition
-from xd_dask.io.writers import part_path, posterior_columns, with_status, write_table
 from xd_dask.kernels import (
     NotPositiveDefiniteError,
     SuffStats,
     compute_stats,
     log_component_densities,
-    posterior,
     row_log_likelihood,
 )
 from xd_dask.kernels._common import array_namespace, to_numpy
@@ -46,19 +45,15 @@ from xd_dask.params import Params
 __all__ = [
     "Block",
     "Diagnose",
-    "LogLikeSum",
     "Partial",
     "PartitionError",
-    "PosteriorRequest",
     "Rows",
-    "ScoreRequest",
     "TaskOptions",
     "WorstRows",
     "combine",
     "diagnose",
     "estep",
-    "loglike",
-    "posterior_write",
+    "estep_stacked",
     "read_block",
 ]
 
@@ -257,7 +252,10 @@ def _block(source: Partition | Block, opts: TaskOptions) -> Block:
 
 
 def _kernel_error(
-    blk: Block, opts: TaskOptions, rows: np.ndarray | None, err: NotPositiveDefiniteError
+    blk: Block,
+    opts: TaskOptions,
+    rows: np.ndarray | None,
+    err: NotPositiveDefiniteError,
 ) -> Exception:
     row = int(err.row) if rows is None else int(rows[err.row])
     rid = int(blk.ids[row]) if 0 <= row < blk.ids.shape[0] else row
@@ -319,21 +317,75 @@ def estep(source: Partition | Block, opts: TaskOptions, params: Params, rows: Ro
     backend = _backend(opts)
     blk = _block(source, opts)
     X, S, R, idx = selected(blk, opts, rows)
-    if X.shape[0] == 0:
-        stats = SuffStats.zeros(params.n_components, params.n_features)
-    else:
-        try:
-            stats = compute_stats(
-                X,
-                S,
-                params,
-                R=R,
-                backend=backend,
-                check=False,  # the reader has validated them
-            ).to_numpy()
-        except NotPositiveDefiniteError as err:
-            raise _kernel_error(blk, opts, idx, err) from None
+    stats = _stats(X, S, R, params, backend, lambda err: _kernel_error(blk, opts, idx, err))
     return _partial(blk, stats, stats.n_rows, t0)
+
+
+def _stats(X, S, R, params: Params, backend: str, error: Callable[[Any], Exception]) -> SuffStats:
+    """The statistics of rows (X, S, R) at ``params`` as NumPy; ``error(err)`` is raised for
+    a pair that is not positive definite."""
+    if X.shape[0] == 0:
+        return SuffStats.zeros(params.n_components, params.n_features)
+    try:
+        return compute_stats(
+            X,
+            S,
+            params,
+            R=R,
+            backend=backend,
+            check=False,  # the reader has validated them
+        ).to_numpy()
+    except NotPositiveDefiniteError as err:
+        raise error(err) from None
+
+
+#: A task over a group of partitions stacks the rows a wave selects in them into one kernel
+#: call while they number at most this many (each call costs ~0.5 ms before its first pair:
+#: a wave's stratum holds a few rows of every partition). Full passes never stack (a copy of
+#: every row).
+STACK_ROWS = 1 << 16
+
+
+def estep_stacked(sources: Sequence[Any], opts: TaskOptions, params: Params, rows: Rows):
+    """:func:`estep` over a group of partitions (one task), as the sum of their partials; the
+    selected rows of a wave go through one kernel call (:data:`STACK_ROWS`)."""
+    if rows == Rows() or len(sources) < 2:
+        return combine(*(estep(src, opts, params, rows) for src in sources))
+    t0 = time.perf_counter()
+    backend = _backend(opts)
+    blocks = [_block(src, opts) for src in sources]
+    picks = [selected(blk, opts, rows) for blk in blocks]
+    sizes = [int(p[0].shape[0]) for p in picks]
+    if sum(sizes) > STACK_ROWS or len({p[2] is None for p in picks}) > 1:
+        parts = []
+        for blk, (X, S, R, idx) in zip(blocks, picks, strict=True):
+            t1 = time.perf_counter()
+            err = functools.partial(_kernel_error, blk, opts, idx)
+            stats = _stats(X, S, R, params, backend, err)
+            parts.append(_partial(blk, stats, stats.n_rows, t1))
+        return combine(*parts)
+    xp = array_namespace(picks[0][0])
+    X = xp.concatenate([p[0] for p in picks])
+    S = xp.concatenate([p[1] for p in picks])
+    R = None if picks[0][2] is None else xp.concatenate([p[2] for p in picks])
+    ends = np.cumsum(sizes)
+
+    def error(err: NotPositiveDefiniteError) -> Exception:
+        b = int(np.searchsorted(ends, int(err.row), side="right"))
+        at = int(err.row) - (int(ends[b - 1]) if b else 0)
+        local = NotPositiveDefiniteError(at, err.component)  # the row among ITS block's
+        return _kernel_error(blocks[b], opts, picks[b][3], local)
+
+    stats = _stats(X, S, R, params, backend, error)
+    dropped: dict[str, int] = {}
+    for blk in blocks:
+        for k, v in blk.dropped.items():
+            dropped[k] = dropped.get(k, 0) + int(v)
+    n_read = sum(blk.n_read for blk in blocks)
+    return Partial(stats, len(blocks), n_read, stats.n_rows, dropped, time.perf_counter() - t0)
+
+
+estep.stacked = estep_stacked  # how passes.map_combine runs estep over a group of partitions
 
 
 @dataclass
@@ -402,93 +454,3 @@ def diagnose(
         for i in picked
     ]
     return _partial(blk, WorstRows(found, int(req.m)), X.shape[0], t0)
-
-
-# ----------------------------------------------------------------------------- scoring
-@dataclass
-class LogLikeSum:
-    """Sum of per-row log-likelihoods and the number of rows."""
-
-    ll: float
-    n: int
-
-    def __add__(self, other: LogLikeSum) -> LogLikeSum:
-        return LogLikeSum(self.ll + other.ll, self.n + other.n)
-
-
-@dataclass(frozen=True)
-class ScoreRequest:
-    """``out_dir`` (absolute; None: no files): also write ``score-<pid>.parquet`` there."""
-
-    out_dir: str | None = None
-
-
-def loglike(source: Any, opts: TaskOptions, params: Params, req: ScoreRequest) -> Partial:
-    """Total log-likelihood of a partition under ``params`` (background included); with
-    ``req.out_dir`` also its per-row values (columns: the id column under its own name,
-    ``log_likelihood``; valid rows)."""
-    t0 = time.perf_counter()
-    backend = _backend(opts)
-    blk = _block(source, opts)
-    try:
-        ll = to_numpy(
-            row_log_likelihood(blk.X, blk.X_cov, params, R=blk.R, backend=backend, check=False)
-        )
-    except NotPositiveDefiniteError as err:
-        raise _kernel_error(blk, opts, None, err) from None
-    files = {}
-    if req.out_dir is not None:
-        path = part_path(req.out_dir, "score", blk.pid)
-        cols = {opts.id_name: blk.ids.astype(np.int64), "log_likelihood": ll}
-        files[path] = write_table(cols, path)
-    payload = LogLikeSum(float(np.sum(ll)), int(ll.shape[0]))
-    return _partial(blk, payload, ll.shape[0], t0, files=files)
-
-
-@dataclass(frozen=True)
-class PosteriorRequest:
-    """Where and what a posterior pass writes: ``out_dir`` (absolute), the model's
-    ``feature_names``, column ``groups`` (:data:`xd_dask.io.writers.POSTERIOR_GROUPS`) and the
-    ``top_k`` components' own posteriors."""
-
-    out_dir: str
-    feature_names: tuple[str, ...]
-    groups: tuple[str, ...] = ("mean", "cov", "map")
-    top_k: int = 0
-
-
-def posterior_write(
-    source: Any, opts: TaskOptions, params: Params, req: PosteriorRequest
-) -> Partial:
-    """Write a partition's deconvolved posteriors to ``<out_dir>/posterior-<pid>.parquet``,
-    atomically (``xd-posterior``): one row per input row, the columns of
-    :func:`xd_dask.io.writers.posterior_columns` and ``status`` ("ok", or the reason a row was
-    dropped under ``on_bad="drop"``, its values null)."""
-    t0 = time.perf_counter()
-    backend = _backend(opts)
-    blk = _block(source, opts)
-    try:
-        post = posterior(
-            blk.X,
-            blk.X_cov,
-            params,
-            R=blk.R,
-            top_k=req.top_k,
-            summary=True,
-            return_resp="resp" in req.groups,
-            backend=backend,
-            check=False,
-        ).to_numpy()
-    except NotPositiveDefiniteError as err:
-        raise _kernel_error(blk, opts, None, err) from None
-    cols = posterior_columns(post, blk.ids, opts.id_name, list(req.feature_names), req.groups)
-    reread = None
-    if isinstance(source, Partition):
-        fs, path = _filesystem(source.path)
-        reread = (path, source.row_groups, opts.schema, np.dtype(opts.dtype), fs)
-    table = with_status(cols, opts.id_name, sum(blk.dropped.values()), reread)
-    out = part_path(req.out_dir, "posterior", blk.pid)
-    files = {out: write_table(table, out)}
-    return _partial(
-        blk, LogLikeSum(0.0, int(post.mean.shape[0])), post.mean.shape[0], t0, files=files
-    )

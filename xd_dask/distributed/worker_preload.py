@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numba
 
+import xd_dask.distributed.apply_tasks  # noqa: F401 - score and posterior tasks
 import xd_dask.distributed.start_tasks  # noqa: F401 - the start's tasks (k-means, moments)
 import xd_dask.distributed.tasks  # noqa: F401 - the worker's modules: I/O, kernels, tasks
 
