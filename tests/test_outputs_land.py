@@ -37,7 +37,7 @@ def elsewhere(tmp_path_factory):
     procs = [
         subprocess.Popen(
             [str(BIN / "dask"), "scheduler", "--scheduler-file", str(sched), "--port", "0",
-             "--host", "127.0.0.1", "--no-dashboard"],
+             "--host", "127.0.0.1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0"],
             cwd=wd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
     ]  # fmt: skip
@@ -58,14 +58,15 @@ def elsewhere(tmp_path_factory):
         c.wait_for_workers(2, timeout=120)
     try:
         yield wd, str(sched)
-    finally:
-        for p in procs[::-1]:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    finally:  # the workers, then the scheduler (whose workers would wait 8 s to be killed)
+        for group in (procs[1:], procs[:1]):
+            for p in group:
+                p.terminate()
+            for p in group:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
 
 
 @pytest.fixture(scope="module")
