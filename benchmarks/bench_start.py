@@ -16,6 +16,10 @@ same figures of that tree side by side.
    workers have run a fit already (best of ``--repeats``), and the start's mean log-likelihood
    (the first iteration's, at the start's parameters).
 
+4. ``online EM's waves``: a fit at the defaults (``method = "online"``) of a 16,000-row,
+   24-file catalogue (tests/test_distributed_waves.py's), persisted: seconds per wave and in
+   its tasks, beside Dask's round trip of one trivial task per worker on the same cluster.
+
 Usage: python benchmarks/bench_start.py [--baseline DIR] [--workers 2] [--repeats 3]
        [--sizes 20000:1:3,1000000:8:8,10000000:40:8] [--data-dir DIR] [--json OUT]
 Quick check: python benchmarks/bench_start.py --sizes 20000:1:3 --repeats 1
@@ -40,6 +44,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 TREE = HERE.parent
 TABLE_ROWS, TABLE_K = 20_000, 3
+WAVE_ROWS, WAVE_FILES = 16_000, 24  # section 4: tests/test_distributed_waves.py's catalogue
 
 
 # ----------------------------------------------------------------------------- data
@@ -185,7 +190,49 @@ def child_start(args: argparse.Namespace) -> dict:
     return best
 
 
-CHILDREN = {"cluster": child_cluster, "fit": child_fit, "start": child_start}
+def _noop(x):
+    return x
+
+
+def child_waves(args: argparse.Namespace) -> dict:
+    """Online EM at its defaults on a small catalogue (persisted, strata waves): seconds per
+    wave and in its tasks, beside Dask's own round trip of one trivial task per worker."""
+    from xd_dask.distributed import FitConfig, connect, fit_catalog
+
+    client, cluster = connect(n_workers=args.workers, dashboard_address=None)
+    try:
+        workers = list(client.nthreads())
+        trips = []
+        for i in range(200):
+            t0 = time.perf_counter()
+            futs = [
+                client.submit(_noop, j, key=("trip", i, j), workers=w)
+                for j, w in enumerate(workers)
+            ]
+            client.gather(futs)
+            trips.append(time.perf_counter() - t0)
+        cfg = FitConfig(
+            catalog=args.catalog, schema=args.schema, n_components=args.k, seed=1,
+            holdout_rows=0.2, method="online",
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        model = fit_catalog(cfg, client)
+        seconds = time.perf_counter() - t0
+    finally:
+        client.close()
+        cluster.close()
+    hist = model.metadata["history"][1:]
+    return {
+        "fit_s": seconds,
+        "waves": len(hist),
+        "epochs": hist[-1].get("epoch"),
+        "wave_s": statistics.median(h["seconds"] for h in hist),
+        "wave_task_s": statistics.median(h.get("task_seconds") or 0.0 for h in hist),
+        "round_trip_s": statistics.median(trips[20:]),
+    }
+
+
+CHILDREN = {"cluster": child_cluster, "fit": child_fit, "start": child_start, "waves": child_waves}
 
 
 def run_child(tree: Path, kind: str, **kw) -> dict:
@@ -194,7 +241,11 @@ def run_child(tree: Path, kind: str, **kw) -> dict:
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     env = dict(os.environ, PYTHONPATH=str(tree))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    # cwd: the tree. Worker processes are forked from a server started with `python -c`, whose
+    # sys.path begins with the working directory: run from another checkout, the workers would
+    # import ITS xd_dask, whatever PYTHONPATH says (the before/after comparison of worker-side
+    # code then compares a tree with itself)
+    proc = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         raise RuntimeError(f"{kind} in {tree} failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
@@ -216,6 +267,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="20000:1:3,1000000:8:8,10000000:40:8", help="rows:files:K")
     ap.add_argument("--data-dir", default=None, help="catalogue cache (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--waves", type=int, default=1, help="section 4 (0: skip it)")
     # a child measurement (internal)
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     for name in ("method", "catalog", "schema", "out"):
@@ -234,7 +286,7 @@ def main() -> None:
     if args.baseline:
         trees = {"before": Path(args.baseline).resolve(), "after": TREE}
     tmp = tempfile.TemporaryDirectory(prefix="xd-bench-start-")
-    root = Path(args.data_dir or tmp.name)
+    root = Path(args.data_dir or tmp.name).resolve()  # children run in their tree
     root.mkdir(parents=True, exist_ok=True)
     W, R = args.workers, args.repeats
     res: dict = {"workers": W, "repeats": R, "load_average_start": os.getloadavg()[0]}
@@ -266,9 +318,8 @@ def main() -> None:
         walls = []
         for _ in range(R):
             t0 = time.perf_counter()
-            subprocess.run(
-                cmd, env=dict(os.environ, PYTHONPATH=str(tree)), check=True, capture_output=True
-            )
+            env = dict(os.environ, PYTHONPATH=str(tree))
+            subprocess.run(cmd, env=env, cwd=tree, check=True, capture_output=True)
             walls.append(time.perf_counter() - t0)
         res["fit_table"][name]["command_wall_s"] = min(walls)
 
@@ -291,6 +342,17 @@ def main() -> None:
             )
         res["sizes"].append(entry)
         print_size(entry, trees)
+    # 4. online EM's waves on a small catalogue against Dask's round trip
+    if args.waves:
+        cat = root / f"waves-{WAVE_ROWS}-{WAVE_FILES}"
+        if not cat.exists():
+            from xd_dask.io.synthetic import make_catalog
+
+            make_catalog(cat, WAVE_ROWS, WAVE_FILES, seed=11)
+        res["waves"] = {
+            name: run_child(tree, "waves", catalog=cat, schema="gaia_dr3", k=8, workers=W)
+            for name, tree in trees.items()
+        }
     res["load_average_end"] = os.getloadavg()[0]
     report(res, trees)
     if args.json:
@@ -352,6 +414,22 @@ def report(res: dict, trees: dict) -> None:
             for n in names
         )
         print(f"  {e['rows']:>11,} {e['files']:>5d} {e['K']:>3d}  {cells}")
+    if "waves" in res:
+        print(
+            f"\n4. online EM at its defaults, {WAVE_ROWS:,} rows in {WAVE_FILES} files, K = 8, "
+            f"persisted, {W} workers (one run)"
+        )
+        rows = [
+            ("waves (epochs)", lambda r: f"{r['waves']} ({r['epochs']})"),
+            ("fit (s)", lambda r: f"{r['fit_s']:.2f}"),
+            ("per wave (ms)", lambda r: f"{r['wave_s'] * 1e3:.1f}"),
+            ("  in the wave's tasks (ms, summed)", lambda r: f"{r['wave_task_s'] * 1e3:.1f}"),
+            ("Dask round trip, 1 trivial task/worker (ms)",
+             lambda r: f"{r['round_trip_s'] * 1e3:.1f}"),
+            ("per wave / round trip", lambda r: f"{r['wave_s'] / r['round_trip_s']:.2f}"),
+        ]  # fmt: skip
+        for label, fmt in rows:
+            print(f"  {label:52s}" + "".join(f"{fmt(res['waves'][n]):>12s}" for n in names))
     print(
         f"\n1-min load average {res['load_average_start']:.2f} at start, "
         f"{res['load_average_end']:.2f} at end (well above {W}: a busy machine, rerun)"
