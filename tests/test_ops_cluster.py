@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -157,6 +158,30 @@ def test_a_running_fit_listens_on_loopback_and_locks_its_output(gaia, cluster, t
                 first.wait()
 
 
+@contextlib.contextmanager
+def _cluster_sh(tmp_path, dashboard: str):
+    """A deploy/local/cluster.sh cluster of 1 worker on free ports, DASHBOARD_ADDRESS
+    ``dashboard``: (its directory, the pids of its processes); stopped (and its processes, only
+    those, killed) on exit."""
+    cdir = tmp_path / "dask-local"
+    env = _env(CLUSTER_DIR=str(cdir), SCHEDULER_PORT="0", WORKER_MEMORY="1GiB")
+    env["DASHBOARD_ADDRESS"] = dashboard
+    script = REPO / "deploy" / "local" / "cluster.sh"
+    subprocess.run(["bash", str(script), "start", "1", "1"], env=env, check=True, timeout=180)
+    pids = []
+    try:
+        for name in ("scheduler.pid", "workers.pid"):
+            pids += [int(x) for x in (cdir / name).read_text().split()]
+        yield cdir, pids
+    finally:
+        subprocess.run(["bash", str(script), "stop"], env=env, timeout=60, capture_output=True)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.mark.slow
 def test_cluster_sh_listens_on_loopback_while_a_fit_runs(gaia, tmp_path):
     from distributed import Client
@@ -165,17 +190,9 @@ def test_cluster_sh_listens_on_loopback_while_a_fit_runs(gaia, tmp_path):
     from xd_dask.jobs.config import load_config
     from xd_dask.jobs.runner import run_fit
 
-    cdir = tmp_path / "dask-local"
     # a port alone (":0", any free one) means that port on SCHEDULER_HOST, loopback by default;
     # no test asks for a fixed port (cluster.sh's own default, :8787, may be taken)
-    env = _env(CLUSTER_DIR=str(cdir), SCHEDULER_PORT="0", WORKER_MEMORY="1GiB")
-    env["DASHBOARD_ADDRESS"] = ":0"
-    script = REPO / "deploy" / "local" / "cluster.sh"
-    subprocess.run(["bash", str(script), "start", "1", "1"], env=env, check=True, timeout=180)
-    pids = []
-    try:
-        for name in ("scheduler.pid", "workers.pid"):
-            pids += [int(x) for x in (cdir / name).read_text().split()]
+    with _cluster_sh(tmp_path, ":0") as (cdir, pids):
         seen: list[set] = []
         cfg = load_config(_job(tmp_path / "job.toml", gaia, max_iter=3, tol=0.0), environ={})
         with Client(scheduler_file=str(cdir / "scheduler.json")) as client:
@@ -187,19 +204,12 @@ def test_cluster_sh_listens_on_loopback_while_a_fit_runs(gaia, tmp_path):
             )
             dashboard = client.dashboard_link
             assert _dashboard(client) == dashboard
-        assert len(seen) == 3
-        sockets = set().union(*seen)
-        assert len(sockets) >= 4, sockets  # scheduler, dashboard, nanny, worker
-        assert {ip for ip, _ in sockets} == {"127.0.0.1"}, sockets
-        port = int(re.search(r":(\d+)/status", dashboard).group(1))
-        assert ("127.0.0.1", port) in sockets
-    finally:
-        subprocess.run(["bash", str(script), "stop"], env=env, timeout=60, capture_output=True)
-        for pid in pids:  # only the processes cluster.sh started for this test
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    assert len(seen) == 3
+    sockets = set().union(*seen)
+    assert len(sockets) >= 4, sockets  # scheduler, dashboard, nanny, worker
+    assert {ip for ip, _ in sockets} == {"127.0.0.1"}, sockets
+    port = int(re.search(r":(\d+)/status", dashboard).group(1))
+    assert ("127.0.0.1", port) in sockets
 
 
 def test_cluster_sh_without_a_dashboard_listens_on_loopback_and_is_not_shown_one(tmp_path):
@@ -210,28 +220,13 @@ def test_cluster_sh_without_a_dashboard_listens_on_loopback_and_is_not_shown_one
 
     from xd_dask.cli.progress import _dashboard
 
-    cdir = tmp_path / "dask-local"
-    env = _env(CLUSTER_DIR=str(cdir), SCHEDULER_PORT="0", WORKER_MEMORY="1GiB")
-    env["DASHBOARD_ADDRESS"] = "none"
-    script = REPO / "deploy" / "local" / "cluster.sh"
-    subprocess.run(["bash", str(script), "start", "1", "1"], env=env, check=True, timeout=180)
-    pids = []
-    try:
-        for name in ("scheduler.pid", "workers.pid"):
-            pids += [int(x) for x in (cdir / name).read_text().split()]
+    with _cluster_sh(tmp_path, "none") as (cdir, pids):
         sockets = _listening(pids)
-        assert len(sockets) >= 4, sockets  # scheduler, its HTTP server, nanny, worker
-        assert {ip for ip, _ in sockets} == {"127.0.0.1"}, sockets
-        assert ("127.0.0.1", 8787) not in sockets
         with Client(scheduler_file=str(cdir / "scheduler.json")) as client:
             assert _dashboard(client) is None
-    finally:
-        subprocess.run(["bash", str(script), "stop"], env=env, timeout=60, capture_output=True)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    assert len(sockets) >= 4, sockets  # scheduler, its HTTP server, nanny, worker
+    assert {ip for ip, _ in sockets} == {"127.0.0.1"}, sockets
+    assert ("127.0.0.1", 8787) not in sockets
 
 
 def test_resume_refuses_a_catalogue_whose_values_changed(gaia, cluster, tmp_path):
