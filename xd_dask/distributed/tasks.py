@@ -16,6 +16,7 @@ the start's tasks and requests are in :mod:`xd_dask.distributed.start_tasks`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -377,12 +378,9 @@ def estep_stacked(sources: Sequence[Any], opts: TaskOptions, params: Params, row
         return _kernel_error(blocks[b], opts, picks[b][3], local)
 
     stats = _stats(X, S, R, params, backend, error)
-    dropped: dict[str, int] = {}
-    for blk in blocks:
-        for k, v in blk.dropped.items():
-            dropped[k] = dropped.get(k, 0) + int(v)
-    n_read = sum(blk.n_read for blk in blocks)
-    return Partial(stats, len(blocks), n_read, stats.n_rows, dropped, time.perf_counter() - t0)
+    books = combine(*(_partial(blk, 0, 0, t0) for blk in blocks))  # partitions, read, dropped
+    seconds = time.perf_counter() - t0
+    return dataclasses.replace(books, payload=stats, n_used=stats.n_rows, seconds=seconds)
 
 
 estep.stacked = estep_stacked  # how passes.map_combine runs estep over a group of partitions
