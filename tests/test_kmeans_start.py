@@ -44,7 +44,7 @@ def test_lloyd_steps_equal_a_naive_loop():
         assert cost[0] == pytest.approx(d2.sum(), rel=1e-12)
 
 
-@pytest.mark.parametrize(("K", "D"), [(3, 3), (8, 8), (16, 7), (40, 5)])
+@pytest.mark.parametrize(("K", "D"), [(3, 3), (8, 8), (16, 7), (40, 5), (64, 20)])
 def test_nearest_equals_a_direct_computation_on_both_paths(K, D):
     """Compiled loops (K D <= LOOP_KD) and blocked BLAS products (above): the same labels and
     squared distances as every distance taken directly, at Gaia-like offsets (degrees around
