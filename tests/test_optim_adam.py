@@ -15,11 +15,13 @@ from xd_dask.optim import ArrayStatistics, FitLoop, LoopSettings, OnlineEM
 from xd_dask.optim.adam import (
     Adam,
     adam_schedule,
+    component_scale,
     gradient,
     mixture_scale,
     params_from_theta,
     theta_from_params,
 )
+from xd_dask.optim.rules import StepData
 from xd_dask.optim.strata import row_keys, stratum_of
 from xd_dask.params import Params
 
@@ -52,13 +54,16 @@ def _mean_ll(X, S, p: Params) -> float:
     return st.ll / st.W
 
 
+@pytest.mark.parametrize("scale_of", [component_scale, mixture_scale])
 @pytest.mark.parametrize("background", [False, True])
-def test_gradient_equals_finite_differences(data, background):
+def test_gradient_equals_finite_differences(data, background, scale_of):
+    """With the components' own scales (K, D; the rule's) and one scale for the mixture (D,; an
+    older checkpoint's rule state)."""
     X, S, start = data
     if background:
         box = Background(0.05, np.nanmin(X, axis=0) - 1.0, np.nanmax(X, axis=0) + 1.0)
         start = Params(0.95 * start.weights, start.means, start.covariances, box)
-    scale = mixture_scale(start)
+    scale = scale_of(start)
     theta = theta_from_params(start, scale)
     p = params_from_theta(theta, scale, start.background)
     np.testing.assert_allclose(p.covariances, start.covariances, rtol=1e-12, atol=1e-15)
@@ -81,6 +86,25 @@ def test_gradient_equals_finite_differences(data, background):
         assert err < 1e-6, (block, err)
     if background:
         assert grad["z"].shape == (4,)  # the background's logit is a parameter too
+
+
+def test_a_step_moves_each_component_by_a_fraction_of_its_own_spread(data):
+    """Adam's first step moves every unconstrained parameter by the learning rate (m1 / sqrt(m2)
+    = sign(g) after bias correction), so a mean moves by lr times its component's standard
+    deviation in each feature: 1e-3 of the feature's unit for the narrow component, 10x its
+    unit for the wide one (one scale for the mixture moved both by lr x the data's spread)."""
+    X, S, _ = data
+    sd = np.array([[1e-3, 1e-3, 1e-3], [10.0, 10.0, 10.0]]) * UNITS  # (K, D)
+    means = np.nanmean(X, axis=0) + np.array([[0.0, 0.0, 0.0], [1.0, -1.0, 1.0]]) * UNITS
+    start = Params(np.array([0.5, 0.5]), means, np.einsum("kd,de->kde", sd**2, np.eye(3)))
+    rule, lr = Adam(0.05), 0.05
+    state = rule.init(start)
+    np.testing.assert_allclose(state["scale"], sd, rtol=1e-12)
+    stats = compute_stats(X, S, start)
+    _, upd = rule.step(state, StepData(stats, None, None, None), start, 0)
+    moved = np.abs(upd.params.means - start.means)
+    g = np.abs(np.asarray(stats.a)) > 0
+    np.testing.assert_allclose(moved[g], (lr * sd)[g], rtol=1e-3)  # Adam's eps: |g| >> 1e-8
 
 
 def test_adam_through_the_loop_climbs_and_keeps_its_state(data):

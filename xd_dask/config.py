@@ -206,7 +206,8 @@ KEYS: tuple[Key, ...] = (
       "least one per worker thread); setting it asks for waves of files",
       lo=0, unset=0, flag="--wave-size"),
     K("fit.learning_rate", 0.05,
-      "Adam: learning rate in (0, 1], in units of the data's spread; constant for half the "
+      "Adam: learning rate in (0, 1], in units of each component's spread at the start; "
+      "constant for half the "
       "waves, then halved every tenth of them",
       lo=0.0, hi=1.0, lo_open=True, flag="--learning-rate"),
     K("fit.reg_covar", 1e-6, "added to the diagonal of every component covariance", lo=0.0),
