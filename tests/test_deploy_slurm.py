@@ -226,10 +226,12 @@ def test_shipped_jobqueue_yaml_has_every_key_dask_jobqueue_reads():
         assert all(section[k] is None for k in ("extra", "env-extra", "job-extra")), name
 
 
-def test_slurm_cluster_builds_from_the_shipped_config():
+def test_slurm_cluster_builds_from_the_shipped_config(tmp_path, monkeypatch):
     """What `SLURMCluster(config_name=...)` reads with the shipped file as the user's config
-    (no Slurm needed: the scheduler starts in this process, no job is submitted)."""
+    (no Slurm needed: the scheduler starts in this process, no job is submitted). It makes its
+    log directory (relative, as shipped) in the working directory: a temporary one here."""
     SLURMCluster = pytest.importorskip("dask_jobqueue").SLURMCluster
+    monkeypatch.chdir(tmp_path)
 
     shipped = yaml.safe_load(JOBQUEUE_YAML.read_text())["jobqueue"]
     options = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
@@ -242,6 +244,7 @@ def test_slurm_cluster_builds_from_the_shipped_config():
             assert '--local-directory "${TMPDIR:-/tmp}"' in script, script
             gpu = "--gpus-per-task=1" in script and "--resources GPU=1" in script
             assert gpu == (name == "xd-dask-gpu"), script
+    assert (tmp_path / "xd-dask-logs").is_dir()
 
 
 @needs_slurm
