@@ -119,39 +119,30 @@ def _nearest_block(ZT, a, m, C, best, arg):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
-def _nearest(ZT, centres, labels, d2):  # pragma: no cover - compiled
-    """labels[i, s], d2[i, s]: the nearest of the K centres of set s to row i of ZT (D, n) and
-    the squared distance (:func:`_nearest_block`)."""
-    n, S = ZT.shape[1], centres.shape[0]
-    best, arg = np.empty(ROW_BLOCK), np.empty(ROW_BLOCK, dtype=np.int64)
-    for a in range(0, n, ROW_BLOCK):
-        m = min(ROW_BLOCK, n - a)
-        for s in range(S):
-            _nearest_block(ZT, a, m, centres[s], best, arg)
-            for r in range(m):
-                labels[a + r, s], d2[a + r, s] = arg[r], best[r]
-
-
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
-def _lloyd_sums(Z, ZT, centres, counts, sums, d2):  # pragma: no cover - compiled
-    """One Lloyd step's sums without trimming, in one sweep over the rows of Z (n, D; ZT the
-    same rows column-major): counts[s K + k], sums[s K + k] the rows nearest to centre k of set
-    s and their sum (added in row order), d2[i, s] each row's squared distance to its nearest
-    centre of set s."""
+def _sweep(Z, ZT, centres, labels, d2, counts, sums):  # pragma: no cover - compiled
+    """One sweep over the rows of Z (n, D; ZT the same rows column-major) for S sets of K
+    centres (S, K, D): d2[i, s] each row's squared distance to its nearest centre of set s
+    (:func:`_nearest_block`), its index into labels[i, s] unless ``labels`` has no rows, and
+    unless ``counts`` is empty one Lloyd step's sums: counts[s K + k], sums[s K + k] the rows
+    nearest to centre k of set s and their sum (added in row order)."""
     n, D = Z.shape
     S, K = centres.shape[0], centres.shape[1]
+    want_labels, want_sums = labels.shape[0] > 0, counts.shape[0] > 0
     best, arg = np.empty(ROW_BLOCK), np.empty(ROW_BLOCK, dtype=np.int64)
     for a in range(0, n, ROW_BLOCK):
         m = min(ROW_BLOCK, n - a)
         for s in range(S):
             _nearest_block(ZT, a, m, centres[s], best, arg)
             for r in range(m):
-                b = s * K + arg[r]
-                counts[b] += 1.0
-                zi, sb = Z[a + r], sums[b]
-                for j in range(D):
-                    sb[j] += zi[j]
                 d2[a + r, s] = best[r]
+                if want_labels:
+                    labels[a + r, s] = arg[r]
+                if want_sums:
+                    b = s * K + arg[r]
+                    counts[b] += 1.0
+                    zi, sb = Z[a + r], sums[b]
+                    for j in range(D):
+                        sb[j] += zi[j]
 
 
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
@@ -172,6 +163,9 @@ def _bin_sums(Z, bins, n_bins, counts, sums):  # pragma: no cover - compiled
 #: (measured on 20,000 rows, 3 sets: loops / BLAS 0.22 at K = 8, D = 7; 0.37 at K = 16, D = 7;
 #: 0.56 at K = 64, D = 7; 0.47 at K = 256, D = 20; level at K = 256, D = 7).
 LOOP_KD = 1024
+#: Empty outputs: what :func:`_sweep` is not asked for.
+_NO_LABELS = np.empty((0, 0), dtype=np.int64)
+_NONE, _NONE2 = np.empty(0), np.empty((0, 0))
 #: Distances held at once by the BLAS path (rows x sets x K), so that a step stays in cache.
 LLOYD_BLOCK = 1 << 15
 
@@ -198,7 +192,8 @@ def nearest(
         if ZT is None:
             ZT = _columns(Z)
         labels, d2 = np.empty((n, S), dtype=np.int64), np.empty((n, S))
-        _nearest(ZT, np.ascontiguousarray(centres, dtype=np.float64), labels, d2)
+        C = np.ascontiguousarray(centres, dtype=np.float64)
+        _sweep(np.ascontiguousarray(Z, dtype=np.float64), ZT, C, labels, d2, _NONE, _NONE2)
         return labels, d2
     C = centres.reshape(S * K, D)
     cT, c2 = -2.0 * C.T, np.einsum("ij,ij->i", C, C)
@@ -249,7 +244,8 @@ def lloyd(
         counts, sums = np.zeros(S * K), np.zeros((S * K, D))
         if ZT is not None and trim <= 0:  # one sweep: nearest centres and their sums
             d2 = np.empty((n, S))
-            _lloyd_sums(Z, ZT, np.ascontiguousarray(centres), counts, sums, d2)
+            C = np.ascontiguousarray(centres, dtype=np.float64)
+            _sweep(Z, ZT, C, _NO_LABELS, d2, counts, sums)
         else:
             labels, d2 = nearest(Z, centres, ZT)
             bins = labels + offset
