@@ -66,10 +66,27 @@ BROADCAST_MAX_WORKERS = 16
 #: inside the tasks (no scatter round trip before the pass).
 INLINE_BYTES = 1 << 20
 
+#: The longest a message from the client to the scheduler waits to be batched with others
+#: (:func:`low_latency`; Dask's client batches for 10 ms).
+CLIENT_SEND_INTERVAL = 0.002
+
 #: After a failed pass, wait at most this long for its running tasks to end (see _settle).
 SETTLE_SECONDS = 300.0
 #: Persisted blocks and pass results shared between runners (None: no sharing), see shared_reads.
 _SHARED: dict[tuple, Any] | None = None
+
+
+def low_latency(client: Client) -> None:
+    """Let the client's messages to the scheduler wait at most :data:`CLIENT_SEND_INTERVAL`
+    to be batched (Dask's client: 10 ms, made for graphs of thousands of tasks). A fit sends a
+    few tasks per pass and waits for them, so a pass's second submission waited for the first's
+    interval to end: online EM's waves on a 16,000-row, 24-file catalogue took 25-30 ms each at
+    10 ms, 21-24 ms at 2 ms, 22-26 ms at 1 ms (the same fit to every digit). Sets the attribute
+    of Dask's batched stream; a client without one (another Dask) is left as it is."""
+    comm = getattr(client, "scheduler_comm", None)
+    interval = getattr(comm, "interval", None)
+    if isinstance(interval, float) and interval > CLIENT_SEND_INTERVAL:
+        comm.interval = CLIENT_SEND_INTERVAL
 
 
 @contextlib.contextmanager
@@ -188,6 +205,7 @@ class PassRunner:
         self._generation = 0
         self._n_workers = len(client.nthreads())
         ensure_worker_setup(client)
+        low_latency(client)
 
     # ------------------------------------------------------------------ sources
     def sources(self, pids: Sequence[int] | None = None) -> list[Any]:
