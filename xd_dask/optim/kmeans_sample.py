@@ -120,12 +120,13 @@ def _nearest_block(ZT, a, m, C, best, arg):  # pragma: no cover - compiled
 
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _sweep(Z, ZT, centres, labels, d2, counts, sums):  # pragma: no cover - compiled
-    """One sweep over the rows of Z (n, D; ZT the same rows column-major) for S sets of K
-    centres (S, K, D): d2[i, s] each row's squared distance to its nearest centre of set s
-    (:func:`_nearest_block`), its index into labels[i, s] unless ``labels`` has no rows, and
-    unless ``counts`` is empty one Lloyd step's sums: counts[s K + k], sums[s K + k] the rows
-    nearest to centre k of set s and their sum (added in row order)."""
-    n, D = Z.shape
+    """One sweep over the rows of ZT (D, n: the rows column-major; Z the same rows row-major,
+    read only for the sums) for S sets of K centres (S, K, D): d2[i, s] each row's squared
+    distance to its nearest centre of set s (:func:`_nearest_block`), its index into
+    labels[i, s] unless ``labels`` has no rows, and unless ``counts`` is empty one Lloyd step's
+    sums: counts[s K + k], sums[s K + k] the rows nearest to centre k of set s and their sum
+    (added in row order)."""
+    D, n = ZT.shape
     S, K = centres.shape[0], centres.shape[1]
     want_labels, want_sums = labels.shape[0] > 0, counts.shape[0] > 0
     best, arg = np.empty(ROW_BLOCK), np.empty(ROW_BLOCK, dtype=np.int64)
@@ -193,7 +194,7 @@ def nearest(
             ZT = _columns(Z)
         labels, d2 = np.empty((n, S), dtype=np.int64), np.empty((n, S))
         C = np.ascontiguousarray(centres, dtype=np.float64)
-        _sweep(np.ascontiguousarray(Z, dtype=np.float64), ZT, C, labels, d2, _NONE, _NONE2)
+        _sweep(_NONE2, ZT, C, labels, d2, _NONE, _NONE2)  # Z row-major: for sums only
         return labels, d2
     C = centres.reshape(S * K, D)
     cT, c2 = -2.0 * C.T, np.einsum("ij,ij->i", C, C)
