@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -302,15 +303,26 @@ def _parse_unit(text: str) -> Any:
     return None
 
 
+def _spelling(unit: str) -> str:
+    """``unit`` with its blanks collapsed and a trailing ``.u**-1`` written ``/u`` (the Gaia
+    archive's ``mas.yr**-1`` is the schemas' ``mas/yr``): text that is equal after this names
+    the same unit in every grammar astropy reads."""
+    return re.sub(r"\.([A-Za-z]+)\*\*-1$", r"/\1", " ".join(unit.split()))
+
+
 @functools.lru_cache(maxsize=512)
 def units_agree(file_unit: str, schema_unit: str) -> bool:
     """Whether a column in ``file_unit`` holds numbers in ``schema_unit`` (astropy.units: the
-    same unit however spelt; text comparison when either cannot be parsed)."""
+    same unit however spelt; text comparison when either cannot be parsed). The same text is
+    the same unit without asking astropy: a worker whose files spell the schema's units (the
+    usual case) never imports it (0.3-0.5 s of every worker's first partition)."""
+    if _spelling(file_unit) == _spelling(schema_unit):
+        return True
     from astropy import units as u  # noqa: PLC0415 - astropy: slow import, only for units
 
     a, b = _parse_unit(file_unit), _parse_unit(schema_unit)
     if a is None or b is None:
-        return " ".join(file_unit.split()) == " ".join(schema_unit.split())
+        return False
     try:
         return math.isclose(a.to(b), 1.0, rel_tol=1e-9)
     except u.UnitsError:
