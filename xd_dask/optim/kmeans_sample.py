@@ -121,7 +121,7 @@ def _nearest_block(ZT, a, m, C, best, arg):  # pragma: no cover - compiled
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _sweep(Z, ZT, centres, labels, d2, counts, sums):  # pragma: no cover - compiled
     """One sweep over the rows of ZT (D, n: the rows column-major; Z the same rows row-major,
-    read only for the sums) for S sets of K centres (S, K, D): d2[i, s] each row's squared
+    read only for the sums) for S sets of K centres (S, K, D): d2[s, i] each row's squared
     distance to its nearest centre of set s (:func:`_nearest_block`), its index into
     labels[i, s] unless ``labels`` has no rows, and unless ``counts`` is empty one Lloyd step's
     sums: counts[s K + k], sums[s K + k] the rows nearest to centre k of set s and their sum
@@ -135,7 +135,7 @@ def _sweep(Z, ZT, centres, labels, d2, counts, sums):  # pragma: no cover - comp
         for s in range(S):
             _nearest_block(ZT, a, m, centres[s], best, arg)
             for r in range(m):
-                d2[a + r, s] = best[r]
+                d2[s, a + r] = best[r]
                 if want_labels:
                     labels[a + r, s] = arg[r]
                 if want_sums:
@@ -186,16 +186,17 @@ def nearest(
     """(labels (n, S), squared distances (n, S)) of the rows Z (n, D) to the nearest of the K
     centres of each of S sets (S, K, D): compiled loops for small K x D (:data:`LOOP_KD`; the
     start of a small table spends most of its time here; ``ZT`` is Z column-major, if the
-    caller holds it), else blocked BLAS products."""
+    caller holds it; the distances are then a view of an (S, n) array), else blocked BLAS
+    products."""
     S, K, D = centres.shape
     n = Z.shape[0]
     if K * D <= LOOP_KD:
         if ZT is None:
             ZT = _columns(Z)
-        labels, d2 = np.empty((n, S), dtype=np.int64), np.empty((n, S))
+        labels, d2 = np.empty((n, S), dtype=np.int64), np.empty((S, n))
         C = np.ascontiguousarray(centres, dtype=np.float64)
         _sweep(_NONE2, ZT, C, labels, d2, _NONE, _NONE2)  # Z row-major: for sums only
-        return labels, d2
+        return labels, d2.T
     C = centres.reshape(S * K, D)
     cT, c2 = -2.0 * C.T, np.einsum("ij,ij->i", C, C)
     labels, d2 = np.empty((n, S), dtype=np.int64), np.empty((n, S))
@@ -232,44 +233,59 @@ def lloyd(
     Without ``trim`` (plain k-means) an empty cluster takes the row farthest from its centre
     (as scikit-learn's). With ``trim`` (trimmed k-means, module docstring) every step leaves out
     of each set's means the fraction ``trim`` of rows farthest from their centres (and of its
-    cost); an empty cluster keeps its centre. Stops when no set's centres move by more than
-    ``tol`` (summed squared shift), at most ``max_iter`` steps (0: the cost of ``centres``).
+    cost); an empty cluster keeps its centre. A set stops when its centres move by at most
+    ``tol`` (summed squared shift), as it would run alone (the later steps sweep only the sets
+    still moving); at most ``max_iter`` steps (0: the cost of ``centres``).
     """
     S, K, D = centres.shape
     n = Z.shape[0]
     n_keep = max(K, int(np.ceil((1.0 - trim) * n)))
-    offset = (np.arange(S) * K)[None, :]  # (1, S): bins of set s are s K .. s K + K - 1
     Z = np.ascontiguousarray(Z, dtype=np.float64)
     ZT = _columns(Z) if K * D <= LOOP_KD else None
+    centres = np.array(centres, dtype=np.float64)  # a copy: updated set by set
+    active = np.arange(S)  # the sets still moving: each stops as it would alone
     for _ in range(int(max_iter)):
-        counts, sums = np.zeros(S * K), np.zeros((S * K, D))
-        if ZT is not None and trim <= 0:  # one sweep: nearest centres and their sums
-            d2 = np.empty((n, S))
-            C = np.ascontiguousarray(centres, dtype=np.float64)
-            _sweep(Z, ZT, C, _NO_LABELS, d2, counts, sums)
-        else:
-            labels, d2 = nearest(Z, centres, ZT)
-            bins = labels + offset
-            if trim > 0:  # the n_keep nearest rows of each set
-                far = np.argpartition(d2, n_keep - 1, axis=0)[n_keep:]  # (n - n_keep, S)
-                bins[far, np.arange(S)[None, :]] = S * K  # a bin past the last: left out
-            _bin_sums(Z, bins, S * K, counts, sums)
-        new = (sums / np.maximum(counts, 1.0)[:, None]).reshape(S, K, D)
-        empty = (counts == 0).reshape(S, K)
-        if empty.any():
-            new[empty] = centres[empty]
-            if trim <= 0:
-                for s_, k_ in zip(*np.nonzero(empty), strict=True):  # farthest rows first
-                    i = int(np.argmax(d2[:, s_]))
-                    new[s_, k_], d2[i, s_] = Z[i], -1.0
-        shift = np.sum((new - centres) ** 2, axis=(1, 2))  # (S,)
-        centres = new
-        if np.all(shift <= tol):
+        if active.size == 0:
             break
-    _, d2 = nearest(Z, centres, ZT)
+        C = np.ascontiguousarray(centres[active])
+        new = _step(Z, ZT, C, trim, n_keep)
+        shift = np.sum((new - C) ** 2, axis=(1, 2))  # (active,)
+        centres[active] = new
+        active = active[shift > tol]
+    if ZT is not None:  # distances only (no labels), held per set: NumPy sums them fast
+        d2 = np.empty((S, n))
+        _sweep(_NONE2, ZT, centres, _NO_LABELS, d2, _NONE, _NONE2)
+    else:
+        d2 = np.ascontiguousarray(nearest(Z, centres)[1].T)  # a sum over axis 0 of (n, S) is slow
     if trim > 0:
-        d2 = np.partition(d2, n_keep - 1, axis=0)[:n_keep]
-    return centres, np.sum(d2, axis=0)
+        d2 = np.partition(d2, n_keep - 1, axis=1)[:, :n_keep]
+    return centres, np.sum(d2, axis=1)
+
+
+def _step(Z: np.ndarray, ZT: np.ndarray | None, C: np.ndarray, trim: float, n_keep: int):
+    """One Lloyd step of :func:`lloyd` for the sets of centres C (A, K, D): their new centres."""
+    A, K, D = C.shape
+    n = Z.shape[0]
+    counts, sums = np.zeros(A * K), np.zeros((A * K, D))
+    if ZT is not None and trim <= 0:  # one sweep: nearest centres and their sums
+        d2 = np.empty((A, n)).T
+        _sweep(Z, ZT, C, _NO_LABELS, d2.T, counts, sums)
+    else:
+        labels, d2 = nearest(Z, C, ZT)
+        bins = labels + (np.arange(A) * K)[None, :]  # bins of set s are s K .. s K + K - 1
+        if trim > 0:  # the n_keep nearest rows of each set
+            far = np.argpartition(d2, n_keep - 1, axis=0)[n_keep:]  # (n - n_keep, A)
+            bins[far, np.arange(A)[None, :]] = A * K  # a bin past the last: left out
+        _bin_sums(Z, bins, A * K, counts, sums)
+    new = (sums / np.maximum(counts, 1.0)[:, None]).reshape(A, K, D)
+    empty = (counts == 0).reshape(A, K)
+    if empty.any():
+        new[empty] = C[empty]
+        if trim <= 0:
+            for s_, k_ in zip(*np.nonzero(empty), strict=True):  # farthest rows first
+                i = int(np.argmax(d2[:, s_]))
+                new[s_, k_], d2[i, s_] = Z[i], -1.0
+    return new
 
 
 def sample_kmeans(Zs: np.ndarray, K: int, seed: int, trim: float = 0.0) -> np.ndarray:
@@ -294,7 +310,7 @@ def sample_kmeans(Zs: np.ndarray, K: int, seed: int, trim: float = 0.0) -> np.nd
     n = Zs.shape[0]
     m = max(SELECT_ROWS, SELECT_ROWS_PER_CENTRE * int(K))
     with _one_blas_thread():
-        tol = SAMPLE_TOL * float(np.mean(np.var(Zs, axis=0)))
+        tol = SAMPLE_TOL * float(np.mean(np.var(_columns(Zs), axis=1)))
         sub = Zs if m >= n else Zs[np.sort(rng.choice(n, m, replace=False))]
         seeds_from = sub
         if trim > 0:
