@@ -86,6 +86,10 @@ def test_the_kmeans_start_of_one_chunk_is_the_in_memory_one(client, rows):
     np.testing.assert_allclose(ll.compute(), ref.score_samples(X, S), rtol=1e-10)
     assert got.score(*many) == pytest.approx(ref.score(X, S), rel=1e-10)
     np.testing.assert_array_equal(got.predict(*many).compute(), ref.predict(X, S))
+    # the workers ran those tasks without importing scikit-learn (the estimator's base class;
+    # the probe is a builtin: a function of this module would import it, and so scikit-learn)
+    probe = "'sklearn' in __import__('sys').modules"
+    assert set(client.run(eval, probe).values()) == {False}
 
 
 def test_a_background_component_and_bad_input(client, rows):

@@ -29,7 +29,13 @@ import numpy as np
 
 from xd_dask.config import key
 from xd_dask.distributed.passes import tree_reduce
-from xd_dask.kernels import SuffStats, compute_stats, log_component_densities, row_log_likelihood
+from xd_dask.kernels import (
+    SuffStats,
+    compute_stats,
+    log_component_densities,
+    responsibilities,
+    row_log_likelihood,
+)
 from xd_dask.optim import Batch, BatchStats
 from xd_dask.optim.arrays import rank_row_drops
 from xd_dask.optim.kmeans import KMeansSums, SampleMoments, cluster_sums, sample_moments
@@ -40,7 +46,7 @@ from xd_dask.utils import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["ChunkStatistics", "aligned"]
+__all__ = ["ChunkStatistics", "aligned", "chunk_log_likelihood", "chunk_responsibilities"]
 
 
 def aligned(X: Any, X_cov: Any, weights: Any = None) -> tuple[Any, Any, Any]:
@@ -235,3 +241,15 @@ class ChunkStatistics:
                 if f is not None:
                     f.release()
         self._x, self._s, self._w = [], [], []
+
+
+# The tasks of DaskXDGMM's lazy methods: here, not beside the estimator, so that a worker
+# unpickling them imports no scikit-learn (0.5-1 s of each worker's first task).
+def chunk_log_likelihood(x: Any, s: Any, params: Params, backend: str) -> np.ndarray:
+    """The log-likelihood of each row of a chunk (background included)."""
+    return np.asarray(row_log_likelihood(x, s, params, backend=backend))
+
+
+def chunk_responsibilities(x: Any, s: Any, params: Params, backend: str) -> np.ndarray:
+    """The responsibilities (n, K) of the rows of a chunk."""
+    return np.asarray(responsibilities(x, s, params, backend=backend))

@@ -25,8 +25,12 @@ from typing import Any
 import numpy as np
 from distributed import get_client
 
-from xd_dask import kernels
-from xd_dask.distributed.arrays import ChunkStatistics, aligned
+from xd_dask.distributed.arrays import (
+    ChunkStatistics,
+    aligned,
+    chunk_log_likelihood,
+    chunk_responsibilities,
+)
 from xd_dask.estimator import XDGMM
 from xd_dask.model import XDModel
 from xd_dask.optim import FitLoop, bounding_box, method
@@ -133,7 +137,7 @@ class DaskXDGMM(XDGMM):
         """dask array (n,): the log-likelihood of each noisy row (background included)."""
         if R is not None:
             raise NotImplementedError("projections R: use XDGMM")
-        return self._per_chunk(_log_likelihood, X, X_cov, (), np.float64)
+        return self._per_chunk(chunk_log_likelihood, X, X_cov, (), np.float64)
 
     def score(self, X: Any, X_cov: Any = None, weights: Any = None, R: Any = None) -> float:
         """Mean log-likelihood per row (weighted by ``weights`` when given), computed."""
@@ -148,7 +152,7 @@ class DaskXDGMM(XDGMM):
     def predict_proba(self, X: Any, X_cov: Any = None) -> Any:
         """dask array (n, K): each row's responsibilities."""
         K = self.n_components
-        return self._per_chunk(_responsibilities, X, X_cov, (K,), np.float64)
+        return self._per_chunk(chunk_responsibilities, X, X_cov, (K,), np.float64)
 
     def predict(self, X: Any, X_cov: Any = None) -> Any:
         """dask array (n,): each row's most probable Gaussian component."""
@@ -160,11 +164,3 @@ class DaskXDGMM(XDGMM):
             "DaskXDGMM.posterior: map xd.model_.posterior over your chunks (X.map_blocks), or "
             "write the rows to Parquet and run `xd-dask posterior`"
         )
-
-
-def _log_likelihood(x: Any, s: Any, params: Params, backend: str) -> np.ndarray:
-    return np.asarray(kernels.row_log_likelihood(x, s, params, backend=backend))
-
-
-def _responsibilities(x: Any, s: Any, params: Params, backend: str) -> np.ndarray:
-    return np.asarray(kernels.responsibilities(x, s, params, backend=backend))
