@@ -233,25 +233,21 @@ def lloyd(
     Without ``trim`` (plain k-means) an empty cluster takes the row farthest from its centre
     (as scikit-learn's). With ``trim`` (trimmed k-means, module docstring) every step leaves out
     of each set's means the fraction ``trim`` of rows farthest from their centres (and of its
-    cost); an empty cluster keeps its centre. A set stops when its centres move by at most
-    ``tol`` (summed squared shift), as it would run alone (the later steps sweep only the sets
-    still moving); at most ``max_iter`` steps (0: the cost of ``centres``).
+    cost); an empty cluster keeps its centre. Stops when no set's centres move by more than
+    ``tol`` (summed squared shift), at most ``max_iter`` steps (0: the cost of ``centres``).
     """
     S, K, D = centres.shape
     n = Z.shape[0]
     n_keep = max(K, int(np.ceil((1.0 - trim) * n)))
     Z = np.ascontiguousarray(Z, dtype=np.float64)
     ZT = _columns(Z) if K * D <= LOOP_KD else None
-    centres = np.array(centres, dtype=np.float64)  # a copy: updated set by set
-    active = np.arange(S)  # the sets still moving: each stops as it would alone
+    centres = np.ascontiguousarray(centres, dtype=np.float64)
     for _ in range(int(max_iter)):
-        if active.size == 0:
+        new = _step(Z, ZT, centres, trim, n_keep)
+        shift = np.sum((new - centres) ** 2, axis=(1, 2))  # (S,)
+        centres = new
+        if np.all(shift <= tol):
             break
-        C = np.ascontiguousarray(centres[active])
-        new = _step(Z, ZT, C, trim, n_keep)
-        shift = np.sum((new - C) ** 2, axis=(1, 2))  # (active,)
-        centres[active] = new
-        active = active[shift > tol]
     if ZT is not None:  # distances only (no labels), held per set: NumPy sums them fast
         d2 = np.empty((S, n))
         _sweep(_NONE2, ZT, centres, _NO_LABELS, d2, _NONE, _NONE2)
