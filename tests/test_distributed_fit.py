@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -330,7 +331,14 @@ def test_task_keys_and_spans_read_like_the_algorithm(client):
         "xd-posterior",
     ):
         assert p in prefixes
-    assert {"xd-estep-1", "xd-estep-10", "xd-kmeans-1", "xd-estep-1-1"} <= set(spans)
+    # Spans are named by the pass and its iteration (wave: epoch-wave). Dask files a task under
+    # the span of its TaskGroup (one per key prefix) when the group already exists: a pass whose
+    # tasks arrive before the last pass's are released shares the last one's span, so which
+    # iterations get a span of their own depends on timing (CI once lacked xd-estep-10).
+    xd = [s for s in spans if s.startswith("xd-")]
+    assert all(re.fullmatch(r"xd-[a-z]+(-[a-z]+)*(-\d+)+", s) for s in xd), xd
+    assert {"xd-estep-1", "xd-kmeans-1"} <= set(spans)
+    assert len([s for s in xd if s.startswith("xd-estep-")]) >= 3, xd
 
 
 def test_connect_to_given_scheduler_env_and_gpu_check(cluster, cats, monkeypatch):
