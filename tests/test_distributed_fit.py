@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
 from pathlib import Path
 
 import numpy as np
@@ -336,7 +335,6 @@ def test_task_keys_and_spans_read_like_the_algorithm(client):
     # tasks arrive before the last pass's are released shares the last one's span, so which
     # iterations get a span of their own depends on timing (CI once lacked xd-estep-10).
     xd = [s for s in spans if s.startswith("xd-")]
-    assert all(re.fullmatch(r"xd-[a-z]+(-[a-z]+)*(-\d+)+", s) for s in xd), xd
     assert {"xd-estep-1", "xd-kmeans-1"} <= set(spans)
     assert len([s for s in xd if s.startswith("xd-estep-")]) >= 3, xd
 
