@@ -248,7 +248,7 @@ def lloyd(
         centres = new
         if np.all(shift <= tol):
             break
-    if ZT is not None:  # distances only (no labels), held per set: NumPy sums them fast
+    if ZT is not None:  # distances only: writing nearest()'s labels would triple the cost
         d2 = np.empty((S, n))
         _sweep(_NONE2, ZT, centres, _NO_LABELS, d2, _NONE, _NONE2)
     else:
@@ -264,8 +264,9 @@ def _step(Z: np.ndarray, ZT: np.ndarray | None, C: np.ndarray, trim: float, n_ke
     n = Z.shape[0]
     counts, sums = np.zeros(A * K), np.zeros((A * K, D))
     if ZT is not None and trim <= 0:  # one sweep: nearest centres and their sums
-        d2 = np.empty((A, n)).T
-        _sweep(Z, ZT, C, _NO_LABELS, d2.T, counts, sums)
+        d2_sets = np.empty((A, n))  # the sweep's stores run along the rows of each set
+        _sweep(Z, ZT, C, _NO_LABELS, d2_sets, counts, sums)
+        d2 = d2_sets.T
     else:
         labels, d2 = nearest(Z, C, ZT)
         bins = labels + (np.arange(A) * K)[None, :]  # bins of set s are s K .. s K + K - 1
