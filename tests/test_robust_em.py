@@ -362,3 +362,54 @@ def test_nonfinite_loglike_names_the_row():
     with pytest.raises(FitDivergedError, match="mean log-likelihood is -inf at iteration 1") as e:
         XDGMM(3, init=XDModel(Params(w, m, V))).fit(X.astype(np.float32), S.astype(np.float32))
     assert e.value.rows[0]["row"] == 77 and "row 77: log-likelihood -inf" in str(e.value)
+
+
+def test_is_pd_of_a_batch_answers_each_matrix_alone():
+    """The batched check (one factorisation of all K) gives each matrix the answer of a
+    per-matrix test: finite, symmetric to 1e-10, positive diagonal, and a correlation matrix whose
+    smallest eigenvalue (eigvalsh, not Cholesky) is clearly above or below PD_RTOL. Batches mix
+    good matrices with NaN, inf, asymmetric, negative, rank-1, zero-diagonal, 1e300-scaled and
+    1e60 / 1e-2 ones, so that the batch's factorisation fails with any of them."""
+    rng = np.random.default_rng(3)
+    decided = 0
+    for _ in range(400):
+        K, D = int(rng.integers(1, 9)), int(rng.integers(1, 8))
+        V = random_spd(rng, K, D, cond=10.0 ** rng.uniform(0, 4))
+        V *= 10.0 ** rng.uniform(-5, 5, size=(K, 1, 1))
+        with np.errstate(all="ignore"):
+            for j in range(K):
+                r = rng.random()
+                if r < 0.08:
+                    V[j, 0, 0] = np.nan
+                elif r < 0.16:
+                    V[j, -1, 0] = np.inf
+                elif r < 0.24 and D > 1:
+                    V[j, 0, -1] += 1e-6 * np.abs(V[j]).max()
+                elif r < 0.32:
+                    V[j] = -V[j]
+                elif r < 0.40 and D > 1:
+                    u = rng.normal(size=D)
+                    V[j] = np.outer(u, u)
+                elif r < 0.48:
+                    V[j, 0, 0] = 0.0
+                elif r < 0.56 and D > 1:
+                    e = np.linalg.qr(rng.normal(size=(D, D)))[0]
+                    V[j] = e @ np.diag(np.r_[1e60, np.full(D - 1, 1e-2)]) @ e.T
+                    V[j] = 0.5 * (V[j] + V[j].T)
+                elif r < 0.64:
+                    V[j] *= 1e300
+        got = is_pd(V)
+        for j, Vj in enumerate(V):
+            if not (np.isfinite(Vj).all() and np.all(np.diagonal(Vj) > 0)):
+                want = False
+            elif np.abs(Vj - Vj.T).max() > 1e-10 * np.abs(Vj).max():
+                want = False
+            else:
+                lam = _eigmin_corr(Vj)
+                if 1e-14 <= lam <= 1e-9:
+                    continue  # too close to the threshold for eigvalsh to decide
+                want = lam > 1e-9
+            assert got[j] == want, (Vj, want)
+            decided += 1
+    assert decided > 1400
+    assert is_pd(np.zeros((0, 3, 3))).shape == (0,)
