@@ -248,3 +248,15 @@ def test_default_tolerance_converges_on_real_gaia_rows(gaia_rows, K):
     blk = gaia_rows["dr3_allsky_1000"]
     with pytest.warns(ConvergenceWarning):  # the old defaults
         XDGMM(K, max_iter=50, tol=1e-6, random_state=0).fit(blk.X, blk.X_cov)
+
+
+@pytest.mark.parametrize("method", ["em", "online", "adam"])
+def test_a_bad_row_is_named_by_its_index_in_x_for_every_method(method):
+    """The wave methods see strata of the rows; the input check names the row of X (it named
+    the row's place in its stratum: 152 for row 4321 here) and its column."""
+    rng = np.random.default_rng(0)
+    X = np.r_[rng.normal(size=(3000, 2)), rng.normal(size=(3000, 2)) + 5.0]
+    S = np.broadcast_to(0.1 * np.eye(2), (6000, 2, 2)).copy()
+    S[4321, 0, 1] = 0.5  # not symmetric
+    with pytest.raises(ValueError, match=r"^row 4321, column 0: X_cov is not symmetric"):
+        XDGMM(2, method=method, random_state=0).fit(X, S)

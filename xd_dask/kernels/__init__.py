@@ -46,6 +46,7 @@ __all__ = [
     "PosteriorSummary",
     "SuffStats",
     "background_row_log_density",
+    "check_rows",
     "compute_stats",
     "log_component_densities",
     "move_sums",
@@ -185,6 +186,15 @@ def compute_stats(
         STATS, X, X_cov, params, R=R, row_weights=row_weights, backend=backend,
         chunk_bytes=chunk_bytes, check=check,
     )  # fmt: skip
+
+
+def check_rows(
+    X: Any, X_cov: Any, params: Params, *, row_weights: Any = None, R: Any = None
+) -> None:
+    """What every kernel's ``check=True`` does, alone: raise ValueError naming the first bad
+    row (its index in ``X``) and column. A caller that passes subsets of ``X`` to the kernels
+    checks the whole of it once here, so that an error names the row the user knows."""
+    driver.prepare(X, X_cov, params, R, row_weights, True)
 
 
 def _logdens_begin(call: driver.Call) -> Any:

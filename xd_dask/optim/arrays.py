@@ -7,7 +7,12 @@ from typing import Any
 import numpy as np
 
 from xd_dask.config import key
-from xd_dask.kernels import compute_stats, log_component_densities, row_log_likelihood
+from xd_dask.kernels import (
+    check_rows,
+    compute_stats,
+    log_component_densities,
+    row_log_likelihood,
+)
 from xd_dask.optim.steps import Batch, BatchStats
 from xd_dask.optim.strata import row_keys, stratum_of
 from xd_dask.params import Params
@@ -55,15 +60,26 @@ class ArrayStatistics:
         self.ids = np.arange(np.shape(X)[0]) if ids is None else np.asarray(ids, dtype=np.int64)
         self.seed = int(seed)
         self._checked = False
+        self._keys: np.ndarray | None = None  # the ids' hash keys, made once
+        self._strata: tuple[tuple[int, int], np.ndarray] | None = None  # of the last epoch
 
     def _rows(self, batch: Batch) -> np.ndarray | None:
+        """The rows of the batch's stratum (None: every row); the strata of an epoch are
+        computed once for its waves."""
         if batch.stratum is None:
             return None
         s, n_strata = batch.stratum
-        keys = row_keys(self.ids)
-        return np.flatnonzero(stratum_of(keys, n_strata, self.seed, batch.drawn) == s)
+        key = (int(n_strata), int(batch.drawn))
+        if self._strata is None or self._strata[0] != key:
+            if self._keys is None:
+                self._keys = row_keys(self.ids)
+            self._strata = (key, stratum_of(self._keys, n_strata, self.seed, batch.drawn))
+        return np.flatnonzero(self._strata[1] == s)
 
     def __call__(self, params: Params, batch: Batch) -> BatchStats:
+        if not self._checked:  # every row once, before any subset: errors name the user's row
+            check_rows(self.X, self.X_cov, params, row_weights=self.row_weights, R=self.R)
+            self._checked = True
         rows = self._rows(batch)
 
         def take(a: Any) -> Any:
@@ -76,9 +92,8 @@ class ArrayStatistics:
             row_weights=take(self.row_weights),
             R=take(self.R),
             backend=self.backend,
-            check=not self._checked,
+            check=False,
         )
-        self._checked = self._checked or rows is None  # strata: each checks its own rows
         n = int(self.X.shape[0] if rows is None else rows.shape[0])
         return BatchStats(stats, {"read": n, "used": n, "dropped": {}})
 
