@@ -138,7 +138,7 @@ def _stats_fold(total: SuffStats, block: driver.Block, res: Any) -> None:
     if block.R is None:
         o = block.cols[: block.x.shape[1]]
         total.a[:, o] += a
-        total.C[np.ix_(np.arange(total.n.shape[0]), o, o)] += C
+        total.C[:, o[:, None], o[None, :]] += C
     else:
         total.a += a
         total.C += C

@@ -163,12 +163,14 @@ def run(
         x, S, Rp = pattern_blocks(xp, Xc, X_cov, R, pat)
         o = pat.observed
         if R is None:
-            cols = np.concatenate([o, np.setdiff1d(np.arange(D), o)])
+            unobserved = np.ones(D, dtype=bool)
+            unobserved[o] = False
+            cols = np.concatenate([o, np.flatnonzero(unobserved)])
         else:
             cols = np.arange(D)
         if R is None and not kernel.full_params:
             mp = np.ascontiguousarray(m[:, o])
-            Vp = np.ascontiguousarray(V[np.ix_(np.arange(K), o, o)])
+            Vp = np.ascontiguousarray(V[:, o[:, None], o[None, :]])
         else:
             mp, Vp = m, V
         block = Block(

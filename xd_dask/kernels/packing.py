@@ -37,7 +37,7 @@ def param_matrix(log_weights, means, covs, obs=None, unobs=None) -> np.ndarray:
     P = np.empty((lay["n"], K))
     P[:d] = means[:, obs].T
     r, c = tril(d)
-    P[lay["cov"] : lay["cov"] + algebra.npk(d)] = covs[np.ix_(np.arange(K), obs, obs)][:, r, c].T
+    P[lay["cov"] : lay["cov"] + algebra.npk(d)] = covs[:, obs[r], obs[c]].T
     P[lay["logw"]] = np.maximum(np.asarray(log_weights, dtype=np.float64), algebra.PAD_LOGW)
     if du:
         m_u, V_uo, G, C = conditional_blocks(means, covs, obs, unobs)
