@@ -16,6 +16,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -227,6 +228,39 @@ def test_cluster_sh_without_a_dashboard_listens_on_loopback_and_is_not_shown_one
     assert len(sockets) >= 4, sockets  # scheduler, its HTTP server, nanny, worker
     assert {ip for ip, _ in sockets} == {"127.0.0.1"}, sockets
     assert ("127.0.0.1", 8787) not in sockets
+
+
+def test_cluster_sh_gives_up_as_soon_as_its_scheduler_exits(tmp_path):
+    """The scheduler cannot listen (its port is held here): `cluster.sh start` says so and exits
+    1 once the scheduler process has ended (it waited the full 60 s for the scheduler file
+    before), and no worker it started is left running (they start beside the scheduler)."""
+    cdir = tmp_path / "dask-local"
+    script = REPO / "deploy" / "local" / "cluster.sh"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = _env(CLUSTER_DIR=str(cdir), SCHEDULER_PORT=str(port), WORKER_MEMORY="1GiB")
+        env["DASHBOARD_ADDRESS"] = "none"
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            ["bash", str(script), "start", "2", "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        took = time.monotonic() - t0
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "dask scheduler did not start" in proc.stderr and "scheduler.log" in proc.stderr
+    assert took < 30, took  # the scheduler's own start and exit take a few seconds
+    assert "address already in use" in (cdir / "scheduler.log").read_text().lower()
+    assert not (cdir / "workers.pid").exists() and not (cdir / "scheduler.pid").exists()
+    assert not [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(cdir) in " ".join(p.info["cmdline"] or [])
+    ]
 
 
 def test_resume_refuses_a_catalogue_whose_values_changed(gaia, cluster, tmp_path):

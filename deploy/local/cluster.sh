@@ -32,7 +32,9 @@ SCHED_FILE="$CLUSTER_DIR/scheduler.json"
 alive() {  # a process that exited but was not reaped yet (a zombie) counts as gone
     kill -0 "$1" 2>/dev/null || return 1
     [ -r "/proc/$1/stat" ] || return 0
-    [ "$(sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f1)" != Z ]
+    local state
+    state="$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)"
+    [ -n "$state" ] && [ "$state" != Z ]  # empty: it ended between the two looks
 }
 
 start() {
@@ -51,12 +53,8 @@ start() {
         --scheduler-file "$SCHED_FILE" "${dash[@]}" --preload xd_dask.dashboard.preload \
         >"$CLUSTER_DIR/scheduler.log" 2>&1 &
     echo $! >"$CLUSTER_DIR/scheduler.pid"
-    for _ in $(seq 600); do [ -s "$SCHED_FILE" ] && break; sleep 0.1; done
-    if [ ! -s "$SCHED_FILE" ]; then
-        echo "dask scheduler did not start; see $CLUSTER_DIR/scheduler.log" >&2
-        stop
-        exit 1
-    fi
+    # The workers start at once: each waits for the scheduler file (Dask polls for it; the old
+    # one was removed above), so their start overlaps the scheduler's instead of following it.
     for i in $(seq "$n"); do
         nohup "$DASK" worker --scheduler-file "$SCHED_FILE" --host "$SCHEDULER_HOST" \
             --nworkers 1 --nthreads "$threads" --memory-limit "$WORKER_MEMORY" \
@@ -65,6 +63,18 @@ start() {
             >"$CLUSTER_DIR/worker-$i.log" 2>&1 &
         echo $! >>"$CLUSTER_DIR/workers.pid"
     done
+    local spid
+    spid="$(cat "$CLUSTER_DIR/scheduler.pid")"
+    for _ in $(seq 600); do  # up to 60 s, less if the scheduler exits (e.g. its port is taken)
+        [ -s "$SCHED_FILE" ] && break
+        alive "$spid" || break
+        sleep 0.1
+    done
+    if [ ! -s "$SCHED_FILE" ]; then
+        echo "dask scheduler did not start; see $CLUSTER_DIR/scheduler.log" >&2
+        stop
+        exit 1
+    fi
     if ! "$PYTHON" -c '
 import sys
 from distributed import Client
