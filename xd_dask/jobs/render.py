@@ -241,7 +241,8 @@ def _scheduler_lines(name: str, toml: str, dash: str, interface: str) -> list[st
         '    if [ -f "$SCHED_FILE" ]; then',
         f"        {stop}",
         "    fi",
-        f'    for _ in $(seq {STOP_TIMEOUT}); do [ -z "$(jobs -pr)" ] && break; sleep 1; done',
+        f'    for _ in $(seq {5 * STOP_TIMEOUT}); do [ -z "$(jobs -pr)" ] && break; '
+        "sleep 0.2; done",
         "    kill $(jobs -pr) 2>/dev/null",
         "    wait",
         '    exit "$status"',
@@ -254,7 +255,10 @@ def _scheduler_lines(name: str, toml: str, dash: str, interface: str) -> list[st
         "# The preload serves the XD fit page (/xd) and the xd_dask_* metrics (/metrics).",
         f'dask scheduler --scheduler-file "$SCHED_FILE" --port 0{interface} {dashboard} '
         "--preload xd_dask.dashboard.preload &",
-        'for _ in $(seq 120); do [ -f "$SCHED_FILE" ] && break; sleep 1; done',
+        "SCHED_PID=$!",
+        "# up to 120 s, looked at 5 times a second; a scheduler that exits ends the wait",
+        'for _ in $(seq 600); do [ -f "$SCHED_FILE" ] && break; kill -0 "$SCHED_PID" 2>/dev/null '
+        "|| break; sleep 0.2; done",
         '[ -f "$SCHED_FILE" ] || { echo "dask scheduler did not start" >&2; exit 1; }',
         "",
     ]
