@@ -30,7 +30,7 @@ from dask.sizeof import sizeof
 
 from xd_dask.config import key
 from xd_dask.distributed.manifest import Partition
-from xd_dask.distributed.split import row_keys, side_mask, stratum_of
+from xd_dask.distributed.split import side_mask
 from xd_dask.io import read_partition
 from xd_dask.kernels import (
     NotPositiveDefiniteError,
@@ -41,6 +41,7 @@ from xd_dask.kernels import (
 )
 from xd_dask.kernels._common import array_namespace, to_numpy
 from xd_dask.optim.arrays import rank_row_drops
+from xd_dask.optim.strata import EpochStrata
 from xd_dask.params import Params
 
 __all__ = [
@@ -116,31 +117,25 @@ class Block:
     dropped: dict[str, int]
     R: Any = None  # (n, d, D) projections, or None
     row_groups: tuple[int, ...] | None = None
-    # the rows' hash strata of the epoch last asked for: ((unit, S, seed, epoch), (n,) int32)
-    _strata: tuple[tuple, np.ndarray] | None = field(
-        default=None, init=False, repr=False, compare=False
-    )
+    _strata: EpochStrata | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def n_rows(self) -> int:
         return int(self.X.shape[0])
 
     def strata(self, unit: int | None, n_strata: int, seed: int, epoch: int) -> np.ndarray:
-        """(n,) the stratum of each row in an epoch (:func:`xd_dask.distributed.split.
-        stratum_of` of the ids' hash keys), computed once per epoch: a persisted block serves
-        the epoch's waves from it."""
-        key = (unit, n_strata, seed, epoch)
-        if self._strata is None or self._strata[0] != key:
-            strata = stratum_of(row_keys(self.ids, unit), n_strata, seed, epoch)
-            self._strata = (key, strata.astype(np.int32))
-        return self._strata[1]
+        """(n,) the stratum of each row in an epoch (:class:`xd_dask.optim.strata.
+        EpochStrata`): a persisted block serves the epoch's waves from one computation."""
+        if self._strata is None:
+            self._strata = EpochStrata(self.ids)
+        return self._strata(unit, n_strata, seed, epoch)
 
 
 @sizeof.register(Block)
 def _sizeof_block(blk: Block) -> int:
     """Bytes a persisted block holds, so the worker's memory manager can account for it."""
     R_bytes = 0 if blk.R is None else int(blk.R.nbytes)
-    strata = 0 if blk._strata is None else int(blk._strata[1].nbytes)
+    strata = 0 if blk._strata is None else blk._strata.nbytes
     return int(blk.X.nbytes + blk.X_cov.nbytes + blk.ids.nbytes) + R_bytes + strata + 256
 
 

@@ -14,7 +14,7 @@ from xd_dask.kernels import (
     row_log_likelihood,
 )
 from xd_dask.optim.steps import Batch, BatchStats
-from xd_dask.optim.strata import row_keys, stratum_of
+from xd_dask.optim.strata import EpochStrata
 from xd_dask.params import Params
 
 __all__ = ["ArrayStatistics", "rank_row_drops"]
@@ -60,8 +60,7 @@ class ArrayStatistics:
         self.ids = np.arange(np.shape(X)[0]) if ids is None else np.asarray(ids, dtype=np.int64)
         self.seed = int(seed)
         self._checked = False
-        self._keys: np.ndarray | None = None  # the ids' hash keys, made once
-        self._strata: tuple[tuple[int, int], np.ndarray] | None = None  # of the last epoch
+        self._strata = EpochStrata(self.ids)
 
     def _rows(self, batch: Batch) -> np.ndarray | None:
         """The rows of the batch's stratum (None: every row); the strata of an epoch are
@@ -69,12 +68,7 @@ class ArrayStatistics:
         if batch.stratum is None:
             return None
         s, n_strata = batch.stratum
-        key = (int(n_strata), int(batch.drawn))
-        if self._strata is None or self._strata[0] != key:
-            if self._keys is None:
-                self._keys = row_keys(self.ids)
-            self._strata = (key, stratum_of(self._keys, n_strata, self.seed, batch.drawn))
-        return np.flatnonzero(self._strata[1] == s)
+        return np.flatnonzero(self._strata(None, n_strata, self.seed, batch.drawn) == s)
 
     def __call__(self, params: Params, batch: Batch) -> BatchStats:
         if not self._checked:  # every row once, before any subset: errors name the user's row

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["row_keys", "salted", "splitmix64", "stratum_of", "waves_per_epoch"]
+__all__ = ["EpochStrata", "row_keys", "salted", "splitmix64", "stratum_of", "waves_per_epoch"]
 
 #: Default waves per epoch (updates per pass over the rows) ...
 WAVES_PER_EPOCH = 64
@@ -84,3 +84,27 @@ def stratum_of(keys: np.ndarray, n_strata: int, seed: int, epoch: int) -> np.nda
         raise ValueError(f"n_strata must be >= 1, got {n_strata}")
     h = salted(keys, int(seed), 23, int(epoch)) >> np.uint64(11)  # 53 uniform bits
     return (h.astype(np.float64) * (2.0**-53 * int(n_strata))).astype(np.int64)
+
+
+class EpochStrata:
+    """The strata of some rows (ids (n,)) in the epoch last asked for, computed once for the
+    epoch's waves: what a source that holds its rows (in memory, or a block persisted on a
+    worker) keeps, so that a wave costs a comparison, not a hash of every row."""
+
+    def __init__(self, ids: np.ndarray) -> None:
+        self.ids = ids
+        self._key: tuple | None = None
+        self._strata: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._strata is None else int(self._strata.nbytes)
+
+    def __call__(self, unit: int | None, n_strata: int, seed: int, epoch: int) -> np.ndarray:
+        """(n,) int32 ``stratum_of(row_keys(ids, unit), n_strata, seed, epoch)``."""
+        key = (unit, int(n_strata), int(seed), int(epoch))
+        if self._strata is None or self._key != key:
+            keys = row_keys(self.ids, unit)
+            self._strata = stratum_of(keys, n_strata, seed, epoch).astype(np.int32)
+            self._key = key
+        return self._strata
