@@ -19,6 +19,7 @@ from xd_dask.kernels._numba import (
     pattern_logdens_numba,
     pattern_stats_numba,
 )
+from xd_dask.kernels._numba_runtime import _lanesum
 from xd_dask.kernels.reference import pattern_stats_ref
 
 
@@ -201,6 +202,42 @@ def test_responsibility_flush_threshold(dtype, flushed, kept):
     assert np.all(got[1][1] == 0.0) and np.all(got[2][1] == 0.0)
     assert got[0][2] == pytest.approx(n * math.exp(kept), rel=1e-5)
     assert got[0][0] == pytest.approx(n, rel=1e-6)
+
+
+def _lanesums(width):
+    """Compiled: every lane sum of ``width`` values of ``a`` (``width`` a literal)."""
+
+    @numba.njit
+    def sums(a):
+        out = np.empty(a.shape[0] - width + 1)
+        for b in range(out.shape[0]):  # every start: most are not on a vector boundary
+            out[b] = _lanesum(a, b, width)
+        return out
+
+    return sums
+
+
+@pytest.mark.parametrize("width", [1, 2, 8, 16, 32])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_lanesum_is_the_halving_tree_bit_for_bit(width, dtype):
+    """The posterior's vector lane sums equal the tree h_k = a_k + a_(k + w/2), ... in float64,
+    bit for bit, at every offset (unaligned loads), float32 input widened first. The values
+    span 16 decades, so a sum in another order differs (asserted: the test can fail)."""
+    rng = np.random.default_rng(width)
+    n = width + 40
+    a = (rng.normal(size=n) * 10.0 ** rng.integers(-8, 9, size=n)).astype(dtype)
+    got = _lanesums(width)(a)
+    want = np.empty(n - width + 1)
+    sequential = np.empty_like(want)
+    for b in range(want.shape[0]):
+        h = a[b : b + width].astype(np.float64)
+        while h.shape[0] > 1:
+            h = h[: h.shape[0] // 2] + h[h.shape[0] // 2 :]
+        want[b] = h[0]
+        sequential[b] = sum(a[b : b + width].astype(np.float64).tolist(), 0.0)  # left to right
+    np.testing.assert_array_equal(got, want)
+    if width >= 8:
+        assert np.any(sequential != want)
 
 
 # --------------------------------------------------------------------------- errors

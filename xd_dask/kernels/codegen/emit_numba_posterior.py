@@ -46,20 +46,6 @@ def _tightness(d: int, var, noise) -> list[str]:
     return [f"tq = 1.0 if {var(a)} < tau * {noise(a)} else tq" for a in range(d)]
 
 
-def _lane_tree(B: int, arr: str, base: str, name: str) -> list[str]:
-    """``{name}0`` = the float64 sum of ``arr[base:base + B]`` as an explicit balanced tree:
-    straight-line, so the SLP vectoriser turns it into a few vector adds (a reduction loop of
-    B = 16 trips is left scalar by the loop vectoriser, and costs ~13 ns per pair at K = 16)."""
-    h = B // 2
-    lines = [
-        f"{name}{k} = float({arr}[{base} + {k}]) + float({arr}[{base} + {k + h}])" for k in range(h)
-    ]
-    while h > 1:
-        h //= 2
-        lines += [f"{name}{k} = {name}{k} + {name}{k + h}" for k in range(h)]
-    return lines
-
-
 #: Rows per batch of the vectorised row finalisation (SIMD lane = row).
 ROW_BATCH = 32
 
@@ -86,12 +72,14 @@ def posterior_source(d: int, du: int, B: int, fp32: bool, topk: bool = False) ->
     (the mixture given "not background").
 
     Per row: the pair pass (as in the statistics kernel), the responsibilities, ONE pass over
-    the components accumulating the terms of :func:`.algebra.posterior_cov_terms` in lane
-    accumulators (the first block assigns), and the top-k components. Every ``ROW_BATCH`` rows,
-    the lane sums (an explicit tree, read long after the stores: summing right after the
-    vector stores stalls on store forwarding) and the finalisation
-    :func:`.algebra.posterior_row`, vectorised across the rows (SIMD lane = row), then the
-    stores into the outputs.
+    the components accumulating the terms of :func:`.algebra.posterior_cov_terms` in float64
+    lane accumulators (one row's, in L1; the first block assigns), their sums across the lanes
+    at once (``_lanesum``: one vector load per term, as wide as the stores that wrote it, then
+    a shuffle-and-add tree - float64 accumulators in float32 kernels too, since a float32
+    store read back as two float64 halves stalls on store forwarding) and the top-k
+    components. Every ``ROW_BATCH`` rows, the finalisation :func:`.algebra.posterior_row`,
+    vectorised across the rows (SIMD lane = row), then the stores into the outputs. (Summing
+    the lanes with scalar loads and adds, batched, cost ~3 ns per pair at K = 16, D = 7.)
     """
     D = d + du
     lay = layout(d, du)
@@ -101,7 +89,7 @@ def posterior_source(d: int, du: int, B: int, fp32: bool, topk: bool = False) ->
     nO = d + du + alg.npk(D) + 1  # per batch row: shift, bbu, cov (local lower), tightness
     src = _header(POSTERIOR_ARGS, d, B, du)
     src += [
-        f"    accb = np.empty({RB * nT * B}, DT)",
+        f"    acc = np.empty({nT * B})",
         f"    rb = np.empty({nT * RB})",
         f"    sv = np.empty({alg.npk(d) * RB})",
         f"    ur = np.empty({D * RB})",
@@ -123,7 +111,7 @@ def posterior_source(d: int, du: int, B: int, fp32: bool, topk: bool = False) ->
     src += _indent(_post_responsibilities(d, du, B, lay), 12)
     src += _indent(_post_components(d, du, B, lay, cov_lines, cov_terms), 12)
     src += _indent(_post_topk(d, du, B, lay) if topk else ["tight[i] = 0.0"], 12)
-    src += _indent(_post_batch(d, du, B, cov_terms, nO), 8)
+    src += _indent(_post_batch(d, du, cov_terms, nO), 8)
     src += [
         "        if status[0] >= 0:",
         "            break",
@@ -168,21 +156,21 @@ def _post_responsibilities(d: int, du: int, B: int, lay: dict[str, int]) -> list
 
 
 def _post_components(d, du, B, lay, cov_lines, cov_terms) -> list[str]:
-    """One pass over the components: the row's lane accumulators (slot ``nb`` of the batch;
-    the first block assigns), then the row's S and shift into the batch."""
+    """One pass over the components: the row's lane accumulators (the first block assigns),
+    their lane sums, the row's S and shift into slot ``nb`` of the batch."""
     nP, nS, nT, RB = lay["n_par"], lay["n_scr"], len(cov_terms), ROW_BATCH
     src = [
         "for blk in range(nblk):",
         f"    pb = P[blk * {nP * B}:(blk + 1) * {nP * B}]",
         f"    sb = scr[blk * {nS * B}:(blk + 1) * {nS * B}]",
         f"    lb = ld[blk * {B}:(blk + 1) * {B}]",
-        f"    acc = accb[nb * {nT * B}:(nb + 1) * {nT * B}]",
     ]
     body = ["r = lb[l]"] + _scratch_loads(d, B) + cov_lines
     src += ["    if blk == 0:", "        for l in range(nl):"]
     src += _indent(body + _accumulate(cov_terms, "acc", B, "="), 12)
     src += ["    else:", "        for l in range(nl):"]
     src += _indent(body + _accumulate(cov_terms, "acc", B, "+="), 12)
+    src += [f"rb[{t * RB} + nb] = _lanesum(acc, {t * B}, {B})" for t in range(nT)]
     src += [
         f"sv[{alg.tri(a, b) * RB} + nb] = float(s{a}_{b})" for a in range(d) for b in range(a + 1)
     ]
@@ -222,16 +210,9 @@ def _post_topk(d: int, du: int, B: int, lay: dict[str, int]) -> list[str]:
     return src + _indent(body, 8) + ["tight[i] = tq"]
 
 
-def _post_batch(d: int, du: int, B: int, cov_terms, nO: int) -> list[str]:
-    """The batch's lane sums, its finalisation vectorised across rows, and the stores."""
-    RB, nT, D = ROW_BATCH, len(cov_terms), d + du
-    src = [
-        "for ib in range(nb):",
-        f"    for t in range({nT}):",
-        f"        q0 = (ib * {nT} + t) * {B}",
-    ]
-    src += _indent(_lane_tree(B, "accb", "q0", "h"), 8)
-    src += [f"        rb[t * {RB} + ib] = h0"]
+def _post_batch(d: int, du: int, cov_terms, nO: int) -> list[str]:
+    """The batch's finalisation vectorised across rows, and the stores."""
+    RB, D = ROW_BATCH, d + du
     fin = [f"acc_{name} = rb[{t * RB} + ib]" for t, (name, _) in enumerate(cov_terms)]
     fin += [f"S{a}_{b} = sv[{alg.tri(a, b) * RB} + ib]" for a in range(d) for b in range(a + 1)]
     fin += [f"UREF{a} = ur[{a * RB} + ib]" for a in range(d)]
@@ -246,7 +227,7 @@ def _post_batch(d: int, du: int, B: int, cov_terms, nO: int) -> list[str]:
     ]
     fin += ["tq = 0.0", *_tightness(d, lambda a: f"cov{a}_{a}", lambda a: f"S{a}_{a}")]
     fin += [f"ob[{(nO - 1) * RB} + ib] = tq"]
-    src += ["for ib in range(nb):"] + _indent(fin, 4)
+    src = ["for ib in range(nb):"] + _indent(fin, 4)
 
     def obv(p: int, q: int) -> str:
         return f"ob[{(d + du + alg.tri(p, q)) * RB} + ib]"
