@@ -129,6 +129,8 @@ def _as_format_1(ck) -> None:
         header = json.loads(str(z["header"]))
         arrays = {k: z[f"params.{k}"] for k in ("weights", "means", "covariances")}
     info = header.pop("info")
+    n = header.pop("history_length")  # format 1 kept the history in its header
+    header["history"] = [json.loads(x) for x in (ck / "history.jsonl").read_text().splitlines()][:n]
     header["format_version"] = 1
     header["position"]["wave_size"] = info["wave_size"]
     header |= {

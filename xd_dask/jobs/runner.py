@@ -9,7 +9,8 @@ directory, atomically:
 - ``history.json``: one entry per iteration (batch EM) or wave (online EM);
 - ``report.json``: what was fitted, how long it took, final and held-out log-likelihoods, files;
 - ``training_curve.png``, ``corner.png``, ``sky.png`` (``[output] plots``);
-- ``checkpoints/`` (``[output] checkpoint``; the checkpoint and the job's configuration,
+- ``checkpoints/`` (``[output] checkpoint``; the checkpoint ``checkpoint.npz``, its history
+  ``history.jsonl`` (appended to, step by step) and the job's configuration,
   ``checkpoints/job.toml``; continue with ``xd-dask resume``).
 
 The fit is checked and listed first (:mod:`xd_dask.jobs.prepare`, before a cluster starts); a
