@@ -83,9 +83,13 @@ class _Lines:
     hashes: list[int] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
 
-    def add(self, text: str) -> None:
-        self.hashes.append(hash(text))
-        self.ends.append(self.size + len(text.encode("utf-8")))
+    def write(self, fh: Any, entries: list[dict]) -> None:
+        """Write ``entries`` to ``fh`` (the file's end), a line each, and count them."""
+        for entry in entries:
+            text = _line(entry)
+            fh.write(text)
+            self.hashes.append(hash(text))
+            self.ends.append(self.size + len(text.encode("utf-8")))
 
     @property
     def size(self) -> int:
@@ -118,18 +122,12 @@ def _append_history(directory: Path, history: list[dict]) -> int | None:
     if fresh:
         lines = _Lines()
         with atomic_path(path, suffix=".jsonl") as tmp, open(tmp, "w", encoding="utf-8") as fh:
-            for entry in history:
-                text = _line(entry)
-                fh.write(text)
-                lines.add(text)
+            lines.write(fh, history)
         _written[path] = lines
         return None
     if n > m:
         with open(path, "a", encoding="utf-8") as fh:
-            for entry in history[m:]:
-                text = _line(entry)
-                fh.write(text)
-                known.add(text)
+            known.write(fh, history[m:])
         return None
     return n if n < m else None
 
@@ -172,9 +170,8 @@ def save_checkpoint(
     """Write ``state`` (plus the fit's config and manifest) to ``directory``, atomically: its
     history by appending to ``history.jsonl`` first (module docstring)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / CHECKPOINT_NAME
-    cut = _append_history(directory, state.history)
+    cut = _append_history(directory, state.history)  # its first write creates the directory
     order = [int(i) for i in state.order]
     header = {
         "format": FORMAT_NAME,
