@@ -19,7 +19,9 @@ from xd_dask.kernels._numba import (
     pattern_logdens_numba,
     pattern_stats_numba,
 )
-from xd_dask.kernels._numba_runtime import _lanesum
+from xd_dask.kernels._numba_lanes import F32_CHUNK, _comp_sums, _lanesum
+from xd_dask.kernels.codegen import algebra as alg
+from xd_dask.kernels.codegen.emit_numba import layout
 from xd_dask.kernels.reference import pattern_stats_ref
 
 
@@ -238,6 +240,67 @@ def test_lanesum_is_the_halving_tree_bit_for_bit(width, dtype):
     np.testing.assert_array_equal(got, want)
     if width >= 8:
         assert np.any(sequential != want)
+
+
+def _comp_sums_call(d, nS):
+    """Compiled: ``_comp_sums`` with the literals d, B = 16, nS, RB = 32."""
+
+    @numba.njit
+    def call(scr, ld, uoff, nblk, rb, o0):
+        _comp_sums(scr, ld, uoff, nblk, rb, o0, d, 16, nS, 32)
+
+    return call
+
+
+@pytest.mark.parametrize("d", [3, 7])
+@pytest.mark.parametrize("nblk", [1, 3, 6])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_component_sums_in_registers_are_the_loop_forms_sums_bit_for_bit(d, nblk, dtype):
+    """The posterior's register pass (every field observed) gives each term
+    r (e_a) and r (ti_ab - e_a e_b), e = u - uref, summed over the blocks (block 0 first; in
+    float64, or float32 kernels in float32 within chunks of F32_CHUNK blocks, then widened) and
+    then across the 16 lanes by the float64 halving tree - bit for bit, into rb[o0 + t * 32]
+    and nowhere else (one block: what the loop form's accumulators and ``_lanesum`` give). The
+    inputs make every term exact in the compute dtype (u on a 1/16 grid, r powers of two) with
+    ti spanning 40 decades, so only the order of the sums matters - and a sum in another order
+    differs (asserted: the test can fail)."""
+    B, RB, nS = 16, 32, layout(d)["n_scr"]
+    rng = np.random.default_rng(10 * d + nblk)
+    scr = rng.normal(size=nblk * nS * B) * 10.0 ** rng.integers(-20, 21, size=nblk * nS * B)
+    scr = scr.astype(dtype).reshape(nblk, nS, B)
+    scr[:, :d] = rng.integers(-64, 65, size=(nblk, d, B)) / 16.0  # u: products exact
+    ld = (2.0 ** rng.integers(-3, 4, size=nblk * B)).astype(dtype)
+    kb, lk = nblk - 1, 5  # the row's shift: component lk of the last block
+    uoff = kb * nS * B + lk
+    rb = np.full(35 * RB + 40, np.nan)
+    _comp_sums_call(d, nS)(scr.reshape(-1), ld, uoff, nblk, rb, 3)
+    u, r = scr[:, :d].astype(np.float64), ld.reshape(nblk, B).astype(np.float64)
+    e = u - u[kb, :, lk][None, :, None]  # (nblk, d, B), exact
+    terms = [r * e[:, a] for a in range(d)]
+    for a in range(d):
+        for b in range(a + 1):
+            ti = scr[:, d + alg.tri(a, b)]
+            terms.append(r * (ti - (e[:, a] * e[:, b]).astype(dtype)).astype(np.float64))
+    want, other = [], []
+    chunk = 1 if dtype == np.float64 else F32_CHUNK
+    for t in terms:  # (nblk, B) per term
+        h = np.zeros(B)
+        for c0 in range(0, nblk, chunk):  # float32: chunks summed in float32, then widened
+            part = t[c0].astype(dtype)
+            for k in range(c0 + 1, min(c0 + chunk, nblk)):
+                part = part + t[k].astype(dtype)
+            h = part.astype(np.float64) if c0 == 0 else h + part
+        while h.shape[0] > 1:
+            h = h[: h.shape[0] // 2] + h[h.shape[0] // 2 :]
+        want.append(h[0])
+        other.append(sum(t.T.reshape(-1).tolist(), 0.0))  # lane by lane, left to right
+    want = np.array(want)
+    got = rb[3 + RB * np.arange(len(terms))]
+    np.testing.assert_array_equal(got, want)
+    rest = np.ones(rb.shape[0], bool)
+    rest[3 + RB * np.arange(len(terms))] = False
+    assert np.all(np.isnan(rb[rest]))  # nothing else written
+    assert np.any(np.array(other) != want)
 
 
 # --------------------------------------------------------------------------- errors

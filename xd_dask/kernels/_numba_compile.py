@@ -105,7 +105,9 @@ def _source_tag() -> str:
     Numba's version."""
     h = hashlib.sha256()
     here = Path(__file__).parent
-    own = [here / f for f in ("_numba.py", "_numba_compile.py", "_numba_runtime.py")]
+    own = [
+        here / f for f in ("_numba.py", "_numba_compile.py", "_numba_runtime.py", "_numba_lanes.py")
+    ]
     for path in (*own, *map(Path, codegen.source_files())):
         h.update(path.read_bytes())
     h.update(f"{numba.__version__} {LANE_BLOCK}".encode())

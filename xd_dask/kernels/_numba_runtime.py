@@ -1,9 +1,9 @@
 """The runtime of the generated CPU kernels: the helpers their source calls.
 
 Bit casts (``_bits``/``_float``), a vectorisable polynomial ``exp``/``log`` (Numba has no
-vector exp/log here), vector lane sums (``_lanesum``), and row helpers (max, exp-and-sum,
-argmax, the background split, the float32 -> float64 flush). :func:`namespace` gives the
-generated code its globals: these helpers and the emitter's constants
+vector exp/log here) and row helpers (max, exp-and-sum, argmax, the background split, the
+float32 -> float64 flush). :func:`namespace` gives the generated code its globals: these
+helpers, the lane sums of :mod:`._numba_lanes` and the emitter's constants
 (:func:`xd_dask.kernels.codegen.emit_numba.constants`).
 """
 
@@ -16,14 +16,11 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from xd_dask.kernels._numba_lanes import FM_STRICT, _comp_sums, _lanesum
 from xd_dask.kernels.codegen import emit_numba
 from xd_dask.kernels.codegen.algebra import BG_OFF
 
 __all__ = ["FM_STRICT", "namespace"]
-
-# All fast-math flags except reassociation: the polynomial exp/log rely on their evaluation
-# order, and the per-pair loop needs no reductions across lanes to vectorise.
-FM_STRICT = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
 
 
 # --------------------------------------------------------------------------- bit casts
@@ -189,45 +186,6 @@ def _log_f32(y):
     return fe * _F32(0.693359375) - ((hfsq - (s * (hfsq + rr) + fe * _F32(-2.12194440e-4))) - f)
 
 
-# --------------------------------------------------------------------------- lane sums
-@intrinsic
-def _lanesum(typingctx, arr, base, width):
-    """The float64 sum of ``arr[base:base + width]`` (``width`` a literal power of two) by the
-    halving tree ``h_k = a_k + a_{k + w/2}``, ..., in vector registers: one vector load, then
-    log2(width) shuffles and adds, instead of ``width`` scalar loads and adds (the posterior's
-    per-row sums over the lanes of its accumulators). No reassociation: the same order as that
-    tree written out in scalar code, so the same result bit for bit."""
-    if not isinstance(arr, types.Array) or not isinstance(width, types.IntegerLiteral):
-        return None
-    n = width.literal_value
-    if n < 1 or n & (n - 1):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, value=args[0])
-        elt = context.get_data_type(sig.args[0].dtype)
-        vty = ir.VectorType(elt, n)
-        ptr = builder.gep(ary.data, [args[1]], inbounds=True)
-        # The element's alignment, not the vector's: the slice need not start on a vector.
-        align = context.get_abi_sizeof(elt)
-        v = builder.load(builder.bitcast(ptr, vty.as_pointer()), typ=vty, align=align)
-        dbl = ir.DoubleType()
-        if elt != dbl:
-            v = builder.fpext(v, ir.VectorType(dbl, n))
-        i32 = ir.IntType(32)
-        h = n
-        while h > 1:
-            h //= 2
-            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, h), list(range(h))))
-            hi = builder.shuffle_vector(
-                v, v, ir.Constant(ir.VectorType(i32, h), list(range(h, 2 * h)))
-            )
-            v = builder.fadd(lo, hi)
-        return builder.extract_element(v, ir.Constant(i32, 0))
-
-    return types.float64(arr, base, width), codegen
-
-
 # --------------------------------------------------------------------------- row helpers
 @njit(fastmath=True, error_model="numpy")
 def _rowmax(v, Kp):
@@ -314,5 +272,6 @@ def namespace(fp32: bool) -> dict:
         "_first_at": _first_at,
         "_bg_split": _bg_split,
         "_lanesum": _lanesum,
+        "_comp_sums": _comp_sums,
     }
     return emit_numba.constants(fp32) | helpers

@@ -12,8 +12,9 @@
   is positive definite with the algebra's LDL^T), vectorised across rows.
 
 Each emitter says which numeric constants its code reads (``constants(fp32)``); the runtime
-modules (:mod:`.._numba_runtime`, :mod:`.._cuda`) add only functions. Nothing here imports
-Numba.
+modules (:mod:`.._numba_runtime`, :mod:`.._numba_lanes`, :mod:`.._cuda`) add only functions
+(``_comp_sums`` compiles the posterior's lane program of :mod:`.emit_numba_posterior` to vector
+IR). Nothing here imports Numba.
 """
 
 from __future__ import annotations

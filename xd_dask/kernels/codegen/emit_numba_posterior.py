@@ -14,7 +14,7 @@ from xd_dask.kernels.codegen.emit_numba import (
     layout,
 )
 
-__all__ = ["ROW_BATCH", "posterior_source"]
+__all__ = ["ROW_BATCH", "component_program", "posterior_source"]
 
 
 POSTERIOR_ARGS = (
@@ -72,14 +72,15 @@ def posterior_source(d: int, du: int, B: int, fp32: bool, topk: bool = False) ->
     (the mixture given "not background").
 
     Per row: the pair pass (as in the statistics kernel), the responsibilities, ONE pass over
-    the components accumulating the terms of :func:`.algebra.posterior_cov_terms` in float64
-    lane accumulators (one row's, in L1; the first block assigns), their sums across the lanes
-    at once (``_lanesum``: one vector load per term, as wide as the stores that wrote it, then
-    a shuffle-and-add tree - float64 accumulators in float32 kernels too, since a float32
-    store read back as two float64 halves stalls on store forwarding) and the top-k
-    components. Every ``ROW_BATCH`` rows, the finalisation :func:`.algebra.posterior_row`,
-    vectorised across the rows (SIMD lane = row), then the stores into the outputs. (Summing
-    the lanes with scalar loads and adds, batched, cost ~3 ns per pair at K = 16, D = 7.)
+    the components summing the terms of :func:`.algebra.posterior_cov_terms` (over the lane
+    blocks, then across the lanes by the float64 halving tree) and the top-k components. With
+    every field observed that pass runs in vector registers (``_comp_sums``, eight terms at a
+    time; float32 kernels sum up to ``F32_CHUNK`` blocks in float32 before widening); with
+    unobserved fields through float64 lane accumulators (one row's, in L1; the first block
+    assigns; float64 in float32 kernels too, since a float32 store read back as two float64
+    halves stalls on store forwarding) and their vector lane sums (``_lanesum``). Every
+    ``ROW_BATCH`` rows, the finalisation :func:`.algebra.posterior_row`, vectorised across the
+    rows (SIMD lane = row), then the stores into the outputs.
     """
     D = d + du
     lay = layout(d, du)
@@ -88,8 +89,8 @@ def posterior_source(d: int, du: int, B: int, fp32: bool, topk: bool = False) ->
     nT = len(cov_terms)
     nO = d + du + alg.npk(D) + 1  # per batch row: shift, bbu, cov (local lower), tightness
     src = _header(POSTERIOR_ARGS, d, B, du)
+    src += [f"    acc = np.empty({nT * B})"] if du else []  # lane accumulators (loop form)
     src += [
-        f"    acc = np.empty({nT * B})",
         f"    rb = np.empty({nT * RB})",
         f"    sv = np.empty({alg.npk(d) * RB})",
         f"    ur = np.empty({D * RB})",
@@ -155,22 +156,35 @@ def _post_responsibilities(d: int, du: int, B: int, lay: dict[str, int]) -> list
     return src
 
 
+def component_program(d: int, B: int) -> tuple[list[str], list[str]]:
+    """One lane of the component pass of a row with every field observed: the statements and
+    the terms whose sums over the components the finalisation needs (``r * (...)``, in the order
+    of :func:`.algebra.posterior_cov_terms`). ``_comp_sums`` compiles them to vector IR."""
+    cov_lines, cov_terms = alg.posterior_cov_terms(d, 0, _lane(B))
+    return ["r = lb[l]", *_scratch_loads(d, B), *cov_lines], [f"r * ({e})" for _, e in cov_terms]
+
+
 def _post_components(d, du, B, lay, cov_lines, cov_terms) -> list[str]:
-    """One pass over the components: the row's lane accumulators (the first block assigns),
-    their lane sums, the row's S and shift into slot ``nb`` of the batch."""
+    """One pass over the components: the row's sums of the terms into slot ``nb`` of the batch
+    (``rb``), then its S and shift. With every field observed in vector registers
+    (``_comp_sums``); with unobserved fields through lane accumulators (the first block
+    assigns) and their lane sums."""
     nP, nS, nT, RB = lay["n_par"], lay["n_scr"], len(cov_terms), ROW_BATCH
-    src = [
-        "for blk in range(nblk):",
-        f"    pb = P[blk * {nP * B}:(blk + 1) * {nP * B}]",
-        f"    sb = scr[blk * {nS * B}:(blk + 1) * {nS * B}]",
-        f"    lb = ld[blk * {B}:(blk + 1) * {B}]",
-    ]
-    body = ["r = lb[l]"] + _scratch_loads(d, B) + cov_lines
-    src += ["    if blk == 0:", "        for l in range(nl):"]
-    src += _indent(body + _accumulate(cov_terms, "acc", B, "="), 12)
-    src += ["    else:", "        for l in range(nl):"]
-    src += _indent(body + _accumulate(cov_terms, "acc", B, "+="), 12)
-    src += [f"rb[{t * RB} + nb] = _lanesum(acc, {t * B}, {B})" for t in range(nT)]
+    if du == 0:
+        src = [f"_comp_sums(scr, ld, sk + lk, nblk, rb, nb, {d}, {B}, {nS}, {RB})"]
+    else:
+        src = [
+            "for blk in range(nblk):",
+            f"    pb = P[blk * {nP * B}:(blk + 1) * {nP * B}]",
+            f"    sb = scr[blk * {nS * B}:(blk + 1) * {nS * B}]",
+            f"    lb = ld[blk * {B}:(blk + 1) * {B}]",
+        ]
+        body = ["r = lb[l]"] + _scratch_loads(d, B) + cov_lines
+        src += ["    if blk == 0:", "        for l in range(nl):"]
+        src += _indent(body + _accumulate(cov_terms, "acc", B, "="), 12)
+        src += ["    else:", "        for l in range(nl):"]
+        src += _indent(body + _accumulate(cov_terms, "acc", B, "+="), 12)
+        src += [f"rb[{t * RB} + nb] = _lanesum(acc, {t * B}, {B})" for t in range(nT)]
     src += [
         f"sv[{alg.tri(a, b) * RB} + nb] = float(s{a}_{b})" for a in range(d) for b in range(a + 1)
     ]
