@@ -258,9 +258,10 @@ def _comp_sums_call(d, nS):
 def test_component_sums_in_registers_are_the_loop_forms_sums_bit_for_bit(d, nblk, dtype):
     """The posterior's register pass (every field observed) gives each term
     r (e_a) and r (ti_ab - e_a e_b), e = u - uref, summed over the blocks (block 0 first; in
-    float64, or float32 kernels in float32 within chunks of F32_CHUNK blocks, then widened) and
-    then across the 16 lanes by the float64 halving tree - bit for bit, into rb[o0 + t * 32]
-    and nowhere else (one block: what the loop form's accumulators and ``_lanesum`` give). The
+    float64, or float32 kernels in float32 within chunks of F32_CHUNK blocks, whose lanes k and
+    k + 8 are added in float32 before widening) and then across the 16 lanes by the halving
+    tree - bit for bit, into rb[o0 + t * 32] and nowhere else (float64: what the loop form's
+    accumulators and ``_lanesum`` give). The
     inputs make every term exact in the compute dtype (u on a 1/16 grid, r powers of two) with
     ti spanning 40 decades, so only the order of the sums matters - and a sum in another order
     differs (asserted: the test can fail)."""
@@ -289,6 +290,8 @@ def test_component_sums_in_registers_are_the_loop_forms_sums_bit_for_bit(d, nblk
             part = t[c0].astype(dtype)
             for k in range(c0 + 1, min(c0 + chunk, nblk)):
                 part = part + t[k].astype(dtype)
+            if dtype == np.float32:  # ... after the first lane level, in float32 too
+                part = part[: B // 2] + part[B // 2 :]
             h = part.astype(np.float64) if c0 == 0 else h + part
         while h.shape[0] > 1:
             h = h[: h.shape[0] // 2] + h[h.shape[0] // 2 :]

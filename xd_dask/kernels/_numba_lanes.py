@@ -6,7 +6,8 @@ program of :func:`.codegen.emit_numba_posterior.component_program` (the same sta
 loop form runs per lane) compiled to vector IR, its terms summed over the blocks and then over
 the lanes, eight terms at a time. Both keep the order of the scalar halving tree across the
 lanes, so float64 kernels give bit for bit the sums of the loop form that stores accumulators
-and sums them with ``_lanesum`` (float32 kernels too at one lane block, K <= 16).
+and sums them with ``_lanesum``; float32 kernels sum part of the way in float32
+(:data:`F32_CHUNK`).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ __all__ = ["FM_STRICT"]
 # order, and the per-pair loop needs no reductions across lanes to vectorise.
 FM_STRICT = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
 _FM = tuple(sorted(FM_STRICT))
-#: Float32 kernels sum this many lane blocks in float32 before widening to the float64 sums
-#: (float64 kernels sum every block in float64): the widening per block cost ~2.4 ns per pair
-#: at K = 64-256 (d = 7, measured), and a sum of 4 float32 terms adds at most ~3 roundings of
-#: 6e-8 to the terms' own float32 error.
+#: Float32 kernels sum this many lane blocks in float32, and the first level of the lane tree
+#: (lanes k and k + B/2) too, before widening to the float64 sums (float64 kernels sum in
+#: float64 throughout): widening every block cost ~2.4 ns per pair at K = 64-256 and the
+#: first level 1.2-2.0 ns per pair at K = 16 (d = 7, measured), and the float32 sums add ~3
+#: roundings of 6e-8 to the terms' own float32 error.
 F32_CHUNK = 4
 _I32 = ir.IntType(32)
 
@@ -126,17 +128,20 @@ def _comp_sums(typingctx, scr, ld, uoff, nblk, rb, o0, d_, B_, nS_, RB_):
     """The posterior's pass over the components of one row with all ``d`` fields observed:
     for each term t of :func:`.codegen.emit_numba_posterior.component_program` its sum over
     the ``nblk`` lane blocks (block 0 first; float64, or in float32 kernels float32 within
-    chunks of :data:`F32_CHUNK` blocks, each chunk then widened) and then over the ``B`` lanes
-    (the float64 halving tree), stored at ``rb[o0 + t * RB]``. ``scr`` holds the pair pass's
-    scratch blocks (``nS`` rows of ``B`` lanes each), ``ld`` the responsibilities,
-    ``scr[uoff + a * B]`` the row's shift ``uref{a}``. Literals: d, B (a power of two >= 8),
-    nS, RB.
+    chunks of :data:`F32_CHUNK` blocks, each chunk's lanes k and k + B/2 then added in float32
+    and widened) and then over the ``B`` lanes (the halving tree, float64), stored at
+    ``rb[o0 + t * RB]``. ``scr`` holds the pair pass's scratch blocks (``nS`` rows of ``B``
+    lanes each), ``ld`` the responsibilities, ``scr[uoff + a * B]`` the row's shift
+    ``uref{a}``. Literals: d, B (a power of two >= 8), nS, RB.
 
     Nothing is stored per lane: eight terms' accumulators stay in registers through the blocks,
     then one transposing tree sums them. Against the loop form, which stores and reloads
     35 x 16 float64 per row at d = 7 (measured, kernel alone, 20,000 rows, one thread): float64
-    -2.3 to -2.9 ns per pair at K = 16-64, same sums bit for bit; float32 -2.3 to -2.4 at
-    K = 64-256 with the chunks, unchanged at K = 16 (one block: same sums bit for bit)."""
+    -2.3 to -2.9 ns per pair at K = 16-64, the same sums bit for bit; float32 -2.3 to -2.4 at
+    K = 64-256 with the chunks and -1.2 to -2.0 at K = 16 with the first lane level in float32.
+    (Rows with unobserved fields keep the loop form: this pass, which evaluates the lane program
+    once per group of eight terms, was slower there - K = 64, two fields unobserved, float64
+    24.4 -> 31.1 ns per pair.)"""
     lits = (d_, B_, nS_, RB_)
     if not all(isinstance(v, types.IntegerLiteral) for v in lits):
         return None
@@ -155,8 +160,9 @@ def _comp_sums(typingctx, scr, ld, uoff, nblk, rb, o0, d_, B_, nS_, RB_):
         i64 = uoff.type
         elt = context.get_data_type(sig.args[0].dtype)
         dbl = ir.DoubleType()
-        vty, dv = ir.VectorType(elt, B), ir.VectorType(dbl, B)
+        vty = ir.VectorType(elt, B)
         chunk_blocks = 1 if elt == dbl else F32_CHUNK
+        acc_t = ir.VectorType(dbl, B if elt == dbl else 8)  # float32: lanes halved first
 
         def C(v):
             return ir.Constant(i64, v)
@@ -207,13 +213,14 @@ def _comp_sums(typingctx, scr, ld, uoff, nblk, rb, o0, d_, B_, nS_, RB_):
                     builder.store(builder.fadd(builder.load(p), v, flags=_FM), p)
             for a, p in zip(acc, part, strict=True):
                 v = builder.load(p)
-                v = v if elt == dbl else builder.fpext(v, dv)
+                if elt != dbl:  # the first level of the lane tree in float32, then widen
+                    v = builder.fpext(_halve(builder, v, 8), ir.VectorType(dbl, 8))
                 builder.store(v if first else builder.fadd(builder.load(a), v, flags=_FM), a)
 
         chunks = builder.udiv(builder.add(nblk, C(chunk_blocks - 1)), C(chunk_blocks))
         for g0 in range(0, len(terms), 8):
             group = range(g0, min(g0 + 8, len(terms)))
-            acc = [cgutils.alloca_once(builder, dv) for _ in group]
+            acc = [cgutils.alloca_once(builder, acc_t) for _ in group]
             part = [cgutils.alloca_once(builder, vty) for _ in group]
             chunk(C(0), True, group, acc, part)
             with cgutils.for_range(builder, builder.sub(chunks, C(1))) as loop:

@@ -75,10 +75,11 @@ def posterior_source(d: int, du: int, B: int, fp32: bool, topk: bool = False) ->
     the components summing the terms of :func:`.algebra.posterior_cov_terms` (over the lane
     blocks, then across the lanes by the float64 halving tree) and the top-k components. With
     every field observed that pass runs in vector registers (``_comp_sums``, eight terms at a
-    time; float32 kernels sum up to ``F32_CHUNK`` blocks in float32 before widening); with
-    unobserved fields through float64 lane accumulators (one row's, in L1; the first block
-    assigns; float64 in float32 kernels too, since a float32 store read back as two float64
-    halves stalls on store forwarding) and their vector lane sums (``_lanesum``). Every
+    time; float32 kernels sum up to ``F32_CHUNK`` blocks, and the first level of the lane
+    tree, in float32 before widening); with unobserved fields through float64 lane
+    accumulators (one row's, in L1; the first block assigns; float64 in float32 kernels too,
+    since a float32 store read back as two float64 halves stalls on store forwarding) and
+    their vector lane sums (``_lanesum``). Every
     ``ROW_BATCH`` rows, the finalisation :func:`.algebra.posterior_row`, vectorised across the
     rows (SIMD lane = row), then the stores into the outputs.
     """
