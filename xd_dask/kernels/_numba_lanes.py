@@ -101,8 +101,8 @@ def _sums8(builder, P):
 
 
 def _lane_value(builder, node, env: dict, load):
-    """Vector IR of one expression of a lane program: names, numbers, + - *, unary minus and
-    loads ``arr[<int> + l]`` / ``arr[l]`` (``load(arr, offset)``)."""
+    """Vector IR of one expression of a lane program: names, + - *, unary minus and loads
+    ``arr[<int> + l]`` / ``arr[l]`` (``load(arr, offset)``); anything else raises."""
     if isinstance(node, ast.Name):
         return env[node.id]
     if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
@@ -180,7 +180,7 @@ def _comp_sums(typingctx, scr, ld, uoff, nblk, rb, o0, d_, B_, nS_, RB_):
         }
 
         def block_terms(blk, group):
-            """The group's terms at one block (float64 vectors)."""
+            """The group's terms at one block (vectors of the compute dtype)."""
             base = {
                 "sb": builder.mul(blk, C(nS * B)),
                 "lb": builder.mul(blk, C(B)),
