@@ -79,9 +79,9 @@ def posterior_source(d: int, du: int, B: int, fp32: bool, topk: bool = False) ->
     tree, in float32 before widening); with unobserved fields through float64 lane
     accumulators (one row's, in L1; the first block assigns; float64 in float32 kernels too,
     since a float32 store read back as two float64 halves stalls on store forwarding) and
-    their vector lane sums (``_lanesum``). Every
-    ``ROW_BATCH`` rows, the finalisation :func:`.algebra.posterior_row`, vectorised across the
-    rows (SIMD lane = row), then the stores into the outputs.
+    their vector lane sums (``_lanesum``). Every ``ROW_BATCH`` rows, the finalisation
+    :func:`.algebra.posterior_row`, vectorised across the rows (SIMD lane = row), then the
+    stores into the outputs.
     """
     D = d + du
     lay = layout(d, du)
