@@ -123,6 +123,88 @@ def _lane_value(builder, node, env: dict, load):
 _OPS = {ast.Add: "fadd", ast.Sub: "fsub", ast.Mult: "fmul"}
 
 
+class _ComponentPass:
+    """The IR of :func:`_comp_sums` at one call: the lane program evaluated at a block, and a
+    group's sums over the blocks and the lanes."""
+
+    def __init__(self, context, builder, sig, args, dims, stmts):
+        d, self.B, self.nS = dims
+        self.b, self.stmts = builder, stmts
+        self.scr, self.ld = (
+            context.make_array(sig.args[k])(context, builder, value=args[k]) for k in (0, 1)
+        )
+        self.nblk, self.i64 = args[3], args[2].type
+        self.elt = context.get_data_type(sig.args[0].dtype)
+        self.align = context.get_abi_sizeof(self.elt)
+        self.f64 = self.elt == ir.DoubleType()
+        self.vty = ir.VectorType(self.elt, self.B)
+        self.chunk_blocks = 1 if self.f64 else F32_CHUNK
+        self.acc_t = ir.VectorType(ir.DoubleType(), self.B if self.f64 else 8)  # float32: halved
+        self.row = {  # the row's shift, as vectors
+            f"uref{a}": self.splat(
+                builder.load(self.at(self.scr, builder.add(args[2], self.C(a * self.B))))
+            )
+            for a in range(d)
+        }
+
+    def C(self, v: int):
+        return ir.Constant(self.i64, v)
+
+    def at(self, arr, off):
+        return self.b.gep(arr.data, [off], inbounds=True)
+
+    def splat(self, s):
+        v = self.b.insert_element(ir.Constant(self.vty, None), s, ir.Constant(_I32, 0))
+        return _shuffle(self.b, v, v, [0] * self.B)
+
+    def terms_at(self, blk, group: list) -> list:
+        """The group's terms at block ``blk`` (vectors of the compute dtype)."""
+        b = self.b
+        base = {"sb": b.mul(blk, self.C(self.nS * self.B)), "lb": b.mul(blk, self.C(self.B))}
+        arrays = {"sb": self.scr, "lb": self.ld}
+
+        def load(name, off):
+            p = self.at(arrays[name], b.add(base[name], self.C(off)))
+            return b.load(b.bitcast(p, self.vty.as_pointer()), typ=self.vty, align=self.align)
+
+        env = dict(self.row)
+        for st in self.stmts:  # those the group does not use are removed by LLVM
+            env[st.targets[0].id] = _lane_value(b, st.value, env, load)
+        return [_lane_value(b, t, env, load) for t in group]
+
+    def _chunk(self, c0, first: bool, group: list, acc: list, part: list) -> None:
+        """acc (+)= float64 of the sum over blocks c0, c0 + 1, ... (at most chunk_blocks of
+        them) in the compute dtype, first block first."""
+        b, C = self.b, self.C
+        for p, v in zip(part, self.terms_at(c0, group), strict=True):
+            b.store(v, p)  # a chunk's first block assigns: no add of a zero
+        left = b.sub(self.nblk, c0)
+        n = b.select(b.icmp_signed("<", left, C(self.chunk_blocks)), left, C(self.chunk_blocks))
+        with cgutils.for_range(b, b.sub(n, C(1))) as loop:
+            blk = b.add(c0, b.add(loop.index, C(1)))
+            for p, v in zip(part, self.terms_at(blk, group), strict=True):
+                b.store(b.fadd(b.load(p), v, flags=_FM), p)
+        for a, p in zip(acc, part, strict=True):
+            v = b.load(p)
+            if not self.f64:  # the first level of the lane tree in float32, then widen
+                v = b.fpext(_halve(b, v, 8), ir.VectorType(ir.DoubleType(), 8))
+            b.store(v if first else b.fadd(b.load(a), v, flags=_FM), a)
+
+    def group_sums(self, group: list):
+        """<8 x double>: the sums of (up to eight) terms over the blocks, then the lanes."""
+        b, C = self.b, self.C
+        acc = [cgutils.alloca_once(b, self.acc_t) for _ in group]
+        part = [cgutils.alloca_once(b, self.vty) for _ in group]
+        self._chunk(C(0), True, group, acc, part)
+        chunks = b.udiv(b.add(self.nblk, C(self.chunk_blocks - 1)), C(self.chunk_blocks))
+        with cgutils.for_range(b, b.sub(chunks, C(1))) as loop:
+            self._chunk(
+                b.mul(b.add(loop.index, C(1)), C(self.chunk_blocks)), False, group, acc, part
+            )
+        P = [_halve(b, b.load(a), 8) for a in acc]
+        return _sums8(b, P + [ir.Constant(ir.VectorType(ir.DoubleType(), 8), None)] * (8 - len(P)))
+
+
 @intrinsic
 def _comp_sums(typingctx, scr, ld, uoff, nblk, rb, o0, d_, B_, nS_, RB_):
     """The posterior's pass over the components of one row with all ``d`` fields observed:
@@ -153,85 +235,14 @@ def _comp_sums(typingctx, scr, ld, uoff, nblk, rb, o0, d_, B_, nS_, RB_):
     terms = [ast.parse(t, mode="eval").body for t in terms]
 
     def codegen(context, builder, sig, args):
-        scr_a, ld_a, rb_a = (
-            context.make_array(sig.args[k])(context, builder, value=args[k]) for k in (0, 1, 4)
-        )
-        uoff, nblk, o0 = args[2], args[3], args[5]
-        i64 = uoff.type
-        elt = context.get_data_type(sig.args[0].dtype)
-        dbl = ir.DoubleType()
-        vty = ir.VectorType(elt, B)
-        chunk_blocks = 1 if elt == dbl else F32_CHUNK
-        acc_t = ir.VectorType(dbl, B if elt == dbl else 8)  # float32: lanes halved first
-
-        def C(v):
-            return ir.Constant(i64, v)
-
-        def at(arr, off):
-            return builder.gep(arr.data, [off], inbounds=True)
-
-        def splat(s):
-            v = builder.insert_element(ir.Constant(vty, None), s, ir.Constant(_I32, 0))
-            return _shuffle(builder, v, v, [0] * B)
-
-        uref = {
-            f"uref{a}": splat(builder.load(at(scr_a, builder.add(uoff, C(a * B)))))
-            for a in range(d)
-        }
-
-        def block_terms(blk, group):
-            """The group's terms at one block (vectors of the compute dtype)."""
-            base = {
-                "sb": builder.mul(blk, C(nS * B)),
-                "lb": builder.mul(blk, C(B)),
-            }
-            arrays = {"sb": scr_a, "lb": ld_a}
-
-            def load(name, off):
-                p = at(arrays[name], builder.add(base[name], C(off)))
-                return builder.load(
-                    builder.bitcast(p, vty.as_pointer()), typ=vty, align=context.get_abi_sizeof(elt)
-                )
-
-            env = dict(uref)
-            for st in stmts:  # dead ones (unused by the group) are removed by LLVM
-                env[st.targets[0].id] = _lane_value(builder, st.value, env, load)
-            return [_lane_value(builder, terms[t], env, load) for t in group]
-
-        def chunk(c0, first, group, acc, part):
-            """acc (+)= float64 of the sum over blocks c0, c0 + 1, ... (at most chunk_blocks of
-            them) in the compute dtype, first block first."""
-            for p, v in zip(part, block_terms(c0, group), strict=True):
-                builder.store(v, p)  # a chunk's first block assigns: no add of a zero
-            left = builder.sub(nblk, c0)
-            n = builder.select(
-                builder.icmp_signed("<", left, C(chunk_blocks)), left, C(chunk_blocks)
-            )
-            with cgutils.for_range(builder, builder.sub(n, C(1))) as loop:
-                blk = builder.add(c0, builder.add(loop.index, C(1)))
-                for p, v in zip(part, block_terms(blk, group), strict=True):
-                    builder.store(builder.fadd(builder.load(p), v, flags=_FM), p)
-            for a, p in zip(acc, part, strict=True):
-                v = builder.load(p)
-                if elt != dbl:  # the first level of the lane tree in float32, then widen
-                    v = builder.fpext(_halve(builder, v, 8), ir.VectorType(dbl, 8))
-                builder.store(v if first else builder.fadd(builder.load(a), v, flags=_FM), a)
-
-        chunks = builder.udiv(builder.add(nblk, C(chunk_blocks - 1)), C(chunk_blocks))
+        cp = _ComponentPass(context, builder, sig, args, (d, B, nS), stmts)
+        rb_a = context.make_array(sig.args[4])(context, builder, value=args[4])
         for g0 in range(0, len(terms), 8):
-            group = range(g0, min(g0 + 8, len(terms)))
-            acc = [cgutils.alloca_once(builder, acc_t) for _ in group]
-            part = [cgutils.alloca_once(builder, vty) for _ in group]
-            chunk(C(0), True, group, acc, part)
-            with cgutils.for_range(builder, builder.sub(chunks, C(1))) as loop:
-                c0 = builder.mul(builder.add(loop.index, C(1)), C(chunk_blocks))
-                chunk(c0, False, group, acc, part)
-            P = [_halve(builder, builder.load(a), 8) for a in acc]
-            P += [ir.Constant(ir.VectorType(dbl, 8), None)] * (8 - len(P))
-            F = _sums8(builder, P)
-            for j, t in enumerate(group):
-                off = builder.add(o0, C(t * RB))
-                builder.store(builder.extract_element(F, ir.Constant(_I32, j)), at(rb_a, off))
+            group = terms[g0 : g0 + 8]
+            F = cp.group_sums(group)
+            for j in range(len(group)):
+                off = builder.add(args[5], cp.C((g0 + j) * RB))
+                builder.store(builder.extract_element(F, ir.Constant(_I32, j)), cp.at(rb_a, off))
         return context.get_dummy_value()
 
     return types.none(scr, ld, uoff, nblk, rb, o0, *lits), codegen
