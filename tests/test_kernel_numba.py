@@ -255,16 +255,15 @@ def _comp_sums_call(d, nS):
 @pytest.mark.parametrize("d", [3, 7])
 @pytest.mark.parametrize("nblk", [1, 3, 6])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_component_sums_in_registers_are_the_loop_forms_sums_bit_for_bit(d, nblk, dtype):
+def test_component_sums_in_registers_keep_their_order_bit_for_bit(d, nblk, dtype):
     """The posterior's register pass (every field observed) gives each term
     r (e_a) and r (ti_ab - e_a e_b), e = u - uref, summed over the blocks (block 0 first; in
     float64, or float32 kernels in float32 within chunks of F32_CHUNK blocks, whose lanes k and
     k + 8 are added in float32 before widening) and then across the 16 lanes by the halving
     tree - bit for bit, into rb[o0 + t * 32] and nowhere else (float64: what the loop form's
-    accumulators and ``_lanesum`` give). The
-    inputs make every term exact in the compute dtype (u on a 1/16 grid, r powers of two) with
-    ti spanning 40 decades, so only the order of the sums matters - and a sum in another order
-    differs (asserted: the test can fail)."""
+    accumulators and ``_lanesum`` give). The inputs make every term exact in the compute dtype
+    (u on a 1/16 grid, r powers of two) with ti spanning 40 decades, so only the order of the
+    sums matters - and a sum in another order differs (asserted: the test can fail)."""
     B, RB, nS = 16, 32, layout(d)["n_scr"]
     rng = np.random.default_rng(10 * d + nblk)
     scr = rng.normal(size=nblk * nS * B) * 10.0 ** rng.integers(-20, 21, size=nblk * nS * B)

@@ -23,10 +23,6 @@ POSTERIOR_ARGS = (
 )
 
 
-def _accumulate(terms: list[tuple[str, str]], acc: str, B: int, op: str) -> list[str]:
-    return [f"{acc}[{t * B} + l] {op} r * ({expr})" for t, (_, expr) in enumerate(terms)]
-
-
 def _write_cov(D: int, dst: str, src, ind: str) -> list[str]:
     """Store the local lower-triangle entries ``src(p, q)`` (p >= q) into both triangles of
     ``dst`` at the global columns ``c_{p}``."""
@@ -86,7 +82,7 @@ def posterior_source(d: int, du: int, B: int, fp32: bool, topk: bool = False) ->
     D = d + du
     lay = layout(d, du)
     RB = ROW_BATCH
-    cov_lines, cov_terms = alg.posterior_cov_terms(d, du, _lane(B))
+    cov_terms = alg.posterior_cov_terms(d, du, _lane(B))[1]
     nT = len(cov_terms)
     nO = d + du + alg.npk(D) + 1  # per batch row: shift, bbu, cov (local lower), tightness
     src = _header(POSTERIOR_ARGS, d, B, du)
@@ -111,7 +107,7 @@ def posterior_source(d: int, du: int, B: int, fp32: bool, topk: bool = False) ->
     ]
     src += _indent(_pair_pass(d, B, lay["n_scr"], True, du), 4)
     src += _indent(_post_responsibilities(d, du, B, lay), 12)
-    src += _indent(_post_components(d, du, B, lay, cov_lines, cov_terms), 12)
+    src += _indent(_post_components(d, du, B, lay), 12)
     src += _indent(_post_topk(d, du, B, lay) if topk else ["tight[i] = 0.0"], 12)
     src += _indent(_post_batch(d, du, cov_terms, nO), 8)
     src += [
@@ -157,20 +153,21 @@ def _post_responsibilities(d: int, du: int, B: int, lay: dict[str, int]) -> list
     return src
 
 
-def component_program(d: int, B: int) -> tuple[list[str], list[str]]:
-    """One lane of the component pass of a row with every field observed: the statements and
-    the terms whose sums over the components the finalisation needs (``r * (...)``, in the order
-    of :func:`.algebra.posterior_cov_terms`). ``_comp_sums`` compiles them to vector IR."""
-    cov_lines, cov_terms = alg.posterior_cov_terms(d, 0, _lane(B))
+def component_program(d: int, B: int, du: int = 0) -> tuple[list[str], list[str]]:
+    """One lane of the component pass (``d`` observed fields, ``du`` unobserved): the statements
+    and the terms whose sums over the components the finalisation needs (``r * (...)``, in the
+    order of :func:`.algebra.posterior_cov_terms`). ``_comp_sums`` compiles them to vector IR
+    (every field observed); the loop form runs them per lane."""
+    cov_lines, cov_terms = alg.posterior_cov_terms(d, du, _lane(B))
     return ["r = lb[l]", *_scratch_loads(d, B), *cov_lines], [f"r * ({e})" for _, e in cov_terms]
 
 
-def _post_components(d, du, B, lay, cov_lines, cov_terms) -> list[str]:
+def _post_components(d, du, B, lay) -> list[str]:
     """One pass over the components: the row's sums of the terms into slot ``nb`` of the batch
     (``rb``), then its S and shift. With every field observed in vector registers
     (``_comp_sums``); with unobserved fields through lane accumulators (the first block
     assigns) and their lane sums."""
-    nP, nS, nT, RB = lay["n_par"], lay["n_scr"], len(cov_terms), ROW_BATCH
+    nP, nS, RB = lay["n_par"], lay["n_scr"], ROW_BATCH
     if du == 0:
         src = [f"_comp_sums(scr, ld, sk + lk, nblk, rb, nb, {d}, {B}, {nS}, {RB})"]
     else:
@@ -180,12 +177,11 @@ def _post_components(d, du, B, lay, cov_lines, cov_terms) -> list[str]:
             f"    sb = scr[blk * {nS * B}:(blk + 1) * {nS * B}]",
             f"    lb = ld[blk * {B}:(blk + 1) * {B}]",
         ]
-        body = ["r = lb[l]"] + _scratch_loads(d, B) + cov_lines
-        src += ["    if blk == 0:", "        for l in range(nl):"]
-        src += _indent(body + _accumulate(cov_terms, "acc", B, "="), 12)
-        src += ["    else:", "        for l in range(nl):"]
-        src += _indent(body + _accumulate(cov_terms, "acc", B, "+="), 12)
-        src += [f"rb[{t * RB} + nb] = _lanesum(acc, {t * B}, {B})" for t in range(nT)]
+        body, terms = component_program(d, B, du)
+        for op in ("=", "+="):  # the first block assigns
+            src += ["    if blk == 0:" if op == "=" else "    else:", "        for l in range(nl):"]
+            src += _indent(body + [f"acc[{t * B} + l] {op} {e}" for t, e in enumerate(terms)], 12)
+        src += [f"rb[{t * RB} + nb] = _lanesum(acc, {t * B}, {B})" for t in range(len(terms))]
     src += [
         f"sv[{alg.tri(a, b) * RB} + nb] = float(s{a}_{b})" for a in range(d) for b in range(a + 1)
     ]
